@@ -1,0 +1,152 @@
+"""Training-state checkpoints with orbax: params, optimizer state, step, version, metadata.
+
+Saves are asynchronous (training continues while arrays stream to disk) and
+atomic (orbax writes a temporary directory and renames it when complete), so a
+crash mid-save leaves the previous step as the latest. Restores take target
+shardings, so a checkpoint written on one mesh loads onto any other.
+
+A checkpoint that also records `model_config` (the HF config.json dict) and
+carries a `tokenizer/` folder is a *policy checkpoint*: `from_pretrained` and
+`asearcher convert` read it like an HF directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from asearcher_jax.errors import CheckpointError
+from asearcher_jax.models.config import QwenConfig
+
+TOKENIZER_SUBDIR = "tokenizer"
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs with the given shardings: restore targets that allocate nothing."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+class Checkpointer:
+  """A directory of numbered steps, each holding `params`, optionally `opt_state`, and `meta`."""
+
+  def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = os.path.abspath(directory)
+    if read_only and not os.path.isdir(self.directory):
+      raise CheckpointError(f"{self.directory}: no such checkpoint directory")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, read_only=read_only,
+        create=not read_only)
+    self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def save(self, step: int, *, params: dict[str, jax.Array], opt_state=None, version: int = 0,
+           metadata: dict[str, Any] | None = None) -> None:
+    """Starts saving `step` (flat "a/b" params); returns before the arrays are on disk."""
+    meta = {"step": int(step), "version": int(version), "metadata": metadata or {}}
+    items = {"params": ocp.args.StandardSave(traverse_util.unflatten_dict(params, sep="/")),
+             "meta": ocp.args.JsonSave(meta)}
+    if opt_state is not None:
+      items["opt_state"] = ocp.args.StandardSave(opt_state)
+    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def _step(self, step: int | None) -> int:
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise CheckpointError(f"{self.directory}: no complete checkpoint step")
+      return max(steps)
+    if step not in steps:
+      raise CheckpointError(f"{self.directory}: no step {step} (have {sorted(steps)})")
+    return step
+
+  def restore(self, step: int | None = None, *, params_target: dict[str, Any],
+              opt_state_target=None) -> dict[str, Any]:
+    """Restores into targets of ShapeDtypeStructs with shardings (the mesh may differ from save).
+
+    Returns {"params" (flat), "opt_state" (if a target is given), "step", "version", "metadata"}.
+    """
+    step = self._step(step)
+    items = {"params": ocp.args.StandardRestore(
+        traverse_util.unflatten_dict(params_target, sep="/")), "meta": ocp.args.JsonRestore()}
+    if opt_state_target is not None:
+      items["opt_state"] = ocp.args.StandardRestore(opt_state_target)
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise CheckpointError(f"{self.directory} step {step}: cannot restore ({e})") from None
+    restored = {"params": traverse_util.flatten_dict(dict(out["params"]), sep="/"),
+                "step": out["meta"]["step"], "version": out["meta"]["version"],
+                "metadata": out["meta"]["metadata"]}
+    if opt_state_target is not None:
+      restored["opt_state"] = out["opt_state"]
+    return restored
+
+  def read_meta(self, step: int | None = None) -> dict[str, Any]:
+    step = self._step(step)
+    return dict(self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+  def restore_params(self, model, mesh, step: int | None = None) -> dict[str, jax.Array]:
+    """Just the parameters of `model` (abstract is fine), laid out over `mesh`."""
+    from asearcher_jax.models.pretrained import flat_params, param_shardings
+    target = abstract_like(flat_params(model), param_shardings(model, mesh))
+    return self.restore(step, params_target=target)["params"]
+
+  def wait(self) -> None:
+    """Blocks until every pending asynchronous save is committed."""
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def save_policy(directory: str, step: int, params: dict[str, jax.Array], cfg: QwenConfig, *,
+                tokenizer_dir: str | None = None, version: int = 0,
+                metadata: dict[str, Any] | None = None, async_save: bool = False) -> None:
+  """Saves params as a policy checkpoint: model config and tokenizer travel with the weights."""
+  from asearcher_jax.models.hf_checkpoint import copy_tokenizer_files
+  meta = dict(metadata or {}, model_config=cfg.to_hf_dict())
+  with Checkpointer(directory, async_save=async_save) as ckpt:
+    ckpt.save(step, params=params, version=version, metadata=meta)
+  if tokenizer_dir and jax.process_index() == 0:
+    dst = os.path.join(os.path.abspath(directory), TOKENIZER_SUBDIR)
+    staging = dst + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    copy_tokenizer_files(tokenizer_dir, staging)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.rename(staging, dst)
+
+
+def read_policy_meta(directory: str, step: int | None = None) -> tuple[QwenConfig, str | None]:
+  """(model config, tokenizer dir or None) of a policy checkpoint."""
+  with Checkpointer(directory, async_save=False, read_only=True) as ckpt:
+    if not ckpt.all_steps():
+      raise CheckpointError(f"{directory}: neither an HF directory (no config.json) nor an "
+                            "orbax checkpoint with a complete step")
+    meta = ckpt.read_meta(step)
+  model_config = meta.get("metadata", {}).get("model_config")
+  if model_config is None:
+    raise CheckpointError(f"{directory}: checkpoint has no model_config; it is a training "
+                          "checkpoint, not a policy checkpoint")
+  cfg = QwenConfig.from_hf_dict(model_config, source=f"{directory} (model_config)")
+  tok = os.path.join(os.path.abspath(directory), TOKENIZER_SUBDIR)
+  return cfg, (tok if os.path.isdir(tok) else None)

@@ -1,0 +1,172 @@
+"""Typed run configuration: YAML files under configs/, validated at load, with dotted overrides.
+
+Defaults live here and only here; a YAML file states what differs. A file may
+`base:` another file (relative path), which it then overrides key by key.
+Unknown keys are errors that name the key and the file, as are type errors.
+Overrides on the command line look like `model.arch.num_layers=4` and take
+YAML values (`mesh.fsdp=-1`, `model.path=null`, `optimizer.betas=[0.9,0.95]`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from asearcher_jax.errors import ConfigError
+from asearcher_jax.models.attention import AttentionImpl
+from asearcher_jax.models.config import QwenConfig
+from asearcher_jax.models.qwen import RematPolicy
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+  model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+  """The policy: an HF/orbax directory, or an inline architecture initialised at random."""
+
+  path: str | None = None
+  arch: QwenConfig | None = None
+  tokenizer: str | None = None  # directory with tokenizer.json; defaults to `path`
+  param_dtype: DType = "float32"
+  dtype: DType = "bfloat16"
+  attention: AttentionImpl = "auto"
+  remat: RematPolicy = "none"
+  seed: int = 0
+
+  @model_validator(mode="after")
+  def _one_source(self):
+    if (self.path is None) == (self.arch is None):
+      raise ValueError("set exactly one of model.path (a checkpoint) or model.arch "
+                       "(an architecture to initialise at random)")
+    return self
+
+
+class MeshSection(Section):
+  """Device mesh sizes; one axis may be -1 (all remaining devices)."""
+
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+
+  def shape(self) -> dict[str, int]:
+    return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
+class OptimizerSection(Section):
+  """AdamW with global-norm clipping and a warmup + cosine/constant schedule."""
+
+  learning_rate: float = Field(1e-6, gt=0)
+  warmup_steps: int = Field(0, ge=0)
+  decay_steps: int | None = None  # cosine decay to min_lr_ratio over this many steps
+  min_lr_ratio: float = Field(0.0, ge=0, le=1)
+  betas: tuple[float, float] = (0.9, 0.999)
+  eps: float = 1e-8
+  weight_decay: float = 0.01
+  grad_clip: float | None = 1.0
+
+
+class CheckpointSection(Section):
+  directory: str | None = None  # defaults to <run.output_dir>/checkpoints
+  every_steps: int = Field(50, gt=0)
+  max_to_keep: int | None = 3
+  async_save: bool = True
+
+
+class RunSection(Section):
+  name: str = "debug"
+  output_dir: str = "runs/debug"
+
+
+class Config(Section):
+  model: ModelSection
+  mesh: MeshSection = MeshSection()
+  optimizer: OptimizerSection = OptimizerSection()
+  checkpoint: CheckpointSection = CheckpointSection()
+  run: RunSection = RunSection()
+
+  @property
+  def checkpoint_dir(self) -> str:
+    return self.checkpoint.directory or os.path.join(self.run.output_dir, "checkpoints")
+
+
+def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+  path = os.path.abspath(path)
+  if path in seen:
+    raise ConfigError(f"{path}: 'base' chain loops back to itself")
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path}: config file not found")
+  try:
+    with open(path) as f:
+      data = yaml.safe_load(f) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path}: malformed YAML ({e})") from None
+  if not isinstance(data, dict):
+    raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+  base = data.pop("base", None)
+  if base is None:
+    return data
+  parent = _read_yaml(os.path.join(os.path.dirname(path), base), seen + (path,))
+  return _merge(parent, data)
+
+
+def _merge(a: dict, b: dict) -> dict:
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+  """Applies `a.b.c=value` strings (YAML-typed values) to a nested dict."""
+  data = _merge({}, data)
+  for item in overrides:
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+      raise ConfigError(f"override {item!r}: expected dotted.key=value")
+    try:
+      value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+      raise ConfigError(f"override {item!r}: value is not valid YAML") from None
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+      if node.get(part) is None:
+        node[part] = {}
+      if not isinstance(node[part], dict):
+        raise ConfigError(f"override {item!r}: {part!r} is not a section")
+      node = node[part]
+    node[parts[-1]] = value
+  return data
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+  """Loads and validates a config file (or defaults only) plus overrides."""
+  data = _read_yaml(path) if path else {}
+  data = apply_overrides(data, overrides)
+  source = path or "<defaults>"
+  try:
+    return Config.model_validate(data)
+  except ValidationError as e:
+    raise ConfigError(f"{source}{' + overrides' if overrides else ''}: "
+                      + "; ".join(_describe(err) for err in e.errors())) from None
+  except ConfigError as e:
+    raise ConfigError(f"{source}: {e}") from None
+
+
+def _describe(err: dict) -> str:
+  loc = ".".join(str(x) for x in err["loc"])
+  if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+    return f"unknown key '{loc}'"
+  if err["type"] == "missing":
+    return f"missing required key '{loc}'"
+  return f"'{loc}': {err['msg']}" if loc else err["msg"]
+
+
+def dump_config(cfg: Config) -> str:
+  return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,46 @@
+"""Attention over packed sequences and KV caches, with a fused path and a reference path.
+
+One masking rule covers every use: a query attends to keys at positions no
+later than its own and in the same segment. Training packs several sequences
+into a row (segment ids, positions restart per segment); decoding attends to a
+cache whose slot j holds position j.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+AttentionImpl = Literal["auto", "xla", "cudnn", "reference"]
+
+
+def make_mask(q_pos: jax.Array, kv_pos: jax.Array, q_seg: jax.Array | None = None,
+              kv_seg: jax.Array | None = None) -> jax.Array:
+  """Boolean [B, 1, T, S] mask from positions [B, T] / [B, S] and optional segment ids."""
+  mask = kv_pos[:, None, :] <= q_pos[:, :, None]
+  if q_seg is not None:
+    mask &= q_seg[:, :, None] == kv_seg[:, None, :]
+  return mask[:, None]
+
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Plain softmax attention in float32; the numerics the fused kernels are tested against."""
+  b, t, n, d = q.shape
+  kv_heads = k.shape[2]
+  qg = q.reshape(b, t, kv_heads, n // kv_heads, d).astype(jnp.float32)
+  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) / jnp.sqrt(d)
+  logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
+  return out.reshape(b, t, n, d).astype(q.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+              impl: AttentionImpl = "auto") -> jax.Array:
+  """q [B, T, N, D], k/v [B, S, K, D] (N a multiple of K), mask [B, 1, T, S]."""
+  if impl == "reference":
+    return reference_attention(q, k, v, mask)
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=mask, implementation=None if impl == "auto" else impl)

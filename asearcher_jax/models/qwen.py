@@ -1,0 +1,201 @@
+"""The Qwen2 / Qwen2.5 / Qwen3 decoder as a Flax NNX module.
+
+Layer weights are stacked along a leading "layers" axis and applied with
+`jax.lax.scan`, so compile time does not grow with depth and remat wraps one
+layer. Every parameter carries logical axis names (`logical_axes` metadata);
+`asearcher_jax.sharding.LOGICAL_RULES` maps them onto the mesh.
+
+The same forward serves training (packed rows: segment ids + positions) and
+decoding (a KV cache that the call writes at the given positions and reads
+back), so the RL learner and the decode engine score tokens identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from asearcher_jax.models.attention import AttentionImpl, attention, make_mask
+from asearcher_jax.models.config import QwenConfig
+from asearcher_jax.models.rope import apply_rope, rope_tables
+from asearcher_jax.sharding import constrain
+
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing inside a layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Keys and values per layer: [layers, batch, max_len, kv_heads, head_dim]; slot j = position j."""
+
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: QwenConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> "KVCache":
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """HF-exact RMSNorm: normalise in float32, cast back, then scale."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+class DecoderLayers(nnx.Module):
+  """All decoder layers' weights, stacked on a leading layer axis."""
+
+  def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    L, E, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    N, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    normal = jax.nn.initializers.normal(0.02)
+
+    def param(shape, axes, init=normal):
+      return nnx.Param(init(rngs.params(), shape, param_dtype), logical_axes=axes)
+
+    ones, zeros = jax.nn.initializers.ones, jax.nn.initializers.zeros
+    self.attn_norm = param((L, E), ("layers", "norm"), ones)
+    self.wq = param((L, E, N, D), ("layers", "embed", "q_heads", "head_dim"))
+    self.wk = param((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
+    self.wv = param((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
+    self.wo = param((L, N, D, E), ("layers", "q_heads", "head_dim", "embed"))
+    if cfg.qkv_bias:
+      self.bq = param((L, N, D), ("layers", "q_heads", "head_dim"), zeros)
+      self.bk = param((L, K, D), ("layers", "kv_heads", "head_dim"), zeros)
+      self.bv = param((L, K, D), ("layers", "kv_heads", "head_dim"), zeros)
+    if cfg.o_bias:
+      self.bo = param((L, E), ("layers", "norm"), zeros)
+    if cfg.qk_norm:
+      self.q_norm = param((L, D), ("layers", "head_dim"), ones)
+      self.k_norm = param((L, D), ("layers", "head_dim"), ones)
+    self.mlp_norm = param((L, E), ("layers", "norm"), ones)
+    self.w_gate = param((L, E, F), ("layers", "embed", "mlp"))
+    self.w_up = param((L, E, F), ("layers", "embed", "mlp"))
+    self.w_down = param((L, F, E), ("layers", "mlp", "embed"))
+
+
+def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
+                  mask: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array] | None,
+                  cfg: QwenConfig, impl: AttentionImpl):
+  """One pre-norm decoder layer on x [B, T, E] with one layer's weights `p`."""
+  dt = x.dtype
+  w = lambda name: p[name].astype(dt)
+  h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+  q = jnp.einsum("bte,ehd->bthd", h, w("wq"))
+  k = jnp.einsum("bte,ehd->bthd", h, w("wk"))
+  v = jnp.einsum("bte,ehd->bthd", h, w("wv"))
+  if cfg.qkv_bias:
+    q, k, v = q + w("bq"), k + w("bk"), v + w("bv")
+  if cfg.qk_norm:
+    q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+    k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+  q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", "head_dim"))
+  k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", "head_dim"))
+  if cache is not None:  # write this call's keys/values at their positions, attend to all
+    rows = jnp.arange(x.shape[0])[:, None]
+    k_all = cache[0].at[rows, positions].set(k.astype(cache[0].dtype), mode="drop")
+    v_all = cache[1].at[rows, positions].set(v.astype(cache[1].dtype), mode="drop")
+    new_cache = (k_all, v_all)
+    k, v = k_all.astype(dt), v_all.astype(dt)
+  else:
+    new_cache = None
+  o = attention(q, k, v, mask, impl)
+  attn_out = jnp.einsum("bthd,hde->bte", o, w("wo"))
+  if cfg.o_bias:
+    attn_out = attn_out + w("bo")
+  x = constrain(x + attn_out, ("batch", "seq", "act_embed"))
+  h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+  gate = jnp.einsum("bte,ef->btf", h, w("w_gate"))
+  up = jnp.einsum("bte,ef->btf", h, w("w_up"))
+  act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
+  x = constrain(x + jnp.einsum("btf,fe->bte", act, w("w_down")), ("batch", "seq", "act_embed"))
+  return x, new_cache
+
+
+class Qwen(nnx.Module):
+  """Qwen-family causal LM. Weights in `param_dtype` (fp32 master), compute in `dtype`."""
+
+  def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+               dtype=jnp.bfloat16, attention_impl: AttentionImpl = "auto",
+               remat: RematPolicy = "none"):
+    self.cfg = cfg
+    self.dtype = jnp.dtype(dtype)
+    self.attention_impl = attention_impl
+    self.remat = remat
+    normal = jax.nn.initializers.normal(0.02)
+    self.embed = nnx.Param(normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype),
+                           logical_axes=("vocab", "embed"))
+    self.layers = DecoderLayers(cfg, rngs=rngs, param_dtype=param_dtype)
+    self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), param_dtype), logical_axes=("norm",))
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Param(normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), param_dtype),
+                               logical_axes=("embed", "vocab"))
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+    return KVCache.zeros(self.cfg, batch, max_len, dtype or self.dtype)
+
+  def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None, cache: KVCache | None = None
+                    ) -> tuple[jax.Array, KVCache | None]:
+    """Final-normed hidden states [B, T, E] (and the updated cache when one is given).
+
+    tokens/positions/segment_ids are [B, T]. Without a cache, attention is
+    within segments (pass segment_ids for packed rows; 0 is fine for padding).
+    With a cache, keys/values are written at `positions` and the query attends
+    to every cache slot at or before its own position.
+    """
+    cfg = self.cfg
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if cache is None:
+      if segment_ids is None:
+        segment_ids = jnp.ones((b, t), jnp.int32)
+      mask = make_mask(positions, positions, segment_ids, segment_ids)
+    else:
+      slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
+      mask = make_mask(positions, slots)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    x = constrain(x, ("batch", "seq", "act_embed"))
+    cos, sin = rope_tables(cfg, positions)
+    layer_params = nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
+
+    def body(x, xs):
+      p, kv = xs
+      return decoder_layer(p, x, cos, sin, mask, positions, kv, cfg, self.attention_impl)
+
+    if self.remat != "none":
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
+    kv = None if cache is None else (cache.k, cache.v)
+    x, new_kv = jax.lax.scan(body, x, (layer_params, kv))
+    x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+    return x, (None if cache is None else KVCache(*new_kv))
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """float32 logits [B, T, V]; the head accumulates in float32 for exact log-probs."""
+    head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    out = jnp.einsum("bte,ev->btv", hidden, head.astype(hidden.dtype),
+                     preferred_element_type=jnp.float32)
+    return constrain(out, ("batch", "seq", "act_vocab"))
+
+  def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
+    hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache)
+    return self.logits(hidden), cache

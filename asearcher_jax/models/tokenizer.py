@@ -1,0 +1,159 @@
+"""Tokenizer from an HF directory (tokenizer.json via `tokenizers`) and Jinja chat templates.
+
+Chat templates render the way transformers renders them (sandboxed Jinja,
+trim_blocks/lstrip_blocks, `raise_exception`, `tojson`), so prompts built
+here tokenize to the ids the model was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from typing import Any, Iterable, Sequence
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from asearcher_jax.errors import ConfigError
+from asearcher_jax.models.config import read_json
+
+# ChatML, the format of Qwen chat models; used for tokenizers this project builds.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+class Tokenizer:
+  """Encode/decode with exact ids, plus the checkpoint's chat template."""
+
+  def __init__(self, tokenizer: HFTokenizer, config: dict[str, Any] | None = None,
+               chat_template: str | None = None):
+    self.hf = tokenizer
+    self.config = dict(config or {})
+    self.chat_template = chat_template or self.config.get("chat_template")
+    self.eos_token = _token_str(self.config.get("eos_token"))
+    self.pad_token = _token_str(self.config.get("pad_token"))
+    self.bos_token = _token_str(self.config.get("bos_token"))
+
+  @classmethod
+  def from_dir(cls, path: str) -> "Tokenizer":
+    tj = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(tj):
+      raise ConfigError(f"{tj}: file not found (a tokenizer.json is required)")
+    try:
+      tok = HFTokenizer.from_file(tj)
+    except Exception as e:  # tokenizers raises a bare Exception on bad files
+      raise ConfigError(f"{tj}: cannot parse tokenizer ({e})") from None
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    config = read_json(cfg_path) if os.path.isfile(cfg_path) else {}
+    template = None
+    jinja_path = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja_path):
+      with open(jinja_path) as f:
+        template = f.read()
+    return cls(tok, config, template)
+
+  def save(self, path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    self.hf.save(os.path.join(path, "tokenizer.json"))
+    config = dict(self.config)
+    if self.chat_template:
+      config["chat_template"] = self.chat_template
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+      json.dump(config, f, indent=2)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.hf.get_vocab_size(with_added_tokens=True)
+
+  def token_to_id(self, token: str) -> int | None:
+    return self.hf.token_to_id(token)
+
+  @property
+  def eos_id(self) -> int | None:
+    return None if self.eos_token is None else self.token_to_id(self.eos_token)
+
+  @property
+  def pad_id(self) -> int | None:
+    return None if self.pad_token is None else self.token_to_id(self.pad_token)
+
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+
+  def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+    return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+  def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+    return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+  def apply_chat_template(self, messages: list[dict[str, Any]], *,
+                          add_generation_prompt: bool = True, tools: list | None = None,
+                          **kwargs) -> str:
+    if not self.chat_template:
+      raise ConfigError("this tokenizer has no chat template (tokenizer_config.json "
+                        "'chat_template' or chat_template.jinja)")
+    return _compile(self.chat_template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+        bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+
+def _token_str(tok) -> str | None:
+  if isinstance(tok, dict):  # AddedToken serialisation
+    return tok.get("content")
+  return tok
+
+
+_TEMPLATES: dict[str, jinja2.Template] = {}
+
+
+def _compile(source: str) -> jinja2.Template:
+  if source not in _TEMPLATES:
+
+    def raise_exception(message):
+      raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+      return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                        sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    _TEMPLATES[source] = env.from_string(source)
+  return _TEMPLATES[source]
+
+
+def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 512,
+                    special_tokens: Sequence[str] = QWEN_SPECIAL_TOKENS) -> Tokenizer:
+  """A byte-level BPE tokenizer in Qwen's style (ChatML specials and template).
+
+  With `texts`, merges are learned up to `vocab_size`; without, it is the
+  256-byte alphabet alone. Either way every string round-trips exactly.
+  """
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  if texts is None:
+    model = models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[])
+  else:
+    model = models.BPE()
+  tok = HFTokenizer(model)
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  tok.decoder = decoders.ByteLevel()
+  if texts is not None:
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet,
+                                  show_progress=False, special_tokens=[])
+    tok.train_from_iterator(texts, trainer=trainer)
+  tok.add_special_tokens(list(special_tokens))
+  config = {"eos_token": special_tokens[-1] if special_tokens else None,
+            "pad_token": special_tokens[0] if special_tokens else None,
+            "bos_token": None, "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": 131072}
+  return Tokenizer(tok, config, CHATML_TEMPLATE)

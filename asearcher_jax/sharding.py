@@ -1,0 +1,142 @@
+"""The device mesh and the one table that maps logical axes onto it.
+
+Parameters and activations name their axes logically ("embed", "q_heads", ...);
+`LOGICAL_RULES` is the only place that says which mesh axis each one is split
+over. FSDP shards the embed dimension of every weight, tensor parallelism
+splits heads, MLP and vocab; the batch is split over data and fsdp together.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from asearcher_jax.errors import ShardingError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LogicalAxes = tuple[str | None, ...]
+
+LOGICAL_RULES: Mapping[str, str | tuple[str, ...] | None] = {
+    # parameters
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "layers": None,
+    "norm": None,
+    # activations and caches
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+    "cache_seq": None,
+}
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a (data, fsdp, tensor) mesh over all devices of all processes.
+
+  One axis may be -1 and takes what the others leave. The product must equal
+  the device count exactly, so no device is silently idle.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ShardingError(f"unknown mesh axes {sorted(unknown)}; expected {MESH_AXES}")
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ShardingError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ShardingError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if len(devices) % known:
+      raise ShardingError(
+          f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known} devices) do not "
+          f"divide the {len(devices)} available devices")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ShardingError(
+        f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but "
+        f"{len(devices)} are available")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(axes: LogicalAxes, rules: Mapping = LOGICAL_RULES) -> P:
+  out = []
+  for a in axes:
+    if a is not None and a not in rules:
+      raise ShardingError(f"logical axis {a!r} has no entry in the sharding rules")
+    out.append(None if a is None else rules[a])
+  return P(*out)
+
+
+def _mesh_size(mesh: Mesh, target) -> int:
+  if target is None:
+    return 1
+  names = (target,) if isinstance(target, str) else target
+  return math.prod(mesh.shape[n] for n in names)
+
+
+def check_divisible(name: str, shape: Sequence[int], axes: LogicalAxes, mesh: Mesh,
+                    rules: Mapping = LOGICAL_RULES) -> None:
+  """Raises unless every sharded dimension of `name` divides evenly over its mesh axes."""
+  for dim, (size, axis) in enumerate(zip(shape, axes)):
+    target = None if axis is None else rules.get(axis)
+    n = _mesh_size(mesh, target)
+    if size % n:
+      raise ShardingError(
+          f"{name}: dimension {dim} ({axis}, size {size}) is not divisible by mesh axis "
+          f"{target!r} of size {n}; choose a mesh whose {target!r} size divides {size}")
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state, mesh: Mesh, rules: Mapping = LOGICAL_RULES):
+  """NamedShardings for an nnx State whose Variables carry `logical_axes` metadata.
+
+  The result has the State's own structure, so it can be passed straight to
+  `jax.jit(out_shardings=...)` or used to build restore targets.
+  """
+
+  def one(path, var):
+    axes = var.get_metadata().get("logical_axes")
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if axes is None:
+      return var.replace(NamedSharding(mesh, P()))
+    check_divisible(name, var.get_value().shape, axes, mesh, rules)
+    return var.replace(NamedSharding(mesh, logical_to_spec(axes, rules)))
+
+  return jax.tree.map_with_path(one, state, is_leaf=_is_var)
+
+
+def constrain(x: jax.Array, axes: LogicalAxes, rules: Mapping = LOGICAL_RULES) -> jax.Array:
+  """Sharding constraint on an activation, a no-op outside a mesh context."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = []
+  for size, a in zip(x.shape, axes):
+    target = None if a is None else rules[a]
+    names = () if target is None else ((target,) if isinstance(target, str) else target)
+    n = math.prod(mesh.shape[t] for t in names)
+    spec.append(target if size % n == 0 else None)  # e.g. batch 1 at decode: replicate
+  return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def describe(mesh: Mesh) -> str:
+  return " x ".join(f"{n}={s}" for n, s in mesh.shape.items()) + f" ({mesh.devices.size} devices)"
+

@@ -1,0 +1,1 @@
+"""Training state shared by the SFT and RL learners: optimizer, steps, checkpoints."""

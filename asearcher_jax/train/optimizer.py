@@ -1,0 +1,49 @@
+"""The optimizer from config, and the sharding of its state."""
+
+from __future__ import annotations
+
+import jax
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from asearcher_jax.config import OptimizerSection
+
+# Parameters exempt from weight decay: norm scales and biases (Qwen names, see models/qwen.py).
+_NO_DECAY = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "bq", "bk", "bv", "bo")
+
+
+def learning_rate_schedule(cfg: OptimizerSection) -> optax.Schedule:
+  peak = cfg.learning_rate
+  if cfg.decay_steps:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if cfg.warmup_steps else peak, peak_value=peak,
+        warmup_steps=cfg.warmup_steps, decay_steps=max(cfg.decay_steps, cfg.warmup_steps + 1),
+        end_value=peak * cfg.min_lr_ratio)
+  if cfg.warmup_steps:
+    return optax.linear_schedule(0.0, peak, cfg.warmup_steps)
+  return optax.constant_schedule(peak)
+
+
+def decay_mask(params):
+  """True for weight matrices and embeddings, False for norms and biases."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: str(getattr(path[-1], "key", path[-1])) not in _NO_DECAY, params)
+
+
+def make_optimizer(cfg: OptimizerSection) -> optax.GradientTransformation:
+  """AdamW behind optional global-norm clipping."""
+  adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.betas[0], b2=cfg.betas[1],
+                      eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+  if cfg.grad_clip:
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+  return adamw
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_params, param_shardings):
+  """Shardings for the optimizer state: moments follow their parameter, the rest replicate."""
+  abstract = jax.eval_shape(optimizer.init, abstract_params)
+  mesh = next(s.mesh for s in jax.tree.leaves(param_shardings))
+  replicated = NamedSharding(mesh, P())
+  return optax.tree_map_params(
+      optimizer, lambda _, sharding: sharding, abstract, param_shardings,
+      transform_non_params=lambda _: replicated)
