@@ -124,9 +124,7 @@ def save_policy(directory: str, step: int, params: dict[str, jax.Array], cfg: Qw
   """Saves params as a policy checkpoint: model config and tokenizer travel with the weights."""
   from asearcher_jax.models.hf_checkpoint import copy_tokenizer_files
   meta = dict(metadata or {}, model_config=cfg.to_hf_dict())
-  with Checkpointer(directory, async_save=async_save) as ckpt:
-    ckpt.save(step, params=params, version=version, metadata=meta)
-  if tokenizer_dir and jax.process_index() == 0:
+  if tokenizer_dir and jax.process_index() == 0:  # first, so a complete step implies a tokenizer
     dst = os.path.join(os.path.abspath(directory), TOKENIZER_SUBDIR)
     staging = dst + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -134,6 +132,8 @@ def save_policy(directory: str, step: int, params: dict[str, jax.Array], cfg: Qw
     copy_tokenizer_files(tokenizer_dir, staging)
     shutil.rmtree(dst, ignore_errors=True)
     os.rename(staging, dst)
+  with Checkpointer(directory, async_save=async_save) as ckpt:
+    ckpt.save(step, params=params, version=version, metadata=meta)
 
 
 def read_policy_meta(directory: str, step: int | None = None) -> tuple[QwenConfig, str | None]:

@@ -32,7 +32,6 @@ class ModelSection(Section):
 
   path: str | None = None
   arch: QwenConfig | None = None
-  tokenizer: str | None = None  # directory with tokenizer.json; defaults to `path`
   param_dtype: DType = "float32"
   dtype: DType = "bfloat16"
   attention: AttentionImpl = "auto"
@@ -135,11 +134,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
       raise ConfigError(f"override {item!r}: value is not valid YAML") from None
     node = data
     parts = key.split(".")
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
       if node.get(part) is None:
         node[part] = {}
       if not isinstance(node[part], dict):
-        raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        section = ".".join(parts[:depth + 1])
+        raise ConfigError(f"override {item!r}: {section!r} is not a section")
       node = node[part]
     node[parts[-1]] = value
   return data

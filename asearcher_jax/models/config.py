@@ -114,6 +114,10 @@ class QwenConfig:
       raise ConfigError(f"{source}: use_sliding_window=true is not supported")
     rope = dict(hf.get("rope_parameters") or {})  # transformers>=5 layout
     legacy = hf.get("rope_scaling") or {}
+    kind = lambda d: d.get("rope_type") or d.get("type") or "default"
+    if rope and legacy and kind(rope) != kind(legacy):
+      raise ConfigError(f"{source}: rope_parameters ({kind(rope)}) and rope_scaling "
+                        f"({kind(legacy)}) disagree")
     rope.update({k: v for k, v in legacy.items() if k not in rope})
     theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
     rope.pop("rope_theta", None)

@@ -84,6 +84,14 @@ def is_hf_dir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, "config.json"))
 
 
+def tokenizer_dir(path: str, step: int | None = None) -> str | None:
+  """Where the tokenizer files of an HF directory or a policy checkpoint are."""
+  if is_hf_dir(path):
+    return path
+  from asearcher_jax.checkpoint import read_policy_meta
+  return read_policy_meta(path, step)[1]
+
+
 def from_pretrained(path: str, mesh: Mesh | None = None, *, dtype="bfloat16",
                     param_dtype="float32", attention_impl="auto", remat="none",
                     tokenizer: bool | str = True, step: int | None = None,
@@ -101,10 +109,9 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, dtype="bfloat16",
     model = abstract_model(cfg, param_dtype=param_dtype, dtype=dtype,
                            attention_impl=attention_impl, remat=remat)
     params = load_hf_params(path, cfg, param_shardings(model, mesh), param_dtype, progress)
-    tok_dir = path
   else:
     from asearcher_jax.checkpoint import Checkpointer, read_policy_meta
-    cfg, tok_dir = read_policy_meta(path, step)
+    cfg, _ = read_policy_meta(path, step)
     model = abstract_model(cfg, param_dtype=param_dtype, dtype=dtype,
                            attention_impl=attention_impl, remat=remat)
     with Checkpointer(path, async_save=False, read_only=True) as ckpt:
@@ -112,7 +119,7 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, dtype="bfloat16",
   model = with_params(model, params)
   tok = None
   if tokenizer:
-    tok_dir = tokenizer if isinstance(tokenizer, str) else tok_dir
+    tok_dir = tokenizer if isinstance(tokenizer, str) else tokenizer_dir(path, step)
     if tok_dir is None:
       raise CheckpointError(f"{path}: checkpoint has no tokenizer; pass tokenizer=False or "
                             "the directory of one")

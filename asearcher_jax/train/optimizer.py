@@ -24,10 +24,18 @@ def learning_rate_schedule(cfg: OptimizerSection) -> optax.Schedule:
   return optax.constant_schedule(peak)
 
 
+def _param_name(path) -> str:
+  """Last dict key of a pytree path: works for nested dicts, flat "a/b" dicts and nnx States."""
+  for k in reversed(path):
+    if isinstance(k, jax.tree_util.DictKey):
+      return str(k.key).rsplit("/", 1)[-1]
+  return ""
+
+
 def decay_mask(params):
   """True for weight matrices and embeddings, False for norms and biases."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: str(getattr(path[-1], "key", path[-1])) not in _NO_DECAY, params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: _param_name(path) not in _NO_DECAY,
+                                          params)
 
 
 def make_optimizer(cfg: OptimizerSection) -> optax.GradientTransformation:

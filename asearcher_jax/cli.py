@@ -1,0 +1,150 @@
+"""`asearcher`: the command line. Each subcommand is a thin shell over a library call.
+
+Config-driven subcommands take `--config FILE` and trailing `dotted.key=value`
+overrides, MaxText-style.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--config", help="YAML file under configs/ (defaults apply where absent)")
+  p.add_argument("overrides", nargs="*", metavar="key=value",
+                 help="dotted overrides, e.g. model.arch.num_layers=4 mesh.tensor=2")
+
+
+def _mesh(cfg):
+  from asearcher_jax.sharding import describe, make_mesh
+  mesh = make_mesh(cfg.mesh.shape())
+  print(f"mesh: {describe(mesh)}")
+  return mesh
+
+
+def cmd_config(args) -> int:
+  from asearcher_jax.config import dump_config, load_config
+  print(dump_config(load_config(args.config, args.overrides)), end="")
+  return 0
+
+
+def cmd_init_model(args) -> int:
+  """A randomly initialised policy (architecture from the config) saved as an HF directory."""
+  from asearcher_jax.config import load_config
+  from asearcher_jax.models import build_tokenizer, create_model, save_pretrained
+  cfg = load_config(args.config, args.overrides)
+  if cfg.model.arch is None:
+    raise SystemExit("init-model needs model.arch (an architecture), not model.path")
+  arch = cfg.model.arch
+  tokenizer = build_tokenizer()
+  if tokenizer.vocab_size > arch.vocab_size:
+    raise SystemExit(f"model.arch.vocab_size={arch.vocab_size} is smaller than the byte-level "
+                     f"tokenizer's {tokenizer.vocab_size} tokens")
+  model = create_model(arch, _mesh(cfg), seed=cfg.model.seed, param_dtype=cfg.model.param_dtype,
+                       dtype=cfg.model.dtype)
+  out = save_pretrained(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+  print(f"wrote {arch.family} model with {arch.num_params() / 1e6:.2f}M parameters to {out}")
+  return 0
+
+
+def cmd_convert(args) -> int:
+  """HF directory -> orbax policy checkpoint, or orbax policy checkpoint -> HF directory."""
+  from asearcher_jax.checkpoint import save_policy
+  from asearcher_jax.models import flat_params, from_pretrained, save_pretrained
+  from asearcher_jax.models.pretrained import is_hf_dir, tokenizer_dir
+  to = args.to or ("orbax" if is_hf_dir(args.src) else "hf")
+  if to == "orbax" and os.path.exists(args.dst) and os.listdir(args.dst) and not args.overwrite:
+    raise SystemExit(f"{args.dst} exists and is not empty (use --overwrite)")
+  start = time.time()
+  model, _, cfg = from_pretrained(args.src, tokenizer=False, step=args.step,
+                                  param_dtype=args.param_dtype)
+  tok_dir = tokenizer_dir(args.src, args.step)
+  if to == "orbax":
+    if args.overwrite:
+      shutil.rmtree(args.dst, ignore_errors=True)
+    save_policy(args.dst, args.step or 0, flat_params(model), cfg, tokenizer_dir=tok_dir)
+  else:
+    save_pretrained(model, args.dst, tokenizer=tok_dir, dtype=args.dtype,
+                    overwrite=args.overwrite)
+  print(f"converted {args.src} -> {args.dst} ({to}) in {time.time() - start:.1f}s")
+  return 0
+
+
+def cmd_generate(args) -> int:
+  """Greedy continuation through the KV-cache decode path."""
+  from asearcher_jax.models import from_pretrained
+  from asearcher_jax.models.decode import greedy_generate
+  model, tok, cfg = from_pretrained(args.model, dtype=args.dtype)
+  text = args.prompt
+  if args.chat:
+    text = tok.apply_chat_template([{"role": "user", "content": text}])
+  ids = tok.encode(text)
+  start = time.time()
+  out = greedy_generate(model, [ids], args.max_new_tokens, eos_id=tok.eos_id)[0]
+  elapsed = time.time() - start
+  print(f"prompt ({len(ids)} tokens): {text!r}")
+  print(f"completion ({len(out)} tokens, {len(out) / elapsed:.1f} tok/s incl. compile): "
+        f"{tok.decode(out)!r}")
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="asearcher", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("config", help="print the resolved config")
+  _config_args(p)
+  p.set_defaults(fn=cmd_config)
+
+  p = sub.add_parser("init-model", help=cmd_init_model.__doc__)
+  _config_args(p)
+  p.add_argument("--out", required=True, help="output HF directory")
+  p.add_argument("--overwrite", action="store_true")
+  p.set_defaults(fn=cmd_init_model)
+
+  p = sub.add_parser("convert", help=cmd_convert.__doc__)
+  p.add_argument("src", help="HF directory (config.json) or orbax policy checkpoint")
+  p.add_argument("dst")
+  p.add_argument("--to", choices=["hf", "orbax"], help="default: the other format")
+  p.add_argument("--step", type=int, help="orbax step to read/write (default: latest / 0)")
+  p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                 help="dtype of exported HF tensors (default: as held)")
+  p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--overwrite", action="store_true")
+  p.set_defaults(fn=cmd_convert)
+
+  p = sub.add_parser("generate", help=cmd_generate.__doc__)
+  p.add_argument("model", help="HF directory or orbax policy checkpoint")
+  p.add_argument("--prompt", required=True)
+  p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+  p.add_argument("--max-new-tokens", type=int, default=32)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.set_defaults(fn=cmd_generate)
+  return parser
+
+
+class _QuietReadOnly(logging.Filter):
+  """orbax warns on every read-only open of a checkpoint; reading is what we mean to do."""
+
+  def filter(self, record):
+    return "read only" not in record.getMessage() and "read_only=True" not in record.getMessage()
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  logging.getLogger("absl").addFilter(_QuietReadOnly())
+  from asearcher_jax.errors import AsearcherError
+  try:
+    return args.fn(args)
+  except AsearcherError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

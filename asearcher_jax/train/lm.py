@@ -1,0 +1,73 @@
+"""Token-level language-model training: next-token log-probs over packed rows and an SFT step.
+
+The RL learner scores tokens with the same `next_token_logprobs`, so SFT and RL
+agree on which logit predicts which token, and packing never leaks across
+segments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from asearcher_jax.models.qwen import Qwen
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PackedBatch:
+  """Rows of packed sequences, all [B, T]. loss_mask[t] marks tokens[t] as a training target."""
+
+  tokens: jax.Array
+  positions: jax.Array
+  segment_ids: jax.Array  # 0 = padding
+  loss_mask: jax.Array
+
+
+def next_token_logprobs(model: Qwen, batch: PackedBatch) -> tuple[jax.Array, jax.Array]:
+  """(log p(tokens[t] | tokens[<t]), weight) for t = 1..T-1, both [B, T-1].
+
+  The weight is zero where t starts a new segment (its predecessor belongs to
+  another sequence) or is not a loss token.
+  """
+  logits, _ = model(batch.tokens, batch.positions, batch.segment_ids)
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  targets = batch.tokens[:, 1:]
+  token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  same_segment = batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1]
+  weight = (batch.loss_mask[:, 1:] & same_segment & (batch.segment_ids[:, 1:] > 0))
+  return token_logp, weight.astype(jnp.float32)
+
+
+def nll_loss(token_logp: jax.Array, weight: jax.Array) -> jax.Array:
+  """Mean negative log-likelihood over weighted tokens (token-level normalisation)."""
+  return -jnp.sum(token_logp * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def make_sft_step(model: Qwen, optimizer: optax.GradientTransformation):
+  """Returns (params, opt_state, step) with step(params, opt_state, batch) -> (params, opt_state, metrics).
+
+  The step is one jitted function; params and optimizer state are donated so
+  the update happens in place, and shardings follow the inputs.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, opt_state, batch: PackedBatch):
+    def loss_fn(p):
+      token_logp, weight = next_token_logprobs(nnx.merge(graphdef, p, rest), batch)
+      return nll_loss(token_logp, weight), jnp.sum(weight)
+
+    (loss, n_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"loss": loss, "tokens": n_tokens,
+                               "grad_norm": optax.global_norm(grads)}
+
+  opt_state = jax.jit(optimizer.init)(params)
+  return params, opt_state, step

@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Training-step throughput and model FLOPs utilisation (forward + backward + AdamW).
+
+  python benchmarks/train_step.py --config configs/bench/qwen2.5-1.5b.yaml --batch 1 \
+      --seq-len 4096 --steps 10 [key=value overrides]
+
+Model FLOPs per token follow PaLM (appendix B): 6 x (matmul parameters, LM head
+included) + 12 x layers x heads x head_dim x seq_len for attention. MFU divides
+the achieved rate by the device's dense bf16 peak (a table below, or
+--peak-tflops); on a CPU no peak is assumed and only tokens/s is reported.
+Results are printed and written as JSON with device, versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from asearcher_jax.config import load_config  # noqa: E402
+from asearcher_jax.models import create_model  # noqa: E402
+from asearcher_jax.models.config import QwenConfig  # noqa: E402
+from asearcher_jax.sharding import describe, make_mesh  # noqa: E402
+from asearcher_jax.train.lm import PackedBatch, make_sft_step  # noqa: E402
+from asearcher_jax.train.optimizer import make_optimizer  # noqa: E402
+
+# Dense bf16 peak TFLOP/s per device (vendor figures, no sparsity).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L4": 121.0,
+               "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
+               "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0, "TPU7x": 2307.0}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  for name, peak in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+    if name.lower() in device_kind.lower():
+      return peak
+  return None
+
+
+def flops_per_token(cfg: QwenConfig, seq_len: int) -> float:
+  e, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  per_layer = e * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * e * f
+  matmul_params = cfg.num_layers * per_layer + e * cfg.vocab_size
+  attention = 12 * cfg.num_layers * cfg.num_heads * d * seq_len
+  return 6 * matmul_params + attention
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", required=True)
+  p.add_argument("--batch", type=int, default=1, help="rows per step (global)")
+  p.add_argument("--seq-len", type=int, default=4096)
+  p.add_argument("--steps", type=int, default=10, help="timed steps")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation)")
+  p.add_argument("--peak-tflops", type=float, help="override the per-device peak")
+  p.add_argument("--results", help="JSON output (default: benchmarks/results/...)")
+  p.add_argument("overrides", nargs="*")
+  args = p.parse_args(argv)
+
+  cfg = load_config(args.config, args.overrides)
+  arch = cfg.model.arch
+  if arch is None:
+    raise SystemExit("the benchmark initialises at random: the config needs model.arch")
+  mesh = make_mesh(cfg.mesh.shape())
+  devices = jax.devices()
+  kind = devices[0].device_kind
+  print(f"device: {len(devices)} x {kind} ({jax.default_backend()}); mesh {describe(mesh)}")
+  print(f"model: {arch.family} {arch.num_params() / 1e6:,.1f}M params, dtype {cfg.model.dtype}, "
+        f"params {cfg.model.param_dtype}, remat {cfg.model.remat}, attention {cfg.model.attention}")
+
+  with jax.set_mesh(mesh):
+    model = create_model(arch, mesh, seed=cfg.model.seed, param_dtype=cfg.model.param_dtype,
+                         dtype=cfg.model.dtype, attention_impl=cfg.model.attention,
+                         remat=cfg.model.remat)
+    params, opt_state, step = make_sft_step(model, make_optimizer(cfg.optimizer))
+    del model
+    rng = np.random.default_rng(0)
+    shape = (args.batch, args.seq_len)
+    rows = ("data", "fsdp") if args.batch % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else None
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(rows))
+    batch = PackedBatch(
+        tokens=jnp.asarray(rng.integers(0, arch.vocab_size, shape, dtype=np.int32)),
+        positions=jnp.broadcast_to(jnp.arange(args.seq_len, dtype=jnp.int32), shape),
+        segment_ids=jnp.ones(shape, jnp.int32),
+        loss_mask=jnp.ones(shape, bool))
+    batch = jax.device_put(batch, batch_sharding)
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+      params, opt_state, metrics = step(params, opt_state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.steps):
+      t = time.perf_counter()
+      params, opt_state, metrics = step(params, opt_state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t)
+
+  step_s = float(np.median(times))
+  tokens = args.batch * args.seq_len
+  tok_s = tokens / step_s
+  achieved = flops_per_token(arch, args.seq_len) * tok_s / 1e12
+  peak = args.peak_tflops or peak_tflops(kind)
+  mfu = achieved / (peak * len(devices)) if peak else None
+  result = {
+      "benchmark": "train_step", "config": args.config, "overrides": args.overrides,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "device_kind": kind, "num_devices": len(devices), "backend": jax.default_backend(),
+      "mesh": dict(mesh.shape), "jax": jax.__version__, "python": platform.python_version(),
+      "params": arch.num_params(), "batch": args.batch, "seq_len": args.seq_len,
+      "dtype": cfg.model.dtype, "remat": cfg.model.remat, "attention": cfg.model.attention,
+      "warmup_s": round(compile_s, 3), "step_s_median": round(step_s, 5),
+      "step_s_all": [round(t, 5) for t in times], "tokens_per_s": round(tok_s, 1),
+      "tokens_per_s_per_device": round(tok_s / len(devices), 1),
+      "model_tflops_per_s": round(achieved, 4), "peak_tflops_per_device": peak,
+      "mfu": None if mfu is None else round(mfu, 4), "final_loss": float(metrics["loss"]),
+  }
+  print(f"warmup+compile {compile_s:.1f}s; step {step_s * 1e3:.1f} ms (median of {args.steps}); "
+        f"{tok_s:,.0f} tokens/s; {achieved:.3f} model TFLOP/s; "
+        f"MFU {'n/a (no peak for this device)' if mfu is None else f'{100 * mfu:.1f}%'}; "
+        f"loss {result['final_loss']:.4f}")
+  path = args.results or os.path.join(
+      os.path.dirname(__file__), "results",
+      f"train_step_{kind.replace(' ', '_')}_{os.path.splitext(os.path.basename(args.config))[0]}"
+      f"_b{args.batch}_s{args.seq_len}.json")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"recorded {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates ./.venv once and (re)installs the package when its requirements change.
+#   bash launch/setup.sh          runtime only
+#   bash launch/setup.sh test     plus the test extras (pytest, CPU torch, transformers)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($python --version)"
+  "$python" -m venv .venv
+fi
+stamp=".venv/.installed${extras:+-$extras}"
+want=$(cat pyproject.toml requirements.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  echo "[setup] installing asearcher-jax${extras:+[$extras]} into .venv"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+    -r requirements.txt -e ".${extras:+[$extras]}"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,72 @@
+"""The `asearcher` command line, run as a user runs it (a subprocess per command)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+from conftest import single_device_mesh
+
+from asearcher_jax.models import flat_params, from_pretrained
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+TINY = ["model.arch.num_layers=2", "model.arch.hidden_size=64", "model.arch.intermediate_size=96"]
+
+
+def asearcher(*args, check=True):
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-m", "asearcher_jax.cli", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  if check and proc.returncode:
+    raise AssertionError(f"asearcher {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+  return proc
+
+
+def test_init_convert_round_trip_and_generate(tmp_path):
+  hf, orbax, back = tmp_path / "hf", tmp_path / "orbax", tmp_path / "back"
+  out = asearcher("init-model", "--config", "configs/debug.yaml", "--out", str(hf), *TINY)
+  assert "wrote qwen3 model" in out.stdout
+  assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors", "tokenizer.json",
+                                    "tokenizer_config.json"]
+  asearcher("convert", str(hf), str(orbax))
+  assert sorted(os.listdir(orbax)) == ["0", "tokenizer"]
+  asearcher("convert", str(orbax), str(back), "--dtype", "bfloat16")
+  assert json.loads((back / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+  mesh = single_device_mesh()
+  original = flat_params(from_pretrained(str(hf), mesh, tokenizer=False, progress=False)[0])
+  via_orbax, tok, _ = from_pretrained(str(orbax), mesh, progress=False)
+  for name, value in flat_params(via_orbax).items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(original[name]), err_msg=name)
+  assert tok.eos_id == 258
+
+  gen = asearcher("generate", str(back), "--chat", "--prompt", "hello", "--max-new-tokens", "4")
+  n = int(re.search(r"completion \((\d+) tokens", gen.stdout).group(1))
+  assert 1 <= n <= 4  # a random model may emit <|im_end|> early
+
+
+def test_convert_refuses_to_clobber(tmp_path):
+  hf = tmp_path / "hf"
+  asearcher("init-model", "--config", "configs/debug.yaml", "--out", str(hf), *TINY)
+  proc = asearcher("init-model", "--config", "configs/debug.yaml", "--out", str(hf), *TINY,
+                   check=False)
+  assert proc.returncode == 2 and "already exists" in proc.stderr
+
+
+def test_config_errors_exit_2_with_the_key(tmp_path):
+  proc = asearcher("config", "--config", "configs/debug.yaml", "mesh.tensr=2", check=False)
+  assert proc.returncode == 2
+  assert "configs/debug.yaml + overrides: unknown key 'mesh.tensr'" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_config_prints_resolved_values():
+  out = asearcher("config", "--config", "configs/debug.yaml", "model.arch.num_layers=3").stdout
+  assert "num_layers: 3" in out and "fsdp: -1" in out
+
+
+def test_missing_checkpoint_directory(tmp_path):
+  proc = asearcher("generate", str(tmp_path / "nope"), "--prompt", "x", check=False)
+  assert proc.returncode == 2 and "no such directory" in proc.stderr

@@ -1,0 +1,94 @@
+"""YAML configs: validation with named errors, dotted overrides, base files, shipped configs."""
+
+import glob
+import os
+
+import pytest
+
+from asearcher_jax.config import apply_overrides, load_config
+from asearcher_jax.errors import ConfigError
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+ARCH = """
+model:
+  arch: {vocab_size: 128, hidden_size: 32, intermediate_size: 64, num_layers: 2,
+         num_heads: 4, num_kv_heads: 2}
+"""
+
+
+def write(tmp_path, text, name="c.yaml"):
+  path = tmp_path / name
+  path.write_text(text)
+  return str(path)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"),
+                                            recursive=True)))
+def test_shipped_configs_validate(path):
+  cfg = load_config(path)
+  assert cfg.model.arch is not None or cfg.model.path is not None
+
+
+def test_defaults_fill_what_the_file_leaves_out(tmp_path):
+  cfg = load_config(write(tmp_path, ARCH))
+  assert cfg.mesh.fsdp == -1 and cfg.optimizer.grad_clip == 1.0
+  assert cfg.model.arch.head_dim == 8  # derived: hidden_size / num_heads
+  assert cfg.model.arch.qkv_bias is False  # qwen3 default
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+  path = write(tmp_path, ARCH + "mesh:\n  fsdp: 2\n  pipeline: 4\n")
+  with pytest.raises(ConfigError, match=rf"{path}: unknown key 'mesh.pipeline'"):
+    load_config(path)
+
+
+def test_unknown_key_inside_model_architecture(tmp_path):
+  path = write(tmp_path, ARCH.replace("num_layers: 2", "num_layers: 2, num_layer: 3"))
+  with pytest.raises(ConfigError, match=r"unknown key 'model.arch.num_layer'"):
+    load_config(path)
+
+
+def test_type_error_names_key(tmp_path):
+  path = write(tmp_path, ARCH + "optimizer:\n  learning_rate: fast\n")
+  with pytest.raises(ConfigError, match=r"'optimizer.learning_rate': Input should be a valid"):
+    load_config(path)
+
+
+def test_model_needs_exactly_one_source(tmp_path):
+  with pytest.raises(ConfigError, match="exactly one of model.path"):
+    load_config(write(tmp_path, ARCH + "  path: /some/dir\n"))
+
+
+def test_dotted_overrides_take_yaml_values(tmp_path):
+  cfg = load_config(write(tmp_path, ARCH), [
+      "model.arch.num_layers=4", "mesh.tensor=2", "mesh.fsdp=-1", "optimizer.betas=[0.9,0.95]",
+      "model.dtype=float32", "optimizer.grad_clip=null"])
+  assert cfg.model.arch.num_layers == 4 and cfg.mesh.tensor == 2
+  assert cfg.optimizer.betas == (0.9, 0.95) and cfg.optimizer.grad_clip is None
+
+
+def test_bad_overrides_are_refused(tmp_path):
+  path = write(tmp_path, ARCH)
+  with pytest.raises(ConfigError, match="expected dotted.key=value"):
+    load_config(path, ["mesh.tensor"])
+  with pytest.raises(ConfigError, match=r"overrides: unknown key 'mesh.tensr'"):
+    load_config(path, ["mesh.tensr=2"])
+  with pytest.raises(ConfigError, match="'model.arch' is not a section"):
+    apply_overrides({"model": {"arch": 3}}, ["model.arch.num_layers=2"])
+
+
+def test_base_file_is_overridden_key_by_key(tmp_path):
+  write(tmp_path, ARCH + "run:\n  name: base\n", name="base.yaml")
+  child = write(tmp_path, "base: base.yaml\nmodel:\n  arch:\n    num_layers: 6\n")
+  cfg = load_config(child)
+  assert cfg.model.arch.num_layers == 6 and cfg.model.arch.hidden_size == 32
+  assert cfg.run.name == "base"
+
+
+def test_missing_and_malformed_files(tmp_path):
+  with pytest.raises(ConfigError, match="config file not found"):
+    load_config(str(tmp_path / "none.yaml"))
+  with pytest.raises(ConfigError, match="malformed YAML"):
+    load_config(write(tmp_path, "model: [unclosed\n"))
+  with pytest.raises(ConfigError, match="top level must be a mapping"):
+    load_config(write(tmp_path, "- a\n- b\n"))

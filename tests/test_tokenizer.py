@@ -1,0 +1,55 @@
+"""Tokenizer files and chat templates, against transformers' own loader."""
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from asearcher_jax.errors import ConfigError
+from asearcher_jax.models import Tokenizer, build_tokenizer
+
+MESSAGES = [{"role": "system", "content": "You are a search agent."},
+            {"role": "user", "content": "Who founded Qarth? <search> x </search> héllo"}]
+
+
+def test_byte_level_tokenizer_round_trips_any_text():
+  tok = build_tokenizer()
+  text = "naïve café ☕ <|im_start|>user\n\tindent  two  spaces<|im_end|>"
+  ids = tok.encode(text)
+  assert tok.decode(ids) == text
+  assert tok.token_to_id("<|im_end|>") in ids and tok.eos_id == tok.token_to_id("<|im_end|>")
+
+
+def test_trained_bpe_compresses_its_corpus():
+  corpus = ["the capital of Arvenia is Dusk Harbor"] * 40
+  tok = build_tokenizer(corpus, vocab_size=320)
+  assert len(tok.encode(corpus[0])) < len(build_tokenizer().encode(corpus[0])) / 2
+  assert tok.decode(tok.encode(corpus[0])) == corpus[0]
+
+
+def test_saved_tokenizer_matches_transformers(tmp_path):
+  tok = build_tokenizer(["alpha beta gamma delta"] * 20, vocab_size=300)
+  tok.save(str(tmp_path))
+  ours = Tokenizer.from_dir(str(tmp_path))
+  hf = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+  text = ours.apply_chat_template(MESSAGES, add_generation_prompt=True)
+  assert text == hf.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+  assert ours.encode(text) == hf.encode(text, add_special_tokens=False)
+  assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_template_features_transformers_templates_use(tmp_path):
+  template = ("{% for m in messages %}{% if m['role'] == 'bad' %}"
+              "{{ raise_exception('bad role') }}{% endif %}{{ m['content'] | tojson }}"
+              "{% endfor %}")
+  tok = build_tokenizer()
+  tok.chat_template = template
+  assert tok.apply_chat_template([{"role": "user", "content": "é"}]) == '"é"'
+  with pytest.raises(Exception, match="bad role"):
+    tok.apply_chat_template([{"role": "bad", "content": ""}])
+
+
+def test_missing_or_broken_tokenizer_json(tmp_path):
+  with pytest.raises(ConfigError, match="tokenizer.json: file not found"):
+    Tokenizer.from_dir(str(tmp_path))
+  (tmp_path / "tokenizer.json").write_text("{not json")
+  with pytest.raises(ConfigError, match="cannot parse tokenizer"):
+    Tokenizer.from_dir(str(tmp_path))
