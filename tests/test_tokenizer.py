@@ -53,3 +53,44 @@ def test_missing_or_broken_tokenizer_json(tmp_path):
   (tmp_path / "tokenizer.json").write_text("{not json")
   with pytest.raises(ConfigError, match="cannot parse tokenizer"):
     Tokenizer.from_dir(str(tmp_path))
+
+
+# The constructs real Qwen2.5/Qwen3 templates use: whitespace control, namespace(), loop
+# variables, attribute access on dicts, tools rendered with tojson, string methods.
+QWEN_STYLE_TEMPLATE = """
+{%- if tools %}
+  {{- '<|im_start|>system\\n' }}
+  {%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+  {{- '# Tools\\n<tools>' }}
+  {%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}
+  {{- '\\n</tools><|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+  {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(last_user=-1) %}
+{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}
+{%- for m in messages %}
+  {%- if m.role == 'system' and loop.first %}
+  {%- elif m.role == 'assistant' and '</think>' in m.content %}
+    {{- '<|im_start|>assistant\\n' + m.content.split('</think>')[-1].lstrip('\\n') + '<|im_end|>\\n' }}
+  {%- else %}
+    {{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}
+  {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
+
+
+def test_qwen_style_template_renders_like_transformers(tmp_path):
+  tok = build_tokenizer()
+  tok.chat_template = QWEN_STYLE_TEMPLATE
+  tok.save(str(tmp_path))
+  hf = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+  tools = [{"type": "function", "function": {"name": "search", "parameters": {"q": "str"}}}]
+  conversation = MESSAGES + [{"role": "assistant", "content": "<think>hm</think>\n\nDusk"},
+                             {"role": "user", "content": "Sure?"}]
+  for kw in ({"tools": tools}, {}):
+    ours = Tokenizer.from_dir(str(tmp_path)).apply_chat_template(conversation, **kw)
+    assert ours == hf.apply_chat_template(conversation, tokenize=False,
+                                          add_generation_prompt=True, **kw)
+  assert "<think>" not in ours and '"name": "search"' not in ours
