@@ -89,7 +89,7 @@ def cmd_generate(args) -> int:
   elapsed = time.time() - start
   print(f"prompt ({len(ids)} tokens): {text!r}")
   print(f"completion ({len(out)} tokens, {len(out) / elapsed:.1f} tok/s incl. compile): "
-        f"{tok.decode(out)!r}")
+        f"{tok.decode(out)!r} ids={out}")
   return 0
 
 
