@@ -16,5 +16,9 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "[setup] installing asearcher-jax${extras:+[$extras]} into .venv"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check \
     -r requirements.txt -e ".${extras:+[$extras]}"
+  if [ "$extras" = test ]; then
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+      google-jetstream==0.2.2
+  fi
   echo "$want" > "$stamp"
 fi
