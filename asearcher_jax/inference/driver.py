@@ -1,0 +1,463 @@
+"""Continuous batching over the engine, with sessions, versions and hot weight swaps.
+
+One thread owns the engine and the device state. Requests are admitted into
+free slots as soon as they are prefilled; every loop runs one generate step
+for all live slots; a finished request leaves its slot at once. Control
+(weight commits, pause/resume, cancellation) is applied between steps, so no
+step ever mixes two weight versions and the versions within a request never
+go down.
+
+Sessions: when a request that names a session finishes, its slot's KV cache
+is kept (on device, LRU, then offloaded to host memory, then dropped). The
+session's next request prefills only the tokens after the longest common
+prefix with what the cache holds.
+
+Weight updates have two modes. "abort": in-flight requests are interrupted
+and resumed by re-prefilling prompt + generated tokens under the new weights,
+so every post-swap log-probability is exactly the new policy's. "keep_kv":
+the swap happens between steps and cached keys/values are kept.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from asearcher_jax.inference.engine import Engine, Prefix
+from asearcher_jax.inference.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+UPDATE_MODES = ("abort", "keep_kv")
+
+
+class QueueFullError(Exception):
+  """The server is at capacity; retry later."""
+
+
+@dataclasses.dataclass
+class Request:
+  """One generation request and, as it runs, its result."""
+
+  prompt: list[int]
+  sampling: SamplingParams
+  session_id: str | None = None
+  request_id: str = ""
+  # Called from the engine thread: on_tokens(request, new_ids) and on_finish(request).
+  on_tokens: Callable[["Request", list[int]], None] | None = None
+  on_finish: Callable[["Request"], None] | None = None
+  # results
+  output_ids: list[int] = dataclasses.field(default_factory=list)
+  logprobs: list[float] = dataclasses.field(default_factory=list)
+  versions: list[int] = dataclasses.field(default_factory=list)
+  finish_reason: str | None = None
+  error: str | None = None
+  cached_tokens: int = 0  # prompt tokens whose KV came from the session cache
+  prefilled_tokens: int = 0  # tokens actually run through prefill (all attempts)
+  interruptions: int = 0
+  submitted_at: float = 0.0
+  first_token_at: float | None = None
+  finished_at: float | None = None
+  _key: np.ndarray | None = None  # PRNG state carried across interruptions
+  _slot: int | None = None
+  _cancelled: bool = False
+  _done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+  @property
+  def done(self) -> bool:
+    return self._done.is_set()
+
+  def wait(self, timeout: float | None = None) -> "Request":
+    if not self._done.wait(timeout):
+      raise TimeoutError(f"request {self.request_id} not finished after {timeout}s")
+    return self
+
+
+@dataclasses.dataclass
+class _Session:
+  tokens: list[int]  # tokens whose keys/values the cache holds
+  version: int
+  prefix: Prefix | None = None  # on device
+  host: tuple[np.ndarray, np.ndarray] | None = None  # offloaded k, v [layers, n, kv, head_dim]
+
+
+@dataclasses.dataclass
+class Stats:
+  version: int
+  slots_total: int
+  slots_in_use: int
+  queue_depth: int
+  paused: bool
+  sessions_device: int
+  sessions_host: int
+  generated_tokens: int
+  prefill_tokens: int
+  reused_tokens: int
+  requests_finished: int
+  decode_steps: int
+  decode_step_s: float  # time of the last step
+  tokens_per_s: float  # over the last few seconds
+
+
+class Driver:
+  """Owns an Engine on a background thread; thread-safe submit/cancel/update/pause."""
+
+  def __init__(self, engine: Engine, *, version: int = 0, tokenizer=None, max_pending: int = 1024,
+               device_sessions: int = 16, host_sessions: int = 256, update_mode: str = "abort",
+               metrics=None):
+    if update_mode not in UPDATE_MODES:
+      raise ValueError(f"update_mode must be one of {UPDATE_MODES}, got {update_mode!r}")
+    self.engine = engine
+    self.tokenizer = tokenizer
+    self.version = version
+    self.max_pending = max_pending
+    self.device_sessions = device_sessions
+    self.host_sessions = host_sessions
+    self.update_mode = update_mode
+    self.metrics = metrics
+    self._state = engine.init_decode_state()
+    self._pending: collections.deque[Request] = collections.deque()
+    self._control: queue.Queue = queue.Queue()
+    self._wake = threading.Condition()
+    self._slots: list[Request | None] = [None] * engine.slots
+    self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
+    self._paused = False
+    self._running = False
+    self._thread: threading.Thread | None = None
+    self._ids = itertools.count()
+    self._counters = collections.Counter()
+    self._last_step_s = 0.0
+    self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
+    self._max_stop = 0
+
+  # -- lifecycle -------------------------------------------------------------------
+
+  def start(self) -> "Driver":
+    self._running = True
+    self._thread = threading.Thread(target=self._loop, name="decode-driver", daemon=True)
+    self._thread.start()
+    return self
+
+  def stop(self) -> None:
+    self._running = False
+    self._notify()
+    if self._thread:
+      self._thread.join(timeout=30)
+    for r in list(self._pending) + [r for r in self._slots if r]:
+      self._finish(r, "cancelled")
+
+  def __enter__(self):
+    return self.start()
+
+  def __exit__(self, *exc):
+    self.stop()
+
+  @property
+  def live(self) -> bool:
+    return self._running and self._thread is not None and self._thread.is_alive()
+
+  # -- client API (any thread) -------------------------------------------------------
+
+  def validate(self, prompt: list[int], sampling: SamplingParams) -> None:
+    """Raises ValueError with a message a client can act on."""
+    if not prompt:
+      raise ValueError("the prompt is empty")
+    if len(prompt) >= self.engine.max_len:
+      raise ValueError(f"the prompt has {len(prompt)} tokens; the maximum is "
+                       f"{self.engine.max_len - 1} (max_len {self.engine.max_len})")
+    vocab = self.engine.cfg.vocab_size
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+      raise ValueError(f"token ids out of the vocabulary [0, {vocab}): {bad[:5]}")
+    sampling.validate(self.engine.max_len)
+    bad = [t for t in sampling.stop_token_ids if not 0 <= t < vocab]
+    if bad:
+      raise ValueError(f"stop_token_ids out of the vocabulary [0, {vocab}): {bad[:5]}")
+    if sampling.stop and self.tokenizer is None:
+      raise ValueError("stop strings need a server with a tokenizer")
+
+  def submit(self, request: Request) -> Request:
+    self.validate(request.prompt, request.sampling)
+    if not self.live:
+      raise RuntimeError("the decode driver is not running")
+    request.request_id = request.request_id or f"req-{next(self._ids)}"
+    request.submitted_at = time.monotonic()
+    with self._wake:
+      if len(self._pending) >= self.max_pending:
+        raise QueueFullError(f"{len(self._pending)} requests are waiting (limit "
+                             f"{self.max_pending}); retry later")
+      self._pending.append(request)
+      self._wake.notify()
+    return request
+
+  def generate(self, prompt: list[int], sampling: SamplingParams | None = None,
+               session_id: str | None = None, timeout: float | None = None) -> Request:
+    """Blocking convenience: submit and wait."""
+    return self.submit(Request(list(prompt), sampling or SamplingParams(),
+                               session_id)).wait(timeout)
+
+  def cancel(self, request: Request) -> None:
+    request._cancelled = True
+    self._notify()
+
+  def end_session(self, session_id: str) -> bool:
+    return self._call(lambda: self._sessions.pop(session_id, None) is not None)
+
+  def pause(self) -> None:
+    self._call(lambda: setattr(self, "_paused", True))
+
+  def resume(self) -> None:
+    self._call(lambda: setattr(self, "_paused", False))
+
+  def update_weights(self, version: int, params, mode: str | None = None) -> dict[str, Any]:
+    """Commits already-loaded params (same shapes/shardings) as `version` between two steps."""
+    mode = mode or self.update_mode
+    if mode not in UPDATE_MODES:
+      raise ValueError(f"mode must be one of {UPDATE_MODES}, got {mode!r}")
+    return self._call(lambda: self._commit(version, params, mode))
+
+  def stats(self) -> Stats:
+    with self._wake:
+      now = time.monotonic()
+      recent = [(t, n) for t, n in self._recent if now - t < 5.0]
+      span = (now - recent[0][0]) if len(recent) > 1 else 0.0
+      return Stats(
+          version=self.version, slots_total=self.engine.slots,
+          slots_in_use=sum(r is not None for r in self._slots), queue_depth=len(self._pending),
+          paused=self._paused,
+          sessions_device=sum(s.prefix is not None for s in self._sessions.values()),
+          sessions_host=sum(s.host is not None for s in self._sessions.values()),
+          generated_tokens=self._counters["generated"], prefill_tokens=self._counters["prefill"],
+          reused_tokens=self._counters["reused"], requests_finished=self._counters["finished"],
+          decode_steps=self._counters["steps"], decode_step_s=self._last_step_s,
+          tokens_per_s=(sum(n for _, n in recent[1:]) / span) if span > 0 else 0.0)
+
+  # -- engine thread --------------------------------------------------------------
+
+  def _notify(self) -> None:
+    with self._wake:
+      self._wake.notify()
+
+  def _call(self, fn: Callable[[], Any]) -> Any:
+    """Runs fn on the engine thread between steps and returns its result."""
+    if threading.current_thread() is self._thread or not self.live:
+      return fn()
+    fut: Future = Future()
+    self._control.put((fn, fut))
+    self._notify()
+    return fut.result()
+
+  def _loop(self) -> None:
+    while self._running:
+      try:
+        self._run_control()
+        self._drop_cancelled()
+        if not self._paused:
+          self._admit()
+        active = [s for s, r in enumerate(self._slots) if r is not None]
+        if active and not self._paused:
+          self._step(active)
+          continue
+        with self._wake:
+          if self._control.empty() and (self._paused or not self._pending) and self._running:
+            self._wake.wait(timeout=0.5)
+      except Exception:  # never let one bad step kill the server; fail the live requests
+        log.exception("decode loop error; failing in-flight requests")
+        for s, r in enumerate(self._slots):
+          if r is not None:
+            self._slots[s] = None
+            r.error = "internal error in the decode loop"
+            self._finish(r, "error")
+
+  def _run_control(self) -> None:
+    while True:
+      try:
+        fn, fut = self._control.get_nowait()
+      except queue.Empty:
+        return
+      try:
+        fut.set_result(fn())
+      except Exception as e:  # reported to the caller, never fatal to the loop
+        fut.set_exception(e)
+
+  def _drop_cancelled(self) -> None:
+    with self._wake:
+      cancelled = [r for r in self._pending if r._cancelled]
+      for r in cancelled:
+        self._pending.remove(r)
+    for r in cancelled:
+      self._finish(r, "cancelled")
+    for s, r in enumerate(self._slots):
+      if r is not None and r._cancelled:
+        self._release(s, r, "cancelled")
+
+  def _admit(self) -> None:
+    for slot in range(self.engine.slots):
+      if self._slots[slot] is not None:
+        continue
+      with self._wake:
+        if not self._pending:
+          return
+        request = self._pending.popleft()
+      try:
+        self._prefill_into(slot, request)
+      except Exception as e:
+        log.exception("prefill failed for %s", request.request_id)
+        request.error = f"prefill failed: {e}"
+        self._finish(request, "error")
+
+  def _prefill_into(self, slot: int, r: Request) -> None:
+    context = r.prompt + r.output_ids  # resumed requests re-prefill what they generated
+    prefix, reused = self._reusable_prefix(r.session_id, context) if r.session_id else (None, 0)
+    new_tokens = np.asarray(context[reused:], np.int32)
+    if r._key is None:
+      seed = r.sampling.seed if r.sampling.seed is not None else hash(
+          (r.request_id, time.monotonic_ns())) & 0x7FFFFFFF
+      r._key = np.asarray(jax.random.PRNGKey(seed))
+    t0 = time.perf_counter()
+    prefix = self.engine.prefill(
+        self.engine.params, new_tokens, existing_prefix=prefix,
+        temperature=r.sampling.temperature, top_k=r.sampling.top_k, top_p=r.sampling.top_p,
+        key=r._key)
+    self._state = self.engine.insert(prefix, self._state, slot)
+    token, logprob = int(prefix.token), float(prefix.logprob)
+    if self.metrics:
+      self.metrics.observe_prefill(time.perf_counter() - t0, len(new_tokens))
+    if not r.output_ids:
+      r.cached_tokens = reused
+    r.prefilled_tokens += len(new_tokens)
+    self._counters["prefill"] += len(new_tokens)
+    self._counters["reused"] += reused
+    self._slots[slot] = r
+    r._slot = slot
+    if r.first_token_at is None:
+      r.first_token_at = time.monotonic()
+    self._emit(slot, r, token, logprob)
+
+  def _reusable_prefix(self, session_id: str, context: list[int]) -> tuple[Prefix | None, int]:
+    s = self._sessions.pop(session_id, None)
+    if s is None or (self.update_mode == "abort" and s.version != self.version):
+      return None, 0
+    n = 0
+    limit = min(len(s.tokens), len(context) - 1)  # at least one token must be prefilled
+    while n < limit and s.tokens[n] == context[n]:
+      n += 1
+    if n == 0:
+      return None, 0
+    if s.prefix is not None:
+      prefix = s.prefix
+    else:
+      k, v = s.host
+      prefix = self.engine.empty_prefix(len(s.tokens), k, v)
+    prefix.length = np.int32(n)  # slots >= n are overwritten before anything reads them
+    return prefix, n
+
+  def _step(self, active: list[int]) -> None:
+    t0 = time.perf_counter()
+    self._state, result = self.engine.generate(self.engine.params, self._state)
+    tokens = np.asarray(result.tokens)
+    logprobs = np.asarray(result.logprobs)
+    self._last_step_s = time.perf_counter() - t0
+    self._counters["steps"] += 1
+    self._recent.append((time.monotonic(), len(active)))
+    if self.metrics:
+      self.metrics.observe_step(self._last_step_s, len(active))
+    for slot in active:
+      r = self._slots[slot]
+      if r is not None:
+        self._emit(slot, r, int(tokens[slot]), float(logprobs[slot]))
+
+  def _emit(self, slot: int, r: Request, token: int, logprob: float) -> None:
+    """Records one sampled token and finishes the request if it should stop."""
+    r.output_ids.append(token)
+    r.logprobs.append(logprob)
+    r.versions.append(self.version)
+    self._counters["generated"] += 1
+    if r.on_tokens:
+      r.on_tokens(r, [token])
+    s = r.sampling
+    # Every token but the newest is in the cache; the newest needs one more free position.
+    in_cache = len(r.prompt) + len(r.output_ids) - 1
+    if token in s.stop_token_ids:
+      self._release(slot, r, "stop")
+    elif s.stop and self._hit_stop_string(r):
+      self._release(slot, r, "stop")
+    elif s.max_new_tokens is not None and len(r.output_ids) >= s.max_new_tokens:
+      self._release(slot, r, "length")
+    elif in_cache >= self.engine.max_len:
+      self._release(slot, r, "max_len")
+
+  def _hit_stop_string(self, r: Request) -> bool:
+    longest = max(len(x) for x in r.sampling.stop)
+    window = r.output_ids[-(4 * longest + 8):]
+    text = self.tokenizer.decode(window)
+    return any(x in text for x in r.sampling.stop)
+
+  def _release(self, slot: int, r: Request, reason: str) -> None:
+    self._slots[slot] = None
+    r._slot = None
+    if r.session_id and reason != "cancelled":
+      held = r.prompt + r.output_ids[:-1]  # the last sampled token never entered the cache
+      self._save_session(r.session_id, held, slot)
+    self._finish(r, reason)
+
+  def _save_session(self, session_id: str, tokens: list[int], slot: int) -> None:
+    prefix = self.engine.extract(self._state, slot, len(tokens))
+    self._sessions.pop(session_id, None)
+    self._sessions[session_id] = _Session(tokens, self.version, prefix=prefix)
+    on_device = [k for k, s in self._sessions.items() if s.prefix is not None]
+    for key in on_device[:max(0, len(on_device) - self.device_sessions)]:  # LRU first
+      s = self._sessions[key]
+      if self.host_sessions > 0:
+        n = len(s.tokens)
+        s.host = (np.asarray(s.prefix.cache.k[:, 0, :n]), np.asarray(s.prefix.cache.v[:, 0, :n]))
+      s.prefix = None
+      if s.host is None:
+        del self._sessions[key]
+    on_host = [k for k, s in self._sessions.items() if s.host is not None]
+    for key in on_host[:max(0, len(on_host) - self.host_sessions)]:
+      del self._sessions[key]
+
+  def _finish(self, r: Request, reason: str) -> None:
+    r.finish_reason = reason
+    r.finished_at = time.monotonic()
+    self._counters["finished"] += 1
+    if self.metrics:
+      self.metrics.observe_finish(r)
+    r._done.set()
+    if r.on_finish:
+      r.on_finish(r)
+
+  def _commit(self, version: int, params, mode: str) -> dict[str, Any]:
+    if version <= self.version:
+      raise ValueError(f"weight version {version} is not newer than the serving version "
+                       f"{self.version}")
+    interrupted = 0
+    if mode == "abort":
+      keys = np.asarray(self._state.keys)
+      resumed = []
+      for slot, r in enumerate(self._slots):
+        if r is None:
+          continue
+        self._slots[slot] = None
+        r._slot = None
+        r._key = keys[slot]
+        r.interruptions += 1
+        resumed.append(r)
+      with self._wake:
+        self._pending.extendleft(reversed(resumed))  # they go first, in their order
+      interrupted = len(resumed)
+      self._sessions.clear()
+    self.engine.load_params(params)
+    self.version = version
+    return {"version": version, "interrupted": interrupted, "mode": mode}

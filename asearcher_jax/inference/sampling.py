@@ -1,0 +1,86 @@
+"""Per-slot sampling (greedy, temperature, top-k, top-p) with the log-probability of each draw.
+
+Every slot carries its own parameters and PRNG key, so a request's tokens
+depend only on its own seed and logits — never on which other requests share
+the batch. The reported log-probability is that of the distribution actually
+sampled from (after temperature and top-k/top-p truncation, renormalised), the
+behaviour policy that decoupled PPO needs. Greedy slots report the plain
+log-softmax of the logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """What a request asks for. temperature 0 is greedy; top_k 0 and top_p 1 disable truncation."""
+
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  seed: int | None = None
+  max_new_tokens: int | None = None  # None: until a stop or the server's max_len
+  stop_token_ids: tuple[int, ...] = ()
+  stop: tuple[str, ...] = ()
+
+  def validate(self, max_tokens_limit: int) -> None:
+    if not 0.0 <= self.temperature <= 100.0:
+      raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= max_tokens_limit:
+      raise ValueError(f"max_new_tokens must be in [1, {max_tokens_limit}], "
+                       f"got {self.max_new_tokens}")
+    if any(not s for s in self.stop):
+      raise ValueError("stop strings must be non-empty")
+
+
+def processed_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                     top_p: jax.Array) -> jax.Array:
+  """Tempered logits [B, V] with truncated entries at NEG_INF. Greedy rows come back untempered."""
+  logits = logits.astype(jnp.float32)
+  greedy = temperature <= 0.0
+  scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+  needs_truncation = jnp.any(((top_k > 0) | (top_p < 1.0)) & ~greedy)
+
+  def truncate(x):
+    vocab = x.shape[-1]
+    desc = jnp.sort(x, axis=-1)[:, ::-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
+    # top-p over the top-k survivors: keep the smallest prefix whose mass reaches p.
+    desc = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], desc, NEG_INF)
+    probs = jax.nn.softmax(desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p[:, None]
+    cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+    threshold = jnp.maximum(kth, cutoff)
+    out = jnp.where(x >= threshold, x, NEG_INF)
+    return jnp.where(greedy[:, None], x, out)
+
+  return jax.lax.cond(needs_truncation, truncate, lambda x: x, scaled)
+
+
+def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+           top_p: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Draws one token per row. Returns (tokens [B] int32, logprobs [B] f32, next keys [B, 2]).
+
+  `keys` are raw uint32 PRNG keys, one per row; each row's key advances once per draw.
+  """
+  x = processed_logits(logits, temperature, top_k, top_p)
+  split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+  next_keys, draw_keys = split[:, 0], split[:, 1]
+  drawn = jax.vmap(jax.random.categorical)(draw_keys, x)
+  greedy = temperature <= 0.0
+  tokens = jnp.where(greedy, jnp.argmax(x, axis=-1), drawn).astype(jnp.int32)
+  logprobs = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tokens[:, None], axis=-1)[:, 0]
+  return tokens, logprobs, next_keys

@@ -1,0 +1,71 @@
+"""New weights for a serving engine, from any source, laid out exactly like the current ones.
+
+Sources: an in-process params pytree (flat {"a/b": array}, nested dict or nnx
+State), an orbax policy/training checkpoint, or an HF directory. Everything is
+checked against the serving params (names, shapes, dtypes) before the driver
+commits it, so a bad update is refused and the old version keeps serving.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+
+from asearcher_jax.checkpoint import Checkpointer, abstract_like
+from asearcher_jax.errors import CheckpointError
+from asearcher_jax.models.config import QwenConfig
+from asearcher_jax.models.hf_checkpoint import load_hf_params
+from asearcher_jax.models.pretrained import is_hf_dir
+
+
+def path_key(path) -> str:
+  return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def flat_state(state) -> dict[str, jax.Array]:
+  return {path_key(p): x for p, x in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def state_like(template, flat: dict[str, Any]):
+  """A copy of `template` (an nnx State) with leaves taken from `flat` by path."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: flat[path_key(p)], template)
+
+
+def load_weights(template, source: Any, cfg: QwenConfig, *, step: int | None = None):
+  """Returns an nnx State like `template` (same shapes, dtypes, shardings) holding `source`."""
+  target = flat_state(template)
+  if isinstance(source, str):
+    if not os.path.isdir(source):
+      raise CheckpointError(f"{source}: no such directory")
+    shardings = {k: v.sharding for k, v in target.items()}
+    if is_hf_dir(source):
+      src_cfg = QwenConfig.from_hf_dir(source)
+      if src_cfg.to_hf_dict() != cfg.to_hf_dict():
+        raise CheckpointError(f"{source}: its config.json describes a different architecture "
+                              "than the one being served")
+      dtype = next(iter(target.values())).dtype
+      flat = load_hf_params(source, cfg, shardings, dtype, progress=False)
+    else:
+      with Checkpointer(source, read_only=True) as ckpt:
+        flat = ckpt.restore(step, params_target=abstract_like(target, shardings))["params"]
+  else:
+    if isinstance(source, nnx.State):
+      source = nnx.to_pure_dict(source)
+    flat = source if all(isinstance(k, str) and not isinstance(v, dict)
+                         for k, v in source.items()) else traverse_util.flatten_dict(source, sep="/")
+  missing, extra = sorted(set(target) - set(flat)), sorted(set(flat) - set(target))
+  if missing or extra:
+    raise CheckpointError(f"weights do not match the served model: missing {missing[:5]}, "
+                          f"unexpected {extra[:5]}")
+  for k, t in target.items():
+    if tuple(np.shape(flat[k])) != t.shape:
+      raise CheckpointError(f"weights: {k} has shape {list(np.shape(flat[k]))}, the served model "
+                            f"has {list(t.shape)}")
+  placed = {k: jax.device_put(np.asarray(flat[k]) if not isinstance(flat[k], jax.Array)
+                              else flat[k], target[k].sharding).astype(target[k].dtype)
+            for k in target}
+  return state_like(template, placed)

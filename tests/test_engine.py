@@ -1,0 +1,220 @@
+"""The decode engine and its continuous-batching driver against the policy's full forward."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import single_device_mesh, tiny_config
+from flax import nnx
+
+from asearcher_jax.errors import CheckpointError
+from asearcher_jax.inference import Driver, Engine, Request, SamplingParams
+from asearcher_jax.inference.weights import flat_state, load_weights
+from asearcher_jax.models import create_model
+
+MESH = single_device_mesh()
+CFG = tiny_config("qwen3", vocab_size=128)
+RNG = np.random.RandomState(0)
+
+
+def make_model(seed=0):
+  return create_model(CFG, MESH, seed=seed, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def model():
+  return make_model()
+
+
+@pytest.fixture(scope="module")
+def forward_logits(model):
+  fn = jax.jit(lambda m, t: m(t)[0])
+  return lambda m, ids: np.asarray(fn(m, jnp.asarray([ids])))[0]
+
+
+def reference_logprobs(logits, temperature, top_k, top_p):
+  """numpy reference: temperature, then top-k, then top-p (HF/vLLM order), renormalised."""
+  x = logits.astype(np.float64) / temperature
+  order = np.argsort(-x)
+  keep = np.zeros_like(x, bool)
+  k = top_k or len(x)
+  probs = np.exp(x[order[:k]] - x[order[0]])
+  probs /= probs.sum()
+  mass_before = np.cumsum(probs) - probs
+  keep[order[:k][mass_before < top_p]] = True
+  x = np.where(keep, x, -np.inf)
+  return x - np.log(np.exp(x - x.max()).sum()) - x.max()
+
+
+def prompt(n):
+  return RNG.randint(0, 128, n).tolist()
+
+
+@pytest.fixture(scope="module")
+def driver(model):
+  engine = Engine(model, slots=4, max_len=64, mesh=MESH)
+  with Driver(engine, version=1) as d:
+    yield d
+
+
+def test_greedy_equals_argmax_of_full_forward(driver, model, forward_logits):
+  p = prompt(9)
+  r = driver.generate(p, SamplingParams(temperature=0.0, max_new_tokens=8))
+  seq = list(p)
+  for _ in range(8):
+    seq.append(int(forward_logits(model, seq)[-1].argmax()))
+  assert r.output_ids == seq[len(p):]
+  assert r.finish_reason == "length" and r.versions == [1] * 8
+  full = forward_logits(model, seq[:-1])
+  expected = jax.nn.log_softmax(full[len(p) - 1:], axis=-1)
+  np.testing.assert_allclose(r.logprobs, [expected[i, t] for i, t in enumerate(r.output_ids)],
+                             atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0),
+                                                     (1.3, 5, 1.0), (0.9, 0, 0.8),
+                                                     (1.0, 20, 0.5)])
+def test_sampled_logprobs_equal_the_processed_full_forward(driver, model, forward_logits,
+                                                           temperature, top_k, top_p):
+  p = prompt(7)
+  s = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=3, max_new_tokens=10)
+  r = driver.generate(p, s)
+  logits = forward_logits(model, p + r.output_ids[:-1])[len(p) - 1:]
+  for i, tok in enumerate(r.output_ids):
+    ref = reference_logprobs(logits[i], temperature, top_k, top_p)
+    assert np.isfinite(ref[tok]), f"token {i} was outside the truncated distribution"
+    np.testing.assert_allclose(r.logprobs[i], ref[tok], atol=1e-4)
+
+
+def test_seeded_results_do_not_depend_on_batch_company(driver):
+  p = prompt(6)
+  s = SamplingParams(temperature=1.0, seed=11, max_new_tokens=12)
+  alone = driver.generate(p, s).output_ids
+  others = [driver.submit(Request(prompt(5 + i), SamplingParams(temperature=1.0, seed=i,
+                                                                max_new_tokens=20)))
+            for i in range(3)]
+  crowded = driver.submit(Request(p, s))
+  assert crowded.wait(60).output_ids == alone
+  for o in others:
+    o.wait(60)
+  greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
+  batch = [driver.submit(Request(q, greedy)) for q in (prompt(4), p, prompt(8))]
+  assert batch[1].wait(60).output_ids == driver.generate(p, greedy).output_ids
+
+
+def test_more_requests_than_slots_all_complete(driver):
+  reqs = [driver.submit(Request(prompt(3 + i % 5), SamplingParams(temperature=1.0, seed=i,
+                                                                  max_new_tokens=3 + i)))
+          for i in range(10)]
+  for i, r in enumerate(reqs):
+    assert len(r.wait(120).output_ids) == 3 + i and r.finish_reason == "length"
+
+
+def test_stop_tokens_and_max_len(model):
+  engine = Engine(model, slots=2, max_len=24, mesh=MESH)
+  with Driver(engine) as d:
+    p = prompt(5)
+    free = d.generate(p, SamplingParams(temperature=0.0, max_new_tokens=10)).output_ids
+    stop = free[3]
+    r = d.generate(p, SamplingParams(temperature=0.0, max_new_tokens=10, stop_token_ids=(stop,)))
+    assert r.output_ids == free[:free.index(stop) + 1] and r.finish_reason == "stop"
+    long = d.generate(prompt(20), SamplingParams(temperature=0.0, max_new_tokens=20))
+    assert long.finish_reason == "max_len" and 20 + len(long.output_ids) == 25
+
+
+def test_multi_turn_session_reuses_kv_and_matches_full_prefill(driver, model):
+  greedy = SamplingParams(temperature=0.0, max_new_tokens=5)
+  context = prompt(10)
+  held = 0  # tokens the session's cache holds after a turn
+  for turn in range(4):
+    r = driver.generate(context, greedy, session_id="episode-1")
+    fresh = driver.generate(context, greedy)  # no session: full prefill
+    assert r.output_ids == fresh.output_ids
+    np.testing.assert_allclose(r.logprobs, fresh.logprobs, atol=1e-4)
+    assert r.cached_tokens == held and r.prefilled_tokens == len(context) - held
+    held = len(context) + len(r.output_ids) - 1  # the last sampled token never entered the cache
+    context = context + r.output_ids + prompt(3)  # tool output appended by the agent
+
+
+def test_session_eviction_to_host_and_drop(model):
+  engine = Engine(model, slots=2, max_len=64, mesh=MESH)
+  greedy = SamplingParams(temperature=0.0, max_new_tokens=4)
+  with Driver(engine, device_sessions=1, host_sessions=1) as d:
+    ctx = {name: prompt(8) for name in "abc"}
+    outs = {name: d.generate(ctx[name], greedy, session_id=name) for name in "abc"}
+    st = d.stats()
+    assert (st.sessions_device, st.sessions_host) == (1, 1)  # a dropped, b on host, c on device
+    for name in "cba":  # device hit, host hit, miss (order keeps b on host until it is used)
+      nxt = ctx[name] + outs[name].output_ids + [1, 2]
+      r = d.generate(nxt, greedy, session_id=name)
+      assert r.output_ids == d.generate(nxt, greedy).output_ids
+      assert (r.cached_tokens > 0) == (name != "a")
+
+
+def test_interruption_switches_version_at_the_boundary(model, forward_logits):
+  new_model = make_model(seed=1)
+  engine = Engine(model, slots=2, max_len=128, mesh=MESH)
+  with Driver(engine, version=3, update_mode="abort") as d:
+    p = prompt(6)
+
+    def on_tokens(r, ids):  # runs on the engine thread: freeze generation after 4 tokens
+      if len(r.output_ids) == 4 and r.interruptions == 0:
+        d.pause()
+
+    r = d.submit(Request(p, SamplingParams(temperature=0.8, seed=5, max_new_tokens=12),
+                         on_tokens=on_tokens))
+    while not (len(r.output_ids) >= 4 and d.stats().paused):
+      time.sleep(0.01)
+    new_params = load_weights(engine.params, nnx.state(new_model, nnx.Param), CFG)
+    assert d.update_weights(4, new_params)["interrupted"] == 1
+    d.resume()
+    r.wait(60)
+  assert r.versions == [3] * 4 + [4] * 8 and r.interruptions == 1
+  old = forward_logits(model, p + r.output_ids[:3])[len(p) - 1:]
+  new = forward_logits(new_model, p + r.output_ids[:-1])[len(p) - 1:]
+  for i, tok in enumerate(r.output_ids):
+    ref = reference_logprobs((old if i < 4 else new)[i], 0.8, 0, 1.0)
+    np.testing.assert_allclose(r.logprobs[i], ref[tok], atol=1e-4, err_msg=f"token {i}")
+
+
+def test_keep_kv_update_tags_new_version_and_refuses_bad_weights(model):
+  engine = Engine(model, slots=2, max_len=64, mesh=MESH)
+  with Driver(engine, version=0, update_mode="keep_kv") as d:
+    good = flat_state(engine.params)
+    bad = dict(good)
+    bad["layers/wq"] = jnp.zeros((1, 2, 3))
+    with pytest.raises(CheckpointError, match=r"layers/wq has shape \[1, 2, 3\]"):
+      load_weights(engine.params, bad, CFG)
+    d.update_weights(1, load_weights(engine.params, good, CFG))
+    with pytest.raises(ValueError, match="not newer than the serving version 1"):
+      d.update_weights(1, engine.params)
+    r = d.generate(prompt(4), SamplingParams(temperature=0.0, max_new_tokens=3))
+    assert r.versions == [1, 1, 1]
+
+
+@pytest.mark.parametrize("prompt_ids,sampling,message", [
+    ([], SamplingParams(), "the prompt is empty"),
+    (list(range(70)), SamplingParams(), "the prompt has 70 tokens; the maximum is 63"),
+    ([5, 500], SamplingParams(), r"token ids out of the vocabulary \[0, 128\): \[500\]"),
+    ([5], SamplingParams(max_new_tokens=0), r"max_new_tokens must be in \[1, 64\]"),
+    ([5], SamplingParams(max_new_tokens=10**9), r"max_new_tokens must be in \[1, 64\]"),
+    ([5], SamplingParams(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    ([5], SamplingParams(temperature=-1.0), r"temperature must be in \[0, 100\]"),
+    ([5], SamplingParams(stop=("</search>",)), "stop strings need a server with a tokenizer"),
+])
+def test_bad_requests_are_refused_and_the_driver_keeps_serving(driver, prompt_ids, sampling,
+                                                               message):
+  with pytest.raises(ValueError, match=message):
+    driver.submit(Request(prompt_ids, sampling))
+  assert driver.generate([1, 2, 3], SamplingParams(max_new_tokens=2)).finish_reason == "length"
+
+
+def test_cancel_frees_the_slot(model):
+  engine = Engine(model, slots=1, max_len=256, mesh=MESH)
+  with Driver(engine) as d:
+    long = d.submit(Request(prompt(4), SamplingParams(max_new_tokens=200, seed=0)))
+    d.cancel(long)
+    assert long.wait(60).finish_reason == "cancelled"
+    assert d.generate(prompt(4), SamplingParams(max_new_tokens=2)).finish_reason == "length"
