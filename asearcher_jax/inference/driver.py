@@ -168,8 +168,15 @@ class Driver:
 
   # -- client API (any thread) -------------------------------------------------------
 
-  def validate(self, prompt: list[int], sampling: SamplingParams) -> None:
-    """Raises ValueError with a message a client can act on."""
+  def validate(self, prompt: list[int], sampling: SamplingParams,
+               session_id: str | None = None) -> None:
+    """Raises ValueError with a message a client can act on.
+
+    Sessions are created implicitly: an unknown (or evicted) session id is a
+    cache miss and the prompt is prefilled in full; only malformed ids are refused.
+    """
+    if session_id is not None and not (0 < len(session_id) <= 256 and session_id.isprintable()):
+      raise ValueError("session_id must be 1 to 256 printable characters")
     if not prompt:
       raise ValueError("the prompt is empty")
     if len(prompt) >= self.engine.max_len:
@@ -187,7 +194,7 @@ class Driver:
       raise ValueError("stop strings need a server with a tokenizer")
 
   def submit(self, request: Request) -> Request:
-    self.validate(request.prompt, request.sampling)
+    self.validate(request.prompt, request.sampling, request.session_id)
     if not self.live:
       raise RuntimeError("the decode driver is not running")
     request.request_id = request.request_id or f"req-{next(self._ids)}"

@@ -43,14 +43,14 @@ def load_weights(template, source: Any, cfg: QwenConfig, *, step: int | None = N
       raise CheckpointError(f"{source}: no such directory")
     shardings = {k: v.sharding for k, v in target.items()}
     if is_hf_dir(source):
-      src_cfg = QwenConfig.from_hf_dir(source)
-      if src_cfg.to_hf_dict() != cfg.to_hf_dict():
-        raise CheckpointError(f"{source}: its config.json describes a different architecture "
-                              "than the one being served")
+      _check_same_architecture(source, QwenConfig.from_hf_dir(source), cfg)
       dtype = next(iter(target.values())).dtype
       flat = load_hf_params(source, cfg, shardings, dtype, progress=False)
     else:
       with Checkpointer(source, read_only=True) as ckpt:
+        model_config = ckpt.read_meta(step).get("metadata", {}).get("model_config")
+        if model_config is not None:  # a policy checkpoint says what it holds
+          _check_same_architecture(source, QwenConfig.from_hf_dict(model_config), cfg)
         flat = ckpt.restore(step, params_target=abstract_like(target, shardings))["params"]
   else:
     if isinstance(source, nnx.State):
@@ -69,3 +69,11 @@ def load_weights(template, source: Any, cfg: QwenConfig, *, step: int | None = N
                               else flat[k], target[k].sharding).astype(target[k].dtype)
             for k in target}
   return state_like(template, placed)
+
+
+def _check_same_architecture(source: str, got: QwenConfig, served: QwenConfig) -> None:
+  if got.to_hf_dict() != served.to_hf_dict():
+    diff = {k: (v, served.to_hf_dict()[k]) for k, v in got.to_hf_dict().items()
+            if served.to_hf_dict().get(k) != v}
+    raise CheckpointError(f"{source}: holds a different architecture than the one being served "
+                          f"(checkpoint vs served: {diff})")

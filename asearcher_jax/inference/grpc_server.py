@@ -1,0 +1,187 @@
+"""gRPC fronts: JetStream's Orchestrator (Decode, HealthCheck) and the RL Decode service.
+
+Bad input is INVALID_ARGUMENT with a message that says what is wrong, a full
+queue is RESOURCE_EXHAUSTED, and neither disturbs the other requests. When a
+token is configured every call must carry `authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import time
+
+import grpc
+
+from asearcher_jax.errors import AsearcherError
+from asearcher_jax.inference.driver import QueueFullError
+from asearcher_jax.inference.protos import (decode_pb2, decode_pb2_grpc, jetstream_pb2,
+                                            jetstream_pb2_grpc)
+from asearcher_jax.inference.sampling import SamplingParams
+from asearcher_jax.inference.service import DecodeService, IncrementalDetokenizer
+
+
+def _guarded(stream: bool = False):
+  """Checks the token and maps our errors onto gRPC status codes."""
+
+  def wrap(fn):
+    async def check(self, request, context):
+      if self.token is not None:
+        got = dict(context.invocation_metadata()).get("authorization", "")
+        if not hmac.compare_digest(got, f"Bearer {self.token}"):
+          await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    async def fail(context, e):
+      if isinstance(e, QueueFullError):
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    if stream:
+      @functools.wraps(fn)
+      async def gen(self, request, context):
+        await check(self, request, context)
+        try:
+          async for item in fn(self, request, context):
+            yield item
+        except (ValueError, QueueFullError, AsearcherError) as e:
+          await fail(context, e)
+      return gen
+
+    @functools.wraps(fn)
+    async def unary(self, request, context):
+      await check(self, request, context)
+      try:
+        return await fn(self, request, context)
+      except (ValueError, QueueFullError, AsearcherError) as e:
+        await fail(context, e)
+    return unary
+
+  return wrap
+
+
+def sampling_from_proto(p: decode_pb2.SamplingParams) -> SamplingParams:
+  return SamplingParams(
+      temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k,
+      seed=p.seed if p.HasField("seed") else None, max_new_tokens=p.max_new_tokens or None,
+      stop_token_ids=tuple(p.stop_token_ids), stop=tuple(p.stop))
+
+
+def response_from_request(r) -> decode_pb2.GenerateResponse:
+  done = r.finished_at or time.monotonic()
+  ttft = (r.first_token_at - r.submitted_at) if r.first_token_at else 0.0
+  return decode_pb2.GenerateResponse(
+      request_id=r.request_id, output_ids=r.output_ids, logprobs=r.logprobs, versions=r.versions,
+      finish_reason=r.finish_reason or "", cached_tokens=r.cached_tokens,
+      prefilled_tokens=r.prefilled_tokens, interruptions=r.interruptions, ttft_s=ttft,
+      latency_s=done - r.submitted_at)
+
+
+class RLDecodeServicer(decode_pb2_grpc.DecodeServicer):
+  def __init__(self, service: DecodeService, token: str | None):
+    self.service, self.token = service, token
+
+  @_guarded()
+  async def Generate(self, request, context):
+    r = await self.service.generate(list(request.prompt_ids), sampling_from_proto(request.sampling),
+                                    session_id=request.session_id, request_id=request.request_id)
+    if r.finish_reason == "error":
+      await context.abort(grpc.StatusCode.INTERNAL, r.error or "generation failed")
+    return response_from_request(r)
+
+  @_guarded(stream=True)
+  async def GenerateStream(self, request, context):
+    r = None
+    async for r, chunk in self.service.stream(list(request.prompt_ids),
+                                              sampling_from_proto(request.sampling),
+                                              session_id=request.session_id,
+                                              request_id=request.request_id):
+      yield decode_pb2.GenerateResponse(request_id=r.request_id, output_ids=chunk.ids,
+                                        logprobs=chunk.logprobs, versions=chunk.versions)
+    if r is not None:
+      final = response_from_request(r)
+      del final.output_ids[:], final.logprobs[:], final.versions[:]
+      yield final
+
+  @_guarded()
+  async def UpdateWeights(self, request, context):
+    source = request.orbax_dir or request.hf_dir
+    if not source:
+      raise ValueError("UpdateWeights needs a source: orbax_dir or hf_dir")
+    step = request.orbax_step if request.HasField("orbax_step") else None
+    out = await self.service.update_weights(request.version, source, step=step,
+                                            mode=request.mode or None)
+    return decode_pb2.UpdateWeightsResponse(version=out["version"], interrupted=out["interrupted"],
+                                            load_s=out["load_s"], commit_s=out["commit_s"])
+
+  @_guarded()
+  async def Pause(self, request, context):
+    await self.service.call(self.service.driver.pause)
+    return self._state()
+
+  @_guarded()
+  async def Resume(self, request, context):
+    await self.service.call(self.service.driver.resume)
+    return self._state()
+
+  @_guarded()
+  async def EndSession(self, request, context):
+    existed = await self.service.call(self.service.driver.end_session, request.session_id)
+    return decode_pb2.EndSessionResponse(existed=existed)
+
+  @_guarded()
+  async def Stats(self, request, context):
+    s = self.service.driver.stats()
+    return decode_pb2.StatsResponse(**{f.name: getattr(s, f.name)
+                                       for f in decode_pb2.StatsResponse.DESCRIPTOR.fields})
+
+  def _state(self):
+    s = self.service.driver.stats()
+    return decode_pb2.ServerState(paused=s.paused, version=s.version)
+
+
+class OrchestratorServicer(jetstream_pb2_grpc.OrchestratorServicer):
+  """JetStream's wire protocol: text or token ids in, streamed samples out (greedy by default)."""
+
+  def __init__(self, service: DecodeService, token: str | None):
+    self.service, self.token = service, token
+
+  @_guarded(stream=True)
+  async def Decode(self, request, context):
+    which = request.WhichOneof("content")
+    if which == "text_content":
+      prompt = self.service.encode(request.text_content.text)
+    elif which == "token_content":
+      prompt = list(request.token_content.token_ids)
+    else:
+      raise ValueError("DecodeRequest needs text_content or token_content")
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=request.max_tokens or None,
+                              stop_token_ids=self.service.default_stop_ids)
+    detok = IncrementalDetokenizer(self.service.tokenizer) if self.service.tokenizer else None
+    async for _, chunk in self.service.stream(prompt, sampling,
+                                              session_id=request.session_cache or None):
+      text = detok.add(chunk.ids) if detok else ""
+      sample = jetstream_pb2.DecodeResponse.StreamContent.Sample(text=text, token_ids=chunk.ids)
+      yield jetstream_pb2.DecodeResponse(
+          stream_content=jetstream_pb2.DecodeResponse.StreamContent(samples=[sample]))
+    rest = detok.flush() if detok else ""
+    if rest:
+      sample = jetstream_pb2.DecodeResponse.StreamContent.Sample(text=rest)
+      yield jetstream_pb2.DecodeResponse(
+          stream_content=jetstream_pb2.DecodeResponse.StreamContent(samples=[sample]))
+
+  async def HealthCheck(self, request, context):
+    return jetstream_pb2.HealthCheckResponse(is_live=self.service.driver.live)
+
+
+def build_grpc_server(service: DecodeService, host: str, port: int,
+                      token: str | None) -> tuple[grpc.aio.Server, int]:
+  """An aio server with both services; returns it (not started) and the bound port."""
+  server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20),
+                                    ("grpc.max_receive_message_length", 64 << 20)])
+  decode_pb2_grpc.add_DecodeServicer_to_server(RLDecodeServicer(service, token), server)
+  jetstream_pb2_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(service, token),
+                                                        server)
+  bound = server.add_insecure_port(f"{host}:{port}")
+  if bound == 0:
+    raise OSError(f"cannot bind gRPC to {host}:{port}")
+  return server, bound

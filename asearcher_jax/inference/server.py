@@ -1,0 +1,165 @@
+"""A decode server process: policy + engine + driver behind gRPC and OpenAI-compatible HTTP.
+
+Binds 127.0.0.1 unless told otherwise; any other address requires a bearer token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import threading
+
+from aiohttp import web
+
+from asearcher_jax.config import Config
+from asearcher_jax.errors import ConfigError
+from asearcher_jax.inference.driver import Driver
+from asearcher_jax.inference.engine import Engine
+from asearcher_jax.inference.grpc_server import build_grpc_server
+from asearcher_jax.inference.http_server import OpenAIServer
+from asearcher_jax.inference.metrics import DecodeMetrics
+from asearcher_jax.inference.service import DecodeService
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+  if host == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
+def require_token(host: str, token: str | None) -> str | None:
+  token = token or os.environ.get("ASEARCHER_TOKEN") or None
+  if not is_loopback(host) and not token:
+    raise ConfigError(f"binding {host} (not loopback) requires a token: set serve.token or "
+                      "$ASEARCHER_TOKEN")
+  return token
+
+
+class DecodeServer:
+  """gRPC (RL Decode + JetStream Orchestrator) and HTTP fronts over one driver."""
+
+  def __init__(self, driver: Driver, tokenizer=None, *, host: str = "127.0.0.1",
+               grpc_port: int = 0, http_port: int | None = 0, token: str | None = None,
+               model_name: str = "policy", default_stop_ids: tuple[int, ...] = ()):
+    self.token = require_token(host, token)
+    self.host, self.grpc_port, self.http_port = host, grpc_port, http_port
+    self.metrics = driver.metrics
+    self.driver = driver
+    self.service = DecodeService(driver, tokenizer, model_name, default_stop_ids)
+    self._grpc = None
+    self._runner: web.AppRunner | None = None
+    self._thread: threading.Thread | None = None
+    self._loop: asyncio.AbstractEventLoop | None = None
+    self._stopped: asyncio.Event | None = None
+
+  async def start(self) -> None:
+    if not self.driver.live:
+      self.driver.start()
+    self._grpc, self.grpc_port = build_grpc_server(self.service, self.host, self.grpc_port,
+                                                   self.token)
+    await self._grpc.start()
+    if self.http_port is not None:
+      app = OpenAIServer(self.service, self.token, self.metrics).app()
+      self._runner = web.AppRunner(app, access_log=None)
+      await self._runner.setup()
+      site = web.TCPSite(self._runner, self.host, self.http_port)
+      await site.start()
+      self.http_port = self._runner.addresses[0][1]
+    log.info("decode server: grpc %s:%d, http %s", self.host, self.grpc_port,
+             f"{self.host}:{self.http_port}" if self.http_port is not None else "off")
+
+  async def stop(self) -> None:
+    if self._runner is not None:
+      await self._runner.cleanup()
+    if self._grpc is not None:
+      await self._grpc.stop(grace=1.0)
+    self.driver.stop()
+
+  async def serve_forever(self) -> None:
+    await self.start()
+    self._stopped = asyncio.Event()
+    try:
+      await self._stopped.wait()
+    finally:
+      await self.stop()
+
+  @property
+  def grpc_address(self) -> str:
+    return f"{self.host}:{self.grpc_port}"
+
+  @property
+  def http_address(self) -> str:
+    return f"http://{self.host}:{self.http_port}"
+
+  # -- in a background thread (tests, colocated learners) -----------------------
+
+  def start_in_thread(self) -> "DecodeServer":
+    ready = threading.Event()
+    failure: list[BaseException] = []
+
+    def run():
+      self._loop = asyncio.new_event_loop()
+      asyncio.set_event_loop(self._loop)
+      self._stopped = asyncio.Event()
+      try:
+        self._loop.run_until_complete(self.start())
+      except BaseException as e:  # reported to the caller
+        failure.append(e)
+        ready.set()
+        return
+      ready.set()
+      self._loop.run_until_complete(self._stopped.wait())
+      self._loop.run_until_complete(self.stop())
+      self._loop.close()
+
+    self._thread = threading.Thread(target=run, name="decode-server", daemon=True)
+    self._thread.start()
+    ready.wait()
+    if failure:
+      raise failure[0]
+    return self
+
+  def stop_thread(self) -> None:
+    if self._loop is not None and self._stopped is not None:
+      self._loop.call_soon_threadsafe(self._stopped.set)
+    if self._thread is not None:
+      self._thread.join(timeout=30)
+
+
+def build_server(cfg: Config, *, progress: bool = True) -> DecodeServer:
+  """The server a config describes: policy from model.path (or a random model.arch)."""
+  from asearcher_jax.models import build_tokenizer, create_model, from_pretrained
+  from asearcher_jax.sharding import make_mesh
+  s = cfg.serve
+  token = require_token(s.host, s.token)  # fail before loading a model
+  mesh = make_mesh(cfg.mesh.shape())
+  m = cfg.model
+  if m.path:
+    model, tokenizer, arch = from_pretrained(m.path, mesh, dtype=m.dtype, param_dtype=m.param_dtype,
+                                             attention_impl=m.attention, progress=progress)
+  else:
+    arch = m.arch
+    model = create_model(arch, mesh, seed=m.seed, param_dtype=m.param_dtype, dtype=m.dtype,
+                         attention_impl=m.attention)
+    tokenizer = build_tokenizer()
+  stop_ids = set()
+  if tokenizer is not None and tokenizer.eos_id is not None:
+    stop_ids.add(tokenizer.eos_id)
+  eos = arch.eos_token_id
+  stop_ids.update(eos if isinstance(eos, tuple) else (() if eos is None else (eos,)))
+  engine = Engine(model, slots=s.slots, max_len=s.max_len, mesh=mesh,
+                  min_prefill_bucket=s.min_prefill_bucket)
+  driver = Driver(engine, tokenizer=tokenizer, max_pending=s.max_pending,
+                  device_sessions=s.device_sessions, host_sessions=s.host_sessions,
+                  update_mode=s.update_mode, metrics=DecodeMetrics())
+  return DecodeServer(driver, tokenizer, host=s.host, grpc_port=s.grpc_port,
+                      http_port=s.http_port, token=token,
+                      model_name=s.model_name or cfg.run.name,
+                      default_stop_ids=tuple(sorted(stop_ids)))

@@ -1,0 +1,135 @@
+"""The asyncio face of a driver, shared by the gRPC and HTTP fronts.
+
+The driver runs on its own thread; this bridges its callbacks into the event
+loop, cancels the request when the caller goes away, and runs blocking work
+(loading weights) off the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import AsyncIterator
+
+from asearcher_jax.inference.driver import Driver, Request
+from asearcher_jax.inference.sampling import SamplingParams
+from asearcher_jax.inference.weights import load_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+  """New tokens of a request with their log-probs and versions, captured when they were sampled."""
+
+  ids: list[int]
+  logprobs: list[float]
+  versions: list[int]
+
+  @classmethod
+  def of(cls, r: Request, ids: list[int]) -> "Chunk":  # runs on the engine thread
+    n = len(ids)
+    return cls(list(ids), r.logprobs[-n:], r.versions[-n:])
+
+
+class DecodeService:
+  def __init__(self, driver: Driver, tokenizer=None, model_name: str = "policy",
+               default_stop_ids: tuple[int, ...] = ()):
+    self.driver = driver
+    self.tokenizer = tokenizer
+    self.model_name = model_name
+    self.default_stop_ids = default_stop_ids
+    self._update_lock = asyncio.Lock()
+
+  async def generate(self, prompt: list[int], sampling: SamplingParams, *,
+                     session_id: str | None = None, request_id: str = "") -> Request:
+    """Runs one request to completion (raises ValueError / QueueFullError on bad input / overload)."""
+    request, events = self._submit(prompt, sampling, session_id, request_id)
+    async for _ in self._drain(request, events):
+      pass
+    return request
+
+  async def stream(self, prompt: list[int], sampling: SamplingParams, *,
+                   session_id: str | None = None, request_id: str = ""
+                   ) -> AsyncIterator[tuple[Request, Chunk]]:
+    """Yields (request, chunk of new tokens) as they are sampled; the request is done after the last."""
+    request, events = self._submit(prompt, sampling, session_id, request_id)
+    async for chunk in self._drain(request, events):
+      yield request, chunk
+
+  def _submit(self, prompt, sampling, session_id, request_id) -> tuple[Request, asyncio.Queue]:
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    request = Request(list(prompt), sampling, session_id or None, request_id,
+                      on_tokens=lambda r, ids: loop.call_soon_threadsafe(
+                          events.put_nowait, Chunk.of(r, ids)),
+                      on_finish=lambda r: loop.call_soon_threadsafe(events.put_nowait, None))
+    self.driver.submit(request)
+    return request, events
+
+  async def _drain(self, request: Request, events: asyncio.Queue) -> AsyncIterator["Chunk"]:
+    try:
+      while True:
+        chunk = await events.get()
+        if chunk is None:
+          return
+        yield chunk
+    finally:  # the caller went away (client disconnect, timeout): free the slot
+      if not request.done:
+        self.driver.cancel(request)
+
+  async def update_weights(self, version: int, source, *, step: int | None = None,
+                           mode: str | None = None) -> dict:
+    """Loads `source` off the event loop, then commits it between two decode steps."""
+    async with self._update_lock:
+      loop = asyncio.get_running_loop()
+      engine = self.driver.engine
+      t0 = time.perf_counter()
+      params = await loop.run_in_executor(
+          None, lambda: load_weights(engine.params, source, engine.cfg, step=step))
+      t1 = time.perf_counter()
+      result = await loop.run_in_executor(
+          None, lambda: self.driver.update_weights(version, params, mode))
+      return dict(result, load_s=t1 - t0, commit_s=time.perf_counter() - t1)
+
+  async def call(self, fn, *args):
+    """A blocking driver call (pause, resume, end_session) without blocking the loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+  # -- text -----------------------------------------------------------------------
+
+  def encode(self, text: str) -> list[int]:
+    if self.tokenizer is None:
+      raise ValueError("this server has no tokenizer; send token ids")
+    return self.tokenizer.encode(text)
+
+  def decode(self, ids: list[int]) -> str:
+    return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+
+class IncrementalDetokenizer:
+  """Text deltas for a growing token list, holding back incomplete UTF-8 sequences."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+    self.ids: list[int] = []
+    self.text = ""
+
+  def add(self, ids: list[int]) -> str:
+    self.ids.extend(ids)
+    full = self.tokenizer.decode(self.ids)
+    if full.endswith("\ufffd"):  # a multi-byte character is not complete yet
+      return ""
+    delta, self.text = full[len(self.text):], full
+    return delta
+
+  def flush(self) -> str:
+    """Whatever is still held back (an incomplete character at the end), as decoded."""
+    full = self.tokenizer.decode(self.ids)
+    delta, self.text = full[len(self.text):], full
+    return delta
+
+
+def truncate_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+  """OpenAI semantics: the text ends before the first stop string, which is not included."""
+  cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+  return (text[:cut], True) if cut >= 0 else (text, False)

@@ -1,0 +1,291 @@
+"""Decode servers over the wire: RL gRPC service, JetStream's own client, the openai client."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import urllib.error
+import urllib.request
+
+import grpc
+import jax
+import numpy as np
+import openai
+import pytest
+from conftest import single_device_mesh, tiny_config
+from flax import nnx
+
+from asearcher_jax.checkpoint import save_policy
+from asearcher_jax.errors import ConfigError
+from asearcher_jax.inference import Driver, Engine, SamplingParams
+from asearcher_jax.inference.client import DecodeClient
+from asearcher_jax.inference.metrics import DecodeMetrics
+from asearcher_jax.inference.server import DecodeServer, require_token
+from asearcher_jax.inference.weights import flat_state
+from asearcher_jax.models import build_tokenizer, create_model
+
+MESH = single_device_mesh()
+CFG = tiny_config("qwen3", vocab_size=300, eos_token_id=258)
+TOKEN = "s3cret"
+
+
+def run(coro):
+  return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+  model = create_model(CFG, MESH, seed=0, dtype="float32")
+  driver = Driver(Engine(model, slots=4, max_len=96, mesh=MESH), version=1, tokenizer=tokenizer,
+                  metrics=DecodeMetrics())
+  srv = DecodeServer(driver, tokenizer, grpc_port=0, http_port=0, token=TOKEN,
+                     model_name="tiny", default_stop_ids=(tokenizer.eos_id,)).start_in_thread()
+  yield srv
+  srv.stop_thread()
+
+
+def client(server, token=TOKEN):
+  return DecodeClient(server.grpc_address, token=token, timeout=60)
+
+
+def prompt(n, seed=0):
+  return np.random.RandomState(seed).randint(0, 256, n).tolist()
+
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6)
+
+
+def test_generate_and_stream_agree(server):
+  async def go():
+    async with client(server) as c:
+      full = await c.generate(prompt(8), GREEDY)
+      parts = [r async for r in c.stream(prompt(8), GREEDY)]
+      return full, parts
+  full, parts = run(go())
+  assert len(full.output_ids) == 6 and full.finish_reason == "length" and full.versions == [1] * 6
+  assert sum((p.output_ids for p in parts[:-1]), []) == full.output_ids
+  np.testing.assert_allclose(sum((p.logprobs for p in parts[:-1]), []), full.logprobs, atol=1e-5)
+  assert parts[-1].finish_reason == "length" and not parts[-1].output_ids
+
+
+def test_sessions_over_grpc_reuse_the_cache(server):
+  async def go():
+    async with client(server) as c:
+      first = await c.generate(prompt(10), GREEDY, session_id="ep-7")
+      nxt = prompt(10) + first.output_ids + prompt(4, seed=1)
+      second = await c.generate(nxt, GREEDY, session_id="ep-7")
+      fresh = await c.generate(nxt, GREEDY)
+      existed = await c.end_session("ep-7")
+      return first, second, fresh, existed
+  first, second, fresh, existed = run(go())
+  assert second.cached_tokens == 10 + 6 - 1 and second.output_ids == fresh.output_ids
+  assert existed
+
+
+def test_concurrent_clients_each_get_their_own_greedy_answer(server):
+  async def go():
+    async with client(server) as c:
+      return await asyncio.gather(*(c.generate(prompt(5 + i, seed=i), GREEDY) for i in range(9)))
+  together = run(go())
+
+  async def one(i):
+    async with client(server) as c:
+      return await c.generate(prompt(5 + i, seed=i), GREEDY)
+  for i in (0, 4, 8):
+    assert run(one(i)).output_ids == together[i].output_ids
+
+
+@pytest.mark.parametrize("prompt_ids,sampling,message", [
+    ([], GREEDY, "the prompt is empty"),
+    ([1] * 200, GREEDY, "the prompt has 200 tokens; the maximum is 95"),
+    ([1, 300], GREEDY, r"token ids out of the vocabulary \[0, 300\): \[300\]"),
+    ([1], SamplingParams(max_new_tokens=100000), r"max_new_tokens must be in \[1, 96\]"),
+])
+def test_bad_grpc_requests_are_invalid_argument(server, prompt_ids, sampling, message):
+  async def go():
+    async with client(server) as c:
+      with pytest.raises(ValueError, match=message):
+        await c.generate(prompt_ids, sampling)
+      return await c.generate([1, 2, 3], GREEDY)  # and the server keeps serving
+  assert run(go()).finish_reason == "length"
+
+
+def test_bad_session_ids_are_refused(server):
+  async def go():
+    async with client(server) as c:
+      with pytest.raises(ValueError, match="session_id"):
+        await c.generate([1, 2], GREEDY, session_id="x" * 300)
+  run(go())
+
+
+def test_token_is_required(server):
+  async def go():
+    async with client(server, token="wrong") as c:
+      with pytest.raises(grpc.aio.AioRpcError) as e:
+        await c.generate([1, 2], GREEDY)
+      return e.value.code()
+  assert run(go()) == grpc.StatusCode.UNAUTHENTICATED
+  req = urllib.request.Request(server.http_address + "/v1/models")
+  with pytest.raises(urllib.error.HTTPError) as e:
+    urllib.request.urlopen(req)
+  assert e.value.code == 401
+
+
+def test_non_loopback_bind_needs_a_token(monkeypatch):
+  monkeypatch.delenv("ASEARCHER_TOKEN", raising=False)
+  with pytest.raises(ConfigError, match="requires a token"):
+    require_token("0.0.0.0", None)
+  assert require_token("127.0.0.1", None) is None
+  assert require_token("0.0.0.0", "t") == "t"
+
+
+def test_update_weights_from_orbax_and_refusal_of_a_wrong_model(server, tmp_path):
+  engine = server.driver.engine
+  new_model = create_model(CFG, MESH, seed=1, dtype="float32")
+  new_params = flat_state(nnx.state(new_model, nnx.Param))
+  save_policy(str(tmp_path / "v2"), 0, new_params, CFG)
+  wrong = tiny_config("qwen3", vocab_size=300, hidden_size=32)
+  save_policy(str(tmp_path / "wrong"), 0, flat_state(nnx.state(create_model(wrong, MESH),
+                                                                 nnx.Param)), wrong)
+
+  async def go():
+    async with client(server) as c:
+      with pytest.raises(ValueError, match="different architecture.*hidden_size.: .32, 64"):
+        await c.update_weights(2, orbax_dir=str(tmp_path / "wrong"))
+      assert (await c.stats()).version == 1  # the old version keeps serving
+      before = await c.generate(prompt(6), GREEDY)
+      resp = await c.update_weights(2, orbax_dir=str(tmp_path / "v2"))
+      after = await c.generate(prompt(6), GREEDY)
+      return before, resp, after
+  before, resp, after = run(go())
+  assert resp.version == 2 and before.versions == [1] * 6 and after.versions == [2] * 6
+  expected = []
+  seq = prompt(6)
+  fwd = jax.jit(lambda m, t: m(t)[0])
+  for _ in range(6):
+    expected.append(int(np.asarray(fwd(new_model, jax.numpy.asarray([seq])))[0, -1].argmax()))
+    seq.append(expected[-1])
+  assert after.output_ids == expected
+  assert server.driver.engine is engine
+
+
+def test_pause_and_resume(server):
+  async def go():
+    async with client(server) as c:
+      paused = await c.pause()
+      task = asyncio.ensure_future(c.generate(prompt(4), GREEDY))
+      await asyncio.sleep(0.3)
+      assert not task.done() and (await c.stats()).queue_depth == 1
+      resumed = await c.resume()
+      return paused, resumed, await task
+  paused, resumed, result = run(go())
+  assert paused.paused and not resumed.paused and result.finish_reason == "length"
+
+
+JETSTREAM_CLIENT = textwrap.dedent("""
+    import json, sys, grpc
+    from jetstream.core.proto import jetstream_pb2, jetstream_pb2_grpc
+    address, token, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    channel = grpc.insecure_channel(address)
+    stub = jetstream_pb2_grpc.OrchestratorStub(channel)
+    md = (("authorization", "Bearer " + token),)
+    live = stub.HealthCheck(jetstream_pb2.HealthCheckRequest()).is_live
+    req = jetstream_pb2.DecodeRequest(
+        token_content=jetstream_pb2.DecodeRequest.TokenContent(token_ids=ids), max_tokens=6)
+    out = [t for r in stub.Decode(req, metadata=md) for s in r.stream_content.samples
+           for t in s.token_ids]
+    req = jetstream_pb2.DecodeRequest(
+        text_content=jetstream_pb2.DecodeRequest.TextContent(text="hello"), max_tokens=5)
+    text = "".join(s.text for r in stub.Decode(req, metadata=md) for s in r.stream_content.samples)
+    print(json.dumps({"live": live, "ids": out, "text": text}))
+""")
+
+
+def test_jetstream_generated_client_streams_from_our_server(server, tokenizer):
+  """JetStream's own stubs (google-jetstream 0.2.2), in a process that never imports ours."""
+  env = dict(os.environ, PYTHONPATH="")
+  proc = subprocess.run([sys.executable, "-c", JETSTREAM_CLIENT, server.grpc_address, TOKEN,
+                         json.dumps(prompt(7))], capture_output=True, text=True, timeout=120,
+                        env=env, cwd="/")
+  assert proc.returncode == 0, proc.stderr
+  got = json.loads(proc.stdout)
+
+  async def expected():
+    async with client(server) as c:
+      ids = (await c.generate(prompt(7), GREEDY)).output_ids
+      hello = await c.generate(tokenizer.encode("hello"), SamplingParams(
+          temperature=0.0, max_new_tokens=5, stop_token_ids=(tokenizer.eos_id,)))
+      return ids, hello.output_ids
+  ids, hello_ids = run(expected())
+  assert got["live"] and got["ids"] == ids
+  assert got["text"] == tokenizer.decode(hello_ids)
+
+
+def test_openai_client_gets_completions_and_logprobs(server, tokenizer):
+  oa = openai.OpenAI(base_url=server.http_address + "/v1", api_key=TOKEN, max_retries=0)
+  assert [m.id for m in oa.models.list().data] == ["tiny"]
+  c = oa.completions.create(model="tiny", prompt="The capital of", max_tokens=5, temperature=0,
+                            logprobs=1)
+  choice = c.choices[0]
+  assert c.usage.completion_tokens <= 5 and choice.finish_reason in ("length", "stop")
+
+  async def rl():
+    async with client(server) as cl:
+      return await cl.generate(tokenizer.encode("The capital of"), SamplingParams(
+          temperature=0.0, max_new_tokens=5, stop_token_ids=(tokenizer.eos_id,)))
+  ref = run(rl())
+  n = len(choice.logprobs.token_logprobs)
+  np.testing.assert_allclose(choice.logprobs.token_logprobs, ref.logprobs[:n], atol=1e-5)
+  assert choice.text == tokenizer.decode([t for t in ref.output_ids if t != tokenizer.eos_id])
+
+  chat = oa.chat.completions.create(
+      model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
+      logprobs=True, n=2, seed=3)
+  assert len(chat.choices) == 2 and chat.choices[0].message.role == "assistant"
+  assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy
+  assert len(chat.choices[0].logprobs.content) <= 4
+
+
+@pytest.mark.parametrize("path,body,message", [
+    ("/v1/completions", b"{not json", "not valid JSON"),
+    ("/v1/completions", b"[1, 2]", "must be a JSON object"),
+    ("/v1/completions", json.dumps({"prompt": ""}).encode(), "'prompt' is empty"),
+    ("/v1/completions", json.dumps({"prompt": [1, 999]}).encode(), "out of the vocabulary"),
+    ("/v1/completions", json.dumps({"prompt": "x", "max_tokens": 0}).encode(),
+     "'max_tokens' must be a positive integer"),
+    ("/v1/completions", json.dumps({"prompt": "x", "temperature": "hot"}).encode(),
+     "'temperature' must be a number"),
+    ("/v1/completions", json.dumps({"prompt": "x", "stream": True}).encode(), "not supported"),
+    ("/v1/chat/completions", json.dumps({"messages": []}).encode(), "'messages' must be"),
+])
+def test_bad_http_requests_are_400_and_the_server_keeps_serving(server, path, body, message):
+  req = urllib.request.Request(server.http_address + path, data=body, method="POST", headers={
+      "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+  with pytest.raises(urllib.error.HTTPError) as e:
+    urllib.request.urlopen(req)
+  assert e.value.code == 400
+  assert message in json.loads(e.value.read())["error"]["message"]
+  ok = urllib.request.Request(server.http_address + "/v1/completions", method="POST",
+                              data=json.dumps({"prompt": "ok", "max_tokens": 2}).encode(),
+                              headers={"Authorization": f"Bearer {TOKEN}"})
+  assert json.loads(urllib.request.urlopen(ok).read())["choices"][0]["finish_reason"]
+
+
+def test_prometheus_metrics(server):
+  req = urllib.request.Request(server.http_address + "/metrics",
+                               headers={"Authorization": f"Bearer {TOKEN}"})
+  text = urllib.request.urlopen(req).read().decode()
+  for name in ("asearcher_decode_slots_in_use", "asearcher_decode_queue_depth",
+               "asearcher_decode_tokens_per_second", "asearcher_decode_prefill_seconds_bucket",
+               "asearcher_decode_step_seconds_count", "asearcher_decode_generated_tokens_total"):
+    assert name in text
+  generated = [float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("asearcher_decode_generated_tokens_total")]
+  assert generated and generated[0] > 0
