@@ -93,6 +93,34 @@ def cmd_generate(args) -> int:
   return 0
 
 
+def cmd_serve(args) -> int:
+  """A decode server (gRPC + OpenAI-compatible HTTP) for the config's policy."""
+  import asyncio
+  import signal
+  from asearcher_jax.config import load_config
+  from asearcher_jax.inference.server import build_server
+  cfg = load_config(args.config, args.overrides)
+  server = build_server(cfg)
+
+  async def main():
+    task = asyncio.ensure_future(server.serve_forever())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      loop.add_signal_handler(sig, lambda: server._stopped and server._stopped.set())
+    while server._stopped is None or not server.driver.live:
+      if task.done():
+        return await task
+      await asyncio.sleep(0.05)
+    print(f"serving {server.service.model_name} (version {server.driver.version}): "
+          f"grpc {server.grpc_address}" + (f", http {server.http_address}/v1"
+                                           if server.http_port is not None else ""), flush=True)
+    await task
+
+  asyncio.run(main())
+  print("decode server stopped")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="asearcher", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--overwrite", action="store_true")
   p.set_defaults(fn=cmd_convert)
+
+  p = sub.add_parser("serve", help=cmd_serve.__doc__)
+  _config_args(p)
+  p.set_defaults(fn=cmd_serve)
 
   p = sub.add_parser("generate", help=cmd_generate.__doc__)
   p.add_argument("model", help="HF directory or orbax policy checkpoint")

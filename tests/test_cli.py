@@ -70,3 +70,33 @@ def test_config_prints_resolved_values():
 def test_missing_checkpoint_directory(tmp_path):
   proc = asearcher("generate", str(tmp_path / "nope"), "--prompt", "x", check=False)
   assert proc.returncode == 2 and "no such directory" in proc.stderr
+
+
+def test_serve_answers_openai_requests_and_stops_on_sigterm(tmp_path):
+  import signal
+  import socket
+  import time
+  import urllib.request
+
+  def free_port():
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      return s.getsockname()[1]
+
+  grpc_port, http_port = free_port(), free_port()
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "asearcher_jax.cli", "serve", "--config", "configs/debug.yaml", *TINY,
+       f"serve.grpc_port={grpc_port}", f"serve.http_port={http_port}", "serve.max_len=128"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    line = proc.stdout.readline()
+    assert f"grpc 127.0.0.1:{grpc_port}" in line, line + proc.stderr.read()
+    body = json.dumps({"prompt": "hello", "max_tokens": 3, "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", data=body)
+    out = json.loads(urllib.request.urlopen(req, timeout=60).read())
+    assert out["usage"]["completion_tokens"] <= 3 and out["model"] == "debug"
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+  assert "decode server stopped" in proc.stdout.read()

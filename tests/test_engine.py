@@ -218,3 +218,24 @@ def test_cancel_frees_the_slot(model):
     d.cancel(long)
     assert long.wait(60).finish_reason == "cancelled"
     assert d.generate(prompt(4), SamplingParams(max_new_tokens=2)).finish_reason == "length"
+
+
+@pytest.mark.parametrize("shape", [{"data": 1, "fsdp": 2, "tensor": 4},
+                                   {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_sharded_engine_matches_single_device(shape):
+  from asearcher_jax.sharding import make_mesh
+  cfg = tiny_config("qwen2", vocab_size=128, num_heads=8, num_kv_heads=4, head_dim=8)
+  mesh = make_mesh(shape)
+  sampling = SamplingParams(temperature=0.9, seed=2, max_new_tokens=6)
+  prompts = [prompt(5 + i) for i in range(4)]
+  outs = []
+  for m in (MESH, mesh):
+    engine = Engine(create_model(cfg, m, seed=4, dtype="float32"), slots=4, max_len=32, mesh=m)
+    with Driver(engine) as d:
+      reqs = [d.submit(Request(p, sampling)) for p in prompts]
+      outs.append([r.wait(120) for r in reqs])
+    if m is mesh:
+      assert engine._cache_sharding.spec[1] == ("data", "fsdp")  # slots split over data x fsdp
+  for single, sharded in zip(*outs):
+    assert single.output_ids == sharded.output_ids
+    np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=1e-4)
