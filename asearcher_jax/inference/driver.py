@@ -309,47 +309,76 @@ class Driver:
         self._release(s, r, "cancelled")
 
   def _admit(self) -> None:
-    for slot in range(self.engine.slots):
-      if self._slots[slot] is not None:
-        continue
+    """Fills free slots: session continuations one by one, fresh requests in one batched prefill."""
+    free = [s for s in range(self.engine.slots) if self._slots[s] is None]
+    fresh: list[tuple[int, Request]] = []
+    while free:
       with self._wake:
         if not self._pending:
-          return
-        request = self._pending.popleft()
-      try:
-        self._prefill_into(slot, request)
-      except Exception as e:
-        log.exception("prefill failed for %s", request.request_id)
-        request.error = f"prefill failed: {e}"
-        self._finish(request, "error")
+          break
+        r = self._pending.popleft()
+      slot = free.pop(0)
+      self._init_key(r)
+      if r.session_id and r.session_id in self._sessions:
+        self._guarded_prefill([(slot, r)], self._prefill_session)
+      else:
+        fresh.append((slot, r))
+    if fresh:
+      self._guarded_prefill(fresh, self._prefill_fresh)
 
-  def _prefill_into(self, slot: int, r: Request) -> None:
-    context = r.prompt + r.output_ids  # resumed requests re-prefill what they generated
-    prefix, reused = self._reusable_prefix(r.session_id, context) if r.session_id else (None, 0)
-    new_tokens = np.asarray(context[reused:], np.int32)
+  def _guarded_prefill(self, batch: list[tuple[int, Request]], fn) -> None:
+    try:
+      fn(batch)
+    except Exception as e:  # a failed prefill fails its requests, not the server
+      log.exception("prefill failed")
+      for slot, r in batch:
+        self._slots[slot] = None
+        r.error = f"prefill failed: {e}"
+        self._finish(r, "error")
+
+  def _init_key(self, r: Request) -> None:
     if r._key is None:
       seed = r.sampling.seed if r.sampling.seed is not None else hash(
           (r.request_id, time.monotonic_ns())) & 0x7FFFFFFF
       r._key = np.asarray(jax.random.PRNGKey(seed))
+
+  def _prefill_fresh(self, batch: list[tuple[int, Request]]) -> None:
     t0 = time.perf_counter()
-    prefix = self.engine.prefill(
-        self.engine.params, new_tokens, existing_prefix=prefix,
-        temperature=r.sampling.temperature, top_k=r.sampling.top_k, top_p=r.sampling.top_p,
-        key=r._key)
+    contexts = [r.prompt + r.output_ids for _, r in batch]  # resumed requests re-prefill outputs
+    ss = [r.sampling for _, r in batch]
+    prefix = self.engine.prefill_batch(
+        self.engine.params, contexts, [s.temperature for s in ss], [s.top_k for s in ss],
+        [s.top_p for s in ss], [r._key for _, r in batch])
+    self._state = self.engine.insert(prefix, self._state, [slot for slot, _ in batch])
+    self._after_prefill(batch, prefix, [0] * len(batch), [len(c) for c in contexts], t0)
+
+  def _prefill_session(self, batch: list[tuple[int, Request]]) -> None:
+    (slot, r), = batch
+    t0 = time.perf_counter()
+    context = r.prompt + r.output_ids
+    prefix, reused = self._reusable_prefix(r.session_id, context)
+    s = r.sampling
+    prefix = self.engine.prefill(self.engine.params, np.asarray(context[reused:], np.int32),
+                                 existing_prefix=prefix, temperature=s.temperature, top_k=s.top_k,
+                                 top_p=s.top_p, key=r._key)
     self._state = self.engine.insert(prefix, self._state, slot)
-    token, logprob = int(prefix.token), float(prefix.logprob)
+    self._after_prefill(batch, prefix, [reused], [len(context) - reused], t0)
+
+  def _after_prefill(self, batch, prefix, reused: list[int], prefilled: list[int], t0) -> None:
+    tokens, logprobs = np.asarray(prefix.token), np.asarray(prefix.logprob)
     if self.metrics:
-      self.metrics.observe_prefill(time.perf_counter() - t0, len(new_tokens))
-    if not r.output_ids:
-      r.cached_tokens = reused
-    r.prefilled_tokens += len(new_tokens)
-    self._counters["prefill"] += len(new_tokens)
-    self._counters["reused"] += reused
-    self._slots[slot] = r
-    r._slot = slot
-    if r.first_token_at is None:
-      r.first_token_at = time.monotonic()
-    self._emit(slot, r, token, logprob)
+      self.metrics.observe_prefill(time.perf_counter() - t0, sum(prefilled))
+    for i, (slot, r) in enumerate(batch):
+      if not r.output_ids:
+        r.cached_tokens = reused[i]
+      r.prefilled_tokens += prefilled[i]
+      self._counters["prefill"] += prefilled[i]
+      self._counters["reused"] += reused[i]
+      self._slots[slot] = r
+      r._slot = slot
+      if r.first_token_at is None:
+        r.first_token_at = time.monotonic()
+      self._emit(slot, r, int(tokens[i]), float(logprobs[i]))
 
   def _reusable_prefix(self, session_id: str, context: list[int]) -> tuple[Prefix | None, int]:
     s = self._sessions.pop(session_id, None)
@@ -366,12 +395,15 @@ class Driver:
     else:
       k, v = s.host
       prefix = self.engine.empty_prefix(len(s.tokens), k, v)
-    prefix.length = np.int32(n)  # slots >= n are overwritten before anything reads them
+    prefix.length = np.asarray([n], np.int32)  # slots >= n are overwritten before being read
     return prefix, n
 
   def _step(self, active: list[int]) -> None:
     t0 = time.perf_counter()
-    self._state, result = self.engine.generate(self.engine.params, self._state)
+    # Each live slot feeds its newest token at position len(prompt) + len(outputs) - 1.
+    longest = max(len(self._slots[s].prompt) + len(self._slots[s].output_ids) for s in active)
+    self._state, result = self.engine.generate(self.engine.params, self._state,
+                                               self.engine.window(longest))
     tokens = np.asarray(result.tokens)
     logprobs = np.asarray(result.logprobs)
     self._last_step_s = time.perf_counter() - t0

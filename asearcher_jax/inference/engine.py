@@ -45,16 +45,20 @@ class DecodeState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Prefix:
-  """A prefilled request (batch 1), ready to be inserted into a slot."""
+  """Prefilled requests (a batch of n), ready to be inserted into n slots.
 
-  cache: KVCache  # [layers, 1, max_len, kv_heads, head_dim]
-  length: jax.Array  # int32: tokens in the cache
-  token: jax.Array  # int32: first sampled token (not yet in the cache)
-  logprob: jax.Array  # f32: its log-probability
-  key: jax.Array  # [2] uint32: PRNG state after the first draw
-  temperature: jax.Array
-  top_k: jax.Array
-  top_p: jax.Array
+  The cache holds the first `cache.k.shape[2]` positions (a prefill bucket, or
+  the whole max_len for a continued session); insert copies exactly that.
+  """
+
+  cache: KVCache  # [layers, n, length bucket or max_len, kv_heads, head_dim]
+  length: jax.Array  # [n] int32: tokens in the cache
+  token: jax.Array  # [n] int32: first sampled token (not yet in the cache)
+  logprob: jax.Array  # [n] f32: its log-probability
+  key: jax.Array  # [n, 2] uint32: PRNG state after the first draw
+  temperature: jax.Array  # [n]
+  top_k: jax.Array  # [n]
+  top_p: jax.Array  # [n]
 
 
 @jax.tree_util.register_dataclass
@@ -121,35 +125,64 @@ class Engine:
         return b
     raise ValueError(f"{n} tokens exceed the maximum length {self.max_len}")
 
+  def window(self, longest: int) -> int:
+    """The attention window (a bucket) for a generate step whose longest sequence is `longest`."""
+    return self.bucket(max(longest, 1))
+
   def prefill(self, params, tokens: np.ndarray, *, existing_prefix: Prefix | None = None,
               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
               key: np.ndarray | jax.Array | None = None) -> Prefix:
-    """Prefills `tokens` (1-D, unpadded) after `existing_prefix` if given; samples the first token.
+    """Prefills one request (1-D tokens, unpadded), after `existing_prefix` if given.
 
     The existing prefix's cache is consumed (donated).
     """
-    n = len(tokens)
-    start = 0 if existing_prefix is None else int(existing_prefix.length)
-    if n < 1:
-      raise ValueError("prefill needs at least one token")
-    if start + n >= self.max_len:
-      raise ValueError(f"{start + n} tokens leave no room to generate within max_len "
-                       f"{self.max_len}")
+    key = np.asarray(jax.random.PRNGKey(0) if key is None else key, np.uint32)
+    if existing_prefix is None:
+      return self.prefill_batch(params, [tokens], [temperature], [top_k], [top_p], [key])
+    n, start = len(tokens), int(existing_prefix.length[0])
+    self._check_room(start + n)
     padded = np.zeros((1, self.bucket(n)), np.int32)
     padded[0, :n] = tokens
-    key = jax.random.PRNGKey(0) if key is None else key
-    sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-                jnp.asarray(key, jnp.uint32))
-    if existing_prefix is None:
-      return self._prefill_fresh(params, jnp.asarray(padded), jnp.int32(n), *sampling)
-    return self._prefill_continue(params, jnp.asarray(padded), jnp.int32(n), existing_prefix.cache,
-                                  jnp.int32(start), *sampling)
+    return self._prefill_continue(
+        params, jnp.asarray(padded), jnp.asarray([n], jnp.int32), existing_prefix.cache,
+        jnp.asarray([start], jnp.int32), jnp.asarray([temperature], jnp.float32),
+        jnp.asarray([top_k], jnp.int32), jnp.asarray([top_p], jnp.float32), jnp.asarray(key[None]))
 
-  def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
-    return self._insert(prefix, state, jnp.int32(slot))
+  def prefill_batch(self, params, token_lists: list, temperature: list, top_k: list, top_p: list,
+                    keys: list) -> Prefix:
+    """Prefills several fresh requests in one call (rows padded to a power of two)."""
+    n = len(token_lists)
+    rows = 1 << (n - 1).bit_length()
+    lengths = np.ones((rows,), np.int32)
+    lengths[:n] = [len(t) for t in token_lists]
+    for t in token_lists:
+      if len(t) < 1:
+        raise ValueError("prefill needs at least one token")
+      self._check_room(len(t))
+    tokens = np.zeros((rows, self.bucket(int(lengths.max()))), np.int32)
+    for i, t in enumerate(token_lists):
+      tokens[i, :len(t)] = t
 
-  def generate(self, params, state: DecodeState) -> tuple[DecodeState, ResultTokens]:
-    return self._generate(params, state)
+    def pad(values, dtype, fill):
+      out = np.full((rows,) + np.shape(values[0]), fill, dtype)
+      out[:n] = values
+      return jnp.asarray(out)
+
+    return self._prefill_fresh(params, jnp.asarray(tokens), jnp.asarray(lengths),
+                               pad(temperature, np.float32, 0.0), pad(top_k, np.int32, 0),
+                               pad(top_p, np.float32, 1.0), pad(keys, np.uint32, 0))
+
+  def insert(self, prefix: Prefix, state: DecodeState, slot: int | list[int]) -> DecodeState:
+    """Writes prefix row i into slot[i] (extra padding rows of a batch are dropped)."""
+    slots = np.full((prefix.length.shape[0],), self.slots, np.int32)
+    wanted = np.atleast_1d(np.asarray(slot, np.int32))
+    slots[:len(wanted)] = wanted
+    return self._insert(prefix, state, jnp.asarray(slots))
+
+  def generate(self, params, state: DecodeState, window: int | None = None
+               ) -> tuple[DecodeState, ResultTokens]:
+    """One step for every slot; with `window`, attention reads only the first `window` slots."""
+    return self._generate(params, state, window)
 
   # -- RL additions ----------------------------------------------------------------
 
@@ -164,53 +197,60 @@ class Engine:
     vv = np.zeros(shape, v.dtype)
     kk[:, 0, :length] = k
     vv[:, 0, :length] = v
-    zero = jnp.zeros((), jnp.float32)
-    return Prefix(KVCache(jnp.asarray(kk), jnp.asarray(vv)), jnp.int32(length), jnp.int32(0), zero,
-                  jnp.zeros((2,), jnp.uint32), zero, jnp.int32(0), zero)
+    zero = jnp.zeros((1,), jnp.float32)
+    izero = jnp.zeros((1,), jnp.int32)
+    return Prefix(KVCache(jnp.asarray(kk), jnp.asarray(vv)), jnp.asarray([length], jnp.int32),
+                  izero, zero, jnp.zeros((1, 2), jnp.uint32), zero, izero, zero)
+
+  def _check_room(self, n: int) -> None:
+    if n >= self.max_len:
+      raise ValueError(f"{n} tokens leave no room to generate within max_len {self.max_len}")
 
   # -- jitted bodies ----------------------------------------------------------------
 
   def _model(self, params) -> Qwen:
     return nnx.merge(self.graphdef, params, self._rest)
 
-  def _first_token(self, params, hidden, n, temperature, top_k, top_p, key):
-    last = jax.lax.dynamic_slice_in_dim(hidden, n - 1, 1, axis=1)
-    logits = self._model(params).logits(last)[:, 0]
-    tok, logp, keys = sample(logits, key[None], temperature[None], top_k[None], top_p[None])
-    return tok[0], logp[0], keys[0]
+  def _prefill_body(self, params, tokens, lengths, cache, start, temperature, top_k, top_p,
+                    keys) -> Prefix:
+    positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    model = self._model(params)
+    hidden, cache = model.hidden_states(tokens, positions, cache=cache)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
+    tok, logp, keys = sample(model.logits(last)[:, 0], keys, temperature, top_k, top_p)
+    return Prefix(cache, start + lengths, tok, logp, keys, temperature, top_k, top_p)
 
   @functools.partial(jax.jit, static_argnums=0)
-  def _prefill_fresh(self, params, tokens, n, temperature, top_k, top_p, key):
-    cache = KVCache.zeros(self.cfg, 1, self.max_len, self.cache_dtype)
-    return self._prefill_body(params, tokens, n, cache, jnp.int32(0), temperature, top_k, top_p,
-                              key)
+  def _prefill_fresh(self, params, tokens, lengths, temperature, top_k, top_p, keys):
+    # The cache only needs the bucket's positions; insert copies them into the slot.
+    cache = KVCache.zeros(self.cfg, tokens.shape[0], tokens.shape[1], self.cache_dtype)
+    start = jnp.zeros((tokens.shape[0],), jnp.int32)
+    return self._prefill_body(params, tokens, lengths, cache, start, temperature, top_k, top_p,
+                              keys)
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-  def _prefill_continue(self, params, tokens, n, cache, start, temperature, top_k, top_p, key):
-    return self._prefill_body(params, tokens, n, cache, start, temperature, top_k, top_p, key)
-
-  def _prefill_body(self, params, tokens, n, cache, start, temperature, top_k, top_p, key):
-    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    hidden, cache = self._model(params).hidden_states(tokens, positions, cache=cache)
-    tok, logp, key = self._first_token(params, hidden, n, temperature, top_k, top_p, key)
-    return Prefix(cache, start + n, tok, logp, key, temperature, top_k, top_p)
+  def _prefill_continue(self, params, tokens, lengths, cache, start, temperature, top_k, top_p,
+                        keys):
+    return self._prefill_body(params, tokens, lengths, cache, start, temperature, top_k, top_p,
+                              keys)
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-  def _insert(self, prefix: Prefix, state: DecodeState, slot) -> DecodeState:
-    k = jax.lax.dynamic_update_slice_in_dim(state.cache.k, prefix.cache.k.astype(
-        self.cache_dtype), slot, axis=1)
-    v = jax.lax.dynamic_update_slice_in_dim(state.cache.v, prefix.cache.v.astype(
-        self.cache_dtype), slot, axis=1)
+  def _insert(self, prefix: Prefix, state: DecodeState, slots) -> DecodeState:
+    n = prefix.cache.k.shape[2]
+    k = state.cache.k.at[:, slots, :n].set(prefix.cache.k.astype(self.cache_dtype), mode="drop")
+    v = state.cache.v.at[:, slots, :n].set(prefix.cache.v.astype(self.cache_dtype), mode="drop")
+    put = lambda a, b: a.at[slots].set(b, mode="drop")
     return DecodeState(
-        KVCache(k, v), state.positions.at[slot].set(prefix.length),
-        state.tokens.at[slot].set(prefix.token),
-        state.temperature.at[slot].set(prefix.temperature), state.top_k.at[slot].set(prefix.top_k),
-        state.top_p.at[slot].set(prefix.top_p), state.keys.at[slot].set(prefix.key))
+        KVCache(k, v), put(state.positions, prefix.length), put(state.tokens, prefix.token),
+        put(state.temperature, prefix.temperature), put(state.top_k, prefix.top_k),
+        put(state.top_p, prefix.top_p), put(state.keys, prefix.key))
 
-  @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-  def _generate(self, params, state: DecodeState) -> tuple[DecodeState, ResultTokens]:
-    logits, cache = self._model(params)(state.tokens[:, None], state.positions[:, None],
-                                        cache=state.cache)
+  @functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=2)
+  def _generate(self, params, state: DecodeState, window) -> tuple[DecodeState, ResultTokens]:
+    model = self._model(params)
+    hidden, cache = model.hidden_states(state.tokens[:, None], state.positions[:, None],
+                                        cache=state.cache, kv_window=window)
+    logits = model.logits(hidden)
     tokens, logprobs, keys = sample(logits[:, 0], state.keys, state.temperature, state.top_k,
                                     state.top_p)
     positions = jnp.minimum(state.positions + 1, self.max_len)
@@ -221,9 +261,10 @@ class Engine:
   def _extract(self, state: DecodeState, slot, length) -> Prefix:
     k = jax.lax.dynamic_slice_in_dim(state.cache.k, slot, 1, axis=1)
     v = jax.lax.dynamic_slice_in_dim(state.cache.v, slot, 1, axis=1)
-    zero = jnp.zeros((), jnp.float32)
-    return Prefix(KVCache(k, v), length, jnp.int32(0), zero, state.keys[slot], zero,
-                  jnp.int32(0), zero)
+    zero = jnp.zeros((1,), jnp.float32)
+    izero = jnp.zeros((1,), jnp.int32)
+    return Prefix(KVCache(k, v), length[None], izero, zero, state.keys[slot][None], zero, izero,
+                  zero)
 
   def __hash__(self):
     return id(self)

@@ -93,9 +93,16 @@ class DecoderLayers(nnx.Module):
 
 
 def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
-                  mask: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array] | None,
+                  mask: jax.Array, positions: jax.Array,
+                  cache: tuple[jax.Array, jax.Array, jax.Array, int | None] | None,
                   cfg: QwenConfig, impl: AttentionImpl):
-  """One pre-norm decoder layer on x [B, T, E] with one layer's weights `p`."""
+  """One pre-norm decoder layer on x [B, T, E] with one layer's weights `p`.
+
+  `cache` is (k, v, layer, window) with k/v the whole [layers, B, S, K, D]
+  cache: this layer's new keys/values are scattered into it in place (it is a
+  loop carry, so nothing is copied) and attention reads back the layer's first
+  `window` slots (all of them when window is None).
+  """
   dt = x.dtype
   w = lambda name: p[name].astype(dt)
   h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -110,11 +117,13 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
   q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", "head_dim"))
   k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", "head_dim"))
   if cache is not None:  # write this call's keys/values at their positions, attend to all
+    k_all, v_all, layer, window = cache
     rows = jnp.arange(x.shape[0])[:, None]
-    k_all = cache[0].at[rows, positions].set(k.astype(cache[0].dtype), mode="drop")
-    v_all = cache[1].at[rows, positions].set(v.astype(cache[1].dtype), mode="drop")
+    k_all = k_all.at[layer, rows, positions].set(k.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[layer, rows, positions].set(v.astype(v_all.dtype), mode="drop")
     new_cache = (k_all, v_all)
-    k, v = k_all.astype(dt), v_all.astype(dt)
+    window = window or k_all.shape[2]
+    k, v = k_all[layer, :, :window].astype(dt), v_all[layer, :, :window].astype(dt)
   else:
     new_cache = None
   o = attention(q, k, v, mask, impl)
@@ -153,14 +162,16 @@ class Qwen(nnx.Module):
     return KVCache.zeros(self.cfg, batch, max_len, dtype or self.dtype)
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None, cache: KVCache | None = None
-                    ) -> tuple[jax.Array, KVCache | None]:
+                    segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+                    kv_window: int | None = None) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states [B, T, E] (and the updated cache when one is given).
 
     tokens/positions/segment_ids are [B, T]. Without a cache, attention is
     within segments (pass segment_ids for packed rows; 0 is fine for padding).
     With a cache, keys/values are written at `positions` and the query attends
-    to every cache slot at or before its own position.
+    to every cache slot at or before its own position. A static `kv_window`
+    limits attention to the first slots of the cache (every query position must
+    be below it): decoding short sequences in a long cache reads only what it needs.
     """
     cfg = self.cfg
     b, t = tokens.shape
@@ -171,23 +182,34 @@ class Qwen(nnx.Module):
         segment_ids = jnp.ones((b, t), jnp.int32)
       mask = make_mask(positions, positions, segment_ids, segment_ids)
     else:
-      slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
+      window = kv_window or cache.max_len
+      slots = jnp.broadcast_to(jnp.arange(window, dtype=jnp.int32), (b, window))
       mask = make_mask(positions, slots)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))
     cos, sin = rope_tables(cfg, positions)
     layer_params = nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
 
-    def body(x, xs):
-      p, kv = xs
-      return decoder_layer(p, x, cos, sin, mask, positions, kv, cfg, self.attention_impl)
+    if cache is None:
+      def body(x, p):
+        return decoder_layer(p, x, cos, sin, mask, positions, None, cfg, self.attention_impl)[0], None
 
-    if self.remat != "none":
-      body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
-    kv = None if cache is None else (cache.k, cache.v)
-    x, new_kv = jax.lax.scan(body, x, (layer_params, kv))
+      if self.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
+      x, _ = jax.lax.scan(body, x, layer_params)
+    else:  # the cache rides in the carry so that each step updates it in place
+      def body(carry, xs):
+        x, k, v = carry
+        p, layer = xs
+        x, (k, v) = decoder_layer(p, x, cos, sin, mask, positions, (k, v, layer, kv_window),
+                                  cfg, self.attention_impl)
+        return (x, k, v), None
+
+      layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+      (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (layer_params, layers))
+      cache = KVCache(k, v)
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-    return x, (None if cache is None else KVCache(*new_kv))
+    return x, cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """float32 logits [B, T, V]; the head accumulates in float32 for exact log-probs."""

@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Decode throughput, time to first token, and prefill saved by multi-turn KV reuse.
+
+  python benchmarks/decode.py --config configs/debug.yaml [--batches 1 8 32 64] [key=value ...]
+
+Side by side in one run, on the same random weights and prompts: our engine and
+continuous-batching driver against Hugging Face transformers' `generate`
+(PyTorch, same device class) at each batch size, greedy, a fixed number of new
+tokens. Then a 20-turn episode with and without a session, counting prefilled
+tokens. On a GPU it also reports the decode step against the memory roofline
+((weights + KV bytes) / HBM bandwidth). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from asearcher_jax.config import load_config  # noqa: E402
+from asearcher_jax.inference import Driver, Engine, Request, SamplingParams  # noqa: E402
+from asearcher_jax.models import create_model, save_pretrained  # noqa: E402
+from asearcher_jax.sharding import make_mesh  # noqa: E402
+
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "TPU v5p": 2.76e12,
+                   "TPU v5 lite": 0.82e12, "TPU v6 lite": 1.64e12}
+
+
+def ours(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict:
+  sampling = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+  with Driver(engine) as d:
+    d.generate(prompts[0], SamplingParams(temperature=0.0, max_new_tokens=2))  # compile
+    start = time.perf_counter()
+    reqs = [d.submit(Request(p, sampling)) for p in prompts]
+    for r in reqs:
+      r.wait()
+    wall = time.perf_counter() - start
+    steps = d.stats().decode_step_s
+  tokens = sum(len(r.output_ids) for r in reqs)
+  ttft = float(np.mean([r.first_token_at - r.submitted_at for r in reqs]))
+  return {"tokens_per_s": tokens / wall, "ttft_s": ttft, "wall_s": wall, "last_step_s": steps}
+
+
+def hf(model, prompts: list[list[int]], new_tokens: int) -> dict:
+  import torch
+  ids = torch.tensor(prompts)
+  def generate(x, n):
+    return model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                          min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+  with torch.no_grad():
+    generate(ids[:1], 2)  # warm up
+    t = time.perf_counter()
+    generate(ids, 1)
+    ttft = time.perf_counter() - t
+    t = time.perf_counter()
+    out = generate(ids, new_tokens)
+    wall = time.perf_counter() - t
+  tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+  return {"tokens_per_s": tokens / wall, "ttft_s": ttft, "wall_s": wall}
+
+
+def multi_turn(engine: Engine, turns: int, gen: int, tool: int, rng) -> dict:
+  sampling = SamplingParams(temperature=0.0, max_new_tokens=gen)
+  out = {}
+  for mode in ("session", "full_prefill"):
+    context = rng.integers(0, engine.cfg.vocab_size, 64).tolist()
+    prefilled = 0
+    start = time.perf_counter()
+    with Driver(engine) as d:
+      for _ in range(turns):
+        r = d.generate(context, sampling, session_id="episode" if mode == "session" else None)
+        prefilled += r.prefilled_tokens
+        context = context + r.output_ids + rng.integers(0, engine.cfg.vocab_size, tool).tolist()
+    out[mode] = {"prefilled_tokens": prefilled, "wall_s": time.perf_counter() - start,
+                 "final_context": len(context)}
+  out["prefill_saved"] = 1 - out["session"]["prefilled_tokens"] / out["full_prefill"][
+      "prefilled_tokens"]
+  return out
+
+
+def roofline(engine: Engine, batch: int, context: int) -> dict | None:
+  kind = jax.devices()[0].device_kind
+  bw = next((v for k, v in HBM_BYTES_PER_S.items() if k.lower() in kind.lower()), None)
+  if bw is None:
+    return None
+  cfg = engine.cfg
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.params))  # as stored and read
+  kv_bytes = 2 * cfg.num_layers * batch * context * cfg.num_kv_heads * cfg.head_dim * \
+      engine.cache_dtype.itemsize
+  return {"bytes_per_step": weight_bytes + kv_bytes, "roofline_step_s": (weight_bytes + kv_bytes) / bw,
+          "hbm_bytes_per_s": bw}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default="configs/debug.yaml")
+  p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+  p.add_argument("--prompt-len", type=int, default=64)
+  p.add_argument("--new-tokens", type=int, default=64)
+  p.add_argument("--turns", type=int, default=20)
+  p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+  p.add_argument("--results", help="JSON output (default: benchmarks/results/...)")
+  p.add_argument("overrides", nargs="*")
+  args = p.parse_args(argv)
+  cfg = load_config(args.config, args.overrides)
+  arch = cfg.model.arch
+  mesh = make_mesh(cfg.mesh.shape())
+  kind = jax.devices()[0].device_kind
+  print(f"device: {len(jax.devices())} x {kind}; model {arch.family} "
+        f"{arch.num_params() / 1e6:.1f}M params, dtype {cfg.model.dtype}")
+  model = create_model(arch, mesh, seed=0, param_dtype=cfg.model.param_dtype,
+                       dtype=cfg.model.dtype, attention_impl=cfg.model.attention)
+  rng = np.random.default_rng(0)
+  max_len = args.prompt_len + args.new_tokens + 8
+  torch_model = None
+  if not args.no_hf:
+    import torch
+    from transformers import AutoModelForCausalLM
+    with tempfile.TemporaryDirectory() as d:
+      save_pretrained(model, os.path.join(d, "m"), progress=False)
+      torch_model = AutoModelForCausalLM.from_pretrained(
+          os.path.join(d, "m"), dtype=torch.float32 if cfg.model.dtype == "float32"
+          else torch.bfloat16).eval()
+
+  rows = []
+  for b in args.batches:
+    prompts = rng.integers(0, arch.vocab_size, (b, args.prompt_len)).tolist()
+    engine = Engine(model, slots=b, max_len=max_len, mesh=mesh)
+    row = {"batch": b, "ours": ours(engine, prompts, args.new_tokens)}
+    if torch_model is not None:
+      row["transformers"] = hf(torch_model, prompts, args.new_tokens)
+      row["speedup"] = row["ours"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
+    rf = roofline(engine, b, args.prompt_len + args.new_tokens // 2)
+    if rf:
+      rf["fraction_of_roofline"] = rf["roofline_step_s"] / row["ours"]["last_step_s"]
+      row["roofline"] = rf
+    rows.append(row)
+    hf_part = (f" | transformers {row['transformers']['tokens_per_s']:9.1f} tok/s, ttft "
+               f"{row['transformers']['ttft_s'] * 1e3:7.1f} ms | x{row['speedup']:.2f}"
+               if "transformers" in row else "")
+    rf_part = (f" | {100 * rf['fraction_of_roofline']:.0f}% of HBM roofline" if rf else "")
+    print(f"batch {b:3d}: ours {row['ours']['tokens_per_s']:9.1f} tok/s, ttft "
+          f"{row['ours']['ttft_s'] * 1e3:7.1f} ms{hf_part}{rf_part}", flush=True)
+
+  gen, tool = 16, 32
+  mt_engine = Engine(model, slots=1, max_len=64 + args.turns * (gen + tool) + 8, mesh=mesh)
+  mt = multi_turn(mt_engine, args.turns, gen, tool, rng)
+  print(f"{args.turns}-turn episode: prefilled {mt['session']['prefilled_tokens']} tokens with a "
+        f"session vs {mt['full_prefill']['prefilled_tokens']} re-prefilling "
+        f"({100 * mt['prefill_saved']:.0f}% saved); wall {mt['session']['wall_s']:.2f}s vs "
+        f"{mt['full_prefill']['wall_s']:.2f}s")
+  result = {
+      "benchmark": "decode", "config": args.config, "overrides": args.overrides,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "device_kind": kind, "num_devices": len(jax.devices()), "jax": jax.__version__,
+      "python": platform.python_version(), "params": arch.num_params(),
+      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rows": rows,
+      "multi_turn": mt}
+  if torch_model is not None:
+    import torch
+    import transformers
+    result.update(torch=torch.__version__, transformers=transformers.__version__,
+                  torch_threads=torch.get_num_threads())
+  path = args.results or os.path.join(
+      os.path.dirname(__file__), "results",
+      f"decode_{kind.replace(' ', '_')}_{os.path.splitext(os.path.basename(args.config))[0]}.json")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"recorded {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
