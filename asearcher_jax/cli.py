@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-new-tokens", type=int, default=32)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.set_defaults(fn=cmd_generate)
+
+  from asearcher_jax.tools.cli import register as register_tools
+  register_tools(sub)  # index build, retrieval serve, world build
   return parser
 
 

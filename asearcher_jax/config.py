@@ -19,6 +19,8 @@ from asearcher_jax.errors import ConfigError
 from asearcher_jax.models.attention import AttentionImpl
 from asearcher_jax.models.config import QwenConfig
 from asearcher_jax.models.qwen import RematPolicy
+from asearcher_jax.tools.config import RetrievalSection, SearchClientSection, WebSection
+from asearcher_jax.world.config import WorldConfig
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -105,6 +107,10 @@ class Config(Section):
   optimizer: OptimizerSection = OptimizerSection()
   checkpoint: CheckpointSection = CheckpointSection()
   serve: ServeSection = ServeSection()
+  retrieval: RetrievalSection = RetrievalSection()
+  web: WebSection = WebSection()
+  search: SearchClientSection = SearchClientSection()
+  world: WorldConfig = WorldConfig()
   run: RunSection = RunSection()
 
   @property

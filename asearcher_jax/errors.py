@@ -15,3 +15,7 @@ class CheckpointError(AsearcherError):
 
 class ShardingError(AsearcherError):
   """A mesh does not fit the devices or does not divide a tensor."""
+
+
+class RetrievalError(AsearcherError):
+  """A corpus, pages file or search index is missing, corrupt or does not match its manifest."""

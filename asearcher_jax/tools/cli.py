@@ -1,0 +1,159 @@
+"""Subcommands of the search tools and the world, added to `asearcher` by `register`:
+
+  asearcher index build --corpus X [--pages Y] --out DIR [--dense-encoder HF_DIR]
+  asearcher retrieval serve [--index DIR] [--host H] [--port P] [--token T]
+  asearcher world build --out DIR [--seed S] [--max-hops N] [--index]
+
+`retrieval serve` without `--index` serves the default debug world, generating it and its
+index into the cache directory on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def cmd_index_build(args) -> int:
+  from asearcher_jax.tools.dense import EncoderConfig
+  from asearcher_jax.tools.index import build_index
+  enc = EncoderConfig(pooling=args.pooling, query_prefix=args.query_prefix,
+                      passage_prefix=args.passage_prefix, max_length=args.max_length,
+                      batch_size=args.batch_size)
+  m = build_index(args.corpus, args.out, pages=args.pages, dense_encoder=args.dense_encoder,
+                  encoder_config=enc, overwrite=args.overwrite)
+  print(f"index {args.out}: {m['num_docs']} passages, {m['num_pages']} pages, "
+        f"{'+'.join(m['retrievers'])}, built in {m['build_seconds']}s")
+  return 0
+
+
+def default_world_index(cache_dir: str | None = None) -> str:
+  """The debug world's index directory, generating world and index on first use."""
+  from asearcher_jax.tools.index import build_index
+  from asearcher_jax.world import ensure_world
+  world = ensure_world(cache_dir=cache_dir)
+  out = os.path.join(world, "index")
+  if not os.path.exists(os.path.join(out, "manifest.json")):
+    build_index(os.path.join(world, "corpus.jsonl"), out,
+                pages=os.path.join(world, "pages.jsonl"), overwrite=True)
+  return out
+
+
+def cmd_retrieval_serve(args) -> int:
+  if not args.accelerator and "jax" not in sys.modules:
+    # bm25s initialises JAX at import; a server process must not claim the accelerator.
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  from asearcher_jax.tools.config import RetrievalSection
+  from asearcher_jax.tools.retrieval_server import run_server
+  cfg = RetrievalSection(host=args.host, port=args.port, workers=args.workers,
+                         mode=args.mode, default_topk=args.topk)
+  token = args.token or os.environ.get(cfg.token_env)
+  run_server(args.index or default_world_index(), args.host, args.port, token, cfg,
+             dense_encoder=args.dense_encoder)
+  return 0
+
+
+_WORLD_FLAGS = ("seed", "min_hops", "max_hops", "questions_per_hop", "num_people", "num_cities",
+                "num_countries", "num_orgs", "num_works")
+
+
+def cmd_world_build(args) -> int:
+  from pydantic import ValidationError
+
+  from asearcher_jax.errors import ConfigError
+  from asearcher_jax.tools.index import build_index
+  from asearcher_jax.world import generate_world, write_world
+  from asearcher_jax.world.config import load_world_config, preset
+  flags = {k: getattr(args, k) for k in _WORLD_FLAGS}
+  try:
+    if args.config:
+      cfg = load_world_config(args.config, **flags)
+    else:
+      cfg = preset(args.preset, **flags)
+  except ValidationError as e:
+    raise ConfigError(f"world build: {e}") from None
+  if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+    raise SystemExit(f"{args.out} exists and is not empty (use --overwrite)")
+  world = generate_world(cfg)
+  write_world(world, args.out, overwrite=args.overwrite)
+  print(f"world {args.out}: {len(world.entities)} entities, {len(world.passages)} passages, "
+        f"{len(world.pages)} pages, {len(world.qa_train)} train / {len(world.qa_test)} test "
+        f"questions ({cfg.min_hops}-{cfg.max_hops} hops)")
+  if args.index:
+    build_index(os.path.join(args.out, "corpus.jsonl"), os.path.join(args.out, "index"),
+                pages=os.path.join(args.out, "pages.jsonl"), overwrite=True)
+    print(f"index {os.path.join(args.out, 'index')}")
+  return 0
+
+
+def register(subparsers) -> None:
+  """Add `index`, `retrieval` and `world` to the `asearcher` subcommands."""
+  from asearcher_jax.world.config import WorldConfig
+  d = WorldConfig()
+
+  index = subparsers.add_parser("index", help="search indexes")
+  isub = index.add_subparsers(dest="index_cmd", required=True)
+  b = isub.add_parser("build", help="build a BM25 (and optionally dense) index from JSONL")
+  b.add_argument("--corpus", required=True, help="JSONL rows: id, title, contents, url")
+  b.add_argument("--pages", help="JSONL rows: url, title, contents, links (for /access)")
+  b.add_argument("--out", required=True, help="index directory to write")
+  b.add_argument("--dense-encoder", help="local HF directory of an E5/BGE-style BERT encoder")
+  b.add_argument("--pooling", choices=["mean", "cls"], default="mean",
+                 help="mean (E5) or cls (BGE)")
+  b.add_argument("--query-prefix", default="query: ")
+  b.add_argument("--passage-prefix", default="passage: ")
+  b.add_argument("--max-length", type=int, default=256)
+  b.add_argument("--batch-size", type=int, default=64)
+  b.add_argument("--overwrite", action="store_true")
+  b.set_defaults(fn=cmd_index_build)
+
+  retrieval = subparsers.add_parser("retrieval", help="the retrieval server")
+  rsub = retrieval.add_subparsers(dest="retrieval_cmd", required=True)
+  s = rsub.add_parser("serve", help="serve /retrieve, /access, /health over an index")
+  s.add_argument("--index", help="index directory (default: the debug world's, built on "
+                                 "first use)")
+  s.add_argument("--host", default="127.0.0.1")
+  s.add_argument("--port", type=int, default=8010)
+  s.add_argument("--token", help="bearer token (required off loopback; default "
+                                 "$ASEARCHER_RETRIEVAL_TOKEN)")
+  s.add_argument("--workers", type=int, default=4, help="search threads")
+  s.add_argument("--mode", choices=["bm25", "dense", "hybrid"], default="bm25")
+  s.add_argument("--topk", type=int, default=5, help="topk when a request gives none")
+  s.add_argument("--dense-encoder", help="encoder directory, if not where the index "
+                                         "manifest says (dense/hybrid indexes)")
+  s.add_argument("--accelerator", action="store_true",
+                 help="let JAX use the accelerator (dense encoder); default: CPU only")
+  s.set_defaults(fn=cmd_retrieval_serve)
+
+  world = subparsers.add_parser("world", help="the synthetic knowledge world")
+  wsub = world.add_subparsers(dest="world_cmd", required=True)
+  w = wsub.add_parser("build", help="generate corpus.jsonl, pages.jsonl and QA files")
+  w.add_argument("--out", required=True)
+  w.add_argument("--preset", default="debug", help="a named world: debug (default) or "
+                                                   "long_horizon")
+  w.add_argument("--config", help="YAML file of WorldConfig fields (instead of a preset); "
+                                  "flags below override it")
+  for name in _WORLD_FLAGS:
+    w.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                   help=f"default {getattr(d, name)}")
+  w.add_argument("--index", action="store_true", help="also build OUT/index")
+  w.add_argument("--overwrite", action="store_true")
+  w.set_defaults(fn=cmd_world_build)
+
+
+def main(argv=None) -> int:
+  """Standalone entry (python -m asearcher_jax.tools.cli ...), for use before wiring."""
+  from asearcher_jax.errors import AsearcherError
+  p = argparse.ArgumentParser(prog="asearcher")
+  register(p.add_subparsers(dest="cmd", required=True))
+  args = p.parse_args(argv)
+  try:
+    return args.fn(args)
+  except AsearcherError as e:
+    print(f"error: {e}")
+    return 2
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

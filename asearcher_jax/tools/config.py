@@ -1,0 +1,63 @@
+"""Config sections of the search tools (attached to the main config as `retrieval`, `web` and
+`search`); frozen, and unknown keys are errors so a typo in YAML never passes silently."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RetrievalSection(BaseModel):
+  """The local retrieval server (`asearcher retrieval serve`)."""
+
+  model_config = ConfigDict(extra="forbid", frozen=True)
+
+  index: str | None = None  # index directory; None: the debug world's, built on first use
+  host: str = "127.0.0.1"
+  port: int = Field(8010, ge=0, le=65535)
+  token_env: str = "ASEARCHER_RETRIEVAL_TOKEN"  # required when host is not loopback
+  default_topk: int = Field(5, ge=1)
+  max_topk: int = Field(100, ge=1)
+  max_queries: int = Field(512, ge=1)  # per /retrieve request
+  max_query_chars: int = Field(4096, ge=1)
+  max_urls: int = Field(64, ge=1)  # per /access request
+  max_body_bytes: int = Field(4 << 20, ge=1024)
+  request_timeout_s: float = Field(30.0, gt=0)
+  workers: int = Field(4, ge=1)  # threads running searches; requests beyond queue up
+  mode: Literal["bm25", "dense", "hybrid"] = "bm25"
+  hybrid_alpha: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class WebSection(BaseModel):
+  """Web search and browsing adapters (Serper-style search, Jina-style reader, plain fetch)."""
+
+  model_config = ConfigDict(extra="forbid", frozen=True)
+
+  search_url: str = "https://google.serper.dev"
+  reader_url: str = "https://r.jina.ai"
+  search_key_env: str = "SERPER_API_KEY"
+  reader_key_env: str = "JINA_API_KEY"
+  reader: Literal["jina", "fetch"] = "jina"
+  timeout_s: float = Field(30.0, gt=0)
+  max_retries: int = Field(3, ge=0)
+  backoff_s: float = Field(0.5, ge=0)
+  max_backoff_s: float = Field(8.0, ge=0)
+  concurrency: int = Field(10, ge=1)
+  cache_path: str | None = None  # sqlite file; None: no cache
+  cache_ttl_s: float | None = None  # None: entries never expire
+  max_page_chars: int = Field(250_000, ge=1)
+
+
+class SearchClientSection(BaseModel):
+  """What the agent talks to, and how pages are cut for reading one chunk per turn."""
+
+  model_config = ConfigDict(extra="forbid", frozen=True)
+
+  backend: Literal["local", "web"] = "local"
+  url: str = "http://127.0.0.1:8010"  # the retrieval server (local backend)
+  token_env: str = "ASEARCHER_RETRIEVAL_TOKEN"
+  topk: int = Field(5, ge=1)
+  timeout_s: float = Field(30.0, gt=0)
+  chunk_chars: int = Field(10_000, ge=100)
+  max_chunks: int = Field(10, ge=1)

@@ -1,0 +1,175 @@
+"""An index directory: the corpus and pages row stores, BM25, optional dense vectors, a manifest.
+
+  DIR/manifest.json        format version, counts, which retrievers exist, encoder settings
+  DIR/docs.jsonl (+ .offsets.npy)    corpus rows, memory-mapped
+  DIR/pages.jsonl (+ .offsets.npy)   pages for /access, memory-mapped; DIR/page_urls.json
+  DIR/bm25/                bm25s arrays, memory-mapped
+  DIR/dense/embeddings.npy passage vectors (when built with a dense encoder)
+
+The manifest is written last, so a build that dies half way leaves a directory that
+`SearchIndex.load` refuses with a clear message instead of one that serves wrong results.
+Every file's presence and size is checked at load against the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Literal
+
+import numpy as np
+
+from asearcher_jax.errors import RetrievalError
+from asearcher_jax.tools.bm25_index import BM25Index
+from asearcher_jax.tools.corpus import RowStore, build_store, read_corpus, read_pages
+
+FORMAT = "asearcher-index/1"
+Mode = Literal["bm25", "dense", "hybrid"]
+
+
+def passage_text(row: dict) -> str:
+  """What gets indexed: the contents, with the title in front unless contents already start
+  with it (wiki-18 rows do)."""
+  c = row["contents"]
+  return c if not row["title"] or c.startswith(('"' + row["title"], row["title"])) \
+      else f"{row['title']}\n{c}"
+
+
+def build_index(corpus: str, out: str, pages: str | None = None,
+                dense_encoder: str | None = None, encoder_config=None,
+                overwrite: bool = False, log=print) -> dict:
+  """Validate the corpus (and pages), build BM25 (and dense vectors), write the manifest."""
+  if os.path.exists(os.path.join(out, "manifest.json")) and not overwrite:
+    raise RetrievalError(f"{out} already holds an index (use --overwrite)")
+  os.makedirs(out, exist_ok=True)
+  if os.path.exists(os.path.join(out, "manifest.json")):
+    os.remove(os.path.join(out, "manifest.json"))
+  t0 = time.time()
+  n_docs = build_store(read_corpus(corpus), os.path.join(out, "docs"))
+  if n_docs == 0:
+    raise RetrievalError(f"{corpus}: no passages")
+  docs = RowStore(os.path.join(out, "docs"))
+  texts = [passage_text(r) for r in docs]
+  log(f"read {n_docs} passages from {corpus} in {time.time() - t0:.1f}s")
+  t1 = time.time()
+  BM25Index.build(texts, os.path.join(out, "bm25"))
+  log(f"built BM25 in {time.time() - t1:.1f}s")
+  n_pages = 0
+  if pages:
+    rows = list(read_pages(pages))
+    n_pages = build_store(rows, os.path.join(out, "pages"))
+    with open(os.path.join(out, "page_urls.json"), "w") as f:
+      json.dump([r["url"] for r in rows], f)
+    log(f"stored {n_pages} pages from {pages}")
+  manifest = {"format": FORMAT, "num_docs": n_docs, "num_pages": n_pages,
+              "retrievers": ["bm25"], "corpus": os.path.abspath(corpus),
+              "pages": os.path.abspath(pages) if pages else None,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+  if dense_encoder:
+    from asearcher_jax.tools.dense import DenseEncoder, EncoderConfig, build_embeddings
+    t2 = time.time()
+    enc = DenseEncoder(dense_encoder, encoder_config or EncoderConfig())
+    os.makedirs(os.path.join(out, "dense"), exist_ok=True)
+    build_embeddings(enc, [r["contents"] for r in docs], os.path.join(out, "dense",
+                                                                       "embeddings.npy"))
+    manifest["retrievers"].append("dense")
+    manifest["dense"] = {"encoder": enc.path, "dim": enc.dim,
+                         "config": enc.config.model_dump()}
+    log(f"embedded {n_docs} passages with {dense_encoder} in {time.time() - t2:.1f}s")
+  docs.close()
+  manifest["build_seconds"] = round(time.time() - t0, 2)
+  tmp = os.path.join(out, "manifest.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=2)
+  os.replace(tmp, os.path.join(out, "manifest.json"))
+  return manifest
+
+
+class SearchIndex:
+  """Everything a retrieval server needs, loaded (memory-mapped) from an index directory."""
+
+  def __init__(self, path: str, dense_encoder: str | None = None):
+    mpath = os.path.join(path, "manifest.json")
+    if not os.path.isdir(path):
+      raise RetrievalError(f"index directory {path} does not exist")
+    if not os.path.exists(mpath):
+      raise RetrievalError(f"{mpath} missing: {path} is not a finished index "
+                           f"(build it with `asearcher index build`)")
+    try:
+      with open(mpath) as f:
+        m = json.load(f)
+      if m.get("format") != FORMAT:
+        raise RetrievalError(f"{mpath}: format {m.get('format')!r}, expected {FORMAT!r}")
+      self.num_docs, self.num_pages = int(m["num_docs"]), int(m["num_pages"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+      raise RetrievalError(f"{mpath} is corrupt ({type(e).__name__}: {e})") from None
+    self.path, self.manifest = path, m
+    self.docs = RowStore(os.path.join(path, "docs"))
+    if len(self.docs) != self.num_docs:
+      raise RetrievalError(f"{path}/docs.jsonl has {len(self.docs)} rows, manifest says "
+                           f"{self.num_docs}")
+    self.bm25 = BM25Index.load(os.path.join(path, "bm25"))
+    if self.bm25.num_docs != self.num_docs:
+      raise RetrievalError(f"{path}/bm25 indexes {self.bm25.num_docs} passages, manifest says "
+                           f"{self.num_docs}")
+    self.pages, self.page_index = None, {}
+    if self.num_pages:
+      self.pages = RowStore(os.path.join(path, "pages"))
+      try:
+        with open(os.path.join(path, "page_urls.json")) as f:
+          urls = json.load(f)
+      except (OSError, json.JSONDecodeError) as e:
+        raise RetrievalError(f"{path}/page_urls.json unreadable ({e})") from None
+      if len(urls) != len(self.pages) or len(urls) != self.num_pages:
+        raise RetrievalError(f"{path}: page_urls.json and pages.jsonl disagree")
+      self.page_index = {u: i for i, u in enumerate(urls)}
+    self.dense = None
+    if "dense" in m.get("retrievers", []):
+      from asearcher_jax.tools.dense import DenseEncoder, DenseIndex, EncoderConfig
+      enc_dir = dense_encoder or m["dense"]["encoder"]
+      enc = DenseEncoder(enc_dir, EncoderConfig(**m["dense"]["config"]))
+      self.dense = DenseIndex.load(os.path.join(path, "dense"), enc)
+      if len(self.dense.vectors) != self.num_docs:
+        raise RetrievalError(f"{path}/dense/embeddings.npy has {len(self.dense.vectors)} "
+                             f"rows, manifest says {self.num_docs}")
+
+  @property
+  def modes(self) -> list[str]:
+    return ["bm25"] + (["dense", "hybrid"] if self.dense is not None else [])
+
+  def search(self, queries: list[str], k: int, mode: Mode = "bm25",
+             alpha: float = 0.5) -> list[list[tuple[int, float]]]:
+    """Per query, (row, score) pairs best first. BM25 drops zero-score rows (no term
+    matched); hybrid fuses min-max normalised BM25 and dense scores over both candidate
+    lists with weight `alpha` on dense."""
+    if mode not in self.modes:
+      raise RetrievalError(f"retriever {mode!r} is not available in {self.path} "
+                           f"(have {', '.join(self.modes)})")
+    if mode == "bm25":
+      idx, sc = self.bm25.search(queries, k)
+      return [[(int(i), float(s)) for i, s in zip(ri, rs) if s > 0] for ri, rs in zip(idx, sc)]
+    if mode == "dense":
+      idx, sc = self.dense.search(queries, k)
+      return [[(int(i), float(s)) for i, s in zip(ri, rs)] for ri, rs in zip(idx, sc)]
+    kk = min(self.num_docs, 4 * k)
+    bi, bs = self.bm25.search(queries, kk)
+    di, ds = self.dense.search(queries, kk)
+    out = []
+    for q in range(len(queries)):
+      fused: dict[int, float] = {}
+      for rows, scores, w in ((bi[q], bs[q], 1 - alpha), (di[q], ds[q], alpha)):
+        s = np.asarray(scores, np.float64)
+        span = s.max() - s.min() if len(s) else 0.0
+        norm = (s - s.min()) / span if span > 0 else np.ones_like(s)
+        for r, v in zip(rows, norm):
+          fused[int(r)] = fused.get(int(r), 0.0) + w * float(v)
+      out.append(sorted(fused.items(), key=lambda kv: -kv[1])[:k])
+    return out
+
+  def doc(self, row: int) -> dict:
+    return self.docs[row]
+
+  def page(self, url: str) -> dict | None:
+    i = self.page_index.get(url)
+    return None if i is None else self.pages[i]

@@ -1,0 +1,100 @@
+"""The world on disk: the corpus, pages and QA files that the tools and the trainer read.
+
+Files (all JSONL, UTF-8):
+  corpus.jsonl    id, title, contents, url          (the retrieval corpus)
+  pages.jsonl     url, title, contents, links       (what `/access` serves)
+  qa_train.jsonl  question, answer, aug_answer, qid, hops, start, chain, supporting_facts
+  qa_test.jsonl   the same, held-out questions
+  entities.jsonl  the graph itself, so `verify` works on a world loaded from disk
+  world.json      the WorldConfig that produced it
+
+`ensure_world` generates the default debug world into a cache directory at first use
+(about a second) instead of shipping data files; a directory is written under a temporary
+name and renamed into place, so a crash never leaves a half-written world that looks whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+
+from asearcher_jax.errors import RetrievalError
+from asearcher_jax.world.config import WorldConfig
+from asearcher_jax.world.generator import Entity, World, generate_world
+
+FILES = ("corpus.jsonl", "pages.jsonl", "qa_train.jsonl", "qa_test.jsonl", "entities.jsonl",
+         "world.json")
+
+
+def _write_jsonl(path: str, rows) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def write_world(world: World, out_dir: str, overwrite: bool = False) -> str:
+  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise FileExistsError(f"{out_dir} exists and is not empty (use overwrite)")
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
+  os.makedirs(tmp)
+  _write_jsonl(os.path.join(tmp, "corpus.jsonl"), world.passages)
+  _write_jsonl(os.path.join(tmp, "pages.jsonl"), world.pages)
+  _write_jsonl(os.path.join(tmp, "qa_train.jsonl"), world.qa_train)
+  _write_jsonl(os.path.join(tmp, "qa_test.jsonl"), world.qa_test)
+  _write_jsonl(os.path.join(tmp, "entities.jsonl"), (
+      {"eid": e.eid, "kind": e.kind, "name": e.name, "url": e.url, "attrs": e.attrs,
+       "rels": e.rels} for e in world.entities.values()))
+  with open(os.path.join(tmp, "world.json"), "w") as f:
+    json.dump(world.config.model_dump(), f, indent=2)
+  if os.path.exists(out_dir):
+    shutil.rmtree(out_dir)
+  os.rename(tmp, out_dir)
+  return out_dir
+
+
+def load_world(path: str) -> World:
+  missing = [f for f in FILES if not os.path.exists(os.path.join(path, f))]
+  if missing:
+    raise RetrievalError(f"world directory {path} lacks {', '.join(missing)}")
+  with open(os.path.join(path, "world.json")) as f:
+    cfg = WorldConfig(**json.load(f))
+  ents = {r["eid"]: Entity(r["eid"], r["kind"], r["name"], r["attrs"], r["rels"], r["url"])
+          for r in _read_jsonl(os.path.join(path, "entities.jsonl"))}
+  passages = _read_jsonl(os.path.join(path, "corpus.jsonl"))
+  return World(cfg, ents, passages, _read_jsonl(os.path.join(path, "pages.jsonl")),
+               _read_jsonl(os.path.join(path, "qa_train.jsonl")),
+               _read_jsonl(os.path.join(path, "qa_test.jsonl")), fact_passage={})
+
+
+def config_digest(cfg: WorldConfig) -> str:
+  return hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def default_cache_dir() -> str:
+  base = os.environ.get("ASEARCHER_CACHE") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "asearcher_jax")
+  return os.path.join(base, "worlds")
+
+
+def ensure_world(config: WorldConfig | None = None, cache_dir: str | None = None) -> str:
+  """The directory of the world for `config`, generated on first use and reused afterwards."""
+  cfg = config or WorldConfig()
+  out = os.path.join(cache_dir or default_cache_dir(), f"world-{config_digest(cfg)}")
+  if all(os.path.exists(os.path.join(out, f)) for f in FILES):
+    return out
+  try:
+    return write_world(generate_world(cfg), out, overwrite=True)
+  except OSError:
+    # Another process may have won the race and renamed its copy into place first.
+    if all(os.path.exists(os.path.join(out, f)) for f in FILES):
+      return out
+    raise

@@ -1,0 +1,375 @@
+"""Retrieval server: the Search-R1/ASearcher API contract, quality on the world, bad input,
+concurrency, auth, and start-up failures on missing or corrupt indexes."""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import urllib.error
+import urllib.request
+
+import aiohttp
+import numpy as np
+import pytest
+
+from asearcher_jax.errors import RetrievalError
+from asearcher_jax.tools.cli import register
+from asearcher_jax.tools.config import RetrievalSection
+from asearcher_jax.tools.corpus import read_corpus, read_pages
+from asearcher_jax.tools.index import SearchIndex, build_index
+from asearcher_jax.tools.retrieval_server import ServerThread, check_bind, create_app, run_server
+from asearcher_jax.world import WorldConfig, generate_world, write_world
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("world") / "w")
+  world = generate_world(WorldConfig(seed=3, questions_per_hop=200))
+  write_world(world, path)
+  build_index(os.path.join(path, "corpus.jsonl"), os.path.join(path, "index"),
+              pages=os.path.join(path, "pages.jsonl"), log=lambda *_: None)
+  return path
+
+
+@pytest.fixture(scope="module")
+def index(world_dir):
+  return SearchIndex(os.path.join(world_dir, "index"))
+
+
+@pytest.fixture(scope="module")
+def server(index):
+  cfg = RetrievalSection(max_queries=64, max_topk=50, max_query_chars=1000, max_urls=8,
+                         max_body_bytes=64 * 1024)
+  with ServerThread(create_app(index, cfg)) as srv:
+    yield srv
+
+
+def post(url, body, headers=None, raw: bytes | None = None):
+  data = raw if raw is not None else json.dumps(body).encode()
+  req = urllib.request.Request(url, data=data, method="POST",
+                               headers={"Content-Type": "application/json", **(headers or {})})
+  try:
+    with urllib.request.urlopen(req, timeout=30) as r:
+      return r.status, json.loads(r.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def qa(world_dir, split="qa_test"):
+  with open(os.path.join(world_dir, f"{split}.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+# ---- contract -------------------------------------------------------------------------------
+
+def search_r1_client(search_url, query_list, topk):
+  """Search-R1's `_batch_search` + `_passages2string`, verbatim in behaviour."""
+  payload = {"queries": query_list, "topk": topk, "return_scores": True}
+  results = post(search_url, payload)[1]["result"]
+  out = []
+  for retrieval_result in results:
+    format_reference = ""
+    for idx, doc_item in enumerate(retrieval_result):
+      content = doc_item["document"]["contents"]
+      title = content.split("\n")[0]
+      text = "\n".join(content.split("\n")[1:])
+      format_reference += f"Doc {idx + 1}(Title: {title}) {text}\n"
+    out.append(format_reference)
+  return out
+
+
+def test_search_r1_client_works_unchanged(server, world_dir):
+  item = next(q for q in qa(world_dir) if q["hops"] == 1)
+  refs = search_r1_client(server.url + "/retrieve", [item["question"], "capital"], 3)
+  assert len(refs) == 2
+  assert refs[0].startswith("Doc 1(Title: \"") and "Doc 3(" in refs[0]
+  start = generate_world(WorldConfig(seed=3, questions_per_hop=200)).entities[item["start"]]
+  assert start.name in refs[0]
+
+
+def test_retrieve_shape_and_scores(server, index):
+  status, body = post(server.url + "/retrieve", {"queries": ["mayor of", "founded by"],
+                                                  "topk": 4})
+  assert status == 200 and len(body["result"]) == 2
+  for hits in body["result"]:
+    assert len(hits) == 4
+    for h in hits:
+      assert set(h) == {"id", "title", "contents", "url", "score"}
+      assert h["url"].startswith("https://world.local/wiki/")
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True) and scores[-1] > 0
+  # return_scores adds Search-R1's {"document", "score"} view of the same hit.
+  _, body2 = post(server.url + "/retrieve", {"queries": ["mayor of"], "topk": 4,
+                                             "return_scores": True})
+  h = body2["result"][0][0]
+  assert h["document"]["id"] == h["id"] == body["result"][0][0]["id"]
+  # topk omitted -> the server's default.
+  _, body3 = post(server.url + "/retrieve", {"queries": ["mayor of"]})
+  assert len(body3["result"][0]) == RetrievalSection().default_topk
+
+
+def test_query_with_no_known_terms_returns_nothing(server):
+  status, body = post(server.url + "/retrieve", {"queries": ["zzzqqq xxyyzz"], "topk": 3})
+  assert status == 200 and body["result"] == [[]]
+
+
+def test_access_and_health(server, world_dir):
+  pages = list(read_pages(os.path.join(world_dir, "pages.jsonl")))
+  status, body = post(server.url + "/access", {"urls": [pages[5]["url"], "https://x/none"]})
+  assert status == 200
+  assert body["result"][0] == pages[5] and body["result"][1] is None
+  assert body["missing"] == ["https://x/none"]
+  status, body = post(server.url + "/access", {"urls": ["https://x/none"]})
+  assert status == 404 and "unknown url" in body["error"]
+  with urllib.request.urlopen(server.url + "/health") as r:
+    health = json.loads(r.read())
+  assert health["status"] == "ok" and health["num_pages"] == len(pages)
+
+
+def test_gold_passage_in_top5_for_one_hop_questions(index, world_dir):
+  items = [q for q in qa(world_dir) + qa(world_dir, "qa_train") if q["hops"] == 1][:300]
+  results = index.search([q["question"] for q in items], 5)
+  found = [q["supporting_facts"][0] in {index.doc(r)["id"] for r, _ in res}
+           for q, res in zip(items, results)]
+  assert np.mean(found) >= 0.9, np.mean(found)
+
+
+def test_many_concurrent_requests(server, index, world_dir):
+  questions = [q["question"] for q in qa(world_dir)][:40]
+  expected = {q: [index.doc(r)["id"] for r, _ in hits]
+              for q, hits in zip(questions, index.search(questions, 7))}
+
+  async def go():
+    async with aiohttp.ClientSession() as s:
+      async def one(i):
+        body = {"queries": questions[i:i + 1 + i % 5], "topk": 1 + i % 7}
+        async with s.post(server.url + "/retrieve", json=body) as r:
+          return r.status, await r.json(), body
+      return await asyncio.gather(*(one(i) for i in range(32)))
+
+  for status, body, req in asyncio.run(go()):
+    assert status == 200 and len(body["result"]) == len(req["queries"])
+    for q, hits in zip(req["queries"], body["result"]):
+      assert [h["id"] for h in hits] == expected[q][:req["topk"]]
+
+
+def test_search_timeout_is_504_and_server_survives(index, world_dir):
+  questions = [q["question"] for q in qa(world_dir)][:64]
+  with ServerThread(create_app(index, RetrievalSection(request_timeout_s=1e-6))) as srv:
+    status, body = post(srv.url + "/retrieve", {"queries": questions, "topk": 50})
+    assert status == 504 and "timed out" in body["error"]
+    with urllib.request.urlopen(srv.url + "/health") as r:
+      assert r.status == 200
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, status, needle", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"\xff\xfe\x00garbage", 400, "not UTF-8"),
+    (b"[1, 2]", 400, "JSON object"),
+    (b'{"topk": 3}', 400, "missing field 'queries'"),
+    (b'{"queries": "who"}', 400, "list of strings"),
+    (b'{"queries": []}', 400, "is empty"),
+    (b'{"queries": ["  "]}', 400, "queries[0] is empty"),
+    (b'{"queries": ["a", 3]}', 400, "queries[1] must be a string"),
+    (b'{"queries": ["a"], "topk": 0}', 400, "between 1 and 50"),
+    (b'{"queries": ["a"], "topk": -2}', 400, "between 1 and 50"),
+    (b'{"queries": ["a"], "topk": 51}', 400, "between 1 and 50"),
+    (b'{"queries": ["a"], "topk": "5"}', 400, "'topk' must be an integer"),
+    (b'{"queries": ["a"], "topk": true}', 400, "'topk' must be an integer"),
+    (b'{"queries": ["a"], "return_scores": "yes"}', 400, "return_scores"),
+    (b'{"queries": ["a"], "mode": "dense"}', 400, "'mode' must be one of"),
+])
+def test_bad_retrieve_requests(server, raw, status, needle):
+  got, body = post(server.url + "/retrieve", None, raw=raw)
+  assert got == status and needle in body["error"], body
+
+
+def test_enormous_requests(server):
+  got, body = post(server.url + "/retrieve", {"queries": ["x" * 1001]})
+  assert got == 400 and "1001 characters" in body["error"]
+  got, body = post(server.url + "/retrieve", {"queries": ["a"] * 65})
+  assert got == 400 and "limit is 64" in body["error"]
+  got, body = post(server.url + "/retrieve", {"queries": ["word " * 20000]})
+  assert got == 413 and "too large" in body["error"]
+  got, body = post(server.url + "/access", {"urls": ["u"] * 9})
+  assert got == 400 and "limit is 8" in body["error"]
+
+
+def test_unknown_route_and_method(server):
+  got, body = post(server.url + "/nope", {})
+  assert got == 404 and "error" in body
+  with pytest.raises(urllib.error.HTTPError) as e:
+    urllib.request.urlopen(server.url + "/retrieve")
+  assert e.value.code == 405 and "error" in json.loads(e.value.read())
+
+
+def test_fuzz_bad_requests_server_keeps_serving(server):
+  rng = random.Random(0)
+  values = [None, 0, -1, 10**9, 3.5, "", "x", [], [""], ["ok"], [1], {}, {"a": 1}, True,
+            "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "replace")]
+  for _ in range(150):
+    path = rng.choice(["/retrieve", "/access"])
+    if rng.random() < 0.2:
+      raw = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+    else:
+      body = {k: rng.choice(values) for k in rng.sample(
+          ["queries", "topk", "return_scores", "urls", "mode", "junk"], rng.randrange(0, 5))}
+      raw = json.dumps(body).encode()
+    status, reply = post(server.url + path, None, raw=raw)
+    assert status in (200, 400, 404, 413), (status, raw)
+    assert ("error" in reply) == (status != 200)
+  status, body = post(server.url + "/retrieve", {"queries": ["mayor"], "topk": 2})
+  assert status == 200 and len(body["result"][0]) == 2
+
+
+# ---- auth, start-up failures ----------------------------------------------------------------
+
+def test_token_required_when_set(index):
+  with ServerThread(create_app(index, token="s3cret")) as srv:
+    status, body = post(srv.url + "/retrieve", {"queries": ["mayor"]})
+    assert status == 401 and "bearer token" in body["error"]
+    status, _ = post(srv.url + "/retrieve", {"queries": ["mayor"]},
+                     headers={"Authorization": "Bearer wrong"})
+    assert status == 401
+    status, body = post(srv.url + "/retrieve", {"queries": ["mayor"]},
+                        headers={"Authorization": "Bearer s3cret"})
+    assert status == 200
+    with urllib.request.urlopen(srv.url + "/health") as r:
+      assert r.status == 200
+
+
+def test_non_loopback_bind_needs_token(world_dir):
+  with pytest.raises(RetrievalError, match="without an auth token"):
+    check_bind("0.0.0.0", None)
+  with pytest.raises(RetrievalError, match="without an auth token"):
+    run_server(os.path.join(world_dir, "index"), host="0.0.0.0", port=0)
+  with pytest.raises(RetrievalError, match="mode 'hybrid' is not available"):
+    create_app(SearchIndex(os.path.join(world_dir, "index")), RetrievalSection(mode="hybrid"))
+  check_bind("0.0.0.0", "tok")
+  check_bind("127.0.0.1", None)
+  check_bind("::1", None)
+
+
+def test_missing_and_corrupt_index_stop_startup(world_dir, tmp_path):
+  with pytest.raises(RetrievalError, match="does not exist"):
+    SearchIndex(str(tmp_path / "nothing"))
+  src = os.path.join(world_dir, "index")
+  bad = str(tmp_path / "idx")
+  shutil.copytree(src, bad)
+  os.remove(os.path.join(bad, "manifest.json"))
+  with pytest.raises(RetrievalError, match="not a finished index"):
+    SearchIndex(bad)
+  shutil.copy(os.path.join(src, "manifest.json"), bad)
+  with open(os.path.join(bad, "docs.jsonl"), "ab") as f:
+    f.write(b"trailing junk")
+  with pytest.raises(RetrievalError, match="docs.jsonl: size"):
+    SearchIndex(bad)
+  shutil.copy(os.path.join(src, "docs.jsonl"), bad)
+  with open(os.path.join(bad, "bm25", "data.csc.index.npy"), "wb") as f:
+    f.write(b"\x93NUMPY garbage")
+  with pytest.raises(RetrievalError, match="bm25 is corrupt"):
+    SearchIndex(bad)
+  shutil.rmtree(os.path.join(bad, "bm25"))
+  with pytest.raises(RetrievalError, match="missing data.csc.index.npy"):
+    SearchIndex(bad)
+  with open(os.path.join(bad, "manifest.json"), "w") as f:
+    f.write("{")
+  with pytest.raises(RetrievalError, match="manifest.json is corrupt"):
+    SearchIndex(bad)
+
+
+@pytest.mark.parametrize("line, needle", [
+    (b'{"id": "a", "contents": "x"}\n{"id": "a", "contents": "y"}', ":2: duplicate id 'a'"),
+    (b'{"id": "a"}', ":1: missing field 'contents'"),
+    (b'{"id": "a", "contents": 5.5}', "field 'contents' must be a string"),
+    (b'not json', ":1: invalid JSON"),
+    (b'{"id": "a", "contents": "\xff"}', ":1: not UTF-8"),
+    (b'["a"]', "expected a JSON object"),
+])
+def test_corpus_validation_names_line_and_field(tmp_path, line, needle):
+  p = tmp_path / "corpus.jsonl"
+  p.write_bytes(line)
+  with pytest.raises(RetrievalError, match=needle.replace("(", r"\(")):
+    list(read_corpus(str(p)))
+
+
+def test_corpus_title_from_wiki18_contents(tmp_path):
+  p = tmp_path / "c.jsonl"
+  p.write_text(json.dumps({"id": 7, "contents": '"Apollo 11"\nThe first crewed landing.'}))
+  [row] = list(read_corpus(str(p)))
+  assert row == {"id": "7", "title": "Apollo 11", "url": "",
+                 "contents": '"Apollo 11"\nThe first crewed landing.'}
+
+
+def test_cli_index_build_and_world_build(tmp_path):
+  p = argparse.ArgumentParser()
+  register(p.add_subparsers(dest="cmd", required=True))
+  out = str(tmp_path / "w")
+  args = p.parse_args(["world", "build", "--out", out, "--seed", "5", "--max-hops", "2",
+                       "--questions-per-hop", "20", "--num-people", "40", "--num-cities", "10",
+                       "--num-orgs", "10", "--num-works", "10", "--num-countries", "3"])
+  assert args.fn(args) == 0
+  idx = str(tmp_path / "idx")
+  args = p.parse_args(["index", "build", "--corpus", os.path.join(out, "corpus.jsonl"),
+                       "--pages", os.path.join(out, "pages.jsonl"), "--out", idx])
+  assert args.fn(args) == 0
+  with pytest.raises(RetrievalError, match="already holds an index"):
+    args.fn(args)
+  loaded = SearchIndex(idx)
+  with open(os.path.join(out, "corpus.jsonl")) as f:
+    assert loaded.num_docs == sum(1 for _ in f)
+  args = p.parse_args(["retrieval", "serve", "--index", idx, "--port", "1"])
+  assert args.fn is not None and args.host == "127.0.0.1"
+
+
+def test_default_world_index_built_once(tmp_path, monkeypatch):
+  from asearcher_jax.tools.cli import default_world_index
+  monkeypatch.setenv("ASEARCHER_CACHE", str(tmp_path))
+  path = default_world_index()
+  assert path.startswith(str(tmp_path))
+  stamp = os.path.getmtime(os.path.join(path, "manifest.json"))
+  assert default_world_index() == path
+  assert os.path.getmtime(os.path.join(path, "manifest.json")) == stamp
+  assert SearchIndex(path).num_pages > 0
+
+
+def _serve_cmd(index_dir, port):
+  import sys
+  return [sys.executable, "-m", "asearcher_jax.tools.cli", "retrieval", "serve", "--index",
+          index_dir, "--port", str(port)]
+
+
+def test_serve_process_starts_and_fails_clearly(world_dir, tmp_path):
+  import socket
+  import subprocess
+  import time
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  bad = str(tmp_path / "bad")
+  shutil.copytree(os.path.join(world_dir, "index"), bad)
+  os.remove(os.path.join(bad, "docs.offsets.npy"))
+  out = subprocess.run(_serve_cmd(bad, 1), capture_output=True, text=True, env=env, timeout=120,
+                       check=False)
+  assert out.returncode != 0 and "docs.offsets.npy: file not found" in out.stdout + out.stderr
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  proc = subprocess.Popen(_serve_cmd(os.path.join(world_dir, "index"), port), env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 120
+    while True:
+      try:
+        status, body = post(f"http://127.0.0.1:{port}/retrieve", {"queries": ["mayor"],
+                                                                  "topk": 2})
+        break
+      except OSError:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    assert status == 200 and len(body["result"][0]) == 2
+  finally:
+    proc.terminate()
+    proc.wait(30)

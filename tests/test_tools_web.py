@@ -1,0 +1,323 @@
+"""Web adapters against fake Serper / Jina Reader / HTML sites on 127.0.0.1 that speak the
+real providers' request and response shapes: success, 429, 5xx with retry, timeouts, cache."""
+
+import asyncio
+
+import pytest
+from aiohttp import web
+
+from asearcher_jax.tools.cache import DiskCache
+from asearcher_jax.tools.client import WebSearchClient
+from asearcher_jax.tools.config import SearchClientSection, WebSection
+from asearcher_jax.tools.retrieval_server import ServerThread
+from asearcher_jax.tools.web import HttpFetcher, JinaReader, SerperSearch, WebError, html_to_text
+
+SERPER_KEY, JINA_KEY = "serper-test-key", "jina-test-key"
+
+HTML = """<!DOCTYPE html><html><head><title>Kestrel Harbor</title>
+<style>body {color: red}</style><script>var x = "do not show";</script></head>
+<body><nav><a href="/home">Home</a></nav><h1>Kestrel Harbor</h1>
+<p>Kestrel Harbor is a port   city.<br>It was founded in 1311.</p>
+<ul><li>Population: 170,380</li><li>Mayor: <a href="people/evkas.html">Evkas Lor</a></li></ul>
+<table><tr><td>Area</td><td>42 km&sup2;</td></tr></table></body></html>"""
+
+
+class Fake:
+  """Scripted provider: `fail` is a list of statuses (or 'slow') consumed one per request."""
+
+  def __init__(self):
+    self.fail: list = []
+    self.requests: list[dict] = []
+    self.delay = 0.0
+    self.active = self.peak = 0
+
+  async def _maybe_fail(self):
+    if self.fail:
+      what = self.fail.pop(0)
+      if what == "slow":
+        await asyncio.sleep(2.0)
+      else:
+        return web.json_response({"message": "scripted"}, status=what,
+                                 headers={"Retry-After": "0"} if what == 429 else None)
+    return None
+
+  def app(self) -> web.Application:
+    app = web.Application()
+
+    async def serper(request):
+      body = await request.json()
+      self.requests.append({"kind": "search", "headers": dict(request.headers), "body": body})
+      if request.headers.get("X-API-KEY") != SERPER_KEY:
+        return web.json_response({"message": "Unauthorized."}, status=403)
+      failed = await self._maybe_fail()
+      if failed is not None:
+        return failed
+      self.active += 1
+      self.peak = max(self.peak, self.active)
+      await asyncio.sleep(self.delay)
+      self.active -= 1
+      n = body.get("num", 10)
+      return web.json_response({
+          "searchParameters": {"q": body["q"], "num": n, "type": "search"},
+          "organic": [{"title": f"{body['q']} result {i}", "link": f"https://ex.com/{i}",
+                       "snippet": f"snippet {i} about {body['q']}", "position": i + 1}
+                      for i in range(n)]})
+
+    async def jina(request):
+      target = request.match_info["target"]
+      self.requests.append({"kind": "read", "headers": dict(request.headers), "url": target})
+      if request.headers.get("Authorization") != f"Bearer {JINA_KEY}":
+        return web.json_response({"code": 401, "message": "bad key"}, status=401)
+      failed = await self._maybe_fail()
+      if failed is not None:
+        return failed
+      if target.endswith("/missing"):
+        return web.json_response({"code": 422, "message": "cannot fetch"}, status=422)
+      content = f"Markdown Content:\n# Page\n\nText of {target}. " + "word " * 3000
+      if request.headers.get("Accept") == "application/json":
+        return web.json_response({"code": 200, "status": 20000, "data": {
+            "title": "Page", "url": target, "content": content, "usage": {"tokens": 3000}}})
+      return web.Response(text=content)
+
+    async def site(request):
+      self.requests.append({"kind": "fetch", "path": request.path})
+      failed = await self._maybe_fail()
+      if failed is not None:
+        return failed
+      if request.path == "/doc.txt":
+        return web.Response(text="plain text doc")
+      if request.path == "/img.png":
+        return web.Response(body=b"\x89PNG", content_type="image/png")
+      return web.Response(text=HTML, content_type="text/html")
+
+    app.router.add_post("/search", serper)
+    app.router.add_get("/r/{target:.+}", jina)
+    app.router.add_get("/site/{path:.*}", site)
+    app.router.add_get("/doc.txt", site)
+    app.router.add_get("/img.png", site)
+    return app
+
+
+@pytest.fixture(scope="module")
+def provider():
+  fake = Fake()
+  with ServerThread(fake.app()) as srv:
+    yield fake, srv
+
+
+@pytest.fixture
+def fake(provider, monkeypatch):
+  f, srv = provider
+  f.fail.clear()
+  f.requests.clear()
+  f.delay = 0.0
+  monkeypatch.setenv("SERPER_API_KEY", SERPER_KEY)
+  monkeypatch.setenv("JINA_API_KEY", JINA_KEY)
+  return f, srv
+
+
+def section(srv, **kw) -> WebSection:
+  base = {"search_url": srv.url, "reader_url": srv.url + "/r", "timeout_s": 1.0,
+          "max_retries": 2, "backoff_s": 0.01, "max_backoff_s": 0.05}
+  base.update(kw)
+  return WebSection(**base)
+
+
+def test_serper_search_request_and_response_shape(fake):
+  f, srv = fake
+  s = SerperSearch(section(srv))
+
+  async def go():
+    try:
+      return await s.search("who founded kestrel", 3)
+    finally:
+      await s.close()
+  hits = asyncio.run(go())
+  assert [h.url for h in hits] == ["https://ex.com/0", "https://ex.com/1", "https://ex.com/2"]
+  assert hits[0].title == "who founded kestrel result 0" and "snippet 0" in hits[0].contents
+  req = f.requests[0]
+  assert req["body"] == {"q": "who founded kestrel", "num": 3}
+  assert req["headers"]["X-API-KEY"] == SERPER_KEY
+
+
+def test_rate_limit_and_5xx_are_retried(fake):
+  f, srv = fake
+  f.fail[:] = [429, 503]
+  s = SerperSearch(section(srv))
+
+  async def go():
+    try:
+      return await s.search("q", 2)
+    finally:
+      await s.close()
+  assert len(asyncio.run(go())) == 2
+  assert s.attempts == 3 and not f.fail
+
+
+def test_retries_exhausted_gives_web_error(fake):
+  f, srv = fake
+  f.fail[:] = [500, 502, 500, 500]
+  s = SerperSearch(section(srv, max_retries=2))
+
+  async def go():
+    try:
+      await s.search("q", 2)
+    finally:
+      await s.close()
+  with pytest.raises(WebError) as e:
+    asyncio.run(go())
+  assert e.value.kind == "http" and e.value.status == 500 and "after 3 attempts" in str(e.value)
+  f.fail[:] = [429] * 5
+  with pytest.raises(WebError) as e:
+    asyncio.run(go())
+  assert e.value.kind == "rate_limited" and e.value.status == 429
+
+
+def test_timeout_then_success_and_timeout_exhausted(fake):
+  f, srv = fake
+  f.fail[:] = ["slow"]
+  s = SerperSearch(section(srv, timeout_s=0.3))
+
+  async def go():
+    try:
+      return await s.search("q", 1)
+    finally:
+      await s.close()
+  assert len(asyncio.run(go())) == 1 and s.attempts == 2
+  f.fail[:] = ["slow", "slow"]
+  s2 = SerperSearch(section(srv, timeout_s=0.3, max_retries=1))
+
+  async def go2():
+    try:
+      return await s2.search("q", 1)
+    finally:
+      await s2.close()
+  with pytest.raises(WebError) as e:
+    asyncio.run(go2())
+  assert e.value.kind == "timeout"
+
+
+def test_client_errors_are_not_retried_and_missing_key(fake, monkeypatch):
+  _, srv = fake
+  monkeypatch.setenv("SERPER_API_KEY", "wrong")
+  s = SerperSearch(section(srv))
+
+  async def go():
+    try:
+      await s.search("q", 1)
+    finally:
+      await s.close()
+  with pytest.raises(WebError) as e:
+    asyncio.run(go())
+  assert e.value.status == 403 and s.attempts == 1
+  monkeypatch.delenv("SERPER_API_KEY")
+  with pytest.raises(WebError, match=r"\$SERPER_API_KEY"):
+    asyncio.run(go())
+
+
+def test_jina_reader_json(fake):
+  f, srv = fake
+  r = JinaReader(section(srv))
+
+  async def go():
+    try:
+      return await r.read("https://ex.com/a")
+    finally:
+      await r.close()
+  page = asyncio.run(go())
+  assert page.title == "Page" and page.contents.startswith("Markdown Content:")
+  assert f.requests[0]["url"] == "https://ex.com/a"
+  assert f.requests[0]["headers"]["Authorization"] == f"Bearer {JINA_KEY}"
+  assert f.requests[0]["headers"]["Accept"] == "application/json"
+
+
+def test_plain_fetch_html_to_text(fake):
+  _, srv = fake
+  fetcher = HttpFetcher(section(srv))
+
+  async def go():
+    try:
+      page = await fetcher.read(srv.url + "/site/city.html")
+      txt = await fetcher.read(srv.url + "/doc.txt")
+      try:
+        await fetcher.read(srv.url + "/img.png")
+      except WebError as e:
+        return page, txt, e
+    finally:
+      await fetcher.close()
+  page, txt, err = asyncio.run(go())
+  assert page.title == "Kestrel Harbor"
+  assert "Kestrel Harbor is a port city." in page.contents and "do not show" not in page.contents
+  assert "- Population: 170,380" in page.contents and "42 km²" in page.contents
+  assert srv.url + "/site/people/evkas.html" in page.links and srv.url + "/home" in page.links
+  assert txt.contents == "plain text doc"
+  assert err.kind == "bad_response" and "image/png" in str(err)
+
+
+def test_html_to_text_structure():
+  title, text, links = html_to_text(HTML, "https://k.org/a/b.html")
+  assert title == "Kestrel Harbor"
+  assert text.splitlines()[0] == "Home"
+  assert "# Kestrel Harbor" in text and "It was founded in 1311." in text
+  assert "color: red" not in text
+  assert links == ["https://k.org/home", "https://k.org/a/people/evkas.html"]
+
+
+def test_cache_serves_repeats_and_survives_restart(fake, tmp_path):
+  f, srv = fake
+  path = str(tmp_path / "web.sqlite")
+
+  async def run(cfg):
+    client = WebSearchClient(SearchClientSection(backend="web", topk=2), cfg)
+    try:
+      return (await client.search(["cached query"]))[0], await client.access("https://ex.com/c")
+    finally:
+      await client.close()
+  first = asyncio.run(run(section(srv, cache_path=path)))
+  n = len(f.requests)
+  assert n == 2 and first[0].ok and first[1].ok
+  second = asyncio.run(run(section(srv, cache_path=path)))  # a new process would see the same
+  assert len(f.requests) == n
+  assert second[0].hits == first[0].hits and second[1].page == first[1].page
+  assert len(DiskCache(path)) == 2
+
+
+def test_web_client_turns_failures_into_tool_errors(fake):
+  f, srv = fake
+  cfg = section(srv, max_retries=0, timeout_s=0.3)
+
+  async def go():
+    client = WebSearchClient(SearchClientSection(backend="web", topk=2), cfg)
+    try:
+      f.fail[:] = [500]
+      a = await client.search(["x", ""])
+      f.fail[:] = ["slow"]
+      b = await client.access("https://ex.com/slow")
+      c = await client.access("https://ex.com/missing")
+      d = await client.search(["fine"])
+      return a, b, c, d
+    finally:
+      await client.close()
+  (err5xx, empty), slow, missing, [ok] = asyncio.run(go())
+  assert err5xx.error.kind == "http" and err5xx.render().startswith("Tool error (http)")
+  assert empty.error.kind == "bad_request"
+  assert slow.error.kind == "timeout"
+  assert missing.error.kind == "http" and missing.error.status == 422
+  assert ok.ok and len(ok.hits) == 2
+
+
+def test_concurrency_limit_respected(fake):
+  f, srv = fake
+  f.delay, f.peak = 0.1, 0
+  s = SerperSearch(section(srv, concurrency=2))
+
+  async def go():
+    try:
+      return await asyncio.gather(*(s.search(f"q{i}", 1) for i in range(8)))
+    finally:
+      await s.close()
+  try:
+    assert len(asyncio.run(go())) == 8
+  finally:
+    f.delay = 0.0
+  assert f.peak == 2 and s.attempts == 8

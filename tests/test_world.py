@@ -1,0 +1,183 @@
+"""The synthetic world: determinism, verified answers, hop counts, splits, distractors, files."""
+
+import copy
+import filecmp
+import os
+import re
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from asearcher_jax.world import (
+  WorldConfig,
+  ensure_world,
+  generate_world,
+  load_world,
+  verify,
+  walk,
+  write_world,
+)
+from asearcher_jax.world.io import FILES
+
+SMALL = {"num_people": 80, "num_cities": 16, "num_countries": 4, "num_orgs": 16,
+         "num_works": 20, "questions_per_hop": 60}
+
+
+@pytest.fixture(scope="module")
+def world():
+  return generate_world(WorldConfig(seed=1, max_hops=6, **SMALL))
+
+
+def test_same_seed_same_files_different_seed_different(tmp_path):
+  cfg = WorldConfig(seed=7, **SMALL)
+  a = write_world(generate_world(cfg), str(tmp_path / "a"))
+  b = write_world(generate_world(cfg), str(tmp_path / "b"))
+  c = write_world(generate_world(WorldConfig(seed=8, **SMALL)), str(tmp_path / "c"))
+  for f in FILES:
+    assert filecmp.cmp(os.path.join(a, f), os.path.join(b, f), shallow=False), f
+  assert not filecmp.cmp(os.path.join(a, "corpus.jsonl"), os.path.join(c, "corpus.jsonl"),
+                         shallow=False)
+
+
+def test_every_answer_verifies_by_graph_walk(world):
+  items = world.qa_train + world.qa_test
+  assert items and all(verify(world, q) for q in items)
+
+
+def test_verify_rejects_wrong_answers_and_broken_chains(world):
+  item = next(q for q in world.qa_train if q["hops"] == 3)
+  wrong = dict(item, answer=item["answer"] + "x")
+  assert not verify(world, wrong)
+  other = next(q for q in world.qa_train if q["answer"] != item["answer"])
+  assert not verify(world, dict(item, answer=other["answer"]))
+  broken = copy.deepcopy(item)
+  broken["chain"][0]["relation"] = "no_such_relation"
+  assert not verify(world, broken)
+  bad_support = copy.deepcopy(item)
+  bad_support["chain"][-1]["passage"] = world.passages[0]["id"] if world.passages[0]["id"] != \
+      item["chain"][-1]["passage"] else world.passages[1]["id"]
+  assert not verify(world, bad_support)
+  assert not verify(world, dict(item, hops=item["hops"] + 1))
+
+
+def test_hops_splits_and_answers(world):
+  train_q = {q["question"] for q in world.qa_train}
+  test_q = {q["question"] for q in world.qa_test}
+  assert not train_q & test_q
+  assert len(train_q) == len(world.qa_train) and len(test_q) == len(world.qa_test)
+  for split in (world.qa_train, world.qa_test):
+    assert {q["hops"] for q in split} == set(range(1, 7))
+  for q in world.qa_train + world.qa_test:
+    assert len(q["chain"]) == q["hops"] == len(q["supporting_facts"])
+    assert isinstance(q["answer"], str) and 0 < len(q["answer"].split()) <= 6
+    assert q["answer"] in q["aug_answer"]
+    assert q["question"].endswith("?")
+    ents = [s["subject"] for s in q["chain"]] + [q["chain"][-1]["object"]]
+    ents = [e for e in ents if e is not None]
+    assert len(set(ents)) == len(ents)  # a chain never revisits an entity
+  ids = [q["qid"] for q in world.qa_train + world.qa_test]
+  assert len(set(ids)) == len(ids)
+
+
+def test_long_chains(world):
+  long = generate_world(WorldConfig(seed=2, min_hops=10, max_hops=12, questions_per_hop=10,
+                                    **{k: v for k, v in SMALL.items()
+                                       if k != "questions_per_hop"}))
+  items = long.qa_train + long.qa_test
+  assert {q["hops"] for q in items} == {10, 11, 12}
+  assert all(verify(long, q) and walk(long, q) == q["answer"] for q in items)
+
+
+def test_distractors_have_near_duplicate_names(world):
+  people = [e.name for e in world.entities.values() if e.kind == "person"]
+  surnames: dict[str, list[str]] = {}
+  for n in people:
+    first, last = n.split(" ", 1)
+    surnames.setdefault(first, []).append(last)
+
+  def close(a, b):
+    if a == b or abs(len(a) - len(b)) > 1:
+      return False
+    return sum(x != y for x, y in zip(a, b)) <= 1
+  pairs = sum(close(a, b) for lasts in surnames.values() for i, a in enumerate(lasts)
+              for b in lasts[i + 1:])
+  assert pairs >= len(people) * 0.1
+  assert len({e.name for e in world.entities.values()}) == len(world.entities)
+
+
+def test_corpus_and_pages(world):
+  ids = [p["id"] for p in world.passages]
+  assert len(set(ids)) == len(ids)
+  urls = {p["url"] for p in world.pages}
+  for p in world.passages:
+    assert set(p) == {"id", "title", "contents", "url"}
+    assert p["contents"].startswith(f'"{p["title"]}"\n') and p["url"] in urls
+    assert 1 <= len(re.findall(r"[.!?](?:\s|$)", p["contents"])) <= 2
+  for page in world.pages:
+    assert set(page["links"]) <= urls and page["links"]
+    assert len(page["contents"]) > 300
+
+
+def test_roundtrip_and_verify_from_disk(world, tmp_path):
+  path = write_world(world, str(tmp_path / "w"))
+  loaded = load_world(path)
+  assert loaded.config == world.config
+  assert all(verify(loaded, q) for q in loaded.qa_test)
+  with pytest.raises(FileExistsError):
+    write_world(world, path)
+
+
+def test_default_world_fast_and_cached(tmp_path):
+  t = time.time()
+  path = ensure_world(cache_dir=str(tmp_path))
+  assert time.time() - t < 5.0
+  mtime = os.path.getmtime(os.path.join(path, "corpus.jsonl"))
+  assert ensure_world(cache_dir=str(tmp_path)) == path
+  assert os.path.getmtime(os.path.join(path, "corpus.jsonl")) == mtime
+  w = load_world(path)
+  assert len(w.passages) > 1000 and len(w.qa_test) > 100
+  assert ensure_world(WorldConfig(seed=1), cache_dir=str(tmp_path)) != path
+
+
+def test_config_rejects_unknown_and_bad_values():
+  with pytest.raises(ValidationError):
+    WorldConfig(num_peple=3)
+  with pytest.raises(ValidationError):
+    WorldConfig(min_hops=5, max_hops=2)
+  with pytest.raises(ValidationError, match="every country needs a city"):
+    WorldConfig(num_cities=4, num_countries=5)
+  with pytest.raises(ValidationError):
+    WorldConfig().seed = 3  # frozen
+
+
+def test_presets_and_yaml_world_configs(tmp_path):
+  from asearcher_jax.errors import ConfigError
+  from asearcher_jax.world.config import load_world_config, preset
+  assert preset("debug") == WorldConfig()
+  long = preset("long_horizon", seed=4)
+  assert long.max_hops == 16 and long.seed == 4
+  with pytest.raises(ConfigError, match="unknown world preset 'huge'"):
+    preset("huge")
+  good = tmp_path / "w.yaml"
+  good.write_text("seed: 9\nmax_hops: 7\n")
+  assert load_world_config(str(good), max_hops=8) == WorldConfig(seed=9, max_hops=8)
+  bad = tmp_path / "bad.yaml"
+  bad.write_text("num_peple: 3\n")
+  with pytest.raises(ConfigError, match="(?s)bad.yaml.*num_peple"):
+    load_world_config(str(bad))
+
+
+def test_random_small_configs_always_verify():
+  import random
+  rng = random.Random(0)
+  for t in range(25):
+    countries = rng.randint(2, 6)
+    cfg = WorldConfig(seed=t, num_people=rng.randint(4, 30),
+                      num_cities=rng.randint(max(countries, 4), 12), num_countries=countries,
+                      num_orgs=rng.randint(4, 10), num_works=rng.randint(2, 10),
+                      max_hops=rng.randint(1, 8), questions_per_hop=rng.randint(1, 30),
+                      distractor_fraction=rng.random())
+    w = generate_world(cfg)
+    assert all(verify(w, q) for q in w.qa_train + w.qa_test), cfg
+    assert not {q["question"] for q in w.qa_test} & {q["question"] for q in w.qa_train}
