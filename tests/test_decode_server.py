@@ -289,3 +289,22 @@ def test_prometheus_metrics(server):
   generated = [float(line.split()[-1]) for line in text.splitlines()
                if line.startswith("asearcher_decode_generated_tokens_total")]
   assert generated and generated[0] > 0
+
+
+def test_update_weights_from_an_hf_directory(server, tmp_path):
+  from asearcher_jax.models import save_pretrained
+  new_model = create_model(CFG, MESH, seed=2, dtype="float32")
+  out = save_pretrained(new_model, str(tmp_path / "hf"), progress=False)
+
+  async def go():
+    async with client(server) as c:
+      version = (await c.stats()).version
+      resp = await c.update_weights(version + 1, hf_dir=out, mode="keep_kv")
+      return version, resp, await c.generate(prompt(5), GREEDY)
+  version, resp, after = run(go())
+  assert resp.version == version + 1 and after.versions == [version + 1] * 6
+  seq = prompt(5)
+  fwd = jax.jit(lambda m, t: m(t)[0])
+  for tok in after.output_ids:
+    assert tok == int(np.asarray(fwd(new_model, jax.numpy.asarray([seq])))[0, -1].argmax())
+    seq.append(tok)
