@@ -14,10 +14,7 @@ tokens. On a GPU it also reports the decode step against the memory roofline
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.common import run_info, write_result  # noqa: E402
 from asearcher_jax.config import load_config  # noqa: E402
 from asearcher_jax.inference import Driver, Engine, Request, SamplingParams  # noqa: E402
 from asearcher_jax.models import create_model, save_pretrained  # noqa: E402
@@ -165,23 +163,15 @@ def main(argv=None) -> int:
         f"{mt['full_prefill']['wall_s']:.2f}s")
   result = {
       "benchmark": "decode", "config": args.config, "overrides": args.overrides,
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "device_kind": kind, "num_devices": len(jax.devices()), "jax": jax.__version__,
-      "python": platform.python_version(), "params": arch.num_params(),
+      **run_info(("jax", "jaxlib", "flax", "torch", "transformers")), "device_kind": kind,
+      "num_devices": len(jax.devices()), "params": arch.num_params(),
       "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rows": rows,
       "multi_turn": mt}
   if torch_model is not None:
     import torch
-    import transformers
-    result.update(torch=torch.__version__, transformers=transformers.__version__,
-                  torch_threads=torch.get_num_threads())
-  path = args.results or os.path.join(
-      os.path.dirname(__file__), "results",
-      f"decode_{kind.replace(' ', '_')}_{os.path.splitext(os.path.basename(args.config))[0]}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"recorded {path}")
+    result["torch_threads"] = torch.get_num_threads()
+  config_name = os.path.splitext(os.path.basename(args.config))[0]
+  write_result(result, args.results, f"decode_{kind}_{config_name}")
   return 0
 
 

@@ -17,9 +17,7 @@ versions, date) under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import importlib.metadata as md
 import json
 import os
 import platform
@@ -35,6 +33,7 @@ import psutil
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.common import run_info, write_result  # noqa: E402
 from asearcher_jax.tools.bm25_index import tokenize
 from asearcher_jax.tools.index import SearchIndex
 from asearcher_jax.world import WorldConfig, generate_world
@@ -223,13 +222,10 @@ def main(argv=None) -> int:
         f"{qps_b64 / rb_qps:.0f}x at batch 64")
 
   result = {
-      "benchmark": "retrieval", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      "benchmark": "retrieval", **run_info(("bm25s", "rank-bm25", "aiohttp", "numpy")),
       "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                  "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
                  "platform": platform.platform()},
-      "versions": {"python": platform.python_version(),
-                   **{k: md.version(k) for k in ("bm25s", "rank-bm25", "aiohttp", "numpy",
-                                                 "scipy")}},
       "corpus": {"passages": len(texts), "queries": len(queries), "source": "synthetic world "
                  "(asearcher_jax.world), 1-hop questions as queries", "topk": args.topk},
       "bm25s_server": {"qps_batch1": qps_b1, "qps_batch64": qps_b64, "requests_batch1": n1,
@@ -244,11 +240,8 @@ def main(argv=None) -> int:
                     "recall_at_k": rb["recall"],
                     "note": "no batch API: batch 64 = 64 sequential get_scores calls"},
   }
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f"retrieval_cpu_{len(texts) // 1000}k.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {path}")
+  write_result(result, os.path.join(args.out, f"retrieval_cpu_{len(texts) // 1000}k.json"),
+               "retrieval")
   return 0
 
 

@@ -14,10 +14,7 @@ Results are printed and written as JSON with device, versions and date.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 import time
 
@@ -27,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.common import run_info, write_result  # noqa: E402
 from asearcher_jax.config import load_config  # noqa: E402
 from asearcher_jax.models import create_model  # noqa: E402
 from asearcher_jax.models.config import QwenConfig  # noqa: E402
@@ -115,9 +113,8 @@ def main(argv=None) -> int:
   mfu = achieved / (peak * len(devices)) if peak else None
   result = {
       "benchmark": "train_step", "config": args.config, "overrides": args.overrides,
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "device_kind": kind, "num_devices": len(devices), "backend": jax.default_backend(),
-      "mesh": dict(mesh.shape), "jax": jax.__version__, "python": platform.python_version(),
+      **run_info(), "device_kind": kind, "num_devices": len(devices),
+      "backend": jax.default_backend(), "mesh": dict(mesh.shape),
       "params": arch.num_params(), "batch": args.batch, "seq_len": args.seq_len,
       "dtype": cfg.model.dtype, "remat": cfg.model.remat, "attention": cfg.model.attention,
       "warmup_s": round(compile_s, 3), "step_s_median": round(step_s, 5),
@@ -130,14 +127,9 @@ def main(argv=None) -> int:
         f"{tok_s:,.0f} tokens/s; {achieved:.3f} model TFLOP/s; "
         f"MFU {'n/a (no peak for this device)' if mfu is None else f'{100 * mfu:.1f}%'}; "
         f"loss {result['final_loss']:.4f}")
-  path = args.results or os.path.join(
-      os.path.dirname(__file__), "results",
-      f"train_step_{kind.replace(' ', '_')}_{os.path.splitext(os.path.basename(args.config))[0]}"
-      f"_b{args.batch}_s{args.seq_len}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"recorded {path}")
+  config_name = os.path.splitext(os.path.basename(args.config))[0]
+  write_result(result, args.results,
+               f"train_step_{kind}_{config_name}_b{args.batch}_s{args.seq_len}")
   return 0
 
 

@@ -75,7 +75,6 @@ def test_missing_checkpoint_directory(tmp_path):
 def test_serve_answers_openai_requests_and_stops_on_sigterm(tmp_path):
   import signal
   import socket
-  import time
   import urllib.request
 
   def free_port():

@@ -243,9 +243,9 @@ def test_token_required_when_set(index):
 
 
 def test_non_loopback_bind_needs_token(world_dir):
-  with pytest.raises(RetrievalError, match="without an auth token"):
+  with pytest.raises(RetrievalError, match="not loopback.*requires an auth token"):
     check_bind("0.0.0.0", None)
-  with pytest.raises(RetrievalError, match="without an auth token"):
+  with pytest.raises(RetrievalError, match="not loopback.*requires an auth token"):
     run_server(os.path.join(world_dir, "index"), host="0.0.0.0", port=0)
   with pytest.raises(RetrievalError, match="mode 'hybrid' is not available"):
     create_app(SearchIndex(os.path.join(world_dir, "index")), RetrievalSection(mode="hybrid"))

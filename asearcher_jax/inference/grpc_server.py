@@ -8,11 +8,11 @@ token is configured every call must carry `authorization: Bearer <token>`.
 from __future__ import annotations
 
 import functools
-import hmac
 import time
 
 import grpc
 
+from asearcher_jax.auth import bearer_ok
 from asearcher_jax.errors import AsearcherError
 from asearcher_jax.inference.driver import QueueFullError
 from asearcher_jax.inference.protos import (decode_pb2, decode_pb2_grpc, jetstream_pb2,
@@ -26,10 +26,8 @@ def _guarded(stream: bool = False):
 
   def wrap(fn):
     async def check(self, request, context):
-      if self.token is not None:
-        got = dict(context.invocation_metadata()).get("authorization", "")
-        if not hmac.compare_digest(got, f"Bearer {self.token}"):
-          await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+      if not bearer_ok(dict(context.invocation_metadata()).get("authorization"), self.token):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
     async def fail(context, e):
       if isinstance(e, QueueFullError):

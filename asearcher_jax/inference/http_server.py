@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import time
 import uuid
@@ -18,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from asearcher_jax.auth import bearer_ok
 from asearcher_jax.errors import AsearcherError
 from asearcher_jax.inference.driver import QueueFullError
 from asearcher_jax.inference.sampling import SamplingParams
@@ -63,10 +63,9 @@ class OpenAIServer:
 
   @web.middleware
   async def _middleware(self, request: web.Request, handler):
-    if self.token is not None and request.path not in ("/health",):
-      got = request.headers.get("Authorization", "")
-      if not hmac.compare_digest(got, f"Bearer {self.token}"):
-        return _error(401, "missing or wrong bearer token", "authentication_error")
+    if request.path != "/health" and not bearer_ok(request.headers.get("Authorization"),
+                                                   self.token):
+      return _error(401, "missing or wrong bearer token", "authentication_error")
     try:
       return await handler(request)
     except web.HTTPException:

@@ -6,13 +6,13 @@ Binds 127.0.0.1 unless told otherwise; any other address requires a bearer token
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import threading
 
 from aiohttp import web
 
+from asearcher_jax import auth
 from asearcher_jax.config import Config
 from asearcher_jax.errors import ConfigError
 from asearcher_jax.inference.driver import Driver
@@ -25,20 +25,13 @@ from asearcher_jax.inference.service import DecodeService
 log = logging.getLogger(__name__)
 
 
-def is_loopback(host: str) -> bool:
-  if host == "localhost":
-    return True
-  try:
-    return ipaddress.ip_address(host).is_loopback
-  except ValueError:
-    return False
-
-
 def require_token(host: str, token: str | None) -> str | None:
+  """The server's token (config, else $ASEARCHER_TOKEN); refuses a non-loopback host without one."""
   token = token or os.environ.get("ASEARCHER_TOKEN") or None
-  if not is_loopback(host) and not token:
-    raise ConfigError(f"binding {host} (not loopback) requires a token: set serve.token or "
-                      "$ASEARCHER_TOKEN")
+  try:
+    auth.require_token(host, token, "a token: set serve.token or $ASEARCHER_TOKEN")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   return token
 
 

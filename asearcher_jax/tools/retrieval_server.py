@@ -17,8 +17,6 @@ token, so a corpus is never served to the network by accident.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
 import json
 import logging
 import threading
@@ -26,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
+from asearcher_jax.auth import bearer_ok, require_token
 from asearcher_jax.errors import RetrievalError
 from asearcher_jax.tools.config import RetrievalSection
 from asearcher_jax.tools.index import SearchIndex
@@ -47,21 +46,10 @@ def _error(status: int, message: str) -> web.Response:
   return web.json_response({"error": message, "status": status}, status=status)
 
 
-def is_loopback(host: str) -> bool:
-  if host == "localhost":
-    return True
-  try:
-    return ipaddress.ip_address(host).is_loopback
-  except ValueError:
-    return False
-
-
 def _middleware(token: str | None):
   @web.middleware
   async def middleware(request: web.Request, handler):
-    if token is not None and request.path != "/health":
-      got = request.headers.get("Authorization", "")
-      if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+    if request.path != "/health" and not bearer_ok(request.headers.get("Authorization"), token):
         return _error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
     try:
       return await handler(request)
@@ -197,9 +185,11 @@ def create_app(index: SearchIndex, cfg: RetrievalSection | None = None,
 
 
 def check_bind(host: str, token: str | None) -> None:
-  if not is_loopback(host) and not token:
-    raise RetrievalError(f"refusing to serve on {host} without an auth token: pass --token "
-                         f"(or set the token env var), or bind 127.0.0.1")
+  try:
+    require_token(host, token, "an auth token: pass --token (or set the token env var), or "
+                  "bind 127.0.0.1")
+  except ValueError as e:
+    raise RetrievalError(str(e)) from None
 
 
 def run_server(index_path: str, host: str = "127.0.0.1", port: int = 8010,

@@ -1,0 +1,31 @@
+"""The one rule for every server of the project: loopback is open, anything else needs a token.
+
+Clients send `Authorization: Bearer <token>` (gRPC metadata `authorization`).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+
+def is_loopback(host: str) -> bool:
+  if host == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
+def require_token(host: str, token: str | None, what: str = "a token") -> None:
+  """Raises ValueError when `host` is not loopback and no token is set."""
+  if not is_loopback(host) and not token:
+    raise ValueError(f"binding {host} (not loopback) requires {what}")
+
+
+def bearer_ok(header: str | None, token: str | None) -> bool:
+  """Whether an Authorization header carries `token` (always true when no token is set)."""
+  if token is None:
+    return True
+  return hmac.compare_digest((header or "").encode(), f"Bearer {token}".encode())

@@ -1,0 +1,33 @@
+"""What every benchmark records beside its figures: when, on what, with which versions."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from importlib import metadata
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def run_info(packages: tuple[str, ...] = ("jax", "jaxlib", "flax")) -> dict:
+  info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "python": platform.python_version(), "platform": platform.platform(),
+          "cpu_cores": os.cpu_count(), "versions": {}}
+  for name in packages:
+    try:
+      info["versions"][name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return info
+
+
+def write_result(result: dict, path: str | None, default_name: str) -> str:
+  """Writes JSON to `path` (default: benchmarks/results/<default_name>.json) and says where."""
+  path = path or os.path.join(RESULTS, default_name.replace(" ", "_") + ".json")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"recorded {path}")
+  return path
