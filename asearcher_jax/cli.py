@@ -76,16 +76,20 @@ def cmd_convert(args) -> int:
 
 
 def cmd_generate(args) -> int:
-  """Greedy continuation through the KV-cache decode path."""
+  """Greedy continuation through the decode engine (KV cache), without a server."""
+  from asearcher_jax.inference import Driver, Engine, SamplingParams
   from asearcher_jax.models import from_pretrained
-  from asearcher_jax.models.decode import greedy_generate
   model, tok, cfg = from_pretrained(args.model, dtype=args.dtype)
   text = args.prompt
   if args.chat:
     text = tok.apply_chat_template([{"role": "user", "content": text}])
   ids = tok.encode(text)
+  stop = tuple(i for i in (tok.eos_id,) if i is not None)
+  engine = Engine(model, slots=1, max_len=len(ids) + args.max_new_tokens + 1)
   start = time.time()
-  out = greedy_generate(model, [ids], args.max_new_tokens, eos_id=tok.eos_id)[0]
+  with Driver(engine, tokenizer=tok) as driver:
+    out = driver.generate(ids, SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens,
+                                              stop_token_ids=stop)).output_ids
   elapsed = time.time() - start
   print(f"prompt ({len(ids)} tokens): {text!r}")
   print(f"completion ({len(out)} tokens, {len(out) / elapsed:.1f} tok/s incl. compile): "

@@ -263,6 +263,10 @@ def test_openai_client_gets_completions_and_logprobs(server, tokenizer):
     ("/v1/completions", json.dumps({"prompt": "x", "temperature": "hot"}).encode(),
      "'temperature' must be a number"),
     ("/v1/completions", json.dumps({"prompt": "x", "stream": True}).encode(), "not supported"),
+    ("/v1/completions", json.dumps({"prompt": "x", "temperature": 10**400}).encode(),
+     "'temperature' is out of range"),
+    ("/v1/completions", json.dumps({"prompt": "x", "top_k": 2**40}).encode(),
+     "top_k must be at most the vocabulary size"),
     ("/v1/chat/completions", json.dumps({"messages": []}).encode(), "'messages' must be"),
 ])
 def test_bad_http_requests_are_400_and_the_server_keeps_serving(server, path, body, message):

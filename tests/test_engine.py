@@ -1,5 +1,6 @@
 """The decode engine and its continuous-batching driver against the policy's full forward."""
 
+import threading
 import time
 
 import jax
@@ -239,3 +240,118 @@ def test_sharded_engine_matches_single_device(shape):
   for single, sharded in zip(*outs):
     assert single.output_ids == sharded.output_ids
     np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=1e-4)
+
+
+# -- failure handling: one bad request never takes others (or the driver) down ------------------
+
+
+def test_a_raising_callback_does_not_stop_the_driver(model):
+  engine = Engine(model, slots=2, max_len=64, mesh=MESH)
+
+  def explode(r, *args):
+    raise RuntimeError("client went away")
+
+  with Driver(engine) as d:
+    bad = d.submit(Request(prompt(4), SamplingParams(max_new_tokens=5), on_tokens=explode,
+                           on_finish=explode))
+    good = d.submit(Request(prompt(4), SamplingParams(max_new_tokens=5)))
+    assert bad.wait(60).finish_reason == "length" and good.wait(60).finish_reason == "length"
+    assert d.live and d.generate(prompt(3), SamplingParams(max_new_tokens=1)).output_ids
+
+
+def test_one_failing_row_of_a_batched_prefill_fails_alone(model, monkeypatch):
+  engine = Engine(model, slots=4, max_len=64, mesh=MESH)
+  real = engine.prefill_batch
+
+  def poisoned(params, token_lists, *args):
+    if any(t[0] == 127 for t in token_lists):
+      raise RuntimeError("device fault")
+    return real(params, token_lists, *args)
+
+  monkeypatch.setattr(engine, "prefill_batch", poisoned)
+  with Driver(engine) as d:
+    d.pause()  # queue everything first so that the rows share one batched prefill
+    reqs = [d.submit(Request([127, 1, 2] if i == 1 else prompt(4), SamplingParams(
+        max_new_tokens=3))) for i in range(3)]
+    d.resume()
+    reasons = [r.wait(60).finish_reason for r in reqs]
+  assert reasons == ["length", "error", "length"] and "device fault" in reqs[1].error
+
+
+def test_a_failed_session_save_still_finishes_the_request(model, monkeypatch):
+  engine = Engine(model, slots=2, max_len=64, mesh=MESH)
+  monkeypatch.setattr(engine, "extract", lambda *a: (_ for _ in ()).throw(MemoryError("oom")))
+  with Driver(engine) as d:
+    r = d.generate(prompt(5), SamplingParams(max_new_tokens=3), session_id="s", timeout=60)
+    assert r.finish_reason == "length" and d.stats().sessions_device == 0
+
+
+def test_seeds_use_all_64_bits_and_out_of_range_seeds_are_refused(driver):
+  s = lambda seed: SamplingParams(temperature=1.0, seed=seed, max_new_tokens=8)
+  p = prompt(5)
+  low = driver.generate(p, s(5)).output_ids
+  assert driver.generate(p, s(5)).output_ids == low
+  assert driver.generate(p, s(5 + 2**32)).output_ids != low
+  assert len(driver.generate(p, s(2**64 - 1)).output_ids) == 8
+  with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
+    driver.submit(Request(p, s(2**64)))
+  with pytest.raises(ValueError, match="top_k must be at most the vocabulary size 128"):
+    driver.submit(Request(p, SamplingParams(top_k=2**40)))
+
+
+def test_interrupted_request_at_max_len_resumes(model):
+  engine = Engine(model, slots=1, max_len=16, mesh=MESH)
+  with Driver(engine, version=0) as d:
+    def on_tokens(r, ids):  # pause when the context fills the cache exactly
+      if len(r.prompt) + len(r.output_ids) == 16 and r.interruptions == 0:
+        d.pause()
+
+    r = d.submit(Request(prompt(10), SamplingParams(temperature=0.0), on_tokens=on_tokens))
+    while not d.stats().paused:
+      time.sleep(0.01)
+    d.update_weights(1, engine.params)
+    d.resume()
+    r.wait(60)
+  assert r.finish_reason == "max_len" and r.error is None and r.interruptions == 1
+  assert 10 + len(r.output_ids) == 17 and r.versions[-1] == 1
+
+
+def test_driver_refuses_weights_of_the_wrong_shape(model):
+  engine = Engine(model, slots=1, max_len=32, mesh=MESH)
+  bad = jax.tree.map(lambda x: x[..., :1] if x.ndim > 1 else x, engine.params)
+  with Driver(engine, version=0) as d:
+    with pytest.raises(ValueError, match=r"weights: \[.embed.\]\.value is float32\[128, 1\], "
+                       r"the served model has float32\[128, 64\]"):
+      d.update_weights(1, bad)
+    assert d.stats().version == 0 and d.generate(prompt(3), SamplingParams(
+        max_new_tokens=2)).versions == [0, 0]
+
+
+def test_stats_are_safe_to_read_while_sessions_churn(model):
+  engine = Engine(model, slots=2, max_len=64, mesh=MESH)
+  errors = []
+  with Driver(engine, device_sessions=1, host_sessions=1) as d:
+    stop = threading.Event()
+
+    def reader():
+      while not stop.is_set():
+        try:
+          d.stats()
+        except Exception as e:  # noqa: BLE001 - any exception is the failure under test
+          errors.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for i in range(12):
+      d.generate(prompt(4), SamplingParams(max_new_tokens=2), session_id=f"s{i}")
+    stop.set()
+    t.join()
+  assert not errors
+
+
+def test_rows_without_truncation_are_untouched_by_a_truncating_neighbour():
+  from asearcher_jax.inference.sampling import processed_logits
+  logits = jax.random.normal(jax.random.PRNGKey(0), (2, 151936)) * 3
+  out = processed_logits(logits, jnp.array([1.0, 1.0]), jnp.array([0, 5]), jnp.array([1.0, 1.0]))
+  np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(logits[0]))
+  assert int(jnp.sum(out[1] > -1e29)) == 5

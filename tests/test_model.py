@@ -8,7 +8,7 @@ from conftest import single_device_mesh, tiny_config
 from flax import nnx
 
 from asearcher_jax.models import create_model, flat_params
-from asearcher_jax.models.decode import decode_step, greedy_generate, prefill
+from asearcher_jax.models.qwen import KVCache
 
 RNG = np.random.RandomState(1)
 MESH = single_device_mesh()
@@ -24,6 +24,13 @@ def model(request):
   return create_model(tiny_config(request.param), MESH, seed=3, dtype="float32")
 
 
+def cached(model, tokens, positions, cache):
+  """One call of the cache path: write tokens at positions, return float32 logits and the cache."""
+  logits, cache = jax.jit(lambda m, t, p, c: m(t, p, cache=c))(model, jnp.asarray(tokens),
+                                                                jnp.asarray(positions), cache)
+  return np.asarray(logits), cache
+
+
 def test_prefill_then_steps_equals_full_forward(model):
   b, prompt, steps = 3, 7, 6
   tokens = RNG.randint(0, 97, (b, prompt + steps)).astype(np.int32)
@@ -31,35 +38,29 @@ def test_prefill_then_steps_equals_full_forward(model):
   # Rows have different prompt lengths: right-padded prefill, then per-row positions.
   lengths = np.array([7, 4, 5], np.int32)
   padded = np.where(np.arange(prompt) < lengths[:, None], tokens[:, :prompt], 0)
-  cache = model.init_cache(b, 32)
-  logits, cache = prefill(model, jnp.asarray(padded), jnp.asarray(lengths), cache)
-  np.testing.assert_allclose(np.asarray(logits), full[np.arange(b), lengths - 1], atol=1e-5)
+  cache = KVCache.zeros(model.cfg, b, 32, jnp.float32)
+  logits, cache = cached(model, padded, np.broadcast_to(np.arange(prompt), (b, prompt)), cache)
+  np.testing.assert_allclose(logits[np.arange(b), lengths - 1], full[np.arange(b), lengths - 1],
+                             atol=1e-5)
   pos = lengths.copy()
-  for _ in range(steps):
+  for _ in range(steps):  # padding was written past each prompt; each step overwrites it first
     nxt = tokens[np.arange(b), pos]
-    logits, cache = decode_step(model, jnp.asarray(nxt), jnp.asarray(pos), cache)
-    np.testing.assert_allclose(np.asarray(logits), full[np.arange(b), pos], atol=1e-5)
+    logits, cache = cached(model, nxt[:, None], pos[:, None], cache)
+    np.testing.assert_allclose(logits[:, 0], full[np.arange(b), pos], atol=1e-5)
     pos += 1
 
 
-def test_prefill_on_top_of_existing_prefix(model):
-  """Multi-turn reuse: prefilling only the new tokens after a cached prefix."""
+def test_prefill_on_top_of_existing_prefix_and_windowed_reads(model):
+  """Multi-turn reuse: only the new tokens after a cached prefix; a window reads fewer slots."""
   tokens = RNG.randint(0, 97, (2, 12)).astype(np.int32)
   full = forward(model, jnp.asarray(tokens))
-  cache = model.init_cache(2, 16)
-  _, cache = prefill(model, jnp.asarray(tokens[:, :5]), jnp.full((2,), 5, jnp.int32), cache)
-  logits, _ = prefill(model, jnp.asarray(tokens[:, 5:]), jnp.full((2,), 7, jnp.int32), cache,
-                      start=jnp.full((2,), 5, jnp.int32))
-  np.testing.assert_allclose(np.asarray(logits), full[:, -1], atol=1e-5)
-
-
-def test_greedy_generate_matches_argmax_of_full_forward(model):
-  prompt = RNG.randint(0, 97, 5).tolist()
-  out = greedy_generate(model, [prompt], max_new_tokens=6)[0]
-  seq = list(prompt)
-  for _ in range(6):
-    seq.append(int(forward(model, jnp.asarray([seq]))[0, -1].argmax()))
-  assert out == seq[len(prompt):]
+  cache = KVCache.zeros(model.cfg, 2, 64, jnp.float32)
+  _, cache = cached(model, tokens[:, :5], np.broadcast_to(np.arange(5), (2, 5)), cache)
+  logits, cache = cached(model, tokens[:, 5:], np.broadcast_to(np.arange(5, 12), (2, 7)), cache)
+  np.testing.assert_allclose(logits, full[:, 5:], atol=1e-5)
+  windowed = jax.jit(lambda m, t, p, c: m.logits(m.hidden_states(t, p, cache=c, kv_window=16)[0]))
+  out = windowed(model, jnp.asarray(tokens[:, 11:]), jnp.full((2, 1), 11, jnp.int32), cache)
+  np.testing.assert_allclose(np.asarray(out)[:, 0], full[:, 11], atol=1e-5)
 
 
 def test_packed_rows_equal_separate_sequences(model):

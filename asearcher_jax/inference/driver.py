@@ -69,7 +69,6 @@ class Request:
   first_token_at: float | None = None
   finished_at: float | None = None
   _key: np.ndarray | None = None  # PRNG state carried across interruptions
-  _slot: int | None = None
   _cancelled: bool = False
   _done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -138,7 +137,8 @@ class Driver:
     self._counters = collections.Counter()
     self._last_step_s = 0.0
     self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
-    self._max_stop = 0
+    self._published: dict[str, Any] = {}  # engine-thread counts that stats() reads
+    self._publish()
 
   # -- lifecycle -------------------------------------------------------------------
 
@@ -153,7 +153,17 @@ class Driver:
     self._notify()
     if self._thread:
       self._thread.join(timeout=30)
-    for r in list(self._pending) + [r for r in self._slots if r]:
+    while True:  # callers blocked in _call would otherwise wait forever
+      try:
+        _, fut = self._control.get_nowait()
+      except queue.Empty:
+        break
+      fut.set_exception(RuntimeError("the decode driver stopped"))
+    with self._wake:
+      left = list(self._pending) + [r for r in self._slots if r]
+      self._pending.clear()
+      self._slots = [None] * self.engine.slots
+    for r in left:
       self._finish(r, "cancelled")
 
   def __enter__(self):
@@ -187,6 +197,8 @@ class Driver:
     if bad:
       raise ValueError(f"token ids out of the vocabulary [0, {vocab}): {bad[:5]}")
     sampling.validate(self.engine.max_len)
+    if sampling.top_k > vocab:
+      raise ValueError(f"top_k must be at most the vocabulary size {vocab}, got {sampling.top_k}")
     bad = [t for t in sampling.stop_token_ids if not 0 <= t < vocab]
     if bad:
       raise ValueError(f"stop_token_ids out of the vocabulary [0, {vocab}): {bad[:5]}")
@@ -227,27 +239,29 @@ class Driver:
     self._call(lambda: setattr(self, "_paused", False))
 
   def update_weights(self, version: int, params, mode: str | None = None) -> dict[str, Any]:
-    """Commits already-loaded params (same shapes/shardings) as `version` between two steps."""
+    """Commits already-loaded params (same shapes/shardings) as `version` between two steps.
+
+    Not from inside a request callback: callbacks run on the engine thread, mid-step.
+    """
     mode = mode or self.update_mode
     if mode not in UPDATE_MODES:
       raise ValueError(f"mode must be one of {UPDATE_MODES}, got {mode!r}")
+    if threading.current_thread() is self._thread:
+      raise RuntimeError("update_weights cannot be called from a request callback")
+    _check_like(params, self.engine.params)  # a bad update never reaches the engine thread
     return self._call(lambda: self._commit(version, params, mode))
 
   def stats(self) -> Stats:
-    with self._wake:
-      now = time.monotonic()
-      recent = [(t, n) for t, n in self._recent if now - t < 5.0]
-      span = (now - recent[0][0]) if len(recent) > 1 else 0.0
-      return Stats(
-          version=self.version, slots_total=self.engine.slots,
-          slots_in_use=sum(r is not None for r in self._slots), queue_depth=len(self._pending),
-          paused=self._paused,
-          sessions_device=sum(s.prefix is not None for s in self._sessions.values()),
-          sessions_host=sum(s.host is not None for s in self._sessions.values()),
-          generated_tokens=self._counters["generated"], prefill_tokens=self._counters["prefill"],
-          reused_tokens=self._counters["reused"], requests_finished=self._counters["finished"],
-          decode_steps=self._counters["steps"], decode_step_s=self._last_step_s,
-          tokens_per_s=(sum(n for _, n in recent[1:]) / span) if span > 0 else 0.0)
+    """A consistent snapshot, safe from any thread (the engine thread publishes its counts)."""
+    p = self._published
+    return Stats(
+        version=self.version, slots_total=self.engine.slots, slots_in_use=p["slots_in_use"],
+        queue_depth=len(self._pending), paused=self._paused,
+        sessions_device=p["sessions_device"], sessions_host=p["sessions_host"],
+        generated_tokens=self._counters["generated"], prefill_tokens=self._counters["prefill"],
+        reused_tokens=self._counters["reused"], requests_finished=self._counters["finished"],
+        decode_steps=self._counters["steps"], decode_step_s=self._last_step_s,
+        tokens_per_s=p["tokens_per_s"])
 
   # -- engine thread --------------------------------------------------------------
 
@@ -274,7 +288,9 @@ class Driver:
         active = [s for s, r in enumerate(self._slots) if r is not None]
         if active and not self._paused:
           self._step(active)
+          self._publish()
           continue
+        self._publish()
         with self._wake:
           if self._control.empty() and (self._paused or not self._pending) and self._running:
             self._wake.wait(timeout=0.5)
@@ -285,6 +301,16 @@ class Driver:
             self._slots[s] = None
             r.error = "internal error in the decode loop"
             self._finish(r, "error")
+
+  def _publish(self) -> None:
+    now = time.monotonic()
+    recent = [(t, n) for t, n in self._recent if now - t < 5.0]
+    span = (now - recent[0][0]) if len(recent) > 1 else 0.0
+    self._published = {  # replaced whole: readers never see a half-updated dict
+        "slots_in_use": sum(r is not None for r in self._slots),
+        "sessions_device": sum(s.prefix is not None for s in self._sessions.values()),
+        "sessions_host": sum(s.host is not None for s in self._sessions.values()),
+        "tokens_per_s": (sum(n for _, n in recent[1:]) / span) if span > 0 else 0.0}
 
   def _run_control(self) -> None:
     while True:
@@ -318,7 +344,6 @@ class Driver:
           break
         r = self._pending.popleft()
       slot = free.pop(0)
-      self._init_key(r)
       if r.session_id and r.session_id in self._sessions:
         self._guarded_prefill([(slot, r)], self._prefill_session)
       else:
@@ -327,20 +352,25 @@ class Driver:
       self._guarded_prefill(fresh, self._prefill_fresh)
 
   def _guarded_prefill(self, batch: list[tuple[int, Request]], fn) -> None:
+    """Runs a prefill; if a batch fails, retries its rows alone so only the bad one fails."""
     try:
+      for _, r in batch:
+        r._key = _initial_key(r) if r._key is None else r._key
       fn(batch)
     except Exception as e:  # a failed prefill fails its requests, not the server
+      if len(batch) > 1:
+        log.warning("batched prefill failed (%s); retrying its %d rows one by one", e, len(batch))
+        for item in batch:
+          if not item[1].done and self._slots[item[0]] is None:
+            self._guarded_prefill([item], fn)
+        return
       log.exception("prefill failed")
-      for slot, r in batch:
+      slot, r = batch[0]
+      if self._slots[slot] is r:
         self._slots[slot] = None
+      if not r.done:
         r.error = f"prefill failed: {e}"
         self._finish(r, "error")
-
-  def _init_key(self, r: Request) -> None:
-    if r._key is None:
-      seed = r.sampling.seed if r.sampling.seed is not None else hash(
-          (r.request_id, time.monotonic_ns())) & 0x7FFFFFFF
-      r._key = np.asarray(jax.random.PRNGKey(seed))
 
   def _prefill_fresh(self, batch: list[tuple[int, Request]]) -> None:
     t0 = time.perf_counter()
@@ -367,7 +397,7 @@ class Driver:
   def _after_prefill(self, batch, prefix, reused: list[int], prefilled: list[int], t0) -> None:
     tokens, logprobs = np.asarray(prefix.token), np.asarray(prefix.logprob)
     if self.metrics:
-      self.metrics.observe_prefill(time.perf_counter() - t0, sum(prefilled))
+      self.metrics.observe_prefill(time.perf_counter() - t0, sum(prefilled), len(batch))
     for i, (slot, r) in enumerate(batch):
       if not r.output_ids:
         r.cached_tokens = reused[i]
@@ -375,14 +405,13 @@ class Driver:
       self._counters["prefill"] += prefilled[i]
       self._counters["reused"] += reused[i]
       self._slots[slot] = r
-      r._slot = slot
       if r.first_token_at is None:
         r.first_token_at = time.monotonic()
       self._emit(slot, r, int(tokens[i]), float(logprobs[i]))
 
   def _reusable_prefix(self, session_id: str, context: list[int]) -> tuple[Prefix | None, int]:
     s = self._sessions.pop(session_id, None)
-    if s is None or (self.update_mode == "abort" and s.version != self.version):
+    if s is None:
       return None, 0
     n = 0
     limit = min(len(s.tokens), len(context) - 1)  # at least one token must be prefilled
@@ -403,7 +432,7 @@ class Driver:
     # Each live slot feeds its newest token at position len(prompt) + len(outputs) - 1.
     longest = max(len(self._slots[s].prompt) + len(self._slots[s].output_ids) for s in active)
     self._state, result = self.engine.generate(self.engine.params, self._state,
-                                               self.engine.window(longest))
+                                               self.engine.bucket(longest))
     tokens = np.asarray(result.tokens)
     logprobs = np.asarray(result.logprobs)
     self._last_step_s = time.perf_counter() - t0
@@ -423,7 +452,7 @@ class Driver:
     r.versions.append(self.version)
     self._counters["generated"] += 1
     if r.on_tokens:
-      r.on_tokens(r, [token])
+      _callback(r.on_tokens, r, [token])
     s = r.sampling
     # Every token but the newest is in the cache; the newest needs one more free position.
     in_cache = len(r.prompt) + len(r.output_ids) - 1
@@ -444,11 +473,14 @@ class Driver:
 
   def _release(self, slot: int, r: Request, reason: str) -> None:
     self._slots[slot] = None
-    r._slot = None
-    if r.session_id and reason != "cancelled":
-      held = r.prompt + r.output_ids[:-1]  # the last sampled token never entered the cache
-      self._save_session(r.session_id, held, slot)
-    self._finish(r, reason)
+    try:
+      if r.session_id and r.output_ids:  # a cancelled turn keeps its session too
+        held = r.prompt + r.output_ids[:-1]  # the last sampled token never entered the cache
+        self._save_session(r.session_id, held, slot)
+    except Exception:  # losing a cache entry is a miss next turn, never a lost request
+      log.exception("could not keep the KV cache of session %s", r.session_id)
+    finally:
+      self._finish(r, reason)
 
   def _save_session(self, session_id: str, tokens: list[int], slot: int) -> None:
     prefix = self.engine.extract(self._state, slot, len(tokens))
@@ -468,6 +500,8 @@ class Driver:
       del self._sessions[key]
 
   def _finish(self, r: Request, reason: str) -> None:
+    if r.done:
+      return
     r.finish_reason = reason
     r.finished_at = time.monotonic()
     self._counters["finished"] += 1
@@ -475,9 +509,10 @@ class Driver:
       self.metrics.observe_finish(r)
     r._done.set()
     if r.on_finish:
-      r.on_finish(r)
+      _callback(r.on_finish, r)
 
   def _commit(self, version: int, params, mode: str) -> dict[str, Any]:
+    _check_like(params, self.engine.params)
     if version <= self.version:
       raise ValueError(f"weight version {version} is not newer than the serving version "
                        f"{self.version}")
@@ -489,7 +524,6 @@ class Driver:
         if r is None:
           continue
         self._slots[slot] = None
-        r._slot = None
         r._key = keys[slot]
         r.interruptions += 1
         resumed.append(r)
@@ -500,3 +534,31 @@ class Driver:
     self.engine.load_params(params)
     self.version = version
     return {"version": version, "interrupted": interrupted, "mode": mode}
+
+
+def _callback(fn, *args) -> None:
+  """Runs a request's callback; its failure is logged and never reaches the engine loop."""
+  try:
+    fn(*args)
+  except Exception:
+    log.exception("request callback %s failed", getattr(fn, "__name__", fn))
+
+
+def _initial_key(r: Request) -> np.ndarray:
+  """The PRNG key of a request: from its 64-bit seed (both halves count), else a fresh one."""
+  seed = r.sampling.seed
+  if seed is None:
+    seed = hash((r.request_id, time.monotonic_ns())) & 0xFFFFFFFFFFFFFFFF
+  key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
+  return np.asarray(jax.random.fold_in(key, seed >> 32))
+
+
+def _check_like(params, reference) -> None:
+  """Raises ValueError unless params has the reference's structure, shapes and dtypes."""
+  got, want = jax.tree.structure(params), jax.tree.structure(reference)
+  if got != want:
+    raise ValueError(f"weights have a different structure than the served model: {got} vs {want}")
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(reference)):
+    if a.shape != b.shape or a.dtype != b.dtype:
+      raise ValueError(f"weights: {jax.tree_util.keystr(path)} is {a.dtype}{list(a.shape)}, the "
+                       f"served model has {b.dtype}{list(b.shape)}")

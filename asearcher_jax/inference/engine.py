@@ -125,10 +125,6 @@ class Engine:
         return b
     raise ValueError(f"{n} tokens exceed the maximum length {self.max_len}")
 
-  def window(self, longest: int) -> int:
-    """The attention window (a bucket) for a generate step whose longest sequence is `longest`."""
-    return self.bucket(max(longest, 1))
-
   def prefill(self, params, tokens: np.ndarray, *, existing_prefix: Prefix | None = None,
               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
               key: np.ndarray | jax.Array | None = None) -> Prefix:
@@ -203,8 +199,9 @@ class Engine:
                   izero, zero, jnp.zeros((1, 2), jnp.uint32), zero, izero, zero)
 
   def _check_room(self, n: int) -> None:
-    if n >= self.max_len:
-      raise ValueError(f"{n} tokens leave no room to generate within max_len {self.max_len}")
+    # n == max_len fills the cache exactly; the token sampled from it needs no slot of its own.
+    if n > self.max_len:
+      raise ValueError(f"{n} tokens do not fit max_len {self.max_len}")
 
   # -- jitted bodies ----------------------------------------------------------------
 
@@ -265,12 +262,6 @@ class Engine:
     izero = jnp.zeros((1,), jnp.int32)
     return Prefix(KVCache(k, v), length[None], izero, zero, state.keys[slot][None], zero, izero,
                   zero)
-
-  def __hash__(self):
-    return id(self)
-
-  def __eq__(self, other):
-    return self is other
 
 
 def _divisible_rules(mesh: Mesh, slots: int, kv_heads: int) -> dict:

@@ -30,9 +30,9 @@ def _guarded(stream: bool = False):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
     async def fail(context, e):
-      if isinstance(e, QueueFullError):
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+      code = (grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(e, QueueFullError)
+              else grpc.StatusCode.INVALID_ARGUMENT)
+      await context.abort(code, str(e))
 
     if stream:
       @functools.wraps(fn)

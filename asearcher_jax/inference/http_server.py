@@ -43,6 +43,11 @@ def _field(body: dict, name: str, types, default=None, check=None, what: str = "
     return default
   if isinstance(value, bool) or not isinstance(value, types):
     raise BadRequest(f"'{name}' must be {what}, got {value!r}")
+  if isinstance(value, int) and float in (types if isinstance(types, tuple) else (types,)):
+    try:
+      value = float(value)
+    except OverflowError:
+      raise BadRequest(f"'{name}' is out of range") from None
   if check is not None and not check(value):
     raise BadRequest(f"'{name}' must be {what}, got {value!r}")
   return value
@@ -107,10 +112,24 @@ class OpenAIServer:
     return sampling, n
 
   async def _run(self, prompt: list[int], sampling: SamplingParams, n: int):
-    """n samples run concurrently; with a seed, sample i uses seed + i."""
+    """n samples run concurrently (seed + i each); one failure cancels the others."""
     seeds = [None if sampling.seed is None else sampling.seed + i for i in range(n)]
-    return await asyncio.gather(*(self.service.generate(
-        prompt, dataclasses.replace(sampling, seed=seed)) for seed in seeds))
+    tasks = [asyncio.ensure_future(self.service.generate(
+        prompt, dataclasses.replace(sampling, seed=seed))) for seed in seeds]
+    try:
+      results = await asyncio.gather(*tasks)
+    except BaseException:
+      for t in tasks:
+        t.cancel()
+      await asyncio.gather(*tasks, return_exceptions=True)
+      raise
+    failed = [r for r in results if r.finish_reason == "error"]
+    if failed:
+      raise web.HTTPInternalServerError(
+          text=json.dumps({"error": {"message": failed[0].error or "generation failed",
+                                     "type": "server_error", "code": 500}}),
+          content_type="application/json")
+    return results
 
   def _choice_text(self, r, sampling: SamplingParams) -> tuple[str, str, int]:
     """(text, finish_reason, how many output tokens the text covers)."""

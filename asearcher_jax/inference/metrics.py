@@ -30,10 +30,10 @@ class DecodeMetrics:
     self.ttft_s = Histogram("asearcher_decode_time_to_first_token_seconds",
                             "submission to first token", buckets=_LATENCY, registry=r)
 
-  def observe_prefill(self, seconds: float, tokens: int) -> None:
+  def observe_prefill(self, seconds: float, tokens: int, requests: int) -> None:
     self.prefill_s.observe(seconds)
     self.prefilled.inc(tokens)
-    self.generated.inc(1)  # prefill samples each request's first token
+    self.generated.inc(requests)  # prefill samples each request's first token
 
   def observe_step(self, seconds: float, active: int) -> None:
     self.step_s.observe(seconds)

@@ -37,6 +37,8 @@ class SamplingParams:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
     if self.top_k < 0:
       raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if self.seed is not None and not 0 <= self.seed < 2**64:
+      raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
     if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= max_tokens_limit:
       raise ValueError(f"max_new_tokens must be in [1, {max_tokens_limit}], "
                        f"got {self.max_new_tokens}")
@@ -61,7 +63,7 @@ def processed_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array
     desc = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], desc, NEG_INF)
     probs = jax.nn.softmax(desc, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p[:, None]
+    keep = (mass_before < top_p[:, None]) | (top_p >= 1.0)[:, None]  # p = 1: no truncation
     cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
     threshold = jnp.maximum(kth, cutoff)
     out = jnp.where(x >= threshold, x, NEG_INF)

@@ -60,7 +60,8 @@ class DecodeServer:
     await self._grpc.start()
     if self.http_port is not None:
       app = OpenAIServer(self.service, self.token, self.metrics).app()
-      self._runner = web.AppRunner(app, access_log=None)
+      # handler_cancellation: a client that hangs up cancels its request and frees the slot
+      self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
       await self._runner.setup()
       site = web.TCPSite(self._runner, self.host, self.http_port)
       await site.start()
@@ -103,8 +104,10 @@ class DecodeServer:
       self._stopped = asyncio.Event()
       try:
         self._loop.run_until_complete(self.start())
-      except BaseException as e:  # reported to the caller
+      except BaseException as e:  # reported to the caller, after releasing what started
         failure.append(e)
+        self._loop.run_until_complete(self.stop())
+        self._loop.close()
         ready.set()
         return
       ready.set()

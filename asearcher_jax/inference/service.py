@@ -107,26 +107,30 @@ class DecodeService:
 
 
 class IncrementalDetokenizer:
-  """Text deltas for a growing token list, holding back incomplete UTF-8 sequences."""
+  """Text deltas for a growing token list, holding back incomplete UTF-8 sequences.
+
+  Only the tokens since the last emitted text are decoded (with the token
+  before them for context), so a long stream costs linear, not quadratic, time.
+  """
 
   def __init__(self, tokenizer):
     self.tokenizer = tokenizer
     self.ids: list[int] = []
-    self.text = ""
+    self._prefix = 0  # ids[_prefix:_read] were decoded into text already
+    self._read = 0
 
-  def add(self, ids: list[int]) -> str:
+  def add(self, ids: list[int], final: bool = False) -> str:
     self.ids.extend(ids)
-    full = self.tokenizer.decode(self.ids)
-    if full.endswith("\ufffd"):  # a multi-byte character is not complete yet
-      return ""
-    delta, self.text = full[len(self.text):], full
-    return delta
+    done = self.tokenizer.decode(self.ids[self._prefix:self._read])
+    full = self.tokenizer.decode(self.ids[self._prefix:])
+    if not final and (full.endswith("\ufffd") or len(full) <= len(done)):
+      return ""  # a multi-byte character is not complete yet
+    self._prefix, self._read = self._read, len(self.ids)
+    return full[len(done):]
 
   def flush(self) -> str:
     """Whatever is still held back (an incomplete character at the end), as decoded."""
-    full = self.tokenizer.decode(self.ids)
-    delta, self.text = full[len(self.text):], full
-    return delta
+    return self.add([], final=True)
 
 
 def truncate_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:

@@ -72,8 +72,8 @@ def load_weights(template, source: Any, cfg: QwenConfig, *, step: int | None = N
 
 
 def _check_same_architecture(source: str, got: QwenConfig, served: QwenConfig) -> None:
-  if got.to_hf_dict() != served.to_hf_dict():
-    diff = {k: (v, served.to_hf_dict()[k]) for k, v in got.to_hf_dict().items()
-            if served.to_hf_dict().get(k) != v}
+  a, b = got.to_hf_dict(), served.to_hf_dict()
+  if a != b:
+    diff = {k: (v, b.get(k)) for k, v in a.items() if b.get(k) != v}
     raise CheckpointError(f"{source}: holds a different architecture than the one being served "
                           f"(checkpoint vs served: {diff})")

@@ -101,7 +101,7 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
   `cache` is (k, v, layer, window) with k/v the whole [layers, B, S, K, D]
   cache: this layer's new keys/values are scattered into it in place (it is a
   loop carry, so nothing is copied) and attention reads back the layer's first
-  `window` slots (all of them when window is None).
+  `window` slots.
   """
   dt = x.dtype
   w = lambda name: p[name].astype(dt)
@@ -122,7 +122,6 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
     k_all = k_all.at[layer, rows, positions].set(k.astype(k_all.dtype), mode="drop")
     v_all = v_all.at[layer, rows, positions].set(v.astype(v_all.dtype), mode="drop")
     new_cache = (k_all, v_all)
-    window = window or k_all.shape[2]
     k, v = k_all[layer, :, :window].astype(dt), v_all[layer, :, :window].astype(dt)
   else:
     new_cache = None
@@ -158,9 +157,6 @@ class Qwen(nnx.Module):
       self.lm_head = nnx.Param(normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), param_dtype),
                                logical_axes=("embed", "vocab"))
 
-  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-    return KVCache.zeros(self.cfg, batch, max_len, dtype or self.dtype)
-
   def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
                     segment_ids: jax.Array | None = None, cache: KVCache | None = None,
                     kv_window: int | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -182,8 +178,8 @@ class Qwen(nnx.Module):
         segment_ids = jnp.ones((b, t), jnp.int32)
       mask = make_mask(positions, positions, segment_ids, segment_ids)
     else:
-      window = kv_window or cache.max_len
-      slots = jnp.broadcast_to(jnp.arange(window, dtype=jnp.int32), (b, window))
+      kv_window = kv_window or cache.max_len
+      slots = jnp.broadcast_to(jnp.arange(kv_window, dtype=jnp.int32), (b, kv_window))
       mask = make_mask(positions, slots)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))
