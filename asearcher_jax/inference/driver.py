@@ -137,6 +137,8 @@ class Driver:
     self._counters = collections.Counter()
     self._last_step_s = 0.0
     self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
+    self._inflight = None  # (result, [(slot, request)], version) of the step not yet recorded
+    self._last_done = time.perf_counter()
     self._published: dict[str, Any] = {}  # engine-thread counts that stats() reads
     self._publish()
 
@@ -281,6 +283,8 @@ class Driver:
   def _loop(self) -> None:
     while self._running:
       try:
+        if not self._control.empty():
+          self._drain()
         self._run_control()
         self._drop_cancelled()
         if not self._paused:
@@ -290,12 +294,16 @@ class Driver:
           self._step(active)
           self._publish()
           continue
+        self._drain()
+        if any(r is not None for r in self._slots) and not self._paused:
+          continue  # the drained step left requests running (or admitted)
         self._publish()
         with self._wake:
           if self._control.empty() and (self._paused or not self._pending) and self._running:
             self._wake.wait(timeout=0.5)
       except Exception:  # never let one bad step kill the server; fail the live requests
         log.exception("decode loop error; failing in-flight requests")
+        self._inflight = None
         for s, r in enumerate(self._slots):
           if r is not None:
             self._slots[s] = None
@@ -428,28 +436,49 @@ class Driver:
     return prefix, n
 
   def _step(self, active: list[int]) -> None:
-    t0 = time.perf_counter()
-    # Each live slot feeds its newest token at position len(prompt) + len(outputs) - 1.
+    """Dispatches the next generate step, then does the host work of the one before it.
+
+    The device never waits for Python: while step t+1 runs, step t's tokens are
+    recorded and checked for stops. A slot that finished at step t has one
+    wasted row in step t+1, which is discarded because the slot no longer
+    holds that request (JetStream makes the same trade).
+    """
+    # A live slot feeds its newest token at len(prompt) + len(outputs) - 1, plus one if a
+    # step is still in flight.
     longest = max(len(self._slots[s].prompt) + len(self._slots[s].output_ids) for s in active)
-    self._state, result = self.engine.generate(self.engine.params, self._state,
-                                               self.engine.bucket(longest))
+    window = self.engine.bucket(min(longest + (self._inflight is not None), self.engine.max_len))
+    self._state, result = self.engine.generate(self.engine.params, self._state, window)
+    previous = self._inflight
+    self._inflight = (result, [(s, self._slots[s]) for s in active], self.version)
+    if previous is not None:
+      self._process(previous)
+
+  def _drain(self) -> None:
+    """Records the step in flight, if any (before control changes what the slots hold)."""
+    if self._inflight is not None:
+      previous, self._inflight = self._inflight, None
+      self._process(previous)
+
+  def _process(self, inflight) -> None:
+    result, snapshot, version = inflight
     tokens = np.asarray(result.tokens)
     logprobs = np.asarray(result.logprobs)
-    self._last_step_s = time.perf_counter() - t0
+    now = time.perf_counter()
+    self._last_step_s, self._last_done = now - self._last_done, now
     self._counters["steps"] += 1
-    self._recent.append((time.monotonic(), len(active)))
+    self._recent.append((time.monotonic(), len(snapshot)))
     if self.metrics:
-      self.metrics.observe_step(self._last_step_s, len(active))
-    for slot in active:
-      r = self._slots[slot]
-      if r is not None:
-        self._emit(slot, r, int(tokens[slot]), float(logprobs[slot]))
+      self.metrics.observe_step(self._last_step_s, len(snapshot))
+    for slot, r in snapshot:
+      if self._slots[slot] is r:  # else it finished (or was cancelled) since the dispatch
+        self._emit(slot, r, int(tokens[slot]), float(logprobs[slot]), version)
 
-  def _emit(self, slot: int, r: Request, token: int, logprob: float) -> None:
-    """Records one sampled token and finishes the request if it should stop."""
+  def _emit(self, slot: int, r: Request, token: int, logprob: float,
+            version: int | None = None) -> None:
+    """Records one sampled token (sampled by weights `version`) and finishes the request if done."""
     r.output_ids.append(token)
     r.logprobs.append(logprob)
-    r.versions.append(self.version)
+    r.versions.append(self.version if version is None else version)
     self._counters["generated"] += 1
     if r.on_tokens:
       _callback(r.on_tokens, r, [token])
