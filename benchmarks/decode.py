@@ -34,38 +34,46 @@ HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "TPU v5p": 2
                    "TPU v5 lite": 0.82e12, "TPU v6 lite": 1.64e12}
 
 
-def ours(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict:
+def ours(engine: Engine, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
   sampling = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+  walls, ttfts, steps = [], [], []
   with Driver(engine) as d:
-    for _ in range(2):  # the first round compiles every prefill and window bucket it meets
+    for attempt in range(repeats + 1):  # the first round compiles every bucket it meets
       start = time.perf_counter()
       reqs = [d.submit(Request(p, sampling)) for p in prompts]
       for r in reqs:
         r.wait()
-      wall = time.perf_counter() - start
-    steps = d.stats().decode_step_s
+      if attempt:
+        walls.append(time.perf_counter() - start)
+        ttfts.append(float(np.mean([r.first_token_at - r.submitted_at for r in reqs])))
+        steps.append(d.stats().decode_step_s)
   tokens = sum(len(r.output_ids) for r in reqs)
-  ttft = float(np.mean([r.first_token_at - r.submitted_at for r in reqs]))
-  return {"tokens_per_s": tokens / wall, "ttft_s": ttft, "wall_s": wall, "last_step_s": steps}
+  wall = float(np.median(walls))
+  return {"tokens_per_s": tokens / wall, "ttft_s": float(np.median(ttfts)), "wall_s": wall,
+          "wall_s_all": walls, "step_s": float(np.median(steps))}
 
 
-def hf(model, prompts: list[list[int]], new_tokens: int) -> dict:
+def hf(model, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
   import torch
   ids = torch.tensor(prompts)
   def generate(x, n):
     return model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
                           min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
 
+  walls, ttfts = [], []
   with torch.no_grad():
     generate(ids[:1], 2)  # warm up
-    t = time.perf_counter()
-    generate(ids, 1)
-    ttft = time.perf_counter() - t
-    t = time.perf_counter()
-    out = generate(ids, new_tokens)
-    wall = time.perf_counter() - t
+    for _ in range(repeats):
+      t = time.perf_counter()
+      generate(ids, 1)
+      ttfts.append(time.perf_counter() - t)
+      t = time.perf_counter()
+      out = generate(ids, new_tokens)
+      walls.append(time.perf_counter() - t)
   tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
-  return {"tokens_per_s": tokens / wall, "ttft_s": ttft, "wall_s": wall}
+  wall = float(np.median(walls))
+  return {"tokens_per_s": tokens / wall, "ttft_s": float(np.median(ttfts)), "wall_s": wall,
+          "wall_s_all": walls}
 
 
 def multi_turn(engine: Engine, turns: int, gen: int, tool: int, rng) -> dict:
@@ -110,6 +118,7 @@ def main(argv=None) -> int:
   p.add_argument("--prompt-len", type=int, default=64)
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--turns", type=int, default=20)
+  p.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
   p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
   p.add_argument("--results", help="JSON output (default: benchmarks/results/...)")
   p.add_argument("overrides", nargs="*")
@@ -138,13 +147,13 @@ def main(argv=None) -> int:
   for b in args.batches:
     prompts = rng.integers(0, arch.vocab_size, (b, args.prompt_len)).tolist()
     engine = Engine(model, slots=b, max_len=max_len, mesh=mesh)
-    row = {"batch": b, "ours": ours(engine, prompts, args.new_tokens)}
+    row = {"batch": b, "ours": ours(engine, prompts, args.new_tokens, args.repeats)}
     if torch_model is not None:
-      row["transformers"] = hf(torch_model, prompts, args.new_tokens)
+      row["transformers"] = hf(torch_model, prompts, args.new_tokens, args.repeats)
       row["speedup"] = row["ours"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
     rf = roofline(engine, b, args.prompt_len + args.new_tokens // 2)
     if rf:
-      rf["fraction_of_roofline"] = rf["roofline_step_s"] / row["ours"]["last_step_s"]
+      rf["fraction_of_roofline"] = rf["roofline_step_s"] / row["ours"]["step_s"]
       row["roofline"] = rf
     rows.append(row)
     hf_part = (f" | transformers {row['transformers']['tokens_per_s']:9.1f} tok/s, ttft "
