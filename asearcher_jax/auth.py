@@ -25,7 +25,13 @@ def require_token(host: str, token: str | None, what: str = "a token") -> None:
 
 
 def bearer_ok(header: str | None, token: str | None) -> bool:
-  """Whether an Authorization header carries `token` (always true when no token is set)."""
-  if token is None:
+  """Whether an Authorization header carries `token` (always true when no token is set; an
+  empty token, e.g. from an unset-but-exported env var, counts as none). Never raises: a
+  header that is not valid UTF-8 (aiohttp hands such bytes over as surrogate escapes) is
+  compared as raw bytes and simply fails to match."""
+  if not token:
     return True
-  return hmac.compare_digest((header or "").encode(), f"Bearer {token}".encode())
+  want = f"Bearer {token}".encode("utf-8", errors="surrogateescape")
+  got = (header or "").encode("utf-8", errors="surrogateescape") \
+      if isinstance(header, str) else b""
+  return hmac.compare_digest(got, want)

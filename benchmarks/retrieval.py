@@ -144,7 +144,7 @@ def main(argv=None) -> int:
              JAX_PLATFORMS="cpu")
   t = time.time()
   with open(os.path.join(work, "server.log"), "w") as server_log:
-    srv = subprocess.Popen([sys.executable, "-m", "asearcher_jax.tools.cli", "retrieval",
+    srv = subprocess.Popen([sys.executable, "-m", "asearcher_jax.cli", "retrieval",
                             "serve", "--index", index_dir, "--port", str(port), "--workers",
                             "2"], env=env, stdout=server_log, stderr=subprocess.STDOUT)
   url = f"http://127.0.0.1:{port}"

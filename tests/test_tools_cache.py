@@ -1,6 +1,7 @@
 """Disk cache: survives restarts, and stays consistent under concurrent threads and processes."""
 
 import multiprocessing as mp
+import os
 import threading
 import time
 
@@ -17,7 +18,7 @@ def test_roundtrip_and_persistence(tmp_path):
   c.close()
   again = DiskCache(path)
   assert again.get("a") == {"x": [3]} and again.get("b") is None and len(again) == 1
-  assert "a" in again and "zz" not in again
+  assert again.get("zz") is None
 
 
 def test_ttl_expires_entries(tmp_path):
@@ -69,3 +70,16 @@ def test_concurrent_processes(tmp_path):
   c = DiskCache(path)
   assert len(c) == 4 * 150 + 1
   assert all(c.get(f"p{p}/{i}") == [p, i] for p in range(4) for i in range(150))
+
+
+def test_connection_inherited_across_fork_is_not_reused(tmp_path):
+  """sqlite forbids using a connection across fork(): a forked child (seen here as a
+  different pid owning the thread's connection) must open its own, not reuse the parent's.
+  Simulated rather than forked, since os.fork() in a process running JAX may deadlock."""
+  c = DiskCache(str(tmp_path / "c.sqlite"))
+  inherited = c._conn()
+  c._local.pid = -1  # as if the connection had been opened by the parent process
+  fresh = c._conn()
+  assert fresh is not inherited and c._local.pid == os.getpid()
+  c.put("k", 1)
+  assert c.get("k") == 1 and c._conn() is fresh

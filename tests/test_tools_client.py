@@ -148,3 +148,66 @@ def test_page_chunks():
 def test_make_client_picks_backend():
   assert isinstance(make_client(SearchClientSection()), LocalSearchClient)
   assert isinstance(make_client(SearchClientSection(backend="web")), WebSearchClient)
+
+
+# ---- regressions ----------------------------------------------------------------------------
+
+def test_client_survives_a_new_event_loop(world_server):
+  """The aiohttp session is bound to its loop: a second asyncio.run used to raise 'Event
+  loop is closed' out of search()."""
+  _, srv = world_server
+  c = LocalSearchClient(SearchClientSection(url=srv.url))
+  for _ in range(2):
+    [r] = asyncio.run(c.search(["capital"]))
+    assert r.ok
+  asyncio.run(c.close())
+
+
+def test_unexpected_client_exception_is_a_tool_error(world_server, monkeypatch):
+  _, srv = world_server
+
+  async def explode(self, path, body):
+    raise RuntimeError("kaboom")
+  monkeypatch.setattr(LocalSearchClient, "_post", explode)
+  [r] = run(lambda c: c.search(["q"]), SearchClientSection(url=srv.url))
+  assert r.error.kind == "bad_response" and "kaboom" in r.error.message
+  r = run(lambda c: c.access("u"), SearchClientSection(url=srv.url))
+  assert r.error.kind == "bad_response"
+
+
+def test_page_links_not_a_list_is_a_tool_error():
+  async def bad_links(request):
+    return web.json_response({"result": [{"url": "u", "title": "t", "contents": "c",
+                                          "links": 5}]})
+  app = web.Application()
+  app.router.add_post("/access", bad_links)
+  with ServerThread(app) as srv:
+    r = run(lambda c: c.access("u"), SearchClientSection(url=srv.url))
+  assert r.error.kind == "bad_response" and "links" in r.error.message
+
+
+def test_long_query_and_big_batch_do_not_fail_the_batch(world_server):
+  """The server rejects a request with one over-long query, or too many queries, whole; the
+  client trims queries and splits batches to its limits so every query gets its answer."""
+  from asearcher_jax.tools.config import RetrievalSection
+  from asearcher_jax.tools.retrieval_server import INDEX_KEY
+  _, srv = world_server
+  app = create_app(srv.app[INDEX_KEY], RetrievalSection(max_queries=2, max_query_chars=100))
+  with ServerThread(app) as small:
+    async def go():
+      c = LocalSearchClient(SearchClientSection(url=small.url))  # limits from /health
+      try:
+        return await c.search(["capital of", "mayor " * 50, "born in", "founded", "city"])
+      finally:
+        await c.close()
+    res = asyncio.run(go())
+  assert [r.ok for r in res] == [True] * 5
+  assert res[1].query == "mayor " * 50  # the result names the query as asked
+
+
+def test_empty_token_env_means_no_token(world_server, monkeypatch):
+  _, srv = world_server
+  monkeypatch.setenv("ASEARCHER_RETRIEVAL_TOKEN", "")
+  c = LocalSearchClient(SearchClientSection(url=srv.url))
+  assert c.token is None
+  asyncio.run(c.close())

@@ -149,14 +149,17 @@ def test_dense_and_hybrid_index_through_cli_and_server(bert_dir, tmp_path):
   index = SearchIndex(out)
   assert index.modes == ["bm25", "dense", "hybrid"]
   assert index.dense.encoder.config.pooling == "cls"
-  [res] = index.search([rows[5]["contents"]], 3, mode="dense")
+  # Passages are embedded as BM25 indexes them, title included (passage_text): the query
+  # of exactly that text is the passage's own vector.
+  from asearcher_jax.tools.index import passage_text
+  [res] = index.search([passage_text(rows[5])], 3, mode="dense")
   assert res[0][0] == 5 and abs(res[0][1] - 1.0) < 1e-5
   [hyb] = index.search([rows[5]["contents"]], 4, mode="hybrid", alpha=0.5)
   assert hyb[0][0] == 5 and [s for _, s in hyb] == sorted((s for _, s in hyb), reverse=True)
   with ServerThread(create_app(index)) as srv:
     for mode in ("dense", "hybrid", "bm25"):
       req = urllib.request.Request(srv.url + "/retrieve", method="POST", data=json.dumps(
-          {"queries": [rows[2]["contents"]], "topk": 2, "mode": mode}).encode())
+          {"queries": [passage_text(rows[2])], "topk": 2, "mode": mode}).encode())
       with urllib.request.urlopen(req) as r:
         hits = json.loads(r.read())["result"][0]
       assert hits[0]["id"] == "d2", mode
@@ -168,3 +171,15 @@ def test_dense_and_hybrid_index_through_cli_and_server(bert_dir, tmp_path):
   os.remove(os.path.join(out, "dense", "embeddings.npy"))
   with pytest.raises(RetrievalError, match="embeddings.npy: file not found"):
     SearchIndex(out)
+
+
+def test_query_batches_padded_to_few_shapes(bert_dir):
+  """Every batch size used to be its own XLA compile; rows are padded to a power of two."""
+  path, _, _ = bert_dir
+  enc = DenseEncoder(path, EncoderConfig(batch_size=8))
+  single = enc.encode(["harbor river"], is_query=True)
+  before = enc._forward._cache_size()
+  for n in (3, 5, 6, 7):
+    out = enc.encode(["harbor river"] * n, is_query=True)
+    np.testing.assert_allclose(out, np.repeat(single, n, 0), atol=1e-5)
+  assert enc._forward._cache_size() - before == 2  # batch shapes 4 and 8

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from asearcher_jax.errors import RetrievalError
-from asearcher_jax.tools.cli import register
+from asearcher_jax.tools.cli import register, serve_section
 from asearcher_jax.tools.config import RetrievalSection
 from asearcher_jax.tools.corpus import read_corpus, read_pages
 from asearcher_jax.tools.index import SearchIndex, build_index
@@ -323,7 +323,26 @@ def test_cli_index_build_and_world_build(tmp_path):
   with open(os.path.join(out, "corpus.jsonl")) as f:
     assert loaded.num_docs == sum(1 for _ in f)
   args = p.parse_args(["retrieval", "serve", "--index", idx, "--port", "1"])
-  assert args.fn is not None and args.host == "127.0.0.1"
+  cfg = serve_section(args)
+  assert args.fn is not None and cfg.host == "127.0.0.1" and cfg.port == 1 and cfg.index == idx
+
+
+def test_retrieval_serve_honours_config_file_and_flags(tmp_path):
+  """`retrieval serve --config FILE [overrides]` takes the YAML `retrieval` section; flags
+  given on the command line win; bad values are a one-line ConfigError."""
+  from asearcher_jax.errors import ConfigError
+  p = argparse.ArgumentParser()
+  register(p.add_subparsers(dest="cmd", required=True))
+  yml = tmp_path / "c.yaml"
+  base = os.path.join(os.path.dirname(__file__), "..", "configs", "debug.yaml")
+  with open(base) as f:
+    yml.write_text(f.read() + "\nretrieval:\n  port: 8123\n  workers: 7\n  max_topk: 9\n"
+                   "  index: /x\n")
+  cfg = serve_section(p.parse_args(["retrieval", "serve", "--config", str(yml),
+                                    "retrieval.max_queries=3", "--workers", "2"]))
+  assert (cfg.port, cfg.workers, cfg.max_topk, cfg.max_queries, cfg.index) == (8123, 2, 9, 3, "/x")
+  with pytest.raises(ConfigError, match="workers"):
+    serve_section(p.parse_args(["retrieval", "serve", "--workers", "0"]))
 
 
 def test_default_world_index_built_once(tmp_path, monkeypatch):
@@ -339,7 +358,7 @@ def test_default_world_index_built_once(tmp_path, monkeypatch):
 
 def _serve_cmd(index_dir, port):
   import sys
-  return [sys.executable, "-m", "asearcher_jax.tools.cli", "retrieval", "serve", "--index",
+  return [sys.executable, "-m", "asearcher_jax.cli", "retrieval", "serve", "--index",
           index_dir, "--port", str(port)]
 
 
@@ -373,3 +392,130 @@ def test_serve_process_starts_and_fails_clearly(world_dir, tmp_path):
   finally:
     proc.terminate()
     proc.wait(30)
+
+
+# ---- regressions ----------------------------------------------------------------------------
+
+class _FakeDense:
+  """Dense hits on rows 1000.. with descending scores, for any query."""
+
+  def __init__(self, n):
+    self.vectors = np.zeros((n, 4))
+
+  def search(self, qs, k):
+    return (np.tile(np.arange(1000, 1000 + k), (len(qs), 1)),
+            np.tile(np.linspace(0.9, 0.5, k), (len(qs), 1)))
+
+
+def test_hybrid_ignores_bm25_rows_that_matched_nothing(world_dir):
+  """With no BM25 match every BM25 score is 0: the zero span used to give all of them full
+  weight, so arbitrary rows outranked the real dense hits."""
+  with SearchIndex(os.path.join(world_dir, "index")) as idx:
+    idx.dense = _FakeDense(idx.num_docs)
+    [hits] = idx.search(["zzzqqq"], 3, mode="hybrid", alpha=0.5)
+    assert [r for r, _ in hits] == [1000, 1001, 1002]
+
+
+def test_malformed_manifest_is_a_clear_error(world_dir, tmp_path):
+  bad = str(tmp_path / "idx")
+  shutil.copytree(os.path.join(world_dir, "index"), bad)
+  mpath = os.path.join(bad, "manifest.json")
+  with open(mpath) as f:
+    m = json.load(f)
+  with open(mpath, "w") as f:
+    json.dump([m], f)
+  with pytest.raises(RetrievalError, match="expected a JSON object"):
+    SearchIndex(bad)
+  with open(mpath, "w") as f:
+    json.dump(dict(m, retrievers=["bm25", "dense"]), f)
+  with pytest.raises(RetrievalError, match="no 'dense' section"):
+    SearchIndex(bad)
+
+
+def test_index_close_releases_maps_and_build_failure_does_not_leak(world_dir, tmp_path,
+                                                                   monkeypatch):
+  from asearcher_jax.tools import index as index_mod
+  with SearchIndex(os.path.join(world_dir, "index")) as idx:
+    mm = idx.docs._mm
+  assert mm.closed and idx.docs is None and idx.bm25 is None
+  closed = []
+
+  class Store(index_mod.RowStore):
+    def close(self):
+      closed.append(True)
+      super().close()
+
+  def fail(*a, **k):
+    raise RuntimeError("disk full")
+  monkeypatch.setattr(index_mod, "RowStore", Store)
+  monkeypatch.setattr(index_mod.BM25Index, "build", fail)
+  with pytest.raises(RuntimeError, match="disk full"):
+    build_index(os.path.join(world_dir, "corpus.jsonl"), str(tmp_path / "i"), log=lambda *_: 0)
+  assert closed == [True]
+
+
+def test_server_thread_start_fails_loudly(index):
+  import time
+
+  async def slow_start(_app):
+    await asyncio.sleep(1.0)
+  app = create_app(index)
+  app.on_startup.append(slow_start)
+  t = time.time()
+  with pytest.raises(RetrievalError, match="not ready"):
+    ServerThread(app).start(timeout_s=0.2)
+  assert time.time() - t < 1.0
+  with pytest.raises(RetrievalError, match="not loopback"):
+    ServerThread(create_app(index), host="0.0.0.0").start()
+
+
+def _raw_post(srv, path, body: bytes, auth: bytes | None = None) -> tuple[int, dict]:
+  import socket
+  s = socket.create_connection(("127.0.0.1", srv.port))
+  head = (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+          + (b"Authorization: " + auth + b"\r\n" if auth is not None else b"")
+          + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+  s.sendall(head + body)
+  data = b""
+  while chunk := s.recv(65536):
+    data += chunk
+  s.close()
+  status = int(data.split(b" ", 2)[1])
+  return status, json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+def test_non_utf8_auth_header_is_401_and_empty_token_is_none(index):
+  from asearcher_jax.auth import bearer_ok
+  assert bearer_ok("Bearer \udcff\udcfe", "secret") is False
+  assert bearer_ok(None, "") is True
+  with ServerThread(create_app(index, token="secret")) as srv:
+    body = b'{"queries": ["capital"]}'
+    assert _raw_post(srv, "/retrieve", body, b"Bearer \xff\xfe")[0] == 401
+    assert _raw_post(srv, "/retrieve", body, "Bearer sécret".encode())[0] == 401
+    assert _raw_post(srv, "/retrieve", body, b"Bearer secret")[0] == 200
+  with ServerThread(create_app(index, token="")) as srv:  # "" from an env var: no token
+    assert _raw_post(srv, "/retrieve", body)[0] == 200
+
+
+def test_deeply_nested_json_is_400(server):
+  status, body = post(server.url + "/retrieve", None, raw=b"[" * 20000 + b"]" * 20000)
+  assert status == 400 and "nested" in body["error"]
+
+
+def test_access_decodes_on_the_pool(index, world_dir):
+  import threading
+  names = []
+  real = index.page
+
+  def page(url):
+    names.append(threading.current_thread().name)
+    return real(url)
+  with open(os.path.join(world_dir, "pages.jsonl")) as f:
+    url = json.loads(f.readline())["url"]
+  with ServerThread(create_app(index)) as srv:
+    index.page = page
+    try:
+      status, _ = post(srv.url + "/access", {"urls": [url]})
+    finally:
+      del index.page
+  assert status == 200 and names and all(n.startswith("retrieve") for n in names)

@@ -321,3 +321,136 @@ def test_concurrency_limit_respected(fake):
   finally:
     f.delay = 0.0
   assert f.peak == 2 and s.attempts == 8
+
+
+# ---- regressions ----------------------------------------------------------------------------
+
+def _serve_routes(**routes):
+  app = web.Application()
+  for path, handler in routes.items():
+    app.router.add_get("/" + path, handler)
+  return ServerThread(app)
+
+
+def test_fetch_reads_a_slowly_streamed_body_whole():
+  """`content.read(n)` returned only the first chunk to arrive: pages came back (and were
+  cached) truncated."""
+  async def page(request):
+    resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await resp.prepare(request)
+    for i in range(4):
+      await resp.write((f"part{i} " + "x" * 20000 + "\n").encode())
+      await asyncio.sleep(0.02)
+    await resp.write_eof()
+    return resp
+
+  with _serve_routes(p=page) as srv:
+    async def go():
+      f = HttpFetcher(WebSection(max_retries=0))
+      try:
+        return await f.read(srv.url + "/p")
+      finally:
+        await f.close()
+    p = asyncio.run(go())
+  parts = [line[:5] for line in p.contents.split("\n") if line]
+  assert parts == ["part0", "part1", "part2", "part3"]
+
+
+def test_unknown_charset_falls_back_and_cut_off_body_is_retried():
+  calls = {"n": 0}
+
+  async def bogus(request):
+    return web.Response(body="héllo".encode(), headers={
+        "Content-Type": "text/plain; charset=bogus-enc"})
+
+  async def cut(request):
+    calls["n"] += 1
+    if calls["n"] == 1:  # promise 1000 bytes, send 5, hang up: ClientPayloadError
+      resp = web.StreamResponse(headers={"Content-Type": "text/plain", "Content-Length": "1000"})
+      await resp.prepare(request)
+      await resp.write(b"short")
+      request.transport.close()
+      return resp
+    return web.Response(text="whole page")
+
+  with _serve_routes(b=bogus, c=cut) as srv:
+    async def go():
+      f = HttpFetcher(WebSection(max_retries=2, backoff_s=0.0))
+      try:
+        return await f.read(srv.url + "/b"), await f.read(srv.url + "/c")
+      finally:
+        await f.close()
+    b, c = asyncio.run(go())
+  assert b.contents == "héllo"
+  assert c.contents == "whole page" and calls["n"] == 2
+
+
+@pytest.mark.parametrize("html,title,text", [
+    # </head> omitted (legal): the body must not be skipped.
+    ("<html><head><title>T</title><meta charset=utf-8><body><p>Body text</p></body></html>",
+     "T", "Body text"),
+    ("<head><noscript><link></noscript><body>hello", "", "hello"),
+    # An SVG <title> is not the page's title, nor text.
+    ("<html><head><title>Real</title></head><body><svg><title>icon</title></svg><p>x</p>",
+     "Real", "x"),
+    # Header cells are cells.
+    ("<table><tr><th>A</th><th>B</th></tr><tr><td>1</td><td>2</td></tr></table>", "",
+     "| A | B\n\n| 1 | 2"),
+])
+def test_html_edge_cases(html, title, text):
+  got_title, got_text, _ = html_to_text(html, "http://x/")
+  assert (got_title, got_text) == (title, text)
+
+
+def test_searcher_and_reader_share_one_concurrency_limit():
+  c = WebSearchClient(SearchClientSection(backend="web"), WebSection(concurrency=3))
+  assert c.reader.limiter is c.searcher.limiter and c.searcher.limiter.n == 3
+
+
+def test_jina_cache_key_includes_reader_url(fake, tmp_path):
+  """A page read through one reader service must not be served from the cache for another."""
+  _, srv = fake
+  cache = DiskCache(str(tmp_path / "c.sqlite"))
+
+  async def go():
+    good = JinaReader(section(srv, reader_url=srv.url + "/r"), cache=cache)
+    other = JinaReader(section(srv, reader_url="http://127.0.0.1:1", max_retries=0),
+                       cache=cache)
+    try:
+      await good.read("https://ex.com/a")
+      with pytest.raises(WebError):
+        await other.read("https://ex.com/a")
+    finally:
+      await good.close()
+      await other.close()
+  asyncio.run(go())
+
+
+def test_cache_is_used_off_the_event_loop(fake, tmp_path):
+  import threading
+  _, srv = fake
+  threads = set()
+
+  class Spy(DiskCache):
+    def get(self, key):
+      threads.add(threading.get_ident())
+      return super().get(key)
+
+  async def go():
+    s = SerperSearch(section(srv), cache=Spy(str(tmp_path / "c.sqlite")))
+    try:
+      await s.search("q", 2)
+    finally:
+      await s.close()
+    return threading.get_ident()
+  loop_thread = asyncio.run(go())
+  assert threads and loop_thread not in threads
+
+
+def test_web_client_survives_a_new_event_loop(fake):
+  _, srv = fake
+  c = WebSearchClient(SearchClientSection(backend="web"), section(srv))
+  for _ in range(2):
+    [r] = asyncio.run(c.search(["kestrel"], 2))
+    assert r.ok, r.error
+  asyncio.run(c.close())

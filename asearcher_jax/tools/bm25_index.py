@@ -28,8 +28,10 @@ BM25_FILES = ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.n
               "vocab.index.json", "params.index.json")
 
 
-def tokenize(texts: list[str], show_progress: bool = False) -> list[list[str]]:
-  return bm25s.tokenize(texts, lower=True, stopwords="en", return_ids=False,
+def tokenize(texts: list[str], show_progress: bool = False, return_ids: bool = False):
+  """The one tokeniser of queries and passages (they must agree): token strings for
+  queries, bm25s `Tokenized` ids (`return_ids`) for indexing."""
+  return bm25s.tokenize(texts, lower=True, stopwords="en", return_ids=return_ids,
                         show_progress=show_progress)
 
 
@@ -41,7 +43,7 @@ class BM25Index:
   @classmethod
   def build(cls, texts: list[str], out_dir: str | None = None, k1: float = 1.5,
             b: float = 0.75, show_progress: bool = True) -> BM25Index:
-    tokens = bm25s.tokenize(texts, lower=True, stopwords="en", show_progress=show_progress)
+    tokens = tokenize(texts, show_progress=show_progress, return_ids=True)
     retriever = bm25s.BM25(k1=k1, b=b)
     retriever.index(tokens, show_progress=show_progress)
     if out_dir is not None:

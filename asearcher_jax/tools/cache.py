@@ -5,6 +5,9 @@ times over, so results are kept across restarts. sqlite in WAL mode lets many re
 one writer work at once across threads *and* processes (rollout workers share one file);
 each thread gets its own connection, writes are single upserts, and a busy timeout waits
 out another writer instead of failing. Entries may expire after a TTL.
+
+The methods block (a busy timeout can wait seconds), so async code calls them through
+`asyncio.to_thread` (see `web._HttpAdapter._cached`) and the event loop never stalls.
 """
 
 from __future__ import annotations
@@ -28,13 +31,17 @@ class DiskCache:
     self._conn()  # create the file and schema now, so errors surface at construction
 
   def _conn(self) -> sqlite3.Connection:
+    # sqlite forbids using a connection across fork(): a child (a rollout worker forked
+    # after the cache was opened) must open its own, never touch the parent's.
     conn = getattr(self._local, "conn", None)
+    if conn is not None and getattr(self._local, "pid", None) != os.getpid():
+      conn = None  # the parent's; dropped without close(), which could touch shared state
     if conn is None:
       conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
       conn.execute("PRAGMA journal_mode=WAL")
       conn.execute("PRAGMA synchronous=NORMAL")
       conn.execute(_SCHEMA)
-      self._local.conn = conn
+      self._local.conn, self._local.pid = conn, os.getpid()
     return conn
 
   def get(self, key: str) -> Any | None:
@@ -58,11 +65,8 @@ class DiskCache:
   def __len__(self) -> int:
     return self._conn().execute("SELECT COUNT(*) FROM cache").fetchone()[0]
 
-  def __contains__(self, key: str) -> bool:
-    return self.get(key) is not None
-
   def close(self) -> None:
     conn = getattr(self._local, "conn", None)
-    if conn is not None:
+    if conn is not None and getattr(self._local, "pid", None) == os.getpid():
       conn.close()
       self._local.conn = None

@@ -1,16 +1,17 @@
 """Subcommands of the search tools and the world, added to `asearcher` by `register`:
 
   asearcher index build --corpus X [--pages Y] --out DIR [--dense-encoder HF_DIR]
-  asearcher retrieval serve [--index DIR] [--host H] [--port P] [--token T]
+  asearcher retrieval serve [--config FILE [key=value ...]] [--index DIR] [--host H] [--port P]
+                            [--token T]
   asearcher world build --out DIR [--seed S] [--max-hops N] [--index]
 
 `retrieval serve` without `--index` serves the default debug world, generating it and its
-index into the cache directory on first use.
+index into the cache directory on first use. Run them as `python -m asearcher_jax.cli ...`
+(the one entry point; this module has none of its own).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -40,16 +41,40 @@ def default_world_index(cache_dir: str | None = None) -> str:
   return out
 
 
+_SERVE_FLAGS = ("index", "host", "port", "workers", "mode")
+
+
+def serve_section(args):
+  """The server's RetrievalSection: the `retrieval` section of `--config FILE [overrides]`
+  (defaults without one), with any flag given on the command line on top. Invalid values
+  (`--workers 0`) are a ConfigError, printed as one line, not a pydantic traceback."""
+  from pydantic import ValidationError
+
+  from asearcher_jax.errors import ConfigError
+  from asearcher_jax.tools.config import RetrievalSection
+  if args.config or args.overrides:
+    from asearcher_jax.config import load_config
+    base = load_config(args.config, args.overrides).retrieval.model_dump()
+  else:
+    base = RetrievalSection().model_dump()
+  flags = {k: getattr(args, k) for k in _SERVE_FLAGS if getattr(args, k) is not None}
+  if args.topk is not None:
+    flags["default_topk"] = args.topk
+  try:
+    return RetrievalSection(**{**base, **flags})
+  except ValidationError as e:
+    bad = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+    raise ConfigError(f"retrieval serve: {bad}") from None
+
+
 def cmd_retrieval_serve(args) -> int:
   if not args.accelerator and "jax" not in sys.modules:
     # bm25s initialises JAX at import; a server process must not claim the accelerator.
     os.environ["JAX_PLATFORMS"] = "cpu"
-  from asearcher_jax.tools.config import RetrievalSection
   from asearcher_jax.tools.retrieval_server import run_server
-  cfg = RetrievalSection(host=args.host, port=args.port, workers=args.workers,
-                         mode=args.mode, default_topk=args.topk)
-  token = args.token or os.environ.get(cfg.token_env)
-  run_server(args.index or default_world_index(), args.host, args.port, token, cfg,
+  cfg = serve_section(args)
+  token = args.token or os.environ.get(cfg.token_env) or None  # "" means none
+  run_server(cfg.index or default_world_index(), cfg.host, cfg.port, token, cfg,
              dense_encoder=args.dense_encoder)
   return 0
 
@@ -111,15 +136,19 @@ def register(subparsers) -> None:
   retrieval = subparsers.add_parser("retrieval", help="the retrieval server")
   rsub = retrieval.add_subparsers(dest="retrieval_cmd", required=True)
   s = rsub.add_parser("serve", help="serve /retrieve, /access, /health over an index")
-  s.add_argument("--index", help="index directory (default: the debug world's, built on "
-                                 "first use)")
-  s.add_argument("--host", default="127.0.0.1")
-  s.add_argument("--port", type=int, default=8010)
+  s.add_argument("--config", help="YAML config whose `retrieval` section applies; flags "
+                                  "given here override it")
+  s.add_argument("overrides", nargs="*", metavar="key=value",
+                 help="dotted config overrides, e.g. retrieval.max_topk=50")
+  s.add_argument("--index", help="index directory (default: retrieval.index, else the debug "
+                                 "world's, built on first use)")
+  s.add_argument("--host", help="default 127.0.0.1")
+  s.add_argument("--port", type=int, help="default 8010")
   s.add_argument("--token", help="bearer token (required off loopback; default "
                                  "$ASEARCHER_RETRIEVAL_TOKEN)")
-  s.add_argument("--workers", type=int, default=4, help="search threads")
-  s.add_argument("--mode", choices=["bm25", "dense", "hybrid"], default="bm25")
-  s.add_argument("--topk", type=int, default=5, help="topk when a request gives none")
+  s.add_argument("--workers", type=int, help="search threads (default 4)")
+  s.add_argument("--mode", choices=["bm25", "dense", "hybrid"], help="default bm25")
+  s.add_argument("--topk", type=int, help="topk when a request gives none (default 5)")
   s.add_argument("--dense-encoder", help="encoder directory, if not where the index "
                                          "manifest says (dense/hybrid indexes)")
   s.add_argument("--accelerator", action="store_true",
@@ -141,19 +170,3 @@ def register(subparsers) -> None:
   w.add_argument("--overwrite", action="store_true")
   w.set_defaults(fn=cmd_world_build)
 
-
-def main(argv=None) -> int:
-  """Standalone entry (python -m asearcher_jax.tools.cli ...), for use before wiring."""
-  from asearcher_jax.errors import AsearcherError
-  p = argparse.ArgumentParser(prog="asearcher")
-  register(p.add_subparsers(dest="cmd", required=True))
-  args = p.parse_args(argv)
-  try:
-    return args.fn(args)
-  except AsearcherError as e:
-    print(f"error: {e}")
-    return 2
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())

@@ -16,9 +16,16 @@ from typing import Protocol
 
 import aiohttp
 
-from asearcher_jax.tools.config import SearchClientSection, WebSection
-from asearcher_jax.tools.types import Page, SearchHit, ToolResult
+from asearcher_jax.tools.config import RetrievalSection, SearchClientSection, WebSection
+from asearcher_jax.tools.types import Page, SearchHit, ToolResult, title_from_contents
 from asearcher_jax.tools.web import HttpFetcher, JinaReader, SerperSearch, WebError
+
+# The server rejects a /retrieve request whole when one query is too long or there are too
+# many (a per-query error would change the Search-R1 reply shape that existing clients read).
+# So the client keeps within the server's limits itself -- trimming over-long queries and
+# splitting big batches -- and one bad query never fails the other queries of an agent step.
+# The limits come from the server's /health (asked once per client), else these defaults.
+_SERVER = RetrievalSection()
 
 
 class SearchClient(Protocol):
@@ -45,8 +52,7 @@ def _hit(d: dict) -> SearchHit:
   contents = str(doc["contents"])
   title = doc.get("title")
   if title is None:  # plain Search-R1 servers: '"Title"\ntext'
-    head, sep, _ = contents.partition("\n")
-    title = head.strip('"') if sep else ""
+    title = title_from_contents(contents)
   score = d.get("score")
   return SearchHit(id=str(doc.get("id", "")), title=str(title), contents=contents,
                    url=str(doc.get("url", "") or ""),
@@ -57,22 +63,30 @@ class LocalSearchClient:
   """Client of a retrieval server speaking the Search-R1/ASearcher JSON API."""
 
   def __init__(self, cfg: SearchClientSection | None = None, token: str | None = None,
-               mode: str | None = None):
+               mode: str | None = None, max_queries: int | None = None,
+               max_query_chars: int | None = None):
     self.cfg = cfg or SearchClientSection()
-    self.token = token if token is not None else os.environ.get(self.cfg.token_env)
+    token = token if token is not None else os.environ.get(self.cfg.token_env)
+    self.token = token or None  # "" (an empty env var) means no token, as on the server
     self.mode = mode
+    # None: learn from the server's /health on first search (defaults if it cannot say).
+    self.max_queries, self.max_query_chars = max_queries, max_query_chars
     self._session: aiohttp.ClientSession | None = None
+    self._loop = None
 
   def _ensure(self) -> aiohttp.ClientSession:
-    if self._session is None or self._session.closed:
+    # An aiohttp session belongs to the loop it was made on; a client reused under a new
+    # `asyncio.run` gets a new session (the old one's loop is gone, so it is just dropped).
+    loop = asyncio.get_running_loop()
+    if self._session is None or self._session.closed or self._loop is not loop:
       headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-      self._session = aiohttp.ClientSession(headers=headers)
+      self._session, self._loop = aiohttp.ClientSession(headers=headers), loop
     return self._session
 
   async def close(self) -> None:
-    if self._session is not None:
+    if self._session is not None and self._loop is asyncio.get_running_loop():
       await self._session.close()
-      self._session = None
+    self._session = None
 
   async def _post(self, path: str, body: dict) -> tuple[int, object]:
     timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_s)
@@ -93,6 +107,8 @@ class LocalSearchClient:
     except aiohttp.ClientError as e:
       return ("error", "connection", f"retrieval server unreachable: {type(e).__name__}: {e}",
               None)
+    except Exception as e:  # noqa: BLE001 - a tool failure must never crash the agent loop
+      return ("error", "bad_response", f"{path}: {type(e).__name__}: {e}", None)
     if status != 200:
       msg = data.get("error") if isinstance(data, dict) else None
       kind = {404: "not_found", 400: "bad_request", 413: "bad_request", 429: "rate_limited",
@@ -109,26 +125,59 @@ class LocalSearchClient:
         results[i] = ToolResult.failure("search", str(q), "bad_request", "empty search query")
       else:
         send.append(i)
+    # Batches beyond the server's per-request limit are split client-side, and over-long
+    # queries trimmed (BM25/dense see only the first few thousand characters anyway): the
+    # server rejects a bad request whole, so this keeps one query from failing the others.
     if send:
-      body = {"queries": [queries[i] for i in send], "topk": topk, "return_scores": True}
-      if self.mode:
-        body["mode"] = self.mode
-      out = await self._call("/retrieve", body)
-      rows = out[1].get("result") if out[0] == 200 and isinstance(out[1], dict) else None
-      if out[0] == "error":
-        for i in send:
-          results[i] = ToolResult.failure("search", queries[i], out[1], out[2], out[3])
-      elif not isinstance(rows, list) or len(rows) != len(send):
-        for i in send:
-          results[i] = ToolResult.failure("search", queries[i], "bad_response",
-                                          "reply has no 'result' list with one entry per query")
-      else:
-        for i, row in zip(send, rows):
-          try:
-            results[i] = ToolResult("search", queries[i], hits=tuple(_hit(d) for d in row))
-          except (ValueError, TypeError, AttributeError) as e:
-            results[i] = ToolResult.failure("search", queries[i], "bad_response", str(e))
+      await self._learn_limits()
+    for start in range(0, len(send), self.max_queries):
+      await self._search_batch(queries, send[start:start + self.max_queries], topk, results)
     return results  # type: ignore[return-value]
+
+  async def _learn_limits(self) -> None:
+    if self.max_queries is not None and self.max_query_chars is not None:
+      return
+    limits = {}
+    try:
+      timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_s)
+      async with self._ensure().get(self.cfg.url.rstrip("/") + "/health", timeout=timeout) as r:
+        data = await r.json(content_type=None) if r.status == 200 else None
+      limits = data.get("limits") if isinstance(data, dict) else None
+      limits = limits if isinstance(limits, dict) else {}
+    except Exception:  # noqa: BLE001 - an old or plain Search-R1 server: use the defaults
+      limits = {}
+
+    def pick(name: str, default: int) -> int:
+      v = limits.get(name)
+      return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else default
+    if self.max_queries is None:
+      self.max_queries = pick("max_queries", _SERVER.max_queries)
+    if self.max_query_chars is None:
+      self.max_query_chars = pick("max_query_chars", _SERVER.max_query_chars)
+
+  async def _search_batch(self, queries: list[str], send: list[int], topk: int,
+                          results: list) -> None:
+    body = {"queries": [queries[i][:self.max_query_chars] for i in send], "topk": topk,
+            "return_scores": True}
+    if self.mode:
+      body["mode"] = self.mode
+    out = await self._call("/retrieve", body)
+    rows = out[1].get("result") if out[0] == 200 and isinstance(out[1], dict) else None
+    if out[0] == "error":
+      for i in send:
+        results[i] = ToolResult.failure("search", queries[i], out[1], out[2], out[3])
+    elif not isinstance(rows, list) or len(rows) != len(send):
+      for i in send:
+        results[i] = ToolResult.failure("search", queries[i], "bad_response",
+                                        "reply has no 'result' list with one entry per query")
+    else:
+      for i, row in zip(send, rows):
+        try:
+          if not isinstance(row, list):
+            raise TypeError(f"result entry is {type(row).__name__}, not a list")
+          results[i] = ToolResult("search", queries[i], hits=tuple(_hit(d) for d in row))
+        except (ValueError, TypeError, AttributeError) as e:
+          results[i] = ToolResult.failure("search", queries[i], "bad_response", str(e))
 
   async def access(self, url: str) -> ToolResult:
     if not isinstance(url, str) or not url.strip():
@@ -146,9 +195,13 @@ class LocalSearchClient:
       return ToolResult.failure("access", url, "not_found", f"no page for {url}", 404)
     if not isinstance(page, dict) or not isinstance(page.get("contents"), str):
       return ToolResult.failure("access", url, "bad_response", "page lacks 'contents'")
+    links = page.get("links") or []
+    if not isinstance(links, list):
+      return ToolResult.failure("access", url, "bad_response",
+                                f"page 'links' is {type(links).__name__}, not a list")
     return ToolResult("access", url, page=Page(
         str(page.get("url", url)), str(page.get("title", "")), page["contents"],
-        tuple(page.get("links") or ())))
+        tuple(str(x) for x in links)))
 
 
 class WebSearchClient:
@@ -160,7 +213,9 @@ class WebSearchClient:
     self.web = web or WebSection()
     self.searcher = SerperSearch(self.web, cache=cache)
     reader_cls = JinaReader if self.web.reader == "jina" else HttpFetcher
-    self.reader = reader_cls(self.web, cache=self.searcher.cache)
+    # One cache and one concurrency limit for both: `web.concurrency` is the client's total.
+    self.reader = reader_cls(self.web, cache=self.searcher.cache,
+                             limiter=self.searcher.limiter)
 
   async def close(self) -> None:
     await self.searcher.close()

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from asearcher_jax.errors import RetrievalError
+from asearcher_jax.tools.types import title_from_contents
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
@@ -50,11 +51,6 @@ def _str_field(path: str, n: int, row: dict, name: str, required: bool) -> str:
     raise RetrievalError(f"{path}:{n}: field {name!r} must be a string, got "
                          f"{type(value).__name__}")
   return str(value)
-
-
-def title_from_contents(contents: str) -> str:
-  head, sep, _ = contents.partition("\n")
-  return head.strip().strip('"') if sep and head.startswith('"') else ""
 
 
 def read_corpus(path: str) -> Iterator[dict]:

@@ -180,8 +180,8 @@ def load_hf_bert(path: str) -> BertEncoder:
   return BertEncoder(cfg, w)
 
 
-def _bucket(n: int, max_length: int) -> int:
-  size = 16
+def _bucket(n: int, max_length: int, lo: int = 16) -> int:
+  size = lo
   while size < n:
     size *= 2
   return min(size, max_length)
@@ -222,12 +222,16 @@ class DenseEncoder:
   def _batch(self, texts: list[str]) -> np.ndarray:
     encs = self.tokenizer.encode_batch(texts)
     L = _bucket(max(len(e.ids) for e in encs), self.max_length)
-    ids = np.full((len(texts), L), self.pad_id, np.int32)
-    mask = np.zeros((len(texts), L), bool)
+    # Rows padded to a power of two (at most batch_size): query batches come in every size,
+    # and each new shape would be a new XLA compile. Padding rows are all-mask-false and
+    # dropped below.
+    B = _bucket(len(texts), max(self.config.batch_size, len(texts)), lo=1)
+    ids = np.full((B, L), self.pad_id, np.int32)
+    mask = np.zeros((B, L), bool)
     for i, e in enumerate(encs):
       ids[i, :len(e.ids)] = e.ids
       mask[i, :len(e.ids)] = True
-    return np.asarray(self._forward(self._state, ids, mask), np.float32)
+    return np.asarray(self._forward(self._state, ids, mask), np.float32)[:len(texts)]
 
   def encode(self, texts: list[str], is_query: bool, show_progress: bool = False,
              out: np.ndarray | None = None) -> np.ndarray:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Literal
+from typing import Literal, Self
 
 import numpy as np
 
@@ -50,6 +50,21 @@ def build_index(corpus: str, out: str, pages: str | None = None,
   if n_docs == 0:
     raise RetrievalError(f"{corpus}: no passages")
   docs = RowStore(os.path.join(out, "docs"))
+  try:  # the memory map is released even when a later step fails
+    manifest = _build_parts(docs, corpus, out, pages, dense_encoder, encoder_config, log, t0)
+  finally:
+    docs.close()
+  manifest["build_seconds"] = round(time.time() - t0, 2)
+  tmp = os.path.join(out, "manifest.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=2)
+  os.replace(tmp, os.path.join(out, "manifest.json"))
+  return manifest
+
+
+def _build_parts(docs: RowStore, corpus: str, out: str, pages: str | None,
+                 dense_encoder: str | None, encoder_config, log, t0: float) -> dict:
+  n_docs = len(docs)
   texts = [passage_text(r) for r in docs]
   log(f"read {n_docs} passages from {corpus} in {time.time() - t0:.1f}s")
   t1 = time.time()
@@ -71,18 +86,12 @@ def build_index(corpus: str, out: str, pages: str | None = None,
     t2 = time.time()
     enc = DenseEncoder(dense_encoder, encoder_config or EncoderConfig())
     os.makedirs(os.path.join(out, "dense"), exist_ok=True)
-    build_embeddings(enc, [r["contents"] for r in docs], os.path.join(out, "dense",
-                                                                       "embeddings.npy"))
+    # The same text BM25 indexes (title + contents), so both retrievers see the title.
+    build_embeddings(enc, texts, os.path.join(out, "dense", "embeddings.npy"))
     manifest["retrievers"].append("dense")
     manifest["dense"] = {"encoder": enc.path, "dim": enc.dim,
                          "config": enc.config.model_dump()}
     log(f"embedded {n_docs} passages with {dense_encoder} in {time.time() - t2:.1f}s")
-  docs.close()
-  manifest["build_seconds"] = round(time.time() - t0, 2)
-  tmp = os.path.join(out, "manifest.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=2)
-  os.replace(tmp, os.path.join(out, "manifest.json"))
   return manifest
 
 
@@ -99,12 +108,31 @@ class SearchIndex:
     try:
       with open(mpath) as f:
         m = json.load(f)
+      if not isinstance(m, dict):
+        raise RetrievalError(f"{mpath} is corrupt: expected a JSON object, got "
+                             f"{type(m).__name__}")
       if m.get("format") != FORMAT:
         raise RetrievalError(f"{mpath}: format {m.get('format')!r}, expected {FORMAT!r}")
       self.num_docs, self.num_pages = int(m["num_docs"]), int(m["num_pages"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
       raise RetrievalError(f"{mpath} is corrupt ({type(e).__name__}: {e})") from None
+    retrievers = m.get("retrievers", [])
+    if not isinstance(retrievers, list):
+      raise RetrievalError(f"{mpath} is corrupt: 'retrievers' must be a list")
+    dense_m = m.get("dense")
+    if "dense" in retrievers and not (isinstance(dense_m, dict) and "encoder" in dense_m
+                                      and isinstance(dense_m.get("config"), dict)):
+      raise RetrievalError(f"{mpath} is corrupt: lists a dense retriever but has no 'dense' "
+                           f"section with 'encoder' and 'config' (rebuild the index)")
     self.path, self.manifest = path, m
+    self.docs = self.pages = self.bm25 = self.dense = None
+    try:
+      self._load(path, m, dense_encoder)
+    except BaseException:
+      self.close()  # a failed load must not keep its memory maps
+      raise
+
+  def _load(self, path: str, m: dict, dense_encoder: str | None) -> None:
     self.docs = RowStore(os.path.join(path, "docs"))
     if len(self.docs) != self.num_docs:
       raise RetrievalError(f"{path}/docs.jsonl has {len(self.docs)} rows, manifest says "
@@ -124,7 +152,6 @@ class SearchIndex:
       if len(urls) != len(self.pages) or len(urls) != self.num_pages:
         raise RetrievalError(f"{path}: page_urls.json and pages.jsonl disagree")
       self.page_index = {u: i for i, u in enumerate(urls)}
-    self.dense = None
     if "dense" in m.get("retrievers", []):
       from asearcher_jax.tools.dense import DenseEncoder, DenseIndex, EncoderConfig
       enc_dir = dense_encoder or m["dense"]["encoder"]
@@ -133,6 +160,24 @@ class SearchIndex:
       if len(self.dense.vectors) != self.num_docs:
         raise RetrievalError(f"{path}/dense/embeddings.npy has {len(self.dense.vectors)} "
                              f"rows, manifest says {self.num_docs}")
+
+  def close(self) -> None:
+    """Release the memory maps (docs, pages, BM25 arrays, dense vectors): a long-lived
+    process that reloads an index would otherwise keep every old one mapped."""
+    for store in (self.docs, self.pages):
+      if store is not None:
+        store.close()
+    self.docs = self.pages = None
+    if self.bm25 is not None:
+      self.bm25.retriever = None
+      self.bm25 = None
+    self.dense = None
+
+  def __enter__(self) -> Self:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   @property
   def modes(self) -> list[str]:
@@ -158,9 +203,16 @@ class SearchIndex:
     out = []
     for q in range(len(queries)):
       fused: dict[int, float] = {}
-      for rows, scores, w in ((bi[q], bs[q], 1 - alpha), (di[q], ds[q], alpha)):
+      # BM25 rows scoring 0 matched no query term: they are not candidates at all. Without
+      # this, a query BM25 cannot match gives every row the same (zero) score, a zero span,
+      # and full weight to arbitrary rows that then outrank the real dense hits.
+      keep = np.asarray(bs[q]) > 0
+      for rows, scores, w in ((np.asarray(bi[q])[keep], np.asarray(bs[q])[keep], 1 - alpha),
+                              (di[q], ds[q], alpha)):
         s = np.asarray(scores, np.float64)
-        span = s.max() - s.min() if len(s) else 0.0
+        if not len(s):
+          continue
+        span = s.max() - s.min()
         norm = (s - s.min()) / span if span > 0 else np.ones_like(s)
         for r, v in zip(rows, norm):
           fused[int(r)] = fused.get(int(r), 0.0) + w * float(v)

@@ -4,7 +4,7 @@
        -> {"result": [[{"id", "title", "contents", "url", "score"}, ...], ...]}
           (with return_scores each hit also carries "document": {...}, Search-R1's shape)
   POST /access   {"urls": [...]} -> {"result": [{"url", "title", "contents", "links"} | null]}
-  GET  /health   -> {"status": "ok", ...}
+  GET  /health   -> {"status": "ok", ..., "limits": {"max_queries", "max_query_chars", ...}}
 
 Existing Search-R1 and ASearcher clients work unchanged. Searches run on a thread pool
 (bm25s and numpy release the GIL in their heavy parts), so many requests are in flight at
@@ -49,9 +49,10 @@ def _error(status: int, message: str) -> web.Response:
 def _middleware(token: str | None):
   @web.middleware
   async def middleware(request: web.Request, handler):
-    if request.path != "/health" and not bearer_ok(request.headers.get("Authorization"), token):
+    try:  # the auth check too: nothing a client sends may turn into an unhandled error
+      if request.path != "/health" and not bearer_ok(request.headers.get("Authorization"),
+                                                     token):
         return _error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
-    try:
       return await handler(request)
     except BadRequest as e:
       return _error(e.status, str(e))
@@ -81,6 +82,8 @@ async def _json_body(request: web.Request) -> dict:
   except json.JSONDecodeError as e:
     raise BadRequest(f"body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") \
         from None
+  except RecursionError:  # e.g. 100k nested '[': the client's fault, not a server error
+    raise BadRequest("body is nested too deeply") from None
   if not isinstance(body, dict):
     raise BadRequest(f"body must be a JSON object, got {type(body).__name__}")
   return body
@@ -150,7 +153,11 @@ async def _access(request: web.Request) -> web.Response:
   urls = _str_list(body, "urls", cfg.max_urls, cfg.max_query_chars)
   if index.pages is None:
     raise BadRequest("this index has no pages (built without --pages)", 404)
-  pages = [index.page(u) for u in urls]
+  # Decoding large pages is real work: on the pool, so it never stalls the event loop.
+  loop = asyncio.get_running_loop()
+  pages = await asyncio.wait_for(
+      loop.run_in_executor(request.app[POOL_KEY], lambda: [index.page(u) for u in urls]),
+      cfg.request_timeout_s)
   missing = [u for u, p in zip(urls, pages) if p is None]
   if len(missing) == len(urls):
     raise BadRequest(f"unknown url(s): {', '.join(missing[:5])}", 404)
@@ -158,14 +165,20 @@ async def _access(request: web.Request) -> web.Response:
 
 
 async def _health(request: web.Request) -> web.Response:
-  index = request.app[INDEX_KEY]
+  """Status, plus the per-request limits, so clients can keep within them (the client
+  trims and splits rather than have one over-long query fail a whole batch)."""
+  index, cfg = request.app[INDEX_KEY], request.app[CFG_KEY]
   return web.json_response({"status": "ok", "num_docs": index.num_docs,
-                            "num_pages": index.num_pages, "modes": index.modes})
+                            "num_pages": index.num_pages, "modes": index.modes,
+                            "limits": {"max_queries": cfg.max_queries,
+                                       "max_query_chars": cfg.max_query_chars,
+                                       "max_topk": cfg.max_topk}})
 
 
 def create_app(index: SearchIndex, cfg: RetrievalSection | None = None,
                token: str | None = None) -> web.Application:
   cfg = cfg or RetrievalSection()
+  token = token or None  # "" (an empty env var) means no token, as in the client
   if cfg.mode not in index.modes:
     raise RetrievalError(f"retriever mode {cfg.mode!r} is not available in {index.path} "
                          f"(have {', '.join(index.modes)}; build with --dense-encoder)")
@@ -208,8 +221,9 @@ class ServerThread:
   """A server on its own event loop in a background thread: for tests, benchmarks and
   single-host debug mode. `url` is known once started; port 0 picks a free port."""
 
-  def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0):
-    self.app, self.host, self.port = app, host, port
+  def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0,
+               token: str | None = None):
+    self.app, self.host, self.port, self.token = app, host, port, token
     self.loop = asyncio.new_event_loop()
     self._ready = threading.Event()
     self._thread = threading.Thread(target=self._run, daemon=True)
@@ -234,15 +248,19 @@ class ServerThread:
   def url(self) -> str:
     return f"http://{self.host}:{self.port}"
 
-  def start(self) -> ServerThread:
+  def start(self, timeout_s: float = 30.0, token: str | None = None) -> ServerThread:
+    """Start serving; raises if the bind needs a token it lacks, if the server fails to
+    start, or if it is not up within `timeout_s` (rather than hand out a dead URL)."""
+    check_bind(self.host, token if token is not None else self.token)
     self._thread.start()
-    self._ready.wait(30)
+    if not self._ready.wait(timeout_s):
+      raise RetrievalError(f"server on {self.host}:{self.port} not ready within {timeout_s}s")
     if self._error is not None:
       raise self._error
     return self
 
   def stop(self) -> None:
-    if not self._thread.is_alive():
+    if not self._thread.is_alive() or not hasattr(self, "runner"):
       return
     fut = asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop)
     fut.result(30)

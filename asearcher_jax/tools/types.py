@@ -15,6 +15,14 @@ ErrorKind = Literal["timeout", "http", "rate_limited", "not_found", "bad_request
                     "bad_response", "unavailable"]
 
 
+def title_from_contents(contents: str) -> str:
+  """The title of a wiki-18 style passage, whose contents are '"Title"\ntext' ("" if not
+  that shape). The one parser of that convention: the corpus reader, `SearchHit.text` and the
+  client (for servers that send no title) all use it."""
+  head, sep, _ = contents.partition("\n")
+  return head.strip().strip('"') if sep and head.startswith('"') else ""
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchHit:
   id: str
@@ -26,8 +34,8 @@ class SearchHit:
   @property
   def text(self) -> str:
     """`contents` without the wiki-18 style '"Title"' first line."""
-    head, sep, rest = self.contents.partition("\n")
-    return rest if sep and head.strip('"') == self.title else self.contents
+    title = title_from_contents(self.contents)
+    return self.contents.partition("\n")[2] if title and title == self.title else self.contents
 
 
 @dataclasses.dataclass(frozen=True)

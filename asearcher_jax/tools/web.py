@@ -13,6 +13,7 @@ client turns into a tool-error result.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import os
 import random
 import re
@@ -50,26 +51,30 @@ class _HttpAdapter:
   """Shared session, concurrency limit, retries and cache of the web adapters."""
 
   def __init__(self, cfg: WebSection | None = None, cache: DiskCache | None = None,
-               seed: int | None = None):
+               seed: int | None = None, limiter: _Limiter | None = None):
     self.cfg = cfg or WebSection()
     if cache is None and self.cfg.cache_path:
       cache = DiskCache(self.cfg.cache_path, ttl_s=self.cfg.cache_ttl_s)
     self.cache = cache
     self._session: aiohttp.ClientSession | None = None
-    self._sem: asyncio.Semaphore | None = None
+    self._session_loop = None
+    # Shared between the searcher and the reader of one client, so `concurrency` bounds all
+    # web requests together rather than each adapter separately.
+    self.limiter = limiter or _Limiter(self.cfg.concurrency)
     self._rng = random.Random(seed)
     self.attempts = 0  # HTTP requests made, retries included (for tests and metrics)
 
   def _ensure(self):
-    if self._session is None or self._session.closed:
-      self._session = aiohttp.ClientSession()
-      self._sem = asyncio.Semaphore(self.cfg.concurrency)
+    # A session belongs to its event loop: a new loop (another asyncio.run) gets a new one.
+    loop = asyncio.get_running_loop()
+    if self._session is None or self._session.closed or self._session_loop is not loop:
+      self._session, self._session_loop = aiohttp.ClientSession(), loop
     return self._session
 
   async def close(self) -> None:
-    if self._session is not None:
+    if self._session is not None and self._session_loop is asyncio.get_running_loop():
       await self._session.close()
-      self._session = None
+    self._session = None
 
   async def _request(self, method: str, url: str, *, want: str = "json", **kw):
     session = self._ensure()
@@ -77,7 +82,7 @@ class _HttpAdapter:
     attempt = 0
     while True:
       try:
-        async with self._sem:
+        async with self.limiter.get():
           self.attempts += 1
           async with session.request(method, url, timeout=timeout, **kw) as r:
             if r.status == 429:
@@ -95,14 +100,20 @@ class _HttpAdapter:
                 return await r.json(content_type=None)
               except ValueError as e:
                 raise WebError("bad_response", f"{url}: reply is not JSON ({e})") from None
-            raw = await r.content.read(self.cfg.max_page_chars * 4)
-            return r.headers.get("Content-Type", ""), raw.decode(r.charset or "utf-8",
-                                                                 errors="replace")
+            # `content.read(n)` returns only what has arrived so far; read to EOF or the
+            # size limit, else a slow page comes back (and is cached) truncated.
+            limit, buf = self.cfg.max_page_chars * 4, bytearray()
+            async for chunk in r.content.iter_chunked(1 << 16):
+              buf += chunk
+              if len(buf) >= limit:
+                break
+            return r.headers.get("Content-Type", ""), bytes(buf[:limit]), r.charset
       except _Retryable as e:
         err = e
       except asyncio.TimeoutError:
         err = _Retryable("timeout", f"{url}: no reply within {self.cfg.timeout_s}s")
-      except aiohttp.ClientConnectionError as e:
+      except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+        # A body cut off mid-transfer is as transient as a dropped connection.
         err = _Retryable("connection", f"{url}: {type(e).__name__}: {e}")
       if attempt >= self.cfg.max_retries:
         raise WebError(err.kind, f"{err} (after {attempt + 1} attempts)", err.status)
@@ -113,12 +124,39 @@ class _HttpAdapter:
       await asyncio.sleep(delay)
       attempt += 1
 
-  def _cached(self, key: str):
-    return None if self.cache is None else self.cache.get(key)
+  async def _cached(self, key: str):
+    """sqlite may wait on another writer (busy timeout): off the event loop."""
+    return None if self.cache is None else await asyncio.to_thread(self.cache.get, key)
 
-  def _store(self, key: str, value) -> None:
+  async def _store(self, key: str, value) -> None:
     if self.cache is not None:
-      self.cache.put(key, value)
+      await asyncio.to_thread(self.cache.put, key, value)
+
+
+class _Limiter:
+  """One concurrency limit for several adapters. The semaphore is made lazily, per event
+  loop, because an asyncio.Semaphore used from two loops fails."""
+
+  def __init__(self, n: int):
+    self.n = n
+    self._sem: asyncio.Semaphore | None = None
+    self._loop = None
+
+  def get(self) -> asyncio.Semaphore:
+    loop = asyncio.get_running_loop()
+    if self._sem is None or self._loop is not loop:
+      self._sem, self._loop = asyncio.Semaphore(self.n), loop
+    return self._sem
+
+
+def _decode(raw: bytes, charset: str | None) -> str:
+  """Body bytes as text; an unknown or bogus charset falls back to UTF-8 instead of
+  failing the page."""
+  try:
+    codecs.lookup(charset or "utf-8")
+  except LookupError:
+    charset = "utf-8"
+  return raw.decode(charset or "utf-8", errors="replace")
 
 
 class SerperSearch(_HttpAdapter):
@@ -126,7 +164,7 @@ class SerperSearch(_HttpAdapter):
 
   async def search(self, query: str, topk: int) -> list[SearchHit]:
     key = f"search:{self.cfg.search_url}:{topk}:{query}"
-    data = self._cached(key)
+    data = await self._cached(key)
     if data is None:
       api_key = os.environ.get(self.cfg.search_key_env)
       if not api_key:
@@ -137,7 +175,7 @@ class SerperSearch(_HttpAdapter):
           json={"q": query[:2000], "num": topk})
       if not isinstance(data, dict) or not isinstance(data.get("organic", []), list):
         raise WebError("bad_response", "search reply lacks an 'organic' list")
-      self._store(key, data)
+      await self._store(key, data)
     hits = []
     for i, item in enumerate(data.get("organic", [])[:topk]):
       if not isinstance(item, dict) or "link" not in item:
@@ -152,8 +190,8 @@ class JinaReader(_HttpAdapter):
   """Pages as clean text through a Jina-Reader-compatible service."""
 
   async def read(self, url: str) -> Page:
-    key = f"page:jina:{url}"
-    data = self._cached(key)
+    key = f"page:jina:{self.cfg.reader_url}:{url}"
+    data = await self._cached(key)
     if data is None:
       headers = {"Accept": "application/json"}
       api_key = os.environ.get(self.cfg.reader_key_env)
@@ -166,7 +204,7 @@ class JinaReader(_HttpAdapter):
         raise WebError("bad_response", f"reader reply for {url} lacks data.content")
       data = {"url": page.get("url") or url, "title": page.get("title") or "",
               "contents": page["content"][:self.cfg.max_page_chars], "links": []}
-      self._store(key, data)
+      await self._store(key, data)
     return Page(data["url"], data["title"], data["contents"], tuple(data["links"]))
 
 
@@ -175,12 +213,13 @@ class HttpFetcher(_HttpAdapter):
 
   async def read(self, url: str) -> Page:
     key = f"page:fetch:{url}"
-    data = self._cached(key)
+    data = await self._cached(key)
     if data is None:
       if not url.startswith(("http://", "https://")):
         raise WebError("bad_request", f"not an http(s) URL: {url!r}")
-      ctype, body = await self._request("GET", url, want="text",
-                                        headers={"User-Agent": "asearcher-jax/0.1"})
+      ctype, raw, charset = await self._request("GET", url, want="text",
+                                                headers={"User-Agent": "asearcher-jax/0.1"})
+      body = _decode(raw, charset)
       if "html" in ctype or body.lstrip()[:15].lower().startswith(("<!doctype", "<html")):
         title, text, links = html_to_text(body, base_url=url)
       elif ctype.startswith("text/") or not ctype:
@@ -189,14 +228,17 @@ class HttpFetcher(_HttpAdapter):
         raise WebError("bad_response", f"{url}: unsupported content type {ctype!r}")
       data = {"url": url, "title": title, "contents": text[:self.cfg.max_page_chars],
               "links": links}
-      self._store(key, data)
+      await self._store(key, data)
     return Page(data["url"], data["title"], data["contents"], tuple(data["links"]))
 
 
 _BLOCK = {"p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "header",
           "footer", "blockquote", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "dt", "dd", "hr",
           "main", "nav", "aside", "figure", "figcaption", "form"}
-_SKIP = {"script", "style", "noscript", "svg", "template", "iframe", "head"}
+# `head` is not skipped as an element: its end tag (and even `<head>`) may be omitted in
+# legal HTML, and skipping until `</head>` would then drop the whole body. Its text-bearing
+# children (title, script, style) are handled on their own; <body> resets any skipping.
+_SKIP = {"script", "style", "noscript", "svg", "template", "iframe"}
 
 
 class _TextExtractor(HTMLParser):
@@ -208,10 +250,15 @@ class _TextExtractor(HTMLParser):
     self.title = ""
     self._skip = 0
     self._in_title = False
+    self._title_done = False
 
   def handle_starttag(self, tag, attrs):
-    if tag == "title":
-      self._in_title = True
+    if tag == "body":
+      self._skip = 0  # an unclosed skipped element before <body> must not hide the body
+    elif tag == "title":
+      # Only the document's first title: an SVG <title> (inside a skipped element) or a
+      # second <title> is not the page's.
+      self._in_title = not self._skip and not self._title_done
     elif tag in _SKIP:
       self._skip += 1
     elif tag in _BLOCK:
@@ -224,7 +271,7 @@ class _TextExtractor(HTMLParser):
       href = dict(attrs).get("href")
       if href and not href.startswith(("#", "javascript:", "mailto:")):
         self.links.append(urljoin(self.base_url, href))
-    elif tag == "td":
+    elif tag in ("td", "th"):
       self.parts.append(" | ")
 
   def handle_startendtag(self, tag, attrs):
@@ -235,6 +282,8 @@ class _TextExtractor(HTMLParser):
 
   def handle_endtag(self, tag):
     if tag == "title":
+      if self._in_title:
+        self._title_done = True
       self._in_title = False
     elif tag in _SKIP:
       self._skip = max(0, self._skip - 1)

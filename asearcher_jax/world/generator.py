@@ -106,9 +106,6 @@ class World:
   qa_test: list[dict]
   fact_passage: dict[str, str]  # "eid/relation-or-attribute" -> passage id
 
-  def by_name(self) -> dict[str, Entity]:
-    return {e.name: e for e in self.entities.values()}
-
   def passage(self, pid: str) -> dict:
     if not hasattr(self, "_by_id"):
       self._by_id = {p["id"]: p for p in self.passages}
@@ -162,6 +159,7 @@ def generate_world(config: WorldConfig | None = None) -> World:
     return e
 
   def near_or_fresh(pool: list[Entity], fresh, near) -> tuple[str, Entity | None]:
+    """A distractor near a random pool member, or a fresh name."""
     if pool and rng.random() < cfg.distractor_fraction:
       base = rng.choice(pool)
       return names.take(lambda: near(base.name)), base
@@ -169,7 +167,7 @@ def generate_world(config: WorldConfig | None = None) -> World:
 
   countries: list[Entity] = []
   for _ in range(cfg.num_countries):
-    name, _ = near_or_fresh([], lambda: _word(rng, 1, 2) + rng.choice(_COUNTRY_SUFFIXES), None)
+    name = names.take(lambda: _word(rng, 1, 2) + rng.choice(_COUNTRY_SUFFIXES))
     countries.append(add("country", name, {"currency": rng.choice(_CURRENCIES)}))
   cities: list[Entity] = []
   for _ in range(cfg.num_cities):
@@ -204,7 +202,7 @@ def generate_world(config: WorldConfig | None = None) -> World:
     def fresh_work() -> str:
       title = f"The {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}"
       return title if rng.random() < 0.5 else f"{title} of {_word(rng, 2, 2)}"
-    name, _ = near_or_fresh([], fresh_work, None)
+    name = names.take(fresh_work)
     works.append(add("work", name, {"year": rng.randint(1600, 2020),
                                     "genre": rng.choice(_GENRES)}))
 
@@ -307,22 +305,37 @@ def _pages(rng: random.Random, cfg: WorldConfig, ents: dict[str, Entity]) -> lis
   return pages
 
 
-def _aliases(e: Entity | None, value: str) -> list[str]:
+def _aliases(e: Entity | None, value: str, ents: dict[str, Entity]) -> list[str]:
+  """Accepted spellings of an answer. An organisation's first word ("Marval" for "Marval
+  Works") is one only when no other entity's name starts with or is that word, else the
+  alias would also accept the wrong organisation."""
   out = [value]
   if e is not None and e.kind == "org":
-    out.append(value.split(" ")[0])
+    short = value.split(" ")[0]
+    if short != value and not any(o.eid != e.eid and (o.name == short or o.name.split(" ")[0]
+                                                     == short) for o in ents.values()):
+      out.append(short)
   if value.isdigit() and len(value) > 4:
     out.append(f"{int(value):,}")
   return out
 
 
+def _fact(step: dict) -> tuple[str, str]:
+  return step["subject"], step["relation"]
+
+
 def _questions(rng: random.Random, cfg: WorldConfig, ents: dict[str, Entity],
                fact_passage: dict[str, str]) -> tuple[list[dict], list[dict]]:
   """Chains of 1..max_hops steps: walk relations from a start entity, end on a relation or
-  attribute; the noun phrase grows one relation per hop."""
+  attribute; the noun phrase grows one relation per hop.
+
+  The held-out split is by *final fact* (subject, relation): facts are drawn until about
+  `test_fraction` of each hop's questions end on one, those questions are the test set, and
+  any other question whose chain touches a held-out fact anywhere is dropped. So a test
+  answer is never the answer of a train question about the same fact, nor a step the policy
+  saw rewarded in training: held-out success measures search, not memorisation."""
   eids = sorted(ents)
-  train: list[dict] = []
-  test: list[dict] = []
+  by_hop: list[list[dict]] = []
   seen: set[str] = set()
   for hops in range(cfg.min_hops, cfg.max_hops + 1):
     items = []
@@ -335,9 +348,26 @@ def _questions(rng: random.Random, cfg: WorldConfig, ents: dict[str, Entity],
       seen.add(item["question"])
       items.append(item)
     rng.shuffle(items)
-    n_test = max(1, round(len(items) * cfg.test_fraction)) if len(items) > 1 else 0
-    test += items[:n_test]
-    train += items[n_test:]
+    by_hop.append(items)
+  held: set[tuple[str, str]] = set()
+  for items in by_hop:
+    target = max(1, round(len(items) * cfg.test_fraction)) if len(items) > 1 else 0
+    n_test = sum(_fact(q["chain"][-1]) in held for q in items)
+    for q in items:
+      if n_test >= target:
+        break
+      f = _fact(q["chain"][-1])
+      if f not in held:
+        held.add(f)
+        n_test += sum(_fact(x["chain"][-1]) == f for x in items)
+  train: list[dict] = []
+  test: list[dict] = []
+  for items in by_hop:
+    for q in items:
+      if _fact(q["chain"][-1]) in held:
+        test.append(q)
+      elif not any(_fact(step) in held for step in q["chain"]):
+        train.append(q)
   for split, rows in (("train", train), ("test", test)):
     for i, row in enumerate(rows):
       row["qid"] = f"{split}-{i:06d}"
@@ -375,7 +405,7 @@ def _one_question(rng: random.Random, ents: dict[str, Entity], eids: list[str], 
     chain.append({"subject": cur.eid, "relation": key, "object": None, "value": answer,
                   "passage": fact_passage[f"{cur.eid}/{key}"]})
   question = question[0].upper() + question[1:]
-  return {"question": question, "answer": answer, "aug_answer": _aliases(target, answer),
+  return {"question": question, "answer": answer, "aug_answer": _aliases(target, answer, ents),
           "hops": hops, "start": start.eid, "chain": chain,
           "supporting_facts": [step["passage"] for step in chain]}
 

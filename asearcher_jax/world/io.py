@@ -25,6 +25,11 @@ from asearcher_jax.errors import RetrievalError
 from asearcher_jax.world.config import WorldConfig
 from asearcher_jax.world.generator import Entity, World, generate_world
 
+# Bump whenever the generator's output changes for the same config (names, passages, QA or
+# the split): cached worlds are keyed by config *and* this, so a code change never serves a
+# stale world from the cache. 2: held-out split by final fact; unique org short aliases.
+GENERATOR_VERSION = 2
+
 FILES = ("corpus.jsonl", "pages.jsonl", "qa_train.jsonl", "qa_test.jsonl", "entities.jsonl",
          "world.json")
 
@@ -39,7 +44,15 @@ def _read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def write_world(world: World, out_dir: str, overwrite: bool = False) -> str:
+def _complete(path: str) -> bool:
+  return all(os.path.exists(os.path.join(path, f)) for f in FILES)
+
+
+def write_world(world: World, out_dir: str, overwrite: bool = False,
+                keep_existing: bool = False) -> str:
+  """Write under a temporary name, then rename into place. With `keep_existing` (the cache),
+  a complete world that appeared at `out_dir` meanwhile -- another process won the race --
+  is kept and our copy discarded, instead of deleting the winner's files under its readers."""
   if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists and is not empty (use overwrite)")
   parent = os.path.dirname(os.path.abspath(out_dir))
@@ -55,9 +68,18 @@ def write_world(world: World, out_dir: str, overwrite: bool = False) -> str:
        "rels": e.rels} for e in world.entities.values()))
   with open(os.path.join(tmp, "world.json"), "w") as f:
     json.dump(world.config.model_dump(), f, indent=2)
+  if keep_existing and _complete(out_dir):
+    shutil.rmtree(tmp)
+    return out_dir
   if os.path.exists(out_dir):
     shutil.rmtree(out_dir)
-  os.rename(tmp, out_dir)
+  try:
+    os.rename(tmp, out_dir)
+  except OSError:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if keep_existing and _complete(out_dir):
+      return out_dir
+    raise
   return out_dir
 
 
@@ -76,7 +98,9 @@ def load_world(path: str) -> World:
 
 
 def config_digest(cfg: WorldConfig) -> str:
-  return hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+  """Cache key of a world: its config and the generator version."""
+  key = {"config": cfg.model_dump(), "generator_version": GENERATOR_VERSION}
+  return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def default_cache_dir() -> str:
@@ -89,12 +113,6 @@ def ensure_world(config: WorldConfig | None = None, cache_dir: str | None = None
   """The directory of the world for `config`, generated on first use and reused afterwards."""
   cfg = config or WorldConfig()
   out = os.path.join(cache_dir or default_cache_dir(), f"world-{config_digest(cfg)}")
-  if all(os.path.exists(os.path.join(out, f)) for f in FILES):
+  if _complete(out):
     return out
-  try:
-    return write_world(generate_world(cfg), out, overwrite=True)
-  except OSError:
-    # Another process may have won the race and renamed its copy into place first.
-    if all(os.path.exists(os.path.join(out, f)) for f in FILES):
-      return out
-    raise
+  return write_world(generate_world(cfg), out, overwrite=True, keep_existing=True)
