@@ -116,7 +116,7 @@ def cmd_serve(args) -> int:
         return await task
       await asyncio.sleep(0.05)
     print(f"serving {server.service.model_name} (version {server.driver.version}): "
-          f"grpc {server.grpc_address}" + (f", http {server.http_address}/v1"
+          f"gRPC {server.grpc_address}" + (f", OpenAI {server.http_address}/v1"
                                            if server.http_port is not None else ""), flush=True)
     await task
 

@@ -90,7 +90,7 @@ def test_serve_answers_openai_requests_and_stops_on_sigterm(tmp_path):
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     line = proc.stdout.readline()
-    assert f"grpc 127.0.0.1:{grpc_port}" in line, line + proc.stderr.read()
+    assert f"gRPC 127.0.0.1:{grpc_port}" in line, line + proc.stderr.read()
     body = json.dumps({"prompt": "hello", "max_tokens": 3, "temperature": 0}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", data=body)
     out = json.loads(urllib.request.urlopen(req, timeout=60).read())
