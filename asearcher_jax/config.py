@@ -94,6 +94,7 @@ class ServeSection(Section):
   device_sessions: int = Field(16, ge=0)
   host_sessions: int = Field(256, ge=0)
   update_mode: Literal["abort", "keep_kv"] = "abort"
+  warmup: bool = False  # compile every prefill bucket and attention window before serving
 
 
 class RunSection(Section):

@@ -352,3 +352,34 @@ def test_rows_without_truncation_are_untouched_by_a_truncating_neighbour():
   out = processed_logits(logits, jnp.array([1.0, 1.0]), jnp.array([0, 5]), jnp.array([1.0, 1.0]))
   np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(logits[0]))
   assert int(jnp.sum(out[1] > -1e29)) == 5
+
+
+def test_warmup_compiles_everything_serving_meets(model):
+  import logging
+
+  engine = Engine(model, slots=3, max_len=64, mesh=MESH, min_prefill_bucket=16)
+  assert engine.warmup() == 3 * 3 + 3 + 3 + 1  # (rows x buckets) + sessions + windows + extract
+  compiled = []
+
+  class Catch(logging.Handler):
+    def emit(self, record):
+      compiled.append(record.getMessage())
+
+  handler = Catch()
+  logging.getLogger("jax").addHandler(handler)
+  jax.config.update("jax_log_compiles", True)  # global: the driver compiles on its own thread
+  try:
+    with Driver(engine, device_sessions=1, host_sessions=1) as d:
+      reqs = [d.submit(Request(prompt(n), SamplingParams(max_new_tokens=m, seed=n),
+                               session_id=f"s{n % 2}"))
+              for n, m in ((3, 40), (20, 5), (40, 20), (9, 2), (50, 13))]
+      for r in reqs:
+        r.wait(120)
+      d.generate(reqs[0].prompt + reqs[0].output_ids + [1, 2], SamplingParams(max_new_tokens=3),
+                 session_id="s1")
+  finally:
+    jax.config.update("jax_log_compiles", False)
+    logging.getLogger("jax").removeHandler(handler)
+  engine_programs = ("_prefill_fresh", "_prefill_continue", "_insert", "_generate", "_extract")
+  assert not [m for m in compiled if m.startswith("Compiling") and any(
+      f"jit({name})" in m for name in engine_programs)]

@@ -523,7 +523,8 @@ class Driver:
       s = self._sessions[key]
       if self.host_sessions > 0:
         n = len(s.tokens)
-        s.host = (np.asarray(s.prefix.cache.k[:, 0, :n]), np.asarray(s.prefix.cache.v[:, 0, :n]))
+        # Copy whole, slice on the host: a device slice would compile once per length.
+        s.host = (np.asarray(s.prefix.cache.k)[:, 0, :n], np.asarray(s.prefix.cache.v)[:, 0, :n])
       s.prefix = None
       if s.host is None:
         del self._sessions[key]

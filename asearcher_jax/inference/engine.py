@@ -94,9 +94,16 @@ class Engine:
     self.max_len = max_len
     self.buckets = prefill_buckets(min(min_prefill_bucket, max_len), max_len)
     self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
-    spec = logical_to_spec(CACHE_AXES, _divisible_rules(self.mesh, slots, self.cfg.num_kv_heads))
-    self._cache_sharding = NamedSharding(self.mesh, spec)
+    rules = _divisible_rules(self.mesh, slots, self.cfg.num_kv_heads)
+    self._cache_sharding = NamedSharding(self.mesh, logical_to_spec(CACHE_AXES, rules))
+    # A session's batch-1 cache: kv heads split like the slots' cache, nothing else.
+    self._prefix_cache_sharding = NamedSharding(
+        self.mesh, logical_to_spec(CACHE_AXES, dict(rules, batch=None)))
     self._replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    # Every function that returns a decode state pins it to one layout, so each of them
+    # compiles once per shape no matter which function produced its input.
+    self._state_shardings = DecodeState(KVCache(self._cache_sharding, self._cache_sharding),
+                                        *(self._replicated,) * 6)
 
   # -- protocol ------------------------------------------------------------------
 
@@ -108,8 +115,7 @@ class Engine:
     shape = (self.cfg.num_layers, self.slots, self.max_len, self.cfg.num_kv_heads,
              self.cfg.head_dim)
 
-    @functools.partial(jax.jit, out_shardings=DecodeState(
-        KVCache(self._cache_sharding, self._cache_sharding), *(self._replicated,) * 6))
+    @functools.partial(jax.jit, out_shardings=self._state_shardings)
     def init():
       z = jnp.zeros(shape, self.cache_dtype)
       n = self.slots
@@ -180,6 +186,40 @@ class Engine:
     """One step for every slot; with `window`, attention reads only the first `window` slots."""
     return self._generate(params, state, window)
 
+  def warmup(self) -> int:
+    """Compiles every shape serving can meet, so no request ever waits for XLA.
+
+    That is: fresh prefill and insert for each length bucket and each batch of
+    rows (powers of two up to the slot count), session prefill for each bucket,
+    extract, and generate for each attention window. Returns how many shapes it
+    ran. Worth it for a server; tests and short runs skip it.
+    """
+    shapes = 0
+    rows, r = [], 1
+    while r < 2 * self.slots:
+      rows.append(r)
+      r *= 2
+    state = self.init_decode_state()
+    zeros_key = np.zeros((2,), np.uint32)
+    for bucket in self.buckets:
+      for n in rows:
+        prefix = self.prefill_batch(self.params, [np.zeros(bucket, np.int32)] * n, [0.0] * n,
+                                    [0] * n, [1.0] * n, [zeros_key] * n)
+        state = self.insert(prefix, state, list(range(min(n, self.slots))))
+        shapes += 1
+      # A session continuing after one cached token, with new tokens in this bucket.
+      kv = np.zeros((self.cfg.num_layers, 1, self.cfg.num_kv_heads, self.cfg.head_dim),
+                    self.cache_dtype)
+      prefix = self.prefill(self.params, np.zeros(max(bucket - 1, 1), np.int32),
+                            existing_prefix=self.empty_prefix(1, kv, kv))
+      state = self.insert(prefix, state, 0)
+      shapes += 1
+    for window in self.buckets:
+      state, _ = self.generate(self.params, state, window)
+      shapes += 1
+    jax.block_until_ready(self.extract(state, 0, 1))
+    return shapes + 1
+
   # -- RL additions ----------------------------------------------------------------
 
   def extract(self, state: DecodeState, slot: int, length: int) -> Prefix:
@@ -193,10 +233,18 @@ class Engine:
     vv = np.zeros(shape, v.dtype)
     kk[:, 0, :length] = k
     vv[:, 0, :length] = v
-    zero = jnp.zeros((1,), jnp.float32)
-    izero = jnp.zeros((1,), jnp.int32)
-    return Prefix(KVCache(jnp.asarray(kk), jnp.asarray(vv)), jnp.asarray([length], jnp.int32),
-                  izero, zero, jnp.zeros((1, 2), jnp.uint32), zero, izero, zero)
+    zero = np.zeros((1,), np.float32)
+    izero = np.zeros((1,), np.int32)
+    prefix = Prefix(KVCache(kk, vv), np.asarray([length], np.int32), izero, zero,
+                    np.zeros((1, 2), np.uint32), zero, izero, zero)
+    return jax.device_put(prefix, self._prefix_shardings())
+
+  def _prefix_shardings(self) -> Prefix:
+    return Prefix(KVCache(self._prefix_cache_sharding, self._prefix_cache_sharding),
+                  *(self._replicated,) * 7)
+
+  def _pin(self, state: DecodeState) -> DecodeState:
+    return jax.lax.with_sharding_constraint(state, self._state_shardings)
 
   def _check_room(self, n: int) -> None:
     # n == max_len fills the cache exactly; the token sampled from it needs no slot of its own.
@@ -237,10 +285,10 @@ class Engine:
     k = state.cache.k.at[:, slots, :n].set(prefix.cache.k.astype(self.cache_dtype), mode="drop")
     v = state.cache.v.at[:, slots, :n].set(prefix.cache.v.astype(self.cache_dtype), mode="drop")
     put = lambda a, b: a.at[slots].set(b, mode="drop")
-    return DecodeState(
+    return self._pin(DecodeState(
         KVCache(k, v), put(state.positions, prefix.length), put(state.tokens, prefix.token),
         put(state.temperature, prefix.temperature), put(state.top_k, prefix.top_k),
-        put(state.top_p, prefix.top_p), put(state.keys, prefix.key))
+        put(state.top_p, prefix.top_p), put(state.keys, prefix.key)))
 
   @functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=2)
   def _generate(self, params, state: DecodeState, window) -> tuple[DecodeState, ResultTokens]:
@@ -252,7 +300,7 @@ class Engine:
                                     state.top_p)
     positions = jnp.minimum(state.positions + 1, self.max_len)
     new = dataclasses.replace(state, cache=cache, positions=positions, tokens=tokens, keys=keys)
-    return new, ResultTokens(tokens, logprobs)
+    return self._pin(new), ResultTokens(tokens, logprobs)
 
   @functools.partial(jax.jit, static_argnums=0)
   def _extract(self, state: DecodeState, slot, length) -> Prefix:
@@ -260,8 +308,9 @@ class Engine:
     v = jax.lax.dynamic_slice_in_dim(state.cache.v, slot, 1, axis=1)
     zero = jnp.zeros((1,), jnp.float32)
     izero = jnp.zeros((1,), jnp.int32)
-    return Prefix(KVCache(k, v), length[None], izero, zero, state.keys[slot][None], zero, izero,
-                  zero)
+    prefix = Prefix(KVCache(k, v), length[None], izero, zero, state.keys[slot][None], zero, izero,
+                    zero)
+    return jax.lax.with_sharding_constraint(prefix, self._prefix_shardings())
 
 
 def _divisible_rules(mesh: Mesh, slots: int, kv_heads: int) -> dict:

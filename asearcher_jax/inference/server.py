@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 
 from aiohttp import web
 
@@ -152,6 +153,10 @@ def build_server(cfg: Config, *, progress: bool = True) -> DecodeServer:
   stop_ids.update(eos if isinstance(eos, tuple) else (() if eos is None else (eos,)))
   engine = Engine(model, slots=s.slots, max_len=s.max_len, mesh=mesh,
                   min_prefill_bucket=s.min_prefill_bucket)
+  if s.warmup:
+    t0 = time.perf_counter()
+    n = engine.warmup()
+    log.info("compiled %d decode programs in %.1fs", n, time.perf_counter() - t0)
   driver = Driver(engine, tokenizer=tokenizer, max_pending=s.max_pending,
                   device_sessions=s.device_sessions, host_sessions=s.host_sessions,
                   update_mode=s.update_mode, metrics=DecodeMetrics())
