@@ -10,7 +10,6 @@ batches into a memory-mapped `.npy`, and searches it exactly with chunked matrix
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Literal
 
@@ -19,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from asearcher_jax.errors import RetrievalError
+from asearcher_jax.errors import CheckpointError, ConfigError, RetrievalError
+from asearcher_jax.models.config import read_json
+from asearcher_jax.models.hf_checkpoint import SafetensorsReader
 
 
 class EncoderConfig(BaseModel):
@@ -141,24 +141,21 @@ _HF_LAYER = {
 def load_hf_bert(path: str) -> BertEncoder:
   """A BertEncoder from an HF directory (config.json + *.safetensors)."""
   cfg_path = os.path.join(path, "config.json")
-  if not os.path.exists(cfg_path):
-    raise RetrievalError(f"dense encoder {path}: no config.json")
-  with open(cfg_path) as f:
-    cfg = BertConfig(**json.load(f))
+  try:  # the policy's readers: malformed JSON, index files and shards are handled once
+    cfg = BertConfig(**read_json(cfg_path))
+    reader = SafetensorsReader(path)
+  except (ConfigError, CheckpointError) as e:
+    raise RetrievalError(f"dense encoder {path}: {e}") from None
   if cfg.position_embedding_type != "absolute":
     raise RetrievalError(f"{cfg_path}: position_embedding_type "
                          f"{cfg.position_embedding_type!r} is not supported (absolute only)")
   if cfg.hidden_act not in _ACTS:
     raise RetrievalError(f"{cfg_path}: hidden_act {cfg.hidden_act!r} is not supported")
-  files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-  if not files:
-    raise RetrievalError(f"dense encoder {path}: no *.safetensors weights")
+  files = sorted({os.path.basename(f) for f in reader.files.values()})
   raw: dict[str, np.ndarray] = {}
-  for name in files:
-    with safe_open(os.path.join(path, name), framework="numpy") as f:
-      for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-        k = key.removeprefix("bert.")
-        raw[k.replace(".gamma", ".weight").replace(".beta", ".bias")] = f.get_tensor(key)
+  for key in reader.files:
+    k = key.removeprefix("bert.")
+    raw[k.replace(".gamma", ".weight").replace(".beta", ".bias")] = reader.get(key)
   w: dict[str, np.ndarray] = {}
   try:
     w["word"] = raw["embeddings.word_embeddings.weight"]
