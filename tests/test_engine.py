@@ -12,7 +12,8 @@ from flax import nnx
 
 from asearcher_jax.errors import CheckpointError
 from asearcher_jax.inference import Driver, Engine, Request, SamplingParams
-from asearcher_jax.inference.weights import flat_state, load_weights
+from asearcher_jax.inference.weights import load_weights
+from asearcher_jax.models.pretrained import flat_state
 from asearcher_jax.models import create_model
 
 MESH = single_device_mesh()

@@ -19,20 +19,14 @@ from asearcher_jax.checkpoint import Checkpointer, abstract_like
 from asearcher_jax.errors import CheckpointError
 from asearcher_jax.models.config import QwenConfig
 from asearcher_jax.models.hf_checkpoint import load_hf_params
-from asearcher_jax.models.pretrained import is_hf_dir
-
-
-def path_key(path) -> str:
-  return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
-def flat_state(state) -> dict[str, jax.Array]:
-  return {path_key(p): x for p, x in jax.tree_util.tree_leaves_with_path(state)}
+from asearcher_jax.models.pretrained import flat_state, is_hf_dir
 
 
 def state_like(template, flat: dict[str, Any]):
-  """A copy of `template` (an nnx State) with leaves taken from `flat` by path."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: flat[path_key(p)], template)
+  """A copy of `template` (an nnx State) with leaves taken from `flat` by path; template untouched."""
+  state = jax.tree.map(lambda x: x, template)  # fresh Variables, same structure
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat, sep="/"))
+  return state
 
 
 def load_weights(template, source: Any, cfg: QwenConfig, *, step: int | None = None):
@@ -52,9 +46,9 @@ def load_weights(template, source: Any, cfg: QwenConfig, *, step: int | None = N
         if model_config is not None:  # a policy checkpoint says what it holds
           _check_same_architecture(source, QwenConfig.from_hf_dict(model_config), cfg)
         flat = ckpt.restore(step, params_target=abstract_like(target, shardings))["params"]
-  else:
-    if isinstance(source, nnx.State):
-      source = nnx.to_pure_dict(source)
+  elif isinstance(source, nnx.State):
+    flat = flat_state(source)
+  else:  # a flat {"a/b": array} or a nested dict
     flat = source if all(isinstance(k, str) and not isinstance(v, dict)
                          for k, v in source.items()) else traverse_util.flatten_dict(source, sep="/")
   missing, extra = sorted(set(target) - set(flat)), sorted(set(flat) - set(target))

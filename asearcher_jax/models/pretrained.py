@@ -41,23 +41,27 @@ def abstract_model(cfg: QwenConfig, *, seed: int = 0, param_dtype="float32", dty
 
 def param_shardings(model: Qwen, mesh: Mesh) -> dict[str, jax.sharding.NamedSharding]:
   """Flat {"a/b": NamedSharding} for every parameter; raises if the mesh does not divide one."""
-  shardings = state_shardings(nnx.state(model, nnx.Param), mesh)
-  return flatten(nnx.to_pure_dict(shardings))
+  return flat_state(state_shardings(nnx.state(model, nnx.Param), mesh))
 
 
 def flatten(tree: dict) -> dict[str, Any]:
   return traverse_util.flatten_dict(tree, sep="/")
 
 
+def flat_state(state) -> dict[str, Any]:
+  """{"layers/wq": leaf, ...}: an nnx State's leaves by path."""
+  return flatten(nnx.to_pure_dict(state))
+
+
 def flat_params(model: Qwen) -> dict[str, jax.Array]:
   """{"layers/wq": array, ...}: the model's parameters by path."""
-  return flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return flat_state(nnx.state(model, nnx.Param))
 
 
 def with_params(model: Qwen, params: dict[str, Any]) -> Qwen:
   """Returns the model (abstract or concrete) with its parameters replaced by `params` (flat)."""
   state = nnx.state(model, nnx.Param)
-  expected = set(flatten(nnx.to_pure_dict(state)))
+  expected = set(flat_state(state))
   if set(params) != expected:
     missing, extra = sorted(expected - set(params)), sorted(set(params) - expected)
     raise CheckpointError(f"parameters do not match the model: missing {missing}, "
