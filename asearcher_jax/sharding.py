@@ -82,7 +82,8 @@ def logical_to_spec(axes: LogicalAxes, rules: Mapping = LOGICAL_RULES) -> P:
   return P(*out)
 
 
-def _mesh_size(mesh: Mesh, target) -> int:
+def mesh_size(mesh, target) -> int:
+  """Devices along a rule's target (None, an axis name, or a tuple of them) of a (abstract) mesh."""
   if target is None:
     return 1
   names = (target,) if isinstance(target, str) else target
@@ -94,7 +95,7 @@ def check_divisible(name: str, shape: Sequence[int], axes: LogicalAxes, mesh: Me
   """Raises unless every sharded dimension of `name` divides evenly over its mesh axes."""
   for dim, (size, axis) in enumerate(zip(shape, axes)):
     target = None if axis is None else rules.get(axis)
-    n = _mesh_size(mesh, target)
+    n = mesh_size(mesh, target)
     if size % n:
       raise ShardingError(
           f"{name}: dimension {dim} ({axis}, size {size}) is not divisible by mesh axis "
@@ -131,9 +132,8 @@ def constrain(x: jax.Array, axes: LogicalAxes, rules: Mapping = LOGICAL_RULES) -
   spec = []
   for size, a in zip(x.shape, axes):
     target = None if a is None else rules[a]
-    names = () if target is None else ((target,) if isinstance(target, str) else target)
-    n = math.prod(mesh.shape[t] for t in names)
-    spec.append(target if size % n == 0 else None)  # e.g. batch 1 at decode: replicate
+    # e.g. batch 1 at decode: replicate
+    spec.append(target if size % mesh_size(mesh, target) == 0 else None)
   return jax.lax.with_sharding_constraint(x, P(*spec))
 
 

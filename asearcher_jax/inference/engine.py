@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from asearcher_jax.models.qwen import CACHE_AXES, KVCache, Qwen
 from asearcher_jax.inference.sampling import sample
-from asearcher_jax.sharding import LOGICAL_RULES, logical_to_spec, make_mesh
+from asearcher_jax.sharding import LOGICAL_RULES, logical_to_spec, make_mesh, mesh_size
 
 
 @jax.tree_util.register_dataclass
@@ -317,8 +317,6 @@ def _divisible_rules(mesh: Mesh, slots: int, kv_heads: int) -> dict:
   """The policy's rules, replicating cache axes that the mesh cannot split evenly."""
   rules = dict(LOGICAL_RULES)
   for axis, size in (("batch", slots), ("act_kv_heads", kv_heads)):
-    target = rules[axis]
-    names = () if target is None else ((target,) if isinstance(target, str) else target)
-    if size % int(np.prod([mesh.shape[n] for n in names] or [1])):
+    if size % mesh_size(mesh, rules[axis]):
       rules[axis] = None
   return rules
