@@ -31,3 +31,11 @@ def write_result(result: dict, path: str | None, default_name: str) -> str:
     json.dump(result, f, indent=2)
   print(f"recorded {path}")
   return path
+
+
+def device_figure(table: dict[str, float], device_kind: str) -> float | None:
+  """A per-device figure (peak FLOP/s, HBM bandwidth) for a JAX device kind; longest name wins."""
+  for name, value in sorted(table.items(), key=lambda kv: -len(kv[0])):
+    if name.lower() in device_kind.lower():
+      return value
+  return None

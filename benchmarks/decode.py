@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks.common import run_info, write_result  # noqa: E402
+from benchmarks.common import device_figure, run_info, write_result  # noqa: E402
 from asearcher_jax.config import load_config  # noqa: E402
 from asearcher_jax.inference import Driver, Engine, Request, SamplingParams  # noqa: E402
 from asearcher_jax.models import create_model, save_pretrained  # noqa: E402
@@ -100,7 +100,7 @@ def multi_turn(engine: Engine, turns: int, gen: int, tool: int, rng) -> dict:
 
 def roofline(engine: Engine, batch: int, context: int) -> dict | None:
   kind = jax.devices()[0].device_kind
-  bw = next((v for k, v in HBM_BYTES_PER_S.items() if k.lower() in kind.lower()), None)
+  bw = device_figure(HBM_BYTES_PER_S, kind)
   if bw is None:
     return None
   cfg = engine.cfg

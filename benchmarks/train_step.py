@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks.common import run_info, write_result  # noqa: E402
+from benchmarks.common import device_figure, run_info, write_result  # noqa: E402
 from asearcher_jax.config import load_config  # noqa: E402
 from asearcher_jax.models import create_model  # noqa: E402
 from asearcher_jax.models.config import QwenConfig  # noqa: E402
@@ -36,13 +36,6 @@ from asearcher_jax.train.optimizer import make_optimizer  # noqa: E402
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L4": 121.0,
                "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
                "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0, "TPU7x": 2307.0}
-
-
-def peak_tflops(device_kind: str) -> float | None:
-  for name, peak in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
-    if name.lower() in device_kind.lower():
-      return peak
-  return None
 
 
 def flops_per_token(cfg: QwenConfig, seq_len: int) -> float:
@@ -109,7 +102,7 @@ def main(argv=None) -> int:
   tokens = args.batch * args.seq_len
   tok_s = tokens / step_s
   achieved = flops_per_token(arch, args.seq_len) * tok_s / 1e12
-  peak = args.peak_tflops or peak_tflops(kind)
+  peak = args.peak_tflops or device_figure(PEAK_TFLOPS, kind)
   mfu = achieved / (peak * len(devices)) if peak else None
   result = {
       "benchmark": "train_step", "config": args.config, "overrides": args.overrides,
