@@ -19,6 +19,7 @@ from asearcher_jax.errors import ConfigError
 from asearcher_jax.models.attention import AttentionImpl
 from asearcher_jax.models.config import QwenConfig
 from asearcher_jax.models.qwen import RematPolicy
+from asearcher_jax.reward.config import RewardSection
 from asearcher_jax.tools.config import RetrievalSection, SearchClientSection, WebSection
 from asearcher_jax.world.config import WorldConfig
 
@@ -112,6 +113,7 @@ class Config(Section):
   web: WebSection = WebSection()
   search: SearchClientSection = SearchClientSection()
   world: WorldConfig = WorldConfig()
+  reward: RewardSection = RewardSection()
   run: RunSection = RunSection()
 
   @property

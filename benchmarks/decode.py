@@ -55,10 +55,14 @@ def ours(engine: Engine, prompts: list[list[int]], new_tokens: int, repeats: int
 
 def hf(model, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
   import torch
-  ids = torch.tensor(prompts)
+  ids = torch.tensor(prompts, device=model.device)
+
   def generate(x, n):
-    return model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
-                          min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                         min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    if out.is_cuda:
+      torch.cuda.synchronize()
+    return out
 
   walls, ttfts = [], []
   with torch.no_grad():
@@ -142,6 +146,8 @@ def main(argv=None) -> int:
       torch_model = AutoModelForCausalLM.from_pretrained(
           os.path.join(d, "m"), dtype=torch.float32 if cfg.model.dtype == "float32"
           else torch.bfloat16).eval()
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+      torch_model = torch_model.to("cuda")  # the same device class as ours
 
   rows = []
   for b in args.batches:

@@ -37,10 +37,23 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
   return out.reshape(b, t, n, d).astype(q.dtype)
 
 
+def resolve_impl(impl: AttentionImpl, q: jax.Array) -> AttentionImpl:
+  """`auto`: cuDNN's fused kernel on GPUs where it applies (bf16/fp16, head_dim a multiple of 8
+  up to 128), else XLA. jax's own default is XLA everywhere, which on an H200 trains the
+  1.5B shape at 24% MFU against cuDNN's 37% (benchmarks/results/train_step_*H200*)."""
+  if impl != "auto":
+    return impl
+  d = q.shape[-1]
+  if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+      and d % 8 == 0 and d <= 128):
+    return "cudnn"
+  return "xla"
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
               impl: AttentionImpl = "auto") -> jax.Array:
   """q [B, T, N, D], k/v [B, S, K, D] (N a multiple of K), mask [B, 1, T, S]."""
+  impl = resolve_impl(impl, q)
   if impl == "reference":
     return reference_attention(q, k, v, mask)
-  return jax.nn.dot_product_attention(
-      q, k, v, mask=mask, implementation=None if impl == "auto" else impl)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)

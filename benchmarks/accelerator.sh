@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One pass over what needs an accelerator: the accelerator-only tests, then the training-step
+# and decode benchmarks. Run from the repository root on a GPU (or TPU) host:
+#   bash benchmarks/accelerator.sh [results_dir]
+# Each step's log and JSON go to results_dir (default benchmarks/results); a failing step
+# does not stop the later ones, and the exit status counts the failures.
+set -uo pipefail
+OUT_DIR=${1:-benchmarks/results}
+mkdir -p "$OUT_DIR"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+failures=0
+step() {  # step NAME COMMAND...: run, tee the log, count a failure
+  local name=$1; shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+  [ "$rc" -eq 0 ] || failures=$((failures + 1))
+}
+
+$PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+step accelerator_tests env JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}" \
+  $PY -m pytest tests/test_accelerator.py -q -p no:cacheprovider
+step train_step_1.5b_b1 $PY benchmarks/train_step.py --config configs/bench/qwen2.5-1.5b.yaml \
+  --batch 1 --seq-len 4096 --steps 8 --results "$OUT_DIR/train_step_qwen2.5-1.5b_b1_s4096.json"
+# The transformers baseline shares the GPU: keep JAX from preallocating most of it.
+step decode_0.5b env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 $PY benchmarks/decode.py \
+  --config configs/bench/qwen2.5-0.5b.yaml --batches 1 8 32 64 --repeats 2 \
+  --results "$OUT_DIR/decode_qwen2.5-0.5b.json"
+step train_step_1.5b_b4 $PY benchmarks/train_step.py --config configs/bench/qwen2.5-1.5b.yaml \
+  --batch 4 --seq-len 4096 --steps 8 --results "$OUT_DIR/train_step_qwen2.5-1.5b_b4_s4096.json"
+echo "failures: $failures"
+exit "$failures"
