@@ -101,7 +101,8 @@ class Checkpointer:
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
     step = self._step(step)
-    return dict(self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    return dict(self._mngr.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
   def restore_params(self, model, mesh, step: int | None = None) -> dict[str, jax.Array]:
     """Just the parameters of `model` (abstract is fine), laid out over `mesh`."""

@@ -101,6 +101,7 @@ def cmd_serve(args) -> int:
   """A decode server (gRPC + OpenAI-compatible HTTP) for the config's policy."""
   import asyncio
   import signal
+
   from asearcher_jax.config import load_config
   from asearcher_jax.inference.server import build_server
   cfg = load_config(args.config, args.overrides)
@@ -122,6 +123,44 @@ def cmd_serve(args) -> int:
 
   asyncio.run(main())
   print("decode server stopped")
+  return 0
+
+
+def cmd_eval(args) -> int:
+  """run the agent on QA datasets k times per question; Avg@k / Pass@k, traces, report"""
+  import asyncio
+
+  from asearcher_jax.config import load_config
+  from asearcher_jax.eval import evaluate
+  overrides = list(args.overrides)
+  if args.data:
+    overrides.append("eval.data=" + json_list(args.data))
+  for flag, key in (("k", "k"), ("limit", "limit"), ("out", "out_dir"),
+                    ("concurrency", "concurrency")):
+    if getattr(args, flag) is not None:
+      overrides.append(f"eval.{key}={getattr(args, flag)}")
+  cfg = load_config(args.config, overrides)
+  report = asyncio.run(evaluate(cfg, progress=not args.no_progress))
+  aborted = sum(d["status"].get("aborted", 0) for d in report["datasets"].values())
+  return 1 if aborted or not report["datasets"] else 0  # a rerun retries aborted episodes
+
+
+def json_list(items) -> str:
+  import json
+  return json.dumps(list(items))
+
+
+def cmd_data_build(args) -> int:
+  """build a TFDS (array_record) QA dataset from QA files; read back without TensorFlow"""
+  from asearcher_jax.data import build_qa_dataset
+  sources = {}
+  for spec in args.split:
+    name, _, files = spec.partition("=")
+    if not files:
+      raise SystemExit(f"--split wants NAME=FILE[,FILE...], got {spec!r}")
+    sources[name] = files.split(",")
+  path = build_qa_dataset(sources, args.out, name=args.name, overwrite=args.overwrite)
+  print(f"dataset: {path}")
   return 0
 
 
@@ -161,6 +200,26 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-new-tokens", type=int, default=32)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.set_defaults(fn=cmd_generate)
+
+  p = sub.add_parser("eval", help=cmd_eval.__doc__)
+  _config_args(p)
+  p.add_argument("--data", nargs="+", help="QA files or TFDS directories (eval.data)")
+  p.add_argument("--k", type=int, help="samples per question (eval.k)")
+  p.add_argument("--limit", type=int, help="questions per dataset (eval.limit)")
+  p.add_argument("--out", help="output directory (eval.out_dir); reruns resume")
+  p.add_argument("--concurrency", type=int, help="episodes in flight (eval.concurrency)")
+  p.add_argument("--no-progress", action="store_true")
+  p.set_defaults(fn=cmd_eval)
+
+  data = sub.add_parser("data", help="QA datasets").add_subparsers(dest="data_command",
+                                                                   required=True)
+  p = data.add_parser("build", help=cmd_data_build.__doc__)
+  p.add_argument("--split", action="append", required=True, metavar="NAME=FILE[,FILE]",
+                 help="a split and its QA files (any loader format); repeat per split")
+  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--name", default="qa")
+  p.add_argument("--overwrite", action="store_true")
+  p.set_defaults(fn=cmd_data_build)
 
   from asearcher_jax.tools.cli import register as register_tools
   register_tools(sub)  # index build, retrieval serve, world build

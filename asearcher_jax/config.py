@@ -15,7 +15,9 @@ from typing import Any, Literal, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from asearcher_jax.agent.config import AgentSection
 from asearcher_jax.errors import ConfigError
+from asearcher_jax.eval.config import EvalSection
 from asearcher_jax.models.attention import AttentionImpl
 from asearcher_jax.models.config import QwenConfig
 from asearcher_jax.models.qwen import RematPolicy
@@ -113,7 +115,9 @@ class Config(Section):
   web: WebSection = WebSection()
   search: SearchClientSection = SearchClientSection()
   world: WorldConfig = WorldConfig()
+  agent: AgentSection = AgentSection()
   reward: RewardSection = RewardSection()
+  eval: EvalSection = EvalSection()
   run: RunSection = RunSection()
 
   @property

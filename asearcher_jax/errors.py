@@ -19,3 +19,7 @@ class ShardingError(AsearcherError):
 
 class RetrievalError(AsearcherError):
   """A corpus, pages file or search index is missing, corrupt or does not match its manifest."""
+
+
+class DataError(AsearcherError, ValueError):
+  """A QA file cannot be read at all (missing, unknown format); bad rows are reported instead."""

@@ -13,7 +13,8 @@ from typing import Mapping, Sequence
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from asearcher_jax.errors import ShardingError
 

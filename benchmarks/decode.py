@@ -24,11 +24,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks.common import device_figure, run_info, write_result  # noqa: E402
 from asearcher_jax.config import load_config  # noqa: E402
 from asearcher_jax.inference import Driver, Engine, Request, SamplingParams  # noqa: E402
 from asearcher_jax.models import create_model, save_pretrained  # noqa: E402
 from asearcher_jax.sharding import make_mesh  # noqa: E402
+from benchmarks.common import device_figure, run_info, write_result  # noqa: E402
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "TPU v5p": 2.76e12,
                    "TPU v5 lite": 0.82e12, "TPU v6 lite": 1.64e12}
@@ -111,7 +111,8 @@ def roofline(engine: Engine, batch: int, context: int) -> dict | None:
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.params))  # as stored and read
   kv_bytes = 2 * cfg.num_layers * batch * context * cfg.num_kv_heads * cfg.head_dim * \
       engine.cache_dtype.itemsize
-  return {"bytes_per_step": weight_bytes + kv_bytes, "roofline_step_s": (weight_bytes + kv_bytes) / bw,
+  return {"bytes_per_step": weight_bytes + kv_bytes,
+          "roofline_step_s": (weight_bytes + kv_bytes) / bw,
           "hbm_bytes_per_s": bw}
 
 

@@ -33,10 +33,10 @@ import psutil
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks.common import run_info, write_result  # noqa: E402
 from asearcher_jax.tools.bm25_index import tokenize
 from asearcher_jax.tools.index import SearchIndex
 from asearcher_jax.world import WorldConfig, generate_world
+from benchmarks.common import run_info, write_result  # noqa: E402
 
 
 def rss_mb(pid: int | None = None) -> float:

@@ -24,13 +24,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks.common import device_figure, run_info, write_result  # noqa: E402
 from asearcher_jax.config import load_config  # noqa: E402
 from asearcher_jax.models import create_model  # noqa: E402
 from asearcher_jax.models.config import QwenConfig  # noqa: E402
 from asearcher_jax.sharding import describe, make_mesh  # noqa: E402
 from asearcher_jax.train.lm import PackedBatch, make_sft_step  # noqa: E402
 from asearcher_jax.train.optimizer import make_optimizer  # noqa: E402
+from benchmarks.common import device_figure, run_info, write_result  # noqa: E402
 
 # Dense bf16 peak TFLOP/s per device (vendor figures, no sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L4": 121.0,

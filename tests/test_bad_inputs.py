@@ -9,8 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from asearcher_jax.errors import CheckpointError, ConfigError
-from asearcher_jax.models import from_pretrained, save_pretrained
-from asearcher_jax.models import hf_checkpoint
+from asearcher_jax.models import from_pretrained, hf_checkpoint, save_pretrained
 
 
 @pytest.fixture
@@ -53,7 +52,8 @@ def test_config_json_missing_fields(ckpt):
   cfg = json.loads((ckpt / "config.json").read_text())
   del cfg["hidden_size"]
   (ckpt / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(ConfigError, match=r"config.json: missing required field\(s\) \['hidden_size'\]"):
+  with pytest.raises(ConfigError,
+                     match=r"config.json: missing required field\(s\) \['hidden_size'\]"):
     load(ckpt)
 
 
@@ -76,7 +76,8 @@ def test_unsupported_architectures(ckpt, changes, message):
 def test_missing_tensor_is_named(ckpt):
   edit_tensors(ckpt, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
   with pytest.raises(CheckpointError,
-                     match=r"missing tensor model.layers.1.mlp.up_proj.weight \(expected shape \[96, 64\]\)"):
+                     match=r"missing tensor model.layers.1.mlp.up_proj.weight "
+                           r"\(expected shape \[96, 64\]\)"):
     load(ckpt)
 
 
@@ -99,7 +100,8 @@ def test_index_pointing_at_a_missing_shard(ckpt):
   names = list(load_file(str(ckpt / "model.safetensors")))
   (ckpt / "model.safetensors.index.json").write_text(json.dumps(
       {"weight_map": {n: "model-00002-of-00002.safetensors" for n in names}}))
-  with pytest.raises(CheckpointError, match="lists model-00002-of-00002.safetensors, which does not exist"):
+  with pytest.raises(CheckpointError,
+                     match="lists model-00002-of-00002.safetensors, which does not exist"):
     load(ckpt)
 
 

@@ -99,3 +99,26 @@ def test_serve_answers_openai_requests_and_stops_on_sigterm(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
   assert "decode server stopped" in proc.stdout.read()
+
+
+def test_eval_with_no_decode_server_reports_aborted_episodes(tmp_path):
+  """Nothing listens: every episode ends `aborted`, the summary says why, exit status 1."""
+  data = tmp_path / "qa.jsonl"
+  data.write_text('{"question": "Where is Elosia?", "answer": ["nowhere"]}\n{"answer": ["x"]}\n')
+  out = asearcher("eval", "--config", "configs/debug.yaml", "--data", str(data), "--k", "2",
+                  "--out", str(tmp_path / "eval"), "--no-progress",
+                  "eval.decode_address=127.0.0.1:9", "search.url=http://127.0.0.1:9", check=False)
+  assert out.returncode == 1, out.stderr
+  assert "line 2: missing or empty question" in out.stdout, out.stdout
+  assert re.search(r"2 episodes aborted \(rerun to retry them\): decode server", out.stdout)
+  report = json.loads((tmp_path / "eval" / "report.json").read_text())
+  assert report["datasets"]["qa"]["status"] == {"aborted": 2} and report["skipped_rows"] == 1
+
+
+def test_data_build_makes_a_tfds_dataset(tmp_path):
+  data = tmp_path / "qa.jsonl"
+  data.write_text('{"question": "q1", "answer": "a1"}\n{"question": "q2", "answer": ["a2"]}\n')
+  out = asearcher("data", "build", "--split", f"test={data}", "--out", str(tmp_path / "ds"))
+  path = out.stdout.strip().splitlines()[-1].removeprefix("dataset: ")
+  from asearcher_jax.data import open_qa_dataset
+  assert [it.question for it in open_qa_dataset(path, "test")] == ["q1", "q2"]

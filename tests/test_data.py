@@ -128,10 +128,10 @@ def test_bad_rows_reported_with_line_numbers_and_skipped():
   assert sorted(lines) == [2, 4, 5, 6, 7, 8]  # line 3 is blank: not a row
   assert "question" in lines[2] and "question" in lines[4]
   assert "answer" in lines[5] and "answer" in lines[6]
-  assert lines[7].startswith("malformed JSON") and "object" in lines[8]
+  assert lines[7].startswith("invalid JSON") and "object" in lines[8]
   assert all(s.path == fx("bad_rows.jsonl") for s in r.skipped)
   text = r.summary()
-  assert "2 items, 6 skipped" in text and "line 7: malformed JSON" in text
+  assert "2 items, 6 skipped" in text and "line 7: invalid JSON" in text
   assert load_qa(fx("bad_rows.jsonl"), limit=1).items == r.items[:1]
 
 

@@ -77,7 +77,8 @@ def test_packed_rows_equal_separate_sequences(model):
 def test_fused_attention_path_equals_reference():
   cfg = tiny_config("qwen3")
   tokens = jnp.asarray(RNG.randint(0, 97, (2, 9)))
-  ref = forward(create_model(cfg, MESH, seed=0, dtype="float32", attention_impl="reference"), tokens)
+  ref = forward(create_model(cfg, MESH, seed=0, dtype="float32", attention_impl="reference"),
+                tokens)
   xla = forward(create_model(cfg, MESH, seed=0, dtype="float32", attention_impl="xla"), tokens)
   np.testing.assert_allclose(xla, ref, atol=1e-5)
 

@@ -68,11 +68,13 @@ QWEN_STYLE_TEMPLATE = """
   {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
 {%- endif %}
 {%- set ns = namespace(last_user=-1) %}
-{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}
+{%- for m in messages %}{%- if m.role == 'user' %}
+  {%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}
 {%- for m in messages %}
   {%- if m.role == 'system' and loop.first %}
   {%- elif m.role == 'assistant' and '</think>' in m.content %}
-    {{- '<|im_start|>assistant\\n' + m.content.split('</think>')[-1].lstrip('\\n') + '<|im_end|>\\n' }}
+    {{- '<|im_start|>assistant\\n' + m.content.split('</think>')[-1].lstrip('\\n')
+        + '<|im_end|>\\n' }}
   {%- else %}
     {{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}
   {%- endif %}

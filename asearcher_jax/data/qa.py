@@ -36,14 +36,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from asearcher_jax.errors import DataError
+from asearcher_jax.jsonl import iter_rows
+
 FORMATS = ("asearcher", "flashrag", "r1-searcher", "deepresearcher")
 ANSWER_SPLIT = "<|answer_split|>"
 _ALIASES = {"r1_searcher": "r1-searcher", "r1searcher": "r1-searcher", "verl": "deepresearcher",
             "deep-researcher": "deepresearcher", "deep_researcher": "deepresearcher"}
 
-
-class DataError(ValueError):
-  """A QA file cannot be read at all (missing, unknown format); bad rows are reported instead."""
 
 
 class _Skip(Exception):
@@ -288,26 +288,6 @@ def detect_format(row: Mapping[str, Any]) -> str | None:
 
 # ------------------------------------------------------------------------------------- readers
 
-def _iter_jsonl(path: str) -> Iterator[tuple[int, dict | None, str | None]]:
-  """(line number, row or None, error or None); blank lines are not rows and are passed over."""
-  with open(path, "rb") as f:
-    for n, raw in enumerate(f, 1):
-      if not raw.strip():
-        continue
-      try:
-        row = json.loads(raw.decode("utf-8"))
-      except UnicodeDecodeError as e:
-        yield n, None, f"invalid UTF-8: {e.reason}"
-        continue
-      except json.JSONDecodeError as e:
-        yield n, None, f"malformed JSON: {e.msg} (column {e.colno})"
-        continue
-      if not isinstance(row, dict):
-        yield n, None, f"expected a JSON object, got {type(row).__name__}"
-      else:
-        yield n, row, None
-
-
 def _iter_parquet(path: str) -> Iterator[tuple[int, dict | None, str | None]]:
   import pyarrow.parquet as pq  # only parquet needs it
 
@@ -346,7 +326,7 @@ def load_qa(path: str | os.PathLike, format: str = "auto", source: str | None = 
   is_parquet = path.endswith(".parquet")
   if fmt == "auto" and is_parquet:
     fmt = "deepresearcher"
-  rows = _iter_parquet(path) if is_parquet else _iter_jsonl(path)
+  rows = _iter_parquet(path) if is_parquet else iter_rows(path)
 
   items: list[QAItem] = []
   skipped: list[SkippedRow] = []

@@ -23,8 +23,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from asearcher_jax.models.qwen import CACHE_AXES, KVCache, Qwen
 from asearcher_jax.inference.sampling import sample
+from asearcher_jax.models.qwen import CACHE_AXES, KVCache, Qwen
 from asearcher_jax.sharding import LOGICAL_RULES, logical_to_spec, make_mesh, mesh_size
 
 
@@ -227,7 +227,7 @@ class Engine:
     return self._extract(state, jnp.int32(slot), jnp.int32(length))
 
   def empty_prefix(self, length: int, k: np.ndarray, v: np.ndarray) -> Prefix:
-    """A prefix from host arrays k/v [layers, length, kv_heads, head_dim] (host-offloaded sessions)."""
+    """A prefix from host arrays k/v [layers, length, kv_heads, head_dim] (offloaded sessions)."""
     shape = (self.cfg.num_layers, 1, self.max_len, self.cfg.num_kv_heads, self.cfg.head_dim)
     kk = np.zeros(shape, k.dtype)
     vv = np.zeros(shape, v.dtype)

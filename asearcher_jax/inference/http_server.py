@@ -205,7 +205,8 @@ class OpenAIServer:
             "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                       "total_tokens": prompt_tokens + completion},
-            "system_fingerprint": f"version-{results[0].versions[-1] if results[0].versions else 0}"}
+            "system_fingerprint":
+                f"version-{results[0].versions[-1] if results[0].versions else 0}"}
 
   async def models(self, request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [

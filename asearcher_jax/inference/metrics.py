@@ -1,4 +1,4 @@
-"""Prometheus metrics of a decode server (its own registry, so several servers can share a process)."""
+"""Prometheus metrics of a decode server (own registry, so several servers can share a process)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ class DecodeMetrics:
 
   def __init__(self):
     r = self.registry = CollectorRegistry()
-    self.slots_in_use = Gauge("asearcher_decode_slots_in_use", "KV slots holding a request", registry=r)
+    self.slots_in_use = Gauge("asearcher_decode_slots_in_use", "KV slots holding a request",
+                              registry=r)
     self.slots_total = Gauge("asearcher_decode_slots_total", "KV slots", registry=r)
-    self.queue_depth = Gauge("asearcher_decode_queue_depth", "requests waiting for a slot", registry=r)
+    self.queue_depth = Gauge("asearcher_decode_queue_depth", "requests waiting for a slot",
+                             registry=r)
     self.version = Gauge("asearcher_decode_policy_version", "serving weight version", registry=r)
     self.tokens_per_s = Gauge("asearcher_decode_tokens_per_second",
                               "generated tokens per second over the last 5 s", registry=r)

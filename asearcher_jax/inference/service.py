@@ -42,7 +42,7 @@ class DecodeService:
 
   async def generate(self, prompt: list[int], sampling: SamplingParams, *,
                      session_id: str | None = None, request_id: str = "") -> Request:
-    """Runs one request to completion (raises ValueError / QueueFullError on bad input / overload)."""
+    """Runs one request to completion (ValueError / QueueFullError on bad input / overload)."""
     request, events = self._submit(prompt, sampling, session_id, request_id)
     async for _ in self._drain(request, events):
       pass
@@ -51,7 +51,7 @@ class DecodeService:
   async def stream(self, prompt: list[int], sampling: SamplingParams, *,
                    session_id: str | None = None, request_id: str = ""
                    ) -> AsyncIterator[tuple[Request, Chunk]]:
-    """Yields (request, chunk of new tokens) as they are sampled; the request is done after the last."""
+    """Yields (request, chunk of new tokens) as sampled; the request is done after the last."""
     request, events = self._submit(prompt, sampling, session_id, request_id)
     async for chunk in self._drain(request, events):
       yield request, chunk

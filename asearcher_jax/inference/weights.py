@@ -23,7 +23,7 @@ from asearcher_jax.models.pretrained import flat_state, is_hf_dir
 
 
 def state_like(template, flat: dict[str, Any]):
-  """A copy of `template` (an nnx State) with leaves taken from `flat` by path; template untouched."""
+  """A copy of `template` (an nnx State) with leaves from `flat` by path; template untouched."""
   state = jax.tree.map(lambda x: x, template)  # fresh Variables, same structure
   nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat, sep="/"))
   return state
@@ -50,7 +50,8 @@ def load_weights(template, source: Any, cfg: QwenConfig, *, step: int | None = N
     flat = flat_state(source)
   else:  # a flat {"a/b": array} or a nested dict
     flat = source if all(isinstance(k, str) and not isinstance(v, dict)
-                         for k, v in source.items()) else traverse_util.flatten_dict(source, sep="/")
+                         for k, v in source.items()) \
+        else traverse_util.flatten_dict(source, sep="/")
   missing, extra = sorted(set(target) - set(flat)), sorted(set(flat) - set(target))
   if missing or extra:
     raise CheckpointError(f"weights do not match the served model: missing {missing[:5]}, "

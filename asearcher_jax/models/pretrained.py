@@ -17,11 +17,15 @@ from jax.sharding import Mesh
 
 from asearcher_jax.errors import CheckpointError
 from asearcher_jax.models.config import QwenConfig
-from asearcher_jax.models.hf_checkpoint import (copy_tokenizer_files, load_hf_params,
-                                                 save_hf_checkpoint)
+from asearcher_jax.models.hf_checkpoint import (
+  copy_tokenizer_files,
+  load_hf_params,
+  save_hf_checkpoint,
+)
 from asearcher_jax.models.qwen import Qwen
 from asearcher_jax.models.tokenizer import Tokenizer
 from asearcher_jax.sharding import make_mesh, state_shardings
+
 
 def default_mesh() -> Mesh:
   """All devices on the fsdp axis."""

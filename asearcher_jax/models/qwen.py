@@ -38,7 +38,7 @@ CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  """Keys and values per layer: [layers, batch, max_len, kv_heads, head_dim]; slot j = position j."""
+  """Keys and values per layer: [layers, batch, max_len, kv_heads, head_dim]; slot j = pos. j."""
 
   k: jax.Array
   v: jax.Array
@@ -154,8 +154,9 @@ class Qwen(nnx.Module):
     self.layers = DecoderLayers(cfg, rngs=rngs, param_dtype=param_dtype)
     self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), param_dtype), logical_axes=("norm",))
     if not cfg.tie_embeddings:
-      self.lm_head = nnx.Param(normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), param_dtype),
-                               logical_axes=("embed", "vocab"))
+      self.lm_head = nnx.Param(
+          normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), param_dtype),
+          logical_axes=("embed", "vocab"))
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
                     segment_ids: jax.Array | None = None, cache: KVCache | None = None,
@@ -188,7 +189,8 @@ class Qwen(nnx.Module):
 
     if cache is None:
       def body(x, p):
-        return decoder_layer(p, x, cos, sin, mask, positions, None, cfg, self.attention_impl)[0], None
+        return decoder_layer(p, x, cos, sin, mask, positions, None, cfg,
+                             self.attention_impl)[0], None
 
       if self.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)

@@ -1,4 +1,4 @@
-"""LLM-as-judge ("LasJ") against any OpenAI-compatible endpoint (`POST {base_url}/chat/completions`).
+"""LLM-as-judge ("LasJ") against any OpenAI-compatible endpoint (POST {base_url}/chat/completions).
 
 As in ASearcher's evaluation, the judge sees the question, the gold answer(s) and the
 prediction (cut to `max_pred_chars`) and replies with a JSON verdict

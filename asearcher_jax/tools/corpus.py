@@ -20,25 +20,18 @@ from collections.abc import Iterator
 import numpy as np
 
 from asearcher_jax.errors import RetrievalError
+from asearcher_jax.jsonl import iter_rows
 from asearcher_jax.tools.types import title_from_contents
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+  """Rows of a corpus file; any bad line is fatal (an index must not silently lose passages)."""
   if not os.path.exists(path):
     raise RetrievalError(f"{path}: file not found")
-  with open(path, "rb") as f:
-    for n, raw in enumerate(f, 1):
-      if not raw.strip():
-        continue
-      try:
-        row = json.loads(raw.decode("utf-8"))
-      except UnicodeDecodeError as e:
-        raise RetrievalError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
-      except json.JSONDecodeError as e:
-        raise RetrievalError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise RetrievalError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-      yield n, row
+  for n, row, error in iter_rows(path):
+    if error:
+      raise RetrievalError(f"{path}:{n}: {error}")
+    yield n, row
 
 
 def _str_field(path: str, n: int, row: dict, name: str, required: bool) -> str:

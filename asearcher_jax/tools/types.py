@@ -96,7 +96,9 @@ class ToolResult:
     if self.tool == "search":
       if not self.hits:
         return "No results found."
-      return "\n".join(f"Doc {i + 1}(Title: {h.title}) {h.text}" for i, h in enumerate(self.hits))
+      # Search-R1's "Doc i(Title: t) text", with the URL the agent can <access> when known.
+      return "\n".join(f"Doc {i + 1}(Title: {h.title}){f' URL: {h.url}' if h.url else ''} "
+                       f"{h.text}" for i, h in enumerate(self.hits))
     chunks = self.page.chunks(chunk_chars, max_chunks) if self.page else []
     if not chunks:
       return "No More Information is Found for this URL."

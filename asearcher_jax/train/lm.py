@@ -50,7 +50,8 @@ def nll_loss(token_logp: jax.Array, weight: jax.Array) -> jax.Array:
 
 
 def make_sft_step(model: Qwen, optimizer: optax.GradientTransformation):
-  """Returns (params, opt_state, step) with step(params, opt_state, batch) -> (params, opt_state, metrics).
+  """Returns (params, opt_state, step), with
+  step(params, opt_state, batch) -> (params, opt_state, metrics).
 
   The step is one jitted function; params and optimizer state are donated so
   the update happens in place, and shardings follow the inputs.

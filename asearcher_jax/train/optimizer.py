@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import jax
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from asearcher_jax.config import OptimizerSection
 

@@ -1,0 +1,181 @@
+"""The trajectory record of ../shared/DESIGN.md: exact engine tokens, loss mask, behaviour
+log-probs, per-token versions, turn spans, status, reward and timings; JSON on disk.
+
+A record holds one or more *sequences*, concatenated in `tokens` and split at `seq_starts`.
+Each sequence is a context the engine really saw, grown turn by turn (ASearcher's packing):
+when the context is rewritten -- a page chunk that has been read is replaced by a short stub
+-- the next turn starts a new sequence that repeats the rewritten context with loss mask 0, so
+every sampled token is trained exactly once, under the context it was sampled in.
+Text-only backends (an external OpenAI-compatible endpoint) give records with no tokens and a
+transcript, good for evaluation, not for training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Iterator, Literal
+
+import numpy as np
+
+from asearcher_jax.jsonl import append_lines, read_lines
+
+Status = Literal["answered", "no_answer", "max_turns", "context_full", "timeout", "tool_error",
+                 "aborted"]
+STATUSES: tuple[str, ...] = Status.__args__
+
+
+@dataclasses.dataclass
+class Turn:
+  """One LLM call. `start:end` is the span of its sampled tokens in `Trajectory.tokens`."""
+
+  kind: Literal["act", "read"]
+  start: int
+  end: int
+  prompt_tokens: int
+  finish_reason: str
+  action: str = "none"
+  argument: str = ""
+  tool_ok: bool | None = None  # None: no tool was called
+  tool_error: str | None = None
+  llm_s: float = 0.0
+  tool_s: float = 0.0
+
+
+@dataclasses.dataclass
+class Trajectory:
+  qid: str
+  question: str
+  answers: list[str]
+  aug_answers: list[str] = dataclasses.field(default_factory=list)
+  group_id: str = ""
+  sample: int = 0  # index within the group / the k of Avg@k
+  tokens: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+  loss_mask: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, bool))
+  behav_logp: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
+  version: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+  seq_starts: list[int] = dataclasses.field(default_factory=list)
+  turns: list[Turn] = dataclasses.field(default_factory=list)
+  transcript: list[dict[str, str]] = dataclasses.field(default_factory=list)  # role, text
+  prediction: str | None = None
+  status: Status = "aborted"
+  error: str | None = None
+  reward: float = 0.0
+  metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+  format_ok: bool = True
+  valid_instruction: bool = False
+  submit_version: int = -1  # the learner version when the group was admitted
+  sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
+  timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+  # -- derived views -------------------------------------------------------------------------
+  @property
+  def num_turns(self) -> int:
+    return len(self.turns)
+
+  def tool_calls(self, tool: str | None = None) -> int:
+    return sum(t.action == (tool or t.action) and t.action in ("search", "access")
+               for t in self.turns)
+
+  @property
+  def loss_tokens(self) -> int:
+    return int(self.loss_mask.sum())
+
+  def sequences(self) -> Iterator[slice]:
+    ends = self.seq_starts[1:] + [len(self.tokens)]
+    for a, b in zip(self.seq_starts, ends):
+      yield slice(a, b)
+
+  def generations(self) -> list[str]:
+    """The text of each LLM call, as the format gate reads it."""
+    return [m["text"] for m in self.transcript if m["role"] == "policy"]
+
+  def versions_range(self) -> tuple[int, int] | None:
+    v = self.version[self.loss_mask]
+    return (int(v.min()), int(v.max())) if v.size else None
+
+  # -- building -------------------------------------------------------------------------------
+  def record_call(self, context: list[int], output: list[int], logprobs: list[float],
+                  versions: list[int]) -> tuple[int, int]:
+    """Appends one LLM call: the context's new tokens (mask 0) and the sampled ones (mask 1).
+
+    The current sequence continues when `context` extends it; otherwise a new one starts.
+    Returns the span of the sampled tokens.
+    """
+    cur = self.seq_starts[-1] if self.seq_starts else len(self.tokens)
+    seq = self.tokens[cur:]
+    if not self.seq_starts or len(context) < len(seq) or not np.array_equal(
+        seq, np.asarray(context[:len(seq)], np.int32)):
+      self.seq_starts.append(len(self.tokens))
+      new = context
+    else:
+      new = context[len(seq):]
+    n, m = len(new), len(output)
+    self.tokens = np.concatenate([self.tokens, np.asarray(new, np.int32),
+                                  np.asarray(output, np.int32)])
+    self.loss_mask = np.concatenate([self.loss_mask, np.zeros(n, bool), np.ones(m, bool)])
+    self.behav_logp = np.concatenate([self.behav_logp, np.zeros(n, np.float32),
+                                      np.asarray(logprobs, np.float32)])
+    self.version = np.concatenate([self.version, np.full(n, -1, np.int32),
+                                   np.asarray(versions, np.int32)])
+    end = len(self.tokens)
+    return end - m, end
+
+  # -- serialisation --------------------------------------------------------------------------
+  def to_dict(self) -> dict[str, Any]:
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    d["tokens"] = self.tokens.tolist()
+    d["loss_mask"] = self.loss_mask.astype(np.int8).tolist()
+    d["behav_logp"] = [float(x) for x in self.behav_logp]  # float32 values, exact in JSON
+    d["version"] = self.version.tolist()
+    d["turns"] = [dataclasses.asdict(t) for t in self.turns]
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "Trajectory":
+    d = dict(d)
+    d["tokens"] = np.asarray(d.get("tokens", []), np.int32)
+    d["loss_mask"] = np.asarray(d.get("loss_mask", []), bool)
+    d["behav_logp"] = np.asarray(d.get("behav_logp", []), np.float32)
+    d["version"] = np.asarray(d.get("version", []), np.int32)
+    d["turns"] = [Turn(**t) for t in d.get("turns", [])]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+      raise ValueError(f"unknown trajectory fields: {sorted(unknown)}")
+    return cls(**d)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), ensure_ascii=False)
+
+  @classmethod
+  def from_json(cls, line: str | bytes) -> "Trajectory":
+    return cls.from_dict(json.loads(line))
+
+  def check(self) -> None:
+    """The record's invariants; raises ValueError naming the first one broken."""
+    n = len(self.tokens)
+    if not (len(self.loss_mask) == len(self.behav_logp) == len(self.version) == n):
+      raise ValueError("tokens, loss_mask, behav_logp and version differ in length")
+    if n and (not self.seq_starts or self.seq_starts[0] != 0
+              or sorted(set(self.seq_starts)) != self.seq_starts or self.seq_starts[-1] >= n):
+      raise ValueError(f"bad seq_starts {self.seq_starts} for {n} tokens")
+    if (self.version[~self.loss_mask] != -1).any():
+      raise ValueError("a token outside the loss mask has a version other than -1")
+    if (self.version[self.loss_mask] < 0).any():
+      raise ValueError("a sampled token has no policy version")
+    for t in self.turns:
+      if not (0 <= t.start <= t.end <= n) or not self.loss_mask[t.start:t.end].all():
+        raise ValueError(f"turn span {t.start}:{t.end} is not a run of sampled tokens")
+    if self.status not in STATUSES:
+      raise ValueError(f"unknown status {self.status!r}")
+
+
+def write_jsonl(path: str, trajectories) -> None:
+  """Appends records, one JSON line each (fsynced; a torn last line is cut off first)."""
+  append_lines(path, trajectories, encode=Trajectory.to_json)
+
+
+def read_jsonl(path: str) -> list[Trajectory]:
+  """Records of a file; a torn last line (a crash mid-write) is ignored."""
+  return read_lines(path, decode=Trajectory.from_json)

@@ -1,0 +1,194 @@
+"""`asearcher eval`: the agent on QA datasets, k samples per question, Avg@k / Pass@k.
+
+Outputs in `eval.out_dir`: `traces.jsonl` (one readable line per episode: question, gold,
+prediction, status, metrics and the transcript), `report.json` and the printed table;
+`trajectories.jsonl` with the full token records when `eval.save_trajectories`. Each finished
+episode is appended and fsynced at once, so an interrupted run loses at most the episodes in
+flight, and a rerun with the same out_dir skips what is done. Episodes `aborted` by the
+infrastructure (a decode server that went away) are not done: a rerun retries them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from typing import Any
+
+from asearcher_jax.agent import Agent, DecodePolicy, OpenAIPolicy, Trajectory, score, write_jsonl
+from asearcher_jax.data.qa import DataError, QAItem, load_qa
+from asearcher_jax.eval.report import aggregate, format_table
+from asearcher_jax.jsonl import append_lines, read_lines
+from asearcher_jax.reward.asearcher import Scorer
+
+
+def sample_seed(seed: int, qid: str, sample: int) -> int:
+  return int.from_bytes(hashlib.sha256(f"{seed}/{qid}/{sample}".encode()).digest()[:8], "little")
+
+
+def load_datasets(paths, split: str = "test", limit: int | None = None
+                  ) -> tuple[list[tuple[str, QAItem]], list[str], int]:
+  """(dataset name, item) pairs, the loaders' summaries, and the count of skipped rows.
+
+  A dataset is an item's `source` (a DeepResearcher file holds several) or its file's name.
+  `limit` keeps the first questions of each dataset.
+  """
+  items, notes, skipped = [], [], 0
+  for path in paths:
+    if os.path.isdir(path):
+      from asearcher_jax.data import open_qa_dataset
+      source = open_qa_dataset(path, split)
+      rows = list(source)
+      notes.append(f"{path} [{split}]: {len(rows)} questions")
+    else:
+      report = load_qa(path)
+      rows, skipped = report.items, skipped + len(report.skipped)
+      notes.append(report.summary())
+    stem = os.path.splitext(os.path.basename(path.rstrip("/")))[0]
+    items.extend((it.source or stem, it) for it in rows)
+  if limit is not None:
+    seen: dict[str, int] = {}
+    kept = []
+    for ds, it in items:
+      seen[ds] = seen.get(ds, 0) + 1
+      if seen[ds] <= limit:
+        kept.append((ds, it))
+    items = kept
+  return items, notes, skipped
+
+
+def trace_line(dataset: str, t: Trajectory) -> dict[str, Any]:
+  return {
+      "dataset": dataset, "qid": t.qid, "sample": t.sample, "question": t.question,
+      "answers": t.answers, "prediction": t.prediction, "status": t.status, "error": t.error,
+      "metrics": t.metrics, "reward": t.reward, "format_ok": t.format_ok,
+      "turns": t.num_turns, "tool_calls": t.tool_calls(),
+      "tool_errors": sum(tn.tool_ok is False for tn in t.turns),
+      "wall_s": round(t.timings.get("wall_s", 0.0), 3), "transcript": t.transcript}
+
+
+def latest_traces(path: str, k: int) -> dict[tuple[str, str, int], dict[str, Any]]:
+  """The last trace line of each (dataset, qid, sample < k): a retried episode replaces its
+  aborted attempt."""
+  return {(t["dataset"], t["qid"], t["sample"]): t for t in read_lines(path) if t["sample"] < k}
+
+
+def build_policy(cfg):
+  """The policy `eval.backend` names, with the tokenizer it needs."""
+  e = cfg.eval
+  tokenizer = None
+  tok_path = e.tokenizer
+  if tok_path is None and cfg.model.path:
+    from asearcher_jax.models.pretrained import tokenizer_dir
+    tok_path = tokenizer_dir(cfg.model.path)
+  if tok_path:
+    from asearcher_jax.models.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_dir(tok_path)
+  if e.backend == "openai":
+    return OpenAIPolicy(e.openai_base_url, e.openai_model, chat=e.openai_chat,
+                        api_key_env=e.api_key_env, timeout_s=e.request_timeout_s,
+                        tokenizer=tokenizer)
+  from asearcher_jax.inference.client import DecodeClient
+  if tokenizer is None:  # `asearcher serve` of a random model.arch uses the byte-level default
+    from asearcher_jax.models import build_tokenizer
+    tokenizer = build_tokenizer()
+  address = e.decode_address or f"127.0.0.1:{cfg.serve.grpc_port}"
+  token = cfg.serve.token or os.environ.get("ASEARCHER_TOKEN")
+  return DecodePolicy(DecodeClient(address, token=token, timeout=e.request_timeout_s), tokenizer)
+
+
+async def _close(policy) -> None:
+  if isinstance(policy, DecodePolicy):
+    await policy.client.close()
+  elif hasattr(policy, "close"):
+    await policy.close()
+
+
+async def evaluate(cfg, *, policy=None, tools=None, progress: bool = True,
+                   echo=print) -> dict[str, Any]:
+  """Runs what `cfg.eval` asks; returns the report (also written to report.json)."""
+  from tqdm.auto import tqdm
+
+  from asearcher_jax.tools.client import make_client
+  e = cfg.eval
+  if not e.data:
+    raise DataError("eval.data is empty: name QA files or TFDS dataset directories")
+  out_dir = e.out_dir or os.path.join(cfg.run.output_dir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  traces_path = os.path.join(out_dir, "traces.jsonl")
+  items, notes, skipped = load_datasets(e.data, e.split, e.limit)
+  for n in notes:
+    echo(n)
+  done = {key for key, t in latest_traces(traces_path, e.k).items() if t["status"] != "aborted"}
+  work = [(ds, it, i) for ds, it in items for i in range(e.k) if (ds, it.qid, i) not in done]
+  if done:
+    echo(f"resuming: {len(done)} episodes already in {traces_path}, {len(work)} to run")
+  own_policy, own_tools = policy is None, tools is None
+  policy = policy or build_policy(cfg)
+  tools = tools or make_client(cfg.search, cfg.web)
+  agent = Agent(cfg.agent, policy, tools)
+  scorer = Scorer(cfg.reward)
+  sem, lock = asyncio.Semaphore(e.concurrency), asyncio.Lock()
+  bar = tqdm(total=len(work), desc="eval", unit="episode", disable=not progress)
+  answered = 0
+
+  async def one(ds: str, item: QAItem, sample: int) -> None:
+    nonlocal answered
+    async with sem:
+      traj = await agent.run(item, sample=sample, group_id=item.qid,
+                             seed=sample_seed(e.seed, item.qid, sample), valid_instruction=True)
+      if traj.status != "aborted":
+        await score(traj, scorer, with_judge=True if e.judge else None)
+    async with lock:
+      append_lines(traces_path, [trace_line(ds, traj)],
+                   encode=lambda r: json.dumps(r, ensure_ascii=False))
+      if e.save_trajectories:
+        write_jsonl(os.path.join(out_dir, "trajectories.jsonl"), [traj])
+      answered += traj.status == "answered"
+      bar.update(1)
+      bar.set_postfix(answered=f"{answered}/{bar.n}", refresh=False)
+
+  try:
+    await asyncio.gather(*(one(*w) for w in work))
+  finally:
+    bar.close()
+    await scorer.close()
+    if own_policy:
+      await _close(policy)
+    if own_tools:
+      await tools.close()
+
+  wanted = {(ds, it.qid) for ds, it in items}
+  samples = [t for key, t in latest_traces(traces_path, e.k).items() if key[:2] in wanted]
+  report = {"k": e.k, "datasets": aggregate(samples, e.k), "skipped_rows": skipped,
+            "traces": traces_path, "problems": problems(samples)}
+  tmp = os.path.join(out_dir, ".report.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(report, f, indent=2)
+  os.replace(tmp, os.path.join(out_dir, "report.json"))
+  echo(format_table(report["datasets"], e.k))
+  for p in report["problems"]:
+    echo(f"warning: {p}")
+  if skipped:
+    echo(f"warning: {skipped} dataset rows skipped (see the loader summaries above)")
+  echo(f"report: {os.path.join(out_dir, 'report.json')}; traces: {traces_path}")
+  return report
+
+
+def problems(samples: list[dict[str, Any]]) -> list[str]:
+  """What went wrong with the infrastructure, counted, with the first message of each kind."""
+  out = []
+  aborted = [s for s in samples if s["status"] == "aborted"]
+  if aborted:
+    out.append(f"{len(aborted)} episodes aborted (rerun to retry them): {aborted[0]['error']}")
+  tool = [s for s in samples if s["status"] == "tool_error"]
+  if tool:
+    out.append(f"{len(tool)} episodes ended on repeated tool errors: {tool[0]['error']}")
+  calls = sum(s.get("tool_errors", 0) for s in samples)
+  if calls:
+    out.append(f"{calls} tool calls failed")
+  judge = [s for s in samples if s.get("error") and str(s["error"]).startswith("judge:")]
+  if judge:
+    out.append(f"{len(judge)} episodes could not be judged: {judge[0]['error']}")
+  return out

@@ -1,0 +1,84 @@
+"""Append-only JSON-lines files that survive crashes: every append is fsynced, a torn last line
+(a crash mid-write) is ignored on reading and cut off before the next append. Traces,
+trajectory files and journals all go through here."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Iterator
+
+from asearcher_jax.errors import DataError
+
+
+def append_lines(path: str, records: Iterable[Any], encode=json.dumps) -> None:
+  """Appends one line per record (`encode(record)`), then flushes and fsyncs."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  drop_torn_tail(path)
+  with open(path, "a", encoding="utf-8") as f:
+    for r in records:
+      f.write(encode(r) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_lines(path: str, decode=json.loads) -> list[Any]:
+  """Every complete line, decoded; a torn last line is skipped, a bad middle line is an error."""
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  out = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      out.append(decode(line))
+    except (ValueError, TypeError) as e:
+      if i != len(lines) - 1:  # only an unterminated last line can be torn
+        raise DataError(f"{path}:{i + 1}: unreadable line ({e})") from None
+  return out
+
+
+def drop_torn_tail(path: str) -> None:
+  """Truncates a file that does not end with a newline to just after its last one."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    pos = end = f.seek(0, os.SEEK_END)
+    if end == 0:
+      return
+    f.seek(end - 1)
+    if f.read(1) == b"\n":
+      return
+    while pos > 0:
+      start = max(0, pos - (1 << 16))
+      f.seek(start)
+      i = f.read(pos - start).rfind(b"\n")
+      if i >= 0:
+        f.truncate(start + i + 1)
+        return
+      pos = start
+    f.truncate(0)
+
+
+def iter_rows(path: str) -> Iterator[tuple[int, dict | None, str | None]]:
+  """(1-based line number, JSON object or None, what is wrong with the line or None) for each
+  non-blank line of a JSONL data file. Readers decide whether a bad line is skipped and
+  reported (QA data) or fatal (a corpus)."""
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      if not raw.strip():
+        continue
+      try:
+        row = json.loads(raw.decode("utf-8"))
+      except UnicodeDecodeError as e:
+        yield n, None, f"not UTF-8 ({e.reason} at byte {e.start})"
+        continue
+      except json.JSONDecodeError as e:
+        yield n, None, f"invalid JSON ({e.msg}, column {e.colno})"
+        continue
+      if not isinstance(row, dict):
+        yield n, None, f"expected a JSON object, got {type(row).__name__}"
+      else:
+        yield n, row, None
