@@ -164,6 +164,32 @@ def cmd_data_build(args) -> int:
   return 0
 
 
+def cmd_train(args) -> int:
+  """asynchronous RL on one host: retrieval, decode server(s), replay queue, learner, rollouts"""
+  from asearcher_jax.config import load_config
+  from asearcher_jax.rl.launch import train
+  cfg = load_config(args.config, args.overrides)
+  return train(cfg, config_path=args.config, overrides=args.overrides, resume=args.resume,
+               progress=not args.no_progress, echo=lambda s: print(s, flush=True))
+
+
+def cmd_learn(args) -> int:
+  """the learner alone (asearcher train starts it): lease groups, train, publish, checkpoint"""
+  from asearcher_jax.config import load_config
+  from asearcher_jax.rl.launch import run_learn
+  cfg = load_config(args.config, args.overrides)
+  return run_learn(cfg, replay=args.replay, decode=args.decode, resume=args.resume)
+
+
+def cmd_rollout(args) -> int:
+  """one rollout worker (asearcher train starts them): episodes in groups onto the queue"""
+  from asearcher_jax.config import load_config
+  from asearcher_jax.rl.launch import run_rollout
+  cfg = load_config(args.config, args.overrides)
+  return run_rollout(cfg, worker=args.worker, workers=args.workers, replay=args.replay,
+                     decode=args.decode, max_groups=args.max_groups)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="asearcher", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +236,29 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--concurrency", type=int, help="episodes in flight (eval.concurrency)")
   p.add_argument("--no-progress", action="store_true")
   p.set_defaults(fn=cmd_eval)
+
+  p = sub.add_parser("train", help=cmd_train.__doc__)
+  _config_args(p)
+  p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+  p.add_argument("--no-progress", action="store_true")
+  p.set_defaults(fn=cmd_train)
+
+  p = sub.add_parser("learn", help=cmd_learn.__doc__)
+  _config_args(p)
+  p.add_argument("--replay", required=True, help="replay queue address host:port")
+  p.add_argument("--decode", nargs="*", default=[],
+                 help="decode server addresses (none: weights are only written to disk)")
+  p.add_argument("--resume", action="store_true")
+  p.set_defaults(fn=cmd_learn)
+
+  p = sub.add_parser("rollout", help=cmd_rollout.__doc__)
+  _config_args(p)
+  p.add_argument("--worker", type=int, default=0)
+  p.add_argument("--workers", type=int, default=1)
+  p.add_argument("--replay", required=True)
+  p.add_argument("--decode", required=True)
+  p.add_argument("--max-groups", type=int, help="stop after this many groups (default: never)")
+  p.set_defaults(fn=cmd_rollout)
 
   data = sub.add_parser("data", help="QA datasets").add_subparsers(dest="data_command",
                                                                    required=True)

@@ -22,6 +22,7 @@ from asearcher_jax.models.attention import AttentionImpl
 from asearcher_jax.models.config import QwenConfig
 from asearcher_jax.models.qwen import RematPolicy
 from asearcher_jax.reward.config import RewardSection
+from asearcher_jax.rl.config import RLSection
 from asearcher_jax.tools.config import RetrievalSection, SearchClientSection, WebSection
 from asearcher_jax.world.config import WorldConfig
 
@@ -118,6 +119,7 @@ class Config(Section):
   agent: AgentSection = AgentSection()
   reward: RewardSection = RewardSection()
   eval: EvalSection = EvalSection()
+  rl: RLSection = RLSection()
   run: RunSection = RunSection()
 
   @property

@@ -48,11 +48,15 @@ class Observation:
   error: str | None = None
 
 
+def derive_seed(*parts) -> int:
+  """A 63-bit seed from any parts (stable across processes, unlike `hash`)."""
+  digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+  return int.from_bytes(digest[:8], "little") >> 1
+
+
 def turn_seed(seed: int | None, turn: int) -> int | None:
   """A per-turn sampling seed derived from the episode's, so reruns sample the same tokens."""
-  if seed is None:
-    return None
-  return int.from_bytes(hashlib.sha256(f"{seed}/{turn}".encode()).digest()[:8], "little")
+  return None if seed is None else derive_seed(seed, turn)
 
 
 class Agent:

@@ -11,20 +11,16 @@ infrastructure (a decode server that went away) are not done: a rerun retries th
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 from typing import Any
 
 from asearcher_jax.agent import Agent, DecodePolicy, OpenAIPolicy, Trajectory, score, write_jsonl
+from asearcher_jax.agent.episode import derive_seed
 from asearcher_jax.data.qa import DataError, QAItem, load_qa
 from asearcher_jax.eval.report import aggregate, format_table
 from asearcher_jax.jsonl import append_lines, read_lines
 from asearcher_jax.reward.asearcher import Scorer
-
-
-def sample_seed(seed: int, qid: str, sample: int) -> int:
-  return int.from_bytes(hashlib.sha256(f"{seed}/{qid}/{sample}".encode()).digest()[:8], "little")
 
 
 def load_datasets(paths, split: str = "test", limit: int | None = None
@@ -137,7 +133,7 @@ async def evaluate(cfg, *, policy=None, tools=None, progress: bool = True,
     nonlocal answered
     async with sem:
       traj = await agent.run(item, sample=sample, group_id=item.qid,
-                             seed=sample_seed(e.seed, item.qid, sample), valid_instruction=True)
+                             seed=derive_seed(e.seed, item.qid, sample), valid_instruction=True)
       if traj.status != "aborted":
         await score(traj, scorer, with_judge=True if e.judge else None)
     async with lock:

@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf modules of the replay queue service (see generate.sh)."""

@@ -1,0 +1,331 @@
+"""The replay queue's state: use-once, group-atomic, oldest submit version first, lease/ack,
+with an append-only journal so that a restart loses nothing and trains nothing twice.
+
+Journal (`journal_dir/journal.jsonl`, one fsynced JSON object a line, through `jsonl`):
+  {"op": "put", "group_id", "qid", "submit_version", "worker", "cursor", "created",
+   "trajectories": [str]}                       a group was accepted
+  {"op": "ack", "lease": id, "groups": [ids]}   those groups were consumed
+  {"op": "version", "v": n}                     the learner published version n
+  {"op": "consumed", "groups": [ids], "leases": [ids]}   (compaction) consumed before
+  {"op": "worker", "worker", "accepted", "cursor"}       (compaction) a worker's totals
+A state change is journaled before it is applied and before the caller hears of it. Leases are
+not journaled: after a restart their groups are simply queued again, which is safe because
+nothing was acknowledged. Compaction rewrites the journal (temp file, fsync, rename) without
+the payloads of consumed groups, keeping their ids so that a late retried put is still a
+duplicate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import json
+import os
+import threading
+import time
+import uuid
+from typing import Any, Callable, Literal
+
+from asearcher_jax.errors import DataError
+from asearcher_jax.jsonl import append_lines, drop_torn_tail, read_lines
+
+JOURNAL = "journal.jsonl"
+PutStatus = Literal["accepted", "duplicate"]
+
+
+@dataclasses.dataclass
+class Group:
+  """G trajectories of one prompt, queued and consumed as a unit."""
+
+  group_id: str
+  qid: str
+  submit_version: int
+  worker: str
+  cursor: int  # the worker's data cursor after this group: where a restarted worker resumes
+  trajectories: list[bytes]  # Trajectory.to_json().encode(); the queue never parses them
+  created: float = dataclasses.field(default_factory=time.time)
+
+  @property
+  def nbytes(self) -> int:
+    return sum(len(t) for t in self.trajectories)
+
+  def to_record(self) -> dict[str, Any]:
+    # surrogateescape: bytes that are not UTF-8 still round-trip through the JSON journal
+    trajs = [t.decode("utf-8", "surrogateescape") if isinstance(t, bytes) else t
+             for t in self.trajectories]
+    return {"op": "put", "group_id": self.group_id, "qid": self.qid,
+            "submit_version": self.submit_version, "worker": self.worker, "cursor": self.cursor,
+            "created": self.created, "trajectories": trajs}
+
+  @classmethod
+  def from_record(cls, r: dict[str, Any]) -> "Group":
+    return cls(r["group_id"], r["qid"], int(r["submit_version"]), r["worker"], int(r["cursor"]),
+               [t.encode("utf-8", "surrogateescape") for t in r["trajectories"]],
+               float(r["created"]))
+
+
+@dataclasses.dataclass
+class Lease:
+  lease_id: str
+  groups: list[Group]
+  expires: float  # on the clock of whoever made this object (the queue's, or the client's)
+
+
+@dataclasses.dataclass
+class _Entry:
+  group: Group
+  seq: int  # arrival order, kept across leases and restarts: ties break by it
+  lease_id: str | None = None
+
+
+class ReplayQueue:
+  """Thread-safe; every public call first returns the groups of expired leases to the queue.
+
+  `clock` (monotonic seconds) times leases and can be faked in tests; `lease(wait_s=...)`
+  waits in real time. `compact_bytes`: rewrite the journal once the payload of consumed groups
+  still in it exceeds this.
+  """
+
+  def __init__(self, journal_dir: str | None = None, *, compact_bytes: int = 256 << 20,
+               clock: Callable[[], float] = time.monotonic):
+    self.clock = clock
+    self._lock = threading.Lock()
+    self._changed = threading.Condition(self._lock)
+    self.compact_bytes = compact_bytes
+    self._groups: dict[str, _Entry] = {}  # not yet consumed: queued or leased
+    self._heap: list[tuple[int, int, str]] = []  # (submit_version, seq, id) of queued groups
+    self._leases: dict[str, Lease] = {}
+    self._consumed: set[str] = set()
+    self._acked_leases: set[str] = set()  # an ack retried after a lost reply is still True
+    self._workers: dict[str, list[int]] = {}  # worker -> [accepted, cursor]
+    self._version = 0
+    self._seq = 0
+    self._duplicates = 0
+    self._expired = 0
+    self._dead_bytes = 0  # payload of consumed groups still in the journal
+    self.compactions = 0
+    self._path = os.path.join(journal_dir, JOURNAL) if journal_dir else None
+    if self._path:
+      os.makedirs(journal_dir, exist_ok=True)
+      self._replay()
+      if self._dead_bytes > self.compact_bytes:
+        self.compact()
+
+  # -- journal -------------------------------------------------------------------------------
+  def _replay(self) -> None:
+    tmp = self._path + ".tmp"
+    if os.path.exists(tmp):  # a compaction that died before its rename; the journal is whole
+      os.remove(tmp)
+    # A last line without its newline was never fsynced to completion, so its caller never
+    # heard back: drop it now, as the next append would, even if it happens to parse.
+    drop_torn_tail(self._path)
+    for n, r in enumerate(read_lines(self._path), 1):
+      op = r.get("op") if isinstance(r, dict) else None
+      if op == "put":
+        g = Group.from_record(r)
+        if g.group_id not in self._groups and g.group_id not in self._consumed:
+          self._add(g, push=False)
+      elif op == "ack":
+        self._consume(r["groups"], r.get("lease"))
+      elif op == "consumed":
+        self._consumed.update(r["groups"])
+        self._acked_leases.update(r.get("leases", ()))
+      elif op == "version":
+        self._version = int(r["v"])
+      elif op == "worker":
+        self._workers[r["worker"]] = [int(r["accepted"]), int(r["cursor"])]
+      else:
+        raise DataError(f"{self._path}:{n}: unknown journal op {op!r}")
+    self._heap = [(e.group.submit_version, e.seq, gid) for gid, e in self._groups.items()]
+    heapq.heapify(self._heap)
+
+  def _append(self, record: dict[str, Any]) -> None:
+    if self._path:
+      append_lines(self._path, [record])
+
+  def compact(self) -> None:
+    """Rewrites the journal as the current state: version, consumed ids, unconsumed groups in
+    arrival order (leased ones too: their leases are not durable), then worker totals."""
+    if not self._path:
+      return
+    with self._lock:
+      live = sorted(self._groups.values(), key=lambda e: e.seq)
+      tmp = self._path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        for r in ([{"op": "version", "v": self._version},
+                   {"op": "consumed", "groups": sorted(self._consumed),
+                    "leases": sorted(self._acked_leases)}]
+                  + [e.group.to_record() for e in live]
+                  + [{"op": "worker", "worker": w, "accepted": a, "cursor": c}
+                     for w, (a, c) in sorted(self._workers.items())]):
+          f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self._path)
+      fd = os.open(os.path.dirname(self._path), os.O_RDONLY)
+      try:
+        os.fsync(fd)  # the rename itself
+      finally:
+        os.close(fd)
+      self._dead_bytes = 0
+      self.compactions += 1
+
+  # -- state changes, under the lock ---------------------------------------------------------
+  def _add(self, g: Group, push: bool = True) -> None:
+    self._seq += 1
+    self._groups[g.group_id] = e = _Entry(g, self._seq)
+    if push:
+      heapq.heappush(self._heap, (g.submit_version, e.seq, g.group_id))
+    state = self._workers.setdefault(g.worker, [0, 0])
+    state[0] += 1
+    state[1] = g.cursor
+
+  def _consume(self, group_ids, lease_id: str | None) -> None:
+    for gid in group_ids:
+      e = self._groups.pop(gid, None)
+      if e is not None:
+        self._dead_bytes += e.group.nbytes
+      self._consumed.add(gid)
+    if lease_id:
+      self._acked_leases.add(lease_id)
+
+  def _requeue(self, lease: Lease) -> None:
+    del self._leases[lease.lease_id]
+    for g in lease.groups:
+      e = self._groups[g.group_id]
+      e.lease_id = None
+      heapq.heappush(self._heap, (g.submit_version, e.seq, g.group_id))
+    self._changed.notify_all()
+
+  def _expire(self) -> int:
+    now = self.clock()
+    gone = [lease for lease in self._leases.values() if lease.expires <= now]
+    for lease in gone:
+      self._requeue(lease)
+    self._expired += len(gone)
+    return len(gone)
+
+  # -- API -----------------------------------------------------------------------------------
+  def put(self, group: Group) -> PutStatus:
+    """Accepts a group once; a retry of a queued, leased or consumed group is a duplicate."""
+    if not group.group_id:
+      raise ValueError("a group needs a group_id")
+    if not group.trajectories:
+      raise ValueError(f"group {group.group_id} has no trajectories")
+    with self._lock:
+      self._expire()
+      if group.group_id in self._groups or group.group_id in self._consumed:
+        self._duplicates += 1
+        return "duplicate"
+      self._append(group.to_record())
+      self._add(group)
+      self._changed.notify_all()
+      return "accepted"
+
+  def lease(self, count: int, timeout_s: float, wait_s: float = 0.0) -> Lease | None:
+    """Exactly `count` whole groups, oldest submit version first (then arrival), leased for
+    `timeout_s`; None if fewer than `count` are queued after waiting up to `wait_s`."""
+    if count < 1:
+      raise ValueError(f"lease count must be >= 1, got {count}")
+    if not timeout_s > 0:
+      raise ValueError(f"lease timeout_s must be > 0, got {timeout_s}")
+    deadline = time.monotonic() + max(0.0, wait_s)
+    with self._lock:
+      while True:
+        self._expire()
+        if len(self._heap) >= count:
+          break
+        left = deadline - time.monotonic()
+        if left <= 0:
+          return None
+        self._changed.wait(min(left, 0.05))  # short: leases also expire on their own
+      lease = Lease(uuid.uuid4().hex, [], self.clock() + timeout_s)
+      for _ in range(count):
+        _, _, gid = heapq.heappop(self._heap)
+        e = self._groups[gid]
+        e.lease_id = lease.lease_id
+        lease.groups.append(e.group)
+      self._leases[lease.lease_id] = lease
+      return lease
+
+  def renew(self, lease_id: str, timeout_s: float) -> bool:
+    """Extends a live lease to `timeout_s` from now; False if it expired or is unknown."""
+    if not timeout_s > 0:
+      raise ValueError(f"renew timeout_s must be > 0, got {timeout_s}")
+    with self._lock:
+      self._expire()
+      lease = self._leases.get(lease_id)
+      if lease is None:
+        return False
+      lease.expires = self.clock() + timeout_s
+      return True
+
+  def ack(self, lease_id: str) -> bool:
+    """Consumes the lease's groups for good (journaled and fsynced first). True also for a
+    lease acknowledged before, even before a restart; False for an expired or unknown one."""
+    with self._lock:
+      self._expire()
+      if lease_id in self._acked_leases:
+        return True
+      lease = self._leases.get(lease_id)
+      if lease is None:
+        return False
+      ids = [g.group_id for g in lease.groups]
+      self._append({"op": "ack", "lease": lease_id, "groups": ids})
+      del self._leases[lease_id]
+      self._consume(ids, lease_id)
+      compact = self._path is not None and self._dead_bytes > self.compact_bytes
+    if compact:
+      self.compact()
+    return True
+
+  def release(self, lease_id: str) -> bool:
+    """Returns a live lease's groups to the queue at their old places."""
+    with self._lock:
+      self._expire()
+      lease = self._leases.get(lease_id)
+      if lease is None:
+        return False
+      self._requeue(lease)
+      return True
+
+  def expire(self) -> int:
+    """Returns the groups of expired leases to the queue; how many leases expired."""
+    with self._lock:
+      return self._expire()
+
+  def set_version(self, v: int) -> None:
+    """The learner's published policy version (rollout workers read it for admission)."""
+    with self._lock:
+      if int(v) != self._version:
+        self._append({"op": "version", "v": int(v)})
+        self._version = int(v)
+
+  @property
+  def version(self) -> int:
+    return self._version
+
+  def worker_state(self, worker: str) -> tuple[int, int]:
+    """(groups of `worker` ever accepted, its cursor from the last one); (0, 0) if none."""
+    with self._lock:
+      a, c = self._workers.get(worker, (0, 0))
+      return a, c
+
+  def stats(self) -> dict[str, Any]:
+    with self._lock:
+      self._expire()
+      by_version: dict[int, int] = {}
+      for v, _, _ in self._heap:
+        by_version[v] = by_version.get(v, 0) + 1
+      return {
+          "version": self._version,
+          "queued": len(self._heap),
+          "leased": len(self._groups) - len(self._heap),
+          "leases": len(self._leases),
+          "consumed": len(self._consumed),
+          "accepted_total": sum(a for a, _ in self._workers.values()),
+          "duplicates": self._duplicates,
+          "expired_leases": self._expired,
+          "queued_by_version": dict(sorted(by_version.items())),
+          "oldest_queued_version": self._heap[0][0] if self._heap else None,
+      }

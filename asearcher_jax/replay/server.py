@@ -1,0 +1,239 @@
+"""The replay queue as a gRPC service, in-process (tests, single-host debug) or as its own
+process: `python -m asearcher_jax.replay.server --journal DIR --port P`.
+
+Binds 127.0.0.1 unless told otherwise; any other address requires a bearer token. Queue calls
+run in worker threads because puts and acks wait for fsync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import logging
+import os
+import signal
+import sys
+import threading
+
+import grpc
+
+from asearcher_jax import auth
+from asearcher_jax.errors import AsearcherError, ConfigError
+from asearcher_jax.replay.client import CHANNEL_OPTIONS, group_from_proto, group_to_proto
+from asearcher_jax.replay.protos import replay_pb2, replay_pb2_grpc
+from asearcher_jax.replay.queue import ReplayQueue
+
+log = logging.getLogger(__name__)
+
+
+def resolve_token(host: str, token: str | None) -> str | None:
+  """The server's token (given, else $ASEARCHER_TOKEN); refuses a non-loopback host without."""
+  token = token or os.environ.get("ASEARCHER_TOKEN") or None
+  try:
+    auth.require_token(host, token, "a token: pass --token or set $ASEARCHER_TOKEN")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return token
+
+
+def _guarded(fn):
+  """Checks the token and maps bad requests onto INVALID_ARGUMENT."""
+
+  @functools.wraps(fn)
+  async def unary(self, request, context):
+    if not auth.bearer_ok(dict(context.invocation_metadata()).get("authorization"), self.token):
+      await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+    try:
+      return await fn(self, request, context)
+    except (ValueError, AsearcherError) as e:
+      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except OSError as e:  # the journal could not be written: nothing was changed
+      await context.abort(grpc.StatusCode.INTERNAL, f"replay journal: {e}")
+
+  return unary
+
+
+class ReplayServicer(replay_pb2_grpc.ReplayServicer):
+  def __init__(self, queue: ReplayQueue, token: str | None, poll_s: float = 0.02):
+    self.queue, self.token, self.poll_s = queue, token, poll_s
+
+  @_guarded
+  async def Put(self, request, context):
+    status = await asyncio.to_thread(self.queue.put, group_from_proto(request.group))
+    return replay_pb2.PutResponse(status=status)
+
+  @_guarded
+  async def Lease(self, request, context):
+    # Polls with wait_s=0 rather than blocking a thread in the queue: a caller that hangs up
+    # cancels this coroutine, and a thread could still take groups for nobody after that.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max(0.0, request.wait_s)
+    while True:
+      lease = await self._lease_once(request.count, request.timeout_s)
+      if lease is not None:
+        return replay_pb2.LeaseResponse(
+            lease_id=lease.lease_id, groups=[group_to_proto(g) for g in lease.groups],
+            expires_in_s=max(0.0, lease.expires - self.queue.clock()))
+      left = deadline - loop.time()
+      if left <= 0:
+        return replay_pb2.LeaseResponse()
+      await asyncio.sleep(min(self.poll_s, left))
+
+  async def _lease_once(self, count: int, timeout_s: float):
+    fut = asyncio.get_running_loop().run_in_executor(None, self.queue.lease, count, timeout_s)
+    try:
+      return await asyncio.shield(fut)
+    except asyncio.CancelledError:  # the caller left while we leased: give the groups back
+      def give_back(f):
+        if not f.cancelled() and f.exception() is None and f.result() is not None:
+          self.queue.release(f.result().lease_id)
+      fut.add_done_callback(give_back)
+      raise
+
+  @_guarded
+  async def Renew(self, request, context):
+    ok = await asyncio.to_thread(self.queue.renew, request.lease_id, request.timeout_s)
+    return replay_pb2.RenewResponse(ok=ok)
+
+  @_guarded
+  async def Ack(self, request, context):
+    return replay_pb2.AckResponse(ok=await asyncio.to_thread(self.queue.ack, request.lease_id))
+
+  @_guarded
+  async def Release(self, request, context):
+    ok = await asyncio.to_thread(self.queue.release, request.lease_id)
+    return replay_pb2.ReleaseResponse(ok=ok)
+
+  @_guarded
+  async def SetVersion(self, request, context):
+    await asyncio.to_thread(self.queue.set_version, request.version)
+    return replay_pb2.VersionResponse(version=self.queue.version)
+
+  @_guarded
+  async def GetState(self, request, context):
+    def read():
+      return self.queue.stats(), self.queue.worker_state(request.worker)
+    s, (accepted, cursor) = await asyncio.to_thread(read)
+    resp = replay_pb2.StateResponse(
+        version=s["version"], accepted=accepted, cursor=cursor, queued=s["queued"],
+        leased=s["leased"], leases=s["leases"], consumed=s["consumed"],
+        accepted_total=s["accepted_total"], duplicates=s["duplicates"],
+        expired_leases=s["expired_leases"], queued_by_version=s["queued_by_version"])
+    if s["oldest_queued_version"] is not None:
+      resp.oldest_queued_version = s["oldest_queued_version"]
+    return resp
+
+
+class ReplayServer:
+  """A gRPC server over one `ReplayQueue`; `address` once started."""
+
+  def __init__(self, queue: ReplayQueue, host: str = "127.0.0.1", port: int = 0,
+               token: str | None = None):
+    self.token = resolve_token(host, token)
+    self.queue, self.host, self.port = queue, host, port
+    self._grpc: grpc.aio.Server | None = None
+    self._thread: threading.Thread | None = None
+    self._loop: asyncio.AbstractEventLoop | None = None
+    self._stopped: asyncio.Event | None = None
+
+  async def start(self) -> None:
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    replay_pb2_grpc.add_ReplayServicer_to_server(ReplayServicer(self.queue, self.token), server)
+    bound = server.add_insecure_port(f"{self.host}:{self.port}")
+    if bound == 0:
+      raise OSError(f"cannot bind gRPC to {self.host}:{self.port}")
+    self.port = bound
+    await server.start()
+    self._grpc = server
+    log.info("replay queue: grpc %s", self.address)
+
+  async def stop(self, grace: float = 1.0) -> None:
+    if self._grpc is not None:
+      await self._grpc.stop(grace=grace)
+      self._grpc = None
+
+  @property
+  def address(self) -> str:
+    return f"{self.host}:{self.port}"
+
+  # -- in a background thread (tests, colocated learners) -----------------------
+
+  def start_in_thread(self) -> "ReplayServer":
+    ready = threading.Event()
+    failure: list[BaseException] = []
+
+    def run():
+      self._loop = asyncio.new_event_loop()
+      asyncio.set_event_loop(self._loop)
+      self._stopped = asyncio.Event()
+      try:
+        self._loop.run_until_complete(self.start())
+      except BaseException as e:  # reported to the caller
+        failure.append(e)
+        self._loop.run_until_complete(self.stop())
+        self._loop.close()
+        ready.set()
+        return
+      ready.set()
+      self._loop.run_until_complete(self._stopped.wait())
+      self._loop.run_until_complete(self.stop())
+      self._loop.close()
+
+    self._thread = threading.Thread(target=run, name="replay-server", daemon=True)
+    self._thread.start()
+    ready.wait()
+    if failure:
+      raise failure[0]
+    return self
+
+  def stop_thread(self) -> None:
+    if self._loop is not None and self._stopped is not None and not self._loop.is_closed():
+      self._loop.call_soon_threadsafe(self._stopped.set)
+    if self._thread is not None:
+      self._thread.join(timeout=30)
+
+
+async def _serve(server: ReplayServer) -> None:
+  stopped = asyncio.Event()
+  loop = asyncio.get_running_loop()
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    loop.add_signal_handler(sig, stopped.set)
+  await server.start()
+  print(f"replay queue listening on {server.address}", flush=True)
+  try:
+    await stopped.wait()
+  finally:
+    await server.stop()
+
+
+def serve(journal_dir: str | None, host: str = "127.0.0.1", port: int = 0,
+          token: str | None = None, compact_bytes: int = 256 << 20) -> None:
+  """Runs a replay queue service until SIGTERM or SIGINT."""
+  server = ReplayServer(ReplayQueue(journal_dir, compact_bytes=compact_bytes), host, port, token)
+  asyncio.run(_serve(server))
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m asearcher_jax.replay.server",
+                              description="The replay queue between rollout workers and learner.")
+  p.add_argument("--journal", help="journal directory (omit: in memory, lost on exit)")
+  p.add_argument("--host", default="127.0.0.1")
+  p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+  p.add_argument("--token", default=None, help="bearer token (default $ASEARCHER_TOKEN)")
+  p.add_argument("--compact-mb", type=float, default=256.0,
+                 help="rewrite the journal once consumed payload in it exceeds this")
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  if not args.journal:
+    log.warning("no --journal: the queue lives in memory and a restart loses it")
+  try:
+    serve(args.journal, args.host, args.port, args.token, int(args.compact_mb * (1 << 20)))
+  except AsearcherError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,189 @@
+"""From groups of trajectories to the learner's static-shape micro-batches.
+
+`build_batch` does, in order: group advantages (one scalar per trajectory, broadcast onto
+its loss tokens); the consume-time staleness guard; truncation of over-long sequences;
+optional token-level batch normalisation of the advantages; first-fit-decreasing packing of
+every sequence into rows of `row_tokens`; and padding the row count up to a multiple of
+`micro_batch_rows` with empty rows (segment 0), so that each micro-batch has one static
+shape, and the micro-batch count up to a power of two, so that the learner compiles only a
+few step shapes (empty micro-batches cost the step nothing: it skips them).
+
+Loss-token convention (train/lm.py): loss_mask[t] marks tokens[t] as a target predicted from
+t−1 in the same segment. A sequence's first token has no predecessor, so it is removed from
+the loss mask here; `num_tokens` then equals exactly the number of terms the step sums.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from asearcher_jax.rl.advantages import batch_normalize, group_advantages
+from asearcher_jax.rl.config import RLSection
+from asearcher_jax.train.packing import pack_sequences
+
+if TYPE_CHECKING:  # only the record's fields are read: no import of the agent package
+  from asearcher_jax.agent.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+_FIELDS = ("tokens", "loss_mask", "behav_logp", "advantages", "versions")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainBatch:
+  """M micro-batches of R packed rows of T tokens: every array is [M, R, T].
+
+  Per-token fields are aligned with `tokens` (behav_logp[t] is the log-prob of tokens[t]);
+  `num_tokens` is the global loss-token count N that every micro-batch divides by.
+  """
+
+  tokens: Any  # int32
+  positions: Any  # int32, restarting at 0 per segment
+  segment_ids: Any  # int32, 0 = padding
+  loss_mask: Any  # bool
+  behav_logp: Any  # float32
+  advantages: Any  # float32, 0 off the loss mask
+  versions: Any  # int32, policy version of each loss token
+  num_tokens: Any  # int32 scalar
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return tuple(self.tokens.shape)
+
+
+def staleness_limit(cfg: RLSection) -> int:
+  """η_tok: the largest learner_version − token_version a loss token may have."""
+  return cfg.max_head_offpolicyness if cfg.max_token_staleness is None else cfg.max_token_staleness
+
+
+def _check(t: Trajectory) -> None:
+  n = len(t.tokens)
+  if not len(t.loss_mask) == len(t.behav_logp) == len(t.version) == n:
+    raise ValueError(f"trajectory {t.qid!r}/{t.sample}: tokens, loss_mask, behav_logp and "
+                     "version differ in length")
+
+
+def _sequences(t: Trajectory):
+  if len(t.tokens) == 0:
+    return
+  if not t.seq_starts:
+    yield slice(0, len(t.tokens))
+    return
+  yield from t.sequences()
+
+
+def build_batch(groups: list[list[Trajectory]], cfg: RLSection, *,
+                learner_version: int) -> tuple[TrainBatch, dict[str, Any]]:
+  """Packs groups of trajectories into a `TrainBatch` (numpy arrays) and reports what it did.
+
+  Staleness: a loss token is stale when learner_version − version > η_tok (`staleness_limit`).
+  With stale_policy "drop" a group with any stale loss token is dropped whole; with "mask"
+  its stale tokens leave the loss mask. A sequence longer than `row_tokens` keeps its first
+  `row_tokens` tokens (the tail is cut: its loss tokens are lost, counted and logged),
+  rather than failing the step. Sequences left with no loss token are not packed.
+  """
+  limit = learner_version - staleness_limit(cfg)
+  info: dict[str, Any] = collections.Counter()
+  seqs: list[dict[str, np.ndarray]] = []
+  for group in groups:
+    for t in group:
+      _check(t)
+    stale = [np.asarray(t.loss_mask, bool) & (t.version < limit) for t in group]
+    if cfg.stale_policy == "drop" and any(s.any() for s in stale):
+      info["groups_dropped_stale"] += 1
+      info["tokens_dropped_stale"] += int(sum(t.loss_mask.sum() for t in group))
+      continue
+    info["groups_used"] += 1
+    adv = group_advantages([t.reward for t in group], cfg.adv_std_norm)
+    for t, a, s in zip(group, adv, stale):
+      info["trajectories"] += 1
+      mask = np.asarray(t.loss_mask, bool) & ~s
+      info["tokens_masked_stale"] += int(s.sum())
+      for sl in _sequences(t):
+        m = mask[sl].copy()
+        if len(m) > cfg.row_tokens:
+          info["sequences_truncated"] += 1
+          info["tokens_truncated"] += int(m[cfg.row_tokens:].sum())
+          sl = slice(sl.start, sl.start + cfg.row_tokens)
+          m = m[:cfg.row_tokens]
+        if m[0]:  # no predecessor in its segment: cannot be a target
+          info["tokens_unpredictable"] += 1
+          m[0] = False
+        if not m.any():
+          continue
+        seqs.append({
+            "tokens": t.tokens[sl].astype(np.int32),
+            "loss_mask": m,
+            "behav_logp": np.where(m, t.behav_logp[sl], 0.0).astype(np.float32),
+            "advantages": np.where(m, a, 0.0).astype(np.float32),
+            "versions": np.where(m, t.version[sl], 0).astype(np.int32),
+        })
+  if info["sequences_truncated"]:
+    log.warning("build_batch: %d sequences longer than row_tokens=%d were truncated, losing %d "
+                "loss tokens", info["sequences_truncated"], cfg.row_tokens,
+                info["tokens_truncated"])
+
+  if cfg.adv_batch_norm and seqs:
+    flat = batch_normalize(np.concatenate([s["advantages"] for s in seqs]),
+                           np.concatenate([s["loss_mask"] for s in seqs]))
+    offsets = np.cumsum([0] + [len(s["tokens"]) for s in seqs])
+    for s, a, b in zip(seqs, offsets[:-1], offsets[1:]):
+      s["advantages"] = flat[a:b]
+
+  rows = _pack(seqs, cfg.row_tokens, cfg.micro_batch_rows)
+  m, r = len(rows["tokens"]) // cfg.micro_batch_rows, cfg.micro_batch_rows
+  arrays = {k: v.reshape(m, r, cfg.row_tokens) for k, v in rows.items()}
+  num_tokens = int(arrays["loss_mask"].sum())
+  batch = TrainBatch(**arrays, num_tokens=np.asarray(num_tokens, np.int32))
+
+  lag = learner_version - arrays["versions"][arrays["loss_mask"]]
+  values, counts = np.unique(lag, return_counts=True)
+  info = dict(info)
+  info.update(
+      groups=len(groups), sequences=len(seqs), num_tokens=num_tokens,
+      tokens=int((arrays["segment_ids"] > 0).sum()), rows=m * r,
+      empty_rows=int((arrays["segment_ids"].max(axis=-1) == 0).sum()), micro_batches=m,
+      fill=float((arrays["segment_ids"] > 0).mean()),
+      staleness_hist={int(v): int(c) for v, c in zip(values, counts)},
+      staleness_max=int(lag.max()) if lag.size else 0)
+  for k in ("groups_used", "groups_dropped_stale", "tokens_dropped_stale", "trajectories",
+            "tokens_masked_stale", "sequences_truncated", "tokens_truncated",
+            "tokens_unpredictable"):
+    info.setdefault(k, 0)
+  return batch, info
+
+
+def _pack(seqs: list[dict[str, np.ndarray]], row_tokens: int,
+          micro_batch_rows: int) -> dict[str, np.ndarray]:
+  """[R, T] rows (every field plus positions and segment_ids): R / `micro_batch_rows` is a
+  power of two (the step skips empty micro-batches, so the padding costs no compute and a
+  learner compiles O(log) step shapes); an empty batch is one micro-batch of empty rows."""
+  if not seqs:
+    dtypes = {"tokens": np.int32, "loss_mask": bool, "behav_logp": np.float32,
+              "advantages": np.float32, "versions": np.int32, "positions": np.int32,
+              "segment_ids": np.int32}
+    return {k: np.zeros((micro_batch_rows, row_tokens), d) for k, d in dtypes.items()}
+  rows, _ = pack_sequences(seqs, row_tokens)
+  m = -(-len(rows["tokens"]) // micro_batch_rows)
+  pad = (1 << (m - 1).bit_length()) * micro_batch_rows - len(rows["tokens"])
+  return {k: np.concatenate([v, np.zeros((pad, row_tokens), v.dtype)]) for k, v in rows.items()}
+
+
+def shard_batch(batch: TrainBatch, mesh: Mesh) -> TrainBatch:
+  """Puts the batch on `mesh`: rows (axis 1) over ("data", "fsdp") when they divide evenly,
+  replicated otherwise; `num_tokens` replicated."""
+  n = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = ("data", "fsdp") if batch.tokens.shape[1] % n == 0 else None
+  arrays = NamedSharding(mesh, P(None, rows))
+  shardings = dataclasses.replace(
+      jax.tree.map(lambda _: arrays, batch), num_tokens=NamedSharding(mesh, P()))
+  return jax.device_put(batch, shardings)

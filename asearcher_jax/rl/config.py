@@ -1,0 +1,44 @@
+"""The RL section (`rl:`): group sampling, staleness, the decoupled PPO objective, packing."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RLSection(BaseModel):
+  model_config = ConfigDict(extra="forbid", frozen=True)
+
+  # data: QA files (any loader format) or TFDS directories; empty = the debug world's train split
+  data: tuple[str, ...] = ()
+  split: str = "train"  # for TFDS directories
+  seed: int = 0  # data order and sampling seeds
+  # processes (asearcher train on one host)
+  rollout_workers: int = Field(1, ge=1)
+  decode_servers: int = Field(1, ge=1)
+  # rollout
+  group_size: int = Field(8, ge=1)  # G episodes per question
+  batch_groups: int = Field(8, ge=1)  # B groups per learner step
+  max_head_offpolicyness: int = Field(4, ge=0)  # η; 0 = synchronous on-policy
+  max_concurrent_groups: int = Field(16, ge=1)  # per rollout worker
+  filter_equal_rewards: bool = True  # drop groups whose rewards are all equal
+  # consume-time guard: a group whose oldest loss token is older than v - max_token_staleness
+  # (default η) is dropped, or its stale tokens masked
+  max_token_staleness: int | None = Field(None, ge=0)
+  # mask (default): the group is consumed and counted; dropping it would leave the rollout
+  # side counting it as accepted, and eta would quietly degrade towards synchronous training.
+  stale_policy: Literal["drop", "mask"] = "mask"
+  # advantages
+  adv_std_norm: bool = False  # divide by the group's reward std (GRPO); off in ASearcher
+  adv_batch_norm: bool = True  # token-level z-score over the batch (ASearcher/AReaL)
+  # objective
+  eps_clip: float = Field(0.2, gt=0)
+  behav_weight_cap: float | None = Field(5.0, gt=1)  # tokens with w > cap leave the loss
+  temperature: float = Field(1.0, gt=0)  # the sampling temperature the log-probs are under
+  # packing
+  row_tokens: int = Field(8192, ge=16)  # packed row length
+  micro_batch_rows: int = Field(4, ge=1)  # rows per micro-batch (gradient accumulation)
+  # loop
+  total_steps: int = Field(100, ge=1)
+  lease_timeout_s: float = Field(600.0, gt=0)

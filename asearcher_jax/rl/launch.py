@@ -1,0 +1,336 @@
+"""`asearcher train` on one host: the retrieval server, decode server(s), the replay queue, the
+learner and rollout worker(s) as processes, supervised.
+
+A rollout worker that dies is restarted (its in-flight groups were never put; the queue tells
+the new one its accepted count and data cursor). Any other process dying stops the run; rerun
+with `--resume` to continue from the last checkpoint. Ctrl-C (or SIGTERM) asks the learner to
+checkpoint and stop, then stops the rest. Progress: a bar over the learner's steps and one
+compact line per step on the console; metrics.jsonl and TensorBoard files in the run folder;
+each process's log in <run>/logs/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from asearcher_jax.errors import AsearcherError
+
+RESTARTS = 5  # per rollout worker
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+# -- the processes' own entry points -------------------------------------------------------------
+
+def rl_items(cfg, worker: int, workers: int):
+  """This worker's shard of the training questions (every workers-th, from `worker`)."""
+  from asearcher_jax.eval.harness import load_datasets
+  paths = list(cfg.rl.data)
+  if not paths:
+    from asearcher_jax.world import ensure_world
+    paths = [os.path.join(ensure_world(), "qa_train.jsonl")]
+  items, notes, _ = load_datasets(paths, cfg.rl.split)
+  return [it for _, it in items][worker::workers], notes
+
+
+def run_rollout(cfg, *, worker: int, workers: int, replay: str, decode: str,
+                max_groups: int | None = None) -> int:
+  from asearcher_jax.agent import Agent, DecodePolicy
+  from asearcher_jax.eval.harness import build_policy
+  from asearcher_jax.inference.client import DecodeClient
+  from asearcher_jax.replay import ReplayClient
+  from asearcher_jax.reward import Scorer
+  from asearcher_jax.rl.rollout import PromptStream, RolloutWorker
+  from asearcher_jax.tools.client import make_client
+  items, notes = rl_items(cfg, worker, workers)
+  for n in notes:
+    print(n, flush=True)
+  tokenizer = build_policy(cfg.model_copy(update={"eval": cfg.eval.model_copy(
+      update={"backend": "decode", "decode_address": decode})})).tokenizer
+
+  async def main():
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      loop.add_signal_handler(sig, stop.set)
+    async with DecodeClient(decode, timeout=cfg.eval.request_timeout_s) as client:
+      tools = make_client(cfg.search, cfg.web)
+      replay_client = ReplayClient(replay)
+      try:
+        agent = Agent(cfg.agent, DecodePolicy(client, tokenizer), tools)
+        w = RolloutWorker(worker=worker, workers=workers, rl=cfg.rl, agent=agent,
+                          scorer=Scorer(cfg.reward), replay=replay_client,
+                          prompts=PromptStream(items, cfg.rl.seed), seed=cfg.rl.seed)
+        print(f"rollout worker w{worker}: {len(items)} questions, decode {decode}, replay "
+              f"{replay}", flush=True)
+        await w.run(max_groups=max_groups, stop=stop)
+        print(f"rollout worker w{worker} stopped: {w.stats}", flush=True)
+      finally:
+        await tools.close()
+        await replay_client.close()
+
+  asyncio.run(main())
+  return 0
+
+
+def build_learner(cfg, *, replay, decode: list[str], out_dir: str, echo=print):
+  """The learner with the publisher the placement needs (decode servers over gRPC)."""
+  from asearcher_jax.models import build_tokenizer, create_model, from_pretrained
+  from asearcher_jax.models.pretrained import tokenizer_dir
+  from asearcher_jax.rl.learner import Learner
+  from asearcher_jax.rl.publish import CheckpointPublisher
+  from asearcher_jax.sharding import make_mesh
+  mesh = make_mesh(cfg.mesh.shape())
+  m = cfg.model
+  if m.path:
+    model, _, arch = from_pretrained(m.path, mesh, dtype=m.dtype, param_dtype=m.param_dtype,
+                                     attention_impl=m.attention, remat=m.remat, progress=False)
+    tok_dir = tokenizer_dir(m.path)
+  else:
+    arch = m.arch
+    model = create_model(arch, mesh, seed=m.seed, param_dtype=m.param_dtype, dtype=m.dtype,
+                         attention_impl=m.attention, remat=m.remat)
+    tok_dir = os.path.join(out_dir, "tokenizer")
+    build_tokenizer().save(tok_dir)
+  publisher = CheckpointPublisher(os.path.join(out_dir, "weights"), arch, decode,
+                                  tokenizer_dir=tok_dir, token=cfg.serve.token)
+  return Learner(cfg, model=model, replay=replay, publisher=publisher, out_dir=out_dir, echo=echo)
+
+
+def run_learn(cfg, *, replay: str, decode: list[str], resume: bool) -> int:
+  from asearcher_jax.replay import SyncReplayClient
+  out_dir = cfg.run.output_dir
+  client = SyncReplayClient(replay)
+  learner = build_learner(cfg, replay=client, decode=decode, out_dir=out_dir,
+                          echo=lambda s: print(s, flush=True))
+  try:
+    if resume:
+      learner.restore()
+    learner.run()
+  finally:
+    learner.close()
+    client.close()
+  print("learner finished", flush=True)
+  return 0
+
+
+# -- the supervisor ----------------------------------------------------------------------------
+
+class Child:
+  def __init__(self, name: str, argv: list[str], log_dir: str, env: dict | None = None):
+    self.name, self.argv, self.env = name, argv, env
+    self.log_path = os.path.join(log_dir, f"{name}.log")
+    self.restarts = 0
+    self.proc: subprocess.Popen | None = None
+
+  def start(self) -> None:
+    log = open(self.log_path, "a")
+    log.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(self.argv)}\n")
+    log.flush()
+    self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                 env=self.env, start_new_session=True)
+    log.close()
+
+  def alive(self) -> bool:
+    return self.proc is not None and self.proc.poll() is None
+
+  def stop(self, sig=signal.SIGTERM, wait_s: float = 30.0) -> None:
+    if not self.alive():
+      return
+    self.proc.send_signal(sig)
+    try:
+      self.proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      self.proc.wait()
+
+  def tail(self, n: int = 15) -> str:
+    try:
+      with open(self.log_path) as f:
+        return "".join(f.readlines()[-n:])
+    except OSError:
+      return ""
+
+
+def _wait_ready(check: Callable[[], bool], child: Child, what: str, timeout_s: float) -> None:
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if not child.alive():
+      raise AsearcherError(f"{what} exited while starting; its log ({child.log_path}):\n"
+                           f"{child.tail()}")
+    try:
+      if check():
+        return
+    except Exception:  # noqa: BLE001 -- not up yet
+      pass
+    time.sleep(0.3)
+  raise AsearcherError(f"{what} not ready after {timeout_s:.0f}s; see {child.log_path}")
+
+
+def _grpc_ready(address: str, kind: str) -> Callable[[], bool]:
+  def check() -> bool:
+    async def go():
+      if kind == "decode":
+        from asearcher_jax.inference.client import DecodeClient
+        async with DecodeClient(address, timeout=2) as c:
+          await c.stats()
+      else:
+        from asearcher_jax.replay import ReplayClient
+        c = ReplayClient(address)
+        try:
+          await c.state("")
+        finally:
+          await c.close()
+      return True
+    return asyncio.run(go())
+  return check
+
+
+def _http_ready(url: str) -> Callable[[], bool]:
+  def check() -> bool:
+    import urllib.request
+    with urllib.request.urlopen(url + "/health", timeout=2) as r:
+      return r.status == 200
+  return check
+
+
+def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
+          progress: bool = True, echo=print) -> int:
+  """Starts and supervises every process; returns the exit status."""
+  from tqdm.auto import tqdm
+  out_dir = os.path.abspath(cfg.run.output_dir)
+  log_dir = os.path.join(out_dir, "logs")
+  os.makedirs(log_dir, exist_ok=True)
+  metrics_path = os.path.join(out_dir, "metrics.jsonl")
+  if not resume and os.path.exists(os.path.join(out_dir, "checkpoints")):
+    raise AsearcherError(f"{out_dir} holds a previous run: pass --resume to continue it, or "
+                         "choose another run.output_dir")
+  py = [sys.executable, "-m", "asearcher_jax.cli"]
+  base = (["--config", config_path] if config_path else []) + list(overrides)
+  ports = {"replay": free_port(), "retrieval": free_port()}
+  decode_ports = [free_port() for _ in range(cfg.rl.decode_servers)]
+  replay_addr = f"127.0.0.1:{ports['replay']}"
+  decode_addrs = [f"127.0.0.1:{p}" for p in decode_ports]
+  retrieval_url = f"http://127.0.0.1:{ports['retrieval']}"
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  cpu_env = dict(env, JAX_PLATFORMS="cpu")  # helpers must not claim the accelerator
+  common = base + [f"search.url={retrieval_url}", f"run.output_dir={out_dir}"]
+  children: dict[str, Child] = {}
+  children["replay"] = Child("replay", [sys.executable, "-m", "asearcher_jax.replay.server",
+                                        "--journal", os.path.join(out_dir, "replay"),
+                                        "--port", str(ports["replay"])], log_dir, cpu_env)
+  if cfg.search.backend == "local":
+    children["retrieval"] = Child("retrieval", py + ["retrieval", "serve", *base, "--port",
+                                                     str(ports["retrieval"])], log_dir, cpu_env)
+  for i, p in enumerate(decode_ports):
+    children[f"decode{i}"] = Child(f"decode{i}", py + ["serve", *common, f"serve.grpc_port={p}",
+                                                       "serve.http_port=null"], log_dir, env)
+  learner_argv = py + ["learn", *common, "--replay", replay_addr, "--decode", *decode_addrs] + \
+      (["--resume"] if resume else [])
+  workers = [Child(f"rollout{i}", py + ["rollout", *common, "--worker", str(i), "--workers",
+                                        str(cfg.rl.rollout_workers), "--replay", replay_addr,
+                                        "--decode", decode_addrs[i % len(decode_addrs)]],
+                   log_dir, env) for i in range(cfg.rl.rollout_workers)]
+  learner = Child("learner", learner_argv, log_dir, env)
+  stopping = {"flag": False}
+
+  def on_signal(*_):
+    stopping["flag"] = True
+
+  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+  bar = None
+  status = 1
+  try:
+    echo(f"run folder {out_dir} (logs in {log_dir})")
+    children["replay"].start()
+    _wait_ready(_grpc_ready(replay_addr, "replay"), children["replay"], "the replay queue", 60)
+    if "retrieval" in children:
+      children["retrieval"].start()
+      _wait_ready(_http_ready(retrieval_url), children["retrieval"], "the retrieval server", 600)
+    for i, a in enumerate(decode_addrs):
+      children[f"decode{i}"].start()
+    for i, a in enumerate(decode_addrs):
+      _wait_ready(_grpc_ready(a, "decode"), children[f"decode{i}"], f"decode server {i}", 900)
+    echo(f"replay {replay_addr}; decode {', '.join(decode_addrs)}"
+         + (f"; retrieval {retrieval_url}" if "retrieval" in children else ""))
+    learner.start()
+    for w in workers:
+      w.start()
+    seen = _count_lines(metrics_path)
+    bar = tqdm(total=cfg.rl.total_steps, initial=_last_step(metrics_path), desc="train",
+               unit="step", disable=not progress, dynamic_ncols=True)
+    from asearcher_jax.rl.metrics import console_line
+    while True:
+      time.sleep(0.5)
+      lines = _read_from(metrics_path, seen)
+      seen += len(lines)
+      for m in lines:
+        bar.n = m["step"]
+        bar.refresh()
+        (bar.write if progress else echo)(console_line(m["step"], cfg.rl.total_steps, m))
+      if stopping["flag"]:
+        echo("stopping: asking the learner to checkpoint")
+        learner.stop(signal.SIGTERM, wait_s=300)
+        status = 130
+        break
+      if not learner.alive():
+        code = learner.proc.returncode
+        if code == 0:
+          status = 0
+        else:
+          echo(f"the learner exited with status {code}; its log ({learner.log_path}):\n"
+               f"{learner.tail()}\nrerun with --resume to continue from the last checkpoint")
+        break
+      dead = [c for c in children.values() if not c.alive()]
+      if dead:
+        c = dead[0]
+        echo(f"{c.name} exited with status {c.proc.returncode}; its log ({c.log_path}):\n"
+             f"{c.tail()}")
+        break
+      for w in workers:
+        if not w.alive():
+          if w.restarts >= RESTARTS:
+            echo(f"{w.name} keeps failing; its log ({w.log_path}):\n{w.tail()}")
+            stopping["flag"] = True
+            break
+          w.restarts += 1
+          echo(f"{w.name} exited ({w.proc.returncode}); restarting it ({w.restarts}/{RESTARTS})")
+          w.start()
+  finally:
+    if bar is not None:
+      bar.close()
+    for w in workers:
+      w.stop()
+    learner.stop(signal.SIGTERM, wait_s=300)
+    for c in reversed(list(children.values())):
+      c.stop()
+    for s, h in previous.items():
+      signal.signal(s, h)
+  echo(f"metrics: {metrics_path}; TensorBoard: {os.path.join(out_dir, 'tensorboard')}; "
+       f"checkpoints: {os.path.join(out_dir, 'checkpoints')}")
+  return status
+
+
+def _count_lines(path: str) -> int:
+  return len(_read_from(path, 0))
+
+
+def _read_from(path: str, start: int) -> list[dict]:
+  from asearcher_jax.jsonl import read_lines
+  return read_lines(path)[start:] if os.path.exists(path) else []
+
+
+def _last_step(path: str) -> int:
+  lines = _read_from(path, 0)
+  return lines[-1]["step"] if lines else 0

@@ -1,0 +1,219 @@
+"""The learner loop: lease B groups, train one decoupled-PPO step, publish the weights, advance
+the version clock, checkpoint, and only then acknowledge what was trained.
+
+Exactly-once: leases are acknowledged after the checkpoint that contains their training is on
+disk (leases in between are renewed). A learner killed at any point restarts from its last
+checkpoint; the queue hands back every group that checkpoint had not absorbed, and the groups
+of the checkpoint's own last leases (in case the kill fell between save and ack) are recognised
+by id, acknowledged and skipped. So no group is lost and none is trained twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from asearcher_jax.agent.trajectory import Trajectory
+from asearcher_jax.checkpoint import Checkpointer, abstract_like
+from asearcher_jax.models.pretrained import flat_state, param_shardings
+from asearcher_jax.rl.metrics import MetricsWriter, console_line, episode_metrics
+
+log = logging.getLogger(__name__)
+
+
+class Learner:
+  def __init__(self, cfg, *, model, replay, publisher, out_dir: str,
+               echo: Callable[[str], None] = print):
+    from asearcher_jax.rl.step import make_ppo_step
+    from asearcher_jax.train.optimizer import make_optimizer
+    self.cfg, self.replay, self.publisher, self.echo = cfg, replay, publisher, echo
+    self.model = model
+    self.mesh = next(iter(jax.tree.leaves(nnx.state(model)))).sharding.mesh
+    self.params, self.opt_state, self.step_fn = make_ppo_step(
+        model, make_optimizer(cfg.optimizer), cfg.rl)
+    ck = cfg.checkpoint
+    self.ckpt = Checkpointer(ck.directory or os.path.join(out_dir, "checkpoints"),
+                             max_to_keep=ck.max_to_keep, async_save=ck.async_save)
+    self.metrics = MetricsWriter(out_dir)
+    self.version = 0
+    self.step = 0
+    self.pending: list[str] = []  # leases trained on since the last checkpoint
+    self.pending_groups: list[str] = []
+    self.skip: set[str] = set()  # groups the restored checkpoint already trained on
+    self._stop = False
+    self._lock = threading.Lock()
+    self._held: list[str] = []  # leases to keep renewing
+    self._done = threading.Event()
+
+  # -- checkpoints ---------------------------------------------------------------------------
+  def _targets(self):
+    params_t = abstract_like(flat_state(self.params), param_shardings(self.model, self.mesh))
+    opt_t = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                         self.opt_state)
+    return params_t, opt_t
+
+  def restore(self) -> bool:
+    if self.ckpt.latest_step() is None:
+      return False
+    from asearcher_jax.inference.weights import state_like
+    params_t, opt_t = self._targets()
+    out = self.ckpt.restore(params_target=params_t, opt_state_target=opt_t)
+    self.params = state_like(self.params, out["params"])
+    self.opt_state = out["opt_state"]
+    self.step, self.version = int(out["step"]), int(out["version"])
+    meta = out["metadata"]
+    self.skip = set(meta.get("last_groups", []))
+    # The servers may already have served later versions (published after this checkpoint):
+    # the restored weights take a version above all of them, so versions stay monotone and
+    # each names one set of weights.
+    served = int(self.replay.state("").version)
+    if served > self.version:
+      self.version = served + 1  # a fresh tag: `served` named weights this checkpoint lost
+    self.echo(f"resumed from step {self.step} (version {self.version}); "
+              f"{len(self.skip)} groups of its last leases will be skipped if they come back")
+    return True
+
+  def checkpoint(self) -> None:
+    self.ckpt.save(self.step, params=flat_state(self.params), opt_state=self.opt_state,
+                   version=self.version,
+                   metadata={"last_groups": self.pending_groups, "time": time.time()})
+    self.ckpt.wait()  # on disk before its leases are acknowledged
+    for lease in self.pending:
+      if not self.replay.ack(lease):
+        log.warning("lease %s expired before its checkpoint was saved", lease)
+    with self._lock:
+      self._held = [x for x in self._held if x not in self.pending]
+    self.pending, self.pending_groups = [], []
+
+  # -- the loop --------------------------------------------------------------------------------
+  def publish(self) -> None:
+    t0 = time.perf_counter()
+    out = self.publisher.publish(self.version, self.params)
+    self.replay.set_version(self.version)
+    self.publish_s = time.perf_counter() - t0
+    served = [r["version"] for r in out.values() if isinstance(r, dict) and "version" in r]
+    self.served_version = min(served) if served else None
+
+  def _lease(self):
+    rl = self.cfg.rl
+    while not self._stop:
+      lease = self.replay.lease(rl.batch_groups, rl.lease_timeout_s, 1.0)
+      if lease is not None:
+        with self._lock:
+          self._held.append(lease.lease_id)
+        return lease
+    return None
+
+  def _heartbeat(self) -> None:
+    """Renews every lease the learner holds (training, or waiting for a checkpoint) well
+    before it expires, however long a step or a checkpoint takes."""
+    period = self.cfg.rl.lease_timeout_s / 3
+    while not self._done.wait(period):
+      with self._lock:
+        held = list(self._held)
+      for lease in held:
+        try:
+          self.replay.renew(lease, self.cfg.rl.lease_timeout_s)
+        except Exception:  # noqa: BLE001 -- the queue may be restarting; try again next beat
+          log.warning("could not renew lease %s", lease, exc_info=True)
+
+  def run(self, steps: int | None = None) -> dict[str, Any]:
+    """Trains until `rl.total_steps` (or `steps` more); returns the last metrics."""
+    from asearcher_jax.rl.batch import build_batch, shard_batch
+    rl = self.cfg.rl
+    total = rl.total_steps if steps is None else self.step + steps
+    if self.version > 0:  # resumed: the servers must serve what the learner holds
+      self.publish()
+    else:  # a fresh run: the servers load the same initial policy from the same config
+      self.replay.set_version(0)
+      self.publish_s, self.served_version = 0.0, None
+    every = self.cfg.checkpoint.every_steps
+    last: dict[str, Any] = {}
+    previous = signal.signal(signal.SIGTERM, self._on_term) if _main_thread() else None
+    self._done.clear()
+    beat = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
+    beat.start()
+    try:
+      while self.step < total and not self._stop:
+        t0 = time.perf_counter()
+        lease = self._lease()
+        if lease is None:
+          break
+        wait_s = time.perf_counter() - t0
+        groups, ids = [], []
+        for g in lease.groups:
+          # Trained already: before a restart (only the ack was lost), or since the last
+          # checkpoint under a lease that expired anyway (a stalled process).
+          if g.group_id in self.skip or g.group_id in self.pending_groups:
+            continue
+          groups.append([Trajectory.from_json(b) for b in g.trajectories])
+          ids.append(g.group_id)
+        if not groups:
+          self.pending.append(lease.lease_id)
+          continue
+        batch, info = build_batch(groups, rl, learner_version=self.version)
+        t1 = time.perf_counter()
+        if info["num_tokens"]:
+          batch = shard_batch(batch, self.mesh)
+          self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state, batch)
+          m = {k: float(v) for k, v in jax.device_get(m).items() if np.ndim(v) == 0}
+        else:
+          m = {}
+        train_s = time.perf_counter() - t1
+        self.pending.append(lease.lease_id)  # trained: acknowledged with the next checkpoint
+        self.pending_groups.extend(g.group_id for g in lease.groups)
+        self.step += 1
+        self.version += 1
+        self.publish()
+        if self.step % every == 0 or self.step >= total:
+          self.checkpoint()
+        trajs = [t for grp in groups for t in grp]
+        last = {"version": self.version, **episode_metrics(trajs), **m,
+                **_batch_info(info), "wait_s": wait_s, "train_s": train_s,
+                "publish_s": self.publish_s, "served_version": self.served_version,
+                "tokens_per_s": m.get("num_tokens", 0.0) / max(train_s, 1e-9),
+                "step_s": time.perf_counter() - t0, "groups": ids}
+        self.metrics.write(self.step, last)
+        self.echo(console_line(self.step, total, last))
+    finally:
+      if self.pending:
+        self.checkpoint()
+      self._done.set()
+      beat.join()
+      if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+    return last
+
+  def _on_term(self, *_):
+    self.echo("learner: SIGTERM, checkpointing and stopping")
+    self._stop = True
+
+  def close(self) -> None:
+    self.ckpt.close()
+    self.metrics.close()
+    self.publisher.close()
+
+
+def _main_thread() -> bool:
+  return threading.current_thread() is threading.main_thread()
+
+
+def _batch_info(info: dict[str, Any]) -> dict[str, float]:
+  out = {}
+  for k, v in info.items():
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+      out[k] = float(v)
+  hist = info.get("staleness_hist") or info.get("staleness")
+  if isinstance(hist, dict) and hist:
+    n = sum(hist.values())
+    out["staleness_mean"] = sum(int(k) * c for k, c in hist.items()) / max(n, 1)
+    out["staleness_max"] = float(max(int(k) for k in hist))
+  return out

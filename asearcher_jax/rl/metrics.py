@@ -1,0 +1,63 @@
+"""Training metrics to a JSONL file (one fsynced line per step), TensorBoard event files and a
+compact console line."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from asearcher_jax.agent.trajectory import Trajectory
+from asearcher_jax.jsonl import append_lines
+
+
+def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
+  """Reward, success, turns and tool calls of the episodes a step trained on."""
+  if not trajs:
+    return {}
+  success = [t.metrics.get("em", float(t.reward >= 1.0)) for t in trajs]
+  return {
+      "reward": float(np.mean([t.reward for t in trajs])),
+      "success": float(np.mean(success)),
+      "turns": float(np.mean([t.num_turns for t in trajs])),
+      "search_calls": float(np.mean([t.tool_calls("search") for t in trajs])),
+      "access_calls": float(np.mean([t.tool_calls("access") for t in trajs])),
+      "answered": float(np.mean([t.status == "answered" for t in trajs])),
+      "episode_tokens": float(np.mean([len(t.tokens) for t in trajs])),
+  }
+
+
+class MetricsWriter:
+  def __init__(self, out_dir: str, tensorboard: bool = True):
+    os.makedirs(out_dir, exist_ok=True)
+    self.path = os.path.join(out_dir, "metrics.jsonl")
+    self._tb = None
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+      except ImportError:  # metrics.jsonl still has everything
+        self._tb = None
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    append_lines(self.path, [{"step": step, **metrics}])
+    if self._tb is not None:
+      for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def console_line(step: int, total: int, m: Mapping[str, Any]) -> str:
+  def f(key, fmt="{:.3f}"):
+    return fmt.format(m[key]) if key in m else "-"
+  return (f"step {step}/{total} v{m.get('version', '?')} reward {f('reward')} success "
+          f"{f('success', '{:.2f}')} turns {f('turns', '{:.1f}')} search "
+          f"{f('search_calls', '{:.1f}')} loss {f('loss', '{:.4f}')} clip "
+          f"{f('clip_frac', '{:.3f}')} stale {f('staleness_mean', '{:.2f}')} "
+          f"{f('tokens_per_s', '{:.0f}')} tok/s")

@@ -1,0 +1,96 @@
+"""Weight publication after each learner step: versioned and atomic.
+
+`DriverPublisher` is the colocated fast path (the decode driver lives in the learner's
+process: a device-side copy, committed between two decode steps). `CheckpointPublisher`
+reaches decode servers in other processes: the weights are written as an orbax policy
+checkpoint whose step is the version (orbax renames a step into place only when complete),
+then every server is told to load and commit that step. Only when all have committed does the
+caller advance the version clock (the replay queue's version), so no rollout is admitted
+against a version some server does not serve yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from typing import Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from asearcher_jax.checkpoint import save_policy
+from asearcher_jax.models.config import QwenConfig
+from asearcher_jax.models.pretrained import flat_state
+
+
+class Publisher(Protocol):
+  def publish(self, version: int, params) -> dict: ...
+
+  def close(self) -> None: ...
+
+
+class DriverPublisher:
+  """In-process decode drivers. The learner donates its params to the next step, so the
+  drivers get a copy."""
+
+  def __init__(self, drivers: Sequence):
+    self.drivers = list(drivers)
+
+  def publish(self, version: int, params) -> dict:
+    from asearcher_jax.inference.weights import load_weights
+    out = {}
+    for i, d in enumerate(self.drivers):
+      copy = jax.tree.map(jnp.copy, flat_state(params))
+      new = load_weights(d.engine.params, copy, d.engine.cfg)
+      out[f"driver{i}"] = d.update_weights(version, new)
+    return out
+
+  def close(self) -> None:
+    pass
+
+
+class CheckpointPublisher:
+  """Decode servers over gRPC, fed through an orbax policy checkpoint directory."""
+
+  def __init__(self, directory: str, cfg: QwenConfig, addresses: Sequence[str], *,
+               tokenizer_dir: str | None = None, token: str | None = None, keep: int = 2,
+               timeout_s: float = 600.0):
+    self.directory, self.cfg, self.addresses = os.path.abspath(directory), cfg, list(addresses)
+    self.tokenizer_dir, self.token, self.keep, self.timeout_s = tokenizer_dir, token, keep, \
+        timeout_s
+
+  def publish(self, version: int, params) -> dict:
+    self._drop_from(version)  # left by a run that is being resumed: replaced, never mixed
+    save_policy(self.directory, version, flat_state(params), self.cfg,
+                tokenizer_dir=self.tokenizer_dir, version=version)
+    self.tokenizer_dir = None  # copied once; later steps reuse it
+    out = asyncio.run(self._commit(version))
+    self._prune(version)
+    return out
+
+  async def _commit(self, version: int) -> dict:
+    from asearcher_jax.inference.client import DecodeClient
+
+    async def one(address):
+      async with DecodeClient(address, token=self.token, timeout=self.timeout_s) as c:
+        r = await c.update_weights(version, orbax_dir=self.directory, step=version)
+        return address, {"version": r.version, "interrupted": r.interrupted,
+                         "load_s": r.load_s, "commit_s": r.commit_s}
+
+    return dict(await asyncio.gather(*(one(a) for a in self.addresses)))
+
+  def _drop_from(self, version: int) -> None:
+    if os.path.isdir(self.directory):
+      for name in os.listdir(self.directory):
+        if name.isdigit() and int(name) >= version:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+  def _prune(self, version: int) -> None:
+    """Steps older than the last `keep` are no longer served by anyone."""
+    for name in os.listdir(self.directory):
+      if name.isdigit() and int(name) <= version - self.keep:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+  def close(self) -> None:
+    pass

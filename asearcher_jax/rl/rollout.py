@@ -1,0 +1,156 @@
+"""The rollout worker: prompts from a dataset shard, groups of G episodes admitted under the
+staleness rule, scored, filtered, and put on the replay queue whole.
+
+A group is put only when all its episodes are done (group-atomic), so a worker that dies
+mid-episode leaves nothing half-made behind; its in-flight groups never count as accepted and
+a restarted worker recovers its accepted count and data cursor from the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from typing import Any, Sequence
+
+from asearcher_jax.agent import Agent, Trajectory, score
+from asearcher_jax.agent.episode import derive_seed
+from asearcher_jax.data.qa import QAItem
+from asearcher_jax.reward.asearcher import Scorer
+from asearcher_jax.rl.admission import AdmissionController
+
+log = logging.getLogger(__name__)
+
+
+class PromptStream:
+  """An endless, epoch-shuffled walk over this worker's shard of the questions. `cursor` counts
+  questions handed out since the start of training, so it alone fixes the position (and the
+  epoch) after a restart."""
+
+  def __init__(self, items: Sequence[QAItem], seed: int = 0, cursor: int = 0):
+    if not items:
+      raise ValueError("the rollout worker's dataset shard is empty")
+    self.items, self.seed, self.cursor = list(items), seed, cursor
+    self._epoch, self._order = -1, []
+
+  @property
+  def epoch(self) -> int:
+    return self.cursor // len(self.items)
+
+  def next(self) -> tuple[int, QAItem]:
+    epoch, i = divmod(self.cursor, len(self.items))
+    if epoch != self._epoch:
+      self._order = list(range(len(self.items)))
+      random.Random(f"{self.seed}/{epoch}").shuffle(self._order)
+      self._epoch = epoch
+    self.cursor += 1
+    return self.cursor - 1, self.items[self._order[i]]
+
+
+@dataclasses.dataclass
+class WorkerStats:
+  started: int = 0
+  accepted: int = 0
+  filtered: int = 0  # all rewards equal
+  failed: int = 0  # an episode aborted or the group raised
+  duplicates: int = 0  # already on the queue (a prompt redone after a restart)
+  episodes: int = 0
+  status: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+class RolloutWorker:
+  """`replay` is a ReplayClient (asyncio); `agent` runs episodes; `scorer` gives rewards."""
+
+  def __init__(self, *, worker: int, workers: int, rl, agent: Agent, scorer: Scorer, replay,
+               prompts: PromptStream, poll_s: float = 0.2, seed: int = 0):
+    self.worker, self.rl, self.agent, self.scorer = f"w{worker}", rl, agent, scorer
+    self.replay, self.prompts, self.poll_s, self.seed = replay, prompts, poll_s, seed
+    self.admission = AdmissionController.for_worker(rl, worker, workers)
+    self.stats = WorkerStats()
+    self.version = 0
+
+  async def recover(self) -> None:
+    """Accepted count and data cursor as the queue recorded them (a restart continues)."""
+    state = await self.replay.state(self.worker)
+    self.version = int(state.version)
+    self.admission.restore(int(state.accepted))
+    self.prompts.cursor = max(self.prompts.cursor, int(state.cursor))
+
+  async def run(self, *, max_groups: int | None = None, stop: asyncio.Event | None = None) -> None:
+    """Runs until `stop` is set, or until `max_groups` groups are on the queue."""
+    await self.recover()
+    running: set[asyncio.Task] = set()
+    stop = stop or asyncio.Event()
+    last_poll = 0.0
+
+    def want_more() -> bool:
+      return max_groups is None or self.stats.accepted + len(running) < max_groups
+
+    while not stop.is_set() and (want_more() or running):
+      if time.monotonic() - last_poll >= self.poll_s:
+        self.version = int((await self.replay.state(self.worker)).version)
+        last_poll = time.monotonic()
+      while want_more() and self.admission.try_start(self.version):
+        cursor, item = self.prompts.next()
+        self.stats.started += 1
+        running.add(asyncio.create_task(self._group(item, cursor, self.version)))
+      if running:
+        done, running = await asyncio.wait(running, timeout=self.poll_s,
+                                           return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+          t.result()  # _group handles its own failures; anything else is a bug worth seeing
+      else:
+        await asyncio.sleep(self.poll_s)
+    for t in running:
+      t.cancel()
+
+  async def _group(self, item: QAItem, cursor: int, version: int) -> None:
+    group_id = f"{self.worker}-{cursor}"
+    try:
+      trajs = await asyncio.gather(*(self._episode(item, group_id, i, version)
+                                     for i in range(self.rl.group_size)))
+      for t in trajs:
+        self.stats.status[t.status] = self.stats.status.get(t.status, 0) + 1
+      self.stats.episodes += len(trajs)
+      if any(t.status == "aborted" for t in trajs):
+        self.stats.failed += 1
+        self.admission.finish_rejected()
+        log.warning("group %s dropped: an episode aborted (%s)", group_id,
+                    next(t.error for t in trajs if t.status == "aborted"))
+        return
+      if self.rl.filter_equal_rewards and len({t.reward for t in trajs}) == 1:
+        self.stats.filtered += 1
+        self.admission.finish_rejected()
+        return
+      status = await self.replay.put(group_record(group_id, item, version, self.worker,
+                                                  cursor + 1, trajs))
+      if status == "duplicate":  # redone after a restart; the queue has it already
+        self.stats.duplicates += 1
+        self.admission.finish_rejected()
+        return
+      self.stats.accepted += 1
+      self.admission.finish_accepted()
+    except asyncio.CancelledError:
+      self.admission.finish_rejected()
+      raise
+    except Exception:  # noqa: BLE001 -- a failed group frees its capacity; the worker goes on
+      log.exception("group %s failed", group_id)
+      self.stats.failed += 1
+      self.admission.finish_rejected()
+
+  async def _episode(self, item: QAItem, group_id: str, i: int, version: int) -> Trajectory:
+    seed = derive_seed(self.seed, group_id, i)
+    t = await self.agent.run(item, sample=i, group_id=group_id, seed=seed, submit_version=version)
+    if t.status != "aborted":
+      await score(t, self.scorer)
+    return t
+
+
+def group_record(group_id: str, item: QAItem, version: int, worker: str, cursor: int,
+                 trajs: Sequence[Trajectory]) -> Any:
+  from asearcher_jax.replay import Group
+  return Group(group_id=group_id, qid=item.qid, submit_version=version, worker=worker,
+               cursor=cursor, trajectories=[t.to_json().encode() for t in trajs],
+               created=time.time())

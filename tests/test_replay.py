@@ -1,0 +1,347 @@
+"""The replay queue contract: use-once, group-atomic, oldest submit version first, lease/ack,
+idempotent puts, a journal that survives restarts and crashes (of consumers and of the queue
+process itself): every group put is consumed exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from asearcher_jax.agent.trajectory import Trajectory
+from asearcher_jax.errors import ConfigError
+from asearcher_jax.replay import Group, ReplayQueue
+from asearcher_jax.replay.client import ReplayClient, ReplayUnavailable, SyncReplayClient
+from asearcher_jax.replay.queue import JOURNAL
+from asearcher_jax.replay.server import ReplayServer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeClock:
+  def __init__(self):
+    self.t = 1000.0
+
+  def __call__(self) -> float:
+    return self.t
+
+
+def group(gid: str, v: int = 0, worker: str = "w0", cursor: int = 0, size: int = 2) -> Group:
+  trajs = [Trajectory(qid=f"q-{gid}", question="?", answers=["a"], group_id=gid, sample=i,
+                      submit_version=v).to_json().encode() for i in range(size)]
+  return Group(gid, f"q-{gid}", v, worker, cursor, trajs, created=123.0)
+
+
+def ids(lease) -> list[str]:
+  return [g.group_id for g in lease.groups]
+
+
+# -- semantics --------------------------------------------------------------------------------
+
+def test_oldest_version_first_ties_by_arrival_and_whole_groups():
+  q = ReplayQueue()
+  for gid, v in [("a", 2), ("b", 1), ("c", 2), ("d", 0), ("e", 1)]:
+    assert q.put(group(gid, v)) == "accepted"
+  assert q.stats()["queued_by_version"] == {0: 1, 1: 2, 2: 2}
+  assert q.stats()["oldest_queued_version"] == 0
+  first = q.lease(3, 10)
+  assert ids(first) == ["d", "b", "e"]
+  assert all(len(g.trajectories) == 2 for g in first.groups)
+  assert Trajectory.from_json(first.groups[0].trajectories[1]).sample == 1
+  assert q.lease(3, 10) is None  # only two left: exactly `count` or nothing
+  assert q.stats()["queued"] == 2
+  assert ids(q.lease(2, 10)) == ["a", "c"]
+  assert q.ack(first.lease_id)
+  assert q.lease(1, 10) is None  # use-once: nothing comes back
+  with pytest.raises(ValueError):
+    q.lease(0, 10)
+  with pytest.raises(ValueError):
+    q.lease(1, 0)
+
+
+def test_expiry_renew_release_and_late_ack():
+  clock = FakeClock()
+  q = ReplayQueue(clock=clock)
+  for gid, v in [("a", 0), ("b", 0), ("c", 1)]:
+    q.put(group(gid, v))
+  lease = q.lease(2, timeout_s=5)
+  clock.t += 4
+  assert q.renew(lease.lease_id, 5)
+  clock.t += 4  # 8 s after the lease, 4 after the renewal: still held
+  assert q.stats()["leased"] == 2 and ids(q.lease(1, 5)) == ["c"]
+  clock.t += 1.5
+  assert q.stats()["expired_leases"] == 1 and q.stats()["queued"] == 2
+  assert not q.ack(lease.lease_id)  # too late: the groups are back, in their old places
+  assert not q.renew(lease.lease_id, 5)
+  again = q.lease(2, 5)
+  assert ids(again) == ["a", "b"]
+  assert q.release(again.lease_id) and not q.release(again.lease_id)
+  assert ids(q.lease(2, 5)) == ["a", "b"]
+  clock.t += 6  # both live leases ("c", and "a", "b" again) run out
+  assert q.expire() == 2 and q.stats()["queued"] == 3
+
+
+def test_lease_waits_for_a_put_from_another_thread():
+  import threading
+  q = ReplayQueue()
+  threading.Timer(0.1, q.put, args=(group("late"),)).start()
+  lease = q.lease(1, 5, wait_s=5)
+  assert lease is not None and ids(lease) == ["late"]
+
+
+def test_put_is_idempotent_by_group_id():
+  q = ReplayQueue()
+  assert q.put(group("a", cursor=1)) == "accepted"
+  assert q.put(group("a", cursor=1)) == "duplicate"  # queued
+  lease = q.lease(1, 5)
+  assert q.put(group("a")) == "duplicate"  # leased
+  q.ack(lease.lease_id)
+  assert q.put(group("a")) == "duplicate"  # consumed
+  s = q.stats()
+  assert (s["duplicates"], s["accepted_total"], s["queued"], s["consumed"]) == (3, 1, 0, 1)
+  assert q.worker_state("w0") == (1, 1) and q.worker_state("nobody") == (0, 0)
+  with pytest.raises(ValueError):
+    q.put(group(""))
+
+
+# -- journal ----------------------------------------------------------------------------------
+
+def test_restart_keeps_unacked_groups_versions_and_workers(tmp_path):
+  d = str(tmp_path)
+  q = ReplayQueue(d)
+  for i in range(6):
+    q.put(group(f"g{i}", v=i % 2, worker=f"w{i % 2}", cursor=10 + i))
+  q.set_version(3)
+  acked = q.lease(2, 60)
+  q.ack(acked.lease_id)
+  held = q.lease(2, 60)  # the "learner" dies holding this lease
+  q.lease(1, 60)
+  q2 = ReplayQueue(d)
+  s = q2.stats()
+  assert (s["version"], s["queued"], s["leased"], s["consumed"], s["accepted_total"]) == \
+      (3, 4, 0, 2, 6)
+  assert q2.worker_state("w0") == (3, 14) and q2.worker_state("w1") == (3, 15)
+  assert q2.put(group(ids(acked)[0])) == "duplicate"
+  assert q2.put(group(ids(held)[0])) == "duplicate"
+  assert q2.ack(acked.lease_id)  # an ack retried after a lost reply is still a success
+  left = q2.lease(4, 60)
+  assert sorted(ids(left)) == sorted(set(f"g{i}" for i in range(6)) - set(ids(acked)))
+  assert [g.submit_version for g in left.groups] == sorted(g.submit_version for g in left.groups)
+  assert left.groups[0].trajectories == group(ids(left)[0]).trajectories  # payload round-trips
+
+
+def test_torn_last_line_is_ignored(tmp_path):
+  d = str(tmp_path)
+  q = ReplayQueue(d)
+  q.put(group("a"))
+  q.put(group("b"))
+  path = os.path.join(d, JOURNAL)
+  with open(path, "a") as f:  # crashes mid-write: half a put, then an ack without its newline
+    f.write('{"op": "put", "group_id": "c", "qid": "q')
+  assert ReplayQueue(d).stats()["queued"] == 2
+  with open(path, "a") as f:
+    f.write(json.dumps({"op": "ack", "lease": "x", "groups": ["a"]}))
+  q2 = ReplayQueue(d)  # a complete-looking line without "\n" never finished its fsync
+  assert q2.stats()["queued"] == 2 and q2.put(group("c")) == "accepted"
+  assert ReplayQueue(d).stats()["queued"] == 3
+
+
+def test_non_utf8_payload_round_trips(tmp_path):
+  q = ReplayQueue(str(tmp_path))
+  g = Group("x", "q", 0, "w", 0, [b"\xff\xfe raw \x00 bytes", "é".encode()], 1.0)
+  q.put(g)
+  assert ReplayQueue(str(tmp_path)).lease(1, 5).groups[0].trajectories == g.trajectories
+
+
+def test_compaction_keeps_semantics(tmp_path):
+  d = str(tmp_path)
+  path = os.path.join(d, JOURNAL)
+  q = ReplayQueue(d, compact_bytes=5000)
+  for i in range(20):
+    q.put(group(f"g{i:02d}", v=i // 5, cursor=i, size=3))
+  q.set_version(4)
+  size_before = os.path.getsize(path)
+  held = q.lease(2, 60)  # leased at compaction time: must survive it
+  for _ in range(5):
+    q.ack(q.lease(2, 60).lease_id)
+  assert q.compactions >= 1
+  assert os.path.getsize(path) < size_before
+  assert not os.path.exists(path + ".tmp")
+  ops = collections.Counter(json.loads(line)["op"] for line in open(path))
+  assert ops["consumed"] == 1 and ops["worker"] == 1 and ops["version"] == 1
+  q.put(group("after", v=9, cursor=99))
+  q2 = ReplayQueue(d, compact_bytes=5000)
+  s = q2.stats()
+  assert (s["version"], s["queued"], s["consumed"], s["accepted_total"]) == (4, 11, 10, 21)
+  assert q2.worker_state("w0") == (21, 99)
+  assert all(q2.put(group(f"g{i:02d}")) == "duplicate" for i in range(20))
+  assert q2.ack(q.lease(1, 60).lease_id) is False  # leases of the old process are gone
+  rest = q2.lease(11, 60)
+  assert ids(held)[0] in ids(rest) and ids(rest)[-1] == "after"
+  assert [g.submit_version for g in rest.groups] == sorted(g.submit_version for g in rest.groups)
+  q2.ack(rest.lease_id)
+  q3 = ReplayQueue(d, compact_bytes=5000)  # compacted on startup or at the last ack
+  assert q3.stats()["queued"] == 0 and q3.stats()["consumed"] == 21
+
+
+# -- over gRPC --------------------------------------------------------------------------------
+
+@pytest.fixture
+def server(tmp_path):
+  srv = ReplayServer(ReplayQueue(str(tmp_path))).start_in_thread()
+  yield srv
+  srv.stop_thread()
+
+
+def test_grpc_consumer_dies_before_ack_then_after_ack(server):
+  async def go():
+    async with ReplayClient(server.address, timeout=10) as worker:
+      for i in range(4):
+        assert await worker.put(group(f"g{i}", v=i, worker="wA", cursor=i + 1)) == "accepted"
+      assert await worker.put(group("g0")) == "duplicate"
+      st = await worker.state("wA")
+      assert (st.accepted, st.cursor, st.queued, st.oldest_queued_version) == (4, 4, 4, 0)
+      await worker.set_version(7)
+
+    dead = ReplayClient(server.address, timeout=10)
+    lost = await dead.lease(2, timeout_s=0.3)
+    await dead.close()  # dies before acking
+    async with ReplayClient(server.address, timeout=10) as other:
+      assert await other.lease(3, 5) is None  # only two are free while the lease lives
+      free = await other.lease(2, 5)
+      got = await other.lease(2, timeout_s=5, wait_s=5)  # the dead consumer's, once expired
+      assert ids(free) == ["g2", "g3"] and await other.ack(free.lease_id)
+      assert ids(got) == ids(lost) == ["g0", "g1"]
+      assert await other.renew(got.lease_id, 5)
+      assert not await other.ack(lost.lease_id)
+      assert await other.ack(got.lease_id)
+
+    async with ReplayClient(server.address, timeout=10) as worker:
+      for i in range(4, 6):
+        await worker.put(group(f"g{i}", v=i))
+    dead = ReplayClient(server.address, timeout=10)
+    done = await dead.lease(2, 5)
+    assert await dead.ack(done.lease_id)
+    await dead.close()  # dies right after acking
+    async with ReplayClient(server.address, timeout=10) as other:
+      assert await other.lease(1, 5, wait_s=0.3) is None
+      st = await other.state()
+      assert (st.version, st.queued, st.leased, st.consumed, st.expired_leases) == (7, 0, 0, 6, 1)
+      with pytest.raises(ValueError, match="count"):
+        await other.lease(0, 5)
+
+  asyncio.run(go())
+
+
+def test_sync_client_and_unavailable(server):
+  with SyncReplayClient(server.address, timeout=10) as c:
+    c.put(group("s", v=3))
+    lease = c.lease(1, 5)
+    assert ids(lease) == ["s"] and c.release(lease.lease_id)
+    lease = c.lease(1, 5)
+    assert c.ack(lease.lease_id) and c.ack(lease.lease_id)
+    assert c.state().consumed == 1
+  with SyncReplayClient("127.0.0.1:1", timeout=5) as c, pytest.raises(ReplayUnavailable):
+    c.state()
+
+
+def test_auth(tmp_path, monkeypatch):
+  monkeypatch.delenv("ASEARCHER_TOKEN", raising=False)
+  with pytest.raises(ConfigError, match="not loopback"):
+    ReplayServer(ReplayQueue(), host="0.0.0.0")
+  srv = ReplayServer(ReplayQueue(), token="s3cret").start_in_thread()
+  try:
+    for token in (None, "wrong"):
+      with SyncReplayClient(srv.address, token=token, timeout=5) as c, \
+          pytest.raises(grpc.RpcError) as e:
+        c.state()
+      assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with SyncReplayClient(srv.address, token="s3cret", timeout=5) as c:
+      assert c.put(group("x")) == "accepted"
+  finally:
+    srv.stop_thread()
+
+
+# -- the queue process killed and restarted ---------------------------------------------------
+
+def start_queue(journal: str) -> tuple[subprocess.Popen, str]:
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.Popen([sys.executable, "-m", "asearcher_jax.replay.server", "--journal",
+                           journal, "--port", "0", "--compact-mb", "0.002"],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+  line = proc.stdout.readline()
+  assert line.startswith("replay queue listening on "), line
+  return proc, line.split()[-1]
+
+
+def test_exactly_once_across_a_queue_kill(tmp_path):
+  rng = random.Random(0)
+  journal = str(tmp_path / "journal")
+  total, kill_at = 60, 30
+  put: list[str] = []
+  consumed: list[str] = []
+  proc, addr = start_queue(journal)
+  try:
+    c = SyncReplayClient(addr, timeout=10)
+    step = 0
+    while len(put) < total or step < 200:
+      step += 1
+      if len(put) == kill_at:
+        held = c.lease(1, 30)  # a consumer holds a lease when the queue dies
+        assert held is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with pytest.raises(ReplayUnavailable):
+          c.state()
+        c.close()
+        proc, addr = start_queue(journal)
+        c = SyncReplayClient(addr, timeout=10)
+        st = c.state("w")
+        assert (st.accepted, st.cursor, st.leased) == (kill_at, kill_at, 0)
+        assert st.queued == kill_at - len(consumed)
+        # the worker retries everything it ever sent: all duplicates, none stored twice
+        assert {c.put(group(g)) for g in put} == {"duplicate"}
+        assert not c.ack(held.lease_id)  # leases die with the queue; their groups are back
+        kill_at = -1
+      r = rng.random()
+      if len(put) < total and r < 0.5:
+        gid = f"g{len(put):03d}"
+        assert c.put(group(gid, v=rng.randrange(4), worker="w", cursor=len(put) + 1)) == \
+            "accepted"
+        put.append(gid)
+        if rng.random() < 0.2:
+          assert c.put(group(gid)) == "duplicate"
+        continue
+      fate = rng.random()
+      lease = c.lease(rng.randint(1, 3), timeout_s=0.2 if fate < 0.15 else 30)
+      if lease is None:
+        continue
+      if fate < 0.15:
+        continue  # consumer dies holding the lease: it expires (or dies with the queue)
+      if fate < 0.3:
+        assert c.release(lease.lease_id)
+        continue
+      assert c.ack(lease.lease_id)
+      consumed.extend(ids(lease))
+    while (lease := c.lease(1, 30, wait_s=0.5)) is not None:  # drain
+      assert c.ack(lease.lease_id)
+      consumed.extend(ids(lease))
+    st = c.state()
+    assert (st.queued, st.leased, st.consumed, st.accepted_total) == (0, 0, total, total)
+    c.close()
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+  assert kill_at == -1
+  with open(os.path.join(journal, JOURNAL)) as f:  # the process compacted its journal
+    assert json.loads(f.readline())["op"] == "version"
+  counts = collections.Counter(consumed)
+  assert set(counts) == set(put) and set(counts.values()) == {1}

@@ -1,0 +1,201 @@
+"""The asynchronous RL loop as processes: the learner killed with SIGKILL and resumed trains
+every group exactly once; a rollout worker killed mid-episode leaves only complete groups; and
+`asearcher train` runs end to end on a tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import yaml
+
+from asearcher_jax.agent import Trajectory
+from asearcher_jax.replay import Group, ReplayQueue, ReplayServer, SyncReplayClient
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+TINY_ARCH = {"family": "qwen3", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
+             "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
+             "rope_theta": 10000.0, "tie_embeddings": True, "eos_token_id": 258}
+
+
+def env():
+  return dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+              PYTHONUNBUFFERED="1")
+
+
+def cli(*args):
+  return [sys.executable, "-m", "asearcher_jax.cli", *args]
+
+
+def read_metrics(path):
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def synthetic_group(i: int, rng) -> Group:
+  trajs = []
+  for j in range(2):
+    n = int(rng.integers(40, 90))
+    t = Trajectory(qid=f"q{i}", question="?", answers=["a"], group_id=f"g{i}", sample=j)
+    t.tokens = rng.integers(0, 256, n).astype(np.int32)
+    t.loss_mask = np.arange(n) >= n // 3
+    t.behav_logp = np.where(t.loss_mask, -3.0, 0.0).astype(np.float32)
+    t.version = np.where(t.loss_mask, 0, -1).astype(np.int32)
+    t.seq_starts = [0]
+    t.reward = float(j)
+    t.status = "answered"
+    trajs.append(t.to_json().encode())
+  return Group(group_id=f"g{i}", qid=f"q{i}", submit_version=0, worker="test", cursor=i + 1,
+               trajectories=trajs)
+
+
+def test_learner_killed_and_resumed_trains_every_group_once(tmp_path):
+  queue = ReplayQueue(str(tmp_path / "journal"))
+  rng = np.random.default_rng(0)
+  ids = [f"g{i}" for i in range(12)]
+  for i in range(12):
+    assert queue.put(synthetic_group(i, rng)) == "accepted"
+  config = tmp_path / "learner.yaml"
+  config.write_text(yaml.safe_dump({
+      "model": {"arch": TINY_ARCH, "dtype": "float32", "attention": "xla"},
+      "optimizer": {"learning_rate": 1e-3},
+      "checkpoint": {"every_steps": 2, "async_save": False},
+      "rl": {"batch_groups": 2, "total_steps": 6, "row_tokens": 256, "micro_batch_rows": 2,
+             "lease_timeout_s": 3.0, "max_head_offpolicyness": 100},
+      "run": {"output_dir": str(tmp_path / "run")}}))
+  metrics = tmp_path / "run" / "metrics.jsonl"
+  srv = ReplayServer(queue).start_in_thread()
+  try:
+    argv = cli("learn", "--config", str(config), "--replay", srv.address)
+    proc = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 240
+    while len(read_metrics(metrics)) < 3:  # past the step-2 checkpoint, before the next
+      assert proc.poll() is None, proc.stdout.read()
+      assert time.monotonic() < deadline, "the learner made no progress"
+      time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = read_metrics(metrics)
+    done = subprocess.run(argv + ["--resume"], env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resumed from step" in done.stdout
+    stats = SyncReplayClient(srv.address).state()
+  finally:
+    srv.stop_thread()
+  lines = read_metrics(metrics)
+  # The trained lineage: the first run up to its last checkpoint (step 2), then the second run.
+  kept = [m for m in first if m["step"] <= 2] + lines[len(first):]
+  trained = [g for m in kept for g in m["groups"]]
+  assert sorted(trained) == sorted(ids), trained  # every group once: none lost, none twice
+  assert [m["step"] for m in kept] == list(range(1, 7))
+  assert stats.consumed == 12 and stats.queued == 0
+  assert all(np.isfinite(m["loss"]) for m in kept)
+
+
+TRAIN_OVERRIDES = ["model.arch.num_layers=2", "rl.group_size=2", "rl.batch_groups=2",
+                   "agent.max_turns=2", "agent.max_new_tokens=16",
+                   "rl.filter_equal_rewards=false", "checkpoint.every_steps=2",
+                   "serve.max_len=2048", "agent.max_context_tokens=2048", "rl.row_tokens=2048"]
+
+
+def test_asearcher_train_runs_and_resumes(tmp_path):
+  """The launcher on the debug config (a random tiny policy; every group kept): versions advance,
+  the decode server serves each new version, metrics, TensorBoard events and checkpoints are
+  written, and --resume continues."""
+  run = tmp_path / "run"
+  e = dict(env(), ASEARCHER_CACHE=str(tmp_path / "cache"))
+
+  def train(*extra):
+    return subprocess.run(cli("train", "--config", "configs/debug.yaml", "--no-progress",
+                              *TRAIN_OVERRIDES, f"run.output_dir={run}", *extra),
+                          cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+
+  out = train("rl.total_steps=3")
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert "step 3/3 v3" in out.stdout
+  lines = read_metrics(run / "metrics.jsonl")
+  assert [m["version"] for m in lines] == [1, 2, 3]
+  assert [m["served_version"] for m in lines] == [1, 2, 3]  # the decode server has each one
+  assert all(m["trajectories"] == 4 and np.isfinite(m["loss"]) for m in lines)
+  assert all(0 <= m["staleness_max"] <= 2 for m in lines)  # η = 2 in configs/debug.yaml
+  assert os.listdir(run / "tensorboard") and sorted(os.listdir(run / "checkpoints")) == ["2", "3"]
+  clobber = train("rl.total_steps=3")  # without --resume a finished run is not overwritten
+  assert clobber.returncode == 2 and "pass --resume" in clobber.stderr
+  again = train("rl.total_steps=4", "--resume")
+  assert again.returncode == 0, again.stdout + again.stderr
+  assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_a_rollout_worker_killed_mid_episode_leaves_only_complete_groups(tmp_path):
+  from conftest import single_device_mesh
+
+  from asearcher_jax.inference import Driver, Engine
+  from asearcher_jax.inference.server import DecodeServer
+  from asearcher_jax.models import QwenConfig, build_tokenizer, create_model
+  from asearcher_jax.tools.index import SearchIndex, build_index
+  from asearcher_jax.tools.retrieval_server import ServerThread, create_app
+  from asearcher_jax.world import WorldConfig, generate_world, write_world
+
+  world = tmp_path / "world"
+  write_world(generate_world(WorldConfig(seed=3, num_people=30, num_cities=8, num_orgs=6,
+                                         num_works=6, num_countries=3, questions_per_hop=8)),
+              str(world))
+  build_index(str(world / "corpus.jsonl"), str(world / "index"),
+              pages=str(world / "pages.jsonl"), log=lambda *_: None)
+  tok = build_tokenizer()
+  model = create_model(QwenConfig(**TINY_ARCH), single_device_mesh(), seed=0, dtype="float32")
+  decode = DecodeServer(Driver(Engine(model, slots=8, max_len=2048, mesh=single_device_mesh()),
+                               tokenizer=tok), tok, grpc_port=0, http_port=None,
+                        default_stop_ids=(tok.eos_id,)).start_in_thread()
+  queue = ReplayQueue(str(tmp_path / "journal"))
+  replay = ReplayServer(queue).start_in_thread()
+  config = tmp_path / "rollout.yaml"
+  config.write_text(yaml.safe_dump({
+      "model": {"arch": TINY_ARCH},
+      "agent": {"max_turns": 3, "max_new_tokens": 24, "max_context_tokens": 2000},
+      "rl": {"group_size": 3, "batch_groups": 2, "max_head_offpolicyness": 100,
+             "max_concurrent_groups": 2, "filter_equal_rewards": False,
+             "data": [str(world / "qa_train.jsonl")]}}))
+  try:
+    with ServerThread(create_app(SearchIndex(str(world / "index")))) as search:
+      argv = cli("rollout", "--config", str(config), f"search.url=http://127.0.0.1:{search.port}",
+                 "--replay", replay.address, "--decode", decode.grpc_address)
+      proc = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+      deadline = time.monotonic() + 240
+      while queue.stats()["accepted_total"] < 2 or decode.driver.stats().slots_in_use == 0:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no groups from the rollout worker"
+        time.sleep(0.05)
+      proc.send_signal(signal.SIGKILL)  # with episodes running
+      proc.wait()
+      first = queue.stats()["accepted_total"]
+      cursor = queue.worker_state("w0")[1]
+      held = queue.lease(first, 600)  # the first run's groups, set apart
+      again = subprocess.run(argv + ["--max-groups", "2"], env=env(), capture_output=True,
+                             text=True, timeout=300)
+      assert again.returncode == 0, again.stdout + again.stderr
+  finally:
+    replay.stop_thread()
+    decode.stop_thread()
+  total = queue.stats()["accepted_total"]
+  assert total == first + 2
+  assert queue.worker_state("w0")[0] == total  # the restarted worker knew what was accepted
+  later = queue.lease(2, 60)
+  groups = held.groups + later.groups
+  assert len({g.group_id for g in groups}) == total
+  for g in groups:  # whole groups only: G complete, checkable episodes each
+    assert len(g.trajectories) == 3
+    for raw in g.trajectories:
+      t = Trajectory.from_json(raw)
+      t.check()
+      assert t.status != "aborted" and t.group_id == g.group_id and t.loss_tokens > 0
+  # The restarted worker went on from its recorded data cursor, not from the start.
+  assert all(int(g.group_id.split("-")[1]) >= cursor for g in later.groups)
