@@ -177,6 +177,7 @@ def test_repeated_questions_kept_with_unique_qids(tmp_path):
   r = load_qa(p)
   assert len(r) == 4 and r.repeated_questions == 1 and r.duplicate_ids == 1
   assert r.items[1].qid == r.items[0].qid + "#2"
+  assert [it.qid for it in r.items[2:]] == ["x", "x#2"]  # each question keeps its own key
   assert "1 duplicate ids" in r.summary() and "1 repeated questions" in r.summary()
 
 

@@ -17,6 +17,7 @@ import aiohttp
 import grpc
 
 from asearcher_jax.inference.client import DecodeClient
+from asearcher_jax.inference.driver import QueueFullError
 from asearcher_jax.inference.sampling import SamplingParams
 from asearcher_jax.models.tokenizer import Tokenizer
 
@@ -63,8 +64,8 @@ class DecodePolicy:
   chat = False
 
   def __init__(self, client: DecodeClient, tokenizer: Tokenizer,
-               eos_ids: tuple[int, ...] | None = None):
-    self.client, self.tokenizer = client, tokenizer
+               eos_ids: tuple[int, ...] | None = None, queue_retries: int = 6):
+    self.client, self.tokenizer, self.queue_retries = client, tokenizer, queue_retries
     self.eos_ids = eos_ids if eos_ids is not None else (
         (tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
 
@@ -73,7 +74,14 @@ class DecodePolicy:
     sampling = dataclasses.replace(
         sampling, stop_token_ids=tuple(dict.fromkeys(sampling.stop_token_ids + self.eos_ids)))
     try:
-      r = await self.client.generate(prompt.ids, sampling, session_id=session_id)
+      for attempt in range(self.queue_retries + 1):
+        try:
+          r = await self.client.generate(prompt.ids, sampling, session_id=session_id)
+          break
+        except QueueFullError:
+          if attempt == self.queue_retries:
+            raise PolicyUnavailable(f"decode server {self.client.address}: queue full") from None
+          await asyncio.sleep(min(10.0, 0.2 * 2 ** attempt))
     except ValueError as e:
       if "maximum is" in str(e) or "max_len" in str(e):
         raise ContextTooLong(str(e)) from None

@@ -21,7 +21,8 @@ qid: the file's id field (`qid`/`id`, flashrag `id`, r1-searcher `idx`, verl
 `{source}_{id}` (matching DeepResearcher's own `Bamboogle_39` style). Without an id field the qid
 is `{source}-{sha1(source + "\\n" + question)[:16]}`: stable across runs and machines; a repeated
 question in the same file gets `#2`, `#3`, ... in file order so qids stay unique. Nothing is
-deduplicated; repeated explicit ids are kept and counted in `LoadReport.summary()`.
+deduplicated; a repeated explicit id is kept, suffixed the same way, and counted in
+`LoadReport.summary()`.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class LoadReport:
   def summary(self, max_reasons: int = 5) -> str:
     s = (f"{self.path} [{self.format}]: {len(self.items)} items, {len(self.skipped)} skipped")
     if self.duplicate_ids:
-      s += f", {self.duplicate_ids} duplicate ids (kept)"
+      s += f", {self.duplicate_ids} duplicate ids (kept, qid suffixed)"
     if self.repeated_questions:
       s += f", {self.repeated_questions} repeated questions (kept, qid suffixed)"
     for row in self.skipped[:max_reasons]:
@@ -372,7 +373,9 @@ def load_qa(path: str | os.PathLike, format: str = "auto", source: str | None = 
         qid = f"{qid}#{seen_hashes[qid]}"
     else:
       seen_ids[qid] += 1
-      dup_ids += seen_ids[qid] > 1
+      if seen_ids[qid] > 1:  # kept, but as its own question: evaluation and rollout key on qid
+        dup_ids += 1
+        qid = f"{qid}#{seen_ids[qid]}"
     items.append(QAItem(qid=qid, **fields))
   return LoadReport(items=items, skipped=skipped, format=fmt, path=path, duplicate_ids=dup_ids,
                     repeated_questions=repeated)

@@ -132,10 +132,14 @@ async def evaluate(cfg, *, policy=None, tools=None, progress: bool = True,
   async def one(ds: str, item: QAItem, sample: int) -> None:
     nonlocal answered
     async with sem:
-      traj = await agent.run(item, sample=sample, group_id=item.qid,
-                             seed=derive_seed(e.seed, item.qid, sample), valid_instruction=True)
-      if traj.status != "aborted":
-        await score(traj, scorer, with_judge=True if e.judge else None)
+      try:
+        traj = await agent.run(item, sample=sample, group_id=item.qid,
+                               seed=derive_seed(e.seed, item.qid, sample), valid_instruction=True)
+        if traj.status != "aborted":
+          await score(traj, scorer, with_judge=True if e.judge else None)
+      except Exception as exc:  # noqa: BLE001 -- one episode's failure is reported, not fatal
+        traj = Trajectory(qid=item.qid, question=item.question, answers=list(item.answers),
+                          sample=sample, status="aborted", error=f"{type(exc).__name__}: {exc}")
     async with lock:
       append_lines(traces_path, [trace_line(ds, traj)],
                    encode=lambda r: json.dumps(r, ensure_ascii=False))

@@ -178,8 +178,10 @@ class OrchestratorServicer(jetstream_pb2_grpc.OrchestratorServicer):
 def build_grpc_server(service: DecodeService, host: str, port: int,
                       token: str | None) -> tuple[grpc.aio.Server, int]:
   """An aio server with both services; returns it (not started) and the bound port."""
+  # so_reuseport off: a port another server holds is an error, not silently shared traffic.
   server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20),
-                                    ("grpc.max_receive_message_length", 64 << 20)])
+                                    ("grpc.max_receive_message_length", 64 << 20),
+                                    ("grpc.so_reuseport", 0)])
   decode_pb2_grpc.add_DecodeServicer_to_server(RLDecodeServicer(service, token), server)
   jetstream_pb2_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(service, token),
                                                         server)

@@ -138,7 +138,8 @@ class ReplayServer:
     self._stopped: asyncio.Event | None = None
 
   async def start(self) -> None:
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    # so_reuseport off: a port another server holds is an error, not silently shared traffic.
+    server = grpc.aio.server(options=CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)])
     replay_pb2_grpc.add_ReplayServicer_to_server(ReplayServicer(self.queue, self.token), server)
     bound = server.add_insecure_port(f"{self.host}:{self.port}")
     if bound == 0:

@@ -117,6 +117,10 @@ def run_learn(cfg, *, replay: str, decode: list[str], resume: bool) -> int:
   try:
     if resume:
       learner.restore()
+    elif client.state("").version > 0:
+      raise AsearcherError(f"the replay queue at {replay} is at version "
+                           f"{client.state('').version}: it belongs to a previous run; pass "
+                           "--resume to continue it")
     learner.run()
   finally:
     learner.close()
@@ -139,7 +143,8 @@ class Child:
     log.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(self.argv)}\n")
     log.flush()
     self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                 env=self.env, start_new_session=True)
+                                 env=self.env, start_new_session=True,
+                                 preexec_fn=_die_with_parent)
     log.close()
 
   def alive(self) -> bool:
@@ -163,9 +168,26 @@ class Child:
       return ""
 
 
-def _wait_ready(check: Callable[[], bool], child: Child, what: str, timeout_s: float) -> None:
+def _die_with_parent() -> None:
+  """Linux: the child gets SIGTERM if the supervisor dies, even by SIGKILL, so no server is
+  left holding ports or an accelerator."""
+  try:
+    import ctypes
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+
+
+class Interrupted(AsearcherError):
+  pass
+
+
+def _wait_ready(check: Callable[[], bool], child: Child, what: str, timeout_s: float,
+                stopping: Callable[[], bool] = lambda: False) -> None:
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
+    if stopping():
+      raise Interrupted(f"interrupted while waiting for {what}")
     if not child.alive():
       raise AsearcherError(f"{what} exited while starting; its log ({child.log_path}):\n"
                            f"{child.tail()}")
@@ -213,7 +235,9 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
   log_dir = os.path.join(out_dir, "logs")
   os.makedirs(log_dir, exist_ok=True)
   metrics_path = os.path.join(out_dir, "metrics.jsonl")
-  if not resume and os.path.exists(os.path.join(out_dir, "checkpoints")):
+  ckpt_dir = cfg.checkpoint.directory or os.path.join(out_dir, "checkpoints")
+  journal = os.path.join(out_dir, "replay", "journal.jsonl")
+  if not resume and (os.path.exists(ckpt_dir) or os.path.exists(journal)):
     raise AsearcherError(f"{out_dir} holds a previous run: pass --resume to continue it, or "
                          "choose another run.output_dir")
   py = [sys.executable, "-m", "asearcher_jax.cli"]
@@ -248,23 +272,32 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
   def on_signal(*_):
     stopping["flag"] = True
 
-  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+  previous = {s: signal.signal(s, on_signal)
+              for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+  is_stopping = lambda: stopping["flag"]  # noqa: E731
   bar = None
   status = 1
   try:
     echo(f"run folder {out_dir} (logs in {log_dir})")
     children["replay"].start()
-    _wait_ready(_grpc_ready(replay_addr, "replay"), children["replay"], "the replay queue", 60)
+    _wait_ready(_grpc_ready(replay_addr, "replay"), children["replay"], "the replay queue", 60,
+                is_stopping)
     if "retrieval" in children:
       children["retrieval"].start()
-      _wait_ready(_http_ready(retrieval_url), children["retrieval"], "the retrieval server", 600)
+      _wait_ready(_http_ready(retrieval_url), children["retrieval"], "the retrieval server", 600,
+                  is_stopping)
     for i, a in enumerate(decode_addrs):
       children[f"decode{i}"].start()
     for i, a in enumerate(decode_addrs):
-      _wait_ready(_grpc_ready(a, "decode"), children[f"decode{i}"], f"decode server {i}", 900)
+      _wait_ready(_grpc_ready(a, "decode"), children[f"decode{i}"], f"decode server {i}", 900,
+                  is_stopping)
     echo(f"replay {replay_addr}; decode {', '.join(decode_addrs)}"
          + (f"; retrieval {retrieval_url}" if "retrieval" in children else ""))
+    served_before = _replay_version(replay_addr)
     learner.start()
+    if resume:  # rollouts wait until the servers hold the learner's restored weights
+      _wait_ready(lambda: _replay_version(replay_addr) > served_before, learner,
+                  "the learner to publish its restored weights", 900, is_stopping)
     for w in workers:
       w.start()
     seen = _count_lines(metrics_path)
@@ -320,6 +353,15 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
   echo(f"metrics: {metrics_path}; TensorBoard: {os.path.join(out_dir, 'tensorboard')}; "
        f"checkpoints: {os.path.join(out_dir, 'checkpoints')}")
   return status
+
+
+def _replay_version(address: str) -> int:
+  from asearcher_jax.replay import SyncReplayClient
+  c = SyncReplayClient(address)
+  try:
+    return int(c.state("").version)
+  finally:
+    c.close()
 
 
 def _count_lines(path: str) -> int:

@@ -49,6 +49,8 @@ class Learner:
     self.pending_groups: list[str] = []
     self.skip: set[str] = set()  # groups the restored checkpoint already trained on
     self._stop = False
+    self.saved_step = 0
+    self.lease_groups: dict[str, list[str]] = {}  # pending lease -> its group ids
     self._lock = threading.Lock()
     self._held: list[str] = []  # leases to keep renewing
     self._done = threading.Event()
@@ -75,23 +77,41 @@ class Learner:
     # the restored weights take a version above all of them, so versions stay monotone and
     # each names one set of weights.
     served = int(self.replay.state("").version)
-    if served > self.version:
-      self.version = served + 1  # a fresh tag: `served` named weights this checkpoint lost
-    self.echo(f"resumed from step {self.step} (version {self.version}); "
+    self.version = max(self.version, served) + 1  # a fresh tag, newer than anything served
+    self.saved_step = self.step
+    self.echo(f"resumed from step {self.step} (publishing it as version {self.version}); "
               f"{len(self.skip)} groups of its last leases will be skipped if they come back")
     return True
 
   def checkpoint(self) -> None:
-    self.ckpt.save(self.step, params=flat_state(self.params), opt_state=self.opt_state,
-                   version=self.version,
-                   metadata={"last_groups": self.pending_groups, "time": time.time()})
-    self.ckpt.wait()  # on disk before its leases are acknowledged
+    """Saves (unless nothing was trained since the last save), then acknowledges the leases
+    the save absorbed. Group ids whose ack fails (the lease expired, the queue restarted) are
+    remembered -- in this and every later checkpoint -- so they are skipped if they return."""
+    if self.step != self.saved_step:
+      remembered = sorted(set(self.pending_groups) | self.skip)
+      self.ckpt.save(self.step, params=flat_state(self.params), opt_state=self.opt_state,
+                     version=self.version,
+                     metadata={"last_groups": remembered, "time": time.time()})
+      self.ckpt.wait()  # on disk before its leases are acknowledged
+      self.saved_step = self.step
     for lease in self.pending:
-      if not self.replay.ack(lease):
-        log.warning("lease %s expired before its checkpoint was saved", lease)
+      if not self._ack(lease):
+        log.warning("lease %s was lost before its checkpoint was saved; its groups will be "
+                    "skipped if they come back", lease)
+        self.skip.update(self.lease_groups.get(lease, ()))
+      self.lease_groups.pop(lease, None)
     with self._lock:
       self._held = [x for x in self._held if x not in self.pending]
     self.pending, self.pending_groups = [], []
+
+  def _ack(self, lease: str) -> bool:
+    for attempt in range(5):  # acks are idempotent: retrying after an outage is safe
+      try:
+        return self.replay.ack(lease)
+      except Exception:  # noqa: BLE001 -- the queue may be restarting
+        log.warning("ack of lease %s failed (attempt %d)", lease, attempt + 1, exc_info=True)
+        time.sleep(min(30.0, 2.0 ** attempt))
+    return False
 
   # -- the loop --------------------------------------------------------------------------------
   def publish(self) -> None:
@@ -137,10 +157,12 @@ class Learner:
       self.publish_s, self.served_version = 0.0, None
     every = self.cfg.checkpoint.every_steps
     last: dict[str, Any] = {}
-    previous = signal.signal(signal.SIGTERM, self._on_term) if _main_thread() else None
+    previous = {s: signal.signal(s, self._on_term) for s in (signal.SIGTERM, signal.SIGINT)} \
+        if _main_thread() else {}
     self._done.clear()
     beat = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
     beat.start()
+    clean = False
     try:
       while self.step < total and not self._stop:
         t0 = time.perf_counter()
@@ -156,8 +178,10 @@ class Learner:
             continue
           groups.append([Trajectory.from_json(b) for b in g.trajectories])
           ids.append(g.group_id)
+        self.lease_groups[lease.lease_id] = [g.group_id for g in lease.groups]
         if not groups:
           self.pending.append(lease.lease_id)
+          self.pending_groups.extend(self.lease_groups[lease.lease_id])
           continue
         batch, info = build_batch(groups, rl, learner_version=self.version)
         t1 = time.perf_counter()
@@ -183,17 +207,21 @@ class Learner:
                 "step_s": time.perf_counter() - t0, "groups": ids}
         self.metrics.write(self.step, last)
         self.echo(console_line(self.step, total, last))
+      clean = True
     finally:
-      if self.pending:
-        self.checkpoint()
-      self._done.set()
-      beat.join()
-      if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+      try:
+        if clean and self.pending:  # after an error the state may be mid-step: no save
+          self.checkpoint()
+      finally:
+        self._done.set()
+        beat.join()
+        for s, h in previous.items():
+          signal.signal(s, h)
     return last
 
-  def _on_term(self, *_):
-    self.echo("learner: SIGTERM, checkpointing and stopping")
+  def _on_term(self, signum, _frame):
+    self.echo(f"learner: {signal.Signals(signum).name}, finishing the step, checkpointing and "
+              "stopping")
     self._stop = True
 
   def close(self) -> None:

@@ -109,8 +109,15 @@ class RolloutWorker:
   async def _group(self, item: QAItem, cursor: int, version: int) -> None:
     group_id = f"{self.worker}-{cursor}"
     try:
-      trajs = await asyncio.gather(*(self._episode(item, group_id, i, version)
-                                     for i in range(self.rl.group_size)))
+      tasks = [asyncio.create_task(self._episode(item, group_id, i, version))
+               for i in range(self.rl.group_size)]
+      try:
+        trajs = await asyncio.gather(*tasks)
+      except BaseException:  # no episode outlives its group (admission counted the group)
+        for t in tasks:
+          t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
       for t in trajs:
         self.stats.status[t.status] = self.stats.status.get(t.status, 0) + 1
       self.stats.episodes += len(trajs)
@@ -124,9 +131,17 @@ class RolloutWorker:
         self.stats.filtered += 1
         self.admission.finish_rejected()
         return
-      status = await self.replay.put(group_record(group_id, item, version, self.worker,
-                                                  cursor + 1, trajs))
-      if status == "duplicate":  # redone after a restart; the queue has it already
+      record = group_record(group_id, item, version, self.worker, cursor + 1, trajs)
+      for attempt in range(4):  # puts are idempotent by group id: a retry never doubles
+        try:
+          status = await self.replay.put(record)
+          break
+        except Exception:  # noqa: BLE001
+          if attempt == 3:
+            raise
+          log.warning("put of group %s failed; retrying", group_id, exc_info=True)
+          await asyncio.sleep(2.0 ** attempt)
+      if status == "duplicate" and attempt == 0:  # redone after a restart: already queued
         self.stats.duplicates += 1
         self.admission.finish_rejected()
         return
