@@ -190,6 +190,16 @@ def cmd_rollout(args) -> int:
                      decode=args.decode, max_groups=args.max_groups)
 
 
+def cmd_sft(args) -> int:
+  """supervised fine-tuning on trajectory files (loss on the agent's tokens); writes HF weights"""
+  from asearcher_jax.config import load_config
+  from asearcher_jax.train.sft import sft_command
+  cfg = load_config(args.config, args.overrides)
+  sft_command(cfg, args.data, args.out, epochs=args.epochs, batch_rows=args.batch_rows,
+              progress=not args.no_progress)
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="asearcher", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--concurrency", type=int, help="episodes in flight (eval.concurrency)")
   p.add_argument("--no-progress", action="store_true")
   p.set_defaults(fn=cmd_eval)
+
+  p = sub.add_parser("sft", help=cmd_sft.__doc__)
+  _config_args(p)
+  p.add_argument("--data", nargs="+", required=True, help="trajectory JSONL files")
+  p.add_argument("--out", required=True, help="output HF directory (usable as model.path)")
+  p.add_argument("--epochs", type=int, default=3)
+  p.add_argument("--batch-rows", type=int, default=4, help="rows of rl.row_tokens per step")
+  p.add_argument("--no-progress", action="store_true")
+  p.set_defaults(fn=cmd_sft)
 
   p = sub.add_parser("train", help=cmd_train.__doc__)
   _config_args(p)
