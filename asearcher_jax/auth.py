@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
+
+from asearcher_jax.errors import ConfigError
 
 
 def is_loopback(host: str) -> bool:
@@ -22,6 +25,17 @@ def require_token(host: str, token: str | None, what: str = "a token") -> None:
   """Raises ValueError when `host` is not loopback and no token is set."""
   if not is_loopback(host) and not token:
     raise ValueError(f"binding {host} (not loopback) requires {what}")
+
+
+def server_token(host: str, token: str | None, how: str) -> str | None:
+  """A gRPC server's token: `token`, else $ASEARCHER_TOKEN; a ConfigError naming `how` to set
+  one when `host` is not loopback and there is none."""
+  token = token or os.environ.get("ASEARCHER_TOKEN") or None
+  try:
+    require_token(host, token, f"a token: {how}")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return token
 
 
 def bearer_ok(header: str | None, token: str | None) -> bool:

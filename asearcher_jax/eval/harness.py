@@ -70,25 +70,32 @@ def latest_traces(path: str, k: int) -> dict[tuple[str, str, int], dict[str, Any
   return {(t["dataset"], t["qid"], t["sample"]): t for t in read_lines(path) if t["sample"] < k}
 
 
+def policy_tokenizer(cfg, *, required: bool = True):
+  """The tokenizer of the served policy: `eval.tokenizer`, else model.path's, else (a random
+  `model.arch`, as `asearcher serve` runs it) the byte-level default; when not `required` (an
+  OpenAI backend: the agent can work in text) None instead of that default."""
+  path = cfg.eval.tokenizer
+  if path is None and cfg.model.path:
+    from asearcher_jax.models.pretrained import tokenizer_dir
+    path = tokenizer_dir(cfg.model.path)
+  if path:
+    from asearcher_jax.models.tokenizer import Tokenizer
+    return Tokenizer.from_dir(path)
+  if not required:
+    return None
+  from asearcher_jax.models import build_tokenizer
+  return build_tokenizer()
+
+
 def build_policy(cfg):
   """The policy `eval.backend` names, with the tokenizer it needs."""
   e = cfg.eval
-  tokenizer = None
-  tok_path = e.tokenizer
-  if tok_path is None and cfg.model.path:
-    from asearcher_jax.models.pretrained import tokenizer_dir
-    tok_path = tokenizer_dir(cfg.model.path)
-  if tok_path:
-    from asearcher_jax.models.tokenizer import Tokenizer
-    tokenizer = Tokenizer.from_dir(tok_path)
+  tokenizer = policy_tokenizer(cfg, required=e.backend == "decode")
   if e.backend == "openai":
     return OpenAIPolicy(e.openai_base_url, e.openai_model, chat=e.openai_chat,
                         api_key_env=e.api_key_env, timeout_s=e.request_timeout_s,
                         tokenizer=tokenizer)
   from asearcher_jax.inference.client import DecodeClient
-  if tokenizer is None:  # `asearcher serve` of a random model.arch uses the byte-level default
-    from asearcher_jax.models import build_tokenizer
-    tokenizer = build_tokenizer()
   address = e.decode_address or f"127.0.0.1:{cfg.serve.grpc_port}"
   token = cfg.serve.token or os.environ.get("ASEARCHER_TOKEN")
   return DecodePolicy(DecodeClient(address, token=token, timeout=e.request_timeout_s), tokenizer)

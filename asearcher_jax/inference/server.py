@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import threading
 import time
 
 from aiohttp import web
 
 from asearcher_jax import auth
+from asearcher_jax.background import BackgroundServer
 from asearcher_jax.config import Config
-from asearcher_jax.errors import ConfigError
 from asearcher_jax.inference.driver import Driver
 from asearcher_jax.inference.engine import Engine
 from asearcher_jax.inference.grpc_server import build_grpc_server
@@ -27,17 +25,15 @@ log = logging.getLogger(__name__)
 
 
 def require_token(host: str, token: str | None) -> str | None:
-  """The server's token (config, else $ASEARCHER_TOKEN); refuses a non-loopback host without one."""
-  token = token or os.environ.get("ASEARCHER_TOKEN") or None
-  try:
-    auth.require_token(host, token, "a token: set serve.token or $ASEARCHER_TOKEN")
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  return token
+  """The decode server's token (config, else $ASEARCHER_TOKEN); refuses a non-loopback host
+  without one."""
+  return auth.server_token(host, token, "set serve.token or $ASEARCHER_TOKEN")
 
 
-class DecodeServer:
+class DecodeServer(BackgroundServer):
   """gRPC (RL Decode + JetStream Orchestrator) and HTTP fronts over one driver."""
+
+  _thread_name = "decode-server"
 
   def __init__(self, driver: Driver, tokenizer=None, *, host: str = "127.0.0.1",
                grpc_port: int = 0, http_port: int | None = 0, token: str | None = None,
@@ -49,9 +45,6 @@ class DecodeServer:
     self.service = DecodeService(driver, tokenizer, model_name, default_stop_ids)
     self._grpc = None
     self._runner: web.AppRunner | None = None
-    self._thread: threading.Thread | None = None
-    self._loop: asyncio.AbstractEventLoop | None = None
-    self._stopped: asyncio.Event | None = None
 
   async def start(self) -> None:
     if not self.driver.live:
@@ -92,42 +85,6 @@ class DecodeServer:
   @property
   def http_address(self) -> str:
     return f"http://{self.host}:{self.http_port}"
-
-  # -- in a background thread (tests, colocated learners) -----------------------
-
-  def start_in_thread(self) -> "DecodeServer":
-    ready = threading.Event()
-    failure: list[BaseException] = []
-
-    def run():
-      self._loop = asyncio.new_event_loop()
-      asyncio.set_event_loop(self._loop)
-      self._stopped = asyncio.Event()
-      try:
-        self._loop.run_until_complete(self.start())
-      except BaseException as e:  # reported to the caller, after releasing what started
-        failure.append(e)
-        self._loop.run_until_complete(self.stop())
-        self._loop.close()
-        ready.set()
-        return
-      ready.set()
-      self._loop.run_until_complete(self._stopped.wait())
-      self._loop.run_until_complete(self.stop())
-      self._loop.close()
-
-    self._thread = threading.Thread(target=run, name="decode-server", daemon=True)
-    self._thread.start()
-    ready.wait()
-    if failure:
-      raise failure[0]
-    return self
-
-  def stop_thread(self) -> None:
-    if self._loop is not None and self._stopped is not None:
-      self._loop.call_soon_threadsafe(self._stopped.set)
-    if self._thread is not None:
-      self._thread.join(timeout=30)
 
 
 def build_server(cfg: Config, *, progress: bool = True) -> DecodeServer:

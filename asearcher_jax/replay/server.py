@@ -11,30 +11,19 @@ import argparse
 import asyncio
 import functools
 import logging
-import os
 import signal
 import sys
-import threading
 
 import grpc
 
 from asearcher_jax import auth
-from asearcher_jax.errors import AsearcherError, ConfigError
+from asearcher_jax.background import BackgroundServer
+from asearcher_jax.errors import AsearcherError
 from asearcher_jax.replay.client import CHANNEL_OPTIONS, group_from_proto, group_to_proto
 from asearcher_jax.replay.protos import replay_pb2, replay_pb2_grpc
 from asearcher_jax.replay.queue import ReplayQueue
 
 log = logging.getLogger(__name__)
-
-
-def resolve_token(host: str, token: str | None) -> str | None:
-  """The server's token (given, else $ASEARCHER_TOKEN); refuses a non-loopback host without."""
-  token = token or os.environ.get("ASEARCHER_TOKEN") or None
-  try:
-    auth.require_token(host, token, "a token: pass --token or set $ASEARCHER_TOKEN")
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  return token
 
 
 def _guarded(fn):
@@ -125,17 +114,16 @@ class ReplayServicer(replay_pb2_grpc.ReplayServicer):
     return resp
 
 
-class ReplayServer:
+class ReplayServer(BackgroundServer):
   """A gRPC server over one `ReplayQueue`; `address` once started."""
+
+  _thread_name = "replay-server"
 
   def __init__(self, queue: ReplayQueue, host: str = "127.0.0.1", port: int = 0,
                token: str | None = None):
-    self.token = resolve_token(host, token)
+    self.token = auth.server_token(host, token, "pass --token or set $ASEARCHER_TOKEN")
     self.queue, self.host, self.port = queue, host, port
     self._grpc: grpc.aio.Server | None = None
-    self._thread: threading.Thread | None = None
-    self._loop: asyncio.AbstractEventLoop | None = None
-    self._stopped: asyncio.Event | None = None
 
   async def start(self) -> None:
     # so_reuseport off: a port another server holds is an error, not silently shared traffic.
@@ -157,42 +145,6 @@ class ReplayServer:
   @property
   def address(self) -> str:
     return f"{self.host}:{self.port}"
-
-  # -- in a background thread (tests, colocated learners) -----------------------
-
-  def start_in_thread(self) -> "ReplayServer":
-    ready = threading.Event()
-    failure: list[BaseException] = []
-
-    def run():
-      self._loop = asyncio.new_event_loop()
-      asyncio.set_event_loop(self._loop)
-      self._stopped = asyncio.Event()
-      try:
-        self._loop.run_until_complete(self.start())
-      except BaseException as e:  # reported to the caller
-        failure.append(e)
-        self._loop.run_until_complete(self.stop())
-        self._loop.close()
-        ready.set()
-        return
-      ready.set()
-      self._loop.run_until_complete(self._stopped.wait())
-      self._loop.run_until_complete(self.stop())
-      self._loop.close()
-
-    self._thread = threading.Thread(target=run, name="replay-server", daemon=True)
-    self._thread.start()
-    ready.wait()
-    if failure:
-      raise failure[0]
-    return self
-
-  def stop_thread(self) -> None:
-    if self._loop is not None and self._stopped is not None and not self._loop.is_closed():
-      self._loop.call_soon_threadsafe(self._stopped.set)
-    if self._thread is not None:
-      self._thread.join(timeout=30)
 
 
 async def _serve(server: ReplayServer) -> None:

@@ -47,7 +47,7 @@ def rl_items(cfg, worker: int, workers: int):
 def run_rollout(cfg, *, worker: int, workers: int, replay: str, decode: str,
                 max_groups: int | None = None) -> int:
   from asearcher_jax.agent import Agent, DecodePolicy
-  from asearcher_jax.eval.harness import build_policy
+  from asearcher_jax.eval.harness import policy_tokenizer
   from asearcher_jax.inference.client import DecodeClient
   from asearcher_jax.replay import ReplayClient
   from asearcher_jax.reward import Scorer
@@ -56,8 +56,7 @@ def run_rollout(cfg, *, worker: int, workers: int, replay: str, decode: str,
   items, notes = rl_items(cfg, worker, workers)
   for n in notes:
     print(n, flush=True)
-  tokenizer = build_policy(cfg.model_copy(update={"eval": cfg.eval.model_copy(
-      update={"backend": "decode", "decode_address": decode})})).tokenizer
+  tokenizer = policy_tokenizer(cfg)
 
   async def main():
     stop = asyncio.Event()
