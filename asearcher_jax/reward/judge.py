@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from asearcher_jax.reward.config import JudgeSection
+from asearcher_jax.tools.web import retry_after
 
 if TYPE_CHECKING:
   from typing_extensions import Self
@@ -133,13 +134,6 @@ class _Fatal(Exception):
   """Retrying cannot help (a 4xx other than 408/429, an endpoint with no models)."""
 
 
-def _retry_after(value: str | None) -> float | None:
-  try:
-    return max(0.0, float(value)) if value else None
-  except ValueError:
-    return None
-
-
 class Judge:
   """An LLM judge client: one aiohttp session and one concurrency limit per event loop.
   Use as `async with Judge(cfg) as j: verdict = await j.judge(q, pred, golds)`."""
@@ -192,7 +186,7 @@ class Judge:
                                    timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
                                    **kw) as r:
           if r.status in (408, 429) or r.status >= 500:
-            raise _Retry(f"{path}: HTTP {r.status}", _retry_after(r.headers.get("Retry-After")))
+            raise _Retry(f"{path}: HTTP {r.status}", retry_after(r.headers.get("Retry-After")))
           if r.status >= 400:
             detail = (await r.text(errors="replace"))[:200]
             raise _Fatal(f"{path}: HTTP {r.status} {detail}".strip())

@@ -40,7 +40,8 @@ class _Retryable(Exception):
     self.kind, self.status, self.retry_after = kind, status, retry_after
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after(value: str | None) -> float | None:
+  """Seconds from an HTTP Retry-After header (None when absent or not a number)."""
   try:
     return max(0.0, float(value)) if value else None
   except ValueError:
@@ -87,10 +88,10 @@ class _HttpAdapter:
           async with session.request(method, url, timeout=timeout, **kw) as r:
             if r.status == 429:
               raise _Retryable("rate_limited", f"{url}: HTTP 429 rate limited", 429,
-                               _retry_after(r.headers.get("Retry-After")))
+                               retry_after(r.headers.get("Retry-After")))
             if r.status >= 500:
               raise _Retryable("http", f"{url}: HTTP {r.status}", r.status,
-                               _retry_after(r.headers.get("Retry-After")))
+                               retry_after(r.headers.get("Retry-After")))
             if r.status >= 400:
               detail = (await r.text(errors="replace"))[:200]
               raise WebError("not_found" if r.status in (404, 410) else "http",
