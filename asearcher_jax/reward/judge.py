@@ -9,6 +9,9 @@ dropped connections and unparseable replies are retried with jittered exponentia
 (`max_retries` retries after the first try); other 4xx are not, as asking again cannot help.
 The judge is a remote service used inside reward and evaluation loops, so `Judge.judge` never
 raises for endpoint trouble: it returns a verdict with `correct=None` and the reason in `error`.
+
+`OpenAIChat` is that transport on its own (session, concurrency cap, retries, model lookup,
+ask-until-parseable); the QA synthesis agent (`asearcher_jax.synth`) talks through it too.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
@@ -45,6 +48,22 @@ class JudgeVerdict:
   raw: str = ""  # the judge's last reply, for inspection
 
 
+def check_template(text: str, names: Iterable[str], label: str) -> str:
+  """`text` if it formats with exactly the placeholders `names` (literal braces doubled)."""
+  names = list(names)
+  probe_values = {n: f"\0{n}\0" for n in names}
+  try:
+    probe = text.format(**probe_values)
+  except (KeyError, IndexError, ValueError) as e:
+    raise ValueError(f"prompt {label}: bad placeholder ({e!r}); only "
+                     + ", ".join("{" + n + "}" for n in names)
+                     + ", with literal braces doubled") from None
+  missing = [n for n in names if probe_values[n] not in probe]
+  if missing:
+    raise ValueError(f"prompt {label} lacks placeholders for {missing}")
+  return text
+
+
 def load_prompt(path: str | None = None) -> str:
   """The judge prompt template: `path`, or the packaged `prompts/judge.txt`. It must format with
   `{question}`, `{gold}` and `{prediction}` (literal braces doubled)."""
@@ -53,15 +72,7 @@ def load_prompt(path: str | None = None) -> str:
   else:
     with open(path, encoding="utf-8") as f:
       text = f.read()
-  try:
-    probe = text.format(question="\0q", gold="\0g", prediction="\0p")
-  except (KeyError, IndexError, ValueError) as e:
-    raise ValueError(f"judge prompt {path or 'judge.txt'}: bad placeholder ({e!r}); only "
-                     "{question}, {gold}, {prediction}, with literal braces doubled") from None
-  missing = [k for k in ("q", "g", "p") if f"\0{k}" not in probe]
-  if missing:
-    raise ValueError(f"judge prompt {path or 'judge.txt'} lacks placeholders for {missing}")
-  return text
+  return check_template(text, ("question", "gold", "prediction"), path or "judge.txt")
 
 
 def format_golds(golds: Iterable[str]) -> str:
@@ -107,17 +118,28 @@ def _judgement(value) -> bool | None:
   return None
 
 
+def parse_json_reply(text: str | None, accept=lambda obj: True) -> dict | None:
+  """The JSON object an LLM reply holds, or None: the last ``` fence first, then the whole
+  reply (prose around the object, single quotes and trailing commas allowed). `accept` picks
+  among candidates, e.g. the one with the field a prompt asked for."""
+  if not text:
+    return None
+  for candidate in [m.group(1) for m in _FENCE.finditer(text)][::-1] + [text]:
+    obj = _load_object(candidate)
+    if isinstance(obj, dict) and accept(obj):
+      return obj
+  return None
+
+
 def parse_verdict(text: str | None) -> tuple[bool, str] | None:
   """(correct, rationale) from a judge reply, or None if it holds no verdict. Tries the last
   ``` fence first, then the whole reply, then a `"judgement": correct` pattern (last wins)."""
   if not text:
     return None
-  for candidate in [m.group(1) for m in _FENCE.finditer(text)][::-1] + [text]:
-    obj = _load_object(candidate)
-    if isinstance(obj, dict):
-      verdict = _judgement(obj.get("judgement", obj.get("judgment")))
-      if verdict is not None:
-        return verdict, str(obj.get("rationale", ""))
+  obj = parse_json_reply(
+      text, lambda o: _judgement(o.get("judgement", o.get("judgment"))) is not None)
+  if obj is not None:
+    return _judgement(obj.get("judgement", obj.get("judgment"))), str(obj.get("rationale", ""))
   matches = _JUDGEMENT.findall(text)
   if matches:
     return matches[-1].lower() == "correct", text.strip()
@@ -133,15 +155,49 @@ class _Retry(Exception):
 class _Fatal(Exception):
   """Retrying cannot help (a 4xx other than 408/429, an endpoint with no models)."""
 
+  def __init__(self, message: str, status: int | None = None):
+    super().__init__(message)
+    self.status = status
 
-class Judge:
-  """An LLM judge client: one aiohttp session and one concurrency limit per event loop.
-  Use as `async with Judge(cfg) as j: verdict = await j.judge(q, pred, golds)`."""
 
-  def __init__(self, cfg: JudgeSection | None = None, *, seed: int | None = None):
-    self.cfg = cfg or JudgeSection()
-    self.template = load_prompt(self.cfg.prompt_file)
-    self._model = self.cfg.model
+class Endpoint(Protocol):
+  """What `OpenAIChat` reads from its config (`JudgeSection`, `synth.llm`, ...)."""
+
+  base_url: str
+  model: str | None
+  api_key_env: str
+  temperature: float
+  top_p: float
+  max_tokens: int
+  max_retries: int
+  backoff_s: float
+  max_backoff_s: float
+  timeout_s: float
+  concurrency: int
+
+
+@dataclass(frozen=True)
+class Reply:
+  """The outcome of `OpenAIChat.ask`: `value` is the parsed reply, or None with `error` saying
+  why; `unavailable` tells endpoint trouble (HTTP, timeouts, no models) from replies that came
+  but never parsed, since a caller may retry the first later and count the second as content."""
+
+  value: Any
+  error: str | None
+  attempts: int
+  raw: str = ""
+  unavailable: bool = False
+  status: int | None = None  # the HTTP status of a request refused for good (4xx)
+
+
+class OpenAIChat:
+  """One user message to `POST {base_url}/chat/completions`, with one aiohttp session and one
+  concurrency limit per event loop, jittered exponential backoff (Retry-After respected) on
+  408/429/5xx, timeouts, dropped connections and unparseable replies."""
+
+  def __init__(self, cfg: Endpoint, *, seed: int | None = None):
+    self.cfg = cfg
+    self._model = cfg.model
     self._rng = random.Random(seed)
     self._session: aiohttp.ClientSession | None = None
     self._sem: asyncio.Semaphore | None = None
@@ -167,11 +223,6 @@ class Judge:
       await self._session.close()
     self._session = None
 
-  def render(self, question: str, prediction: str, golds: Iterable[str]) -> str:
-    """The judge prompt for one item, the prediction cut to `max_pred_chars`."""
-    return self.template.format(question=question, gold=format_golds(golds),
-                                prediction=prediction[:self.cfg.max_pred_chars])
-
   def _headers(self) -> dict[str, str]:
     key = os.environ.get(self.cfg.api_key_env)
     return {"Authorization": f"Bearer {key}"} if key else {}
@@ -189,7 +240,7 @@ class Judge:
             raise _Retry(f"{path}: HTTP {r.status}", retry_after(r.headers.get("Retry-After")))
           if r.status >= 400:
             detail = (await r.text(errors="replace"))[:200]
-            raise _Fatal(f"{path}: HTTP {r.status} {detail}".strip())
+            raise _Fatal(f"{path}: HTTP {r.status} {detail}".strip(), r.status)
           try:
             return await r.json(content_type=None)
           except ValueError as e:
@@ -199,7 +250,8 @@ class Judge:
     except aiohttp.ClientError as e:
       raise _Retry(f"{url}: {type(e).__name__}: {e}") from None
 
-  async def _resolve_model(self) -> str:
+  async def model(self) -> str:
+    """The configured model, else the first one the endpoint lists under /models."""
     if self._model is None:
       data = await self._call("GET", "/models")
       models = data.get("data") if isinstance(data, dict) else None
@@ -207,21 +259,79 @@ class Judge:
         raise _Retry("/models: reply lacks a 'data' list")
       ids = [m.get("id") for m in models if isinstance(m, dict) and m.get("id")]
       if not ids:
-        raise _Fatal("/models: the endpoint serves no models; set reward.judge.model")
+        raise _Fatal("/models: the endpoint serves no models; set the endpoint's model")
       self._model = str(ids[0])
     return self._model
 
-  async def _complete(self, prompt: str) -> str:
-    body = {"model": await self._resolve_model(),
+  async def complete(self, prompt: str, temperature: float | None = None) -> str:
+    """One request, no retries: the reply text (raises `_Retry`/`_Fatal`)."""
+    body = {"model": await self.model(),
             "messages": [{"role": "user", "content": prompt}],
-            "temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
-            "max_tokens": self.cfg.max_tokens}
+            "temperature": self.cfg.temperature if temperature is None else temperature,
+            "top_p": self.cfg.top_p, "max_tokens": self.cfg.max_tokens}
     data = await self._call("POST", "/chat/completions", json=body)
     try:
       content = data["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
       raise _Retry("/chat/completions: reply lacks choices[0].message.content") from None
     return content if isinstance(content, str) else ""
+
+  async def ask(self, prompt: str, parse=lambda text: text or None, *,
+                temperature: float | None = None, what: str = "reply") -> Reply:
+    """Asks until `parse(reply)` is not None or `max_retries` retries are spent. Never raises
+    for endpoint trouble or a bad reply; a 4xx other than 408/429 is not retried."""
+    attempt, raw = 0, ""
+    while True:
+      attempt += 1
+      retry_after, unavailable = None, True
+      try:
+        raw = await self.complete(prompt, temperature)
+        value = parse(raw)
+        if value is not None:
+          return Reply(value, None, attempt, raw)
+        err, unavailable = f"unparseable {what}: {raw[:200]!r}", False
+      except _Retry as e:
+        err, retry_after = str(e), e.retry_after
+      except _Fatal as e:
+        return Reply(None, str(e), attempt, raw, unavailable=True, status=e.status)
+      except Exception as e:  # noqa: BLE001 - a caller's loop must not die on a client bug
+        return Reply(None, f"{type(e).__name__}: {e}", attempt, raw, unavailable=True)
+      if attempt > self.cfg.max_retries:
+        return Reply(None, f"{err} (after {attempt} attempts)", attempt, raw, unavailable)
+      delay = min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2 ** (attempt - 1))
+      delay *= 0.5 + 0.5 * self._rng.random()
+      if retry_after is not None:
+        delay = max(delay, min(retry_after, self.cfg.max_backoff_s))
+      await asyncio.sleep(delay)
+
+
+class Judge:
+  """An LLM judge client over `OpenAIChat`.
+  Use as `async with Judge(cfg) as j: verdict = await j.judge(q, pred, golds)`."""
+
+  def __init__(self, cfg: JudgeSection | None = None, *, seed: int | None = None):
+    self.cfg = cfg or JudgeSection()
+    self.template = load_prompt(self.cfg.prompt_file)
+    self.chat = OpenAIChat(self.cfg, seed=seed)
+
+  @property
+  def requests(self) -> int:
+    """HTTP requests made, /models and retries included."""
+    return self.chat.requests
+
+  async def __aenter__(self) -> Self:
+    return self
+
+  async def __aexit__(self, *exc) -> None:
+    await self.close()
+
+  async def close(self) -> None:
+    await self.chat.close()
+
+  def render(self, question: str, prediction: str, golds: Iterable[str]) -> str:
+    """The judge prompt for one item, the prediction cut to `max_pred_chars`."""
+    return self.template.format(question=question, gold=format_golds(golds),
+                                prediction=prediction[:self.cfg.max_pred_chars])
 
   async def judge(self, question: str, prediction: str, golds: Iterable[str] | str) -> JudgeVerdict:
     """Is `prediction` equivalent to one of `golds`? Never raises for endpoint trouble."""
@@ -230,27 +340,8 @@ class Judge:
       return JudgeVerdict(False, "empty prediction", None, 0)
     if not golds:
       return JudgeVerdict(None, "", "no gold answers to judge against", 0)
-    prompt = self.render(question, prediction, golds)
-    attempt, raw = 0, ""
-    while True:
-      attempt += 1
-      retry_after = None
-      try:
-        raw = await self._complete(prompt)
-        parsed = parse_verdict(raw)
-        if parsed is not None:
-          return JudgeVerdict(parsed[0], parsed[1], None, attempt, raw)
-        err = f"unparseable verdict: {raw[:200]!r}"
-      except _Retry as e:
-        err, retry_after = str(e), e.retry_after
-      except _Fatal as e:
-        return JudgeVerdict(None, "", str(e), attempt, raw)
-      except Exception as e:  # noqa: BLE001 - a reward loop must not die on a judge bug
-        return JudgeVerdict(None, "", f"{type(e).__name__}: {e}", attempt, raw)
-      if attempt > self.cfg.max_retries:
-        return JudgeVerdict(None, "", f"{err} (after {attempt} attempts)", attempt, raw)
-      delay = min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2 ** (attempt - 1))
-      delay *= 0.5 + 0.5 * self._rng.random()
-      if retry_after is not None:
-        delay = max(delay, min(retry_after, self.cfg.max_backoff_s))
-      await asyncio.sleep(delay)
+    reply = await self.chat.ask(self.render(question, prediction, golds), parse_verdict,
+                                what="verdict")
+    if reply.value is None:
+      return JudgeVerdict(None, "", reply.error, reply.attempts, reply.raw)
+    return JudgeVerdict(reply.value[0], reply.value[1], None, reply.attempts, reply.raw)
