@@ -58,13 +58,21 @@ class Checkpointer:
     return list(self._mngr.all_steps())
 
   def save(self, step: int, *, params: dict[str, jax.Array], opt_state=None, version: int = 0,
-           metadata: dict[str, Any] | None = None) -> None:
-    """Starts saving `step` (flat "a/b" params); returns before the arrays are on disk."""
+           metadata: dict[str, Any] | None = None,
+           manifest: dict[str, Any] | None = None) -> None:
+    """Starts saving `step` (flat "a/b" params); returns before the arrays are on disk.
+
+    With several processes every one must call it: each writes the shards it holds, process
+    0 the metadata, and the step appears (atomically) once all have finished. `manifest`
+    (asearcher_jax.manifest) travels in the same step, so it is never out of step with it.
+    """
     meta = {"step": int(step), "version": int(version), "metadata": metadata or {}}
     items = {"params": ocp.args.StandardSave(traverse_util.unflatten_dict(params, sep="/")),
              "meta": ocp.args.JsonSave(meta)}
     if opt_state is not None:
       items["opt_state"] = ocp.args.StandardSave(opt_state)
+    if manifest is not None:
+      items["manifest"] = ocp.args.JsonSave(manifest)
     self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
   def _step(self, step: int | None) -> int:
@@ -104,6 +112,14 @@ class Checkpointer:
     return dict(self._mngr.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
+  def read_manifest(self, step: int | None = None) -> dict[str, Any] | None:
+    """The step's weight manifest, or None if it was saved without one."""
+    step = self._step(step)
+    if not os.path.isdir(os.path.join(self.directory, str(step), "manifest")):
+      return None
+    return dict(self._mngr.restore(
+        step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))["manifest"])
+
   def restore_params(self, model, mesh, step: int | None = None) -> dict[str, jax.Array]:
     """Just the parameters of `model` (abstract is fine), laid out over `mesh`."""
     from asearcher_jax.models.pretrained import flat_params, param_shardings
@@ -121,8 +137,11 @@ class Checkpointer:
 
 def save_policy(directory: str, step: int, params: dict[str, jax.Array], cfg: QwenConfig, *,
                 tokenizer_dir: str | None = None, version: int = 0,
-                metadata: dict[str, Any] | None = None, async_save: bool = False) -> None:
-  """Saves params as a policy checkpoint: model config and tokenizer travel with the weights."""
+                metadata: dict[str, Any] | None = None, async_save: bool = False,
+                manifest: dict[str, Any] | None = None) -> None:
+  """Saves params as a policy checkpoint: model config and tokenizer travel with the weights
+  (and, when given, the weights' content manifest). Every process of a multi-process run
+  calls it."""
   from asearcher_jax.models.hf_checkpoint import copy_tokenizer_files
   meta = dict(metadata or {}, model_config=cfg.to_hf_dict())
   if tokenizer_dir and jax.process_index() == 0:  # first, so a complete step implies a tokenizer
@@ -134,7 +153,7 @@ def save_policy(directory: str, step: int, params: dict[str, jax.Array], cfg: Qw
     shutil.rmtree(dst, ignore_errors=True)
     os.rename(staging, dst)
   with Checkpointer(directory, async_save=async_save) as ckpt:
-    ckpt.save(step, params=params, version=version, metadata=meta)
+    ckpt.save(step, params=params, version=version, metadata=meta, manifest=manifest)
 
 
 def read_policy_meta(directory: str, step: int | None = None) -> tuple[QwenConfig, str | None]:

@@ -44,13 +44,12 @@ LOGICAL_RULES: Mapping[str, str | tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds a (data, fsdp, tensor) mesh over all devices of all processes.
+def mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Resolves a mesh shape (one axis may be -1) over `num_devices`, without touching devices.
 
-  One axis may be -1 and takes what the others leave. The product must equal
-  the device count exactly, so no device is silently idle.
+  One axis may be -1 and takes what the others leave. The product must equal the device
+  count exactly, so no device is silently idle.
   """
-  devices = list(jax.devices() if devices is None else devices)
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
     raise ShardingError(f"unknown mesh axes {sorted(unknown)}; expected {MESH_AXES}")
@@ -61,16 +60,28 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     raise ShardingError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
   if -1 in sizes:
     known = math.prod(s for s in sizes if s != -1)
-    if len(devices) % known:
+    if num_devices % known:
       raise ShardingError(
           f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known} devices) do not "
-          f"divide the {len(devices)} available devices")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
+          f"divide the {num_devices} available devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
     raise ShardingError(
         f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but "
-        f"{len(devices)} are available")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
+        f"{num_devices} are available")
+  return dict(zip(MESH_AXES, sizes))
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a (data, fsdp, tensor) mesh over all devices of all processes (`mesh_shape`).
+
+  With several processes (`jax.distributed`), `jax.devices()` lists every process's devices,
+  process by process; the last axes vary fastest, so `tensor` (then `fsdp`) stays within a
+  host, where bandwidth is highest, whenever it fits there.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(shape, len(devices))
+  return jax.make_mesh(tuple(sizes.values()), MESH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 

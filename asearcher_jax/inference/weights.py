@@ -3,7 +3,9 @@
 Sources: an in-process params pytree (flat {"a/b": array}, nested dict or nnx
 State), an orbax policy/training checkpoint, or an HF directory. Everything is
 checked against the serving params (names, shapes, dtypes) before the driver
-commits it, so a bad update is refused and the old version keeps serving.
+commits it, so a bad update is refused and the old version keeps serving. An orbax
+step published with a content manifest (asearcher_jax.manifest) is also checked chunk by
+chunk against its writer's hashes, in the dtype it was written in.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 import numpy as np
 from flax import nnx, traverse_util
 
+from asearcher_jax import manifest as weight_manifest
 from asearcher_jax.checkpoint import Checkpointer, abstract_like
 from asearcher_jax.errors import CheckpointError
 from asearcher_jax.models.config import QwenConfig
@@ -29,7 +32,8 @@ def state_like(template, flat: dict[str, Any]):
   return state
 
 
-def load_weights(template, source: Any, cfg: QwenConfig, *, step: int | None = None):
+def load_weights(template, source: Any, cfg: QwenConfig, *, step: int | None = None,
+                 verify: bool = True):
   """Returns an nnx State like `template` (same shapes, dtypes, shardings) holding `source`."""
   target = flat_state(template)
   if isinstance(source, str):
@@ -45,7 +49,16 @@ def load_weights(template, source: Any, cfg: QwenConfig, *, step: int | None = N
         model_config = ckpt.read_meta(step).get("metadata", {}).get("model_config")
         if model_config is not None:  # a policy checkpoint says what it holds
           _check_same_architecture(source, QwenConfig.from_hf_dict(model_config), cfg)
-        flat = ckpt.restore(step, params_target=abstract_like(target, shardings))["params"]
+        manifest = ckpt.read_manifest(step) if verify else None
+        stored = target
+        if manifest is not None:  # restore as written, so the hashes apply; cast below
+          kinds = weight_manifest.dtypes(manifest)
+          stored = {k: jax.ShapeDtypeStruct(v.shape, kinds.get(k, v.dtype))
+                    for k, v in target.items()}
+        flat = ckpt.restore(step, params_target=abstract_like(stored, shardings))["params"]
+        if manifest is not None:
+          at = ckpt.latest_step() if step is None else step
+          weight_manifest.verify(flat, manifest, f"{source} step {at}")
   elif isinstance(source, nnx.State):
     flat = flat_state(source)
   else:  # a flat {"a/b": array} or a nested dict

@@ -7,6 +7,12 @@ checkpoint whose step is the version (orbax renames a step into place only when 
 then every server is told to load and commit that step. Only when all have committed does the
 caller advance the version clock (the replay queue's version), so no rollout is admitted
 against a version some server does not serve yet.
+
+A learner spanning several processes publishes the same way with no gather of the model on any
+host: every process writes the shards it holds (orbax, chunked) and hashes them into a
+per-chunk content manifest saved in the same step (asearcher_jax.manifest), which each decode
+server checks on load; process 0 alone then talks to the servers and tells the others what
+they answered. The directory must be one filesystem shared by learner and decode hosts.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from typing import Protocol, Sequence
 import jax
 import jax.numpy as jnp
 
+from asearcher_jax import distributed
+from asearcher_jax import manifest as weight_manifest
 from asearcher_jax.checkpoint import save_policy
 from asearcher_jax.models.config import QwenConfig
 from asearcher_jax.models.pretrained import flat_state
@@ -55,18 +63,28 @@ class CheckpointPublisher:
 
   def __init__(self, directory: str, cfg: QwenConfig, addresses: Sequence[str], *,
                tokenizer_dir: str | None = None, token: str | None = None, keep: int = 2,
-               timeout_s: float = 600.0):
+               timeout_s: float = 600.0, dtype=None, verify: bool = True):
     self.directory, self.cfg, self.addresses = os.path.abspath(directory), cfg, list(addresses)
     self.tokenizer_dir, self.token, self.keep, self.timeout_s = tokenizer_dir, token, keep, \
         timeout_s
+    self.dtype = None if dtype is None else jnp.dtype(dtype)  # what the servers hold
+    self.verify = verify
 
   def publish(self, version: int, params) -> dict:
-    self._drop_from(version)  # left by a run that is being resumed: replaced, never mixed
-    save_policy(self.directory, version, flat_state(params), self.cfg,
-                tokenizer_dir=self.tokenizer_dir, version=version)
+    """Every process of the learner calls it with its shards of `params`."""
+    if distributed.is_primary():
+      self._drop_from(version)  # left by a run that is being resumed: replaced, never mixed
+    distributed.barrier(f"publish-{version}")
+    flat = flat_state(params)
+    if self.dtype is not None:  # cast on device, shard by shard: half the bytes for bf16
+      flat = {k: v.astype(self.dtype) for k, v in flat.items()}
+    manifest = weight_manifest.build(flat) if self.verify else None
+    save_policy(self.directory, version, flat, self.cfg, tokenizer_dir=self.tokenizer_dir,
+                version=version, manifest=manifest)
     self.tokenizer_dir = None  # copied once; later steps reuse it
-    out = asyncio.run(self._commit(version))
-    self._prune(version)
+    out = distributed.on_primary(lambda: asyncio.run(self._commit(version)))
+    if distributed.is_primary():
+      self._prune(version)
     return out
 
   async def _commit(self, version: int) -> dict:

@@ -22,11 +22,12 @@ from asearcher_jax.models.qwen import Qwen
 from asearcher_jax.rl.batch import TrainBatch
 from asearcher_jax.rl.config import RLSection
 from asearcher_jax.rl.loss import (
-                                   decoupled_ppo_loss,
-                                   finalize_stats,
-                                   neutral_stats,
-                                   reduce_stats,
+  decoupled_ppo_loss,
+  finalize_stats,
+  neutral_stats,
+  reduce_stats,
 )
+from asearcher_jax.train.optimizer import init_opt_state, step_out_shardings
 
 _PER_TOKEN = ("tokens", "positions", "segment_ids", "loss_mask", "behav_logp", "advantages",
               "versions")
@@ -106,7 +107,10 @@ def make_ppo_step(model: Qwen, optimizer: optax.GradientTransformation, cfg: RLS
       return micro_batch_loss(nnx.merge(graphdef, p, rest), mb, num_tokens, cfg)
     return jax.value_and_grad(loss_fn, has_aux=True)(p)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  opt_state, opt_shardings = init_opt_state(optimizer, params)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1),
+                     out_shardings=step_out_shardings(params, opt_shardings))
   def step(params, opt_state, batch: TrainBatch):
     def run(acc, mb):
       (loss, stats), grads = grad_fn(params, mb, batch.num_tokens)
@@ -132,5 +136,4 @@ def make_ppo_step(model: Qwen, optimizer: optax.GradientTransformation, cfg: RLS
                "num_tokens": batch.num_tokens, **finalize_stats(stats)}
     return params, opt_state, metrics
 
-  opt_state = jax.jit(optimizer.init)(params)
   return params, opt_state, step

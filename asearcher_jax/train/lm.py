@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from asearcher_jax.models.qwen import Qwen
+from asearcher_jax.train.optimizer import init_opt_state, step_out_shardings
 
 
 @jax.tree_util.register_dataclass
@@ -58,7 +59,10 @@ def make_sft_step(model: Qwen, optimizer: optax.GradientTransformation):
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  opt_state, opt_shardings = init_opt_state(optimizer, params)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1),
+                     out_shardings=step_out_shardings(params, opt_shardings))
   def step(params, opt_state, batch: PackedBatch):
     def loss_fn(p):
       token_logp, weight = next_token_logprobs(nnx.merge(graphdef, p, rest), batch)
@@ -70,5 +74,4 @@ def make_sft_step(model: Qwen, optimizer: optax.GradientTransformation):
     return params, opt_state, {"loss": loss, "tokens": n_tokens,
                                "grad_norm": optax.global_norm(grads)}
 
-  opt_state = jax.jit(optimizer.init)(params)
   return params, opt_state, step

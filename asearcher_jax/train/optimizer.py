@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from asearcher_jax.config import OptimizerSection
+if TYPE_CHECKING:  # config imports the model and RL packages, which import this module
+  from asearcher_jax.config import OptimizerSection
 
 # Parameters exempt from weight decay: norm scales and biases (Qwen names, see models/qwen.py).
 _NO_DECAY = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "bq", "bk", "bv", "bo")
@@ -56,3 +59,20 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_params
   return optax.tree_map_params(
       optimizer, lambda _, sharding: sharding, abstract, param_shardings,
       transform_non_params=lambda _: replicated)
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params):
+  """The optimizer state laid out like `params` (moments sharded with their parameter), so
+  a step's donated state and a restored one have one layout on every process."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  shardings = opt_state_shardings(optimizer, abstract,
+                                  jax.tree.map(lambda x: x.sharding, params))
+  return jax.jit(optimizer.init, out_shardings=shardings)(params), shardings
+
+
+def step_out_shardings(params, opt_shardings):
+  """out_shardings of a training step (params, opt_state, metrics): pinned, so the outputs
+  come back in the inputs' layout and the next call does not recompile."""
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  mesh = next(s.mesh for s in jax.tree.leaves(shardings))
+  return shardings, opt_shardings, NamedSharding(mesh, P())

@@ -1,0 +1,310 @@
+"""`asearcher plan`: what each device will hold, for a config and its meshes, before launch.
+
+A learner device holds its shards of the parameters, the AdamW moments (and the update being
+applied), the float32 gradient accumulator beside one micro-batch's gradients, the activations
+of one micro-batch under the remat policy, and that micro-batch's logits. A decode server
+device holds its parameters, a second copy while a new version loads, the KV cache of
+serve.slots x serve.max_len, the sessions kept on device, and one full-length prefill.
+
+Shapes come from the model config and shardings from the one rules table
+(asearcher_jax.sharding.LOGICAL_RULES), so a mesh that does not divide a tensor is refused
+here exactly as it would be at launch. Parameters, optimizer state, gradients and caches are
+exact counts; activations and logits estimate what XLA keeps alive: the learner total came
+within -4% to +23% of the peak XLA allocated on an H100 (jax 0.11.2; Qwen2.5-0.5B/1.5B shapes,
+2k-8k-token rows, four remat/attention settings) and is checked against XLA's buffer
+assignment on CPU in tests/test_plan.py. A config whose total exceeds a device's budget is
+refused, naming its biggest item and what shrinks it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+
+from asearcher_jax.errors import ConfigError
+from asearcher_jax.sharding import LOGICAL_RULES, check_divisible, mesh_shape, mesh_size
+
+GiB = 1 << 30
+
+
+class PlanError(ConfigError):
+  """The config does not fit its devices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  name: str
+  bytes: int
+  hint: str  # what makes it smaller
+
+
+@dataclasses.dataclass
+class Group:
+  """One role's devices: its mesh, what each device holds and how much it may hold."""
+
+  role: str
+  mesh: dict[str, int]
+  items: list[Item]
+  budget: int | None  # bytes per device this role may use; None: memory unknown
+  budget_note: str = ""
+
+  @property
+  def devices(self) -> int:
+    return math.prod(self.mesh.values())
+
+  @property
+  def total(self) -> int:
+    return sum(i.bytes for i in self.items)
+
+  @property
+  def biggest(self) -> Item:
+    return max(self.items, key=lambda i: i.bytes)
+
+  @property
+  def fits(self) -> bool:
+    return self.budget is None or self.total <= self.budget
+
+
+@dataclasses.dataclass
+class Plan:
+  groups: list[Group]
+  mode: str
+  device_memory: int | None
+  warnings: list[str]
+
+  def report(self) -> str:
+    lines = []
+    memory = "unknown" if self.device_memory is None else _gib(self.device_memory)
+    lines.append(f"placement {self.mode}; device memory {memory}")
+    for g in self.groups:
+      mesh = " x ".join(f"{k}={v}" for k, v in g.mesh.items())
+      lines.append(f"{g.role}: mesh {mesh} ({g.devices} devices), per device:")
+      for i in g.items:
+        lines.append(f"  {i.name:<58} {_gib(i.bytes):>11}")
+      budget = "no budget (memory unknown)" if g.budget is None else \
+          f"of {_gib(g.budget)} ({g.budget_note})"
+      verdict = "" if g.budget is None else ("  fits" if g.fits else "  DOES NOT FIT")
+      lines.append(f"  {'total':<58} {_gib(g.total):>11} {budget}{verdict}")
+    lines += [f"warning: {w}" for w in self.warnings]
+    return "\n".join(lines)
+
+  def check(self) -> None:
+    """Raises PlanError for the first role that does not fit, naming its biggest item."""
+    for g in self.groups:
+      if not g.fits:
+        b = g.biggest
+        raise PlanError(f"{g.role}: {_gib(g.total)} per device does not fit its "
+                        f"{_gib(g.budget)} ({g.budget_note}); the biggest item is {b.name} "
+                        f"({_gib(b.bytes)}): {b.hint}")
+
+
+def _gib(n: int) -> str:
+  return f"{n / GiB:.2f} GiB"
+
+
+def _itemsize(dtype: str) -> int:
+  return jnp.dtype(dtype).itemsize
+
+
+def _split(size: int, ways: int) -> int:
+  """What one device holds of `size` split `ways` ways (the model replicates what does not
+  divide: `sharding.constrain`)."""
+  return size // ways if size % ways == 0 else size
+
+
+def _attention_impl(impl: str, platform: str, dtype: str, head_dim: int) -> str:
+  """asearcher_jax.models.attention.resolve_impl, for a platform rather than the running one."""
+  if impl != "auto":
+    return impl
+  if platform == "gpu" and dtype in ("bfloat16", "float16") and head_dim % 8 == 0 \
+      and head_dim <= 128:
+    return "cudnn"
+  return "xla"
+
+
+def param_elements(arch, mesh: dict[str, int], param_dtype: str = "float32") -> int:
+  """Parameter elements one device holds under `mesh` (the rules table's sharding); raises
+  ShardingError for a tensor the mesh does not divide."""
+  from flax import nnx
+
+  from asearcher_jax.models.pretrained import abstract_model
+  fake = types.SimpleNamespace(shape=mesh)
+  state = nnx.state(abstract_model(arch, param_dtype=param_dtype), nnx.Param)
+  total = 0
+  leaves = jax.tree_util.tree_leaves_with_path(
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  for path, var in leaves:
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    axes = var.get_metadata().get("logical_axes")
+    shape = var.get_value().shape
+    if axes is None:
+      total += math.prod(shape)
+      continue
+    check_divisible(name, shape, axes, fake)
+    ways = math.prod(mesh_size(fake, LOGICAL_RULES[a]) for a in axes if a is not None)
+    total += math.prod(shape) // ways
+  return total
+
+
+def _layer_dims(arch, t: int) -> dict[str, int]:
+  """Per-device widths of one layer's activations under tensor parallelism t."""
+  return {"E": arch.hidden_size, "F": _split(arch.intermediate_size, t),
+          "N": _split(arch.num_heads, t), "K": _split(arch.num_kv_heads, t), "D": arch.head_dim,
+          "V": _split(arch.vocab_size, t)}
+
+
+def _layer_live(d: dict[str, int], cb: int) -> int:
+  """Bytes per token of everything one layer's forward creates: residual and norms (4E), q, k,
+  v before and after RoPE and the attention output (3(N+K)D), and the MLP's gate, up, silu
+  and product (4F)."""
+  return cb * (4 * d["E"] + 3 * (d["N"] + d["K"]) * d["D"] + 4 * d["F"])
+
+
+def learner_group(cfg, arch, devices: int, platform: str) -> tuple[Group, list[str]]:
+  m, rl = cfg.model, cfg.rl
+  mesh = mesh_shape(cfg.mesh.shape(), devices)
+  pb, cb = _itemsize(m.param_dtype), _itemsize(m.dtype)
+  n = param_elements(arch, mesh, m.param_dtype)
+  warnings = []
+  ways = mesh["data"] * mesh["fsdp"]
+  rows = _split(rl.micro_batch_rows, ways)
+  if ways > 1 and rl.micro_batch_rows % ways:
+    warnings.append(f"rl.micro_batch_rows={rl.micro_batch_rows} does not divide over data x "
+                    f"fsdp = {ways} devices: every device computes the whole micro-batch "
+                    f"(make it a multiple of {ways})")
+  T, L = rl.row_tokens, arch.num_layers
+  d = _layer_dims(arch, mesh["tensor"])
+  tok = rows * T
+  impl = _attention_impl(m.attention, platform, m.dtype, arch.head_dim)
+  fused = impl == "cudnn"
+  scores = rows * d["N"] * T * T  # attention logits of one layer, elements
+  # one layer at a time also holds its attention logits, their softmax and, in the backward
+  # pass, their gradients (float32), beside its own intermediates
+  live = tok * _layer_live(d, cb) + (rows * d["N"] * T * 4 if fused else scores * (12 + cb))
+  if m.remat == "none":  # every layer's intermediates stay for the backward pass
+    saved = tok * _layer_live(d, cb) + (rows * d["N"] * T * 4 if fused else scores * (4 + cb))
+  elif m.remat == "full":  # each layer's input only
+    saved = tok * cb * d["E"]
+  elif m.remat == "dots":  # every matmul's output, the attention logits included
+    saved = tok * cb * (3 * d["E"] + 2 * (d["N"] + d["K"]) * d["D"] + 2 * d["F"]) \
+        + (rows * d["N"] * T * 4 if fused else scores * 4)
+  else:  # dots_no_batch: the weight matmuls' outputs; attention is recomputed
+    saved = tok * cb * (3 * d["E"] + (d["N"] + 2 * d["K"]) * d["D"] + 2 * d["F"])
+  activations = L * saved + live + rows * T * T  # + the [rows, 1, T, T] attention mask
+  items = [
+      Item(f"parameters ({m.param_dtype})", n * pb,
+           "shard them over more devices (mesh.fsdp, or mesh.tensor)"),
+      Item("optimizer state (AdamW moments and update)", 3 * n * pb,
+           "shard it over more devices (mesh.fsdp), or hold parameters in bfloat16"),
+      Item("gradients (float32 accumulator and one micro-batch's)", n * (4 + pb),
+           "shard them over more devices (mesh.fsdp)"),
+      Item(f"activations ({rows} row{'s' * (rows != 1)} x {T} tokens, remat {m.remat}, "
+           f"attention {impl})", activations,
+           "use model.remat=full, fewer rl.micro_batch_rows or a shorter rl.row_tokens"
+           + ("" if fused else ", or a fused attention (model.attention=cudnn on GPUs)")),
+      # the log-softmax kept for the backward pass and its gradient there (float32)
+      Item(f"logits ({tok} tokens x {d['V']} vocabulary, float32)", 2 * tok * d["V"] * 4,
+           "fewer rl.micro_batch_rows or a shorter rl.row_tokens, or split the vocabulary "
+           "(mesh.tensor)"),
+  ]
+  p = cfg.placement
+  if p.decode_param_dtype is not None and p.decode_param_dtype != m.param_dtype:
+    items.append(Item(f"published copy ({p.decode_param_dtype})",
+                      n * _itemsize(p.decode_param_dtype), "publish in the learner's dtype"))
+  return Group("learner", mesh, items, None), warnings
+
+
+def decode_group(cfg, arch, devices: int, platform: str) -> Group:
+  from asearcher_jax.placement import role_config
+  dcfg = role_config(cfg, "decode")
+  m, s = dcfg.model, dcfg.serve
+  mesh = mesh_shape(dcfg.mesh.shape(), devices)
+  pb, cb = _itemsize(m.param_dtype), _itemsize(m.dtype)
+  n = param_elements(arch, mesh, m.param_dtype)
+  d = _layer_dims(arch, mesh["tensor"])
+  ways = mesh["data"] * mesh["fsdp"]
+  per_token = 2 * arch.num_layers * d["K"] * arch.head_dim * cb  # keys and values, all layers
+  T = s.max_len
+  impl = _attention_impl(m.attention, platform, m.dtype, arch.head_dim)
+  scores = d["N"] * T * T * (8 + cb) if impl != "cudnn" else d["N"] * T * 4
+  return Group("decode server", mesh, [
+      Item(f"parameters ({m.param_dtype})", n * pb,
+           "serve in bfloat16 (placement.decode_param_dtype) or split over placement.decode_mesh"),
+      Item("parameters of the next version (while it loads)", n * pb,
+           "serve in bfloat16 (placement.decode_param_dtype)"),
+      Item(f"KV cache ({s.slots} slots x {T} tokens)", _split(s.slots, ways) * T * per_token,
+           "fewer serve.slots or a shorter serve.max_len, or split kv heads (decode mesh tensor)"),
+      Item(f"sessions on device ({s.device_sessions} x {T} tokens)",
+           s.device_sessions * T * per_token, "fewer serve.device_sessions"),
+      Item(f"one {T}-token prefill (attention {impl})",
+           T * _layer_live(d, cb) + scores + T * T, "a shorter serve.max_len"),
+  ], None)
+
+
+def detect_device_memory() -> int | None:
+  """The first local device's memory (None on CPUs). On GPUs JAX reports its pool, a fraction
+  of the device (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set): that is undone here, since
+  the budget applies `placement.memory_fraction` itself."""
+  device = jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001 -- a backend without memory statistics
+    return None
+  if not stats or "bytes_limit" not in stats:
+    return None
+  limit = int(stats["bytes_limit"])
+  if device.platform == "gpu":
+    limit = int(limit / float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")))
+  return limit
+
+
+def plan(cfg, *, devices: int | None = None, decode_devices: int | None = None,
+         device_memory_gib: float | None = None, platform: str | None = None) -> Plan:
+  """The per-device plan of `cfg`. Arguments override the config's placement numbers; what
+  neither gives is detected on this machine."""
+  from asearcher_jax.placement import memory_fraction, role_devices
+  p = cfg.placement
+  arch = _architecture(cfg)
+  detected = None
+  if platform is None or (devices or p.num_devices) is None:
+    platform = platform or jax.default_backend()
+    detected = jax.device_count()
+  n_learn = devices or p.num_devices or detected
+  hosts = cfg.distributed.num_processes or 1
+  local = role_devices(cfg, "decode")
+  n_decode = decode_devices or p.decode_num_devices or (len(local) if local else None) or (
+      max(1, n_learn // hosts) if p.mode == "colocated" else _fixed_size(p.decode_mesh))
+  gib = device_memory_gib or p.device_memory_gib
+  memory = int(gib * GiB) if gib else detect_device_memory()
+  learner, warnings = learner_group(cfg, arch, n_learn, platform)
+  decode = decode_group(cfg, arch, n_decode, platform)
+  for g, role in ((learner, "learner"), (decode, "decode")):
+    f = memory_fraction(cfg, role)
+    if memory is not None:
+      g.budget = int(memory * f)
+      g.budget_note = f"{f:.2f} of {_gib(memory)}"
+  return Plan([learner, decode], p.mode, memory, warnings)
+
+
+def _fixed_size(mesh) -> int:
+  """Devices of a decode mesh given without -1; 1 when it has none or one."""
+  if mesh is None or -1 in mesh.shape().values():
+    return 1
+  return math.prod(mesh.shape().values())
+
+
+def _architecture(cfg):
+  m = cfg.model
+  if m.arch is not None:
+    return m.arch
+  from asearcher_jax.models.config import QwenConfig
+  from asearcher_jax.models.pretrained import is_hf_dir
+  if is_hf_dir(m.path):
+    return QwenConfig.from_hf_dir(m.path)
+  from asearcher_jax.checkpoint import read_policy_meta
+  return read_policy_meta(m.path)[0]

@@ -1,0 +1,112 @@
+"""The learner when its mesh spans several processes (hosts): one learner, many controllers.
+
+Every process runs the same loop on its own shards, so each must train on exactly the same
+batch and take exactly the same branches. Process 0 alone talks to the replay queue; what it
+leases (or that it stops) is broadcast, every process packs the same batch from it, and each
+puts only its own rows on its devices. Acknowledgements and queue state are answered by process
+0 for all; lease renewals (a background thread, never a collective) are process 0's alone.
+Only process 0 writes metrics and prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+from asearcher_jax import distributed
+from asearcher_jax.replay.client import ReplayState, group_from_proto, group_to_proto
+from asearcher_jax.replay.protos import replay_pb2
+from asearcher_jax.replay.queue import Lease
+from asearcher_jax.rl.learner import Learner
+
+
+def encode_lease(lease: Lease | None) -> bytes:
+  if lease is None:
+    return b""
+  return replay_pb2.LeaseResponse(
+      lease_id=lease.lease_id, groups=[group_to_proto(g) for g in lease.groups],
+      expires_in_s=max(0.0, lease.expires - time.monotonic())).SerializeToString()
+
+
+def decode_lease(data: bytes) -> Lease | None:
+  if not data:
+    return None
+  p = replay_pb2.LeaseResponse.FromString(data)
+  return Lease(p.lease_id, [group_from_proto(g) for g in p.groups],
+               time.monotonic() + p.expires_in_s)
+
+
+def _state_from_json(data: bytes) -> ReplayState:
+  d = json.loads(data)
+  d["queued_by_version"] = {int(k): v for k, v in d["queued_by_version"].items()}
+  return ReplayState(**d)
+
+
+class ReplicatedReplay:
+  """A replay client for every process of a multi-process learner; only process 0 holds a
+  connection (`client` is None elsewhere)."""
+
+  def __init__(self, client):
+    if distributed.is_primary() and client is None:
+      raise ValueError("process 0 of the learner needs a replay client")
+    self.client = client
+
+  def lease(self, count: int, timeout_s: float, wait_s: float = 0.0) -> Lease | None:
+    """Process 0's lease; the learner broadcasts it (MultiHostLearner._lease)."""
+    if not distributed.is_primary():
+      raise RuntimeError("only process 0 leases from the replay queue")
+    return self.client.lease(count, timeout_s, wait_s)
+
+  def renew(self, lease_id: str, timeout_s: float) -> bool:
+    return self.client.renew(lease_id, timeout_s) if distributed.is_primary() else True
+
+  def ack(self, lease_id: str) -> bool:
+    return bool(distributed.on_primary(lambda: self.client.ack(lease_id)))
+
+  def set_version(self, version: int) -> int:
+    return self.client.set_version(version) if distributed.is_primary() else version
+
+  def state(self, worker: str = "") -> ReplayState:
+    return distributed.on_primary(lambda: self.client.state(worker),
+                                  encode=lambda s: json.dumps(dataclasses.asdict(s)).encode(),
+                                  decode=_state_from_json)
+
+  def close(self) -> None:
+    if self.client is not None:
+      self.client.close()
+
+
+class _NoMetrics:
+  def write(self, step, metrics) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+class MultiHostLearner(Learner):
+  """`Learner` over a mesh that spans processes: process 0 decides, everyone trains."""
+
+  def __init__(self, cfg, *, model, replay: ReplicatedReplay, publisher, out_dir: str,
+               echo=print):
+    primary = distributed.is_primary()
+    super().__init__(cfg, model=model, replay=replay, publisher=publisher, out_dir=out_dir,
+                     echo=echo if primary else (lambda _: None))
+    if not primary:
+      self.metrics.close()
+      self.metrics = _NoMetrics()
+
+  def _lease(self):
+    """Process 0 leases (or gives up, stopping); everyone gets the same answer."""
+    mine = super()._lease() if distributed.is_primary() else None
+    lease = decode_lease(distributed.broadcast_bytes(encode_lease(mine)))
+    if lease is None:
+      self._stop = True  # process 0 is stopping: so is everyone, at the same step
+    return lease
+
+  def _on_term(self, signum, frame):
+    # A stop is process 0's decision, taken at its next lease and broadcast from there: a
+    # process stopping on its own would leave the others waiting in a collective.
+    if distributed.is_primary():
+      super()._on_term(signum, frame)

@@ -1,0 +1,137 @@
+"""`asearcher plan`: per-device memory by hand on a small config, against XLA's own buffer
+assignment on a compiled learner step, refusal of a config that does not fit (naming its
+biggest item), and the realistic configs fitting the hardware they name."""
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import single_device_mesh
+
+from asearcher_jax.cli import main
+from asearcher_jax.config import load_config
+from asearcher_jax.errors import ShardingError
+from asearcher_jax.models import create_model
+from asearcher_jax.plan import GiB, PlanError, param_elements, plan
+from asearcher_jax.rl.batch import TrainBatch
+from asearcher_jax.rl.step import make_ppo_step
+from asearcher_jax.train.optimizer import make_optimizer
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+SMALL = {"family": "qwen3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+         "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16,
+         "tie_embeddings": False}
+
+
+def small(*overrides):
+  return load_config(None, [f"model.arch={json.dumps(SMALL)}", *overrides])
+
+
+def items(group) -> dict[str, int]:
+  return {i.name.split(" (")[0]: i.bytes for i in group.items}
+
+
+def test_parameters_optimizer_gradients_and_caches_by_hand():
+  # Per device under fsdp=2: embed 64x32 and lm_head 32x64 halve (1024 + 1024), final_norm 32
+  # does not; per layer (x2): wq 32x2x16 /2 = 512, wk and wv 32x1x16 /2 = 256 each, wo 512,
+  # w_gate, w_up, w_down 32x64 /2 = 1024 each, attn_norm and mlp_norm 32, q_norm and k_norm 16.
+  per_layer = 512 + 256 + 256 + 512 + 3 * 1024 + 2 * 32 + 2 * 16
+  assert param_elements(small().model.arch, {"data": 1, "fsdp": 2, "tensor": 1}) \
+      == 1024 + 1024 + 32 + 2 * per_layer == 11488
+  cfg = small("model.dtype=bfloat16", "serve.slots=4", "serve.max_len=64",
+              "serve.device_sessions=3", "placement.decode_mesh={data: 1, fsdp: 1, tensor: 1}")
+  p = plan(cfg, devices=2, decode_devices=1, device_memory_gib=1, platform="cpu")
+  learner, decode = (items(g) for g in p.groups)
+  n = 11488
+  assert learner["parameters"] == 4 * n  # float32 master weights
+  assert learner["optimizer state"] == 3 * 4 * n  # mu, nu and the update
+  assert learner["gradients"] == (4 + 4) * n  # float32 accumulator + one micro-batch's
+  full = small().model.arch.num_params()
+  assert decode["parameters"] == decode["parameters of the next version"] == 4 * full
+  # keys and values: 2 x 2 layers x 1 kv head x 16 x 2 bytes (bf16) = 128 bytes a token
+  assert decode["KV cache"] == 4 * 64 * 128
+  assert decode["sessions on device"] == 3 * 64 * 128
+  assert p.groups[0].budget == int(GiB * 0.9 * 0.6)  # colocated: the learner's share
+
+
+def test_activations_by_hand_for_full_remat_and_xla_attention():
+  cfg = small("rl.row_tokens=128", "rl.micro_batch_rows=4", "model.remat=full",
+              "model.dtype=float32", "model.attention=xla")
+  learner = items(plan(cfg, devices=2, device_memory_gib=1, platform="cpu").groups[0])
+  rows, T, E, F, N, K, D, L = 2, 128, 32, 64, 2, 1, 16, 2  # 4 rows over fsdp=2
+  live = rows * T * 4 * (4 * E + 3 * (N + K) * D + 4 * F) + rows * N * T * T * (12 + 4)
+  assert learner["activations"] == L * rows * T * 4 * E + live + rows * T * T
+  assert learner["logits"] == 2 * rows * T * 64 * 4
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_learner_estimate_tracks_xla_buffer_assignment(remat):
+  """The plan against what XLA allocates for the compiled step (arguments + temporaries)."""
+  cfg = small("model.arch.num_layers=4", "model.arch.hidden_size=128",
+              "model.arch.intermediate_size=256", "model.arch.num_heads=4",
+              "model.arch.num_kv_heads=2", "model.arch.vocab_size=512", f"model.remat={remat}",
+              "model.dtype=float32", "model.attention=xla", "rl.row_tokens=512",
+              "rl.micro_batch_rows=2")
+  est = plan(cfg, devices=1, device_memory_gib=1, platform="cpu").groups[0].total
+  mesh = single_device_mesh()
+  model = create_model(cfg.model.arch, mesh, dtype="float32", attention_impl="xla", remat=remat)
+  params, opt_state, step = make_ppo_step(model, make_optimizer(cfg.optimizer), cfg.rl)
+  shape = (2, 2, 512)  # two micro-batches of two rows
+
+  def sds(dtype, s=shape):
+    return jax.ShapeDtypeStruct(s, dtype)
+
+  batch = TrainBatch(sds(np.int32), sds(np.int32), sds(np.int32), sds(bool), sds(np.float32),
+                     sds(np.float32), sds(np.int32), sds(np.int32, ()))
+  memory = step.lower(params, opt_state, batch).compile().memory_analysis()
+  xla = memory.temp_size_in_bytes + memory.argument_size_in_bytes
+  assert 0.8 * xla < est < 1.4 * xla, (est / 2**20, xla / 2**20)
+
+
+def test_a_config_that_does_not_fit_is_refused_naming_its_biggest_item(capsys):
+  cfg = small("rl.row_tokens=4096", "rl.micro_batch_rows=8", "model.attention=xla")
+  p = plan(cfg, devices=1, device_memory_gib=1, platform="cpu")
+  assert not p.groups[0].fits and p.groups[0].biggest.name.startswith("activations")
+  with pytest.raises(PlanError, match=r"learner: .* GiB per device does not fit its 0\.54 GiB "
+                                      r".*the biggest item is activations .*model.remat=full"):
+    p.check()
+  argv = ["plan", "--config", os.path.join(ROOT, "configs", "qwen2.5-7b-8xh100.yaml"),
+          "rl.row_tokens=32768"]
+  assert main(argv) == 2
+  out = capsys.readouterr()
+  assert "DOES NOT FIT" in out.out
+  assert "biggest item is logits (32768 tokens x 152064 vocabulary" in out.err
+  assert main(argv[:3]) == 0  # as shipped, it fits
+
+
+def test_a_mesh_that_does_not_divide_a_tensor_is_refused_before_launch():
+  cfg = load_config(os.path.join(ROOT, "configs", "qwen2.5-7b-8xh100.yaml"),
+                    ["mesh.fsdp=3", "placement.num_devices=3"])
+  with pytest.raises(ShardingError, match="embed.*size 3584.*not divisible by mesh axis 'fsdp'"):
+    plan(cfg)
+
+
+def test_micro_batches_that_do_not_split_over_the_batch_axes_are_flagged():
+  p = plan(small("rl.micro_batch_rows=3"), devices=2, device_memory_gib=1, platform="cpu")
+  assert any("micro_batch_rows=3 does not divide" in w for w in p.warnings)
+
+
+def test_qwen25_7b_has_its_published_parameter_count():
+  cfg = load_config(os.path.join(ROOT, "configs", "qwen2.5-7b-8xh100.yaml"))
+  assert abs(cfg.model.arch.num_params() - 7.6e9) < 0.05e9  # "7.61B" on the model card
+  assert cfg.model.arch.num_params(include_embeddings=False) == pytest.approx(6.53e9, rel=0.01)
+
+
+@pytest.mark.parametrize("path", sorted(
+    p for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
+    if load_config(p).placement.num_devices is not None))
+def test_realistic_configs_fit_the_hardware_they_name(path):
+  cfg = load_config(path)
+  platform = "tpu" if "v5p" in os.path.basename(path) else "gpu"
+  p = plan(cfg, platform=platform)
+  p.check()
+  assert p.device_memory is not None and all(g.budget for g in p.groups)
+  assert not p.warnings, p.warnings
