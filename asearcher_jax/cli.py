@@ -33,6 +33,18 @@ def cmd_config(args) -> int:
   return 0
 
 
+def cmd_plan(args) -> int:
+  """per-device memory of the learner and the decode servers; refuses a config that won't fit"""
+  from asearcher_jax.config import load_config
+  from asearcher_jax.plan import plan
+  cfg = load_config(args.config, args.overrides)
+  p = plan(cfg, devices=args.devices, decode_devices=args.decode_devices,
+           device_memory_gib=args.device_memory, platform=args.platform)
+  print(p.report())
+  p.check()  # PlanError: exit 2, naming the biggest item
+  return 0
+
+
 def cmd_init_model(args) -> int:
   """A randomly initialised policy (architecture from the config) saved as an HF directory."""
   from asearcher_jax.config import load_config
@@ -41,9 +53,18 @@ def cmd_init_model(args) -> int:
   if cfg.model.arch is None:
     raise SystemExit("init-model needs model.arch (an architecture), not model.path")
   arch = cfg.model.arch
-  tokenizer = build_tokenizer()
+  if args.tokenizer_corpus:
+    import dataclasses
+
+    from asearcher_jax.world.tokenizer import train_tokenizer
+    tokenizer = train_tokenizer(args.tokenizer_corpus, arch.vocab_size)
+    arch = dataclasses.replace(arch, eos_token_id=tokenizer.eos_id)
+    print(f"trained a {tokenizer.vocab_size}-token BPE tokenizer on "
+          f"{', '.join(args.tokenizer_corpus)}")
+  else:
+    tokenizer = build_tokenizer()
   if tokenizer.vocab_size > arch.vocab_size:
-    raise SystemExit(f"model.arch.vocab_size={arch.vocab_size} is smaller than the byte-level "
+    raise SystemExit(f"model.arch.vocab_size={arch.vocab_size} is smaller than the "
                      f"tokenizer's {tokenizer.vocab_size} tokens")
   model = create_model(arch, _mesh(cfg), seed=cfg.model.seed, param_dtype=cfg.model.param_dtype,
                        dtype=cfg.model.dtype)
@@ -102,9 +123,10 @@ def cmd_serve(args) -> int:
   import asyncio
   import signal
 
+  from asearcher_jax import placement
   from asearcher_jax.config import load_config
   from asearcher_jax.inference.server import build_server
-  cfg = load_config(args.config, args.overrides)
+  cfg = placement.apply(load_config(args.config, args.overrides), "decode")
   server = build_server(cfg)
 
   async def main():
@@ -139,8 +161,38 @@ def cmd_eval(args) -> int:
                     ("concurrency", "concurrency")):
     if getattr(args, flag) is not None:
       overrides.append(f"eval.{key}={getattr(args, flag)}")
+  server = retrieval = None
+  if args.serve:  # the policy of model.path and the local search tools, from this process
+    from asearcher_jax.inference.server import build_server
+    served = load_config(args.config, overrides + ["serve.grpc_port=0", "serve.http_port=null"])
+    if served.search.backend == "local":
+      from asearcher_jax.tools.cli import default_world_index
+      from asearcher_jax.tools.index import SearchIndex
+      from asearcher_jax.tools.retrieval_server import ServerThread, create_app
+      index = SearchIndex(served.retrieval.index or default_world_index())
+      retrieval = ServerThread(create_app(index, served.retrieval)).start()
+      overrides.append(f"search.url={retrieval.url}")
+    server = build_server(served, progress=not args.no_progress).start_in_thread()
+    overrides.append(f"eval.decode_address=127.0.0.1:{server.grpc_port}")
   cfg = load_config(args.config, overrides)
-  report = asyncio.run(evaluate(cfg, progress=not args.no_progress))
+  try:
+    report = asyncio.run(evaluate(cfg, progress=not args.no_progress))
+  finally:
+    if server is not None:
+      server.stop_thread()
+    if retrieval is not None:
+      retrieval.stop()
+  if args.baseline:
+    import json
+
+    from asearcher_jax.eval.report import format_comparison
+    with open(args.baseline) as f:
+      base = json.load(f)
+    if base["k"] != report["k"]:
+      raise SystemExit(f"{args.baseline} was run with k={base['k']}, this run with "
+                       f"k={report['k']}: Avg@k and Pass@k are not comparable")
+    print(f"against {args.baseline}:")
+    print(format_comparison(base["datasets"], report["datasets"], report["k"]))
   aborted = sum(d["status"].get("aborted", 0) for d in report["datasets"].values())
   return 1 if aborted or not report["datasets"] else 0  # a rerun retries aborted episodes
 
@@ -148,6 +200,25 @@ def cmd_eval(args) -> int:
 def json_list(items) -> str:
   import json
   return json.dumps(list(items))
+
+
+def cmd_synth(args) -> int:
+  """QA synthesis agent: seed QA or pages made hard by injection and fuzzing, verified; resumable"""
+  import asyncio
+
+  from asearcher_jax.config import load_config
+  from asearcher_jax.synth import synthesize
+  overrides = list(args.overrides)
+  if args.seeds:
+    overrides.append("synth.seeds=" + json_list(args.seeds))
+  for flag, key in (("seed_pages", "seed_pages"), ("random_pages", "random_pages"),
+                    ("out", "out_dir"), ("limit", "limit"), ("k", "variants_per_seed"),
+                    ("concurrency", "concurrency"), ("verifier", "verifier")):
+    if getattr(args, flag) is not None:
+      overrides.append(f"synth.{key}={getattr(args, flag)}")
+  cfg = load_config(args.config, overrides)
+  report = asyncio.run(synthesize(cfg, progress=not args.no_progress))
+  return 1 if report["seeds"]["aborted"] else 0  # a rerun retries aborted seeds
 
 
 def cmd_data_build(args) -> int:
@@ -183,20 +254,25 @@ def cmd_learn(args) -> int:
 
 def cmd_rollout(args) -> int:
   """one rollout worker (asearcher train starts them): episodes in groups onto the queue"""
+  from asearcher_jax import placement
   from asearcher_jax.config import load_config
   from asearcher_jax.rl.launch import run_rollout
   cfg = load_config(args.config, args.overrides)
-  return run_rollout(cfg, worker=args.worker, workers=args.workers, replay=args.replay,
-                     decode=args.decode, max_groups=args.max_groups)
+  decode = args.decode or placement.worker_decode_address(cfg, args.worker)
+  return run_rollout(cfg, worker=args.worker, workers=args.workers,
+                     replay=placement.replay_address(cfg, args.replay), decode=decode,
+                     max_groups=args.max_groups)
 
 
 def cmd_sft(args) -> int:
   """supervised fine-tuning on trajectory files (loss on the agent's tokens); writes HF weights"""
+  from asearcher_jax import distributed
   from asearcher_jax.config import load_config
   from asearcher_jax.train.sft import sft_command
   cfg = load_config(args.config, args.overrides)
+  distributed.initialize(cfg.distributed)  # several hosts: one mesh over all their devices
   sft_command(cfg, args.data, args.out, epochs=args.epochs, batch_rows=args.batch_rows,
-              progress=not args.no_progress)
+              loss_on=args.loss_on, progress=not args.no_progress)
   return 0
 
 
@@ -208,9 +284,23 @@ def build_parser() -> argparse.ArgumentParser:
   _config_args(p)
   p.set_defaults(fn=cmd_config)
 
+  p = sub.add_parser("plan", help=cmd_plan.__doc__)
+  _config_args(p)
+  p.add_argument("--devices", type=int, help="learner devices, all hosts (placement.num_devices)")
+  p.add_argument("--decode-devices", type=int,
+                 help="devices of one decode server (placement.decode_num_devices)")
+  p.add_argument("--device-memory", type=float, metavar="GIB",
+                 help="memory per device in GiB (placement.device_memory_gib; else detected)")
+  p.add_argument("--platform", choices=["cpu", "gpu", "tpu"],
+                 help="what `attention: auto` resolves for (default: this machine's)")
+  p.set_defaults(fn=cmd_plan)
+
   p = sub.add_parser("init-model", help=cmd_init_model.__doc__)
   _config_args(p)
   p.add_argument("--out", required=True, help="output HF directory")
+  p.add_argument("--tokenizer-corpus", nargs="+", metavar="SRC",
+                 help="train a BPE tokenizer of model.arch.vocab_size ids on these world "
+                      "directories or JSONL files (default: the byte-level tokenizer)")
   p.add_argument("--overwrite", action="store_true")
   p.set_defaults(fn=cmd_init_model)
 
@@ -244,8 +334,26 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--limit", type=int, help="questions per dataset (eval.limit)")
   p.add_argument("--out", help="output directory (eval.out_dir); reruns resume")
   p.add_argument("--concurrency", type=int, help="episodes in flight (eval.concurrency)")
+  p.add_argument("--serve", action="store_true",
+                 help="serve the config's policy (model.path) and, for local search, the "
+                      "retrieval server (retrieval.index) from this process for the run")
+  p.add_argument("--baseline", metavar="REPORT_JSON",
+                 help="also print the change against an earlier run's report.json")
   p.add_argument("--no-progress", action="store_true")
   p.set_defaults(fn=cmd_eval)
+
+  p = sub.add_parser("synth", help=cmd_synth.__doc__)
+  _config_args(p)
+  p.add_argument("--seeds", nargs="+", help="seed QA files, any loader format (synth.seeds)")
+  p.add_argument("--seed-pages", help="JSONL of {url or title, fact?} (synth.seed_pages)")
+  p.add_argument("--random-pages", type=int, help="seeds drawn from the pages (synth.random_pages)")
+  p.add_argument("--out", help="output directory (synth.out_dir); reruns resume")
+  p.add_argument("--limit", type=int, help="seeds at most (synth.limit)")
+  p.add_argument("--k", type=int, help="variants kept per seed (synth.variants_per_seed)")
+  p.add_argument("--concurrency", type=int, help="seeds in flight (synth.concurrency)")
+  p.add_argument("--verifier", choices=["llm", "world"], help="synth.verifier")
+  p.add_argument("--no-progress", action="store_true")
+  p.set_defaults(fn=cmd_synth)
 
   p = sub.add_parser("sft", help=cmd_sft.__doc__)
   _config_args(p)
@@ -253,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output HF directory (usable as model.path)")
   p.add_argument("--epochs", type=int, default=3)
   p.add_argument("--batch-rows", type=int, default=4, help="rows of rl.row_tokens per step")
+  p.add_argument("--loss-on", choices=["agent", "all"], default="agent",
+                 help="the agent's own tokens (default), or every token: language-model data "
+                      "for a policy that was never pretrained")
   p.add_argument("--no-progress", action="store_true")
   p.set_defaults(fn=cmd_sft)
 
@@ -264,9 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("learn", help=cmd_learn.__doc__)
   _config_args(p)
-  p.add_argument("--replay", required=True, help="replay queue address host:port")
-  p.add_argument("--decode", nargs="*", default=[],
-                 help="decode server addresses (none: weights are only written to disk)")
+  p.add_argument("--replay", help="replay queue host:port (default: placement.replay_address)")
+  p.add_argument("--decode", nargs="*",
+                 help="decode server addresses (default: placement.decode_addresses; none: "
+                      "weights are only written to disk)")
   p.add_argument("--resume", action="store_true")
   p.set_defaults(fn=cmd_learn)
 
@@ -274,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
   _config_args(p)
   p.add_argument("--worker", type=int, default=0)
   p.add_argument("--workers", type=int, default=1)
-  p.add_argument("--replay", required=True)
-  p.add_argument("--decode", required=True)
+  p.add_argument("--replay", help="default: placement.replay_address")
+  p.add_argument("--decode", help="default: placement.decode_addresses[worker % count]")
   p.add_argument("--max-groups", type=int, help="stop after this many groups (default: never)")
   p.set_defaults(fn=cmd_rollout)
 

@@ -10,10 +10,18 @@ YAML values (`mesh.fsdp=-1`, `model.path=null`, `optimizer.betas=[0.9,0.95]`).
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+  BaseModel,
+  ConfigDict,
+  Field,
+  ValidationError,
+  field_validator,
+  model_validator,
+)
 
 from asearcher_jax.agent.config import AgentSection
 from asearcher_jax.errors import ConfigError
@@ -23,6 +31,7 @@ from asearcher_jax.models.config import QwenConfig
 from asearcher_jax.models.qwen import RematPolicy
 from asearcher_jax.reward.config import RewardSection
 from asearcher_jax.rl.config import RLSection
+from asearcher_jax.synth.config import SynthSection
 from asearcher_jax.tools.config import RetrievalSection, SearchClientSection, WebSection
 from asearcher_jax.world.config import WorldConfig
 
@@ -101,6 +110,99 @@ class ServeSection(Section):
   warmup: bool = False  # compile every prefill bucket and attention window before serving
 
 
+_ADDRESS = r"^\[?[A-Za-z0-9_.:-]+\]?:\d{1,5}$"  # host:port (IPv6 in brackets)
+
+
+def _check_address(value: str, key: str) -> str:
+  if not re.match(_ADDRESS, value):
+    raise ValueError(f"{key}: expected host:port, got {value!r}")
+  return value
+
+
+class DistributedSection(Section):
+  """jax.distributed, for a learner or SFT run that spans several processes (hosts).
+
+  `auto` initialises when a coordinator is known (here, or $JAX_COORDINATOR_ADDRESS) or the
+  process runs under a multi-process launcher (Cloud TPU pod, GKE TPU JobSet, SLURM, Open MPI);
+  `on` always (JAX's own cluster detection fills what is unset); `off` never. Unset numbers fall
+  back to $JAX_NUM_PROCESSES, $JAX_PROCESS_ID and $JAX_LOCAL_DEVICE_IDS.
+  """
+
+  mode: Literal["auto", "on", "off"] = "auto"
+  coordinator_address: str | None = None  # host:port of process 0, which listens there only
+  num_processes: int | None = Field(None, ge=1)
+  process_id: int | None = Field(None, ge=0)
+  local_device_ids: tuple[int, ...] | None = None  # GPUs: the devices this process drives
+  initialization_timeout_s: int = Field(300, gt=0)
+  heartbeat_timeout_s: int = Field(100, gt=0)
+  cpu_collectives: Literal["gloo", "mpi"] = "gloo"  # CPU devices (tests, CPU clusters)
+
+  @field_validator("mode", mode="before")
+  @classmethod
+  def _yaml_boolean(cls, v):  # YAML reads a bare on / off as true / false
+    return ("on" if v else "off") if isinstance(v, bool) else v
+
+  @model_validator(mode="after")
+  def _check(self):
+    if self.coordinator_address is not None:
+      _check_address(self.coordinator_address, "distributed.coordinator_address")
+    if (self.num_processes is not None and self.process_id is not None
+        and self.process_id >= self.num_processes):
+      raise ValueError(f"distributed.process_id {self.process_id} must be below "
+                       f"distributed.num_processes {self.num_processes}")
+    return self
+
+
+class PlacementSection(Section):
+  """Where the learner and the decode servers run, and how a run's processes find each other.
+
+  colocated: the learner and this host's decode servers share its accelerators, the learner
+  taking `colocated_learner_share` of each one's memory and the decode servers the rest;
+  disaggregated: separate devices (a split of this host's, given as device ids, or other hosts
+  and slices, given as addresses). Rollout workers and decode servers on other hosts are found
+  through `replay_address` and `decode_addresses`; anything off loopback needs a token
+  (serve.token or $ASEARCHER_TOKEN). `num_devices`, `decode_num_devices` and
+  `device_memory_gib` let `asearcher plan` check a config before anything is launched.
+  """
+
+  mode: Literal["colocated", "disaggregated"] = "colocated"
+  learner_devices: tuple[int, ...] | None = None  # this host's accelerator ids (null: all)
+  decode_devices: tuple[int, ...] | None = None  # this host's ids for its decode servers
+  decode_replica: int = Field(0, ge=0)  # which decode server of this host a `serve` process is
+  memory_fraction: float = Field(0.9, gt=0, le=1)  # of a device's memory JAX may take
+  colocated_learner_share: float = Field(0.6, gt=0, lt=1)
+  decode_mesh: MeshSection | None = None  # one decode server's mesh (default: `mesh`)
+  decode_param_dtype: DType | None = None  # served (and published) weights; default param_dtype
+  replay_address: str | None = None  # host:port of the replay queue
+  decode_addresses: tuple[str, ...] = ()  # decode servers the learner publishes to
+  weights_dir: str | None = None  # shared by learner and decode hosts; <output_dir>/weights
+  verify_weights: bool = True  # per-tensor content hashes, checked by every decode server
+  num_devices: int | None = Field(None, ge=1)  # learner devices over all hosts (null: detect)
+  decode_num_devices: int | None = Field(None, ge=1)  # devices of one decode server
+  device_memory_gib: float | None = Field(None, gt=0)  # per device (null: detect)
+
+  @model_validator(mode="after")
+  def _check(self):
+    if self.replay_address is not None:
+      _check_address(self.replay_address, "placement.replay_address")
+    for a in self.decode_addresses:
+      _check_address(a, "placement.decode_addresses")
+    for key in ("learner_devices", "decode_devices"):
+      ids = getattr(self, key)
+      if ids is not None and (not ids or len(set(ids)) != len(ids) or min(ids) < 0):
+        raise ValueError(f"placement.{key}: expected distinct device ids >= 0, got {list(ids)}")
+    if self.mode == "disaggregated" and self.learner_devices and self.decode_devices:
+      shared = sorted(set(self.learner_devices) & set(self.decode_devices))
+      if shared:
+        raise ValueError(f"placement: disaggregated, but devices {shared} are in both "
+                         "learner_devices and decode_devices")
+    if (self.decode_devices and self.decode_num_devices
+        and len(self.decode_devices) % self.decode_num_devices):
+      raise ValueError(f"placement.decode_devices ({len(self.decode_devices)}) is not a "
+                       f"multiple of decode_num_devices ({self.decode_num_devices})")
+    return self
+
+
 class RunSection(Section):
   name: str = "debug"
   output_dir: str = "runs/debug"
@@ -120,6 +222,9 @@ class Config(Section):
   reward: RewardSection = RewardSection()
   eval: EvalSection = EvalSection()
   rl: RLSection = RLSection()
+  synth: SynthSection = SynthSection()
+  distributed: DistributedSection = DistributedSection()
+  placement: PlacementSection = PlacementSection()
   run: RunSection = RunSection()
 
   @property

@@ -1,21 +1,65 @@
 #!/usr/bin/env bash
-# Single-host debug run on the shipped default config (configs/debug.yaml), CPU or one device:
-# the asynchronous RL loop of `asearcher train` on the default world -- retrieval server,
-# decode server, replay queue, learner and rollout worker as processes -- for a few steps.
-# The policy is the untrained tiny model, which never earns a reward yet (an SFT warm start
-# comes next), so groups with all-equal rewards are kept to let every part of the loop run.
-# Extra arguments are config overrides (e.g. rl.total_steps=10); RESUME=1 continues a run.
+# Single-host debug mode, the whole story on the shipped default config (configs/debug.yaml),
+# CPU or one device, each stage a plain `asearcher` command:
+#   1. the default world (corpus, linked pages, 1-4 hop questions) and its BM25 index;
+#   2. a BPE tokenizer trained on the world and a tiny Qwen3 policy, as an HF directory;
+#   3. expert trajectories: the programmatic solver through the real agent and retrieval server;
+#   4. SFT warm start on them (`asearcher sft`), then held-out evaluation (Avg@4 / Pass@4);
+#   5. the asynchronous RL loop (`asearcher train`: retrieval server, decode server, replay
+#      queue, learner and rollout worker as processes), then held-out evaluation against SFT.
+# Environment: OUT_DIR (default runs/debug); RESUME=1 keeps finished stages and continues the
+# RL run; SFT_TRAJ (train questions the expert solves for SFT, default 1200), SFT_EPOCHS,
+# EVAL_QUESTIONS (held-out questions, default 80); extra arguments are config overrides of the
+# RL stage (e.g. rl.total_steps=10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-export PATH="$PWD/.venv/bin:$PATH"
+export PATH="$(cd "${ASEARCHER_VENV:-.venv}" && pwd)/bin:$PATH"
 out="${OUT_DIR:-runs/debug}"
-resume=()
-if [ "${RESUME:-0}" = 1 ]; then
-  resume=(--resume)
-else
+cfg=configs/debug.yaml
+world="$out/world"
+if [ "${RESUME:-0}" != 1 ]; then
   rm -rf "$out"
 fi
-asearcher train --config configs/debug.yaml run.output_dir="$out" rl.total_steps=4 agent.max_turns=4 \
-  agent.max_new_tokens=32 rl.filter_equal_rewards=false "${resume[@]}" "$@"
-echo "[debug] metrics $out/metrics.jsonl, TensorBoard $out/tensorboard, logs $out/logs"
+mkdir -p "$out"
+stage() { echo; echo "[debug] $*"; }
+start=$SECONDS
+
+stage "1/6 world: $world"
+[ -f "$world/index/manifest.json" ] || asearcher world build --out "$world" --index --overwrite
+
+stage "2/6 tokenizer and tiny policy: $out/model"
+[ -f "$out/model/config.json" ] || asearcher init-model --config "$cfg" --out "$out/model" \
+  --tokenizer-corpus "$world" --overwrite
+policy=(model.arch=null)
+
+stage "3/6 expert trajectories: $out/expert.jsonl"
+[ -f "$out/expert.jsonl" ] || asearcher world solve --config "$cfg" "${policy[@]}" \
+  model.path="$out/model" --world "$world" --limit "${SFT_TRAJ:-1200}" --out "$out/expert.jsonl" \
+  --no-progress
+
+stage "4/6 SFT warm start: $out/sft"
+[ -f "$out/sft/config.json" ] || asearcher sft --config "$cfg" "${policy[@]}" \
+  model.path="$out/model" --data "$out/expert.jsonl" --out "$out/sft" \
+  --epochs "${SFT_EPOCHS:-4}" --batch-rows 4 --loss-on all
+evaluate() {  # model, output dir, extra flags
+  asearcher eval --serve --config "$cfg" "${policy[@]}" model.path="$1" retrieval.index="$world/index" eval.sample=true \
+    --data "$world/qa_test.jsonl" --limit "${EVAL_QUESTIONS:-80}" --k 4 --out "$2" \
+    --concurrency 32 --no-progress "${@:3}"
+}
+[ -f "$out/eval_sft/report.json" ] || evaluate "$out/sft" "$out/eval_sft"
+
+stage "5/6 asynchronous RL from the SFT policy: $out/rl"
+resume=()
+[ -d "$out/rl/checkpoints" ] && resume=(--resume)
+asearcher train --config "$cfg" "${policy[@]}" model.path="$out/sft" run.output_dir="$out/rl" \
+  rl.data="[$world/qa_train.jsonl]" retrieval.index="$world/index" \
+  optimizer.learning_rate=5e-4 optimizer.warmup_steps=0 "${resume[@]}" "$@"
+
+stage "6/6 held-out evaluation of the RL policy against the SFT policy"
+rm -rf "$out/eval_rl"  # always the policy the RL stage ended with
+evaluate "$out/rl/weights" "$out/eval_rl" --baseline "$out/eval_sft/report.json"
+echo
+echo "[debug] done in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s:" \
+  "learning curve $out/rl/learning_curve.png, TensorBoard $out/rl/tensorboard," \
+  "evaluations $out/eval_sft and $out/eval_rl, logs $out/rl/logs"

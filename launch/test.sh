@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh test
-exec .venv/bin/python -m pytest tests "$@"
+exec "${ASEARCHER_VENV:-.venv}/bin/python" -m pytest tests "$@"

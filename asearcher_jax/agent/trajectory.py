@@ -87,8 +87,18 @@ class Trajectory:
       yield slice(a, b)
 
   def generations(self) -> list[str]:
-    """The text of each LLM call, as the format gate reads it."""
-    return [m["text"] for m in self.transcript if m["role"] == "policy"]
+    """The text of each generation, as the format gate reads it: one per LLM call, except that
+    a call cut by max_new_tokens and the calls that continue it are one generation (the agent
+    parses their action from the joined text, so the gate reads it the same way)."""
+    out: list[str] = []
+    texts = [m["text"] for m in self.transcript if m["role"] == "policy"]
+    for i, text in enumerate(texts):
+      prev = self.turns[i - 1] if 0 < i <= len(self.turns) else None
+      if prev is not None and prev.finish_reason == "length" and prev.action == "none":
+        out[-1] += text
+      else:
+        out.append(text)
+    return out
 
   def versions_range(self) -> tuple[int, int] | None:
     v = self.version[self.loss_mask]

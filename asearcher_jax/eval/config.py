@@ -14,6 +14,7 @@ class EvalSection(BaseModel):
   split: str = "test"  # for TFDS directories
   k: int = Field(4, ge=1)  # samples per question: Avg@k and Pass@k
   limit: int | None = Field(None, ge=1)  # questions per dataset
+  sample: bool = False  # with `limit`: a seeded (eval.seed) random subset, not the first ones
   concurrency: int = Field(16, ge=1)  # episodes in flight
   out_dir: str | None = None  # default <run.output_dir>/eval
   seed: int = 0  # sample i of question q uses a seed derived from (seed, q, i)

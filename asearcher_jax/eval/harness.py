@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 from typing import Any
 
 from asearcher_jax.agent import Agent, DecodePolicy, OpenAIPolicy, Trajectory, score, write_jsonl
@@ -23,12 +24,14 @@ from asearcher_jax.jsonl import append_lines, read_lines
 from asearcher_jax.reward.asearcher import Scorer
 
 
-def load_datasets(paths, split: str = "test", limit: int | None = None
+def load_datasets(paths, split: str = "test", limit: int | None = None,
+                  sample_seed: int | None = None
                   ) -> tuple[list[tuple[str, QAItem]], list[str], int]:
   """(dataset name, item) pairs, the loaders' summaries, and the count of skipped rows.
 
   A dataset is an item's `source` (a DeepResearcher file holds several) or its file's name.
-  `limit` keeps the first questions of each dataset.
+  `limit` keeps the first questions of each dataset or, with a `sample_seed`, a seeded random
+  subset of them (files sorted by difficulty would otherwise yield only the easy ones).
   """
   items, notes, skipped = [], [], 0
   for path in paths:
@@ -44,13 +47,17 @@ def load_datasets(paths, split: str = "test", limit: int | None = None
     stem = os.path.splitext(os.path.basename(path.rstrip("/")))[0]
     items.extend((it.source or stem, it) for it in rows)
   if limit is not None:
+    order = list(range(len(items)))
+    if sample_seed is not None:
+      random.Random(sample_seed).shuffle(order)
     seen: dict[str, int] = {}
-    kept = []
-    for ds, it in items:
+    keep = set()
+    for i in order:
+      ds = items[i][0]
       seen[ds] = seen.get(ds, 0) + 1
       if seen[ds] <= limit:
-        kept.append((ds, it))
-    items = kept
+        keep.add(i)
+    items = [x for i, x in enumerate(items) if i in keep]  # in file order
   return items, notes, skipped
 
 
@@ -120,7 +127,8 @@ async def evaluate(cfg, *, policy=None, tools=None, progress: bool = True,
   out_dir = e.out_dir or os.path.join(cfg.run.output_dir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   traces_path = os.path.join(out_dir, "traces.jsonl")
-  items, notes, skipped = load_datasets(e.data, e.split, e.limit)
+  items, notes, skipped = load_datasets(e.data, e.split, e.limit,
+                                        e.seed if e.sample else None)
   for n in notes:
     echo(n)
   done = {key for key, t in latest_traces(traces_path, e.k).items() if t["status"] != "aborted"}

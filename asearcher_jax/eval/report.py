@@ -66,3 +66,25 @@ def format_table(report: Mapping[str, dict], k: int) -> str:
   widths = [max(len(x) for x in col) for col in zip(head, *rows)]
   line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
   return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def format_comparison(before: Mapping[str, dict], after: Mapping[str, dict], k: int,
+                      names: tuple[str, str] = ("baseline", "this run")) -> str:
+  """Avg@k and Pass@k of two reports side by side, with the change in points, for every
+  dataset and metric both have."""
+  head = ["dataset", "metric", f"{names[0]} avg@{k}", f"{names[1]} avg@{k}", "change",
+          f"{names[0]} pass@{k}", f"{names[1]} pass@{k}", "change"]
+  rows = []
+  for ds in sorted(set(before) & set(after)):
+    b, a = before[ds]["metrics"], after[ds]["metrics"]
+    for m in sorted(set(b) & set(a)):
+      cells = [ds, m]
+      for stat in (f"avg@{k}", f"pass@{k}"):
+        x, y = 100 * b[m][stat], 100 * a[m][stat]
+        cells += [f"{x:.1f}", f"{y:.1f}", f"{y - x:+.1f}"]
+      rows.append(cells)
+  if not rows:
+    return "no dataset and metric in common with the baseline"
+  widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+  line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+  return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])

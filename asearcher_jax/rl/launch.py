@@ -21,8 +21,10 @@ import time
 from typing import Callable
 
 from asearcher_jax.errors import AsearcherError
+from asearcher_jax.rl.plot import plot_metrics
 
 RESTARTS = 5  # per rollout worker
+PLOT_EVERY_S = 20.0  # the learning curve is redrawn at most this often while training
 
 
 def free_port() -> int:
@@ -49,6 +51,7 @@ def run_rollout(cfg, *, worker: int, workers: int, replay: str, decode: str,
   from asearcher_jax.agent import Agent, DecodePolicy
   from asearcher_jax.eval.harness import policy_tokenizer
   from asearcher_jax.inference.client import DecodeClient
+  from asearcher_jax.placement import client_token
   from asearcher_jax.replay import ReplayClient
   from asearcher_jax.reward import Scorer
   from asearcher_jax.rl.rollout import PromptStream, RolloutWorker
@@ -63,9 +66,10 @@ def run_rollout(cfg, *, worker: int, workers: int, replay: str, decode: str,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
       loop.add_signal_handler(sig, stop.set)
-    async with DecodeClient(decode, timeout=cfg.eval.request_timeout_s) as client:
+    token = client_token(cfg)  # servers on other hosts require it
+    async with DecodeClient(decode, token=token, timeout=cfg.eval.request_timeout_s) as client:
       tools = make_client(cfg.search, cfg.web)
-      replay_client = ReplayClient(replay)
+      replay_client = ReplayClient(replay, token=token)
       try:
         agent = Agent(cfg.agent, DecodePolicy(client, tokenizer), tools)
         w = RolloutWorker(worker=worker, workers=workers, rl=cfg.rl, agent=agent,
@@ -84,12 +88,18 @@ def run_rollout(cfg, *, worker: int, workers: int, replay: str, decode: str,
 
 
 def build_learner(cfg, *, replay, decode: list[str], out_dir: str, echo=print):
-  """The learner with the publisher the placement needs (decode servers over gRPC)."""
+  """The learner with the publisher the placement needs (decode servers over gRPC). With
+  several processes (`jax.distributed`), the mesh spans all of them and the learner is a
+  `MultiHostLearner`; `replay` is then process 0's client (None elsewhere)."""
+  import jax
+
+  from asearcher_jax import distributed
   from asearcher_jax.models import build_tokenizer, create_model, from_pretrained
   from asearcher_jax.models.pretrained import tokenizer_dir
+  from asearcher_jax.placement import client_token
   from asearcher_jax.rl.learner import Learner
   from asearcher_jax.rl.publish import CheckpointPublisher
-  from asearcher_jax.sharding import make_mesh
+  from asearcher_jax.sharding import describe, make_mesh
   mesh = make_mesh(cfg.mesh.shape())
   m = cfg.model
   if m.path:
@@ -101,30 +111,52 @@ def build_learner(cfg, *, replay, decode: list[str], out_dir: str, echo=print):
     model = create_model(arch, mesh, seed=m.seed, param_dtype=m.param_dtype, dtype=m.dtype,
                          attention_impl=m.attention, remat=m.remat)
     tok_dir = os.path.join(out_dir, "tokenizer")
-    build_tokenizer().save(tok_dir)
-  publisher = CheckpointPublisher(os.path.join(out_dir, "weights"), arch, decode,
-                                  tokenizer_dir=tok_dir, token=cfg.serve.token)
-  return Learner(cfg, model=model, replay=replay, publisher=publisher, out_dir=out_dir, echo=echo)
+    if distributed.is_primary():
+      build_tokenizer().save(tok_dir)
+    distributed.barrier("learner-tokenizer")
+  p = cfg.placement
+  publisher = CheckpointPublisher(p.weights_dir or os.path.join(out_dir, "weights"), arch, decode,
+                                  tokenizer_dir=tok_dir, token=client_token(cfg),
+                                  dtype=p.decode_param_dtype, verify=p.verify_weights)
+  if jax.process_count() == 1:
+    learner = Learner(cfg, model=model, replay=replay, publisher=publisher, out_dir=out_dir,
+                      echo=echo)
+  else:
+    from asearcher_jax.rl.multihost import MultiHostLearner, ReplicatedReplay
+    echo(f"learner: process {jax.process_index()} of {jax.process_count()}, mesh "
+         f"{describe(mesh)}")
+    learner = MultiHostLearner(cfg, model=model, replay=ReplicatedReplay(replay),
+                               publisher=publisher, out_dir=out_dir, echo=echo)
+  return learner
 
 
-def run_learn(cfg, *, replay: str, decode: list[str], resume: bool) -> int:
+def run_learn(cfg, *, replay: str | None, decode: list[str] | None, resume: bool) -> int:
+  """The learner process: joins the run's other learner processes first (jax.distributed,
+  from `distributed:`), takes its devices (`placement:`), then trains."""
+  from asearcher_jax import distributed, placement
   from asearcher_jax.replay import SyncReplayClient
+  cfg = placement.apply(cfg, "learner")
+  replay = placement.replay_address(cfg, replay)
+  decode = placement.decode_addresses(cfg, decode)
+  distributed.initialize(cfg.distributed)
+  primary = distributed.is_primary()
   out_dir = cfg.run.output_dir
-  client = SyncReplayClient(replay)
-  learner = build_learner(cfg, replay=client, decode=decode, out_dir=out_dir,
-                          echo=lambda s: print(s, flush=True))
+  client = SyncReplayClient(replay, token=placement.client_token(cfg)) if primary else None
+  echo = (lambda s: print(s, flush=True)) if primary else (lambda s: None)
+  learner = build_learner(cfg, replay=client, decode=decode, out_dir=out_dir, echo=echo)
   try:
     if resume:
       learner.restore()
-    elif client.state("").version > 0:
+    elif learner.replay.state("").version > 0:
       raise AsearcherError(f"the replay queue at {replay} is at version "
-                           f"{client.state('').version}: it belongs to a previous run; pass "
-                           "--resume to continue it")
+                           f"{learner.replay.state('').version}: it belongs to a previous run; "
+                           "pass --resume to continue it")
     learner.run()
   finally:
     learner.close()
-    client.close()
-  print("learner finished", flush=True)
+    if client is not None:
+      client.close()
+  echo("learner finished")
   return 0
 
 
@@ -234,6 +266,7 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
   log_dir = os.path.join(out_dir, "logs")
   os.makedirs(log_dir, exist_ok=True)
   metrics_path = os.path.join(out_dir, "metrics.jsonl")
+  curve = os.path.join(out_dir, "learning_curve.png")
   ckpt_dir = cfg.checkpoint.directory or os.path.join(out_dir, "checkpoints")
   journal = os.path.join(out_dir, "replay", "journal.jsonl")
   if not resume and (os.path.exists(ckpt_dir) or os.path.exists(journal)):
@@ -303,6 +336,10 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
     bar = tqdm(total=cfg.rl.total_steps, initial=_last_step(metrics_path), desc="train",
                unit="step", disable=not progress, dynamic_ncols=True)
     from asearcher_jax.rl.metrics import console_line
+    (bar.write if progress else echo)(f"learning curve: {curve} (refreshed as it trains); "
+                                      f"TensorBoard: tensorboard --logdir "
+                                      f"{os.path.join(out_dir, 'tensorboard')}")
+    plotted = 0.0
     while True:
       time.sleep(0.5)
       lines = _read_from(metrics_path, seen)
@@ -311,6 +348,9 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
         bar.n = m["step"]
         bar.refresh()
         (bar.write if progress else echo)(console_line(m["step"], cfg.rl.total_steps, m))
+      if lines and time.monotonic() - plotted > PLOT_EVERY_S:
+        plot_metrics(metrics_path, curve, title=f"{cfg.run.name}: {out_dir}")
+        plotted = time.monotonic()
       if stopping["flag"]:
         echo("stopping: asking the learner to checkpoint")
         learner.stop(signal.SIGTERM, wait_s=300)
@@ -349,8 +389,10 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
       c.stop()
     for s, h in previous.items():
       signal.signal(s, h)
-  echo(f"metrics: {metrics_path}; TensorBoard: {os.path.join(out_dir, 'tensorboard')}; "
-       f"checkpoints: {os.path.join(out_dir, 'checkpoints')}")
+  plot_metrics(metrics_path, curve, title=f"{cfg.run.name}: {out_dir}")
+  echo(f"metrics: {metrics_path}; learning curve: {curve}; TensorBoard: "
+       f"{os.path.join(out_dir, 'tensorboard')}; checkpoints: {ckpt_dir}; "
+       f"policy: {os.path.join(out_dir, 'weights')}")
   return status
 
 

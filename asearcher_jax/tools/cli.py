@@ -4,6 +4,7 @@
   asearcher retrieval serve [--config FILE [key=value ...]] [--index DIR] [--host H] [--port P]
                             [--token T]
   asearcher world build --out DIR [--seed S] [--max-hops N] [--index]
+  asearcher world solve --config FILE --out TRAJ.jsonl [--world DIR] [--split train]
 
 `retrieval serve` without `--index` serves the default debug world, generating it and its
 index into the cache directory on first use. Run them as `python -m asearcher_jax.cli ...`
@@ -31,14 +32,9 @@ def cmd_index_build(args) -> int:
 
 def default_world_index(cache_dir: str | None = None) -> str:
   """The debug world's index directory, generating world and index on first use."""
-  from asearcher_jax.tools.index import build_index
   from asearcher_jax.world import ensure_world
-  world = ensure_world(cache_dir=cache_dir)
-  out = os.path.join(world, "index")
-  if not os.path.exists(os.path.join(out, "manifest.json")):
-    build_index(os.path.join(world, "corpus.jsonl"), out,
-                pages=os.path.join(world, "pages.jsonl"), overwrite=True)
-  return out
+  from asearcher_jax.world.solve import world_index
+  return world_index(ensure_world(cache_dir=cache_dir))
 
 
 _SERVE_FLAGS = ("index", "host", "port", "workers", "mode")
@@ -112,6 +108,17 @@ def cmd_world_build(args) -> int:
   return 0
 
 
+def cmd_world_solve(args) -> int:
+  from asearcher_jax.config import load_config
+  from asearcher_jax.world import ensure_world
+  from asearcher_jax.world.solve import solve_command
+  cfg = load_config(args.config, args.overrides)
+  solve_command(cfg, world_dir=args.world or ensure_world(), split=args.split, out=args.out,
+                limit=args.limit, keep=args.keep, concurrency=args.concurrency, seed=args.seed,
+                progress=not args.no_progress)
+  return 0
+
+
 def register(subparsers) -> None:
   """Add `index`, `retrieval` and `world` to the `asearcher` subcommands."""
   from asearcher_jax.world.config import WorldConfig
@@ -169,4 +176,22 @@ def register(subparsers) -> None:
   w.add_argument("--index", action="store_true", help="also build OUT/index")
   w.add_argument("--overwrite", action="store_true")
   w.set_defaults(fn=cmd_world_build)
+
+  v = wsub.add_parser("solve", help="the expert solver over a split, through the agent and a "
+                                    "retrieval server: trajectories for `asearcher sft`")
+  v.add_argument("--config", help="YAML config (agent, search, reward; the tokenizer of "
+                                  "model.path)")
+  v.add_argument("overrides", nargs="*", metavar="key=value")
+  v.add_argument("--world", help="world directory (default: the debug world, built on first "
+                                 "use)")
+  v.add_argument("--split", default="train", choices=["train", "test"])
+  v.add_argument("--out", required=True, help="trajectory JSONL to write")
+  v.add_argument("--limit", type=int, help="a seeded random sample of N questions of the split "
+                                           "(the files are sorted by hops)")
+  v.add_argument("--seed", type=int, default=0, help="of the sample")
+  v.add_argument("--keep", choices=["solved", "all"], default="solved",
+                 help="write only full-reward trajectories (default) or all")
+  v.add_argument("--concurrency", type=int, default=16)
+  v.add_argument("--no-progress", action="store_true")
+  v.set_defaults(fn=cmd_world_solve)
 

@@ -19,14 +19,22 @@ from asearcher_jax.train.optimizer import make_optimizer
 from asearcher_jax.train.packing import pack_sequences
 
 
-def sft_rows(paths: list[str], row_tokens: int) -> tuple[dict[str, np.ndarray], int]:
-  """Every sequence of every record in `paths`, packed into rows; (rows, records read)."""
+def sft_rows(paths: list[str], row_tokens: int, loss_on: str = "agent"
+             ) -> tuple[dict[str, np.ndarray], int]:
+  """Every sequence of every record in `paths`, packed into rows; (rows, records read).
+
+  `loss_on="all"` trains on every token, prompts and tool output included: for a policy that
+  was never pretrained (the debug model), the world's text it reads is language-model data,
+  and copying names between titles, URLs and passages teaches it the copying that search
+  needs; a pretrained model keeps the default, its own tokens only."""
   seqs, n = [], 0
   for path in paths:
     for t in read_jsonl(path):
       n += 1
       for s in t.sequences():
         tokens, mask = t.tokens[s][:row_tokens], t.loss_mask[s][:row_tokens]
+        if loss_on == "all":
+          mask = np.ones_like(mask)
         if mask[1:].any():
           seqs.append({"tokens": tokens, "loss_mask": mask})
   if not seqs:
@@ -37,11 +45,11 @@ def sft_rows(paths: list[str], row_tokens: int) -> tuple[dict[str, np.ndarray], 
 
 
 def run_sft(model, paths: list[str], *, optimizer_cfg, row_tokens: int, batch_rows: int,
-            epochs: int, seed: int = 0, progress: bool = True,
+            epochs: int, loss_on: str = "agent", seed: int = 0, progress: bool = True,
             echo: Callable[[str], None] = print) -> list[float]:
   """Trains `model` in place; returns the loss of every step."""
   from tqdm.auto import tqdm
-  rows, records = sft_rows(paths, row_tokens)
+  rows, records = sft_rows(paths, row_tokens, loss_on)
   r = len(rows["tokens"])
   batch_rows = min(batch_rows, r)
   steps_per_epoch = -(-r // batch_rows)
@@ -68,7 +76,7 @@ def run_sft(model, paths: list[str], *, optimizer_cfg, row_tokens: int, batch_ro
 
 
 def sft_command(cfg, paths: list[str], out: str, *, epochs: int, batch_rows: int,
-                progress: bool = True) -> str:
+                loss_on: str = "agent", progress: bool = True) -> str:
   """Loads the config's policy, fine-tunes it, writes an HF directory to `out`."""
   from asearcher_jax.models import build_tokenizer, create_model, from_pretrained, save_pretrained
   from asearcher_jax.sharding import make_mesh
@@ -83,7 +91,8 @@ def sft_command(cfg, paths: list[str], out: str, *, epochs: int, batch_rows: int
                          attention_impl=m.attention, remat=m.remat)
     tokenizer = build_tokenizer()
   losses = run_sft(model, paths, optimizer_cfg=cfg.optimizer, row_tokens=cfg.rl.row_tokens,
-                   batch_rows=batch_rows, epochs=epochs, seed=m.seed, progress=progress)
+                   batch_rows=batch_rows, epochs=epochs, loss_on=loss_on, seed=m.seed,
+                   progress=progress)
   path = save_pretrained(model, os.path.abspath(out), tokenizer=tokenizer, overwrite=True,
                          progress=False)
   print(f"sft: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps; wrote {path}")

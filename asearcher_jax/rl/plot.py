@@ -1,0 +1,66 @@
+"""The learning curve of a run as one PNG: reward, success, turns, tool calls and staleness
+against the learner step, read from metrics.jsonl. Written atomically, so a viewer that
+reloads the file while training never sees half an image."""
+
+from __future__ import annotations
+
+import os
+
+from asearcher_jax.jsonl import read_lines
+
+# (title, [(metric key, label)], y-axis label)
+PANELS = (
+    ("reward", [("reward", "mean reward")], "reward"),
+    ("success", [("success", "success rate")], "fraction"),
+    ("turns per episode", [("turns", "turns")], "turns"),
+    ("tool calls per episode", [("search_calls", "search"), ("access_calls", "access")],
+     "calls"),
+    ("staleness (learner version - token version)",
+     [("staleness_mean", "mean"), ("staleness_max", "max")], "versions"),
+    ("PPO", [("clip_frac", "clip fraction"), ("approx_kl", "approx. KL")], ""),
+)
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+  """Trailing moving average (the raw points stay on the plot, faint)."""
+  out, total = [], 0.0
+  for i, v in enumerate(values):
+    total += v
+    if i >= window:
+      total -= values[i - window]
+    out.append(total / min(i + 1, window))
+  return out
+
+
+def plot_metrics(metrics_path: str, out_png: str, *, title: str | None = None) -> str | None:
+  """Renders `out_png` from the metrics file; None when there is nothing to plot yet."""
+  rows = [r for r in read_lines(metrics_path) if "step" in r] if os.path.exists(
+      metrics_path) else []
+  if not rows:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")  # files only; never a display
+  import matplotlib.pyplot as plt
+  steps = [r["step"] for r in rows]
+  window = max(1, len(rows) // 10)
+  fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
+  for ax, (name, series, ylabel) in zip(axes.flat, PANELS):
+    for key, label in series:
+      pts = [(s, r[key]) for s, r in zip(steps, rows) if isinstance(r.get(key), (int, float))]
+      if not pts:
+        continue
+      xs, ys = zip(*pts)
+      line, = ax.plot(xs, ys, alpha=0.3, linewidth=1)
+      ax.plot(xs, smooth(list(ys), window), color=line.get_color(), linewidth=2, label=label)
+    ax.set_title(name)
+    ax.set_xlabel("learner step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(series) > 1 and ax.get_lines():
+      ax.legend(fontsize=8)
+  fig.suptitle(title or os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))
+  tmp = f"{out_png}.tmp-{os.getpid()}.png"
+  fig.savefig(tmp, dpi=90)
+  plt.close(fig)
+  os.replace(tmp, out_png)
+  return out_png

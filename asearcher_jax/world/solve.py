@@ -1,0 +1,94 @@
+"""`asearcher world solve`: the expert solver over a world's questions, through the real agent
+loop and a real retrieval server, writing scored trajectories for `asearcher sft`."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+from typing import Any
+
+from asearcher_jax.agent import Agent, score, write_jsonl
+from asearcher_jax.data.qa import load_qa
+from asearcher_jax.reward import Scorer
+from asearcher_jax.world.solver import WorldSolver
+
+
+def world_index(world_dir: str) -> str:
+  """`<world>/index`, built on first use (BM25 over the corpus, with the pages for /access)."""
+  from asearcher_jax.tools.index import build_index
+  out = os.path.join(world_dir, "index")
+  if not os.path.exists(os.path.join(out, "manifest.json")):
+    build_index(os.path.join(world_dir, "corpus.jsonl"), out,
+                pages=os.path.join(world_dir, "pages.jsonl"), overwrite=True,
+                log=lambda *_: None)
+  return out
+
+
+async def solve_items(cfg, items, tokenizer, tools, *, concurrency: int = 16,
+                      progress: bool = True) -> list:
+  """Scored trajectories of the solver on `items` (QAItems), in order; closes `tools`."""
+  from tqdm.auto import tqdm
+  solver = WorldSolver(tokenizer, [it.question for it in items])
+  agent = Agent(cfg.agent, solver, tools)
+  scorer = Scorer(cfg.reward)
+  sem = asyncio.Semaphore(concurrency)
+  bar = tqdm(total=len(items), desc="solve", unit="question", disable=not progress)
+
+  async def one(i, item):
+    async with sem:
+      traj = await score(await agent.run(item, group_id=item.qid, seed=i), scorer)
+      bar.update(1)
+      return traj
+
+  try:
+    return await asyncio.gather(*(one(i, it) for i, it in enumerate(items)))
+  finally:
+    bar.close()
+    await tools.close()
+
+
+def summary(trajectories) -> dict[str, Any]:
+  n = max(1, len(trajectories))
+  calls = collections.Counter(t.action for traj in trajectories for t in traj.turns)
+  return {
+      "questions": len(trajectories),
+      "solved": sum(t.reward >= 1.0 for t in trajectories) / n,
+      "turns": sum(len(t.turns) for t in trajectories) / n,
+      "search_calls": calls["search"] / n,
+      "access_calls": calls["access"] / n,
+      "statuses": dict(collections.Counter(t.status for t in trajectories)),
+  }
+
+
+def solve_command(cfg, *, world_dir: str, split: str, out: str, limit: int | None,
+                  keep: str, concurrency: int, seed: int = 0, progress: bool = True,
+                  echo=print) -> dict:
+  """Solves a split of the world and writes trajectories (all, or only `keep=solved` ones, the
+  SFT data) to `out`; returns the summary."""
+  from asearcher_jax.eval.harness import policy_tokenizer
+  from asearcher_jax.tools.client import LocalSearchClient
+  from asearcher_jax.tools.index import SearchIndex
+  from asearcher_jax.tools.retrieval_server import ServerThread, create_app
+  items = load_qa(os.path.join(world_dir, f"qa_{split}.jsonl")).items
+  if limit is not None and limit < len(items):  # the files are sorted by hops: sample them
+    items = random.Random(seed).sample(items, limit)
+  tokenizer = policy_tokenizer(cfg)
+  app = create_app(SearchIndex(world_index(world_dir)), cfg.retrieval)
+  with ServerThread(app) as server:
+    tools = LocalSearchClient(cfg.search.model_copy(update={"url": server.url}))
+    trajectories = asyncio.run(solve_items(cfg, items, tokenizer, tools,
+                                           concurrency=concurrency, progress=progress))
+  kept = [t for t in trajectories if keep == "all" or t.reward >= 1.0]
+  if os.path.exists(out):
+    os.remove(out)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  write_jsonl(out, kept)
+  stats = summary(trajectories)
+  echo(f"solved {stats['solved']:.1%} of {stats['questions']} {split} questions; "
+       f"{stats['turns']:.2f} turns, {stats['search_calls']:.2f} searches and "
+       f"{stats['access_calls']:.2f} page opens per episode; statuses {stats['statuses']}; "
+       f"wrote {len(kept)} trajectories to {out}")
+  return stats
+

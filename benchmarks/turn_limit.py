@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""The paper's central claim at small scale: a short turn limit caps what RL can teach.
+
+  python benchmarks/turn_limit.py [--limits 10 64] [--rl-steps 30] [--work DIR] [key=value ...]
+
+On a world whose questions need up to --max-hops hops (one search per hop, so a 12-hop
+question takes at least 13 turns), one tiny policy is warm-started by SFT on the expert's
+trajectories (solved with no practical turn limit), then trained by the asynchronous RL loop
+(`asearcher train`) once per turn limit, from the same SFT weights with the same seeds, and
+each RL policy is evaluated on the same held-out questions under the limit it was trained
+with. Reported per limit: held-out success (EM Avg@k / Pass@k) overall and by hop count,
+turns and tool calls per episode, and how episodes ended. Prints a table, writes JSON and a
+PNG under benchmarks/results/ (and everything else under --work).
+
+Every stage is the CLI a user runs (world build, init-model, world solve, sft, train, eval);
+a stage whose output exists in --work is reused, so an interrupted run continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from benchmarks.common import RESULTS, run_info, write_result  # noqa: E402
+
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "debug.yaml")
+
+
+def cli(*args: str, log: str) -> None:
+  """One `asearcher` command, its output appended to `log`; raises with the log's tail."""
+  t0 = time.time()
+  print(f"$ asearcher {' '.join(args)}", flush=True)
+  with open(log, "a") as f:
+    f.write(f"\n$ asearcher {' '.join(args)}\n")
+    f.flush()
+    code = subprocess.call([sys.executable, "-m", "asearcher_jax.cli", *args], stdout=f,
+                           stderr=subprocess.STDOUT)
+  if code != 0:
+    with open(log) as f:
+      tail = f.read()[-3000:]
+    raise SystemExit(f"failed ({code}) after {time.time() - t0:.0f}s; {log}:\n{tail}")
+  print(f"  ok in {time.time() - t0:.0f}s", flush=True)
+
+
+def by_hops(traces: str, qa_test: str, k: int) -> dict:
+  """Success (EM) Avg@k per hop count, and per-episode turns and tool calls."""
+  with open(qa_test) as f:
+    hops = {r["qid"]: r["hops"] for r in map(json.loads, f)}
+  per_q: dict[str, list] = collections.defaultdict(list)
+  rows = []
+  with open(traces) as f:
+    for line in f:
+      r = json.loads(line)
+      rows.append(r)
+      per_q[r["qid"]].append(r["metrics"].get("em", 0.0))
+  out: dict[int, list] = collections.defaultdict(list)
+  for q, scores in per_q.items():
+    out[hops[q]].append(sum(scores[:k]) / len(scores[:k]))
+  return {"success_by_hops": {h: sum(v) / len(v) for h, v in sorted(out.items())},
+          "questions_by_hops": {h: len(v) for h, v in sorted(out.items())},
+          "status": dict(collections.Counter(r["status"] for r in rows))}
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+  for limit, r in results.items():
+    h = sorted(r["success_by_hops"], key=int)
+    a.plot([int(x) for x in h], [r["success_by_hops"][x] for x in h], marker="o",
+           label=f"trained and run with {limit} turns")
+  a.set_xlabel("hops the question needs")
+  a.set_ylabel("held-out success (EM Avg@k)")
+  a.grid(alpha=0.3)
+  a.legend()
+  names = list(results)
+  b.bar([str(n) for n in names], [results[n]["tool_calls"] for n in names])
+  b.set_xlabel("turn limit")
+  b.set_ylabel("tool calls per episode")
+  b.grid(alpha=0.3, axis="y")
+  fig.suptitle("turn limit in RL training: held-out success and tool use")
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  print(f"plot {path}")
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+  p.add_argument("--limits", type=int, nargs="+", default=[10, 64])
+  p.add_argument("--max-hops", type=int, default=12)
+  p.add_argument("--questions-per-hop", type=int, default=150)
+  p.add_argument("--sft-questions", type=int, default=1500)
+  p.add_argument("--sft-epochs", type=int, default=1)
+  p.add_argument("--rl-steps", type=int, default=30)
+  p.add_argument("--eval-questions", type=int, default=120)
+  p.add_argument("--k", type=int, default=2)
+  p.add_argument("--work", default="runs/turn_limit")
+  p.add_argument("--results", help="JSON output (default: benchmarks/results/turn_limit_cpu.json)")
+  p.add_argument("overrides", nargs="*", help="config overrides for every stage")
+  args = p.parse_args()
+  w = os.path.abspath(args.work)
+  os.makedirs(w, exist_ok=True)
+  log = os.path.join(w, "stages.log")
+  world = os.path.join(w, "world")
+  # Long episodes: 2048-token contexts (the expert's 12-hop episodes are about 1,100 tokens).
+  common = ["--config", CONFIG, "model.arch=null", "serve.max_len=2048",
+            "agent.max_context_tokens=2048", "rl.row_tokens=2048", "rl.micro_batch_rows=2",
+            *args.overrides]
+  t0 = time.time()
+  if not os.path.exists(os.path.join(world, "index", "manifest.json")):
+    cli("world", "build", "--out", world, "--index", "--overwrite", "--max-hops",
+        str(args.max_hops), "--questions-per-hop", str(args.questions_per_hop), "--num-people",
+        "1200", "--num-cities", "240", "--num-countries", "30", "--num-orgs", "240",
+        "--num-works", "480", log=log)
+  model = os.path.join(w, "model")
+  if not os.path.exists(os.path.join(model, "config.json")):
+    cli("init-model", "--config", CONFIG, *args.overrides, "--out", model, "--tokenizer-corpus",
+        world, "--overwrite", log=log)
+  expert = os.path.join(w, "expert.jsonl")
+  if not os.path.exists(expert):
+    cli("world", "solve", *common, f"model.path={model}", "agent.max_turns=64", "--world",
+        world, "--limit", str(args.sft_questions), "--out", expert, "--no-progress", log=log)
+  sft = os.path.join(w, "sft")
+  if not os.path.exists(os.path.join(sft, "config.json")):
+    cli("sft", *common, f"model.path={model}", "--data", expert, "--out", sft, "--epochs",
+        str(args.sft_epochs), "--batch-rows", "2", "--no-progress", log=log)
+  results = {}
+  qa_test = os.path.join(world, "qa_test.jsonl")
+  for limit in args.limits:
+    run = os.path.join(w, f"rl_{limit}")
+    limits = [f"agent.max_turns={limit}"]
+    if not os.path.exists(os.path.join(run, "metrics.jsonl")) or sum(
+        1 for _ in open(os.path.join(run, "metrics.jsonl"))) < args.rl_steps:
+      cli("train", *common, *limits, f"model.path={sft}", f"run.output_dir={run}",
+          f"rl.data=[{os.path.join(world, 'qa_train.jsonl')}]",
+          f"retrieval.index={os.path.join(world, 'index')}", f"rl.total_steps={args.rl_steps}",
+          "optimizer.learning_rate=3e-4", "optimizer.warmup_steps=0", "--no-progress",
+          *(["--resume"] if os.path.exists(os.path.join(run, "checkpoints")) else []), log=log)
+    ev = os.path.join(w, f"eval_{limit}")
+    if not os.path.exists(os.path.join(ev, "report.json")):
+      cli("eval", "--serve", *common, *limits, f"model.path={os.path.join(run, 'weights')}",
+          f"retrieval.index={os.path.join(world, 'index')}", "eval.sample=true", "--data",
+          qa_test, "--limit", str(args.eval_questions), "--k", str(args.k), "--out", ev,
+          "--concurrency", "32", "--no-progress", log=log)
+    with open(os.path.join(ev, "report.json")) as f:
+      [ds] = json.load(f)["datasets"].values()
+    em = ds["metrics"]["em"]
+    results[limit] = {"success_avg": em[f"avg@{args.k}"], "success_pass": em[f"pass@{args.k}"],
+                      "turns": ds["mean_turns"], "tool_calls": ds["mean_tool_calls"],
+                      **by_hops(os.path.join(ev, "traces.jsonl"), qa_test, args.k)}
+  print(f"\nheld-out success by turn limit (EM, k={args.k}, {args.eval_questions} questions, "
+        f"1-{args.max_hops} hops, {args.rl_steps} RL steps from one SFT start):")
+  print(f"{'limit':>5}  {'avg@k':>6}  {'pass@k':>6}  {'turns':>5}  {'tools':>5}  by hops")
+  for limit, r in results.items():
+    hops = " ".join(f"{h}:{100 * v:.0f}" for h, v in r["success_by_hops"].items())
+    print(f"{limit:>5}  {100 * r['success_avg']:6.1f}  {100 * r['success_pass']:6.1f}  "
+          f"{r['turns']:5.1f}  {r['tool_calls']:5.1f}  {hops}")
+  out = {"benchmark": "turn_limit", **run_info(), "args": vars(args),
+         "wall_s": time.time() - t0, "results": results}
+  path = write_result(out, args.results, "turn_limit_cpu")
+  plot(results, os.path.join(RESULTS if not args.results else os.path.dirname(path),
+                             os.path.splitext(os.path.basename(path))[0] + ".png"))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,171 @@
+"""The world's expert solver: question parsing, fact reading, and whole episodes through the
+real agent loop and retrieval server whose records are valid and earn full reward; the
+world tokenizer trained for the debug policy."""
+
+import asyncio
+import dataclasses
+import os
+
+import pytest
+
+from asearcher_jax.agent import AgentSection, parse_action
+from asearcher_jax.config import load_config
+from asearcher_jax.data.qa import load_qa
+from asearcher_jax.errors import DataError
+from asearcher_jax.tools.client import LocalSearchClient
+from asearcher_jax.tools.index import SearchIndex
+from asearcher_jax.tools.retrieval_server import ServerThread, create_app
+from asearcher_jax.tools.types import ToolResult
+from asearcher_jax.world import WorldConfig, generate_world, write_world
+from asearcher_jax.world.solve import solve_items, summary, world_index
+from asearcher_jax.world.solver import find_fact, parse_question
+from asearcher_jax.world.tokenizer import train_tokenizer
+
+SMALL = {"num_people": 60, "num_cities": 14, "num_countries": 4, "num_orgs": 12,
+         "num_works": 12, "questions_per_hop": 12}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("solver") / "world")
+  w = generate_world(WorldConfig(seed=3, max_hops=5, **SMALL))
+  write_world(w, path)
+  world_index(path)
+  return w, path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+  return train_tokenizer([world[1]], 1024)
+
+
+def test_every_world_question_parses_to_its_chain(world):
+  w, _ = world
+  for item in w.qa_train + w.qa_test:
+    plan = parse_question(item["question"])
+    assert plan is not None, item["question"]
+    assert plan.start == w.entities[item["start"]].name
+    assert len(plan.hops) == item["hops"]
+    for keys, step in zip(plan.hops, item["chain"]):
+      assert step["relation"] in keys
+  assert parse_question("What is the airspeed of an unladen swallow?") is None
+
+
+def test_find_fact_reads_exactly_the_subject_and_the_most_specific_fact():
+  text = ('"Alen Varrow"\nAlen Varrow was born in Kelport. Alen Varro was born in 1931.\n'
+          "Alen Varro was born in Marholm. Sela is a city in Dorland. Sela is a city in this "
+          "world. The Glass Tide is a ballet. Bo Ren is a poet by profession.")
+  assert find_fact(text, "Alen Varro", ("born_in",)) == ("Marholm",
+                                                         "Alen Varro was born in Marholm.")
+  assert find_fact(text, "Alen Varro", ("birth_year",))[0] == "1931"
+  assert find_fact(text, "Alen Varrow", ("born_in",))[0] == "Kelport"
+  assert find_fact(text, "Sela", ("country",))[0] == "Dorland"
+  # "X is a Y." is a genre only when no more specific fact (city in, profession) reads it.
+  assert find_fact(text, "Sela", ("genre",)) is None
+  assert find_fact(text, "Bo Ren", ("genre",)) is None
+  assert find_fact(text, "Bo Ren", ("occupation",))[0] == "poet"
+  assert find_fact(text, "The Glass Tide", ("genre",))[0] == "ballet"
+  assert find_fact(text, "Ren", ("occupation",)) is None  # not a name's tail
+
+
+def _cfg(**agent):
+  cfg = load_config("configs/debug.yaml")
+  return cfg.model_copy(update={"agent": AgentSection(**{**cfg.agent.model_dump(), **agent})})
+
+
+def _solve(world, tokenizer, items, wrap=lambda tools: tools, **agent):
+  """The solver through the agent against a real retrieval server over the world."""
+  cfg = _cfg(**agent)
+  with ServerThread(create_app(SearchIndex(os.path.join(world[1], "index")))) as srv:
+    tools = wrap(LocalSearchClient(cfg.search.model_copy(update={"url": srv.url})))
+    return asyncio.run(solve_items(cfg, items, tokenizer, tools, progress=False))
+
+
+def test_solver_trajectories_are_valid_and_earn_full_reward(world, tokenizer):
+  _, path = world
+  items = load_qa(os.path.join(path, "qa_test.jsonl")).items
+  trajs = _solve(world, tokenizer, items, max_context_tokens=2048)  # up to 5 hops here
+  stats = summary(trajs)
+  assert stats["solved"] == 1.0, stats
+  assert {t.status for t in trajs} == {"answered"}
+  for traj, item in zip(trajs, items):
+    traj.check()
+    assert traj.reward == 1.0 and traj.format_ok
+    assert traj.prediction == item.answers[0]
+    # Each turn's sampled text is exactly the recorded tokens; each generation (a call and
+    # the calls continuing it past the token budget) parses to the recorded call.
+    policy_texts = [m["text"] for m in traj.transcript if m["role"] == "policy"]
+    assert len(policy_texts) == len(traj.turns)
+    for turn, text in zip(traj.turns, policy_texts):
+      assert tokenizer.decode(traj.tokens[turn.start:turn.end]) == text
+      assert all(traj.loss_mask[turn.start:turn.end])
+    calls = [(t.action, t.argument) for t in traj.turns if t.action != "none"]
+    assert [(a.kind, a.argument) for a in map(parse_action, traj.generations())] == calls
+    # One search per hop, then the answer.
+    hops = len(parse_question(item.question).hops)
+    assert [kind for kind, _ in calls] == ["search"] * hops + ["answer"]
+
+
+def test_a_call_cut_by_the_token_budget_is_continued_by_the_next(tokenizer):
+  from asearcher_jax.agent.policy import Prompt
+  from asearcher_jax.inference.sampling import SamplingParams
+  from asearcher_jax.world.solver import WorldSolver
+  q = "Who is the mayor of the birthplace of Alen Varro?"
+  solver = WorldSolver(tokenizer, [q])
+  prompt = Prompt(tokenizer.encode(q), q)
+
+  async def go(budget):
+    return await solver.complete(prompt, SamplingParams(max_new_tokens=budget,
+                                                        stop=("</search>",)), "s")
+  first = asyncio.run(go(6))
+  assert first.finish_reason == "length" and len(first.ids) == 6
+  rest = asyncio.run(go(100))
+  assert rest.finish_reason == "stop"
+  # Nothing fits 6 tokens: the shortest thought (none), then the rest of the call.
+  assert first.text + rest.text == "</think>\n<search> Alen Varro born in </search>"
+
+
+class HidesFacts:
+  """A search tool that never returns a passage stating a fact (page access still works), so
+  the solver must open the entity's page and read it."""
+
+  def __init__(self, inner):
+    self.inner, self.cfg = inner, inner.cfg
+
+  async def search(self, queries, topk=None):
+    return [ToolResult(r.tool, r.query, hits=tuple(
+        dataclasses.replace(h, contents=f'"{h.title}"\n(summary withheld)') for h in r.hits))
+        for r in await self.inner.search(queries, topk)]
+
+  async def access(self, url):
+    return await self.inner.access(url)
+
+  async def close(self):
+    await self.inner.close()
+
+
+def test_solver_opens_and_reads_the_page_when_search_hides_the_fact(world, tokenizer):
+  _, path = world
+  items = [it for it in load_qa(os.path.join(path, "qa_train.jsonl")).items][:6]
+  trajs = _solve(world, tokenizer, items, wrap=HidesFacts, max_context_tokens=4096,
+                 max_turns=40)
+  for traj in trajs:
+    traj.check()
+    assert traj.reward == 1.0, [m["text"][:200] for m in traj.transcript]
+    kinds = [t.action for t in traj.turns]
+    assert "access" in kinds
+    assert any(t.kind == "read" for t in traj.turns)
+
+
+def test_world_tokenizer_has_the_requested_size_and_compresses_the_prompt(world, tokenizer):
+  from asearcher_jax.agent.prompts import render
+  from asearcher_jax.models import build_tokenizer
+  assert tokenizer.vocab_size == 1024
+  assert tokenizer.decode(tokenizer.encode("<|im_end|>")) == "<|im_end|>"
+  assert tokenizer.eos_id == 1023
+  prompt = render("compact", question="Who founded Marval Works?")
+  assert len(tokenizer.encode(prompt)) < len(build_tokenizer().encode(prompt)) / 3
+  with pytest.raises(DataError, match="no room"):
+    train_tokenizer([world[1]], 200)
+  with pytest.raises(DataError, match="no such file"):
+    train_tokenizer(["/nonexistent/world"], 1024)
