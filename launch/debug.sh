@@ -8,7 +8,8 @@
 #   5. the asynchronous RL loop (`asearcher train`: retrieval server, decode server, replay
 #      queue, learner and rollout worker as processes), then held-out evaluation against SFT.
 # Environment: OUT_DIR (default runs/debug); RESUME=1 keeps finished stages and continues the
-# RL run; SFT_TRAJ (train questions the expert solves for SFT, default 1200), SFT_EPOCHS,
+# RL run; SFT_TRAJ (train questions the expert solves for SFT, default 1200), SFT_EPOCHS
+# (default 4; the policy starts untrained, so SFT also trains on the text it reads),
 # EVAL_QUESTIONS (held-out questions, default 80); extra arguments are config overrides of the
 # RL stage (e.g. rl.total_steps=10).
 set -euo pipefail
@@ -43,8 +44,8 @@ stage "4/6 SFT warm start: $out/sft"
   model.path="$out/model" --data "$out/expert.jsonl" --out "$out/sft" \
   --epochs "${SFT_EPOCHS:-4}" --batch-rows 4 --loss-on all
 evaluate() {  # model, output dir, extra flags
-  asearcher eval --serve --config "$cfg" "${policy[@]}" model.path="$1" retrieval.index="$world/index" eval.sample=true \
-    --data "$world/qa_test.jsonl" --limit "${EVAL_QUESTIONS:-80}" --k 4 --out "$2" \
+  asearcher eval --serve --config "$cfg" "${policy[@]}" model.path="$1" \
+    retrieval.index="$world/index" eval.sample=true --data "$world/qa_test.jsonl" --limit "${EVAL_QUESTIONS:-80}" --k 4 --out "$2" \
     --concurrency 32 --no-progress "${@:3}"
 }
 [ -f "$out/eval_sft/report.json" ] || evaluate "$out/sft" "$out/eval_sft"

@@ -81,10 +81,10 @@ def solve_command(cfg, *, world_dir: str, split: str, out: str, limit: int | Non
     trajectories = asyncio.run(solve_items(cfg, items, tokenizer, tools,
                                            concurrency=concurrency, progress=progress))
   kept = [t for t in trajectories if keep == "all" or t.reward >= 1.0]
-  if os.path.exists(out):
-    os.remove(out)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  write_jsonl(out, kept)
+  tmp = f"{out}.tmp-{os.getpid()}"
+  write_jsonl(tmp, kept)
+  os.replace(tmp, out)  # a file that exists is whole: reruns may skip this stage
   stats = summary(trajectories)
   echo(f"solved {stats['solved']:.1%} of {stats['questions']} {split} questions; "
        f"{stats['turns']:.2f} turns, {stats['search_calls']:.2f} searches and "
