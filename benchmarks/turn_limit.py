@@ -28,6 +28,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from asearcher_jax.eval.harness import latest_traces  # noqa: E402
+from asearcher_jax.jsonl import read_lines  # noqa: E402
 from benchmarks.common import RESULTS, run_info, write_result  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "debug.yaml")
@@ -53,13 +55,10 @@ def by_hops(traces: str, qa_test: str, k: int) -> dict:
   """Success (EM) Avg@k per hop count, and per-episode turns and tool calls."""
   with open(qa_test) as f:
     hops = {r["qid"]: r["hops"] for r in map(json.loads, f)}
+  rows = list(latest_traces(traces, k).values())  # a retried episode counts once
   per_q: dict[str, list] = collections.defaultdict(list)
-  rows = []
-  with open(traces) as f:
-    for line in f:
-      r = json.loads(line)
-      rows.append(r)
-      per_q[r["qid"]].append(r["metrics"].get("em", 0.0))
+  for r in rows:
+    per_q[r["qid"]].append(r["metrics"].get("em", 0.0))
   out: dict[int, list] = collections.defaultdict(list)
   for q, scores in per_q.items():
     out[hops[q]].append(sum(scores[:k]) / len(scores[:k]))
@@ -137,8 +136,8 @@ def main() -> None:
   for limit in args.limits:
     run = os.path.join(w, f"rl_{limit}")
     limits = [f"agent.max_turns={limit}"]
-    if not os.path.exists(os.path.join(run, "metrics.jsonl")) or sum(
-        1 for _ in open(os.path.join(run, "metrics.jsonl"))) < args.rl_steps:
+    metrics = os.path.join(run, "metrics.jsonl")
+    if not os.path.exists(metrics) or len(read_lines(metrics)) < args.rl_steps:
       cli("train", *common, *limits, f"model.path={sft}", f"run.output_dir={run}",
           f"rl.data=[{os.path.join(world, 'qa_train.jsonl')}]",
           f"retrieval.index={os.path.join(world, 'index')}", f"rl.total_steps={args.rl_steps}",

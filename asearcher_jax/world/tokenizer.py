@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pathlib
 from typing import Iterator
 
 from asearcher_jax.errors import DataError
@@ -47,7 +48,8 @@ def tokenizer_texts(sources: list[str]) -> Iterator[str]:
         if isinstance(row.get(key), str):
           questions += key == "question"
           yield row[key]
-  prompts = [open(p, encoding="utf-8").read() for p in sorted(glob.glob(f"{_PROMPTS}/*.txt"))]
+  prompts = [pathlib.Path(p).read_text(encoding="utf-8")
+             for p in sorted(glob.glob(f"{_PROMPTS}/*.txt"))]
   for _ in range(max(1, questions)):
     yield from prompts
 
