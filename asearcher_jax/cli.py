@@ -272,7 +272,8 @@ def cmd_sft(args) -> int:
   cfg = load_config(args.config, args.overrides)
   distributed.initialize(cfg.distributed)  # several hosts: one mesh over all their devices
   sft_command(cfg, args.data, args.out, epochs=args.epochs, batch_rows=args.batch_rows,
-              loss_on=args.loss_on, progress=not args.no_progress)
+              loss_on=args.loss_on, eval_paths=args.eval_data or (),
+              eval_every=args.eval_every, progress=not args.no_progress)
   return 0
 
 
@@ -364,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--loss-on", choices=["agent", "all"], default="agent",
                  help="the agent's own tokens (default), or every token: language-model data "
                       "for a policy that was never pretrained")
+  p.add_argument("--eval-data", nargs="+", metavar="FILE",
+                 help="held-out trajectory files: NLL, greedy accuracy and turns reproduced "
+                      "on their agent tokens, before training, each epoch and at the end")
+  p.add_argument("--eval-every", type=int, default=0, metavar="STEPS",
+                 help="evaluate every STEPS steps instead of each epoch")
   p.add_argument("--no-progress", action="store_true")
   p.set_defaults(fn=cmd_sft)
 

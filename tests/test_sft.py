@@ -28,6 +28,15 @@ def record(prompt, answer, rng):
   return t
 
 
+def test_count_turns_counts_runs_of_agent_tokens_and_whole_greedy_matches():
+  from asearcher_jax.train.sft import count_turns
+  weight = np.array([[0, 1, 1, 0, 0, 1, 1, 1], [1, 1, 0, 1, 0, 0, 0, 1]], bool)
+  hit = np.array([[0, 1, 1, 1, 0, 1, 0, 1], [1, 1, 1, 1, 0, 0, 0, 0]], bool)
+  # row 0: turns [1,3) whole, [5,8) missed at 6; row 1: [0,2) and [3,4) whole, [7,8) missed
+  assert count_turns(weight, hit) == (5, 3)
+  assert count_turns(np.zeros((2, 8), bool), hit) == (0, 0)
+
+
 def test_sft_learns_the_agent_tokens_and_writes_a_loadable_policy(tmp_path):
   rng = np.random.default_rng(0)
   cases = [(rng.integers(0, 256, 12).tolist(), rng.integers(0, 256, 6).tolist())
@@ -47,10 +56,19 @@ def test_sft_learns_the_agent_tokens_and_writes_a_loadable_policy(tmp_path):
                            str(config), "--no-progress", *args], env=env, capture_output=True,
                           text=True, timeout=300)
 
-  out = sft("--data", str(data), "--out", str(tmp_path / "policy"), "--epochs", "150")
+  out = sft("--data", str(data), "--out", str(tmp_path / "policy"), "--epochs", "150",
+            "--eval-data", str(data), "--eval-every", "50")
   assert out.returncode == 0, out.stdout + out.stderr
   first, last = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", out.stdout).groups())
   assert last < 0.05 < first
+  # Held-out evaluation (here on the training records) before training and every 50 steps:
+  # the untrained policy reproduces none of the 6 agent turns, the trained one all of them.
+  evals = [(int(k), float(loss), float(turns)) for k, loss, turns in re.findall(
+      r"step (\d+): held-out loss ([\d.]+), token accuracy [\d.]+%, turns reproduced "
+      r"([\d.]+)% of 6", out.stdout)]
+  assert [k for k, _, _ in evals] == [0, 50, 100, 150], out.stdout
+  assert evals[0][2] == 0.0 and evals[-1][2] == 100.0
+  assert evals[-1][1] < 0.05 < evals[0][1]
   model, tok, _ = from_pretrained(str(tmp_path / "policy"), single_device_mesh(),
                                   dtype="float32", progress=False)
   assert tok is not None
@@ -64,4 +82,6 @@ def test_sft_learns_the_agent_tokens_and_writes_a_loadable_policy(tmp_path):
   assert ids[len(prompt):] == answer
   bad = sft("--data", str(text_only), "--out", str(tmp_path / "x"))
   assert bad.returncode == 2 and "no trainable tokens" in bad.stderr
+  missing = sft("--data", str(tmp_path / "typo.jsonl"), "--out", str(tmp_path / "x"))
+  assert missing.returncode == 2 and "typo.jsonl: no such trajectory file" in missing.stderr
   assert json.loads((tmp_path / "policy" / "config.json").read_text())["num_hidden_layers"] == 2

@@ -13,8 +13,8 @@ import numpy as np
 from flax import nnx
 
 from asearcher_jax.agent.trajectory import read_jsonl
-from asearcher_jax.errors import DataError
-from asearcher_jax.train.lm import PackedBatch, make_sft_step
+from asearcher_jax.errors import ConfigError, DataError
+from asearcher_jax.train.lm import PackedBatch, make_sft_step, next_token_predictions
 from asearcher_jax.train.optimizer import make_optimizer
 from asearcher_jax.train.packing import pack_sequences
 
@@ -29,6 +29,8 @@ def sft_rows(paths: list[str], row_tokens: int, loss_on: str = "agent"
   needs; a pretrained model keeps the default, its own tokens only."""
   seqs, n = [], 0
   for path in paths:
+    if not os.path.isfile(path):
+      raise DataError(f"{path}: no such trajectory file")
     for t in read_jsonl(path):
       n += 1
       for s in t.sequences():
@@ -44,11 +46,59 @@ def sft_rows(paths: list[str], row_tokens: int, loss_on: str = "agent"
   return rows, n
 
 
+def _batches(rows: dict[str, np.ndarray], idx: np.ndarray) -> PackedBatch:
+  return PackedBatch(**{k: jnp.asarray(rows[k][idx]) for k in
+                        ("tokens", "positions", "segment_ids", "loss_mask")})
+
+
+def count_turns(weight: np.ndarray, hit: np.ndarray) -> tuple[int, int]:
+  """(turns, turns every token of which is a greedy hit) in [R, T] arrays, a turn being a run
+  of weighted targets (tool output and segment starts have weight 0 and separate them)."""
+  turns = reproduced = 0
+  for w, h in zip(weight, hit):
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], w.astype(np.int8), [0]])))
+    for a, b in zip(edges[::2], edges[1::2]):
+      turns += 1
+      reproduced += bool(h[a:b].all())
+  return turns, reproduced
+
+
+def make_evaluator(model, rows: dict[str, np.ndarray], batch_rows: int):
+  """evaluate(params) -> held-out metrics of the agent's tokens in `rows`: mean NLL, greedy
+  token accuracy, and the share of agent turns that greedy decoding reproduces whole under
+  teacher forcing (seconds, where a rollout evaluation takes minutes: a quick check of what
+  SFT has taught before the RL stage)."""
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  score = jax.jit(lambda p, b: next_token_predictions(nnx.merge(graphdef, p, rest), b))
+  r = len(rows["tokens"])
+  pad = {k: np.concatenate([v, np.zeros((-r % batch_rows,) + v.shape[1:], v.dtype)])
+         for k, v in rows.items()}  # zero rows are padding (segment 0): one compiled shape
+
+  def evaluate(params) -> dict[str, float]:
+    nll = hits = tokens = turns = reproduced = 0.0
+    for start in range(0, r, batch_rows):
+      logp, hit, weight = (np.asarray(x) for x in score(
+          params, _batches(pad, np.arange(start, start + batch_rows))))
+      nll -= float((logp * weight).sum())
+      hits += float((hit * weight).sum())
+      tokens += float(weight.sum())
+      n, k = count_turns(weight > 0, hit)
+      turns, reproduced = turns + n, reproduced + k
+    return {"loss": nll / max(tokens, 1), "token_accuracy": hits / max(tokens, 1),
+            "turns_reproduced": reproduced / max(turns, 1), "turns": int(turns)}
+
+  return evaluate
+
+
 def run_sft(model, paths: list[str], *, optimizer_cfg, row_tokens: int, batch_rows: int,
-            epochs: int, loss_on: str = "agent", seed: int = 0, progress: bool = True,
-            echo: Callable[[str], None] = print) -> list[float]:
-  """Trains `model` in place; returns the loss of every step."""
+            epochs: int, loss_on: str = "agent", eval_paths: list[str] = (),
+            eval_every: int = 0, seed: int = 0, progress: bool = True,
+            echo: Callable[[str], None] = print) -> tuple[list[float], list[dict]]:
+  """Trains `model` in place; returns the loss of every step and the held-out evaluations
+  (`eval_paths`: before training, every `eval_every` steps or each epoch, and at the end)."""
   from tqdm.auto import tqdm
+  if eval_every < 0:
+    raise ConfigError(f"eval_every={eval_every}: a number of steps, or 0 for each epoch")
   rows, records = sft_rows(paths, row_tokens, loss_on)
   r = len(rows["tokens"])
   batch_rows = min(batch_rows, r)
@@ -56,27 +106,47 @@ def run_sft(model, paths: list[str], *, optimizer_cfg, row_tokens: int, batch_ro
   echo(f"sft: {records} records, {r} rows of {row_tokens} tokens, "
        f"{int(rows['loss_mask'].sum())} loss tokens, {steps_per_epoch} steps per epoch")
   params, opt_state, step = make_sft_step(model, make_optimizer(optimizer_cfg))
+  evaluations = []
+  evaluate = None
+  if eval_paths:
+    held_out, n = sft_rows(list(eval_paths), row_tokens, "agent")
+    evaluate = make_evaluator(model, held_out, batch_rows)
+    echo(f"sft: evaluating on the agent tokens of {n} held-out records")
+  every = eval_every or steps_per_epoch
+  total = epochs * steps_per_epoch
+
+  def run_eval(k: int):
+    result = {"step": k, **evaluate(params)}
+    evaluations.append(result)
+    (tqdm.write if progress else echo)(
+        f"sft: step {k}: held-out loss {result['loss']:.4f}, token accuracy "
+        f"{result['token_accuracy']:.1%}, turns reproduced {result['turns_reproduced']:.1%} "
+        f"of {result['turns']}")
+
   rng = np.random.default_rng(seed)
   losses = []
-  with tqdm(total=epochs * steps_per_epoch, desc="sft", unit="step", disable=not progress) as bar:
+  with tqdm(total=total, desc="sft", unit="step", disable=not progress) as bar:
+    if evaluate:
+      run_eval(0)
     for _ in range(epochs):
       order = rng.permutation(r)
       order = np.concatenate([order, order[:(-r) % batch_rows]])  # whole batches: one shape
       for i in range(steps_per_epoch):
-        idx = order[i * batch_rows:(i + 1) * batch_rows]
-        batch = PackedBatch(**{k: jnp.asarray(rows[k][idx]) for k in
-                               ("tokens", "positions", "segment_ids", "loss_mask")})
-        params, opt_state, metrics = step(params, opt_state, batch)
+        params, opt_state, metrics = step(
+            params, opt_state, _batches(rows, order[i * batch_rows:(i + 1) * batch_rows]))
         losses.append(float(metrics["loss"]))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        if evaluate and (len(losses) % every == 0 or len(losses) == total):
+          run_eval(len(losses))
   nnx.update(model, params)
   jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
-  return losses
+  return losses, evaluations
 
 
 def sft_command(cfg, paths: list[str], out: str, *, epochs: int, batch_rows: int,
-                loss_on: str = "agent", progress: bool = True) -> str:
+                loss_on: str = "agent", eval_paths: list[str] = (), eval_every: int = 0,
+                progress: bool = True) -> str:
   """Loads the config's policy, fine-tunes it, writes an HF directory to `out`."""
   from asearcher_jax.models import build_tokenizer, create_model, from_pretrained, save_pretrained
   from asearcher_jax.sharding import make_mesh
@@ -90,9 +160,10 @@ def sft_command(cfg, paths: list[str], out: str, *, epochs: int, batch_rows: int
     model = create_model(m.arch, mesh, seed=m.seed, param_dtype=m.param_dtype, dtype=m.dtype,
                          attention_impl=m.attention, remat=m.remat)
     tokenizer = build_tokenizer()
-  losses = run_sft(model, paths, optimizer_cfg=cfg.optimizer, row_tokens=cfg.rl.row_tokens,
-                   batch_rows=batch_rows, epochs=epochs, loss_on=loss_on, seed=m.seed,
-                   progress=progress)
+  losses, _ = run_sft(model, paths, optimizer_cfg=cfg.optimizer, row_tokens=cfg.rl.row_tokens,
+                      batch_rows=batch_rows, epochs=epochs, loss_on=loss_on,
+                      eval_paths=eval_paths, eval_every=eval_every, seed=m.seed,
+                      progress=progress)
   path = save_pretrained(model, os.path.abspath(out), tokenizer=tokenizer, overwrite=True,
                          progress=False)
   print(f"sft: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps; wrote {path}")
