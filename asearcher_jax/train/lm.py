@@ -36,31 +36,21 @@ def next_token_logprobs(model: Qwen, batch: PackedBatch) -> tuple[jax.Array, jax
   The weight is zero where t starts a new segment (its predecessor belongs to
   another sequence) or is not a loss token.
   """
-  logits, _ = model(batch.tokens, batch.positions, batch.segment_ids)
-  token_logp, _ = _score_targets(logits, batch.tokens)
-  return token_logp, _target_weight(batch)
+  token_logp, _, weight = next_token_predictions(model, batch)  # jit drops the unused argmax
+  return token_logp, weight
 
 
 def next_token_predictions(model: Qwen, batch: PackedBatch
                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(log-prob of each target, whether greedy decoding predicts it, weight), [B, T-1] each,
-  aligned as in `next_token_logprobs`: what held-out evaluation of a policy scores."""
+  """(log-prob of each target, whether greedy decoding predicts it, weight), [B, T-1] each:
+  the log-prob and weight of `next_token_logprobs`, plus what held-out evaluation scores."""
   logits, _ = model(batch.tokens, batch.positions, batch.segment_ids)
-  token_logp, greedy_hit = _score_targets(logits, batch.tokens)
-  return token_logp, greedy_hit, _target_weight(batch)
-
-
-def _score_targets(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
   logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  targets = tokens[:, 1:]
+  targets = batch.tokens[:, 1:]
   token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  return token_logp, jnp.argmax(logits[:, :-1], axis=-1) == targets
-
-
-def _target_weight(batch: PackedBatch) -> jax.Array:
   same_segment = batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1]
   weight = (batch.loss_mask[:, 1:] & same_segment & (batch.segment_ids[:, 1:] > 0))
-  return weight.astype(jnp.float32)
+  return token_logp, jnp.argmax(logits[:, :-1], axis=-1) == targets, weight.astype(jnp.float32)
 
 
 def nll_loss(token_logp: jax.Array, weight: jax.Array) -> jax.Array:
