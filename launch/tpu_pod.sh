@@ -44,10 +44,10 @@ ips() {  # internal IPs of a slice's hosts, in worker order, space separated
     | tr ';,' '  '
 }
 
-token() {  # one token per run, kept beside the repository (not in it)
-  local f=".tpu_pod_token"
+token() {  # one token per pod, kept outside the repository (so `copy` never ships it)
+  local f="${XDG_CONFIG_HOME:-$HOME/.config}/asearcher/tpu_pod_$NAME.token"
   if [ ! -s "$f" ]; then
-    (umask 077 && openssl rand -hex 24 >"$f")
+    (umask 077 && mkdir -p "$(dirname "$f")" && openssl rand -hex 24 >"$f")
   fi
   cat "$f"
 }
