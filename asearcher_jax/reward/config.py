@@ -8,25 +8,31 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class JudgeSection(BaseModel):
-  """An LLM judge behind any OpenAI-compatible `/chat/completions` endpoint. Defaults follow
-  ASearcher's evaluation (T 0.6, top-p 0.95, <= 1024 tokens, prediction cut to 500 chars)."""
+class EndpointSection(BaseModel):
+  """An OpenAI-compatible `/chat/completions` endpoint and how to talk to it (what
+  `reward.judge.OpenAIChat` reads). The defaults are the judge's; `synth.llm` overrides some."""
 
   model_config = ConfigDict(extra="forbid", frozen=True)
 
   base_url: str = "http://127.0.0.1:8000/v1"
   model: str | None = None  # None: the first model the endpoint lists under /models
   api_key_env: str = "OPENAI_API_KEY"  # sent as a bearer token when set
-  prompt_file: str | None = None  # None: the packaged prompts/judge.txt
   temperature: float = Field(0.6, ge=0.0)
   top_p: float = Field(0.95, gt=0.0, le=1.0)
   max_tokens: int = Field(1024, ge=1)
-  max_pred_chars: int = Field(500, ge=1)
-  max_retries: int = Field(3, ge=0)  # after the first attempt; also for unparseable verdicts
+  max_retries: int = Field(3, ge=0)  # after the first attempt; also for unparseable replies
   backoff_s: float = Field(1.0, ge=0.0)  # doubled per retry, jittered
   max_backoff_s: float = Field(16.0, ge=0.0)
   timeout_s: float = Field(60.0, gt=0.0)  # per request
-  concurrency: int = Field(16, ge=1)  # requests in flight per Judge
+  concurrency: int = Field(16, ge=1)  # requests in flight per client
+
+
+class JudgeSection(EndpointSection):
+  """An LLM judge behind any OpenAI-compatible `/chat/completions` endpoint. Defaults follow
+  ASearcher's evaluation (T 0.6, top-p 0.95, <= 1024 tokens, prediction cut to 500 chars)."""
+
+  prompt_file: str | None = None  # None: the packaged prompts/judge.txt
+  max_pred_chars: int = Field(500, ge=1)
 
 
 class RewardSection(BaseModel):

@@ -25,11 +25,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from asearcher_jax.reward.config import JudgeSection
+from asearcher_jax.reward.config import EndpointSection, JudgeSection
 from asearcher_jax.tools.web import retry_after
 
 if TYPE_CHECKING:
@@ -160,22 +160,6 @@ class _Fatal(Exception):
     self.status = status
 
 
-class Endpoint(Protocol):
-  """What `OpenAIChat` reads from its config (`JudgeSection`, `synth.llm`, ...)."""
-
-  base_url: str
-  model: str | None
-  api_key_env: str
-  temperature: float
-  top_p: float
-  max_tokens: int
-  max_retries: int
-  backoff_s: float
-  max_backoff_s: float
-  timeout_s: float
-  concurrency: int
-
-
 @dataclass(frozen=True)
 class Reply:
   """The outcome of `OpenAIChat.ask`: `value` is the parsed reply, or None with `error` saying
@@ -195,7 +179,7 @@ class OpenAIChat:
   concurrency limit per event loop, jittered exponential backoff (Retry-After respected) on
   408/429/5xx, timeouts, dropped connections and unparseable replies."""
 
-  def __init__(self, cfg: Endpoint, *, seed: int | None = None):
+  def __init__(self, cfg: EndpointSection, *, seed: int | None = None):
     self.cfg = cfg
     self._model = cfg.model
     self._rng = random.Random(seed)
@@ -276,7 +260,7 @@ class OpenAIChat:
       raise _Retry("/chat/completions: reply lacks choices[0].message.content") from None
     return content if isinstance(content, str) else ""
 
-  async def ask(self, prompt: str, parse=lambda text: text or None, *,
+  async def ask(self, prompt: str, parse, *,
                 temperature: float | None = None, what: str = "reply") -> Reply:
     """Asks until `parse(reply)` is not None or `max_retries` retries are spent. Never raises
     for endpoint trouble or a bad reply; a 4xx other than 408/429 is not retried."""
@@ -305,28 +289,16 @@ class OpenAIChat:
       await asyncio.sleep(delay)
 
 
-class Judge:
-  """An LLM judge client over `OpenAIChat`.
+class Judge(OpenAIChat):
+  """An LLM judge client: `OpenAIChat` with the judge prompt.
   Use as `async with Judge(cfg) as j: verdict = await j.judge(q, pred, golds)`."""
 
+  cfg: JudgeSection
+
   def __init__(self, cfg: JudgeSection | None = None, *, seed: int | None = None):
-    self.cfg = cfg or JudgeSection()
-    self.template = load_prompt(self.cfg.prompt_file)
-    self.chat = OpenAIChat(self.cfg, seed=seed)
-
-  @property
-  def requests(self) -> int:
-    """HTTP requests made, /models and retries included."""
-    return self.chat.requests
-
-  async def __aenter__(self) -> Self:
-    return self
-
-  async def __aexit__(self, *exc) -> None:
-    await self.close()
-
-  async def close(self) -> None:
-    await self.chat.close()
+    cfg = cfg or JudgeSection()
+    self.template = load_prompt(cfg.prompt_file)
+    super().__init__(cfg, seed=seed)
 
   def render(self, question: str, prediction: str, golds: Iterable[str]) -> str:
     """The judge prompt for one item, the prediction cut to `max_pred_chars`."""
@@ -340,8 +312,8 @@ class Judge:
       return JudgeVerdict(False, "empty prediction", None, 0)
     if not golds:
       return JudgeVerdict(None, "", "no gold answers to judge against", 0)
-    reply = await self.chat.ask(self.render(question, prediction, golds), parse_verdict,
-                                what="verdict")
+    reply = await self.ask(self.render(question, prediction, golds), parse_verdict,
+                           what="verdict")
     if reply.value is None:
       return JudgeVerdict(None, "", reply.error, reply.attempts, reply.raw)
     return JudgeVerdict(reply.value[0], reply.value[1], None, reply.attempts, reply.raw)

@@ -36,14 +36,19 @@ DESCRIPTIONS = {
 }
 
 
-def _is_answer(title: str, state: QAState) -> bool:
-  return normalize_answer(title) in {normalize_answer(a) for a in state.golds}
+def _gold_keys(state: QAState) -> set[str]:
+  return {normalize_answer(a) for a in state.golds}
 
 
-def _fresh_links(page: dict, used: set[str], state: QAState) -> list[str]:
+def _is_answer(title: str, golds: set[str]) -> bool:
+  """Is `title` the answer's (golds: `_gold_keys`, built once per caller)?"""
+  return normalize_answer(title) in golds
+
+
+def _fresh_links(page: dict, used: set[str], golds: set[str]) -> list[str]:
   """Links an injection may follow: not to a page in use, nor (by its URL) to the answer's."""
   return [u for u in dict.fromkeys(page["links"]) if u not in used and u != page["url"]
-          and not _is_answer(title_from_url(u), state)]
+          and not _is_answer(title_from_url(u), golds)]
 
 
 def injectable(state: QAState, pages: PageSource) -> dict[str, str]:
@@ -52,7 +57,7 @@ def injectable(state: QAState, pages: PageSource) -> dict[str, str]:
   titles are guessed from URLs and confirmed by reading only the pages whose guess the
   question names."""
   out: dict[str, str] = {}
-  used = {f.url for f in state.facts}
+  used, golds = {f.url for f in state.facts}, _gold_keys(state)
   for fact in state.facts:
     page = pages.page(fact.url)
     if page is None:
@@ -66,22 +71,22 @@ def injectable(state: QAState, pages: PageSource) -> dict[str, str]:
         if target is None or not mentions(state.question, target["title"]):
           continue
         name = target["title"]
-      if name not in out and not _is_answer(name, state) and _fresh_links(target, used, state):
+      if name not in out and not _is_answer(name, golds) and _fresh_links(target, used, golds):
         out[name] = target["url"]
   return out
 
 
 async def inject(state: QAState, entity: str, url: str, llm: SynthLLM, pages: PageSource,
                  rng: random.Random, synth) -> tuple[QAState, dict]:
-  page = pages.page(url)
-  neighbours = _fresh_links(page, {f.url for f in state.facts}, state) if page else []
+  page, golds = pages.page(url), _gold_keys(state)
+  neighbours = _fresh_links(page, {f.url for f in state.facts}, golds) if page else []
   rng.shuffle(neighbours)
   tried: list[str] = []
   for link in neighbours:
     if len(tried) >= synth.neighbour_tries:
       break
     other = pages.page(link)
-    if other is None or _is_answer(other["title"], state):
+    if other is None or _is_answer(other["title"], golds):
       continue
     tried.append(link)
     reply = await llm.ask("inject", {"fact": str, "description": str}, question=state.question,

@@ -88,11 +88,13 @@ class SeedAgent:
       record["rejected"] = {"reason": r.reason, "detail": r.detail[:500]}
       return record
     record["base"] = {"state": state.to_dict(), "verdict": verdict}
-    ready = verdict["hard"]
-    pool = [variant(state, verdict, 0)] if ready and self.cfg.min_actions == 0 else []
+    # Both change only when a round is accepted; `entities` None: to recompute.
+    can_exit = verdict["hard"] and len(state.actions) >= self.cfg.min_actions
+    entities = None
+    pool = [variant(state, verdict, 0)] if can_exit else []
     for rnd in range(1, self.cfg.max_actions + 1):
-      entities = injectable(state, self.pages)
-      can_exit = ready and len(state.actions) >= self.cfg.min_actions
+      if entities is None:
+        entities = injectable(state, self.pages)
       offered = (["inject"] if entities else []) + ["fuzz"] + (["exit"] if can_exit else [])
       rng.shuffle(offered)
       entry: dict[str, Any] = {"round": rnd, "offered": offered, "action": None}
@@ -121,9 +123,10 @@ class SeedAgent:
         verdict = await self.verifier.verify(candidate)
         state = candidate.evolve(actions=state.actions + ({**act, "round": rnd,
                                                            "verdict": verdict},))
-        ready = verdict["hard"]
-        entry.update(status="accepted", question=state.question, hard=ready)
-        if ready and len(state.actions) >= self.cfg.min_actions:
+        entities = None
+        entry.update(status="accepted", question=state.question, hard=verdict["hard"])
+        can_exit = verdict["hard"] and len(state.actions) >= self.cfg.min_actions
+        if can_exit:
           pool.append(variant(state, verdict, rnd))
       except Rejected as r:
         entry.update(status="rejected", reason=r.reason, detail=r.detail[:500],

@@ -11,21 +11,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from asearcher_jax.reward.config import EndpointSection
 
-class LLMSection(BaseModel):
+
+class LLMSection(EndpointSection):
   """An OpenAI-compatible `/chat/completions` endpoint: our decode server or an external one."""
 
-  model_config = ConfigDict(extra="forbid", frozen=True)
-
-  base_url: str = "http://127.0.0.1:8000/v1"
-  model: str | None = None  # None: the first model the endpoint lists under /models
-  api_key_env: str = "OPENAI_API_KEY"  # sent as a bearer token when set
   temperature: float = Field(0.8, ge=0.0)
-  top_p: float = Field(0.95, gt=0.0, le=1.0)
   max_tokens: int = Field(2048, ge=1)
-  max_retries: int = Field(3, ge=0)  # after the first attempt; also for unparseable replies
-  backoff_s: float = Field(1.0, ge=0.0)  # doubled per retry, jittered
-  max_backoff_s: float = Field(16.0, ge=0.0)
   timeout_s: float = Field(300.0, gt=0.0)  # per request
   concurrency: int = Field(32, ge=1)  # requests in flight to this endpoint
 
@@ -35,7 +28,7 @@ class SynthSection(BaseModel):
 
   llm: LLMSection = LLMSection()  # chooses and performs actions, judges quality and answers
   solver: LLMSection | None = None  # answers without tools (difficulty); None: `llm`
-  solver_temperature: float = Field(0.6, ge=0.0)
+  solver_temperature: float = Field(0.6, ge=0.0)  # used for solving, not solver.temperature
   prompts_dir: str | None = None  # *.txt here replace the packaged prompts of the same name
 
   # Sources. Pages: a pages JSONL (url, title, contents, links) or an index directory built

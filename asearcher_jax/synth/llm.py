@@ -87,7 +87,7 @@ def _typed(fields: dict[str, type | tuple[type, ...]]):
 
 class SynthLLM:
   """`ask(name, fields, **values)`: the prompt `name` filled with `values`, sent to the action
-  model (or the solver), and its JSON object with `fields` (name -> type) returned."""
+  model, and its JSON object with `fields` (name -> type) returned. `solve` asks the solver."""
 
   def __init__(self, synth):
     self.cfg = synth
@@ -102,14 +102,11 @@ class SynthLLM:
   def render(self, name: str, **values: Any) -> str:
     return self.prompts[name].format(**{k: str(v) for k, v in values.items()})
 
-  async def ask(self, name: str, fields: dict, *, solver: bool = False,
-                **values: Any) -> dict:
-    chat = self.solver if solver else self.chat
-    temperature = self.cfg.solver_temperature if solver else None
+  async def ask(self, name: str, fields: dict, **values: Any) -> dict:
     accept = _typed(fields)
-    reply = await chat.ask(self.render(name, **values),
-                           lambda text: parse_json_reply(text, accept),
-                           temperature=temperature, what=f"{name} reply")
+    reply = await self.chat.ask(self.render(name, **values),
+                                lambda text: parse_json_reply(text, accept),
+                                what=f"{name} reply")
     if reply.value is not None:
       return reply.value
     _raise(name, reply)

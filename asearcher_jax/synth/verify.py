@@ -39,7 +39,7 @@ class Verifier:
       raise Rejected("quality:not_a_question", q[-80:])
     if q.count("?") > 1:
       raise Rejected("quality:several_questions", q)
-    if any(cover_exact_match(q, [a]) for a in state.golds):
+    if cover_exact_match(q, state.golds):
       raise Rejected("quality:answer_in_question", state.answer)
     if not state.facts:
       raise Rejected("quality:no_facts")
@@ -83,11 +83,14 @@ class Verifier:
   async def difficulty(self, state: QAState) -> dict[str, Any]:
     answers = await asyncio.gather(*[self.llm.solve(state.question)
                                      for _ in range(self.cfg.difficulty_samples)])
-    by_norm: dict[str, bool] = {}
+    first: dict[str, str] = {}  # each distinct normalized answer is checked once, as first seen
     for a in answers:
-      key = normalize_answer(a)
-      if key not in by_norm:
-        by_norm[key] = bool(a.strip()) and await self._correct(state, a)
+      first.setdefault(normalize_answer(a), a)
+
+    async def check(a: str) -> bool:
+      return bool(a.strip()) and await self._correct(state, a)
+
+    by_norm = dict(zip(first, await asyncio.gather(*[check(a) for a in first.values()])))
     correct = [by_norm[normalize_answer(a)] for a in answers]
     return {"answers": answers, "correct": correct, "hard": not any(correct)}
 

@@ -43,7 +43,7 @@ class WorldFacts:
     self.by_key: dict[str, list[tuple[str, Node]]] = defaultdict(list)
     for e in world.entities.values():
       for key in list(e.rels) + list(e.attrs):
-        obj = ("e", e.rels[key]) if key in e.rels else ("v", str(e.attrs[key]))
+        obj = self._value(e.eid, key)
         triple = Triple(e.eid, key, obj)
         self.sentences[fact_sentence(e, key, world.entities)] = triple
         self.inverse[(key, obj)].append(e.eid)
@@ -90,7 +90,9 @@ class WorldFacts:
         if node != answer_node and mentions(question, self.surface(node)):
           fixed.add(node)
     # A hidden non-answer value constrains nothing: its subject surely has some such value.
-    triples = [t for t in set(triples) if t.obj[0] == "e" or t.obj in fixed or t.obj == answer_node]
+    # Deduplicated in order (a set's order would change with the process's string hashing).
+    triples = [t for t in dict.fromkeys(triples)
+               if t.obj[0] == "e" or t.obj in fixed or t.obj == answer_node]
     unknown = sorted({n for t in triples for n in (("e", t.subject), t.obj)} - fixed)
     found: list[str] = []
     steps = 0
