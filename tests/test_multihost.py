@@ -7,7 +7,6 @@ the hash manifest across layouts and its refusals, and how a process decides to 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -31,6 +30,7 @@ from asearcher_jax.models import build_tokenizer, create_model
 from asearcher_jax.models.pretrained import flat_state
 from asearcher_jax.replay import Group, ReplayQueue, ReplayServer
 from asearcher_jax.rl.batch import build_batch, shard_batch
+from asearcher_jax.rl.launch import free_port
 from asearcher_jax.rl.step import make_ppo_step
 from asearcher_jax.sharding import make_mesh
 from asearcher_jax.train.optimizer import make_optimizer
@@ -40,12 +40,6 @@ ARCH = {"family": "qwen3", "vocab_size": 64, "hidden_size": 48, "intermediate_si
         "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16,
         "rope_theta": 10000.0, "tie_embeddings": False}
 STEPS = 2
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def groups(n: int) -> list[Group]:

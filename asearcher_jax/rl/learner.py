@@ -21,10 +21,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from asearcher_jax import distributed
 from asearcher_jax.agent.trajectory import Trajectory
 from asearcher_jax.checkpoint import Checkpointer, abstract_like
 from asearcher_jax.models.pretrained import flat_state, param_shardings
-from asearcher_jax.rl.metrics import MetricsWriter, console_line, episode_metrics
+from asearcher_jax.rl.metrics import MetricsWriter, NoMetrics, console_line, episode_metrics
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class Learner:
     ck = cfg.checkpoint
     self.ckpt = Checkpointer(ck.directory or os.path.join(out_dir, "checkpoints"),
                              max_to_keep=ck.max_to_keep, async_save=ck.async_save)
-    self.metrics = MetricsWriter(out_dir)
+    # one writer of the run's metrics and TensorBoard events, however many processes train
+    self.metrics = MetricsWriter(out_dir) if distributed.is_primary() else NoMetrics()
     self.version = 0
     self.step = 0
     self.pending: list[str] = []  # leases trained on since the last checkpoint

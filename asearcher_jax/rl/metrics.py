@@ -53,6 +53,16 @@ class MetricsWriter:
       self._tb.close()
 
 
+class NoMetrics:
+  """The metrics of a learner process other than process 0: written once, by process 0."""
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 def console_line(step: int, total: int, m: Mapping[str, Any]) -> str:
   def f(key, fmt="{:.3f}"):
     return fmt.format(m[key]) if key in m else "-"

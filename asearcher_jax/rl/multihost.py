@@ -77,25 +77,8 @@ class ReplicatedReplay:
       self.client.close()
 
 
-class _NoMetrics:
-  def write(self, step, metrics) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
-
-
 class MultiHostLearner(Learner):
   """`Learner` over a mesh that spans processes: process 0 decides, everyone trains."""
-
-  def __init__(self, cfg, *, model, replay: ReplicatedReplay, publisher, out_dir: str,
-               echo=print):
-    primary = distributed.is_primary()
-    super().__init__(cfg, model=model, replay=replay, publisher=publisher, out_dir=out_dir,
-                     echo=echo if primary else (lambda _: None))
-    if not primary:
-      self.metrics.close()
-      self.metrics = _NoMetrics()
 
   def _lease(self):
     """Process 0 leases (or gives up, stopping); everyone gets the same answer."""

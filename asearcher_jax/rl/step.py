@@ -27,7 +27,7 @@ from asearcher_jax.rl.loss import (
   neutral_stats,
   reduce_stats,
 )
-from asearcher_jax.train.optimizer import init_opt_state, step_out_shardings
+from asearcher_jax.train.optimizer import init_opt_state
 
 _PER_TOKEN = ("tokens", "positions", "segment_ids", "loss_mask", "behav_logp", "advantages",
               "versions")
@@ -99,18 +99,16 @@ def make_ppo_step(model: Qwen, optimizer: optax.GradientTransformation, cfg: RLS
   Recompiles only when [M, R, T] changes. The model's arrays are donated to the first call.
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  # the accumulator lives where the parameters do (sharded like them under FSDP)
-  shardings = jax.tree.map(lambda x: x.sharding, params)
 
   def grad_fn(p, mb, num_tokens):
     def loss_fn(p):
       return micro_batch_loss(nnx.merge(graphdef, p, rest), mb, num_tokens, cfg)
     return jax.value_and_grad(loss_fn, has_aux=True)(p)
 
-  opt_state, opt_shardings = init_opt_state(optimizer, params)
+  opt_state, out_shardings = init_opt_state(optimizer, params)
+  shardings = out_shardings[0]  # the gradient accumulator lives where the parameters do
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1),
-                     out_shardings=step_out_shardings(params, opt_shardings))
+  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=out_shardings)
   def step(params, opt_state, batch: TrainBatch):
     def run(acc, mb):
       (loss, stats), grads = grad_fn(params, mb, batch.num_tokens)

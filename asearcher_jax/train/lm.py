@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from asearcher_jax.models.qwen import Qwen
-from asearcher_jax.train.optimizer import init_opt_state, step_out_shardings
+from asearcher_jax.train.optimizer import init_opt_state
 
 
 @jax.tree_util.register_dataclass
@@ -67,10 +67,9 @@ def make_sft_step(model: Qwen, optimizer: optax.GradientTransformation):
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  opt_state, opt_shardings = init_opt_state(optimizer, params)
+  opt_state, out_shardings = init_opt_state(optimizer, params)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1),
-                     out_shardings=step_out_shardings(params, opt_shardings))
+  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=out_shardings)
   def step(params, opt_state, batch: PackedBatch):
     def loss_fn(p):
       token_logp, weight = next_token_logprobs(nnx.merge(graphdef, p, rest), batch)

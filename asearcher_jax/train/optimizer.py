@@ -62,17 +62,13 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_params
 
 
 def init_opt_state(optimizer: optax.GradientTransformation, params):
-  """The optimizer state laid out like `params` (moments sharded with their parameter), so
-  a step's donated state and a restored one have one layout on every process."""
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  shardings = opt_state_shardings(optimizer, abstract,
-                                  jax.tree.map(lambda x: x.sharding, params))
-  return jax.jit(optimizer.init, out_shardings=shardings)(params), shardings
+  """(optimizer state laid out like `params`, out_shardings of a training step).
 
-
-def step_out_shardings(params, opt_shardings):
-  """out_shardings of a training step (params, opt_state, metrics): pinned, so the outputs
-  come back in the inputs' layout and the next call does not recompile."""
-  shardings = jax.tree.map(lambda x: x.sharding, params)
-  mesh = next(s.mesh for s in jax.tree.leaves(shardings))
-  return shardings, opt_shardings, NamedSharding(mesh, P())
+  The moments are sharded with their parameter, so a step's donated state and a restored one
+  have one layout on every process; the step's outputs (params, opt_state, metrics) are pinned
+  to the inputs' layout, so the next call does not recompile."""
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  opt_shardings = opt_state_shardings(optimizer, params, param_shardings)
+  mesh = next(s.mesh for s in jax.tree.leaves(param_shardings))
+  opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+  return opt_state, (param_shardings, opt_shardings, NamedSharding(mesh, P()))
