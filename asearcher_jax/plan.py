@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from asearcher_jax.errors import ConfigError
+from asearcher_jax.models.attention import resolve_impl_for
 from asearcher_jax.sharding import LOGICAL_RULES, check_divisible, mesh_shape, mesh_size
 
 GiB = 1 << 30
@@ -117,16 +118,6 @@ def _split(size: int, ways: int) -> int:
   return size // ways if size % ways == 0 else size
 
 
-def _attention_impl(impl: str, platform: str, dtype: str, head_dim: int) -> str:
-  """asearcher_jax.models.attention.resolve_impl, for a platform rather than the running one."""
-  if impl != "auto":
-    return impl
-  if platform == "gpu" and dtype in ("bfloat16", "float16") and head_dim % 8 == 0 \
-      and head_dim <= 128:
-    return "cudnn"
-  return "xla"
-
-
 def param_elements(arch, mesh: dict[str, int], param_dtype: str = "float32") -> int:
   """Parameter elements one device holds under `mesh` (the rules table's sharding); raises
   ShardingError for a tensor the mesh does not divide."""
@@ -180,7 +171,7 @@ def learner_group(cfg, arch, devices: int, platform: str) -> tuple[Group, list[s
   T, L = rl.row_tokens, arch.num_layers
   d = _layer_dims(arch, mesh["tensor"])
   tok = rows * T
-  impl = _attention_impl(m.attention, platform, m.dtype, arch.head_dim)
+  impl = resolve_impl_for(m.attention, platform, m.dtype, arch.head_dim)
   fused = impl == "cudnn"
   scores = rows * d["N"] * T * T  # attention logits of one layer, elements
   # one layer at a time also holds its attention logits, their softmax and, in the backward
@@ -230,7 +221,7 @@ def decode_group(cfg, arch, devices: int, platform: str) -> Group:
   ways = mesh["data"] * mesh["fsdp"]
   per_token = 2 * arch.num_layers * d["K"] * arch.head_dim * cb  # keys and values, all layers
   T = s.max_len
-  impl = _attention_impl(m.attention, platform, m.dtype, arch.head_dim)
+  impl = resolve_impl_for(m.attention, platform, m.dtype, arch.head_dim)
   scores = d["N"] * T * T * (8 + cb) if impl != "cudnn" else d["N"] * T * 4
   return Group("decode server", mesh, [
       Item(f"parameters ({m.param_dtype})", n * pb,
