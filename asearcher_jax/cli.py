@@ -167,10 +167,8 @@ def cmd_eval(args) -> int:
     served = load_config(args.config, overrides + ["serve.grpc_port=0", "serve.http_port=null"])
     if served.search.backend == "local":
       from asearcher_jax.tools.cli import default_world_index
-      from asearcher_jax.tools.index import SearchIndex
-      from asearcher_jax.tools.retrieval_server import ServerThread, create_app
-      index = SearchIndex(served.retrieval.index or default_world_index())
-      retrieval = ServerThread(create_app(index, served.retrieval)).start()
+      from asearcher_jax.tools.retrieval_server import serve_index
+      retrieval = serve_index(served.retrieval.index or default_world_index(), served.retrieval)
       overrides.append(f"search.url={retrieval.url}")
     server = build_server(served, progress=not args.no_progress).start_in_thread()
     overrides.append(f"eval.decode_address=127.0.0.1:{server.grpc_port}")

@@ -19,7 +19,6 @@ a stage whose output exists in --work is reused, so an interrupted run continues
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import subprocess
@@ -29,8 +28,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from asearcher_jax.eval.harness import latest_traces  # noqa: E402
+from asearcher_jax.eval.report import aggregate  # noqa: E402
 from asearcher_jax.jsonl import read_lines  # noqa: E402
-from benchmarks.common import RESULTS, run_info, write_result  # noqa: E402
+from benchmarks.common import run_info, write_result  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "debug.yaml")
 
@@ -52,19 +52,14 @@ def cli(*args: str, log: str) -> None:
 
 
 def by_hops(traces: str, qa_test: str, k: int) -> dict:
-  """Success (EM) Avg@k per hop count, and per-episode turns and tool calls."""
-  with open(qa_test) as f:
-    hops = {r["qid"]: r["hops"] for r in map(json.loads, f)}
-  rows = list(latest_traces(traces, k).values())  # a retried episode counts once
-  per_q: dict[str, list] = collections.defaultdict(list)
-  for r in rows:
-    per_q[r["qid"]].append(r["metrics"].get("em", 0.0))
-  out: dict[int, list] = collections.defaultdict(list)
-  for q, scores in per_q.items():
-    out[hops[q]].append(sum(scores[:k]) / len(scores[:k]))
-  return {"success_by_hops": {h: sum(v) / len(v) for h, v in sorted(out.items())},
-          "questions_by_hops": {h: len(v) for h, v in sorted(out.items())},
-          "status": dict(collections.Counter(r["status"] for r in rows))}
+  """Success (EM) Avg@k per hop count, as eval/report.aggregate scores it, and the questions
+  it counts per hop count."""
+  hops = {r["qid"]: r["hops"] for r in read_lines(qa_test)}
+  # A retried episode counts once; the hop count stands in for the dataset.
+  samples = [{**r, "dataset": hops[r["qid"]]} for r in latest_traces(traces, k).values()]
+  em = {h: d["metrics"]["em"] for h, d in aggregate(samples, k).items() if "em" in d["metrics"]}
+  return {"success_by_hops": {h: v[f"avg@{k}"] for h, v in em.items()},
+          "questions_by_hops": {h: v["questions"] for h, v in em.items()}}
 
 
 def plot(results: dict, path: str) -> None:
@@ -73,9 +68,8 @@ def plot(results: dict, path: str) -> None:
   import matplotlib.pyplot as plt
   fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
   for limit, r in results.items():
-    h = sorted(r["success_by_hops"], key=int)
-    a.plot([int(x) for x in h], [r["success_by_hops"][x] for x in h], marker="o",
-           label=f"trained and run with {limit} turns")
+    h = r["success_by_hops"]  # hop count -> success, in hop order
+    a.plot(list(h), list(h.values()), marker="o", label=f"trained and run with {limit} turns")
   a.set_xlabel("hops the question needs")
   a.set_ylabel("held-out success (EM Avg@k)")
   a.grid(alpha=0.3)
@@ -154,7 +148,8 @@ def main() -> None:
     em = ds["metrics"]["em"]
     results[limit] = {"success_avg": em[f"avg@{args.k}"], "success_pass": em[f"pass@{args.k}"],
                       "turns": ds["mean_turns"], "tool_calls": ds["mean_tool_calls"],
-                      **by_hops(os.path.join(ev, "traces.jsonl"), qa_test, args.k)}
+                      **by_hops(os.path.join(ev, "traces.jsonl"), qa_test, args.k),
+                      "status": ds["status"]}
   print(f"\nheld-out success by turn limit (EM, k={args.k}, {args.eval_questions} questions, "
         f"1-{args.max_hops} hops, {args.rl_steps} RL steps from one SFT start):")
   print(f"{'limit':>5}  {'avg@k':>6}  {'pass@k':>6}  {'turns':>5}  {'tools':>5}  by hops")
@@ -165,8 +160,7 @@ def main() -> None:
   out = {"benchmark": "turn_limit", **run_info(), "args": vars(args),
          "wall_s": time.time() - t0, "results": results}
   path = write_result(out, args.results, "turn_limit_cpu")
-  plot(results, os.path.join(RESULTS if not args.results else os.path.dirname(path),
-                             os.path.splitext(os.path.basename(path))[0] + ".png"))
+  plot(results, os.path.splitext(path)[0] + ".png")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,21 @@ ANSWER_INSTRUCTION = ("\nor <answer> answer </answer> once you are sure of it: u
                       "10 words; answer only after you double-check.")
 
 
+def _packaged_dir():
+  return resources.files("asearcher_jax.agent").joinpath("prompts")
+
+
+def packaged_prompts() -> list[str]:
+  """The names of the packaged prompts (asearcher_jax/agent/prompts/*.txt), in file order."""
+  return [n[:-4] for n in sorted(p.name for p in _packaged_dir().iterdir()
+                                 if p.name.endswith(".txt"))]
+
+
+def packaged_prompt_text(name: str) -> str:
+  """The text of a packaged prompt; FileNotFoundError for a name `packaged_prompts` lacks."""
+  return _packaged_dir().joinpath(f"{name}.txt").read_text(encoding="utf-8")
+
+
 @functools.lru_cache(maxsize=64)
 def load_template(name_or_path: str) -> string.Template:
   """A packaged prompt by name (`asearcher`, `reasoning_act`, ...) or a file path."""
@@ -30,13 +45,10 @@ def load_template(name_or_path: str) -> string.Template:
       text = f.read()
   else:
     try:
-      text = resources.files("asearcher_jax.agent").joinpath(
-          "prompts", f"{name_or_path}.txt").read_text(encoding="utf-8")
+      text = packaged_prompt_text(name_or_path)
     except FileNotFoundError:
-      names = sorted(p.name[:-4] for p in resources.files("asearcher_jax.agent").joinpath(
-          "prompts").iterdir() if p.name.endswith(".txt"))
-      raise ConfigError(f"unknown prompt {name_or_path!r}; packaged prompts: {names}, or give a "
-                        "file path") from None
+      raise ConfigError(f"unknown prompt {name_or_path!r}; packaged prompts: "
+                        f"{packaged_prompts()}, or give a file path") from None
   template = string.Template(text)
   if "question" not in template.get_identifiers():
     raise ConfigError(f"prompt {name_or_path!r} has no ${{question}} slot")

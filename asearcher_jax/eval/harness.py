@@ -103,9 +103,10 @@ def build_policy(cfg):
                         api_key_env=e.api_key_env, timeout_s=e.request_timeout_s,
                         tokenizer=tokenizer)
   from asearcher_jax.inference.client import DecodeClient
+  from asearcher_jax.placement import client_token
   address = e.decode_address or f"127.0.0.1:{cfg.serve.grpc_port}"
-  token = cfg.serve.token or os.environ.get("ASEARCHER_TOKEN")
-  return DecodePolicy(DecodeClient(address, token=token, timeout=e.request_timeout_s), tokenizer)
+  return DecodePolicy(DecodeClient(address, token=client_token(cfg), timeout=e.request_timeout_s),
+                      tokenizer)
 
 
 async def _close(policy) -> None:

@@ -47,6 +47,13 @@ def _mean(xs) -> float:
   return sum(xs) / len(xs) if xs else 0.0
 
 
+def _render(head: list[str], rows: list[list[str]]) -> str:
+  """Left-aligned columns two spaces apart, under a head and a rule of dashes."""
+  widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+  line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+  return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
 def format_table(report: Mapping[str, dict], k: int) -> str:
   metrics = sorted({m for r in report.values() for m in r["metrics"]})
   head = ["dataset", "n"] + [f"{m} avg@{k}/pass@{k}" for m in metrics] + ["turns", "tools",
@@ -63,9 +70,7 @@ def format_table(report: Mapping[str, dict], k: int) -> str:
     answered = r["status"].get("answered", 0) / max(1, ran)
     cells += [f"{r['mean_turns']:.1f}", f"{r['mean_tool_calls']:.1f}", f"{100 * answered:.0f}%"]
     rows.append(cells)
-  widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-  line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-  return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+  return _render(head, rows)
 
 
 def format_comparison(before: Mapping[str, dict], after: Mapping[str, dict], k: int,
@@ -85,6 +90,4 @@ def format_comparison(before: Mapping[str, dict], after: Mapping[str, dict], k: 
       rows.append(cells)
   if not rows:
     return "no dataset and metric in common with the baseline"
-  widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-  line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-  return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+  return _render(head, rows)

@@ -147,10 +147,9 @@ def run_learn(cfg, *, replay: str | None, decode: list[str] | None, resume: bool
   try:
     if resume:
       learner.restore()
-    elif learner.replay.state("").version > 0:
-      raise AsearcherError(f"the replay queue at {replay} is at version "
-                           f"{learner.replay.state('').version}: it belongs to a previous run; "
-                           "pass --resume to continue it")
+    elif (version := learner.replay.state("").version) > 0:
+      raise AsearcherError(f"the replay queue at {replay} is at version {version}: it belongs "
+                           "to a previous run; pass --resume to continue it")
     learner.run()
   finally:
     learner.close()
@@ -309,6 +308,7 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
   is_stopping = lambda: stopping["flag"]  # noqa: E731
   bar = None
   status = 1
+  rows: list[dict] = []  # metrics.jsonl's lines, read as the learner appends them
   try:
     echo(f"run folder {out_dir} (logs in {log_dir})")
     children["replay"].start()
@@ -332,8 +332,8 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
                   "the learner to publish its restored weights", 900, is_stopping)
     for w in workers:
       w.start()
-    seen = _count_lines(metrics_path)
-    bar = tqdm(total=cfg.rl.total_steps, initial=_last_step(metrics_path), desc="train",
+    rows = _read_from(metrics_path, 0)
+    bar = tqdm(total=cfg.rl.total_steps, initial=rows[-1]["step"] if rows else 0, desc="train",
                unit="step", disable=not progress, dynamic_ncols=True)
     from asearcher_jax.rl.metrics import console_line
     (bar.write if progress else echo)(f"learning curve: {curve} (refreshed as it trains); "
@@ -342,14 +342,14 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
     plotted = 0.0
     while True:
       time.sleep(0.5)
-      lines = _read_from(metrics_path, seen)
-      seen += len(lines)
+      lines = _read_from(metrics_path, len(rows))
+      rows += lines
       for m in lines:
         bar.n = m["step"]
         bar.refresh()
         (bar.write if progress else echo)(console_line(m["step"], cfg.rl.total_steps, m))
       if lines and time.monotonic() - plotted > PLOT_EVERY_S:
-        plot_metrics(metrics_path, curve, title=f"{cfg.run.name}: {out_dir}")
+        plot_metrics(rows, curve, title=f"{cfg.run.name}: {out_dir}")
         plotted = time.monotonic()
       if stopping["flag"]:
         echo("stopping: asking the learner to checkpoint")
@@ -389,7 +389,8 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
       c.stop()
     for s, h in previous.items():
       signal.signal(s, h)
-  plot_metrics(metrics_path, curve, title=f"{cfg.run.name}: {out_dir}")
+  rows += _read_from(metrics_path, len(rows))  # what the learner wrote last
+  plot_metrics(rows, curve, title=f"{cfg.run.name}: {out_dir}")
   echo(f"metrics: {metrics_path}; learning curve: {curve}; TensorBoard: "
        f"{os.path.join(out_dir, 'tensorboard')}; checkpoints: {ckpt_dir}; "
        f"policy: {os.path.join(out_dir, 'weights')}")
@@ -405,15 +406,6 @@ def _replay_version(address: str) -> int:
     c.close()
 
 
-def _count_lines(path: str) -> int:
-  return len(_read_from(path, 0))
-
-
 def _read_from(path: str, start: int) -> list[dict]:
   from asearcher_jax.jsonl import read_lines
-  return read_lines(path)[start:] if os.path.exists(path) else []
-
-
-def _last_step(path: str) -> int:
-  lines = _read_from(path, 0)
-  return lines[-1]["step"] if lines else 0
+  return read_lines(path)[start:]

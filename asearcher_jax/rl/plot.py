@@ -1,12 +1,10 @@
 """The learning curve of a run as one PNG: reward, success, turns, tool calls and staleness
-against the learner step, read from metrics.jsonl. Written atomically, so a viewer that
+against the learner step, from metrics.jsonl's rows. Written atomically, so a viewer that
 reloads the file while training never sees half an image."""
 
 from __future__ import annotations
 
 import os
-
-from asearcher_jax.jsonl import read_lines
 
 # (title, [(metric key, label)], y-axis label)
 PANELS = (
@@ -32,10 +30,10 @@ def smooth(values: list[float], window: int) -> list[float]:
   return out
 
 
-def plot_metrics(metrics_path: str, out_png: str, *, title: str | None = None) -> str | None:
-  """Renders `out_png` from the metrics file; None when there is nothing to plot yet."""
-  rows = [r for r in read_lines(metrics_path) if "step" in r] if os.path.exists(
-      metrics_path) else []
+def plot_metrics(rows: list[dict], out_png: str, *, title: str) -> str | None:
+  """Renders `out_png` from metrics rows (metrics.jsonl's lines); None when there is nothing to
+  plot yet."""
+  rows = [r for r in rows if "step" in r]
   if not rows:
     return None
   import matplotlib
@@ -58,7 +56,7 @@ def plot_metrics(metrics_path: str, out_png: str, *, title: str | None = None) -
     ax.grid(alpha=0.3)
     if len(series) > 1 and ax.get_lines():
       ax.legend(fontsize=8)
-  fig.suptitle(title or os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))
+  fig.suptitle(title)
   tmp = f"{out_png}.tmp-{os.getpid()}.png"
   fig.savefig(tmp, dpi=90)
   plt.close(fig)

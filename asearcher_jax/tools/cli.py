@@ -32,8 +32,7 @@ def cmd_index_build(args) -> int:
 
 def default_world_index(cache_dir: str | None = None) -> str:
   """The debug world's index directory, generating world and index on first use."""
-  from asearcher_jax.world import ensure_world
-  from asearcher_jax.world.solve import world_index
+  from asearcher_jax.world.io import ensure_world, world_index
   return world_index(ensure_world(cache_dir=cache_dir))
 
 
@@ -83,9 +82,9 @@ def cmd_world_build(args) -> int:
   from pydantic import ValidationError
 
   from asearcher_jax.errors import ConfigError
-  from asearcher_jax.tools.index import build_index
   from asearcher_jax.world import generate_world, write_world
   from asearcher_jax.world.config import load_world_config, preset
+  from asearcher_jax.world.io import world_index
   flags = {k: getattr(args, k) for k in _WORLD_FLAGS}
   try:
     if args.config:
@@ -101,10 +100,8 @@ def cmd_world_build(args) -> int:
   print(f"world {args.out}: {len(world.entities)} entities, {len(world.passages)} passages, "
         f"{len(world.pages)} pages, {len(world.qa_train)} train / {len(world.qa_test)} test "
         f"questions ({cfg.min_hops}-{cfg.max_hops} hops)")
-  if args.index:
-    build_index(os.path.join(args.out, "corpus.jsonl"), os.path.join(args.out, "index"),
-                pages=os.path.join(args.out, "pages.jsonl"), overwrite=True)
-    print(f"index {os.path.join(args.out, 'index')}")
+  if args.index:  # the world was just written whole, so it has no index yet
+    print(f"index {world_index(args.out)}")
   return 0
 
 

@@ -272,3 +272,9 @@ class ServerThread:
 
   def __exit__(self, *exc):
     self.stop()
+
+
+def serve_index(index_dir: str, cfg: RetrievalSection | None = None) -> ServerThread:
+  """The index at `index_dir` served from this process on a free loopback port, started;
+  `stop()` it when done."""
+  return ServerThread(create_app(SearchIndex(index_dir), cfg)).start()

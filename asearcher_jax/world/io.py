@@ -116,3 +116,14 @@ def ensure_world(config: WorldConfig | None = None, cache_dir: str | None = None
   if _complete(out):
     return out
   return write_world(generate_world(cfg), out, overwrite=True, keep_existing=True)
+
+
+def world_index(world_dir: str, log=print) -> str:
+  """`<world>/index`, built on first use (BM25 over the corpus, with the pages for /access);
+  `log` gets the build's progress."""
+  from asearcher_jax.tools.index import build_index
+  out = os.path.join(world_dir, "index")
+  if not os.path.exists(os.path.join(out, "manifest.json")):
+    build_index(os.path.join(world_dir, "corpus.jsonl"), out,
+                pages=os.path.join(world_dir, "pages.jsonl"), overwrite=True, log=log)
+  return out

@@ -12,18 +12,8 @@ from typing import Any
 from asearcher_jax.agent import Agent, score, write_jsonl
 from asearcher_jax.data.qa import load_qa
 from asearcher_jax.reward import Scorer
+from asearcher_jax.world.io import world_index
 from asearcher_jax.world.solver import WorldSolver
-
-
-def world_index(world_dir: str) -> str:
-  """`<world>/index`, built on first use (BM25 over the corpus, with the pages for /access)."""
-  from asearcher_jax.tools.index import build_index
-  out = os.path.join(world_dir, "index")
-  if not os.path.exists(os.path.join(out, "manifest.json")):
-    build_index(os.path.join(world_dir, "corpus.jsonl"), out,
-                pages=os.path.join(world_dir, "pages.jsonl"), overwrite=True,
-                log=lambda *_: None)
-  return out
 
 
 async def solve_items(cfg, items, tokenizer, tools, *, concurrency: int = 16,
@@ -46,6 +36,7 @@ async def solve_items(cfg, items, tokenizer, tools, *, concurrency: int = 16,
     return await asyncio.gather(*(one(i, it) for i, it in enumerate(items)))
   finally:
     bar.close()
+    await scorer.close()
     await tools.close()
 
 
@@ -69,17 +60,18 @@ def solve_command(cfg, *, world_dir: str, split: str, out: str, limit: int | Non
   SFT data) to `out`; returns the summary."""
   from asearcher_jax.eval.harness import policy_tokenizer
   from asearcher_jax.tools.client import LocalSearchClient
-  from asearcher_jax.tools.index import SearchIndex
-  from asearcher_jax.tools.retrieval_server import ServerThread, create_app
+  from asearcher_jax.tools.retrieval_server import serve_index
   items = load_qa(os.path.join(world_dir, f"qa_{split}.jsonl")).items
   if limit is not None and limit < len(items):  # the files are sorted by hops: sample them
     items = random.Random(seed).sample(items, limit)
   tokenizer = policy_tokenizer(cfg)
-  app = create_app(SearchIndex(world_index(world_dir)), cfg.retrieval)
-  with ServerThread(app) as server:
+  server = serve_index(world_index(world_dir, log=lambda *_: None), cfg.retrieval)
+  try:
     tools = LocalSearchClient(cfg.search.model_copy(update={"url": server.url}))
     trajectories = asyncio.run(solve_items(cfg, items, tokenizer, tools,
                                            concurrency=concurrency, progress=progress))
+  finally:
+    server.stop()
   kept = [t for t in trajectories if keep == "all" or t.reward >= 1.0]
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   tmp = f"{out}.tmp-{os.getpid()}"

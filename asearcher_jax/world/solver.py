@@ -182,11 +182,12 @@ class WorldSolver:
     end the episode unclosed)."""
     thoughts, call = self._step(ep, context, sampling)
     texts = [f"{t}</think>" + (f"\n{call}" if call else "") for t in thoughts]
-    if self.tokenizer is not None:
-      for text in texts:
-        if len(self.tokenizer.encode(text)) <= sampling.max_new_tokens:
-          return text
-    return texts[0] if self.tokenizer is None else texts[-1]
+    if self.tokenizer is None:
+      return texts[0]
+    for text in texts:
+      if len(self.tokenizer.encode(text)) <= sampling.max_new_tokens:
+        return text
+    return texts[-1]
 
   def _step(self, ep: _Episode, context: str, sampling: SamplingParams
             ) -> tuple[list[str], str]:

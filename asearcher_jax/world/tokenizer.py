@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-import pathlib
 from typing import Iterator
 
 from asearcher_jax.errors import DataError
@@ -18,7 +17,6 @@ from asearcher_jax.jsonl import iter_rows
 from asearcher_jax.models.tokenizer import QWEN_SPECIAL_TOKENS, Tokenizer, build_tokenizer
 
 _FIELDS = ("title", "contents", "url", "question", "answer")
-_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "agent", "prompts")
 
 
 def _files(sources: list[str]) -> list[str]:
@@ -48,8 +46,8 @@ def tokenizer_texts(sources: list[str]) -> Iterator[str]:
         if isinstance(row.get(key), str):
           questions += key == "question"
           yield row[key]
-  prompts = [pathlib.Path(p).read_text(encoding="utf-8")
-             for p in sorted(glob.glob(f"{_PROMPTS}/*.txt"))]
+  from asearcher_jax.agent.prompts import packaged_prompt_text, packaged_prompts
+  prompts = [packaged_prompt_text(name) for name in packaged_prompts()]
   for _ in range(max(1, questions)):
     yield from prompts
 
