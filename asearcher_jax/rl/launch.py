@@ -289,8 +289,9 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
     children["retrieval"] = Child("retrieval", py + ["retrieval", "serve", *base, "--port",
                                                      str(ports["retrieval"])], log_dir, cpu_env)
   for i, p in enumerate(decode_ports):
-    children[f"decode{i}"] = Child(f"decode{i}", py + ["serve", *common, f"serve.grpc_port={p}",
-                                                       "serve.http_port=null"], log_dir, env)
+    children[f"decode{i}"] = Child(f"decode{i}", py + [  # replica i: its share of the devices
+        "serve", *common, f"serve.grpc_port={p}", "serve.http_port=null",
+        f"placement.decode_replica={i}"], log_dir, env)
   learner_argv = py + ["learn", *common, "--replay", replay_addr, "--decode", *decode_addrs] + \
       (["--resume"] if resume else [])
   workers = [Child(f"rollout{i}", py + ["rollout", *common, "--worker", str(i), "--workers",
