@@ -119,6 +119,19 @@ def test_corpus_and_pages(world):
     assert len(page["contents"]) > 300
 
 
+def test_one_fact_per_passage(world):
+  """max_facts_per_passage=1 (the debug run's world): every passage states exactly one fact,
+  every fact has its passage, and the questions still verify; the default mixes one and two."""
+  from collections import Counter
+  facts_in = lambda w: Counter(w.fact_passage.values())  # noqa: E731
+  assert set(facts_in(world).values()) == {1, 2}
+  one = generate_world(WorldConfig(seed=1, max_hops=6, max_facts_per_passage=1, **SMALL))
+  assert set(facts_in(one).values()) == {1}
+  assert len(one.passages) == len(one.fact_passage) > len(world.passages)
+  for item in one.qa_train[:50] + one.qa_test[:50]:
+    assert verify(one, item)
+
+
 def test_roundtrip_and_verify_from_disk(world, tmp_path):
   path = write_world(world, str(tmp_path / "w"))
   loaded = load_world(path)

@@ -75,7 +75,7 @@ def cmd_retrieval_serve(args) -> int:
 
 
 _WORLD_FLAGS = ("seed", "min_hops", "max_hops", "questions_per_hop", "num_people", "num_cities",
-                "num_countries", "num_orgs", "num_works")
+                "num_countries", "num_orgs", "num_works", "max_facts_per_passage")
 
 
 def cmd_world_build(args) -> int:

@@ -229,7 +229,7 @@ def generate_world(config: WorldConfig | None = None) -> World:
   for w in works:
     w.rels["creator"] = rng.choice(people).eid
 
-  passages, fact_passage = _passages(rng, ents)
+  passages, fact_passage = _passages(rng, ents, cfg.max_facts_per_passage)
   pages = _pages(rng, cfg, ents)
   qa_train, qa_test = _questions(rng, cfg, ents, fact_passage)
   return World(cfg, ents, passages, pages, qa_train, qa_test, fact_passage)
@@ -260,8 +260,9 @@ def fact_sentence(e: Entity, key: str, ents: dict[str, Entity]) -> str:
   }[key]
 
 
-def _passages(rng: random.Random, ents: dict[str, Entity]) -> tuple[list[dict], dict[str, str]]:
-  """Short passages of one or two facts each, wiki-18 style: contents = '"Title"\\ntext'."""
+def _passages(rng: random.Random, ents: dict[str, Entity], max_facts: int
+              ) -> tuple[list[dict], dict[str, str]]:
+  """Short passages of 1..max_facts facts each, wiki-18 style: contents = '"Title"\\ntext'."""
   rows: list[dict] = []
   fact_passage: dict[str, str] = {}
   for e in ents.values():
@@ -269,7 +270,7 @@ def _passages(rng: random.Random, ents: dict[str, Entity]) -> tuple[list[dict], 
     rng.shuffle(keys)
     i = 0
     while i < len(keys):
-      group = keys[i:i + rng.choice((1, 2))]
+      group = keys[i:i + rng.choice(range(1, max_facts + 1))]
       i += len(group)
       pid = f"w{len(rows):07d}"
       text = " ".join(fact_sentence(e, k, ents) for k in group)
