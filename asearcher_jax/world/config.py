@@ -24,9 +24,8 @@ class WorldConfig(BaseModel):
   distractor_fraction: float = Field(0.25, ge=0.0, le=1.0)
   filler_sentences: int = Field(6, ge=0, description="per page, beyond the entity's facts")
   # Each passage states 1..N facts of its entity. With 1 and one hit per search (agent.topk=1)
-  # a search's result is exactly one sentence: what launch/debug.sh uses, because a policy
-  # trained from scratch in minutes learns to copy that sentence long before it learns to pick
-  # the one that answers out of several.
+  # a search's result is exactly one sentence: a policy trained from scratch in minutes learns
+  # to copy that sentence long before it learns to pick the one that answers out of several.
   max_facts_per_passage: int = Field(2, ge=1)
   min_hops: int = Field(1, ge=1)
   max_hops: int = Field(4, ge=1, le=32)
