@@ -112,7 +112,7 @@ def main() -> None:
     cli("world", "build", "--out", world, "--index", "--overwrite", "--max-hops",
         str(args.max_hops), "--questions-per-hop", str(args.questions_per_hop), "--num-people",
         "1200", "--num-cities", "240", "--num-countries", "30", "--num-orgs", "240",
-        "--num-works", "480", log=log)
+        "--num-works", "480", "--max-facts-per-passage", "1", log=log)  # as launch/debug.sh
   model = os.path.join(w, "model")
   if not os.path.exists(os.path.join(model, "config.json")):
     cli("init-model", "--config", CONFIG, *args.overrides, "--out", model, "--tokenizer-corpus",

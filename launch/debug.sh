@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Single-host debug mode, the whole story on the shipped default config (configs/debug.yaml),
 # CPU or one device, each stage a plain `asearcher` command:
-#   1. the default world (corpus, linked pages, 1-4 hop questions) and its BM25 index;
+#   1. the default world (corpus, linked pages, 1-4 hop questions) with one fact per passage
+#      (with agent.topk 1 a search returns one sentence to read), and its BM25 index;
 #   2. a BPE tokenizer trained on the world and a tiny Qwen3 policy, as an HF directory;
 #   3. expert trajectories: the programmatic solver through the real agent and retrieval server;
 #   4. SFT warm start on them (`asearcher sft`), then held-out evaluation (Avg@4 / Pass@4);
@@ -27,7 +28,8 @@ stage() { echo; echo "[debug] $*"; }
 start=$SECONDS
 
 stage "1/6 world: $world"
-[ -f "$world/index/manifest.json" ] || asearcher world build --out "$world" --index --overwrite
+[ -f "$world/index/manifest.json" ] || asearcher world build --out "$world" --index --overwrite \
+  --max-facts-per-passage 1
 
 stage "2/6 tokenizer and tiny policy: $out/model"
 [ -f "$out/model/config.json" ] || asearcher init-model --config "$cfg" --out "$out/model" \

@@ -52,7 +52,7 @@ def test_every_world_question_parses_to_its_chain(world):
 
 
 def test_find_fact_reads_exactly_the_subject_and_the_most_specific_fact():
-  text = ('"Alen Varrow"\nAlen Varrow was born in Kelport. Alen Varro was born in 1931.\n'
+  text = ('"Alen Varrow"\nAlen Varrow was born in Kelport. Alen Varro was born in the year 1931.\n'
           "Alen Varro was born in Marholm. Sela is a city in Dorland. Sela is a city in this "
           "world. The Glass Tide is a ballet. Bo Ren is a poet by profession.")
   assert find_fact(text, "Alen Varro", ("born_in",)) == ("Marholm",
@@ -101,9 +101,37 @@ def test_solver_trajectories_are_valid_and_earn_full_reward(world, tokenizer):
       assert all(traj.loss_mask[turn.start:turn.end])
     calls = [(t.action, t.argument) for t in traj.turns if t.action != "none"]
     assert [(a.kind, a.argument) for a in map(parse_action, traj.generations())] == calls
-    # One search per hop, then the answer.
-    hops = len(parse_question(item.question).hops)
-    assert [kind for kind, _ in calls] == ["search"] * hops + ["answer"]
+    # One search per hop (a second where the question fits two kinds of entity: "In what year
+    # was X founded?" asks a city's "founded in" or an organisation's "established in"), then
+    # the answer.
+    hops = parse_question(item.question).hops
+    kinds = [kind for kind, _ in calls]
+    assert kinds[-1] == "answer" and set(kinds[:-1]) == {"search"}
+    assert len(hops) <= len(kinds) - 1 <= sum(map(len, hops))
+
+
+def test_solver_searches_again_when_the_question_fits_two_kinds_of_entity(tmp_path, tokenizer):
+  """"In what year was X founded?" asks a city's founding or an organisation's establishment;
+  with one fact per passage and one hit per search, the expert searches again with the other
+  fact's words rather than opening the page."""
+  from asearcher_jax.data.qa import QAItem
+  w = generate_world(WorldConfig(seed=3, max_hops=2, max_facts_per_passage=1, **SMALL))
+  path = str(tmp_path / "world")
+  write_world(w, path)
+  world_index(path)
+  items = [QAItem(e.eid, f"In what year was {e.name} founded?", (str(e.attrs[f"{kind}_founded"]),))
+           for kind in ("org", "city") for e in w.entities.values() if e.kind == kind][::5]
+  trajs = _solve((w, path), tokenizer, items, topk=1)
+  for traj in trajs:
+    traj.check()
+    assert traj.reward == 1.0
+    queries = [t.argument for t in traj.turns if t.action == "search"]
+    if w.entities[traj.qid].kind == "org":
+      assert len(queries) == 2 and queries[1].endswith("established in"), queries
+    else:
+      assert len(queries) == 1 and queries[0].endswith("founded in"), queries
+    assert [(a.kind, a.argument) for a in map(parse_action, traj.generations())] == \
+        [(t.action, t.argument) for t in traj.turns if t.action != "none"]
 
 
 def test_a_call_cut_by_the_token_budget_is_continued_by_the_next(tokenizer):

@@ -248,7 +248,7 @@ def fact_sentence(e: Entity, key: str, ents: dict[str, Entity]) -> str:
       "headquarters": f"{e.name} is headquartered in {t}.",
       "founder": f"{e.name} was founded by {t}.",
       "creator": f"{e.name} was created by {t}.",
-      "birth_year": f"{e.name} was born in {a.get('birth_year')}.",
+      "birth_year": f"{e.name} was born in the year {a.get('birth_year')}.",
       "occupation": f"{e.name} is a {a.get('occupation')} by profession.",
       "population": f"{e.name} has a population of {a.get('population')}.",
       "city_founded": f"{e.name} was founded in {a.get('city_founded')}.",

@@ -30,7 +30,7 @@ from asearcher_jax.world.generator import ATTRIBUTES, RELATIONS, Entity, fact_se
 KEYWORDS = {
     "born_in": "born in", "employer": "worked for", "country": "city in", "mayor": "mayor",
     "capital": "capital", "headquarters": "headquartered in", "founder": "founded by",
-    "creator": "created by", "birth_year": "born in", "occupation": "profession",
+    "creator": "created by", "birth_year": "born year", "occupation": "profession",
     "population": "population", "city_founded": "founded in", "currency": "currency",
     "org_founded": "established in", "industry": "industry", "year": "first presented",
     "genre": "is a",
@@ -144,6 +144,7 @@ class _Episode:
   hop: int = 0
   entity: str = ""
   started: bool = False
+  key: int = 0  # which of the hop's facts the last search asked for
   tried_access: bool = False
   tried_name: bool = False
   noted: tuple[str, str] | None = None  # a fact found while reading a page
@@ -206,12 +207,16 @@ class WorldSolver:
       return [f"Nothing on {KEYWORDS[ep.plan.hops[ep.hop][0]]} here.", ""], ""
     if found:
       value, sentence = found
-      ep.hop, ep.entity, ep.noted = ep.hop + 1, value, None
+      ep.hop, ep.entity, ep.noted, ep.key = ep.hop + 1, value, None, 0
       ep.tried_access = ep.tried_name = False
       if ep.hop == len(ep.plan.hops):
         return [f"{sentence} So the answer is {value}.", sentence, ""], \
             f"<answer> {value} </answer>"
       return [f"{sentence} Next: {self._request(ep)}", sentence, ""], self._search(ep)
+    if ep.key + 1 < len(ep.plan.hops[ep.hop]):  # a question that fits two kinds of entity
+      ep.key += 1
+      return [f"Not this fact; search {KEYWORDS[ep.plan.hops[ep.hop][ep.key]]}.", ""], \
+          self._search(ep)
     url = _page_url(info, ep.entity)
     if url and not ep.tried_access:
       ep.tried_access = True
@@ -227,7 +232,7 @@ class WorldSolver:
     return phrase if phrase.endswith("?") else phrase + "."
 
   def _search(self, ep: _Episode) -> str:
-    return f"<search> {ep.entity} {KEYWORDS[ep.plan.hops[ep.hop][0]]} </search>"
+    return f"<search> {ep.entity} {KEYWORDS[ep.plan.hops[ep.hop][ep.key]]} </search>"
 
   def _cut(self, ep: _Episode, text: str, sampling: SamplingParams,
            prompt: Prompt) -> Completion:
