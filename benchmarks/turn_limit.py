@@ -91,7 +91,7 @@ def main() -> None:
   p.add_argument("--max-hops", type=int, default=12)
   p.add_argument("--questions-per-hop", type=int, default=150)
   p.add_argument("--sft-questions", type=int, default=1500)
-  p.add_argument("--sft-epochs", type=int, default=1)
+  p.add_argument("--sft-epochs", type=int, default=3)
   p.add_argument("--rl-steps", type=int, default=30)
   p.add_argument("--eval-questions", type=int, default=120)
   p.add_argument("--k", type=int, default=2)
@@ -124,7 +124,8 @@ def main() -> None:
   sft = os.path.join(w, "sft")
   if not os.path.exists(os.path.join(sft, "config.json")):
     cli("sft", *common, f"model.path={model}", "--data", expert, "--out", sft, "--epochs",
-        str(args.sft_epochs), "--batch-rows", "2", "--no-progress", log=log)
+        str(args.sft_epochs), "--batch-rows", "2", "--loss-on", "all", "--no-progress",
+        log=log)  # as launch/debug.sh: the policy starts untrained
   results = {}
   qa_test = os.path.join(world, "qa_test.jsonl")
   for limit in args.limits:
