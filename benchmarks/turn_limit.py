@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The paper's central claim at small scale: a short turn limit caps what RL can teach.
 
-  python benchmarks/turn_limit.py [--limits 10 64] [--rl-steps 30] [--work DIR] [key=value ...]
+  python benchmarks/turn_limit.py [--limits 10 64] [--rl-steps 20] [--work DIR] [key=value ...]
 
 On a world whose questions need up to --max-hops hops (one search per hop, so a 12-hop
 question takes at least 13 turns), one tiny policy is warm-started by SFT on the expert's
@@ -92,7 +92,7 @@ def main() -> None:
   p.add_argument("--questions-per-hop", type=int, default=150)
   p.add_argument("--sft-questions", type=int, default=1500)
   p.add_argument("--sft-epochs", type=int, default=3)
-  p.add_argument("--rl-steps", type=int, default=30)
+  p.add_argument("--rl-steps", type=int, default=20)
   p.add_argument("--eval-questions", type=int, default=120)
   p.add_argument("--k", type=int, default=2)
   p.add_argument("--work", default="runs/turn_limit")
