@@ -24,8 +24,8 @@ if [ "${RESUME:-0}" != 1 ]; then
   rm -rf "$out"
 fi
 mkdir -p "$out"
-stage() { echo; echo "[debug] $*"; }
-start=$SECONDS
+clock() { echo "$(( SECONDS / 60 ))m$(( SECONDS % 60 ))s"; }  # since the script started
+stage() { echo; echo "[debug $(clock)] $*"; }
 
 stage "1/6 world: $world"
 [ -f "$world/index/manifest.json" ] || asearcher world build --out "$world" --index --overwrite \
@@ -63,6 +63,6 @@ stage "6/6 held-out evaluation of the RL policy against the SFT policy"
 rm -rf "$out/eval_rl"  # always the policy the RL stage ended with
 evaluate "$out/rl/weights" "$out/eval_rl" --baseline "$out/eval_sft/report.json"
 echo
-echo "[debug] done in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s:" \
+echo "[debug] done in $(clock), setup included:" \
   "learning curve $out/rl/learning_curve.png, TensorBoard $out/rl/tensorboard," \
   "evaluations $out/eval_sft and $out/eval_rl, logs $out/rl/logs"
