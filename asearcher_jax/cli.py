@@ -183,14 +183,22 @@ def cmd_eval(args) -> int:
   if args.baseline:
     import json
 
-    from asearcher_jax.eval.report import format_comparison
+    from asearcher_jax.eval.harness import latest_traces
+    from asearcher_jax.eval.report import format_comparison, paired_intervals
     with open(args.baseline) as f:
       base = json.load(f)
-    if base["k"] != report["k"]:
+    k = report["k"]
+    if base["k"] != k:
       raise SystemExit(f"{args.baseline} was run with k={base['k']}, this run with "
-                       f"k={report['k']}: Avg@k and Pass@k are not comparable")
-    print(f"against {args.baseline}:")
-    print(format_comparison(base["datasets"], report["datasets"], report["k"]))
+                       f"k={k}: Avg@k and Pass@k are not comparable")
+    base_traces = os.path.join(os.path.dirname(args.baseline), "traces.jsonl")
+    intervals = None
+    if os.path.exists(base_traces):  # the questions of both runs: a paired interval
+      intervals = paired_intervals(latest_traces(base_traces, k).values(),
+                                   latest_traces(report["traces"], k).values(), k)
+    print(f"against {args.baseline}" + (" (change [95% paired bootstrap interval over "
+                                        "questions]):" if intervals else ":"))
+    print(format_comparison(base["datasets"], report["datasets"], k, intervals=intervals))
   aborted = sum(d["status"].get("aborted", 0) for d in report["datasets"].values())
   return 1 if aborted or not report["datasets"] else 0  # a rerun retries aborted episodes
 

@@ -20,7 +20,12 @@ from asearcher_jax.agent.policy import (
   restore_stop,
 )
 from asearcher_jax.agent.trajectory import Trajectory, Turn, read_jsonl, write_jsonl
-from asearcher_jax.eval.report import aggregate, format_table
+from asearcher_jax.eval.report import (
+  aggregate,
+  format_comparison,
+  format_table,
+  paired_intervals,
+)
 from asearcher_jax.inference.sampling import SamplingParams
 from asearcher_jax.models.tokenizer import build_tokenizer
 
@@ -534,3 +539,28 @@ def test_aggregate_keeps_at_most_k_samples_and_skips_missing_metrics():
   # q: only two samples count (em 0, 0) -> avg 0, pass 0; r has no em at all.
   assert rep["metrics"]["em"] == {"avg@2": 0.0, "pass@2": 0.0, "questions": 1}
   assert rep["samples"] == 4
+
+
+def test_paired_interval_brackets_a_uniform_gain_and_straddles_zero_for_a_swap():
+  """Every question gains one of four samples: a paired interval is the gain exactly (each
+  question's difficulty cancels). Half the questions gain what the other half lose: the
+  interval straddles zero. Questions only one run scored, and aborted samples, are left out."""
+  def run(wins):  # {qid: right samples of 4}
+    return [_s("d", q, i, "answered", em=float(i < n)) for q, n in wins.items() for i in range(4)]
+  hard = {f"q{i}": i % 3 for i in range(40)}  # 0..2 right of 4: varied difficulty
+  better = {q: n + 1 for q, n in hard.items()}
+  extra = [_s("d", "only_after", i, "answered", em=1.0) for i in range(4)]
+  aborted = [{**_s("d", "q0", 4, "aborted", em=1.0), "sample": 0}]
+  iv = paired_intervals(run(hard), aborted + run(better) + extra, k=4)
+  assert iv["d", "em"]["avg@4"] == pytest.approx((0.25, 0.25))
+  lo, hi = iv["d", "em"]["pass@4"]  # the questions with no right sample before now have one
+  assert 0 < lo <= hi < 1
+
+  swapped = {q: (n + 1 if i % 2 else max(n - 1, 0)) for i, (q, n) in enumerate(hard.items())}
+  lo, hi = paired_intervals(run(hard), run(swapped), k=4)["d", "em"]["avg@4"]
+  assert lo < 0 < hi
+
+  before, after = aggregate(run(hard), 4), aggregate(run(better), 4)
+  row = format_comparison(before, after, 4, intervals=iv).splitlines()[2]
+  assert "+25.0 [+25.0, +25.0]" in row
+  assert "[" not in format_comparison(before, after, 4).splitlines()[2]

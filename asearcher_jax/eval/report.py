@@ -1,9 +1,12 @@
-"""Avg@k / Pass@k per dataset and metric, from per-sample scores; a printed table."""
+"""Avg@k / Pass@k per dataset and metric, from per-sample scores; a printed table; and the
+change against a baseline with a paired bootstrap interval over questions."""
 
 from __future__ import annotations
 
 import collections
 from typing import Iterable, Mapping
+
+import numpy as np
 
 
 def aggregate(samples: Iterable[Mapping], k: int) -> dict[str, dict]:
@@ -14,23 +17,14 @@ def aggregate(samples: Iterable[Mapping], k: int) -> dict[str, dict]:
   has (at most k). Samples `aborted` by the infrastructure are left out of the metrics and
   counted apart; every other status (a wrong answer, running out of turns) scores what it got.
   """
-  by_ds: dict[str, dict[str, list[Mapping]]] = collections.defaultdict(
-      lambda: collections.defaultdict(list))
-  for s in samples:
-    by_ds[s["dataset"]][s["qid"]].append(s)
   out = {}
-  for ds, questions in sorted(by_ds.items()):
+  for ds, (questions, scored) in sorted(_by_question(samples, k).items()):
     statuses = collections.Counter(s["status"] for qs in questions.values() for s in qs)
-    scored = {q: [s for s in qs if s["status"] != "aborted"][:k] for q, qs in questions.items()}
-    scored = {q: qs for q, qs in scored.items() if qs}
-    metrics = sorted({m for qs in scored.values() for s in qs for m in s["metrics"]})
     table = {}
-    for m in metrics:
-      per_q = [[s["metrics"][m] for s in qs if m in s["metrics"]] for qs in scored.values()]
-      per_q = [v for v in per_q if v]
-      if per_q:
-        table[m] = {f"avg@{k}": sum(sum(v) / len(v) for v in per_q) / len(per_q),
-                    f"pass@{k}": sum(max(v) for v in per_q) / len(per_q), "questions": len(per_q)}
+    for m, per_q in _metric_scores(scored).items():
+      per_q = list(per_q.values())
+      table[m] = {f"avg@{k}": sum(sum(v) / len(v) for v in per_q) / len(per_q),
+                  f"pass@{k}": sum(max(v) for v in per_q) / len(per_q), "questions": len(per_q)}
     flat = [s for qs in scored.values() for s in qs]
     out[ds] = {
         "questions": len(questions), "samples": sum(len(v) for v in questions.values()),
@@ -39,6 +33,60 @@ def aggregate(samples: Iterable[Mapping], k: int) -> dict[str, dict]:
         "mean_tool_calls": _mean(s["tool_calls"] for s in flat),
         "tool_errors": sum(s.get("tool_errors", 0) for s in flat),
     }
+  return out
+
+
+def _by_question(samples: Iterable[Mapping], k: int) -> dict[str, tuple[dict, dict]]:
+  """{dataset: ({qid: every sample}, {qid: its first k samples that were not aborted})},
+  questions with no such sample left out of the second."""
+  by_ds: dict[str, dict[str, list[Mapping]]] = collections.defaultdict(
+      lambda: collections.defaultdict(list))
+  for s in samples:
+    by_ds[s["dataset"]][s["qid"]].append(s)
+  out = {}
+  for ds, questions in by_ds.items():
+    scored = {q: [s for s in qs if s["status"] != "aborted"][:k] for q, qs in questions.items()}
+    out[ds] = questions, {q: qs for q, qs in scored.items() if qs}
+  return out
+
+
+def _metric_scores(scored: Mapping[str, list[Mapping]]) -> dict[str, dict[str, list[float]]]:
+  """{metric: {qid: the scores of its samples}} over the questions that have the metric."""
+  metrics = sorted({m for qs in scored.values() for s in qs for m in s["metrics"]})
+  out = {}
+  for m in metrics:
+    per_q = {q: [s["metrics"][m] for s in qs if m in s["metrics"]] for q, qs in scored.items()}
+    if per_q := {q: v for q, v in per_q.items() if v}:
+      out[m] = per_q
+  return out
+
+
+def paired_intervals(before: Iterable[Mapping], after: Iterable[Mapping], k: int, *,
+                     level: float = 0.95, resamples: int = 10000, seed: int = 0
+                     ) -> dict[tuple[str, str], dict[str, tuple[float, float]]]:
+  """{(dataset, metric): {"avg@k"/"pass@k": (low, high)}}: a percentile bootstrap interval of
+  the change after − before, resampling the questions both runs scored (paired: a question's
+  difficulty cancels out, so the interval is far narrower than two separate ones).
+
+  Why: on a few dozen questions a gain of several points can be noise; this says whether the
+  questions support it. It covers the evaluation's sampling only, not the training run's."""
+  k_before, k_after = _by_question(before, k), _by_question(after, k)
+  rng = np.random.default_rng(seed)
+  out = {}
+  for ds in sorted(set(k_before) & set(k_after)):
+    b, a = _metric_scores(k_before[ds][1]), _metric_scores(k_after[ds][1])
+    for m in sorted(set(b) & set(a)):
+      qids = sorted(set(b[m]) & set(a[m]))
+      if not qids:
+        continue
+      picks = rng.integers(len(qids), size=(resamples, len(qids)))
+      tail = 100 * (1 - level) / 2
+      cells = {}
+      for stat, f in ((f"avg@{k}", np.mean), (f"pass@{k}", np.max)):
+        diff = np.array([f(a[m][q]) - f(b[m][q]) for q in qids])
+        lo, hi = np.percentile(diff[picks].mean(axis=1), [tail, 100 - tail])
+        cells[stat] = (float(lo), float(hi))
+      out[ds, m] = cells
   return out
 
 
@@ -74,9 +122,11 @@ def format_table(report: Mapping[str, dict], k: int) -> str:
 
 
 def format_comparison(before: Mapping[str, dict], after: Mapping[str, dict], k: int,
-                      names: tuple[str, str] = ("baseline", "this run")) -> str:
+                      names: tuple[str, str] = ("baseline", "this run"),
+                      intervals: Mapping[tuple[str, str], dict] | None = None) -> str:
   """Avg@k and Pass@k of two reports side by side, with the change in points, for every
-  dataset and metric both have."""
+  dataset and metric both have; with `intervals` (`paired_intervals`), each change's 95%
+  interval in brackets."""
   head = ["dataset", "metric", f"{names[0]} avg@{k}", f"{names[1]} avg@{k}", "change",
           f"{names[0]} pass@{k}", f"{names[1]} pass@{k}", "change"]
   rows = []
@@ -86,7 +136,11 @@ def format_comparison(before: Mapping[str, dict], after: Mapping[str, dict], k: 
       cells = [ds, m]
       for stat in (f"avg@{k}", f"pass@{k}"):
         x, y = 100 * b[m][stat], 100 * a[m][stat]
-        cells += [f"{x:.1f}", f"{y:.1f}", f"{y - x:+.1f}"]
+        change = f"{y - x:+.1f}"
+        if intervals and (ds, m) in intervals:
+          lo, hi = intervals[ds, m][stat]
+          change += f" [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        cells += [f"{x:.1f}", f"{y:.1f}", change]
       rows.append(cells)
   if not rows:
     return "no dataset and metric in common with the baseline"
