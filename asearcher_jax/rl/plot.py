@@ -1,6 +1,6 @@
-"""The learning curve of a run as one PNG: reward, success, turns, tool calls and staleness
-against the learner step, from metrics.jsonl's rows. Written atomically, so a viewer that
-reloads the file while training never sees half an image."""
+"""The learning curve of a run as one PNG: reward, success, turns, tool calls, staleness and
+the policy's entropy against the learner step, from metrics.jsonl's rows. Written atomically,
+so a viewer that reloads the file while training never sees half an image."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ PANELS = (
      "calls"),
     ("staleness (learner version - token version)",
      [("staleness_mean", "mean"), ("staleness_max", "max")], "versions"),
-    ("PPO", [("clip_frac", "clip fraction"), ("approx_kl", "approx. KL")], ""),
+    # Not clip fraction / KL: with one PPO minibatch π_prox is π_θ, so both are 0 by
+    # construction (rl/step.py). Entropy is what shows a step size that wrecks the policy.
+    ("policy", [("entropy", "entropy (nats/token)"),
+                ("capped_frac", "share of tokens over the behaviour-weight cap")], ""),
 )
 
 
