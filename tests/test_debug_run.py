@@ -11,6 +11,7 @@ import pytest
 
 from asearcher_jax.agent.trajectory import read_jsonl
 from asearcher_jax.models.tokenizer import Tokenizer
+from asearcher_jax.rl.metrics import read_rollout_logs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,6 +57,7 @@ def test_sft_rl_and_both_evaluations_leave_their_artifacts(run):
   assert steps == [1, 2]
   assert sorted(os.listdir(os.path.join(rl, "checkpoints")))[-1].endswith("2")
   assert os.listdir(os.path.join(rl, "weights"))
+  assert len(read_rollout_logs(rl)) >= 8  # every group scored: 2 steps x 4 trained, at least
   with open(os.path.join(rl, "learning_curve.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(rl,

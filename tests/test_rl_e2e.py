@@ -14,6 +14,7 @@ import yaml
 
 from asearcher_jax.agent import Trajectory
 from asearcher_jax.replay import Group, ReplayQueue, ReplayServer, SyncReplayClient
+from asearcher_jax.rl.metrics import read_rollout_logs
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TINY_ARCH = {"family": "qwen3", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
@@ -126,6 +127,9 @@ def test_asearcher_train_runs_and_resumes(tmp_path):
   assert all(m["trajectories"] == 4 and np.isfinite(m["loss"]) for m in lines)
   assert all(0 <= m["staleness_max"] <= 2 for m in lines)  # η = 2 in configs/debug.yaml
   assert os.listdir(run / "tensorboard") and sorted(os.listdir(run / "checkpoints")) == ["2", "3"]
+  scored = read_rollout_logs(str(run))  # every group the worker scored, for the curve
+  assert len(scored) >= 6 and not any(g["filtered"] for g in scored)
+  assert {g["version"] for g in scored} <= {0, 1, 2, 3}
   clobber = train("rl.total_steps=3")  # without --resume a finished run is not overwritten
   assert clobber.returncode == 2 and "pass --resume" in clobber.stderr
   again = train("rl.total_steps=4", "--resume")
@@ -166,7 +170,8 @@ def test_a_rollout_worker_killed_mid_episode_leaves_only_complete_groups(tmp_pat
   try:
     with ServerThread(create_app(SearchIndex(str(world / "index")))) as search:
       argv = cli("rollout", "--config", str(config), f"search.url=http://127.0.0.1:{search.port}",
-                 "--replay", replay.address, "--decode", decode.grpc_address)
+                 f"run.output_dir={tmp_path / 'run'}", "--replay", replay.address, "--decode",
+                 decode.grpc_address)
       proc = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
       deadline = time.monotonic() + 240

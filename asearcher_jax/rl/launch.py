@@ -21,6 +21,7 @@ import time
 from typing import Callable
 
 from asearcher_jax.errors import AsearcherError
+from asearcher_jax.rl.metrics import read_rollout_logs
 from asearcher_jax.rl.plot import plot_metrics
 
 RESTARTS = 5  # per rollout worker
@@ -54,6 +55,7 @@ def run_rollout(cfg, *, worker: int, workers: int, replay: str, decode: str,
   from asearcher_jax.placement import client_token
   from asearcher_jax.replay import ReplayClient
   from asearcher_jax.reward import Scorer
+  from asearcher_jax.rl.metrics import rollout_log_path
   from asearcher_jax.rl.rollout import PromptStream, RolloutWorker
   from asearcher_jax.tools.client import make_client
   items, notes = rl_items(cfg, worker, workers)
@@ -74,7 +76,8 @@ def run_rollout(cfg, *, worker: int, workers: int, replay: str, decode: str,
         agent = Agent(cfg.agent, DecodePolicy(client, tokenizer), tools)
         w = RolloutWorker(worker=worker, workers=workers, rl=cfg.rl, agent=agent,
                           scorer=Scorer(cfg.reward), replay=replay_client,
-                          prompts=PromptStream(items, cfg.rl.seed), seed=cfg.rl.seed)
+                          prompts=PromptStream(items, cfg.rl.seed), seed=cfg.rl.seed,
+                          log_path=rollout_log_path(cfg.run.output_dir, worker))
         print(f"rollout worker w{worker}: {len(items)} questions, decode {decode}, replay "
               f"{replay}", flush=True)
         await w.run(max_groups=max_groups, stop=stop)
@@ -350,7 +353,8 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
         bar.refresh()
         (bar.write if progress else echo)(console_line(m["step"], cfg.rl.total_steps, m))
       if lines and time.monotonic() - plotted > PLOT_EVERY_S:
-        plot_metrics(rows, curve, title=f"{cfg.run.name}: {out_dir}")
+        plot_metrics(rows, curve, title=f"{cfg.run.name}: {out_dir}",
+                     rollouts=read_rollout_logs(out_dir))
         plotted = time.monotonic()
       if stopping["flag"]:
         echo("stopping: asking the learner to checkpoint")
@@ -391,8 +395,10 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
     for s, h in previous.items():
       signal.signal(s, h)
   rows += _read_from(metrics_path, len(rows))  # what the learner wrote last
-  plot_metrics(rows, curve, title=f"{cfg.run.name}: {out_dir}")
-  echo(f"metrics: {metrics_path}; learning curve: {curve}; TensorBoard: "
+  plot_metrics(rows, curve, title=f"{cfg.run.name}: {out_dir}",
+               rollouts=read_rollout_logs(out_dir))
+  echo(f"metrics: {metrics_path}; every scored group: {os.path.join(out_dir, 'rollouts')}; "
+       f"learning curve: {curve}; TensorBoard: "
        f"{os.path.join(out_dir, 'tensorboard')}; checkpoints: {ckpt_dir}; "
        f"policy: {os.path.join(out_dir, 'weights')}")
   return status

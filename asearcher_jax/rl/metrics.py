@@ -3,13 +3,14 @@ compact console line."""
 
 from __future__ import annotations
 
+import glob
 import os
 from typing import Any, Mapping
 
 import numpy as np
 
 from asearcher_jax.agent.trajectory import Trajectory
-from asearcher_jax.jsonl import append_lines
+from asearcher_jax.jsonl import append_lines, read_lines
 
 
 def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
@@ -26,6 +27,19 @@ def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
       "answered": float(np.mean([t.status == "answered" for t in trajs])),
       "episode_tokens": float(np.mean([len(t.tokens) for t in trajs])),
   }
+
+
+def rollout_log_path(out_dir: str, worker: int) -> str:
+  """Where rollout worker `worker` logs every group it scores (one file per worker: workers are
+  separate processes, possibly on separate hosts)."""
+  return os.path.join(out_dir, "rollouts", f"w{worker}.jsonl")
+
+
+def read_rollout_logs(out_dir: str) -> list[dict]:
+  """Every worker's group lines, oldest first."""
+  rows = [r for p in glob.glob(os.path.join(out_dir, "rollouts", "w*.jsonl"))
+          for r in read_lines(p)]
+  return sorted(rows, key=lambda r: r.get("time", 0.0))
 
 
 class MetricsWriter:

@@ -1,6 +1,8 @@
 """The learning curve of a run as one PNG: reward, success, turns, tool calls, staleness and
-the policy's entropy against the learner step, from metrics.jsonl's rows. Written atomically,
-so a viewer that reloads the file while training never sees half an image."""
+the policy's entropy against the learner step, from metrics.jsonl's rows, and the reward and
+success of every group the rollout workers scored, filtered or not, against the policy version
+it was started under (the weights of that learner step). Written atomically, so a viewer that
+reloads the file while training never sees half an image."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import os
 
 # (title, [(metric key, label)], y-axis label)
 PANELS = (
-    ("reward", [("reward", "mean reward")], "reward"),
-    ("success", [("success", "success rate")], "fraction"),
+    ("reward", [("reward", "trained groups")], "reward"),
+    ("success", [("success", "trained groups")], "fraction"),
     ("turns per episode", [("turns", "turns")], "turns"),
     ("tool calls per episode", [("search_calls", "search"), ("access_calls", "access")],
      "calls"),
@@ -20,6 +22,22 @@ PANELS = (
     ("policy", [("entropy", "entropy (nats/token)"),
                 ("capped_frac", "share of tokens over the behaviour-weight cap")], ""),
 )
+
+
+# Panels whose metric is also drawn from the rollout workers' log: dynamic filtering keeps only
+# groups with mixed rewards, so the trained groups' success sits near 0.5 whatever the policy
+# learns.
+ROLLOUT_PANELS = ("reward", "success")
+
+
+def by_version(rollouts: list[dict], key: str) -> tuple[list[int], list[float]]:
+  """Mean of `key` over the groups started under each policy version (groups are equal-sized)."""
+  sums: dict[int, list[float]] = {}
+  for r in rollouts:
+    if isinstance(r.get(key), (int, float)) and "version" in r:
+      sums.setdefault(int(r["version"]), []).append(r[key])
+  versions = sorted(sums)
+  return versions, [sum(sums[v]) / len(sums[v]) for v in versions]
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -33,9 +51,15 @@ def smooth(values: list[float], window: int) -> list[float]:
   return out
 
 
-def plot_metrics(rows: list[dict], out_png: str, *, title: str) -> str | None:
-  """Renders `out_png` from metrics rows (metrics.jsonl's lines); None when there is nothing to
-  plot yet."""
+def draw(ax, xs, ys, window: int, label: str) -> None:
+  line, = ax.plot(xs, ys, alpha=0.3, linewidth=1)
+  ax.plot(xs, smooth(list(ys), window), color=line.get_color(), linewidth=2, label=label)
+
+
+def plot_metrics(rows: list[dict], out_png: str, *, title: str,
+                 rollouts: list[dict] = ()) -> str | None:
+  """Renders `out_png` from metrics rows (metrics.jsonl's lines) and the rollout workers' group
+  lines (`rl.metrics.read_rollout_logs`); None when there is nothing to plot yet."""
   rows = [r for r in rows if "step" in r]
   if not rows:
     return None
@@ -51,13 +75,16 @@ def plot_metrics(rows: list[dict], out_png: str, *, title: str) -> str | None:
       if not pts:
         continue
       xs, ys = zip(*pts)
-      line, = ax.plot(xs, ys, alpha=0.3, linewidth=1)
-      ax.plot(xs, smooth(list(ys), window), color=line.get_color(), linewidth=2, label=label)
+      draw(ax, xs, ys, window, label)
+    if name in ROLLOUT_PANELS and rollouts:
+      xs, ys = by_version(list(rollouts), series[0][0])
+      if xs:
+        draw(ax, xs, ys, max(1, len(xs) // 10), "all groups, by policy version")
     ax.set_title(name)
     ax.set_xlabel("learner step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if len(series) > 1 and ax.get_lines():
+    if len(ax.get_legend_handles_labels()[1]) > 1:
       ax.legend(fontsize=8)
   fig.suptitle(title)
   tmp = f"{out_png}.tmp-{os.getpid()}.png"

@@ -18,8 +18,10 @@ from typing import Any, Sequence
 from asearcher_jax.agent import Agent, Trajectory, score
 from asearcher_jax.agent.episode import derive_seed
 from asearcher_jax.data.qa import QAItem
+from asearcher_jax.jsonl import append_lines
 from asearcher_jax.reward.asearcher import Scorer
 from asearcher_jax.rl.admission import AdmissionController
+from asearcher_jax.rl.metrics import episode_metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,18 @@ class WorkerStats:
 
 
 class RolloutWorker:
-  """`replay` is a ReplayClient (asyncio); `agent` runs episodes; `scorer` gives rewards."""
+  """`replay` is a ReplayClient (asyncio); `agent` runs episodes; `scorer` gives rewards.
+
+  With `log_path`, every scored group (kept or filtered) appends one line of episode metrics
+  there: the learner sees only the groups that pass the filter, whose success is near 0.5 by
+  construction, so this log is where the policy's success on its training questions shows."""
 
   def __init__(self, *, worker: int, workers: int, rl, agent: Agent, scorer: Scorer, replay,
-               prompts: PromptStream, poll_s: float = 0.2, seed: int = 0):
+               prompts: PromptStream, poll_s: float = 0.2, seed: int = 0,
+               log_path: str | None = None):
     self.worker, self.rl, self.agent, self.scorer = f"w{worker}", rl, agent, scorer
     self.replay, self.prompts, self.poll_s, self.seed = replay, prompts, poll_s, seed
+    self.log_path = log_path
     self.admission = AdmissionController.for_worker(rl, worker, workers)
     self.stats = WorkerStats()
     self.version = 0
@@ -127,7 +135,12 @@ class RolloutWorker:
         log.warning("group %s dropped: an episode aborted (%s)", group_id,
                     next(t.error for t in trajs if t.status == "aborted"))
         return
-      if self.rl.filter_equal_rewards and len({t.reward for t in trajs}) == 1:
+      filtered = self.rl.filter_equal_rewards and len({t.reward for t in trajs}) == 1
+      if self.log_path:
+        append_lines(self.log_path, [{"group": group_id, "version": version,
+                                      "filtered": filtered, "time": time.time(),
+                                      **episode_metrics(trajs)}])
+      if filtered:
         self.stats.filtered += 1
         self.admission.finish_rejected()
         return
