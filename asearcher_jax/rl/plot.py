@@ -7,6 +7,7 @@ reloads the file while training never sees half an image."""
 from __future__ import annotations
 
 import os
+from typing import Iterable, Sequence
 
 # (title, [(metric key, label)], y-axis label)
 PANELS = (
@@ -30,7 +31,7 @@ PANELS = (
 ROLLOUT_PANELS = ("reward", "success")
 
 
-def by_version(rollouts: list[dict], key: str) -> tuple[list[int], list[float]]:
+def by_version(rollouts: Iterable[dict], key: str) -> tuple[list[int], list[float]]:
   """Mean of `key` over the groups started under each policy version (groups are equal-sized)."""
   sums: dict[int, list[float]] = {}
   for r in rollouts:
@@ -57,7 +58,7 @@ def draw(ax, xs, ys, window: int, label: str) -> None:
 
 
 def plot_metrics(rows: list[dict], out_png: str, *, title: str,
-                 rollouts: list[dict] = ()) -> str | None:
+                 rollouts: Sequence[dict] = ()) -> str | None:
   """Renders `out_png` from metrics rows (metrics.jsonl's lines) and the rollout workers' group
   lines (`rl.metrics.read_rollout_logs`); None when there is nothing to plot yet."""
   rows = [r for r in rows if "step" in r]
@@ -77,7 +78,7 @@ def plot_metrics(rows: list[dict], out_png: str, *, title: str,
       xs, ys = zip(*pts)
       draw(ax, xs, ys, window, label)
     if name in ROLLOUT_PANELS and rollouts:
-      xs, ys = by_version(list(rollouts), series[0][0])
+      xs, ys = by_version(rollouts, series[0][0])
       if xs:
         draw(ax, xs, ys, max(1, len(xs) // 10), "all groups, by policy version")
     ax.set_title(name)
