@@ -72,10 +72,11 @@ def _loss_tokens(batch: TrainBatch):
   return out
 
 
-def _segments(batch: TrainBatch):
-  """Every packed sequence as a tuple of tokens, checking positions restart at 0."""
+def _segments(batch: TrainBatch, micro_batches=slice(None)):
+  """Every packed sequence (of some micro-batches) as a tuple of tokens, checking positions
+  restart at 0."""
   seqs = []
-  tokens, pos, seg = (np.asarray(x).reshape(-1, x.shape[-1])
+  tokens, pos, seg = (np.asarray(x)[micro_batches].reshape(-1, x.shape[-1])
                       for x in (batch.tokens, batch.positions, batch.segment_ids))
   for r in range(len(tokens)):
     for s in range(1, seg[r].max() + 1):
@@ -331,3 +332,88 @@ def test_step_logprobs_are_the_engines_tempered_logprobs(packed):
   np.testing.assert_allclose(metrics["loss"], -adv.mean(), rtol=1e-4, atol=1e-6)
   assert adv.mean() != 0
   assert 0 < metrics["entropy"] < np.log(MODEL.vocab_size) + 1e-4
+
+
+# -- PPO minibatches ------------------------------------------------------------------------
+
+MB_CFG = STEP_CFG.model_copy(update={"ppo_n_minibatches": 2})
+
+
+def test_build_batch_splits_sequences_into_balanced_minibatches():
+  one, _ = build_batch(_model_groups(), STEP_CFG, learner_version=0)
+  two, info = build_batch(_model_groups(), MB_CFG, learner_version=0)
+  m = two.shape[0]
+  assert m % 2 == 0 and info["minibatches"] == 2 and int(two.num_tokens) == int(one.num_tokens)
+  first, second = _segments(two, slice(0, m // 2)), _segments(two, slice(m // 2, m))
+  assert first and second and sorted(first + second) == sorted(_segments(one))  # each once
+  longest = max(len(t) for t in first + second)
+  assert abs(sum(len(t) for t in first) - sum(len(t) for t in second)) <= longest
+
+
+def _flat(batch, micro_batches):
+  """The rows of some micro-batches as one [rows, T] micro-batch dict."""
+  return {k: jnp.asarray(np.asarray(getattr(batch, k))[micro_batches].reshape(-1, batch.shape[-1]))
+          for k in ("tokens", "positions", "segment_ids", "loss_mask", "behav_logp", "advantages",
+                    "versions")}
+
+
+def test_step_minibatches_are_successive_updates_around_the_starting_policy():
+  """n = 2: the step equals two SGD updates in turn, each on its half of the sequences divided by
+  that half's loss-token count, both with π_prox the policy the step started from; from the
+  second update on ρ ≠ 1, so the clip binds, where one minibatch has ρ ≡ 1."""
+  from flax import nnx
+
+  from asearcher_jax.rl.step import micro_batch_loss, tempered_token_logprobs
+  mesh, lr = single_device_mesh(), 0.5
+  batch, _ = build_batch(_model_groups(), MB_CFG, learner_version=0)
+  half = batch.shape[0] // 2
+  with jax.set_mesh(mesh):
+    model = create_model(MODEL, mesh, seed=0, dtype="float32")
+    graphdef, p0, rest = nnx.split(model, nnx.Param, ...)
+    p0 = jax.tree.map(jnp.copy, p0)
+
+    @jax.jit
+    def reference_update(p, mb, prox):
+      def loss(p):
+        return micro_batch_loss(nnx.merge(graphdef, p, rest), {**mb, "prox_logp": prox},
+                                jnp.sum(mb["loss_mask"]), MB_CFG)[0]
+      return jax.tree.map(lambda x, g: x - lr * g, p, jax.grad(loss)(p))
+
+    expected = p0
+    for part in (slice(0, half), slice(half, None)):
+      mb = _flat(batch, part)
+      prox = tempered_token_logprobs(nnx.merge(graphdef, p0, rest), mb["tokens"], mb["positions"],
+                                     mb["segment_ids"], mb["loss_mask"], MB_CFG.temperature)[0]
+      expected = reference_update(expected, mb, prox)
+    expected = jax.tree.map(np.asarray, flat_state(expected))
+
+    metrics = {}
+    for cfg in (MB_CFG, STEP_CFG):
+      params, opt_state, step = make_ppo_step(
+          create_model(MODEL, mesh, seed=0, dtype="float32"), optax.sgd(lr), cfg)
+      params, _, m = step(params, opt_state, shard_batch(batch, mesh))
+      metrics[cfg.ppo_n_minibatches] = jax.tree.map(float, m)
+      if cfg is MB_CFG:
+        got = jax.tree.map(np.asarray, flat_state(params))
+  for k in expected:
+    np.testing.assert_allclose(got[k], expected[k], rtol=1e-4, atol=1e-5, err_msg=k)
+  assert metrics[2]["approx_kl"] > 1e-4 and metrics[2]["clip_frac"] > 0
+  assert metrics[1]["approx_kl"] == 0 and metrics[1]["clip_frac"] == 0
+
+
+def test_step_skips_a_minibatch_without_loss_tokens(packed):
+  """An empty minibatch makes no optimizer update (Adam's moments would still move the
+  parameters): data then padding in two minibatches equals the data in one."""
+  mesh = single_device_mesh()
+  results = []
+  for cfg, batch in ((STEP_CFG, packed), (MB_CFG, _with_empty(packed, packed.shape[0]))):
+    with jax.set_mesh(mesh):
+      params, opt_state, step = make_ppo_step(
+          create_model(MODEL, mesh, seed=0, dtype="float32"), optax.adam(1e-3), cfg)
+      params, _, m = step(params, opt_state, shard_batch(batch, mesh))
+    results.append((jax.tree.map(np.asarray, m), jax.tree.map(np.asarray, flat_state(params))))
+  _assert_same(*results)
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match="ppo_n_minibatches=2"):
+    params, opt_state, step = make_ppo_step(
+        create_model(MODEL, mesh, seed=0, dtype="float32"), optax.adam(1e-3), MB_CFG)
+    step(params, opt_state, shard_batch(_layout(_rows(packed), 3), mesh))

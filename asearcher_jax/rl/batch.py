@@ -8,6 +8,10 @@ every sequence into rows of `row_tokens`; and padding the row count up to a mult
 shape, and the micro-batch count up to a power of two, so that the learner compiles only a
 few step shapes (empty micro-batches cost the step nothing: it skips them).
 
+With `ppo_n_minibatches` n > 1 the sequences are first split into n parts of near-equal token
+counts, each packed and padded on its own to the same micro-batch count: PPO minibatch k is
+micro-batches [k·M/n, (k+1)·M/n), and no row mixes two minibatches.
+
 Loss-token convention (train/lm.py): loss_mask[t] marks tokens[t] as a target predicted from
 t−1 in the same segment. A sequence's first token has no predecessor, so it is removed from
 the loss mask here; `num_tokens` then equals exactly the number of terms the step sums.
@@ -139,7 +143,10 @@ def build_batch(groups: list[list[Trajectory]], cfg: RLSection, *,
     for s, a, b in zip(seqs, offsets[:-1], offsets[1:]):
       s["advantages"] = flat[a:b]
 
-  rows = _pack(seqs, cfg.row_tokens, cfg.micro_batch_rows)
+  parts = [_pack(p, cfg.row_tokens, cfg.micro_batch_rows)
+           for p in _split(seqs, cfg.ppo_n_minibatches)]
+  per_part = max(len(p["tokens"]) for p in parts)  # each a power of two of micro-batches
+  rows = {k: np.concatenate([_pad_rows(p[k], per_part) for p in parts]) for k in parts[0]}
   m, r = len(rows["tokens"]) // cfg.micro_batch_rows, cfg.micro_batch_rows
   arrays = {k: v.reshape(m, r, cfg.row_tokens) for k, v in rows.items()}
   num_tokens = int(arrays["loss_mask"].sum())
@@ -152,6 +159,7 @@ def build_batch(groups: list[list[Trajectory]], cfg: RLSection, *,
       groups=len(groups), sequences=len(seqs), num_tokens=num_tokens,
       tokens=int((arrays["segment_ids"] > 0).sum()), rows=m * r,
       empty_rows=int((arrays["segment_ids"].max(axis=-1) == 0).sum()), micro_batches=m,
+      minibatches=cfg.ppo_n_minibatches,
       fill=float((arrays["segment_ids"] > 0).mean()),
       staleness_hist={int(v): int(c) for v, c in zip(values, counts)},
       staleness_max=int(lag.max()) if lag.size else 0)
@@ -160,6 +168,23 @@ def build_batch(groups: list[list[Trajectory]], cfg: RLSection, *,
             "tokens_unpredictable"):
     info.setdefault(k, 0)
   return batch, info
+
+
+def _split(seqs: list[dict[str, np.ndarray]], n: int) -> list[list[dict[str, np.ndarray]]]:
+  """n parts of near-equal token counts: longest first, each to the part with fewest tokens."""
+  if n == 1:
+    return [seqs]
+  parts: list[list[dict[str, np.ndarray]]] = [[] for _ in range(n)]
+  sizes = np.zeros(n, np.int64)
+  for s in sorted(seqs, key=lambda s: -len(s["tokens"])):
+    k = int(np.argmin(sizes))
+    parts[k].append(s)
+    sizes[k] += len(s["tokens"])
+  return parts
+
+
+def _pad_rows(v: np.ndarray, rows: int) -> np.ndarray:
+  return np.concatenate([v, np.zeros((rows - len(v),) + v.shape[1:], v.dtype)])
 
 
 def _pack(seqs: list[dict[str, np.ndarray]], row_tokens: int,
@@ -174,8 +199,8 @@ def _pack(seqs: list[dict[str, np.ndarray]], row_tokens: int,
     return {k: np.zeros((micro_batch_rows, row_tokens), d) for k, d in dtypes.items()}
   rows, _ = pack_sequences(seqs, row_tokens)
   m = -(-len(rows["tokens"]) // micro_batch_rows)
-  pad = (1 << (m - 1).bit_length()) * micro_batch_rows - len(rows["tokens"])
-  return {k: np.concatenate([v, np.zeros((pad, row_tokens), v.dtype)]) for k, v in rows.items()}
+  return {k: _pad_rows(v, (1 << (m - 1).bit_length()) * micro_batch_rows)
+          for k, v in rows.items()}
 
 
 def shard_batch(batch: TrainBatch, mesh: Mesh) -> TrainBatch:

@@ -36,6 +36,10 @@ class RLSection(BaseModel):
   eps_clip: float = Field(0.2, gt=0)
   behav_weight_cap: float | None = Field(5.0, gt=1)  # tokens with w > cap leave the loss
   temperature: float = Field(1.0, gt=0)  # the sampling temperature the log-probs are under
+  # optimizer updates per learner step, each on a token-balanced 1/n of the batch's sequences,
+  # with π_prox the policy before the step (AReaL's ppo_n_minibatches). 1 = one update, ρ ≡ 1,
+  # so the clip never binds. Learning-rate schedules count updates, n per step.
+  ppo_n_minibatches: int = Field(1, ge=1)
   # packing
   row_tokens: int = Field(8192, ge=16)  # packed row length
   micro_batch_rows: int = Field(4, ge=1)  # rows per micro-batch (gradient accumulation)

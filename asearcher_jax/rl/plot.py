@@ -18,10 +18,12 @@ PANELS = (
      "calls"),
     ("staleness (learner version - token version)",
      [("staleness_mean", "mean"), ("staleness_max", "max")], "versions"),
-    # Not clip fraction / KL: with one PPO minibatch π_prox is π_θ, so both are 0 by
-    # construction (rl/step.py). Entropy is what shows a step size that wrecks the policy.
+    # Entropy is what shows a step size that wrecks the policy. The clipped share is 0 by
+    # construction with one PPO minibatch (π_prox is π_θ, rl/step.py); with more it shows how
+    # far the later updates push the policy from where the step started.
     ("policy", [("entropy", "entropy (nats/token)"),
-                ("capped_frac", "share of tokens over the behaviour-weight cap")], ""),
+                ("capped_frac", "share of tokens over the behaviour-weight cap"),
+                ("clip_frac", "share of tokens clipped (rl.ppo_n_minibatches > 1)")], ""),
 )
 
 

@@ -1,8 +1,11 @@
-"""The RL learner's step: decoupled PPO over packed micro-batches, one optimizer update.
+"""The RL learner's step: decoupled PPO over packed micro-batches, n optimizer updates.
 
-One PPO minibatch per batch (ASearcher's `ppo_n_minibatches: 1`), so π_prox is the policy
-before this update, i.e. sg(π_θ) of the same forward pass: no recompute pass, ρ ≡ 1 in value
-and the gradient is the importance-weighted policy gradient −Σ m·w·Â·∇logπθ / N.
+With `ppo_n_minibatches` n = 1 (ASearcher's setting) π_prox is the policy before this update,
+i.e. sg(π_θ) of the same forward pass: no recompute pass, ρ ≡ 1 in value and the gradient is the
+importance-weighted policy gradient −Σ m·w·Â·∇logπθ / N. With n > 1 one forward pass first
+records log π_prox under the step's starting policy, then n updates follow in turn, minibatch k
+(its own micro-batches, laid out by `build_batch`) divided by its own loss-token count N_k: from
+the second update on ρ ≠ 1 and the clip is the trust region around π_prox.
 
 Log-probs are those of the tempered distribution, log_softmax(logits / temperature): what the
 decode engine reports as the behaviour log-prob for a temperature sample without top-k/top-p
@@ -54,14 +57,16 @@ def tempered_token_logprobs(model: Qwen, tokens: jax.Array, positions: jax.Array
 
 def micro_batch_loss(model: Qwen, mb: dict[str, jax.Array], num_tokens, cfg: RLSection
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(loss, stats) of one micro-batch (per-token arrays [R, T]) divided by the global N.
+  """(loss, stats) of one micro-batch (per-token arrays [R, T], and `prox_logp` [R, T-1] when
+  π_prox is not this policy) divided by `num_tokens`, its minibatch's global N.
 
   Summing this over micro-batches gives the full-batch loss, and likewise for gradients.
   """
   logp, weight, entropy = tempered_token_logprobs(
       model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["loss_mask"], cfg.temperature)
+  prox = mb.get("prox_logp", logp)  # [R, T-1] like logp; absent with one minibatch
   loss, stats = decoupled_ppo_loss(
-      logp, logp, mb["behav_logp"][:, 1:], mb["advantages"][:, 1:], weight,
+      logp, prox, mb["behav_logp"][:, 1:], mb["advantages"][:, 1:], weight,
       eps_clip=cfg.eps_clip, behav_weight_cap=cfg.behav_weight_cap, num_tokens=num_tokens)
   stats["entropy_sum"] = jnp.sum(jnp.where(weight, entropy, 0.0))
   return loss, stats
@@ -93,11 +98,13 @@ def make_ppo_step(model: Qwen, optimizer: optax.GradientTransformation, cfg: RLS
   """Returns (params, opt_state, step), with
   step(params, opt_state, batch: TrainBatch) -> (params, opt_state, metrics).
 
-  One `jax.jit` (params and optimizer state donated; shardings follow the inputs): a
-  `lax.scan` over the M micro-batches accumulates float32 gradients of losses already
-  divided by the global N (skipping empty padding micro-batches), then one optimizer update.
-  Recompiles only when [M, R, T] changes. The model's arrays are donated to the first call.
+  One `jax.jit` (params and optimizer state donated; shardings follow the inputs): for each of
+  the n minibatches in turn, a `lax.scan` over its micro-batches accumulates float32 gradients
+  of losses already divided by its global N_k (skipping empty padding micro-batches), then one
+  optimizer update (skipped if the minibatch has no loss token). Recompiles only when
+  [M, R, T] changes. The model's arrays are donated to the first call.
   """
+  n = cfg.ppo_n_minibatches
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def grad_fn(p, mb, num_tokens):
@@ -108,10 +115,13 @@ def make_ppo_step(model: Qwen, optimizer: optax.GradientTransformation, cfg: RLS
   opt_state, out_shardings = init_opt_state(optimizer, params)
   shardings = out_shardings[0]  # the gradient accumulator lives where the parameters do
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=out_shardings)
-  def step(params, opt_state, batch: TrainBatch):
+  def accumulate(params, mbs, num_tokens):
+    """(float32 gradient, loss, stats) summed over the micro-batches `mbs` ([M', R, T] each)."""
+    first = jax.tree.map(lambda x: x[0], mbs)
+    stats_like = jax.eval_shape(grad_fn, params, first, num_tokens)[0][1]
+
     def run(acc, mb):
-      (loss, stats), grads = grad_fn(params, mb, batch.num_tokens)
+      (loss, stats), grads = grad_fn(params, mb, num_tokens)
       return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads), (loss, stats)
 
     def skip(acc, mb):
@@ -120,18 +130,57 @@ def make_ppo_step(model: Qwen, optimizer: optax.GradientTransformation, cfg: RLS
     def body(acc, mb):  # a padding micro-batch (no segment at all) is skipped, not computed
       return jax.lax.cond(jnp.any(mb["segment_ids"] > 0), run, skip, acc, mb)
 
-    first = jax.tree.map(lambda x: x[0], micro_batches(batch))
-    stats_like = jax.eval_shape(grad_fn, params, first, batch.num_tokens)[0][1]
     zeros = jax.tree.map(
         lambda p, s: jax.lax.with_sharding_constraint(jnp.zeros(p.shape, jnp.float32), s),
         params, shardings)
-    grads, (losses, stats) = jax.lax.scan(body, zeros, micro_batches(batch))
+    grads, (losses, stats) = jax.lax.scan(body, zeros, mbs)
+    return grads, jnp.sum(losses), reduce_stats(stats)
+
+  def proximal_logp(params, mbs):
+    """log π_prox [M, R, T-1]: the step's starting policy on every micro-batch."""
+    def run(mb):
+      return tempered_token_logprobs(
+          nnx.merge(graphdef, params, rest), mb["tokens"], mb["positions"], mb["segment_ids"],
+          mb["loss_mask"], cfg.temperature)[0]
+
+    def body(_, mb):
+      r, t = mb["tokens"].shape
+      return None, jax.lax.cond(jnp.any(mb["segment_ids"] > 0), run,
+                                lambda mb: jnp.zeros((r, t - 1), jnp.float32), mb)
+
+    return jax.lax.scan(body, None, mbs)[1]
+
+  def update(carry, xs):
+    params, opt_state = carry
+    mbs, count = xs
+    grads, loss, stats = accumulate(params, mbs, count)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    stats = reduce_stats(stats)
-    metrics = {"loss": jnp.sum(losses), "grad_norm": optax.global_norm(grads),
-               "num_tokens": batch.num_tokens, **finalize_stats(stats)}
+
+    def apply(params, opt_state):
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(count > 0, apply, lambda p, o: (p, o), params, opt_state)
+    return (params, opt_state), (loss * count, optax.global_norm(grads), stats)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=out_shardings)
+  def step(params, opt_state, batch: TrainBatch):
+    if batch.shape[0] % n:  # static: raised while tracing
+      raise ValueError(f"a batch of {batch.shape[0]} micro-batches does not split into "
+                       f"rl.ppo_n_minibatches={n}: build it with the learner's rl config")
+    mbs = micro_batches(batch)
+    if n > 1:
+      mbs["prox_logp"] = proximal_logp(params, mbs)
+      counts = jnp.sum(mbs["loss_mask"].reshape(n, -1), axis=1, dtype=jnp.float32)
+    else:
+      counts = jnp.asarray(batch.num_tokens, jnp.float32)[None]
+    split = jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), mbs)
+    (params, opt_state), (losses, norms, stats) = jax.lax.scan(
+        update, (params, opt_state), (split, counts))
+    used = counts > 0
+    metrics = {"loss": jnp.sum(losses) / jnp.maximum(jnp.sum(counts), 1.0),
+               "grad_norm": jnp.sum(jnp.where(used, norms, 0.0)) / jnp.maximum(jnp.sum(used), 1),
+               "num_tokens": batch.num_tokens, **finalize_stats(reduce_stats(stats))}
     return params, opt_state, metrics
 
   return params, opt_state, step
