@@ -80,7 +80,7 @@ def micro_batches(batch: TrainBatch) -> dict[str, jax.Array]:
 def make_ppo_loss(model: Qwen, cfg: RLSection):
   """Returns (params, loss_fn) with loss_fn(params, batch) -> (loss, stats) over the whole
   batch (a scan over micro-batches, no gradient accumulation): the function whose gradient
-  the step accumulates, for tests and evaluation."""
+  the step accumulates with one PPO minibatch, for tests and evaluation."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss_fn(p, batch: TrainBatch):
