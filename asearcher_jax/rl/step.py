@@ -171,10 +171,9 @@ def make_ppo_step(model: Qwen, optimizer: optax.GradientTransformation, cfg: RLS
     mbs = micro_batches(batch)
     if n > 1:
       mbs["prox_logp"] = proximal_logp(params, mbs)
-      counts = jnp.sum(mbs["loss_mask"].reshape(n, -1), axis=1, dtype=jnp.float32)
-    else:
-      counts = jnp.asarray(batch.num_tokens, jnp.float32)[None]
     split = jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), mbs)
+    # N_k per minibatch; with n = 1 this is batch.num_tokens (build_batch's loss_mask.sum())
+    counts = jnp.sum(split["loss_mask"], axis=(1, 2, 3), dtype=jnp.float32)
     (params, opt_state), (losses, norms, stats) = jax.lax.scan(
         update, (params, opt_state), (split, counts))
     used = counts > 0
