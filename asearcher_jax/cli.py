@@ -426,6 +426,8 @@ class _QuietReadOnly(logging.Filter):
 
 
 def main(argv: list[str] | None = None) -> int:
+  from asearcher_jax.procs import follow_supervisor
+  follow_supervisor()  # a child of `asearcher train` dies with it
   args = build_parser().parse_args(argv)
   logging.getLogger("absl").addFilter(_QuietReadOnly())
   from asearcher_jax.errors import AsearcherError

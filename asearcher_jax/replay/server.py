@@ -19,6 +19,7 @@ import grpc
 from asearcher_jax import auth
 from asearcher_jax.background import BackgroundServer
 from asearcher_jax.errors import AsearcherError
+from asearcher_jax.procs import follow_supervisor
 from asearcher_jax.replay.client import CHANNEL_OPTIONS, group_from_proto, group_to_proto
 from asearcher_jax.replay.protos import replay_pb2, replay_pb2_grpc
 from asearcher_jax.replay.queue import ReplayQueue
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--compact-mb", type=float, default=256.0,
                  help="rewrite the journal once consumed payload in it exceeds this")
   args = p.parse_args(argv)
+  follow_supervisor()  # a child of `asearcher train` dies with it
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   if not args.journal:
     log.warning("no --journal: the queue lives in memory and a restart loses it")

@@ -15,12 +15,12 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from typing import Callable
 
 from asearcher_jax.errors import AsearcherError
+from asearcher_jax.procs import Child, wait_ready
 from asearcher_jax.rl.metrics import read_rollout_logs
 from asearcher_jax.rl.plot import plot_metrics
 
@@ -164,75 +164,6 @@ def run_learn(cfg, *, replay: str | None, decode: list[str] | None, resume: bool
 
 # -- the supervisor ----------------------------------------------------------------------------
 
-class Child:
-  def __init__(self, name: str, argv: list[str], log_dir: str, env: dict | None = None):
-    self.name, self.argv, self.env = name, argv, env
-    self.log_path = os.path.join(log_dir, f"{name}.log")
-    self.restarts = 0
-    self.proc: subprocess.Popen | None = None
-
-  def start(self) -> None:
-    log = open(self.log_path, "a")
-    log.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(self.argv)}\n")
-    log.flush()
-    self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                 env=self.env, start_new_session=True,
-                                 preexec_fn=_die_with_parent)
-    log.close()
-
-  def alive(self) -> bool:
-    return self.proc is not None and self.proc.poll() is None
-
-  def stop(self, sig=signal.SIGTERM, wait_s: float = 30.0) -> None:
-    if not self.alive():
-      return
-    self.proc.send_signal(sig)
-    try:
-      self.proc.wait(wait_s)
-    except subprocess.TimeoutExpired:
-      self.proc.kill()
-      self.proc.wait()
-
-  def tail(self, n: int = 15) -> str:
-    try:
-      with open(self.log_path) as f:
-        return "".join(f.readlines()[-n:])
-    except OSError:
-      return ""
-
-
-def _die_with_parent() -> None:
-  """Linux: the child gets SIGTERM if the supervisor dies, even by SIGKILL, so no server is
-  left holding ports or an accelerator."""
-  try:
-    import ctypes
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-  except (OSError, AttributeError):
-    pass
-
-
-class Interrupted(AsearcherError):
-  pass
-
-
-def _wait_ready(check: Callable[[], bool], child: Child, what: str, timeout_s: float,
-                stopping: Callable[[], bool] = lambda: False) -> None:
-  deadline = time.monotonic() + timeout_s
-  while time.monotonic() < deadline:
-    if stopping():
-      raise Interrupted(f"interrupted while waiting for {what}")
-    if not child.alive():
-      raise AsearcherError(f"{what} exited while starting; its log ({child.log_path}):\n"
-                           f"{child.tail()}")
-    try:
-      if check():
-        return
-    except Exception:  # noqa: BLE001 -- not up yet
-      pass
-    time.sleep(0.3)
-  raise AsearcherError(f"{what} not ready after {timeout_s:.0f}s; see {child.log_path}")
-
-
 def _grpc_ready(address: str, kind: str) -> Callable[[], bool]:
   def check() -> bool:
     async def go():
@@ -316,24 +247,24 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
   try:
     echo(f"run folder {out_dir} (logs in {log_dir})")
     children["replay"].start()
-    _wait_ready(_grpc_ready(replay_addr, "replay"), children["replay"], "the replay queue", 60,
-                is_stopping)
+    wait_ready(_grpc_ready(replay_addr, "replay"), children["replay"], "the replay queue", 60,
+               is_stopping, echo=echo)
     if "retrieval" in children:
       children["retrieval"].start()
-      _wait_ready(_http_ready(retrieval_url), children["retrieval"], "the retrieval server", 600,
-                  is_stopping)
+      wait_ready(_http_ready(retrieval_url), children["retrieval"], "the retrieval server", 600,
+                 is_stopping, echo=echo)
     for i, a in enumerate(decode_addrs):
       children[f"decode{i}"].start()
     for i, a in enumerate(decode_addrs):
-      _wait_ready(_grpc_ready(a, "decode"), children[f"decode{i}"], f"decode server {i}", 900,
-                  is_stopping)
+      wait_ready(_grpc_ready(a, "decode"), children[f"decode{i}"], f"decode server {i}", 900,
+                 is_stopping, echo=echo)
     echo(f"replay {replay_addr}; decode {', '.join(decode_addrs)}"
          + (f"; retrieval {retrieval_url}" if "retrieval" in children else ""))
     served_before = _replay_version(replay_addr)
     learner.start()
     if resume:  # rollouts wait until the servers hold the learner's restored weights
-      _wait_ready(lambda: _replay_version(replay_addr) > served_before, learner,
-                  "the learner to publish its restored weights", 900, is_stopping)
+      wait_ready(lambda: _replay_version(replay_addr) > served_before, learner,
+                 "the learner to publish its restored weights", 900, is_stopping, retries=0)
     for w in workers:
       w.start()
     rows = _read_from(metrics_path, 0)
