@@ -496,7 +496,7 @@ def test_aggregate_avg_and_pass_at_k_by_hand():
   samples = [
       _s("hotpot", "q1", 0, "answered", em=0.0, f1=0.5),
       _s("hotpot", "q1", 1, "answered", em=1.0, f1=1.0),
-      _s("hotpot", "q1", 2, "max_turns", em=0.0, f1=0.0),
+      {**_s("hotpot", "q1", 2, "max_turns", em=0.0, f1=0.0), "format_ok": False},
       _s("hotpot", "q2", 0, **aborted),  # left out of the metrics and of the k samples
       _s("hotpot", "q2", 1, "answered", em=0.0, f1=0.2),
       _s("hotpot", "q2", 2, "answered", em=0.0, f1=0.6),
@@ -517,6 +517,7 @@ def test_aggregate_avg_and_pass_at_k_by_hand():
   assert h["questions"] == 3 and h["samples"] == 9
   assert h["status"] == {"answered": 4, "max_turns": 1, "aborted": 4}
   assert h["mean_turns"] == 4 and h["mean_tool_calls"] == 2
+  assert h["format_ok"] == pytest.approx(4 / 5)  # of the samples that ran
   # nq: n1 1,0 -> 0.5 / 1;  n2 1,1 -> 1 / 1;  Avg@3 = 0.75, Pass@3 = 1
   assert rep["nq"]["metrics"] == {"em": pytest.approx({"avg@3": 0.75, "pass@3": 1.0,
                                                        "questions": 2})}
@@ -527,9 +528,10 @@ def test_aggregate_avg_and_pass_at_k_by_hand():
   hot = next(r for r in table if r.startswith("hotpot"))
   nq = next(r for r in table if r.startswith("nq"))
   # answered: 4 of the 5 samples that ran (the 4 aborted ones are not the agent's failures)
-  assert "16.7 /  50.0" in hot and "45.0 /  80.0" in hot and hot.rstrip().endswith(" 80%")
-  assert "75.0 / 100.0" in nq and nq.split()[-4] == "-"  # nq has no f1 column value
-  assert nq.rstrip().endswith("75%")
+  # format: 4 of the same 5 pass the gate
+  assert "16.7 /  50.0" in hot and "45.0 /  80.0" in hot and hot.split()[-2:] == ["80%", "80%"]
+  assert "75.0 / 100.0" in nq and nq.split()[-5] == "-"  # nq has no f1 column value
+  assert nq.split()[-2:] == ["75%", "100%"]
 
 
 def test_aggregate_keeps_at_most_k_samples_and_skips_missing_metrics():

@@ -31,6 +31,9 @@ def aggregate(samples: Iterable[Mapping], k: int) -> dict[str, dict]:
         "metrics": table, "status": dict(statuses),
         "mean_turns": _mean(s["turns"] for s in flat),
         "mean_tool_calls": _mean(s["tool_calls"] for s in flat),
+        # The reward's format gate: every generation well formed (a sample scored before the
+        # record kept it counts as passing).
+        "format_ok": _mean(float(s.get("format_ok", True)) for s in flat),
         "tool_errors": sum(s.get("tool_errors", 0) for s in flat),
     }
   return out
@@ -105,7 +108,7 @@ def _render(head: list[str], rows: list[list[str]]) -> str:
 def format_table(report: Mapping[str, dict], k: int) -> str:
   metrics = sorted({m for r in report.values() for m in r["metrics"]})
   head = ["dataset", "n"] + [f"{m} avg@{k}/pass@{k}" for m in metrics] + ["turns", "tools",
-                                                                           "answered"]
+                                                                           "answered", "format"]
   rows = []
   for ds, r in report.items():
     cells = [ds, str(r["questions"])]
@@ -116,7 +119,8 @@ def format_table(report: Mapping[str, dict], k: int) -> str:
     # Of the samples that ran (aborted ones are the infrastructure's, as in the metrics).
     ran = r["samples"] - r["status"].get("aborted", 0)
     answered = r["status"].get("answered", 0) / max(1, ran)
-    cells += [f"{r['mean_turns']:.1f}", f"{r['mean_tool_calls']:.1f}", f"{100 * answered:.0f}%"]
+    cells += [f"{r['mean_turns']:.1f}", f"{r['mean_tool_calls']:.1f}", f"{100 * answered:.0f}%",
+              f"{100 * r.get('format_ok', 1.0):.0f}%"]
     rows.append(cells)
   return _render(head, rows)
 
