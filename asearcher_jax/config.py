@@ -77,7 +77,9 @@ class OptimizerSection(Section):
 
   learning_rate: float = Field(1e-6, gt=0)
   warmup_steps: int = Field(0, ge=0)
-  decay_steps: int | None = None  # cosine decay to min_lr_ratio over this many steps
+  # Cosine decay to min_lr_ratio over this many steps; -1: over the whole run (SFT's epochs,
+  # RL's rl.total_steps), MaxText's learning_rate_schedule_steps=-1.
+  decay_steps: int | None = Field(None, ge=-1)
   min_lr_ratio: float = Field(0.0, ge=0, le=1)
   betas: tuple[float, float] = (0.9, 0.999)
   eps: float = 1e-8

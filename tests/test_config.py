@@ -92,3 +92,19 @@ def test_missing_and_malformed_files(tmp_path):
     load_config(write(tmp_path, "model: [unclosed\n"))
   with pytest.raises(ConfigError, match="top level must be a mapping"):
     load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_decay_over_the_whole_run():
+  """decay_steps: -1 decays over the run's length, which the trainer passes in (SFT's epochs,
+  RL's total steps); a run that cannot say its length is told to give a number."""
+  from asearcher_jax.config import OptimizerSection
+  from asearcher_jax.train.optimizer import learning_rate_schedule
+  cfg = OptimizerSection(learning_rate=1.0, warmup_steps=2, decay_steps=-1, min_lr_ratio=0.1)
+  lr = learning_rate_schedule(cfg, total_steps=10)
+  assert float(lr(0)) == 0.0 and float(lr(2)) == pytest.approx(1.0)
+  assert float(lr(6)) == pytest.approx(0.55)  # half way down the cosine from 1 to 0.1
+  assert float(lr(10)) == pytest.approx(0.1)
+  with pytest.raises(ConfigError, match="decay_steps=-1"):
+    learning_rate_schedule(cfg)
+  with pytest.raises(Exception, match="decay_steps"):
+    OptimizerSection(decay_steps=-2)

@@ -9,6 +9,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from asearcher_jax.errors import ConfigError
+
 if TYPE_CHECKING:  # config imports the model and RL packages, which import this module
   from asearcher_jax.config import OptimizerSection
 
@@ -16,12 +18,20 @@ if TYPE_CHECKING:  # config imports the model and RL packages, which import this
 _NO_DECAY = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "bq", "bk", "bv", "bo")
 
 
-def learning_rate_schedule(cfg: OptimizerSection) -> optax.Schedule:
+def learning_rate_schedule(cfg: OptimizerSection, total_steps: int | None = None
+                           ) -> optax.Schedule:
+  """`total_steps`: the run's length, which `decay_steps: -1` decays over."""
   peak = cfg.learning_rate
-  if cfg.decay_steps:
+  decay_steps = cfg.decay_steps
+  if decay_steps == -1:
+    if not total_steps:
+      raise ConfigError("optimizer.decay_steps=-1 decays over the whole run, but this run does "
+                        "not know its length: give a number of steps")
+    decay_steps = total_steps
+  if decay_steps:
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0 if cfg.warmup_steps else peak, peak_value=peak,
-        warmup_steps=cfg.warmup_steps, decay_steps=max(cfg.decay_steps, cfg.warmup_steps + 1),
+        warmup_steps=cfg.warmup_steps, decay_steps=max(decay_steps, cfg.warmup_steps + 1),
         end_value=peak * cfg.min_lr_ratio)
   if cfg.warmup_steps:
     return optax.linear_schedule(0.0, peak, cfg.warmup_steps)
@@ -42,9 +52,10 @@ def decay_mask(params):
                                           params)
 
 
-def make_optimizer(cfg: OptimizerSection) -> optax.GradientTransformation:
-  """AdamW behind optional global-norm clipping."""
-  adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.betas[0], b2=cfg.betas[1],
+def make_optimizer(cfg: OptimizerSection, total_steps: int | None = None
+                   ) -> optax.GradientTransformation:
+  """AdamW behind optional global-norm clipping; `total_steps` as in `learning_rate_schedule`."""
+  adamw = optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.betas[0], b2=cfg.betas[1],
                       eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
   if cfg.grad_clip:
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)

@@ -105,7 +105,8 @@ def run_sft(model, paths: list[str], *, optimizer_cfg, row_tokens: int, batch_ro
   steps_per_epoch = -(-r // batch_rows)
   echo(f"sft: {records} records, {r} rows of {row_tokens} tokens, "
        f"{int(rows['loss_mask'].sum())} loss tokens, {steps_per_epoch} steps per epoch")
-  params, opt_state, step = make_sft_step(model, make_optimizer(optimizer_cfg))
+  total = epochs * steps_per_epoch
+  params, opt_state, step = make_sft_step(model, make_optimizer(optimizer_cfg, total))
   evaluations = []
   evaluate = None
   if eval_paths:
@@ -113,7 +114,6 @@ def run_sft(model, paths: list[str], *, optimizer_cfg, row_tokens: int, batch_ro
     evaluate = make_evaluator(model, held_out, batch_rows)
     echo(f"sft: evaluating on the agent tokens of {n} held-out records")
   every = eval_every or steps_per_epoch
-  total = epochs * steps_per_epoch
 
   def run_eval(k: int):
     result = {"step": k, **evaluate(params)}
