@@ -8,10 +8,13 @@
 #   4. SFT warm start on them (`asearcher sft`), then held-out evaluation (Avg@4 / Pass@4);
 #   5. the asynchronous RL loop (`asearcher train`: retrieval server, decode server, replay
 #      queue, learner and rollout worker as processes), then held-out evaluation against SFT.
-# Environment: OUT_DIR (default runs/debug); RESUME=1 keeps finished stages and continues the
-# RL run; SFT_TRAJ (train questions the expert solves for SFT, default 1200), SFT_EPOCHS
+# Environment: OUT_DIR (default runs/debug); SEED (default 0): the policy's initialisation, the
+# SFT data order, and the RL stage's data order and sampling; the world, the expert data and the
+# held-out questions with their sampling seeds stay the same, so seeds differ by training alone
+# (benchmarks/debug_seeds.py runs several); RESUME=1 keeps finished stages and continues the RL
+# run; SFT_TRAJ (train questions the expert solves for SFT, default 1200, or all), SFT_EPOCHS
 # (default 4; the policy starts untrained, so SFT also trains on the text it reads),
-# EVAL_QUESTIONS (held-out questions, default 80); extra arguments are config overrides of the
+# EVAL_QUESTIONS (held-out questions, default 120); extra arguments are config overrides of the
 # RL stage (e.g. rl.total_steps=10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +23,7 @@ export PATH="$(cd "${ASEARCHER_VENV:-.venv}" && pwd)/bin:$PATH"
 out="${OUT_DIR:-runs/debug}"
 cfg=configs/debug.yaml
 world="$out/world"
+seed="${SEED:-0}"
 if [ "${RESUME:-0}" != 1 ]; then
   rm -rf "$out"
 fi
@@ -32,14 +36,15 @@ stage "1/6 world: $world"
   --max-facts-per-passage 1
 
 stage "2/6 tokenizer and tiny policy: $out/model"
-[ -f "$out/model/config.json" ] || asearcher init-model --config "$cfg" --out "$out/model" \
+[ -f "$out/model/config.json" ] || asearcher init-model --config "$cfg" "model.seed=$seed" --out "$out/model" \
   --tokenizer-corpus "$world" --overwrite
-policy=(model.arch=null)
+policy=(model.arch=null "model.seed=$seed")
 
 stage "3/6 expert trajectories: $out/expert.jsonl"
+limit=()
+[ "${SFT_TRAJ:-1200}" = all ] || limit=(--limit "${SFT_TRAJ:-1200}")
 [ -f "$out/expert.jsonl" ] || asearcher world solve --config "$cfg" "${policy[@]}" \
-  model.path="$out/model" --world "$world" --limit "${SFT_TRAJ:-1200}" --out "$out/expert.jsonl" \
-  --no-progress
+  model.path="$out/model" --world "$world" "${limit[@]}" --out "$out/expert.jsonl" --no-progress
 
 stage "4/6 SFT warm start: $out/sft"
 [ -f "$out/sft/config.json" ] || asearcher sft --config "$cfg" "${policy[@]}" \
@@ -47,7 +52,7 @@ stage "4/6 SFT warm start: $out/sft"
   --epochs "${SFT_EPOCHS:-4}" --batch-rows 4 --loss-on all
 evaluate() {  # model, output dir, extra flags
   asearcher eval --serve --config "$cfg" "${policy[@]}" model.path="$1" \
-    retrieval.index="$world/index" eval.sample=true --data "$world/qa_test.jsonl" --limit "${EVAL_QUESTIONS:-80}" --k 4 --out "$2" \
+    retrieval.index="$world/index" eval.sample=true --data "$world/qa_test.jsonl" --limit "${EVAL_QUESTIONS:-120}" --k 4 --out "$2" \
     --concurrency 32 --no-progress "${@:3}"
 }
 [ -f "$out/eval_sft/report.json" ] || evaluate "$out/sft" "$out/eval_sft"
@@ -57,7 +62,7 @@ resume=()
 [ -d "$out/rl/checkpoints" ] && resume=(--resume)
 asearcher train --config "$cfg" "${policy[@]}" model.path="$out/sft" run.output_dir="$out/rl" \
   rl.data="[$world/qa_train.jsonl]" retrieval.index="$world/index" \
-  optimizer.learning_rate=5e-4 optimizer.warmup_steps=0 "${resume[@]}" "$@"
+  "rl.seed=$seed" optimizer.learning_rate=1.25e-4 optimizer.warmup_steps=0 "${resume[@]}" "$@"
 
 stage "6/6 held-out evaluation of the RL policy against the SFT policy"
 rm -rf "$out/eval_rl"  # always the policy the RL stage ended with

@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""The README's main command over several seeds: how much the debug run learns, and how much
+that varies.
+
+  python benchmarks/debug_seeds.py [--seeds 0 1 2 3 4] [--work runs/debug_seeds] [key=value ...]
+
+Runs `SEED=s bash launch/debug.sh` once per seed, exactly as a user would (the seed sets the
+policy's initialisation, the SFT data order and the RL stage's data order and sampling; the
+world and the held-out questions stay the same), one after another so that each run has the
+machine to itself. Per seed it records held-out EM Avg@k / Pass@k after SFT and after RL, the
+change with its 95% paired bootstrap interval over the questions, the share of episodes that
+pass the format gate and that answer, and the run's wall time; then the median and range over
+seeds. Prints a table and writes JSON under benchmarks/results/. A seed whose run finished in
+--work is read, not rerun; trailing arguments go to launch/debug.sh (RL-stage overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+from asearcher_jax.eval.harness import latest_traces  # noqa: E402
+from asearcher_jax.eval.report import paired_intervals  # noqa: E402
+from asearcher_jax.jsonl import read_lines  # noqa: E402
+from benchmarks.common import run_info, write_result  # noqa: E402
+
+
+def run_seed(seed: int, out: str, overrides: list[str], env: dict) -> float | None:
+  """One debug run; its wall time in seconds as debug.sh reports it (setup included), or None
+  when the run was already there."""
+  if os.path.exists(os.path.join(out, "eval_rl", "report.json")):
+    return None
+  log = out + ".log"
+  print(f"seed {seed}: SEED={seed} OUT_DIR={out} bash launch/debug.sh {' '.join(overrides)} "
+        f"(log {log})", flush=True)
+  t0 = time.time()
+  with open(log, "w") as f:
+    code = subprocess.call(["bash", os.path.join(ROOT, "launch", "debug.sh"), *overrides],
+                           env=dict(env, SEED=str(seed), OUT_DIR=out), stdout=f,
+                           stderr=subprocess.STDOUT, cwd=ROOT)
+  if code != 0:
+    with open(log) as f:
+      raise SystemExit(f"seed {seed} failed ({code}); {log}:\n{f.read()[-3000:]}")
+  with open(log) as f:
+    done = re.findall(r"\[debug\] done in (\d+)m(\d+)s", f.read())
+  return int(done[-1][0]) * 60 + int(done[-1][1]) if done else time.time() - t0
+
+
+def summarise(out: str, k: int) -> dict:
+  """What one finished run scored: SFT and RL on the held-out questions, and the change."""
+  res = {}
+  traces = {}
+  for stage in ("sft", "rl"):
+    path = os.path.join(out, f"eval_{stage}", "traces.jsonl")
+    traces[stage] = list(latest_traces(path, k).values())
+    ran = [t for t in traces[stage] if t["status"] != "aborted"]
+    qs = {}
+    for t in ran:
+      qs.setdefault(t["qid"], []).append(t["metrics"].get("em", 0.0))
+    res[stage] = {
+        "em_avg": statistics.fmean(statistics.fmean(v) for v in qs.values()),
+        "em_pass": statistics.fmean(max(v) for v in qs.values()),
+        "format_ok": statistics.fmean(float(t.get("format_ok", True)) for t in ran),
+        "answered": statistics.fmean(float(t["status"] == "answered") for t in ran),
+        "tool_calls": statistics.fmean(t["tool_calls"] for t in ran),
+        "questions": len(qs), "episodes": len(ran)}
+  [(_, cells)] = [(key, v) for key, v in paired_intervals(traces["sft"], traces["rl"], k).items()
+                  if key[1] == "em"]
+  res["change"] = {"em_avg": res["rl"]["em_avg"] - res["sft"]["em_avg"],
+                   "em_pass": res["rl"]["em_pass"] - res["sft"]["em_pass"],
+                   "em_avg_interval": cells[f"avg@{k}"], "em_pass_interval": cells[f"pass@{k}"]}
+  stages = [r for r in read_lines(os.path.join(out, "rl", "metrics.jsonl"))]
+  res["rl_steps"] = len(stages)
+  return res
+
+
+def spread(values: list[float]) -> dict:
+  return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+  p.add_argument("--work", default="runs/debug_seeds")
+  p.add_argument("--k", type=int, default=4, help="samples per question, as launch/debug.sh")
+  p.add_argument("--results", help="JSON output (default: benchmarks/results/debug_seeds_cpu.json)")
+  p.add_argument("overrides", nargs="*", help="RL-stage overrides passed to launch/debug.sh")
+  args = p.parse_args()
+  work = os.path.abspath(args.work)
+  os.makedirs(work, exist_ok=True)
+  env = dict(os.environ)
+  env.pop("RESUME", None)
+  runs = {}
+  for seed in args.seeds:
+    out = os.path.join(work, f"seed{seed}")
+    wall = run_seed(seed, out, args.overrides, env)
+    runs[seed] = summarise(out, args.k)
+    times = os.path.join(out, "wall_s")
+    if wall is not None:
+      with open(times, "w") as f:
+        f.write(f"{wall:.0f}\n")
+    runs[seed]["wall_s"] = float(open(times).read()) if os.path.exists(times) else None
+  pct = lambda x: f"{100 * x:5.1f}"  # noqa: E731
+  print(f"\nheld-out EM Avg@{args.k} / Pass@{args.k} ({runs[args.seeds[0]]['sft']['questions']} "
+        f"questions), SFT -> RL, change [95% paired interval], format gate passed, wall time")
+  for seed, r in runs.items():
+    c = r["change"]
+    lo, hi = c["em_avg_interval"]
+    print(f"seed {seed}: SFT {pct(r['sft']['em_avg'])} / {pct(r['sft']['em_pass'])}  "
+          f"RL {pct(r['rl']['em_avg'])} / {pct(r['rl']['em_pass'])}  "
+          f"change {100 * c['em_avg']:+5.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] / "
+          f"{100 * c['em_pass']:+5.1f}  format SFT {pct(r['sft']['format_ok'])}% RL "
+          f"{pct(r['rl']['format_ok'])}%  {r['wall_s'] or 0:.0f}s")
+  summary = {
+      "sft_em_avg": spread([r["sft"]["em_avg"] for r in runs.values()]),
+      "sft_em_pass": spread([r["sft"]["em_pass"] for r in runs.values()]),
+      "rl_em_avg": spread([r["rl"]["em_avg"] for r in runs.values()]),
+      "rl_em_pass": spread([r["rl"]["em_pass"] for r in runs.values()]),
+      "change_em_avg": spread([r["change"]["em_avg"] for r in runs.values()]),
+      "change_em_pass": spread([r["change"]["em_pass"] for r in runs.values()]),
+      "sft_format_ok": spread([r["sft"]["format_ok"] for r in runs.values()]),
+      "rl_format_ok": spread([r["rl"]["format_ok"] for r in runs.values()]),
+      "gain_clear_of_zero": sum(r["change"]["em_avg_interval"][0] > 0 for r in runs.values()),
+  }
+  if all(r["wall_s"] for r in runs.values()):
+    summary["wall_s"] = spread([r["wall_s"] for r in runs.values()])
+  for key in ("sft_em_avg", "rl_em_avg", "change_em_avg", "sft_em_pass", "rl_em_pass",
+              "change_em_pass"):
+    s = summary[key]
+    print(f"{key:>15}: median {100 * s['median']:+6.1f}, range [{100 * s['min']:+.1f}, "
+          f"{100 * s['max']:+.1f}]")
+  print(f"RL gain clear of zero (paired interval above 0) in {summary['gain_clear_of_zero']} of "
+        f"{len(runs)} seeds")
+  write_result({"benchmark": "debug_seeds", **run_info(), "args": vars(args),
+                "runs": {str(s): r for s, r in runs.items()}, "summary": summary},
+               args.results, "debug_seeds_cpu")
+
+
+if __name__ == "__main__":
+  main()
