@@ -28,7 +28,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 from asearcher_jax.eval.harness import latest_traces  # noqa: E402
-from asearcher_jax.eval.report import paired_intervals  # noqa: E402
+from asearcher_jax.eval.report import aggregate, paired_intervals  # noqa: E402
 from asearcher_jax.jsonl import read_lines  # noqa: E402
 from benchmarks.common import run_info, write_result  # noqa: E402
 
@@ -55,30 +55,25 @@ def run_seed(seed: int, out: str, overrides: list[str], env: dict) -> float | No
 
 
 def summarise(out: str, k: int) -> dict:
-  """What one finished run scored: SFT and RL on the held-out questions, and the change."""
-  res = {}
-  traces = {}
+  """What one finished run scored: SFT and RL on the held-out questions (as the eval report
+  aggregates them), and the change with its paired interval."""
+  res, traces = {}, {}
   for stage in ("sft", "rl"):
-    path = os.path.join(out, f"eval_{stage}", "traces.jsonl")
-    traces[stage] = list(latest_traces(path, k).values())
-    ran = [t for t in traces[stage] if t["status"] != "aborted"]
-    qs = {}
-    for t in ran:
-      qs.setdefault(t["qid"], []).append(t["metrics"].get("em", 0.0))
-    res[stage] = {
-        "em_avg": statistics.fmean(statistics.fmean(v) for v in qs.values()),
-        "em_pass": statistics.fmean(max(v) for v in qs.values()),
-        "format_ok": statistics.fmean(float(t.get("format_ok", True)) for t in ran),
-        "answered": statistics.fmean(float(t["status"] == "answered") for t in ran),
-        "tool_calls": statistics.fmean(t["tool_calls"] for t in ran),
-        "questions": len(qs), "episodes": len(ran)}
-  [(_, cells)] = [(key, v) for key, v in paired_intervals(traces["sft"], traces["rl"], k).items()
-                  if key[1] == "em"]
+    traces[stage] = list(latest_traces(os.path.join(out, f"eval_{stage}", "traces.jsonl"),
+                                       k).values())
+    [ds] = aggregate(traces[stage], k).values()
+    ran = ds["samples"] - ds["status"].get("aborted", 0)
+    em = ds["metrics"]["em"]
+    res[stage] = {"em_avg": em[f"avg@{k}"], "em_pass": em[f"pass@{k}"],
+                  "format_ok": ds["format_ok"], "answered": ds["status"].get("answered", 0) / ran,
+                  "tool_calls": ds["mean_tool_calls"], "questions": em["questions"],
+                  "episodes": ran}
+  [cells] = [v for key, v in paired_intervals(traces["sft"], traces["rl"], k).items()
+             if key[1] == "em"]
   res["change"] = {"em_avg": res["rl"]["em_avg"] - res["sft"]["em_avg"],
                    "em_pass": res["rl"]["em_pass"] - res["sft"]["em_pass"],
                    "em_avg_interval": cells[f"avg@{k}"], "em_pass_interval": cells[f"pass@{k}"]}
-  stages = [r for r in read_lines(os.path.join(out, "rl", "metrics.jsonl"))]
-  res["rl_steps"] = len(stages)
+  res["rl_steps"] = len(read_lines(os.path.join(out, "rl", "metrics.jsonl")))
   return res
 
 
@@ -107,7 +102,10 @@ def main() -> None:
     if wall is not None:
       with open(times, "w") as f:
         f.write(f"{wall:.0f}\n")
-    runs[seed]["wall_s"] = float(open(times).read()) if os.path.exists(times) else None
+    runs[seed]["wall_s"] = None
+    if os.path.exists(times):
+      with open(times) as f:
+        runs[seed]["wall_s"] = float(f.read())
   pct = lambda x: f"{100 * x:5.1f}"  # noqa: E731
   print(f"\nheld-out EM Avg@{args.k} / Pass@{args.k} ({runs[args.seeds[0]]['sft']['questions']} "
         f"questions), SFT -> RL, change [95% paired interval], format gate passed, wall time")

@@ -36,8 +36,8 @@ stage "1/6 world: $world"
   --max-facts-per-passage 1
 
 stage "2/6 tokenizer and tiny policy: $out/model"
-[ -f "$out/model/config.json" ] || asearcher init-model --config "$cfg" "model.seed=$seed" --out "$out/model" \
-  --tokenizer-corpus "$world" --overwrite
+[ -f "$out/model/config.json" ] || asearcher init-model --config "$cfg" "model.seed=$seed" \
+  --out "$out/model" --tokenizer-corpus "$world" --overwrite
 policy=(model.arch=null "model.seed=$seed")
 
 stage "3/6 expert trajectories: $out/expert.jsonl"
