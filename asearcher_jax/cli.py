@@ -184,13 +184,13 @@ def cmd_eval(args) -> int:
     import json
 
     from asearcher_jax.eval.harness import latest_traces
-    from asearcher_jax.eval.report import format_comparison, paired_intervals
+    from asearcher_jax.eval.report import format_comparison, incomparable, paired_intervals
     with open(args.baseline) as f:
       base = json.load(f)
     k = report["k"]
-    if base["k"] != k:
-      raise SystemExit(f"{args.baseline} was run with k={base['k']}, this run with "
-                       f"k={k}: Avg@k and Pass@k are not comparable")
+    why = incomparable(base, report)
+    if why:
+      raise SystemExit(f"{args.baseline} cannot be compared with this run: {why}")
     base_traces = os.path.join(os.path.dirname(args.baseline), "traces.jsonl")
     intervals = None
     if os.path.exists(base_traces):  # the questions of both runs: a paired interval

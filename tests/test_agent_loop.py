@@ -15,7 +15,7 @@ import pytest
 from asearcher_jax.agent import Agent, AgentSection, Completion, ContextTooLong, PolicyUnavailable
 from asearcher_jax.agent.episode import ACT_STOPS, turn_seed
 from asearcher_jax.agent.prompts import ANSWER_INSTRUCTION
-from asearcher_jax.data.qa import QAItem
+from asearcher_jax.data.qa import DataError, QAItem
 from asearcher_jax.models.tokenizer import build_tokenizer
 from asearcher_jax.tools.config import SearchClientSection
 from asearcher_jax.tools.types import Page, SearchHit, ToolResult
@@ -475,10 +475,11 @@ class AnsweringPolicy:
 
   def __init__(self, down=()):
     self.tokenizer = build_tokenizer()
-    self.down, self.calls = set(down), 0
+    self.down, self.calls, self.temperatures = set(down), 0, set()
 
   async def complete(self, prompt, sampling, session_id=None):
     self.calls += 1
+    self.temperatures.add(sampling.temperature)
     if any(q in prompt.text for q in self.down):
       raise PolicyUnavailable("decode server gone")
     ids = self.tokenizer.encode("<answer> Ann Lee </answer>")
@@ -489,7 +490,7 @@ class AnsweringPolicy:
     pass
 
 
-def _eval(tmp_path, policy, k=2):
+def _eval(tmp_path, policy, k=2, **eval_cfg):
   from asearcher_jax.config import Config
   from asearcher_jax.eval import evaluate
   data = tmp_path / "qa.jsonl"
@@ -498,7 +499,7 @@ def _eval(tmp_path, policy, k=2):
                                         "answer": ["Ann Lee"]}) + "\n" for q in ("A", "B")))
   cfg = Config(model={"path": str(tmp_path)},  # unused: the policy is given
                eval={"data": [str(data)], "k": k, "out_dir": str(tmp_path / "out"),
-                     "concurrency": 2})
+                     "concurrency": 2, **eval_cfg})
   out = []
   report = asyncio.run(evaluate(cfg, policy=policy, tools=FakeTools(), progress=False,
                                 echo=out.append))
@@ -536,3 +537,15 @@ def test_eval_rerun_after_a_torn_trace_line(tmp_path):
   policy = AnsweringPolicy()
   again, _ = _eval(tmp_path, policy)
   assert policy.calls == 1 and again["datasets"] == report["datasets"]
+
+
+def test_eval_temperature_samples_the_episodes_and_a_resume_cannot_mix_temperatures(tmp_path):
+  policy = AnsweringPolicy()
+  report, _ = _eval(tmp_path, policy, temperature=0.6)
+  assert policy.temperatures == {0.6}  # not agent.temperature (1.0), which rollouts keep
+  assert report["sampling"] == {"temperature": 0.6, "top_p": 1.0, "top_k": 0}
+  with pytest.raises(DataError, match="sampled with"):
+    _eval(tmp_path, AnsweringPolicy())  # the same out_dir at agent.temperature
+  policy = AnsweringPolicy()
+  assert _eval(tmp_path, policy, temperature=0.6)[0]["datasets"] == report["datasets"]
+  assert policy.calls == 0

@@ -24,6 +24,7 @@ from asearcher_jax.eval.report import (
   aggregate,
   format_comparison,
   format_table,
+  incomparable,
   paired_intervals,
 )
 from asearcher_jax.inference.sampling import SamplingParams
@@ -566,3 +567,11 @@ def test_paired_interval_brackets_a_uniform_gain_and_straddles_zero_for_a_swap()
   row = format_comparison(before, after, 4, intervals=iv).splitlines()[2]
   assert "+25.0 [+25.0, +25.0]" in row
   assert "[" not in format_comparison(before, after, 4).splitlines()[2]
+
+
+def test_reports_compare_only_at_the_same_k_and_sampling():
+  at = lambda t, k=4: {"k": k, "sampling": {"temperature": t, "top_p": 1.0, "top_k": 0}}
+  assert incomparable(at(0.6), at(0.6)) is None
+  assert "temperature" in incomparable(at(1.0), at(0.6))
+  assert "k=2" in incomparable(at(0.6, k=2), at(0.6))
+  assert incomparable({"k": 4}, at(0.6)) is None  # a report from before sampling was recorded

@@ -18,6 +18,9 @@ class EvalSection(BaseModel):
   concurrency: int = Field(16, ge=1)  # episodes in flight
   out_dir: str | None = None  # default <run.output_dir>/eval
   seed: int = 0  # sample i of question q uses a seed derived from (seed, q, i)
+  # Sampling temperature of evaluation episodes; None: agent.temperature, the one rollouts use.
+  # ASearcher samples rollouts at 1.0 and evaluates at 0.6 (its evaluation scripts).
+  temperature: float | None = Field(None, ge=0)
   judge: bool = False  # also score with reward.judge (LLM-as-judge), reported as metric "judge"
   save_trajectories: bool = False  # full token records beside the readable traces
   backend: Literal["decode", "openai"] = "decode"

@@ -61,9 +61,19 @@ def load_datasets(paths, split: str = "test", limit: int | None = None,
   return items, notes, skipped
 
 
+_SAMPLING = ("temperature", "top_p", "top_k")
+
+
+def sampling_of(agent_cfg) -> dict[str, Any]:
+  """What a score depends on besides the policy: the sampling the episodes drew with."""
+  return {k: getattr(agent_cfg, k) for k in _SAMPLING}
+
+
 def trace_line(dataset: str, t: Trajectory) -> dict[str, Any]:
   return {
-      "dataset": dataset, "qid": t.qid, "sample": t.sample, "question": t.question,
+      "dataset": dataset, "qid": t.qid, "sample": t.sample,
+      "sampling": {k: t.sampling[k] for k in _SAMPLING} if t.sampling else None,
+      "question": t.question,
       "answers": t.answers, "prediction": t.prediction, "status": t.status, "error": t.error,
       "metrics": t.metrics, "reward": t.reward, "format_ok": t.format_ok,
       "turns": t.num_turns, "tool_calls": t.tool_calls(),
@@ -132,14 +142,22 @@ async def evaluate(cfg, *, policy=None, tools=None, progress: bool = True,
                                         e.seed if e.sample else None)
   for n in notes:
     echo(n)
-  done = {key for key, t in latest_traces(traces_path, e.k).items() if t["status"] != "aborted"}
+  agent_cfg = (cfg.agent if e.temperature is None
+               else cfg.agent.model_copy(update={"temperature": e.temperature}))
+  done = {key: t for key, t in latest_traces(traces_path, e.k).items()
+          if t["status"] != "aborted"}
+  other = {json.dumps(t.get("sampling")) for t in done.values()} - {
+      json.dumps(sampling_of(agent_cfg)), "null"}
+  if other:  # a resumed run must not mix episodes sampled differently into one score
+    raise DataError(f"{traces_path} holds episodes sampled with {sorted(other)[0]}, this run "
+                    f"asks {json.dumps(sampling_of(agent_cfg))}: use another eval.out_dir")
   work = [(ds, it, i) for ds, it in items for i in range(e.k) if (ds, it.qid, i) not in done]
   if done:
     echo(f"resuming: {len(done)} episodes already in {traces_path}, {len(work)} to run")
   own_policy, own_tools = policy is None, tools is None
   policy = policy or build_policy(cfg)
   tools = tools or make_client(cfg.search, cfg.web)
-  agent = Agent(cfg.agent, policy, tools)
+  agent = Agent(agent_cfg, policy, tools)
   scorer = Scorer(cfg.reward)
   sem, lock = asyncio.Semaphore(e.concurrency), asyncio.Lock()
   bar = tqdm(total=len(work), desc="eval", unit="episode", disable=not progress)
@@ -177,7 +195,8 @@ async def evaluate(cfg, *, policy=None, tools=None, progress: bool = True,
 
   wanted = {(ds, it.qid) for ds, it in items}
   samples = [t for key, t in latest_traces(traces_path, e.k).items() if key[:2] in wanted]
-  report = {"k": e.k, "datasets": aggregate(samples, e.k), "skipped_rows": skipped,
+  report = {"k": e.k, "sampling": sampling_of(agent_cfg),
+            "datasets": aggregate(samples, e.k), "skipped_rows": skipped,
             "traces": traces_path, "problems": problems(samples)}
   tmp = os.path.join(out_dir, ".report.json.tmp")
   with open(tmp, "w") as f:

@@ -125,6 +125,16 @@ def format_table(report: Mapping[str, dict], k: int) -> str:
   return _render(head, rows)
 
 
+def incomparable(before: Mapping, after: Mapping) -> str | None:
+  """Why two reports' scores cannot be set side by side (None: they can). Reports written
+  before sampling was recorded are taken at their word."""
+  if before["k"] != after["k"]:
+    return f"k={before['k']} against k={after['k']}: Avg@k and Pass@k differ in meaning"
+  if before.get("sampling", after.get("sampling")) != after.get("sampling", before.get("sampling")):
+    return f"sampled with {before['sampling']} against {after['sampling']}"
+  return None
+
+
 def format_comparison(before: Mapping[str, dict], after: Mapping[str, dict], k: int,
                       names: tuple[str, str] = ("baseline", "this run"),
                       intervals: Mapping[tuple[str, str], dict] | None = None) -> str:
