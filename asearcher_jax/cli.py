@@ -428,7 +428,15 @@ class _QuietReadOnly(logging.Filter):
 def main(argv: list[str] | None = None) -> int:
   from asearcher_jax.procs import follow_supervisor
   follow_supervisor()  # a child of `asearcher train` dies with it
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  # argparse fills `overrides` at the first positional slot only: `train --resume a.b=1` would
+  # leave a.b=1 over. Dotted overrides are taken wherever they stand; anything else is an error.
+  stray = [a for a in extra if a.startswith("-") or "=" not in a]
+  if stray or (extra and not hasattr(args, "overrides")):
+    parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+  if extra:
+    args.overrides = [*args.overrides, *extra]
   logging.getLogger("absl").addFilter(_QuietReadOnly())
   from asearcher_jax.errors import AsearcherError
   try:

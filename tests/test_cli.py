@@ -67,6 +67,17 @@ def test_config_prints_resolved_values():
   assert "num_layers: 3" in out and "fsdp: -1" in out
 
 
+def test_overrides_are_taken_before_and_after_flags():
+  """`asearcher train --resume rl.total_steps=30` (launch/debug.sh with RESUME=1 and an
+  override) must not leave the override unparsed."""
+  out = asearcher("config", "model.arch.num_layers=3", "--config", "configs/debug.yaml",
+                  "mesh.tensor=1", "rl.total_steps=30").stdout
+  assert "num_layers: 3" in out and "total_steps: 30" in out
+  proc = asearcher("config", "--config", "configs/debug.yaml", "--bogus", "rl.total_steps=3",
+                   check=False)
+  assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+
+
 def test_missing_checkpoint_directory(tmp_path):
   proc = asearcher("generate", str(tmp_path / "nope"), "--prompt", "x", check=False)
   assert proc.returncode == 2 and "no such directory" in proc.stderr
