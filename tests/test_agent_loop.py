@@ -507,7 +507,10 @@ def _eval(tmp_path, policy, k=2, **eval_cfg):
 
 
 def test_eval_runs_and_reports(tmp_path):
-  report, _ = _eval(tmp_path, AnsweringPolicy())
+  report, out = _eval(tmp_path, AnsweringPolicy())
+  assert report["scoring"] == {"normalization": "squad", "f1_variant": "set"}
+  assert ("scoring: SQuAD v1.1 answer normalisation (official); F1 over token sets "
+          "(ASearcher)") in out
   ds = report["datasets"]["qa"]
   assert ds["questions"] == 2 and ds["samples"] == 4 and ds["status"] == {"answered": 4}
   assert ds["metrics"]["em"] == {"avg@2": 1.0, "pass@2": 1.0, "questions": 2}

@@ -575,3 +575,5 @@ def test_reports_compare_only_at_the_same_k_and_sampling():
   assert "temperature" in incomparable(at(1.0), at(0.6))
   assert "k=2" in incomparable(at(0.6, k=2), at(0.6))
   assert incomparable({"k": 4}, at(0.6)) is None  # a report from before sampling was recorded
+  scored = lambda norm: {**at(0.6), "scoring": {"normalization": norm, "f1_variant": "set"}}
+  assert "lenient" in incomparable(scored("squad"), scored("lenient"))

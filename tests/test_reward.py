@@ -25,23 +25,33 @@ def test_normalize_answer_squad():
   assert normalize_answer("  The  Eiffel-Tower, in PARIS! ") == "eiffeltower in paris"
   assert normalize_answer("A cat and an owl") == "cat and owl"
   assert normalize_answer("theory") == "theory"  # articles only as whole words
-  assert normalize_answer("北京，中国。") == "北京中国"  # Unicode punctuation goes too
+  assert normalize_answer("北京，中国。") == "北京，中国。"  # SQuAD strips ASCII punctuation only
+  assert normalize_answer("Trenton–Mercer") == "trenton–mercer"
+  assert normalize_answer("北京，中国。", "lenient") == "北京中国"
   assert normalize_answer("") == ""
+  with pytest.raises(ValueError, match="normalisation"):
+    normalize_answer("x", "unicode")
 
 
-def test_tokens_cjk_per_character_and_bool_mapping():
-  assert tokens("2008年北京") == ["2008", "年", "北", "京"]
-  assert tokens("Tokyo 東京タワー") == ["tokyo", "東", "京", "タ", "ワ", "ー"]
-  assert tokens("True") == ["yes"] and tokens("false.") == ["no"]
-  assert tokens("True story") == ["true", "story"]  # only a whole-answer True/False maps
+def test_tokens_lenient_cjk_per_character_and_bool_mapping():
+  assert tokens("2008年北京", "lenient") == ["2008", "年", "北", "京"]
+  assert tokens("Tokyo 東京タワー", "lenient") == ["tokyo", "東", "京", "タ", "ワ", "ー"]
+  assert tokens("True", "lenient") == ["yes"] and tokens("false.", "lenient") == ["no"]
+  assert tokens("True story", "lenient") == ["true", "story"]  # only a whole True/False maps
+  assert tokens("2008年北京") == ["2008年北京"] and tokens("True") == ["true"]  # SQuAD
 
 
 def test_exact_match():
   assert exact_match("The Eiffel Tower.", "eiffel tower") == 1.0
   assert exact_match("Eiffel Tower in Paris", "Eiffel Tower") == 0.0
   assert exact_match("Lyon", ["Paris", "lyon", "Nice"]) == 1.0  # max over golds
-  assert exact_match("True", ["yes"]) == 1.0 and exact_match("no", "False") == 1.0
-  assert exact_match("北 京", "北京") == 1.0  # CJK compared per character
+  assert exact_match("Trenton-Mercer Airport", "Trenton–Mercer Airport") == 0.0  # en dash
+  assert exact_match("True", ["yes"]) == 0.0 and exact_match("the", "a") == 1.0  # as SQuAD
+  assert exact_match("True", ["yes"], "lenient") == 1.0
+  assert exact_match("no", "False", "lenient") == 1.0
+  assert exact_match("北 京", "北京", "lenient") == 1.0  # CJK compared per character
+  assert exact_match("Trenton-Mercer Airport", "Trenton–Mercer Airport", "lenient") == 1.0
+  assert exact_match("the", "a", "lenient") == 0.0
 
 
 def test_f1_hand_worked():
@@ -70,11 +80,15 @@ def test_f1_bag_vs_set_on_repeated_tokens():
     f1("a", "a", "multiset")
 
 
-def test_f1_cjk():
+def test_f1_cjk_lenient():
   # pred 北京市 -> 北 京 市 (3); gold 北京 -> 北 京 (2): P 2/3, R 1, F1 = (4/3)/(5/3) = 0.8.
-  assert f1("北京市", "北京", "set") == pytest.approx(0.8)
+  assert f1("北京市", "北京", "set", "lenient") == pytest.approx(0.8)
   # digit runs stay whole: pred 2008 年 (2) vs gold 2008 (1): P 1/2, R 1, F1 = 0.6667.
-  assert f1("2008年", "2008", "set") == pytest.approx(2 / 3)
+  assert f1("2008年", "2008", "set", "lenient") == pytest.approx(2 / 3)
+  assert f1("北京市", "北京", "set") == 0.0  # SQuAD: one whitespace token each, different
+  # "Trenton–Mercer Airport" vs "Trenton-Mercer Airport": SQuAD tokens trenton–mercer airport
+  # and trentonmercer airport share one of two: P = R = 1/2, F1 = 0.5.
+  assert f1("Trenton-Mercer Airport", "Trenton–Mercer Airport") == pytest.approx(0.5)
 
 
 def test_cover_exact_match_contiguous():
@@ -82,20 +96,27 @@ def test_cover_exact_match_contiguous():
   assert cover_exact_match("Tower of Eiffel", "Eiffel Tower") == 0.0  # not contiguous
   assert cover_exact_match("a bus", "US") == 0.0  # whole tokens, not substrings
   assert cover_exact_match("Lyon then Paris", ["Rome", "paris"]) == 1.0
-  assert cover_exact_match("位于北京市", "北京") == 1.0
+  assert cover_exact_match("位于北京市", "北京", "lenient") == 1.0
 
 
+@pytest.mark.parametrize("normalization", ["squad", "lenient"])
 @pytest.mark.parametrize("metric", [exact_match, cover_exact_match,
-                                    lambda p, g: f1(p, g, "set"), lambda p, g: f1(p, g, "bag")])
-def test_empty_and_none_inputs_score_zero(metric):
-  assert metric(None, ["Paris"]) == 0.0
-  assert metric("", ["Paris"]) == 0.0
-  assert metric("...", ["Paris"]) == 0.0  # normalises to nothing
-  assert metric("Paris", []) == 0.0
-  assert metric("Paris", "") == 0.0
-  assert metric("the", "a") == 0.0  # both normalise to empty: no match
-  assert metric("Paris", None) == 0.0
-  assert metric("Paris", ["", None, "Paris"]) == 1.0  # empty golds are skipped
+                                    lambda p, g, n: f1(p, g, "set", n),
+                                    lambda p, g, n: f1(p, g, "bag", n)])
+def test_empty_and_none_inputs_score_zero(metric, normalization):
+  m = lambda p, g: metric(p, g, normalization)
+  assert m(None, ["Paris"]) == 0.0
+  assert m("", ["Paris"]) == 0.0
+  assert m("...", ["Paris"]) == 0.0  # normalises to nothing
+  assert m("Paris", []) == 0.0
+  assert m("Paris", "") == 0.0
+  assert m("Paris", None) == 0.0
+  assert m(None, "") == 0.0  # no answer is never right
+  assert m("Paris", ["", None, "Paris"]) == 1.0  # empty golds are skipped
+  # Both normalise to empty: SQuAD's EM calls that a match (its script compares the strings);
+  # F1 finds no common token; the lenient normalisation never matches empties.
+  both_empty = 1.0 if metric is exact_match and normalization == "squad" else 0.0
+  assert m("the", "a") == both_empty
 
 
 def test_paraphrase_blend():

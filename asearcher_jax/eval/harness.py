@@ -19,7 +19,7 @@ from typing import Any
 from asearcher_jax.agent import Agent, DecodePolicy, OpenAIPolicy, Trajectory, score, write_jsonl
 from asearcher_jax.agent.episode import derive_seed
 from asearcher_jax.data.qa import DataError, QAItem, load_qa
-from asearcher_jax.eval.report import aggregate, format_table
+from asearcher_jax.eval.report import aggregate, format_table, scoring_line
 from asearcher_jax.jsonl import append_lines, read_lines
 from asearcher_jax.reward.asearcher import Scorer
 
@@ -195,13 +195,15 @@ async def evaluate(cfg, *, policy=None, tools=None, progress: bool = True,
 
   wanted = {(ds, it.qid) for ds, it in items}
   samples = [t for key, t in latest_traces(traces_path, e.k).items() if key[:2] in wanted]
-  report = {"k": e.k, "sampling": sampling_of(agent_cfg),
+  scoring = {"normalization": cfg.reward.normalization, "f1_variant": cfg.reward.f1_variant}
+  report = {"k": e.k, "sampling": sampling_of(agent_cfg), "scoring": scoring,
             "datasets": aggregate(samples, e.k), "skipped_rows": skipped,
             "traces": traces_path, "problems": problems(samples)}
   tmp = os.path.join(out_dir, ".report.json.tmp")
   with open(tmp, "w") as f:
     json.dump(report, f, indent=2)
   os.replace(tmp, os.path.join(out_dir, "report.json"))
+  echo(f"scoring: {scoring_line(scoring)}")
   echo(format_table(report["datasets"], e.k))
   for p in report["problems"]:
     echo(f"warning: {p}")

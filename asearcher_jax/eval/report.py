@@ -130,9 +130,20 @@ def incomparable(before: Mapping, after: Mapping) -> str | None:
   before sampling was recorded are taken at their word."""
   if before["k"] != after["k"]:
     return f"k={before['k']} against k={after['k']}: Avg@k and Pass@k differ in meaning"
-  if before.get("sampling", after.get("sampling")) != after.get("sampling", before.get("sampling")):
-    return f"sampled with {before['sampling']} against {after['sampling']}"
+  for key, what in (("sampling", "sampled with"), ("scoring", "scored with")):
+    if before.get(key, after.get(key)) != after.get(key, before.get(key)):
+      return f"{what} {before[key]} against {after[key]}"
   return None
+
+
+def scoring_line(scoring: Mapping[str, str]) -> str:
+  """The report header's account of how answers were scored (never silently lenient)."""
+  norm = {"squad": "SQuAD v1.1 answer normalisation (official)",
+          "lenient": "lenient answer normalisation (Unicode punctuation, CJK per character, "
+                     "True/False as yes/no; not the official SQuAD one)"}[scoring["normalization"]]
+  f1 = {"bag": "F1 over token multisets (SQuAD)",
+        "set": "F1 over token sets (ASearcher)"}[scoring["f1_variant"]]
+  return f"{norm}; {f1}"
 
 
 def format_comparison(before: Mapping[str, dict], after: Mapping[str, dict], k: int,

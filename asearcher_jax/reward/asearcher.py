@@ -89,9 +89,11 @@ class Scorer:
   def __init__(self, cfg: RewardSection | None = None, judge: Judge | None = None):
     self.cfg = cfg or RewardSection()
     self._judge, self._owns_judge = judge, False
+    norm = self.cfg.normalization
     self._text_metric = {
-        "em": exact_match, "cem": cover_exact_match,
-        "f1": functools.partial(f1, variant=self.cfg.f1_variant),
+        "em": functools.partial(exact_match, normalization=norm),
+        "cem": functools.partial(cover_exact_match, normalization=norm),
+        "f1": functools.partial(f1, variant=self.cfg.f1_variant, normalization=norm),
     }
 
   async def __aenter__(self) -> Self:
@@ -121,9 +123,7 @@ class Scorer:
     use_judge = cfg.metric == "judge" or bool(with_judge)
     answers = [answers] if isinstance(answers, str) else list(answers)
     aug_answers = [aug_answers] if isinstance(aug_answers, str) else list(aug_answers)
-    metrics = {"em": exact_match(prediction, answers),
-               "cem": cover_exact_match(prediction, answers),
-               "f1": f1(prediction, answers, cfg.f1_variant)}
+    metrics = {name: fn(prediction, answers) for name, fn in self._text_metric.items()}
     verdict = None
     if use_judge:
       if prediction is None or not prediction.strip():

@@ -43,6 +43,10 @@ class RewardSection(BaseModel):
 
   metric: Literal["f1", "em", "cem", "judge"] = "f1"
   f1_variant: Literal["set", "bag"] = "set"
+  # Answer normalisation of every text metric: "squad", the official SQuAD v1.1 script's, as
+  # published scores use; "lenient" also strips Unicode punctuation, splits CJK per character
+  # and reads True/False as yes/no (reward/metrics.py). Eval reports record it.
+  normalization: Literal["squad", "lenient"] = "squad"
   aug_weight: float = Field(0.3, ge=0.0, le=1.0)  # weight of paraphrased answers
   format_gate: bool = True  # reward 0 unless every generation is well formed
   invalid_penalty: float | None = -0.5  # None: no penalty
