@@ -19,7 +19,8 @@ class RetrievalSection(BaseModel):
   token_env: str = "ASEARCHER_RETRIEVAL_TOKEN"  # required when host is not loopback
   default_topk: int = Field(5, ge=1)
   max_topk: int = Field(100, ge=1)
-  max_queries: int = Field(512, ge=1)  # per /retrieve request
+  max_queries: int = Field(512, ge=1)  # searched at once; a larger batch goes in chunks
+  max_hits: int = Field(65536, ge=1)  # queries x topk per /retrieve request: the reply's size
   max_query_chars: int = Field(4096, ge=1)
   max_urls: int = Field(64, ge=1)  # per /access request
   max_body_bytes: int = Field(4 << 20, ge=1024)

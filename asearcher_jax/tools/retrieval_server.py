@@ -3,15 +3,20 @@
   POST /retrieve {"queries": [...], "topk": k, "return_scores": bool[, "mode": "bm25"]}
        -> {"result": [[{"id", "title", "contents", "url", "score"}, ...], ...]}
           (with return_scores each hit also carries "document": {...}, Search-R1's shape)
-  POST /access   {"urls": [...]} -> {"result": [{"url", "title", "contents", "links"} | null]}
+  POST /access   {"urls": [...]} -> {"result": [{"url", "title", "contents", "links"} | null],
+                                     "missing": [urls with no page]}
   GET  /health   -> {"status": "ok", ..., "limits": {"max_queries", "max_query_chars", ...}}
 
-Existing Search-R1 and ASearcher clients work unchanged. Searches run on a thread pool
-(bm25s and numpy release the GIL in their heavy parts), so many requests are in flight at
-once and none holds a global lock; each has a timeout. Every bad request gets a 4xx with a
-JSON `{"error": ...}` naming the field at fault, and an unexpected failure a 500, while the
-server keeps serving. Bound to loopback by default; any other address requires a bearer
-token, so a corpus is never served to the network by accident.
+Existing Search-R1 and ASearcher clients work unchanged: a batch as large as Search-R1's GRPO
+recipe sends (every rollout's query in one request, thousands) is searched `max_queries` at a
+time, bounded only by the reply's size (`max_hits` = queries x topk); an empty query gets an
+empty hit list; an unknown page is a `null` result with 200, as ASearcher's server answers.
+
+Searches run on a thread pool (bm25s and numpy release the GIL in their heavy parts), so many
+requests are in flight at once and none holds a global lock; each has a timeout. Every bad
+request gets a 4xx with a JSON `{"error": ...}` naming the field at fault, and an unexpected
+failure a 500, while the server keeps serving. Bound to loopback by default; any other address
+requires a bearer token, so a corpus is never served to the network by accident.
 """
 
 from __future__ import annotations
@@ -90,20 +95,17 @@ async def _json_body(request: web.Request) -> dict:
 
 
 def _str_list(body: dict, field: str, limit: int, max_chars: int) -> list[str]:
+  """A list of strings; empty strings are allowed (they find nothing)."""
   if field not in body:
     raise BadRequest(f"missing field {field!r}")
   items = body[field]
   if not isinstance(items, list):
     raise BadRequest(f"{field!r} must be a list of strings, got {type(items).__name__}")
-  if not items:
-    raise BadRequest(f"{field!r} is empty")
   if len(items) > limit:
-    raise BadRequest(f"{field!r} has {len(items)} items; the limit is {limit}")
+    raise BadRequest(f"{field!r} has {len(items)} items; the limit is {limit}", 413)
   for i, q in enumerate(items):
     if not isinstance(q, str):
       raise BadRequest(f"{field}[{i}] must be a string, got {type(q).__name__}")
-    if not q.strip():
-      raise BadRequest(f"{field}[{i}] is empty")
     if len(q) > max_chars:
       raise BadRequest(f"{field}[{i}] has {len(q)} characters; the limit is {max_chars}")
   return items
@@ -112,7 +114,7 @@ def _str_list(body: dict, field: str, limit: int, max_chars: int) -> list[str]:
 async def _retrieve(request: web.Request) -> web.Response:
   index, cfg = request.app[INDEX_KEY], request.app[CFG_KEY]
   body = await _json_body(request)
-  queries = _str_list(body, "queries", cfg.max_queries, cfg.max_query_chars)
+  queries = _str_list(body, "queries", cfg.max_hits, cfg.max_query_chars)
   topk = body.get("topk")
   if topk is None:
     topk = cfg.default_topk
@@ -124,26 +126,32 @@ async def _retrieve(request: web.Request) -> web.Response:
   if not isinstance(return_scores, bool):
     raise BadRequest("'return_scores' must be true or false")
   mode = body.get("mode", cfg.mode)
-  if mode not in index.modes:
+  if not isinstance(mode, str) or mode not in index.modes:
     raise BadRequest(f"'mode' must be one of {index.modes}, got {mode!r}")
+  if len(queries) * topk > cfg.max_hits:
+    raise BadRequest(f"{len(queries)} queries x topk {topk} ask for more than {cfg.max_hits} "
+                     f"hits in one reply: send fewer queries per request", 413)
 
-  def work():
-    hits = index.search(queries, topk, mode=mode, alpha=cfg.hybrid_alpha)
-    result = []
-    for per_query in hits:
-      docs = []
+  def work(chunk: list[str]) -> list[list[dict]]:
+    asked = [i for i, q in enumerate(chunk) if q.strip()]
+    found = index.search([chunk[i] for i in asked], topk, mode=mode, alpha=cfg.hybrid_alpha)
+    result: list[list[dict]] = [[] for _ in chunk]  # an empty query finds nothing
+    for i, per_query in zip(asked, found):
       for row, score in per_query:
         doc = index.doc(row)
         item = dict(doc, score=score)
         if return_scores:
           item["document"] = doc
-        docs.append(item)
-      result.append(docs)
+        result[i].append(item)
     return result
 
-  loop = asyncio.get_running_loop()
-  result = await asyncio.wait_for(loop.run_in_executor(request.app[POOL_KEY], work),
-                                  cfg.request_timeout_s)
+  # max_queries at a time, each chunk its own pool job: a batch of thousands neither holds a
+  # worker for long nor keeps other requests waiting; the timeout is per chunk.
+  loop, result = asyncio.get_running_loop(), []
+  for start in range(0, len(queries), cfg.max_queries):
+    chunk = queries[start:start + cfg.max_queries]
+    result += await asyncio.wait_for(
+        loop.run_in_executor(request.app[POOL_KEY], work, chunk), cfg.request_timeout_s)
   return web.json_response({"result": result})
 
 
@@ -159,8 +167,6 @@ async def _access(request: web.Request) -> web.Response:
       loop.run_in_executor(request.app[POOL_KEY], lambda: [index.page(u) for u in urls]),
       cfg.request_timeout_s)
   missing = [u for u, p in zip(urls, pages) if p is None]
-  if len(missing) == len(urls):
-    raise BadRequest(f"unknown url(s): {', '.join(missing[:5])}", 404)
   return web.json_response({"result": pages, "missing": missing})
 
 
@@ -171,6 +177,7 @@ async def _health(request: web.Request) -> web.Response:
   return web.json_response({"status": "ok", "num_docs": index.num_docs,
                             "num_pages": index.num_pages, "modes": index.modes,
                             "limits": {"max_queries": cfg.max_queries,
+                                       "max_hits": cfg.max_hits,
                                        "max_query_chars": cfg.max_query_chars,
                                        "max_topk": cfg.max_topk}})
 
