@@ -90,6 +90,26 @@ def test_sampled_logprobs_equal_the_processed_full_forward(driver, model, forwar
     np.testing.assert_allclose(r.logprobs[i], ref[tok], atol=1e-4)
 
 
+def test_top_logprobs_are_the_most_likely_tokens_of_the_sampled_distribution(
+    driver, model, forward_logits):
+  """What OpenAI's logprobs=N / top_logprobs report; asking for them changes no token, and a
+  neighbour that does not ask gets none."""
+  p = prompt(7)
+  s = SamplingParams(temperature=0.7, seed=5, max_new_tokens=6, top_logprobs=5)
+  plain = SamplingParams(temperature=0.7, seed=5, max_new_tokens=6)
+  asked, other = driver.submit(Request(p, s)), driver.submit(Request(prompt(5), plain))
+  r = asked.wait(60)
+  assert r.output_ids == driver.generate(p, plain).output_ids and other.wait(60).top_logprobs == []
+  logits = forward_logits(model, p + r.output_ids[:-1])[len(p) - 1:]
+  assert len(r.top_logprobs) == len(r.output_ids) == 6
+  for i, top in enumerate(r.top_logprobs):
+    ref = reference_logprobs(logits[i], 0.7, 0, 1.0)
+    assert [t for t, _ in top] == np.argsort(-ref)[:5].tolist()
+    np.testing.assert_allclose([lp for _, lp in top], np.sort(ref)[::-1][:5], atol=1e-4)
+  with pytest.raises(ValueError, match="top_logprobs"):
+    driver.generate(p, SamplingParams(top_logprobs=21))
+
+
 def test_seeded_results_do_not_depend_on_batch_company(driver):
   p = prompt(6)
   s = SamplingParams(temperature=1.0, seed=11, max_new_tokens=12)
@@ -267,10 +287,10 @@ def test_one_failing_row_of_a_batched_prefill_fails_alone(model, monkeypatch):
   engine = Engine(model, slots=4, max_len=64, mesh=MESH)
   real = engine.prefill_batch
 
-  def poisoned(params, token_lists, *args):
+  def poisoned(params, token_lists, *args, **kwargs):
     if any(t[0] == 127 for t in token_lists):
       raise RuntimeError("device fault")
-    return real(params, token_lists, *args)
+    return real(params, token_lists, *args, **kwargs)
 
   monkeypatch.setattr(engine, "prefill_batch", poisoned)
   with Driver(engine) as d:

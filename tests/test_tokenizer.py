@@ -18,6 +18,19 @@ def test_byte_level_tokenizer_round_trips_any_text():
   assert tok.token_to_id("<|im_end|>") in ids and tok.eos_id == tok.token_to_id("<|im_end|>")
 
 
+@pytest.mark.parametrize("trained", [False, True])
+def test_token_bytes_are_exact_even_for_part_of_a_character(trained):
+  """OpenAI's log-prob `bytes`: per token, the bytes it stands for; together, the text's UTF-8."""
+  text = "naïve café ☕ 北京 Trenton–Mercer<|im_end|>"
+  tok = build_tokenizer([text] * 20, vocab_size=300) if trained else build_tokenizer()
+  ids = tok.encode(text)
+  pieces = [tok.token_bytes(i) for i in ids]
+  assert b"".join(pieces) == text.encode()
+  if not trained:  # the byte-level alphabet splits every multi-byte character
+    assert any("\ufffd" in tok.decode([i]) for i in ids)
+  assert tok.token_bytes(tok.eos_id) == b"<|im_end|>"
+
+
 def test_trained_bpe_compresses_its_corpus():
   corpus = ["the capital of Arvenia is Dusk Harbor"] * 40
   tok = build_tokenizer(corpus, vocab_size=320)

@@ -60,6 +60,8 @@ class Request:
   output_ids: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)
   versions: list[int] = dataclasses.field(default_factory=list)
+  # With sampling.top_logprobs = n: per output token, its n most likely (id, logprob) pairs.
+  top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
   finish_reason: str | None = None
   error: str | None = None
   cached_tokens: int = 0  # prompt tokens whose KV came from the session cache
@@ -389,7 +391,8 @@ class Driver:
     ss = [r.sampling for _, r in batch]
     prefix = self.engine.prefill_batch(
         self.engine.params, contexts, [s.temperature for s in ss], [s.top_k for s in ss],
-        [s.top_p for s in ss], [r._key for _, r in batch])
+        [s.top_p for s in ss], [r._key for _, r in batch],
+        top_logprobs=any(s.top_logprobs for s in ss))
     self._state = self.engine.insert(prefix, self._state, [slot for slot, _ in batch])
     self._after_prefill(batch, prefix, [0] * len(batch), [len(c) for c in contexts], t0)
 
@@ -401,12 +404,13 @@ class Driver:
     s = r.sampling
     prefix = self.engine.prefill(self.engine.params, np.asarray(context[reused:], np.int32),
                                  existing_prefix=prefix, temperature=s.temperature, top_k=s.top_k,
-                                 top_p=s.top_p, key=r._key)
+                                 top_p=s.top_p, key=r._key, top_logprobs=bool(s.top_logprobs))
     self._state = self.engine.insert(prefix, self._state, slot)
     self._after_prefill(batch, prefix, [reused], [len(context) - reused], t0)
 
   def _after_prefill(self, batch, prefix, reused: list[int], prefilled: list[int], t0) -> None:
     tokens, logprobs = np.asarray(prefix.token), np.asarray(prefix.logprob)
+    top = (np.asarray(prefix.top_ids), np.asarray(prefix.top_logprobs))
     if self.metrics:
       self.metrics.observe_prefill(time.perf_counter() - t0, sum(prefilled), len(batch))
     for i, (slot, r) in enumerate(batch):
@@ -418,7 +422,7 @@ class Driver:
       self._slots[slot] = r
       if r.first_token_at is None:
         r.first_token_at = time.monotonic()
-      self._emit(slot, r, int(tokens[i]), float(logprobs[i]))
+      self._emit(slot, r, int(tokens[i]), float(logprobs[i]), top=(top[0][i], top[1][i]))
 
   def _reusable_prefix(self, session_id: str, context: list[int]) -> tuple[Prefix | None, int]:
     s = self._sessions.pop(session_id, None)
@@ -450,7 +454,9 @@ class Driver:
     # step is still in flight.
     longest = max(len(self._slots[s].prompt) + len(self._slots[s].output_ids) for s in active)
     window = self.engine.bucket(min(longest + (self._inflight is not None), self.engine.max_len))
-    self._state, result = self.engine.generate(self.engine.params, self._state, window)
+    self._state, result = self.engine.generate(
+        self.engine.params, self._state, window,
+        top_logprobs=any(self._slots[s].sampling.top_logprobs for s in active))
     previous = self._inflight
     self._inflight = (result, [(s, self._slots[s]) for s in active], self.version)
     if previous is not None:
@@ -466,6 +472,7 @@ class Driver:
     result, snapshot, version = inflight
     tokens = np.asarray(result.tokens)
     logprobs = np.asarray(result.logprobs)
+    top_ids, top_logprobs = np.asarray(result.top_ids), np.asarray(result.top_logprobs)
     now = time.perf_counter()
     self._last_step_s, self._last_done = now - self._last_done, now
     self._counters["steps"] += 1
@@ -474,13 +481,18 @@ class Driver:
       self.metrics.observe_step(self._last_step_s, len(snapshot))
     for slot, r in snapshot:
       if self._slots[slot] is r:  # else it finished (or was cancelled) since the dispatch
-        self._emit(slot, r, int(tokens[slot]), float(logprobs[slot]), version)
+        self._emit(slot, r, int(tokens[slot]), float(logprobs[slot]), version,
+                   top=(top_ids[slot], top_logprobs[slot]))
 
   def _emit(self, slot: int, r: Request, token: int, logprob: float,
-            version: int | None = None) -> None:
-    """Records one sampled token (sampled by weights `version`) and finishes the request if done."""
+            version: int | None = None, top: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Records one sampled token (sampled by weights `version`) and finishes the request if done.
+    `top`: the step's most likely (ids, logprobs) for this slot, empty unless asked for."""
     r.output_ids.append(token)
     r.logprobs.append(logprob)
+    if r.sampling.top_logprobs and top is not None and len(top[0]):
+      n = r.sampling.top_logprobs
+      r.top_logprobs.append(list(zip(top[0][:n].tolist(), top[1][:n].tolist())))
     r.versions.append(self.version if version is None else version)
     self._counters["generated"] += 1
     if r.on_tokens:

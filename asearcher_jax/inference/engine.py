@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from asearcher_jax.inference.sampling import sample
+from asearcher_jax.inference.sampling import MAX_TOP_LOGPROBS, sample
 from asearcher_jax.models.qwen import CACHE_AXES, KVCache, Qwen
 from asearcher_jax.sharding import LOGICAL_RULES, logical_to_spec, make_mesh, mesh_size
 
@@ -59,15 +59,20 @@ class Prefix:
   temperature: jax.Array  # [n]
   top_k: jax.Array  # [n]
   top_p: jax.Array  # [n]
+  top_ids: jax.Array  # [n, top_n] int32: the first draw's most likely tokens (top_n may be 0)
+  top_logprobs: jax.Array  # [n, top_n] f32
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ResultTokens:
-  """One generate step: the token sampled in every slot and its log-probability."""
+  """One generate step: the token sampled in every slot and its log-probability (and, when the
+  step was asked for them, the most likely tokens' log-probabilities)."""
 
   tokens: jax.Array  # [slots] int32
   logprobs: jax.Array  # [slots] f32
+  top_ids: jax.Array  # [slots, top_n] int32 (top_n 0 or MAX_TOP_LOGPROBS)
+  top_logprobs: jax.Array  # [slots, top_n] f32
 
 
 def prefill_buckets(min_bucket: int, max_len: int) -> tuple[int, ...]:
@@ -133,14 +138,16 @@ class Engine:
 
   def prefill(self, params, tokens: np.ndarray, *, existing_prefix: Prefix | None = None,
               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-              key: np.ndarray | jax.Array | None = None) -> Prefix:
+              key: np.ndarray | jax.Array | None = None, top_logprobs: bool = False) -> Prefix:
     """Prefills one request (1-D tokens, unpadded), after `existing_prefix` if given.
 
-    The existing prefix's cache is consumed (donated).
+    The existing prefix's cache is consumed (donated). `top_logprobs`: the prefix also holds
+    the first draw's MAX_TOP_LOGPROBS most likely tokens.
     """
     key = np.asarray(jax.random.PRNGKey(0) if key is None else key, np.uint32)
     if existing_prefix is None:
-      return self.prefill_batch(params, [tokens], [temperature], [top_k], [top_p], [key])
+      return self.prefill_batch(params, [tokens], [temperature], [top_k], [top_p], [key],
+                                top_logprobs=top_logprobs)
     n, start = len(tokens), int(existing_prefix.length[0])
     self._check_room(start + n)
     padded = np.zeros((1, self.bucket(n)), np.int32)
@@ -148,10 +155,11 @@ class Engine:
     return self._prefill_continue(
         params, jnp.asarray(padded), jnp.asarray([n], jnp.int32), existing_prefix.cache,
         jnp.asarray([start], jnp.int32), jnp.asarray([temperature], jnp.float32),
-        jnp.asarray([top_k], jnp.int32), jnp.asarray([top_p], jnp.float32), jnp.asarray(key[None]))
+        jnp.asarray([top_k], jnp.int32), jnp.asarray([top_p], jnp.float32), jnp.asarray(key[None]),
+        top_n=MAX_TOP_LOGPROBS if top_logprobs else 0)
 
   def prefill_batch(self, params, token_lists: list, temperature: list, top_k: list, top_p: list,
-                    keys: list) -> Prefix:
+                    keys: list, top_logprobs: bool = False) -> Prefix:
     """Prefills several fresh requests in one call (rows padded to a power of two)."""
     n = len(token_lists)
     rows = 1 << (n - 1).bit_length()
@@ -172,7 +180,8 @@ class Engine:
 
     return self._prefill_fresh(params, jnp.asarray(tokens), jnp.asarray(lengths),
                                pad(temperature, np.float32, 0.0), pad(top_k, np.int32, 0),
-                               pad(top_p, np.float32, 1.0), pad(keys, np.uint32, 0))
+                               pad(top_p, np.float32, 1.0), pad(keys, np.uint32, 0),
+                               top_n=MAX_TOP_LOGPROBS if top_logprobs else 0)
 
   def insert(self, prefix: Prefix, state: DecodeState, slot: int | list[int]) -> DecodeState:
     """Writes prefix row i into slot[i] (extra padding rows of a batch are dropped)."""
@@ -181,10 +190,12 @@ class Engine:
     slots[:len(wanted)] = wanted
     return self._insert(prefix, state, jnp.asarray(slots))
 
-  def generate(self, params, state: DecodeState, window: int | None = None
-               ) -> tuple[DecodeState, ResultTokens]:
-    """One step for every slot; with `window`, attention reads only the first `window` slots."""
-    return self._generate(params, state, window)
+  def generate(self, params, state: DecodeState, window: int | None = None,
+               top_logprobs: bool = False) -> tuple[DecodeState, ResultTokens]:
+    """One step for every slot; with `window`, attention reads only the first `window` slots.
+    `top_logprobs`: also the MAX_TOP_LOGPROBS most likely tokens of every slot (a second
+    compiled variant, used only while a request asks)."""
+    return self._generate(params, state, window, MAX_TOP_LOGPROBS if top_logprobs else 0)
 
   def warmup(self) -> int:
     """Compiles every shape serving can meet, so no request ever waits for XLA.
@@ -236,12 +247,13 @@ class Engine:
     zero = np.zeros((1,), np.float32)
     izero = np.zeros((1,), np.int32)
     prefix = Prefix(KVCache(kk, vv), np.asarray([length], np.int32), izero, zero,
-                    np.zeros((1, 2), np.uint32), zero, izero, zero)
+                    np.zeros((1, 2), np.uint32), zero, izero, zero, np.zeros((1, 0), np.int32),
+                    np.zeros((1, 0), np.float32))
     return jax.device_put(prefix, self._prefix_shardings())
 
   def _prefix_shardings(self) -> Prefix:
     return Prefix(KVCache(self._prefix_cache_sharding, self._prefix_cache_sharding),
-                  *(self._replicated,) * 7)
+                  *(self._replicated,) * 9)
 
   def _pin(self, state: DecodeState) -> DecodeState:
     return jax.lax.with_sharding_constraint(state, self._state_shardings)
@@ -257,27 +269,28 @@ class Engine:
     return nnx.merge(self.graphdef, params, self._rest)
 
   def _prefill_body(self, params, tokens, lengths, cache, start, temperature, top_k, top_p,
-                    keys) -> Prefix:
+                    keys, top_n) -> Prefix:
     positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     model = self._model(params)
     hidden, cache = model.hidden_states(tokens, positions, cache=cache)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
-    tok, logp, keys = sample(model.logits(last)[:, 0], keys, temperature, top_k, top_p)
-    return Prefix(cache, start + lengths, tok, logp, keys, temperature, top_k, top_p)
+    d = sample(model.logits(last)[:, 0], keys, temperature, top_k, top_p, top_n)
+    return Prefix(cache, start + lengths, d.tokens, d.logprobs, d.keys, temperature, top_k, top_p,
+                  d.top_ids, d.top_logprobs)
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def _prefill_fresh(self, params, tokens, lengths, temperature, top_k, top_p, keys):
+  @functools.partial(jax.jit, static_argnums=0, static_argnames="top_n")
+  def _prefill_fresh(self, params, tokens, lengths, temperature, top_k, top_p, keys, top_n=0):
     # The cache only needs the bucket's positions; insert copies them into the slot.
     cache = KVCache.zeros(self.cfg, tokens.shape[0], tokens.shape[1], self.cache_dtype)
     start = jnp.zeros((tokens.shape[0],), jnp.int32)
     return self._prefill_body(params, tokens, lengths, cache, start, temperature, top_k, top_p,
-                              keys)
+                              keys, top_n)
 
-  @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+  @functools.partial(jax.jit, static_argnums=0, static_argnames="top_n", donate_argnums=4)
   def _prefill_continue(self, params, tokens, lengths, cache, start, temperature, top_k, top_p,
-                        keys):
+                        keys, top_n=0):
     return self._prefill_body(params, tokens, lengths, cache, start, temperature, top_k, top_p,
-                              keys)
+                              keys, top_n)
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
   def _insert(self, prefix: Prefix, state: DecodeState, slots) -> DecodeState:
@@ -290,17 +303,18 @@ class Engine:
         put(state.temperature, prefix.temperature), put(state.top_k, prefix.top_k),
         put(state.top_p, prefix.top_p), put(state.keys, prefix.key)))
 
-  @functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=2)
-  def _generate(self, params, state: DecodeState, window) -> tuple[DecodeState, ResultTokens]:
+  @functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=2)
+  def _generate(self, params, state: DecodeState, window, top_n
+                ) -> tuple[DecodeState, ResultTokens]:
     model = self._model(params)
     hidden, cache = model.hidden_states(state.tokens[:, None], state.positions[:, None],
                                         cache=state.cache, kv_window=window)
     logits = model.logits(hidden)
-    tokens, logprobs, keys = sample(logits[:, 0], state.keys, state.temperature, state.top_k,
-                                    state.top_p)
+    d = sample(logits[:, 0], state.keys, state.temperature, state.top_k, state.top_p, top_n)
     positions = jnp.minimum(state.positions + 1, self.max_len)
-    new = dataclasses.replace(state, cache=cache, positions=positions, tokens=tokens, keys=keys)
-    return self._pin(new), ResultTokens(tokens, logprobs)
+    new = dataclasses.replace(state, cache=cache, positions=positions, tokens=d.tokens,
+                              keys=d.keys)
+    return self._pin(new), ResultTokens(d.tokens, d.logprobs, d.top_ids, d.top_logprobs)
 
   @functools.partial(jax.jit, static_argnums=0)
   def _extract(self, state: DecodeState, slot, length) -> Prefix:
@@ -309,7 +323,7 @@ class Engine:
     zero = jnp.zeros((1,), jnp.float32)
     izero = jnp.zeros((1,), jnp.int32)
     prefix = Prefix(KVCache(k, v), length[None], izero, zero, state.keys[slot][None], zero, izero,
-                    zero)
+                    zero, jnp.zeros((1, 0), jnp.int32), jnp.zeros((1, 0), jnp.float32))
     return jax.lax.with_sharding_constraint(prefix, self._prefix_shardings())
 
 

@@ -11,11 +11,15 @@ log-softmax of the logits.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30
+# The most alternatives a request may ask log-probs of at each position (OpenAI's limit). The
+# engine computes this many or none, so a step has two compiled variants, not twenty.
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +33,7 @@ class SamplingParams:
   max_new_tokens: int | None = None  # None: until a stop or the server's max_len
   stop_token_ids: tuple[int, ...] = ()
   stop: tuple[str, ...] = ()
+  top_logprobs: int = 0  # also report the n most likely tokens at each position, 0..20
 
   def validate(self, max_tokens_limit: int) -> None:
     if not 0.0 <= self.temperature <= 100.0:
@@ -44,6 +49,9 @@ class SamplingParams:
                        f"got {self.max_new_tokens}")
     if any(not s for s in self.stop):
       raise ValueError("stop strings must be non-empty")
+    if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+      raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], "
+                       f"got {self.top_logprobs}")
 
 
 def processed_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
@@ -72,9 +80,18 @@ def processed_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array
   return jax.lax.cond(needs_truncation, truncate, lambda x: x, scaled)
 
 
+class Draw(NamedTuple):
+  tokens: jax.Array  # [B] int32
+  logprobs: jax.Array  # [B] f32: of the distribution sampled from
+  keys: jax.Array  # [B, 2] uint32: each row's PRNG state after the draw
+  top_ids: jax.Array  # [B, top_n] int32: the most likely tokens of that distribution
+  top_logprobs: jax.Array  # [B, top_n] f32
+
+
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Draws one token per row. Returns (tokens [B] int32, logprobs [B] f32, next keys [B, 2]).
+           top_p: jax.Array, top_n: int = 0) -> Draw:
+  """Draws one token per row, with its log-probability and (static `top_n` > 0) the `top_n`
+  most likely tokens' log-probabilities, all from the same distribution.
 
   `keys` are raw uint32 PRNG keys, one per row; each row's key advances once per draw.
   """
@@ -84,5 +101,11 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
   drawn = jax.vmap(jax.random.categorical)(draw_keys, x)
   greedy = temperature <= 0.0
   tokens = jnp.where(greedy, jnp.argmax(x, axis=-1), drawn).astype(jnp.int32)
-  logprobs = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tokens[:, None], axis=-1)[:, 0]
-  return tokens, logprobs, next_keys
+  logp = jax.nn.log_softmax(x, axis=-1)
+  logprobs = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+  if top_n:
+    top_logprobs, top_ids = jax.lax.top_k(logp, top_n)
+  else:
+    top_logprobs = jnp.zeros((x.shape[0], 0), jnp.float32)
+    top_ids = jnp.zeros((x.shape[0], 0), jnp.int32)
+  return Draw(tokens, logprobs, next_keys, top_ids.astype(jnp.int32), top_logprobs)

@@ -24,11 +24,13 @@ class Chunk:
   ids: list[int]
   logprobs: list[float]
   versions: list[int]
+  top: list[list[tuple[int, float]]]  # per token, when the request asked for top_logprobs
 
   @classmethod
   def of(cls, r: Request, ids: list[int]) -> "Chunk":  # runs on the engine thread
     n = len(ids)
-    return cls(list(ids), r.logprobs[-n:], r.versions[-n:])
+    return cls(list(ids), r.logprobs[-n:], r.versions[-n:],
+               r.top_logprobs[-n:] if r.top_logprobs else [])
 
 
 class DecodeService:

@@ -7,6 +7,7 @@ here tokenize to the ids the model was trained on.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from datetime import datetime
@@ -93,6 +94,32 @@ class Tokenizer:
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
     return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+  def token_bytes(self, token_id: int) -> bytes:
+    """The exact bytes one token stands for (OpenAI's log-prob `bytes`). A byte-level BPE piece
+    may hold part of a multi-byte character, which `decode([id])` shows as U+FFFD."""
+    piece = self.hf.id_to_token(token_id)
+    if piece is None:
+      return b""
+    if token_id not in self._added_ids:
+      if self._byte_level and all(c in _UNICODE_TO_BYTE for c in piece):
+        return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+      if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # byte fallback
+        try:
+          return bytes([int(piece[3:5], 16)])
+        except ValueError:
+          pass
+    return self.decode([token_id]).encode()
+
+  @functools.cached_property
+  def _byte_level(self) -> bool:
+    decoder = json.loads(self.hf.to_str()).get("decoder") or {}
+    kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders") or []]
+    return "ByteLevel" in kinds
+
+  @functools.cached_property
+  def _added_ids(self) -> frozenset[int]:
+    return frozenset(self.hf.get_added_tokens_decoder())
+
   def apply_chat_template(self, messages: list[dict[str, Any]], *,
                           add_generation_prompt: bool = True, tools: list | None = None,
                           **kwargs) -> str:
@@ -110,6 +137,20 @@ def _token_str(tok) -> str | None:
   return tok
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are written in."""
+  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+      list(range(ord("®"), ord("ÿ") + 1))
+  cs, n = bs[:], 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, map(chr, cs)))
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
 _TEMPLATES: dict[str, jinja2.Template] = {}
 
 
