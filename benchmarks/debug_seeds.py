@@ -12,13 +12,18 @@ change with its 95% paired bootstrap interval over the questions, the share of e
 pass the format gate and that answer, and the run's wall time; then the median and range over
 seeds. Prints a table and writes JSON under benchmarks/results/. A seed whose run finished in
 --work is read, not rerun; trailing arguments go to launch/debug.sh (RL-stage overrides).
+--reevaluate scores finished runs again after a change to evaluation: it removes each run's
+evaluations and reruns debug.sh with RESUME=1, which keeps the world, the model, the SFT and
+the RL policies and evaluates both again (the wall time recorded stays the training run's).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +59,22 @@ def run_seed(seed: int, out: str, overrides: list[str], env: dict) -> float | No
   return int(done[-1][0]) * 60 + int(done[-1][1]) if done else time.time() - t0
 
 
+def reevaluate(seed: int, out: str, overrides: list[str], env: dict) -> None:
+  """The finished run's policies evaluated again as debug.sh evaluates them now."""
+  for stage in ("eval_sft", "eval_rl"):
+    shutil.rmtree(os.path.join(out, stage), ignore_errors=True)
+  log = out + ".reevaluate.log"
+  print(f"seed {seed}: RESUME=1 SEED={seed} OUT_DIR={out} bash launch/debug.sh (log {log})",
+        flush=True)
+  with open(log, "w") as f:
+    code = subprocess.call(["bash", os.path.join(ROOT, "launch", "debug.sh"), *overrides],
+                           env=dict(env, SEED=str(seed), OUT_DIR=out, RESUME="1"), stdout=f,
+                           stderr=subprocess.STDOUT, cwd=ROOT)
+  if code != 0:
+    with open(log) as f:
+      raise SystemExit(f"seed {seed} failed ({code}); {log}:\n{f.read()[-3000:]}")
+
+
 def summarise(out: str, k: int) -> dict:
   """What one finished run scored: SFT and RL on the held-out questions (as the eval report
   aggregates them), and the change with its paired interval."""
@@ -74,6 +95,9 @@ def summarise(out: str, k: int) -> dict:
                    "em_pass": res["rl"]["em_pass"] - res["sft"]["em_pass"],
                    "em_avg_interval": cells[f"avg@{k}"], "em_pass_interval": cells[f"pass@{k}"]}
   res["rl_steps"] = len(read_lines(os.path.join(out, "rl", "metrics.jsonl")))
+  with open(os.path.join(out, "eval_rl", "report.json")) as f:
+    report = json.load(f)
+  res["eval"] = {key: report.get(key) for key in ("sampling", "scoring")}
   return res
 
 
@@ -87,6 +111,8 @@ def main() -> None:
   p.add_argument("--work", default="runs/debug_seeds")
   p.add_argument("--k", type=int, default=4, help="samples per question, as launch/debug.sh")
   p.add_argument("--results", help="JSON output (default: benchmarks/results/debug_seeds_cpu.json)")
+  p.add_argument("--reevaluate", action="store_true",
+                 help="evaluate finished runs again (RESUME=1), keeping their policies")
   p.add_argument("overrides", nargs="*", help="RL-stage overrides passed to launch/debug.sh")
   args = p.parse_args()
   work = os.path.abspath(args.work)
@@ -96,6 +122,8 @@ def main() -> None:
   runs = {}
   for seed in args.seeds:
     out = os.path.join(work, f"seed{seed}")
+    if args.reevaluate and os.path.exists(os.path.join(out, "eval_rl", "report.json")):
+      reevaluate(seed, out, args.overrides, env)
     wall = run_seed(seed, out, args.overrides, env)
     runs[seed] = summarise(out, args.k)
     times = os.path.join(out, "wall_s")
