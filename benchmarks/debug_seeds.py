@@ -122,7 +122,9 @@ def main() -> None:
   runs = {}
   for seed in args.seeds:
     out = os.path.join(work, f"seed{seed}")
-    if args.reevaluate and os.path.exists(os.path.join(out, "eval_rl", "report.json")):
+    # A trained run (its RL policy exported) is evaluated again, even one whose earlier
+    # re-evaluation was interrupted; only a run that never finished training runs whole.
+    if args.reevaluate and os.path.isdir(os.path.join(out, "rl", "weights")):
       reevaluate(seed, out, args.overrides, env)
     wall = run_seed(seed, out, args.overrides, env)
     runs[seed] = summarise(out, args.k)
