@@ -228,6 +228,28 @@ def test_jetstream_generated_client_streams_from_our_server(server, tokenizer):
   assert got["text"] == tokenizer.decode(hello_ids)
 
 
+def test_jetstream_client_never_receives_the_stop_token(tokenizer):
+  """JetStream's orchestrator ends a stream at a stop token without sending it, as id or as
+  text (token_utils.process_result_tokens); its clients rely on that."""
+  model = create_model(CFG, MESH, seed=0, dtype="float32")
+  fwd, seq = jax.jit(lambda m, t: m(t)[0]), prompt(7)
+  for _ in range(6):  # the greedy answer
+    seq.append(int(np.asarray(fwd(model, jax.numpy.asarray([seq])))[0, -1].argmax()))
+  ref = seq[7:]
+  stop = next(t for t in ref[1:] if t != ref[0])  # a token the greedy answer reaches later
+  driver = Driver(Engine(model, slots=2, max_len=64, mesh=MESH), version=1, tokenizer=tokenizer)
+  srv = DecodeServer(driver, tokenizer, grpc_port=0, http_port=0, token=TOKEN, model_name="tiny",
+                     default_stop_ids=(stop,)).start_in_thread()
+  try:
+    proc = subprocess.run([sys.executable, "-c", JETSTREAM_CLIENT, srv.grpc_address, TOKEN,
+                           json.dumps(prompt(7))], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=""), cwd="/")
+  finally:
+    srv.stop_thread()
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(proc.stdout)["ids"] == ref[:ref.index(stop)]
+
+
 def test_openai_client_gets_completions_and_logprobs(server, tokenizer):
   oa = openai.OpenAI(base_url=server.http_address + "/v1", api_key=TOKEN, max_retries=0)
   assert [m.id for m in oa.models.list().data] == ["tiny"]
@@ -253,6 +275,103 @@ def test_openai_client_gets_completions_and_logprobs(server, tokenizer):
   assert len(chat.choices[0].logprobs.content) <= 4
 
 
+def _oa(server):
+  return openai.OpenAI(base_url=server.http_address + "/v1", api_key=TOKEN, max_retries=0)
+
+
+def test_openai_streams_what_it_answers_whole(server):
+  """Completions and chat, streamed and not, with n = 2 and the usage chunk: the same text,
+  finish reasons and token counts either way (greedy)."""
+  oa = _oa(server)
+  args = dict(model="tiny", prompt="The capital of", max_tokens=6, temperature=0, n=2)
+  whole = oa.completions.create(**args)
+  parts, reasons, usage = {0: "", 1: ""}, {}, None
+  for chunk in oa.completions.create(**args, stream=True, stream_options={"include_usage": True}):
+    if chunk.usage is not None:
+      usage = chunk.usage
+    for c in chunk.choices:
+      parts[c.index] += c.text
+      if c.finish_reason:
+        reasons[c.index] = c.finish_reason
+  assert [parts[i] for i in (0, 1)] == [c.text for c in whole.choices]
+  assert [reasons[i] for i in (0, 1)] == [c.finish_reason for c in whole.choices]
+  assert usage == whole.usage
+
+  chat = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+              temperature=0)
+  whole = oa.chat.completions.create(**chat)
+  chunks = list(oa.chat.completions.create(**chat, stream=True))
+  assert chunks[0].choices[0].delta.role == "assistant"
+  assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
+      whole.choices[0].message.content
+  assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+  assert all(c.usage is None for c in chunks)  # no usage chunk unless asked
+
+
+def test_openai_stop_strings_end_the_text_streamed_or_not(server):
+  oa = _oa(server)
+  args = dict(model="tiny", prompt="Once upon", max_tokens=12, temperature=0)
+  free = oa.completions.create(**args).choices[0].text
+  stop = free[4:6]  # a stop string the greedy text reaches part-way through
+  assert len(stop) == 2 and free.index(stop) >= 1
+  whole = oa.completions.create(**args, stop=[stop, "\u2603\u2603"]).choices[0]
+  assert whole.text == free[:free.index(stop)] and whole.finish_reason == "stop"
+  chunks = list(oa.completions.create(**args, stop=[stop, "\u2603\u2603"], stream=True))
+  assert "".join(c.choices[0].text for c in chunks) == whole.text
+  assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_openai_logprobs_and_top_logprobs(server, tokenizer):
+  oa = _oa(server)
+  c = oa.completions.create(model="tiny", prompt="The capital of", max_tokens=5, temperature=0,
+                            logprobs=3).choices[0]
+  lp = c.logprobs
+  assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) >= 1
+  for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    assert 1 <= len(top) <= 4 and token in top  # the 3 best, plus the sampled token
+    assert max(top.values()) == pytest.approx(logprob, abs=1e-6)  # greedy: the best one
+  assert "".join(lp.tokens) == c.text and lp.text_offset[0] == 0
+
+  streamed = [ch.choices[0].logprobs for ch in oa.completions.create(
+      model="tiny", prompt="The capital of", max_tokens=5, temperature=0, logprobs=3,
+      stream=True) if ch.choices[0].logprobs]
+  assert [t for s in streamed for t in s.tokens] == lp.tokens
+  np.testing.assert_allclose([v for s in streamed for v in s.token_logprobs],
+                             lp.token_logprobs, atol=1e-6)
+
+  chat = oa.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                    max_tokens=6, temperature=0.8, seed=1, logprobs=True,
+                                    top_logprobs=2).choices[0]
+  content = chat.logprobs.content
+  assert content and all(len(e.top_logprobs) == 2 for e in content)
+  assert all(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= -1e9 for e in content)
+  # Each token's exact bytes, part of a character included: together, the text.
+  assert bytes(b for e in content for b in e.bytes).decode("utf-8", "replace") == \
+      chat.message.content
+
+
+def test_openai_unknown_model_is_404_and_unsupported_fields_are_400(server):
+  oa = _oa(server)
+  with pytest.raises(openai.NotFoundError, match="does not exist"):
+    oa.completions.create(model="gpt-4o", prompt="x", max_tokens=2)
+  with pytest.raises(openai.NotFoundError):
+    oa.models.retrieve("gpt-4o")
+  assert oa.models.retrieve("tiny").id == "tiny"
+  for extra, needle in ((dict(logit_bias={"5": 10}), "'logit_bias' is not supported"),
+                        (dict(presence_penalty=0.5), "'presence_penalty' is not supported"),
+                        (dict(echo=True), "'echo' is not supported"),
+                        (dict(best_of=3), "'best_of' must be equal to n"),
+                        (dict(logprobs=6), "'logprobs' must be an integer in 0..5"),
+                        (dict(stream_options={"include_usage": True}), "only allowed with")):
+    with pytest.raises(openai.BadRequestError, match=needle):
+      oa.completions.create(model="tiny", prompt="x", max_tokens=2, **extra)
+  with pytest.raises(openai.BadRequestError, match="needs 'logprobs': true"):
+    oa.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                               top_logprobs=2)
+  assert oa.completions.create(model="tiny", prompt="ok", max_tokens=2, presence_penalty=0,
+                               logit_bias={}).choices[0].finish_reason  # defaults are fine
+
+
 @pytest.mark.parametrize("path,body,message", [
     ("/v1/completions", b"{not json", "not valid JSON"),
     ("/v1/completions", b"[1, 2]", "must be a JSON object"),
@@ -262,12 +381,20 @@ def test_openai_client_gets_completions_and_logprobs(server, tokenizer):
      "'max_tokens' must be a positive integer"),
     ("/v1/completions", json.dumps({"prompt": "x", "temperature": "hot"}).encode(),
      "'temperature' must be a number"),
-    ("/v1/completions", json.dumps({"prompt": "x", "stream": True}).encode(), "not supported"),
+    ("/v1/completions", json.dumps({"prompt": "x", "stream": "yes"}).encode(),
+     "'stream' must be true or false"),
     ("/v1/completions", json.dumps({"prompt": "x", "temperature": 10**400}).encode(),
      "'temperature' is out of range"),
     ("/v1/completions", json.dumps({"prompt": "x", "top_k": 2**40}).encode(),
      "top_k must be at most the vocabulary size"),
     ("/v1/chat/completions", json.dumps({"messages": []}).encode(), "'messages' must be"),
+    ("/v1/completions", json.dumps({"prompt": "x", "stop": 5}).encode(), "'stop' must be"),
+    ("/v1/completions", json.dumps({"prompt": "x", "stop": True}).encode(), "'stop' must be"),
+    ("/v1/completions", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     "nested too deeply"),
+    ("/v1/completions", json.dumps({"prompt": "\ud800"}).encode(), "cannot be tokenized"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
+     "not valid JSON"),
 ])
 def test_bad_http_requests_are_400_and_the_server_keeps_serving(server, path, body, message):
   req = urllib.request.Request(server.http_address + path, data=body, method="POST", headers={
@@ -280,6 +407,15 @@ def test_bad_http_requests_are_400_and_the_server_keeps_serving(server, path, bo
                               data=json.dumps({"prompt": "ok", "max_tokens": 2}).encode(),
                               headers={"Authorization": f"Bearer {TOKEN}"})
   assert json.loads(urllib.request.urlopen(ok).read())["choices"][0]["finish_reason"]
+
+
+def test_a_body_that_cannot_be_read_is_400(server):
+  req = urllib.request.Request(server.http_address + "/v1/completions", data=b"\x1f\x8bnot gzip",
+                               method="POST", headers={"Authorization": f"Bearer {TOKEN}",
+                                                       "Content-Encoding": "gzip"})
+  with pytest.raises(urllib.error.HTTPError) as e:
+    urllib.request.urlopen(req)
+  assert e.value.code == 400 and "cannot be read" in json.loads(e.value.read())["error"]["message"]
 
 
 def test_prometheus_metrics(server):

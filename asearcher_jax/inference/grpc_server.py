@@ -159,10 +159,16 @@ class OrchestratorServicer(jetstream_pb2_grpc.OrchestratorServicer):
     sampling = SamplingParams(temperature=0.0, max_new_tokens=request.max_tokens or None,
                               stop_token_ids=self.service.default_stop_ids)
     detok = IncrementalDetokenizer(self.service.tokenizer) if self.service.tokenizer else None
+    stops = set(sampling.stop_token_ids)
     async for _, chunk in self.service.stream(prompt, sampling,
                                               session_id=request.session_cache or None):
-      text = detok.add(chunk.ids) if detok else ""
-      sample = jetstream_pb2.DecodeResponse.StreamContent.Sample(text=text, token_ids=chunk.ids)
+      # JetStream's orchestrator never sends a stop token, as id or as text
+      # (token_utils.process_result_tokens ends the stream on it): its clients rely on that.
+      ids = [t for t in chunk.ids if t not in stops]
+      if not ids:
+        continue
+      text = detok.add(ids) if detok else ""
+      sample = jetstream_pb2.DecodeResponse.StreamContent.Sample(text=text, token_ids=ids)
       yield jetstream_pb2.DecodeResponse(
           stream_content=jetstream_pb2.DecodeResponse.StreamContent(samples=[sample]))
     rest = detok.flush() if detok else ""

@@ -102,7 +102,10 @@ class DecodeService:
   def encode(self, text: str) -> list[int]:
     if self.tokenizer is None:
       raise ValueError("this server has no tokenizer; send token ids")
-    return self.tokenizer.encode(text)
+    try:
+      return self.tokenizer.encode(text)
+    except (TypeError, ValueError, UnicodeError) as e:  # e.g. a lone surrogate ("\ud800")
+      raise ValueError(f"the text cannot be tokenized (not valid Unicode?): {e}") from None
 
   def decode(self, ids: list[int]) -> str:
     return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
