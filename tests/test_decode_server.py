@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -174,6 +175,26 @@ def test_update_weights_from_orbax_and_refusal_of_a_wrong_model(server, tmp_path
     seq.append(expected[-1])
   assert after.output_ids == expected
   assert server.driver.engine is engine
+
+
+def test_update_weights_refuses_what_the_wire_or_the_folder_cannot_hold(server, tmp_path):
+  """A version past int32 would break every later reply's per-token versions; a damaged orbax
+  folder is a clear INVALID_ARGUMENT, not UNKNOWN; the server serves as before either way."""
+  save_policy(str(tmp_path / "broken"), 0, flat_state(nnx.state(
+      create_model(CFG, MESH, seed=1, dtype="float32"), nnx.Param)), CFG)
+  shutil.rmtree(tmp_path / "broken" / "0" / "meta")  # orbax: KeyError 'Item "meta" not found'
+
+  async def go():
+    async with client(server) as c:
+      version = (await c.stats()).version
+      with pytest.raises(ValueError, match="int32"):
+        await c.update_weights(2**31, orbax_dir=str(tmp_path / "broken"))
+      with pytest.raises(ValueError, match="broken"):
+        await c.update_weights(version + 1, orbax_dir=str(tmp_path / "broken"))
+      after = await c.generate(prompt(6), GREEDY)
+      return version, (await c.stats()).version, after
+  version, now, after = run(go())
+  assert now == version and after.versions == [version] * 6
 
 
 def test_pause_and_resume(server):

@@ -184,6 +184,7 @@ def test_search_timeout_is_504_and_server_survives(index, world_dir):
     (b'{"queries": ["a"], "topk": true}', 400, "'topk' must be an integer"),
     (b'{"queries": ["a"], "return_scores": "yes"}', 400, "return_scores"),
     (b'{"queries": ["a"], "mode": "dense"}', 400, "'mode' must be one of"),
+    (b'{"queries": ["a"], "topk": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
 ])
 def test_bad_retrieve_requests(server, raw, status, needle):
   got, body = post(server.url + "/retrieve", None, raw=raw)
@@ -225,6 +226,12 @@ def test_search_r1_grpo_batch_and_empty_queries(server, world_dir):
   assert refs[0] == "" and refs[1].startswith("Doc 1(Title: ") and len(refs) == 130
   status, body = post(server.url + "/retrieve", {"queries": []})
   assert status == 200 and body["result"] == []
+
+
+def test_a_body_that_cannot_be_read_is_400(server):
+  got, body = post(server.url + "/retrieve", None, raw=b"\x1f\x8bnot gzip",
+                   headers={"Content-Encoding": "gzip"})
+  assert got == 400 and "cannot be read" in body["error"]
 
 
 def test_unknown_route_and_method(server):

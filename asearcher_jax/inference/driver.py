@@ -39,6 +39,15 @@ from asearcher_jax.inference.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 UPDATE_MODES = ("abort", "keep_kv")
+# Every sampled token carries its policy version, an int32 on the wire (decode.proto): a version
+# the wire cannot carry would break every reply from then on.
+MAX_VERSION = 2**31 - 1
+
+
+def check_version(version: int) -> None:
+  if not 0 <= version <= MAX_VERSION:
+    raise ValueError(f"version must be in [0, {MAX_VERSION}] (an int32 on the wire), "
+                     f"got {version}")
 
 
 class QueueFullError(Exception):
@@ -250,6 +259,7 @@ class Driver:
     mode = mode or self.update_mode
     if mode not in UPDATE_MODES:
       raise ValueError(f"mode must be one of {UPDATE_MODES}, got {mode!r}")
+    check_version(version)
     if threading.current_thread() is self._thread:
       raise RuntimeError("update_weights cannot be called from a request callback")
     _check_like(params, self.engine.params)  # a bad update never reaches the engine thread

@@ -12,7 +12,8 @@ import dataclasses
 import time
 from typing import AsyncIterator
 
-from asearcher_jax.inference.driver import Driver, Request
+from asearcher_jax.errors import AsearcherError, CheckpointError
+from asearcher_jax.inference.driver import Driver, Request, check_version
 from asearcher_jax.inference.sampling import SamplingParams
 from asearcher_jax.inference.weights import load_weights
 
@@ -82,16 +83,26 @@ class DecodeService:
   async def update_weights(self, version: int, source, *, step: int | None = None,
                            mode: str | None = None) -> dict:
     """Loads `source` off the event loop, then commits it between two decode steps."""
+    check_version(version)  # before the load, which can take minutes
     async with self._update_lock:
       loop = asyncio.get_running_loop()
-      engine = self.driver.engine
       t0 = time.perf_counter()
-      params = await loop.run_in_executor(
-          None, lambda: load_weights(engine.params, source, engine.cfg, step=step))
+      params = await loop.run_in_executor(None, self._load, source, step)
       t1 = time.perf_counter()
       result = await loop.run_in_executor(
           None, lambda: self.driver.update_weights(version, params, mode))
       return dict(result, load_s=t1 - t0, commit_s=time.perf_counter() - t1)
+
+  def _load(self, source, step):
+    """The weights at `source`; a folder that is not what it claims (a broken orbax step, a
+    missing array) is a CheckpointError naming it, never an unclassified exception."""
+    engine = self.driver.engine
+    try:
+      return load_weights(engine.params, source, engine.cfg, step=step)
+    except (AsearcherError, ValueError):
+      raise
+    except Exception as e:  # noqa: BLE001 -- KeyError, tensorstore and orbax errors
+      raise CheckpointError(f"{source}: cannot load weights ({type(e).__name__}: {e})") from e
 
   async def call(self, fn, *args):
     """A blocking driver call (pause, resume, end_session) without blocking the loop."""

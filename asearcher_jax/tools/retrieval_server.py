@@ -77,7 +77,12 @@ def _middleware(token: str | None):
 
 
 async def _json_body(request: web.Request) -> dict:
-  raw = await request.read()
+  try:
+    raw = await request.read()
+  except web.HTTPException:
+    raise
+  except Exception as e:  # noqa: BLE001 -- a body that cannot be read (bad gzip, cut short)
+    raise BadRequest(f"body cannot be read ({type(e).__name__}: {e})") from None
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as e:
@@ -89,6 +94,8 @@ async def _json_body(request: web.Request) -> dict:
         from None
   except RecursionError:  # e.g. 100k nested '[': the client's fault, not a server error
     raise BadRequest("body is nested too deeply") from None
+  except ValueError as e:  # e.g. an integer of over 4,300 digits
+    raise BadRequest(f"body is not valid JSON ({e})") from None
   if not isinstance(body, dict):
     raise BadRequest(f"body must be a JSON object, got {type(body).__name__}")
   return body
