@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import single_device_mesh, tiny_config
+from flax import nnx
 
 from asearcher_jax.agent.trajectory import Trajectory
 from asearcher_jax.inference.sampling import processed_logits
@@ -399,6 +400,24 @@ def test_step_minibatches_are_successive_updates_around_the_starting_policy():
     np.testing.assert_allclose(got[k], expected[k], rtol=1e-4, atol=1e-5, err_msg=k)
   assert metrics[2]["approx_kl"] > 1e-4 and metrics[2]["clip_frac"] > 0
   assert metrics[1]["approx_kl"] == 0 and metrics[1]["clip_frac"] == 0
+
+
+def test_a_non_finite_update_is_skipped_and_counted(packed):
+  """Poison that reached the step (a row of NaN advantages) moves nothing: the update is
+  skipped and counted, and the parameters stay bit for bit what they were."""
+  mesh = single_device_mesh()
+  rows = _rows(packed)
+  poisoned = {k: v.copy() for k, v in rows.items()}
+  poisoned["advantages"][np.nonzero(poisoned["loss_mask"].any(axis=1))[0][0]] = np.nan
+  with jax.set_mesh(mesh):
+    model = create_model(MODEL, mesh, seed=0, dtype="float32")
+    before = jax.tree.map(np.asarray, flat_state(nnx.state(model, nnx.Param)))
+    params, opt_state, step = make_ppo_step(model, optax.sgd(1.0, momentum=0.9), STEP_CFG)
+    params, _, m = step(params, opt_state, shard_batch(_layout(poisoned, packed.shape[0]), mesh))
+  after = jax.tree.map(np.asarray, flat_state(params))
+  assert int(m["nonfinite_updates"]) == 1 and np.isfinite(float(m["loss"]))
+  for k in before:
+    np.testing.assert_array_equal(after[k], before[k])
 
 
 def test_step_skips_a_minibatch_without_loss_tokens(packed):

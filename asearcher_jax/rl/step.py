@@ -160,8 +160,14 @@ def make_ppo_step(model: Qwen, optimizer: optax.GradientTransformation, cfg: RLS
       updates, opt_state = optimizer.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state
 
-    params, opt_state = jax.lax.cond(count > 0, apply, lambda p, o: (p, o), params, opt_state)
-    return (params, opt_state), (loss * count, optax.global_norm(grads), stats)
+    # The last line against poison: an update whose loss or gradient is not finite is skipped
+    # (parameters and optimizer state untouched) and counted, so no NaN is ever published.
+    norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(norm)
+    params, opt_state = jax.lax.cond((count > 0) & finite, apply, lambda p, o: (p, o), params,
+                                     opt_state)
+    return (params, opt_state), (jnp.where(finite, loss * count, 0.0),
+                                 jnp.where(finite, norm, 0.0), stats, (count > 0) & ~finite)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=out_shardings)
   def step(params, opt_state, batch: TrainBatch):
@@ -174,11 +180,12 @@ def make_ppo_step(model: Qwen, optimizer: optax.GradientTransformation, cfg: RLS
     split = jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), mbs)
     # N_k per minibatch; with n = 1 this is batch.num_tokens (build_batch's loss_mask.sum())
     counts = jnp.sum(split["loss_mask"], axis=(1, 2, 3), dtype=jnp.float32)
-    (params, opt_state), (losses, norms, stats) = jax.lax.scan(
+    (params, opt_state), (losses, norms, stats, nonfinite) = jax.lax.scan(
         update, (params, opt_state), (split, counts))
-    used = counts > 0
-    metrics = {"loss": jnp.sum(losses) / jnp.maximum(jnp.sum(counts), 1.0),
+    used = (counts > 0) & ~nonfinite
+    metrics = {"loss": jnp.sum(losses) / jnp.maximum(jnp.sum(jnp.where(used, counts, 0.0)), 1.0),
                "grad_norm": jnp.sum(jnp.where(used, norms, 0.0)) / jnp.maximum(jnp.sum(used), 1),
+               "nonfinite_updates": jnp.sum(nonfinite, dtype=jnp.int32),
                "num_tokens": batch.num_tokens, **finalize_stats(reduce_stats(stats))}
     return params, opt_state, metrics
 
