@@ -260,7 +260,7 @@ def plan(cfg, *, devices: int | None = None, decode_devices: int | None = None,
   neither gives is detected on this machine."""
   from asearcher_jax.placement import memory_fraction, role_devices
   p = cfg.placement
-  arch = _architecture(cfg)
+  arch = architecture(cfg)
   detected = None
   if platform is None or (devices or p.num_devices) is None:
     platform = platform or jax.default_backend()
@@ -289,7 +289,8 @@ def _fixed_size(mesh) -> int:
   return math.prod(mesh.shape().values())
 
 
-def _architecture(cfg):
+def architecture(cfg):
+  """The policy's shape from the config or model.path's files, without loading weights."""
   m = cfg.model
   if m.arch is not None:
     return m.arch

@@ -9,6 +9,7 @@ import collections
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -34,9 +35,16 @@ class FakeClock:
     return self.t
 
 
+def trajectory(gid: str, i: int, v: int) -> Trajectory:
+  """A sound record: a prompt token, then two sampled by version v."""
+  t = Trajectory(qid=f"q-{gid}", question="?", answers=["a"], group_id=gid, sample=i,
+                 submit_version=v, status="answered", reward=float(i % 2))
+  t.record_call([5], [6, 7], [-0.5, -1.5], [v, v])
+  return t
+
+
 def group(gid: str, v: int = 0, worker: str = "w0", cursor: int = 0, size: int = 2) -> Group:
-  trajs = [Trajectory(qid=f"q-{gid}", question="?", answers=["a"], group_id=gid, sample=i,
-                      submit_version=v).to_json().encode() for i in range(size)]
+  trajs = [trajectory(gid, i, v).to_json().encode() for i in range(size)]
   return Group(gid, f"q-{gid}", v, worker, cursor, trajs, created=123.0)
 
 
@@ -196,7 +204,9 @@ def test_compaction_keeps_semantics(tmp_path):
 
 @pytest.fixture
 def server(tmp_path):
-  srv = ReplayServer(ReplayQueue(str(tmp_path))).start_in_thread()
+  queue = ReplayQueue(str(tmp_path))
+  queue.set_version(10)  # the tests put groups of versions up to 10: none is from the future
+  srv = ReplayServer(queue, vocab_size=300).start_in_thread()
   yield srv
   srv.stop_thread()
 
@@ -291,6 +301,7 @@ def test_exactly_once_across_a_queue_kill(tmp_path):
   proc, addr = start_queue(journal)
   try:
     c = SyncReplayClient(addr, timeout=10)
+    c.set_version(3)  # groups of versions 0..3 follow (journaled: it survives the kill)
     step = 0
     while len(put) < total or step < 200:
       step += 1
@@ -345,3 +356,60 @@ def test_exactly_once_across_a_queue_kill(tmp_path):
     assert json.loads(f.readline())["op"] == "version"
   counts = collections.Counter(consumed)
   assert set(counts) == set(put) and set(counts.values()) == {1}
+
+
+# -- what the queue refuses -------------------------------------------------------------------
+
+def _poison(kind: str) -> Group:
+  g = group(f"bad-{kind}", v=1)
+  t = trajectory(g.group_id, 0, 1)
+  record = json.loads(t.to_json())
+  if kind == "not-json":
+    raw = b"\xff{not json"
+  elif kind == "unknown-field":
+    raw = json.dumps({**record, "evil": 1}).encode()
+  elif kind == "lengths":
+    raw = json.dumps({**record, "behav_logp": [0.0]}).encode()
+  elif kind == "vocab":
+    raw = json.dumps({**record, "tokens": [5, 10**6, 7]}).encode()
+  elif kind == "nan":
+    raw = json.dumps({**record, "behav_logp": [0.0, float("nan"), -1.0]}).encode()
+  elif kind == "future":
+    raw = json.dumps({**record, "version": [-1, 500_000, 1]}).encode()
+  elif kind == "empty":
+    raw = b""
+  g.trajectories[1] = raw
+  return g
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("not-json", "not a JSON trajectory record"), ("unknown-field", "unknown trajectory fields"),
+    ("lengths", "differ in length"), ("vocab", "outside the vocabulary [0, 300)"),
+    ("nan", "finite"), ("future", "sampled by version 500000"),
+    ("empty", "not a JSON trajectory record")])
+def test_put_refuses_a_poison_group_and_stores_nothing(server, kind, needle):
+  c = SyncReplayClient(server.address, timeout=10)
+  with pytest.raises(ValueError, match=re.escape(needle)):
+    c.put(_poison(kind))
+  assert c.state().accepted_total == 0
+  assert c.put(group("good", v=1)) == "accepted"  # still serving
+  with pytest.raises(ValueError, match="submit_version 11 is not in"):
+    c.put(group("late", v=11))
+
+
+def test_queue_refuses_unbounded_leases_negative_versions_and_huge_groups():
+  q = ReplayQueue(max_group_bytes=1000)
+  q.put(group("a"))
+  for bad in (float("inf"), float("nan"), 1e308, 0.0, -1.0):
+    with pytest.raises(ValueError, match="timeout_s must be in"):
+      q.lease(1, bad)
+  lease = q.lease(1, 60)
+  with pytest.raises(ValueError, match="timeout_s must be in"):
+    q.renew(lease.lease_id, float("inf"))
+  with pytest.raises(ValueError, match="version must be >= 0"):
+    q.set_version(-(2**63))
+  q.set_version(5)
+  q.set_version(3)  # a learner resumed from an older checkpoint republishes its version
+  assert q.version == 3 and q.max_version == 5
+  with pytest.raises(ValueError, match="the limit is 1000"):
+    q.put(Group("big", "q", 0, "w", 0, [b"x" * 1001], 1.0))

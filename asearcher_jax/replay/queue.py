@@ -30,6 +30,7 @@ from asearcher_jax.errors import DataError
 from asearcher_jax.jsonl import append_lines, drop_torn_tail, read_lines
 
 JOURNAL = "journal.jsonl"
+MAX_LEASE_S = 86_400.0  # a lease that outlives a day is a stuck consumer, not a slow one
 PutStatus = Literal["accepted", "duplicate"]
 
 
@@ -78,6 +79,11 @@ class _Entry:
   lease_id: str | None = None
 
 
+def _check_timeout(what: str, timeout_s: float) -> None:
+  if not 0 < timeout_s <= MAX_LEASE_S:  # also refuses NaN
+    raise ValueError(f"{what} timeout_s must be in (0, {MAX_LEASE_S:.0f}], got {timeout_s}")
+
+
 class ReplayQueue:
   """Thread-safe; every public call first returns the groups of expired leases to the queue.
 
@@ -87,8 +93,9 @@ class ReplayQueue:
   """
 
   def __init__(self, journal_dir: str | None = None, *, compact_bytes: int = 256 << 20,
-               clock: Callable[[], float] = time.monotonic):
+               clock: Callable[[], float] = time.monotonic, max_group_bytes: int = 64 << 20):
     self.clock = clock
+    self.max_group_bytes = max_group_bytes
     self._lock = threading.Lock()
     self._changed = threading.Condition(self._lock)
     self.compact_bytes = compact_bytes
@@ -99,6 +106,7 @@ class ReplayQueue:
     self._acked_leases: set[str] = set()  # an ack retried after a lost reply is still True
     self._workers: dict[str, list[int]] = {}  # worker -> [accepted, cursor]
     self._version = 0
+    self._max_version = 0  # the highest ever published: no token can come from beyond it
     self._seq = 0
     self._duplicates = 0
     self._expired = 0
@@ -132,6 +140,7 @@ class ReplayQueue:
         self._acked_leases.update(r.get("leases", ()))
       elif op == "version":
         self._version = int(r["v"])
+        self._max_version = max(self._max_version, self._version)
       elif op == "worker":
         self._workers[r["worker"]] = [int(r["accepted"]), int(r["cursor"])]
       else:
@@ -152,7 +161,9 @@ class ReplayQueue:
       live = sorted(self._groups.values(), key=lambda e: e.seq)
       tmp = self._path + ".tmp"
       with open(tmp, "w", encoding="utf-8") as f:
-        for r in ([{"op": "version", "v": self._version},
+        peak = [{"op": "version", "v": self._max_version}] if self._max_version > self._version \
+            else []
+        for r in (peak + [{"op": "version", "v": self._version},
                    {"op": "consumed", "groups": sorted(self._consumed),
                     "leases": sorted(self._acked_leases)}]
                   + [e.group.to_record() for e in live]
@@ -212,6 +223,9 @@ class ReplayQueue:
       raise ValueError("a group needs a group_id")
     if not group.trajectories:
       raise ValueError(f"group {group.group_id} has no trajectories")
+    if group.nbytes > self.max_group_bytes:
+      raise ValueError(f"group {group.group_id} holds {group.nbytes} bytes; the limit is "
+                       f"{self.max_group_bytes}")
     with self._lock:
       self._expire()
       if group.group_id in self._groups or group.group_id in self._consumed:
@@ -227,8 +241,7 @@ class ReplayQueue:
     `timeout_s`; None if fewer than `count` are queued after waiting up to `wait_s`."""
     if count < 1:
       raise ValueError(f"lease count must be >= 1, got {count}")
-    if not timeout_s > 0:
-      raise ValueError(f"lease timeout_s must be > 0, got {timeout_s}")
+    _check_timeout("lease", timeout_s)
     deadline = time.monotonic() + max(0.0, wait_s)
     with self._lock:
       while True:
@@ -250,8 +263,7 @@ class ReplayQueue:
 
   def renew(self, lease_id: str, timeout_s: float) -> bool:
     """Extends a live lease to `timeout_s` from now; False if it expired or is unknown."""
-    if not timeout_s > 0:
-      raise ValueError(f"renew timeout_s must be > 0, got {timeout_s}")
+    _check_timeout("renew", timeout_s)
     with self._lock:
       self._expire()
       lease = self._leases.get(lease_id)
@@ -295,15 +307,26 @@ class ReplayQueue:
       return self._expire()
 
   def set_version(self, v: int) -> None:
-    """The learner's published policy version (rollout workers read it for admission)."""
+    """The learner's published policy version (rollout workers read it for admission). It may
+    go back: a learner resumed from a checkpoint older than its last publication republishes
+    the checkpoint's version."""
     with self._lock:
+      if int(v) < 0:
+        raise ValueError(f"version must be >= 0, got {v}")
       if int(v) != self._version:
         self._append({"op": "version", "v": int(v)})
         self._version = int(v)
+        self._max_version = max(self._max_version, self._version)
 
   @property
   def version(self) -> int:
     return self._version
+
+  @property
+  def max_version(self) -> int:
+    """The highest version ever published (the current one, unless a learner resumed from an
+    older checkpoint): groups sampled by a later one cannot exist."""
+    return self._max_version
 
   def worker_state(self, worker: str) -> tuple[int, int]:
     """(groups of `worker` ever accepted, its cursor from the last one); (0, 0) if none."""

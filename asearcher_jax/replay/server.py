@@ -23,6 +23,7 @@ from asearcher_jax.procs import follow_supervisor
 from asearcher_jax.replay.client import CHANNEL_OPTIONS, group_from_proto, group_to_proto
 from asearcher_jax.replay.protos import replay_pb2, replay_pb2_grpc
 from asearcher_jax.replay.queue import ReplayQueue
+from asearcher_jax.replay.validate import check_group
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,18 @@ def _guarded(fn):
 
 
 class ReplayServicer(replay_pb2_grpc.ReplayServicer):
-  def __init__(self, queue: ReplayQueue, token: str | None, poll_s: float = 0.02):
-    self.queue, self.token, self.poll_s = queue, token, poll_s
+  def __init__(self, queue: ReplayQueue, token: str | None, poll_s: float = 0.02,
+               vocab_size: int | None = None):
+    self.queue, self.token, self.poll_s, self.vocab_size = queue, token, poll_s, vocab_size
 
   @_guarded
   async def Put(self, request, context):
-    status = await asyncio.to_thread(self.queue.put, group_from_proto(request.group))
-    return replay_pb2.PutResponse(status=status)
+    group = group_from_proto(request.group)
+
+    def put():  # decoding and checking a big group is work: off the event loop
+      check_group(group, version=self.queue.max_version, vocab_size=self.vocab_size)
+      return self.queue.put(group)
+    return replay_pb2.PutResponse(status=await asyncio.to_thread(put))
 
   @_guarded
   async def Lease(self, request, context):
@@ -121,15 +127,16 @@ class ReplayServer(BackgroundServer):
   _thread_name = "replay-server"
 
   def __init__(self, queue: ReplayQueue, host: str = "127.0.0.1", port: int = 0,
-               token: str | None = None):
+               token: str | None = None, vocab_size: int | None = None):
     self.token = auth.server_token(host, token, "pass --token or set $ASEARCHER_TOKEN")
-    self.queue, self.host, self.port = queue, host, port
+    self.queue, self.host, self.port, self.vocab_size = queue, host, port, vocab_size
     self._grpc: grpc.aio.Server | None = None
 
   async def start(self) -> None:
     # so_reuseport off: a port another server holds is an error, not silently shared traffic.
     server = grpc.aio.server(options=CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)])
-    replay_pb2_grpc.add_ReplayServicer_to_server(ReplayServicer(self.queue, self.token), server)
+    replay_pb2_grpc.add_ReplayServicer_to_server(
+        ReplayServicer(self.queue, self.token, vocab_size=self.vocab_size), server)
     bound = server.add_insecure_port(f"{self.host}:{self.port}")
     if bound == 0:
       raise OSError(f"cannot bind gRPC to {self.host}:{self.port}")
@@ -162,9 +169,11 @@ async def _serve(server: ReplayServer) -> None:
 
 
 def serve(journal_dir: str | None, host: str = "127.0.0.1", port: int = 0,
-          token: str | None = None, compact_bytes: int = 256 << 20) -> None:
+          token: str | None = None, compact_bytes: int = 256 << 20,
+          vocab_size: int | None = None, max_group_bytes: int = 64 << 20) -> None:
   """Runs a replay queue service until SIGTERM or SIGINT."""
-  server = ReplayServer(ReplayQueue(journal_dir, compact_bytes=compact_bytes), host, port, token)
+  queue = ReplayQueue(journal_dir, compact_bytes=compact_bytes, max_group_bytes=max_group_bytes)
+  server = ReplayServer(queue, host, port, token, vocab_size)
   asyncio.run(_serve(server))
 
 
@@ -177,13 +186,18 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--token", default=None, help="bearer token (default $ASEARCHER_TOKEN)")
   p.add_argument("--compact-mb", type=float, default=256.0,
                  help="rewrite the journal once consumed payload in it exceeds this")
+  p.add_argument("--vocab-size", type=int, default=None,
+                 help="the policy's vocabulary: a group holding another token id is refused")
+  p.add_argument("--max-group-mb", type=float, default=64.0,
+                 help="a group larger than this is refused")
   args = p.parse_args(argv)
   follow_supervisor()  # a child of `asearcher train` dies with it
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   if not args.journal:
     log.warning("no --journal: the queue lives in memory and a restart loses it")
   try:
-    serve(args.journal, args.host, args.port, args.token, int(args.compact_mb * (1 << 20)))
+    serve(args.journal, args.host, args.port, args.token, int(args.compact_mb * (1 << 20)),
+          args.vocab_size, int(args.max_group_mb * (1 << 20)))
   except AsearcherError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -195,6 +195,8 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
           progress: bool = True, echo=print) -> int:
   """Starts and supervises every process; returns the exit status."""
   from tqdm.auto import tqdm
+
+  from asearcher_jax.plan import architecture
   out_dir = os.path.abspath(cfg.run.output_dir)
   log_dir = os.path.join(out_dir, "logs")
   os.makedirs(log_dir, exist_ok=True)
@@ -218,7 +220,9 @@ def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
   children: dict[str, Child] = {}
   children["replay"] = Child("replay", [sys.executable, "-m", "asearcher_jax.replay.server",
                                         "--journal", os.path.join(out_dir, "replay"),
-                                        "--port", str(ports["replay"])], log_dir, cpu_env)
+                                        "--port", str(ports["replay"]),
+                                        "--vocab-size", str(architecture(cfg).vocab_size)],
+                            log_dir, cpu_env)
   if cfg.search.backend == "local":
     children["retrieval"] = Child("retrieval", py + ["retrieval", "serve", *base, "--port",
                                                      str(ports["retrieval"])], log_dir, cpu_env)

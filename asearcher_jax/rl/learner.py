@@ -22,9 +22,9 @@ import numpy as np
 from flax import nnx
 
 from asearcher_jax import distributed
-from asearcher_jax.agent.trajectory import Trajectory
 from asearcher_jax.checkpoint import Checkpointer, abstract_like
 from asearcher_jax.models.pretrained import flat_state, param_shardings
+from asearcher_jax.replay.validate import decode_trajectory
 from asearcher_jax.rl.metrics import MetricsWriter, NoMetrics, console_line, episode_metrics
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ class Learner:
     from asearcher_jax.train.optimizer import make_optimizer
     self.cfg, self.replay, self.publisher, self.echo = cfg, replay, publisher, echo
     self.model = model
+    self.vocab_size = model.cfg.vocab_size
+    self.dropped_groups = 0  # leased groups no step could use (logged, acknowledged)
     self.mesh = next(iter(jax.tree.leaves(nnx.state(model)))).sharding.mesh
     self.params, self.opt_state, self.step_fn = make_ppo_step(
         model, make_optimizer(cfg.optimizer, cfg.rl.total_steps), cfg.rl)
@@ -178,7 +180,15 @@ class Learner:
           # checkpoint under a lease that expired anyway (a stalled process).
           if g.group_id in self.skip or g.group_id in self.pending_groups:
             continue
-          groups.append([Trajectory.from_json(b) for b in g.trajectories])
+          try:  # the last line against poison: dropped with its reason, acked with the lease
+            trajs = [decode_trajectory(b, f"group {g.group_id} trajectory {i}",
+                                       vocab_size=self.vocab_size)
+                     for i, b in enumerate(g.trajectories)]
+          except ValueError as e:
+            log.error("dropping a group the learner cannot train on: %s", e)
+            self.dropped_groups += 1
+            continue
+          groups.append(trajs)
           ids.append(g.group_id)
         self.lease_groups[lease.lease_id] = [g.group_id for g in lease.groups]
         if not groups:
@@ -203,6 +213,7 @@ class Learner:
           self.checkpoint()
         trajs = [t for grp in groups for t in grp]
         last = {"version": self.version, **episode_metrics(trajs), **m,
+                "dropped_groups": self.dropped_groups,
                 **_batch_info(info), "wait_s": wait_s, "train_s": train_s,
                 "publish_s": self.publish_s, "served_version": self.served_version,
                 "tokens_per_s": m.get("num_tokens", 0.0) / max(train_s, 1e-9),
