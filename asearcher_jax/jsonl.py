@@ -26,15 +26,15 @@ def read_lines(path: str, decode=json.loads) -> list[Any]:
   """Every complete line, decoded; a torn last line is skipped, a bad middle line is an error."""
   if not os.path.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().split("\n")
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
   out = []
-  for i, line in enumerate(lines):
-    if not line.strip():
+  for i, raw in enumerate(lines):
+    if not raw.strip():
       continue
     try:
-      out.append(decode(line))
-    except (ValueError, TypeError) as e:
+      out.append(decode(raw.decode("utf-8")))
+    except (ValueError, TypeError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
       if i != len(lines) - 1:  # only an unterminated last line can be torn
         raise DataError(f"{path}:{i + 1}: unreadable line ({e})") from None
   return out

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from asearcher_jax.agent.trajectory import Trajectory
-from asearcher_jax.errors import ConfigError
+from asearcher_jax.errors import ConfigError, DataError
 from asearcher_jax.replay import Group, ReplayQueue
 from asearcher_jax.replay.client import ReplayClient, ReplayUnavailable, SyncReplayClient
 from asearcher_jax.replay.queue import JOURNAL
@@ -413,3 +413,25 @@ def test_queue_refuses_unbounded_leases_negative_versions_and_huge_groups():
   assert q.version == 3 and q.max_version == 5
   with pytest.raises(ValueError, match="the limit is 1000"):
     q.put(Group("big", "q", 0, "w", 0, [b"x" * 1001], 1.0))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (b'{"op": "put", "group_id": "\xff\xfe"}\n', "unreadable line"),
+    (b'{"op": "ack"}\n', "record 2 ('ack') is damaged (KeyError"),
+    (b'{"op": "version", "v": "x"}\n', "record 2 ('version') is damaged (ValueError"),
+    (b'{"op": "put", "group_id": "g"}\n', "record 2 ('put') is damaged (KeyError"),
+    (b'{"op": "merge"}\n', "unknown journal op 'merge'"),
+    (b'[1, 2]\n', "record 2 (None) is damaged"),
+])
+def test_a_damaged_journal_is_refused_in_one_line_naming_the_record(tmp_path, damage, needle):
+  q = ReplayQueue(str(tmp_path))
+  q.put(group("a"))
+  with open(tmp_path / JOURNAL, "ab") as f:
+    f.write(damage)
+  with pytest.raises(DataError, match=re.escape(needle)):
+    ReplayQueue(str(tmp_path))
+  proc = subprocess.run([sys.executable, "-m", "asearcher_jax.replay.server", "--journal",
+                         str(tmp_path), "--port", "0"], capture_output=True, text=True,
+                        timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert needle in proc.stderr.strip().splitlines()[-1]

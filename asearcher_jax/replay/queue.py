@@ -128,25 +128,35 @@ class ReplayQueue:
     # heard back: drop it now, as the next append would, even if it happens to parse.
     drop_torn_tail(self._path)
     for n, r in enumerate(read_lines(self._path), 1):
-      op = r.get("op") if isinstance(r, dict) else None
-      if op == "put":
-        g = Group.from_record(r)
-        if g.group_id not in self._groups and g.group_id not in self._consumed:
-          self._add(g, push=False)
-      elif op == "ack":
-        self._consume(r["groups"], r.get("lease"))
-      elif op == "consumed":
-        self._consumed.update(r["groups"])
-        self._acked_leases.update(r.get("leases", ()))
-      elif op == "version":
-        self._version = int(r["v"])
-        self._max_version = max(self._max_version, self._version)
-      elif op == "worker":
-        self._workers[r["worker"]] = [int(r["accepted"]), int(r["cursor"])]
-      else:
-        raise DataError(f"{self._path}:{n}: unknown journal op {op!r}")
+      try:
+        self._apply(r)
+      except (KeyError, TypeError, ValueError, AttributeError) as e:
+        op = r.get("op") if isinstance(r, dict) else None
+        raise DataError(f"{self._path}: record {n} ({op!r}) is damaged ({type(e).__name__}: "
+                        f"{e}); restore the journal from a copy, or move it away to start an "
+                        "empty queue") from None
     self._heap = [(e.group.submit_version, e.seq, gid) for gid, e in self._groups.items()]
     heapq.heapify(self._heap)
+
+  def _apply(self, r: Any) -> None:
+    """One journal record's effect on the state being rebuilt."""
+    op = r.get("op") if isinstance(r, dict) else None
+    if op == "put":
+      g = Group.from_record(r)
+      if g.group_id not in self._groups and g.group_id not in self._consumed:
+        self._add(g, push=False)
+    elif op == "ack":
+      self._consume(r["groups"], r.get("lease"))
+    elif op == "consumed":
+      self._consumed.update(r["groups"])
+      self._acked_leases.update(r.get("leases", ()))
+    elif op == "version":
+      self._version = int(r["v"])
+      self._max_version = max(self._max_version, self._version)
+    elif op == "worker":
+      self._workers[r["worker"]] = [int(r["accepted"]), int(r["cursor"])]
+    else:
+      raise ValueError(f"unknown journal op {op!r}")
 
   def _append(self, record: dict[str, Any]) -> None:
     if self._path:
