@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -130,6 +132,21 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(ckpt, tmp_path, m
   # A staging directory left by a killed process is hidden and has a different name.
   assert os.path.basename(calls[0]).startswith("shard-")
   assert os.path.basename(os.path.dirname(calls[0])).startswith(".export.partial-")
+
+
+def test_staging_left_by_a_killed_export_is_removed_by_the_next(ckpt, tmp_path):
+  """A SIGKILLed export cannot clean up after itself: the next export to the same place removes
+  what dead writers staged (up to a whole model each), and leaves a live writer's alone."""
+  model, _, _ = load(ckpt)
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  stale = [tmp_path / f".export.partial-{dead.pid}-0123abcd", tmp_path / ".export.partial-9f8e7d6c"]
+  live = tmp_path / f".export.partial-{os.getpid()}-feedbeef"
+  for d in stale + [live]:
+    d.mkdir()
+    (d / "shard-00000.safetensors").write_bytes(b"x" * 1000)
+  save_pretrained(model, str(tmp_path / "export"), progress=False)
+  assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", "export", live.name])
 
 
 def test_export_refuses_to_overwrite_unless_asked(ckpt, tmp_path):

@@ -202,6 +202,33 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def remove_stale_staging(out_dir: str) -> list[str]:
+  """Removes the staging folders that killed exports to `out_dir` left behind (a writer whose
+  process is gone, or an unnamed one from before writers were named); returns them."""
+  parent, name = os.path.split(os.path.abspath(out_dir))
+  prefix = f".{name}.partial-"
+  gone = []
+  for entry in os.listdir(parent) if os.path.isdir(parent) else ():
+    if not entry.startswith(prefix):
+      continue
+    pid = entry[len(prefix):].split("-", 1)[0]
+    if pid.isdigit() and "-" in entry[len(prefix):] and _alive(int(pid)):
+      continue  # an export still running
+    shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    gone.append(entry)
+  return gone
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
 def save_hf_checkpoint(params: dict[str, jax.Array], cfg: QwenConfig, out_dir: str, *,
                        dtype=None, write_extra: Callable[[str], None] | None = None,
                        max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
@@ -218,7 +245,10 @@ def save_hf_checkpoint(params: dict[str, jax.Array], cfg: QwenConfig, out_dir: s
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   writer = jax.process_index() == 0
-  stage = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:8]}")
+  if writer:
+    remove_stale_staging(out_dir)
+  stage = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{os.getpid()}-"
+                               f"{uuid.uuid4().hex[:8]}")
   np_dtype = None if dtype is None else np.dtype(dtype)
   try:
     if writer:
