@@ -110,6 +110,10 @@ class ServeSection(Section):
   host_sessions: int = Field(256, ge=0)
   update_mode: Literal["abort", "keep_kv"] = "abort"
   warmup: bool = False  # compile every prefill bucket and attention window before serving
+  # Folders UpdateWeights may load from (symlinks resolved); anything else is refused without
+  # saying whether it exists. Empty: the run's published weights (placement.weights_dir, else
+  # <run.output_dir>/weights).
+  weight_roots: tuple[str, ...] = ()
 
 
 _ADDRESS = r"^\[?[A-Za-z0-9_.:-]+\]?:\d{1,5}$"  # host:port (IPv6 in brackets)

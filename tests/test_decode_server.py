@@ -469,3 +469,26 @@ def test_update_weights_from_an_hf_directory(server, tmp_path):
   for tok in after.output_ids:
     assert tok == int(np.asarray(fwd(new_model, jax.numpy.asarray([seq])))[0, -1].argmax())
     seq.append(tok)
+
+
+def test_weight_updates_load_only_from_under_the_weight_roots(tmp_path):
+  """UpdateWeights must not open any path on the server, nor tell whether one exists: outside
+  serve.weight_roots (the run's published weights by default) every path is refused alike,
+  a symlink out of a root included."""
+  from asearcher_jax.inference.service import DecodeService
+  root = tmp_path / "run" / "weights"
+  (root / "7").mkdir(parents=True)
+  (tmp_path / "secret").mkdir()
+  (root / "escape").symlink_to(tmp_path / "secret")
+  service = DecodeService(driver=None, weight_roots=(str(root),))
+  service._check_root(str(root))
+  service._check_root(str(root / "7"))
+  service._check_root(str(root / "not-yet-published"))  # inside: the load says what is wrong
+  errors = set()
+  for path in (tmp_path / "secret", tmp_path / "nothing", root / "escape", root / ".." / "..",
+               "/etc", str(root) + "-other", root / "7" / ".." / ".." / "x"):
+    with pytest.raises(ValueError, match="may only be loaded from under") as e:
+      service._check_root(str(path))
+    errors.add(str(e.value))
+  assert len(errors) == 1  # one answer for every refused path: nothing leaks
+  DecodeService(driver=None)._check_root("/anywhere")  # a library user's own process

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 from aiohttp import web
@@ -37,12 +38,13 @@ class DecodeServer(BackgroundServer):
 
   def __init__(self, driver: Driver, tokenizer=None, *, host: str = "127.0.0.1",
                grpc_port: int = 0, http_port: int | None = 0, token: str | None = None,
-               model_name: str = "policy", default_stop_ids: tuple[int, ...] = ()):
+               model_name: str = "policy", default_stop_ids: tuple[int, ...] = (),
+               weight_roots: tuple[str, ...] | None = None):
     self.token = require_token(host, token)
     self.host, self.grpc_port, self.http_port = host, grpc_port, http_port
     self.metrics = driver.metrics
     self.driver = driver
-    self.service = DecodeService(driver, tokenizer, model_name, default_stop_ids)
+    self.service = DecodeService(driver, tokenizer, model_name, default_stop_ids, weight_roots)
     self._grpc = None
     self._runner: web.AppRunner | None = None
 
@@ -120,4 +122,7 @@ def build_server(cfg: Config, *, progress: bool = True) -> DecodeServer:
   return DecodeServer(driver, tokenizer, host=s.host, grpc_port=s.grpc_port,
                       http_port=s.http_port, token=token,
                       model_name=s.model_name or cfg.run.name,
-                      default_stop_ids=tuple(sorted(stop_ids)))
+                      default_stop_ids=tuple(sorted(stop_ids)),
+                      weight_roots=s.weight_roots or (
+                          cfg.placement.weights_dir or os.path.join(cfg.run.output_dir,
+                                                                    "weights"),))

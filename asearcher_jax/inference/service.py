@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 from typing import AsyncIterator
 
@@ -36,8 +37,13 @@ class Chunk:
 
 class DecodeService:
   def __init__(self, driver: Driver, tokenizer=None, model_name: str = "policy",
-               default_stop_ids: tuple[int, ...] = ()):
+               default_stop_ids: tuple[int, ...] = (),
+               weight_roots: tuple[str, ...] | None = None):
+    """`weight_roots`: folders weight updates may load from; None: anywhere (a library user's
+    own process; `asearcher serve` always sets them)."""
     self.driver = driver
+    self.weight_roots = None if weight_roots is None else tuple(
+        os.path.realpath(r) for r in weight_roots)
     self.tokenizer = tokenizer
     self.model_name = model_name
     self.default_stop_ids = default_stop_ids
@@ -84,6 +90,8 @@ class DecodeService:
                            mode: str | None = None) -> dict:
     """Loads `source` off the event loop, then commits it between two decode steps."""
     check_version(version)  # before the load, which can take minutes
+    if isinstance(source, str):
+      self._check_root(source)
     async with self._update_lock:
       loop = asyncio.get_running_loop()
       t0 = time.perf_counter()
@@ -92,6 +100,16 @@ class DecodeService:
       result = await loop.run_in_executor(
           None, lambda: self.driver.update_weights(version, params, mode))
       return dict(result, load_s=t1 - t0, commit_s=time.perf_counter() - t1)
+
+  def _check_root(self, source: str) -> None:
+    """Refuses a path outside the weight roots, the same way whether or not it exists."""
+    if self.weight_roots is None:
+      return
+    real = os.path.realpath(source)
+    if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep)
+               for r in self.weight_roots):
+      raise ValueError(f"weights may only be loaded from under {', '.join(self.weight_roots)} "
+                       "(serve.weight_roots)")
 
   def _load(self, source, step):
     """The weights at `source`; a folder that is not what it claims (a broken orbax step, a
