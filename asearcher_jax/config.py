@@ -114,6 +114,7 @@ class ServeSection(Section):
   # saying whether it exists. Empty: the run's published weights (placement.weights_dir, else
   # <run.output_dir>/weights).
   weight_roots: tuple[str, ...] = ()
+  max_body_bytes: int = Field(16 << 20, ge=1024)  # an HTTP request body; larger is a 400
 
 
 _ADDRESS = r"^\[?[A-Za-z0-9_.:-]+\]?:\d{1,5}$"  # host:port (IPv6 in brackets)

@@ -439,6 +439,15 @@ def test_a_body_that_cannot_be_read_is_400(server):
   assert e.value.code == 400 and "cannot be read" in json.loads(e.value.read())["error"]["message"]
 
 
+def test_a_body_over_the_limit_is_400_and_read_no_further(server):
+  body = b'{"prompt": "' + b"x" * (17 << 20) + b'"}'  # serve.max_body_bytes: 16 MiB
+  req = urllib.request.Request(server.http_address + "/v1/completions", data=body,
+                               method="POST", headers={"Authorization": f"Bearer {TOKEN}"})
+  with pytest.raises(urllib.error.HTTPError) as e:
+    urllib.request.urlopen(req)
+  assert e.value.code == 400 and "exceeds" in json.loads(e.value.read())["error"]["message"]
+
+
 def test_prometheus_metrics(server):
   req = urllib.request.Request(server.http_address + "/metrics",
                                headers={"Authorization": f"Bearer {TOKEN}"})

@@ -114,11 +114,13 @@ class StopScanner:
 
 
 class OpenAIServer:
-  def __init__(self, service: DecodeService, token: str | None, metrics=None):
+  def __init__(self, service: DecodeService, token: str | None, metrics=None,
+               max_body_bytes: int = MAX_BODY):
     self.service, self.token, self.metrics = service, token, metrics
+    self.max_body_bytes = max_body_bytes
 
   def app(self) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
+    app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._middleware])
     app.router.add_post("/v1/completions", self.completions)
     app.router.add_post("/v1/chat/completions", self.chat_completions)
     app.router.add_get("/v1/models", self.models)
@@ -149,7 +151,8 @@ class OpenAIServer:
     try:
       raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-      raise BadRequest(f"the body exceeds {MAX_BODY} bytes") from None
+      raise BadRequest(f"the body exceeds {self.max_body_bytes} bytes (serve.max_body_bytes)"
+                       ) from None
     except Exception as e:  # noqa: BLE001 -- a body that cannot be read (bad gzip, cut short)
       raise BadRequest(f"the body cannot be read: {type(e).__name__}: {e}") from None
     try:

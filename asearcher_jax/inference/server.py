@@ -39,8 +39,9 @@ class DecodeServer(BackgroundServer):
   def __init__(self, driver: Driver, tokenizer=None, *, host: str = "127.0.0.1",
                grpc_port: int = 0, http_port: int | None = 0, token: str | None = None,
                model_name: str = "policy", default_stop_ids: tuple[int, ...] = (),
-               weight_roots: tuple[str, ...] | None = None):
+               weight_roots: tuple[str, ...] | None = None, max_body_bytes: int = 16 << 20):
     self.token = require_token(host, token)
+    self.max_body_bytes = max_body_bytes
     self.host, self.grpc_port, self.http_port = host, grpc_port, http_port
     self.metrics = driver.metrics
     self.driver = driver
@@ -55,7 +56,7 @@ class DecodeServer(BackgroundServer):
                                                    self.token)
     await self._grpc.start()
     if self.http_port is not None:
-      app = OpenAIServer(self.service, self.token, self.metrics).app()
+      app = OpenAIServer(self.service, self.token, self.metrics, self.max_body_bytes).app()
       # handler_cancellation: a client that hangs up cancels its request and frees the slot
       self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
       await self._runner.setup()
@@ -123,6 +124,6 @@ def build_server(cfg: Config, *, progress: bool = True) -> DecodeServer:
                       http_port=s.http_port, token=token,
                       model_name=s.model_name or cfg.run.name,
                       default_stop_ids=tuple(sorted(stop_ids)),
-                      weight_roots=s.weight_roots or (
+                      max_body_bytes=s.max_body_bytes, weight_roots=s.weight_roots or (
                           cfg.placement.weights_dir or os.path.join(cfg.run.output_dir,
                                                                     "weights"),))

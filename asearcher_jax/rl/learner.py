@@ -201,6 +201,9 @@ class Learner:
           batch = shard_batch(batch, self.mesh)
           self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state, batch)
           m = {k: float(v) for k, v in jax.device_get(m).items() if np.ndim(v) == 0}
+          if m.get("nonfinite_updates"):
+            log.error("step %d: %d update(s) skipped, their loss or gradient not finite "
+                      "(groups %s)", self.step + 1, int(m["nonfinite_updates"]), ids)
         else:
           m = {}
         train_s = time.perf_counter() - t1
