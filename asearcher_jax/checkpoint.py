@@ -12,6 +12,7 @@ carries a `tokenizer/` folder is a *policy checkpoint*: `from_pretrained` and
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Any
@@ -52,10 +53,25 @@ class Checkpointer:
     self.close()
 
   def latest_step(self) -> int | None:
-    return self._mngr.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def all_steps(self) -> list[int]:
-    return list(self._mngr.all_steps())
+    """The steps that can be restored, oldest first. A step that a killed deletion (or a disk
+    fault) left without one of its items is not listed, so a resume falls back to the one
+    before it instead of failing on it."""
+    return sorted(s for s in self._mngr.all_steps() if self._whole(s))
+
+  def _whole(self, step: int) -> bool:
+    d = os.path.join(self.directory, str(step))
+    try:
+      with open(os.path.join(d, "_CHECKPOINT_METADATA")) as f:
+        items = json.load(f)["item_handlers"]
+    except (OSError, ValueError, KeyError, TypeError):
+      return not os.path.isdir(d)  # not a layout this knows: trust orbax's listing
+    return bool(items) and all(os.path.isdir(os.path.join(d, k)) and os.listdir(
+        os.path.join(d, k)) for k in items) and os.path.exists(os.path.join(d, "params",
+                                                                            "_METADATA"))
 
   def save(self, step: int, *, params: dict[str, jax.Array], opt_state=None, version: int = 0,
            metadata: dict[str, Any] | None = None,

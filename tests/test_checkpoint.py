@@ -84,6 +84,24 @@ def test_max_to_keep_prunes_old_steps(tmp_path):
   assert sorted(int(d) for d in os.listdir(tmp_path) if d.isdigit()) == [2, 3]
 
 
+@pytest.mark.parametrize("damage", ["params", "meta", "params/_METADATA"])
+def test_a_half_deleted_step_is_not_listed_and_the_one_before_restores(tmp_path, damage):
+  """A deletion killed half-way (orbax prunes old steps with rmtree) or a disk fault can leave
+  a step without one of its items: it is not listed, and a resume takes the step before it."""
+  params = flat_params(create_model(CFG, MESH_A, seed=0))
+  with Checkpointer(str(tmp_path), async_save=False) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, params=params, version=step)
+  target = tmp_path / "2" / damage
+  shutil.rmtree(target) if target.is_dir() else target.unlink()
+  params_t, _ = targets(MESH_A, make_optimizer(OptimizerSection()))
+  with Checkpointer(str(tmp_path), read_only=True) as ckpt:
+    assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+    restored = ckpt.restore(params_target=params_t)
+  assert restored["version"] == 1
+  assert_trees_equal(restored["params"], params)
+
+
 def test_missing_step_and_missing_directory_are_clear(tmp_path):
   with pytest.raises(CheckpointError, match="no such checkpoint directory"):
     Checkpointer(str(tmp_path / "nope"), read_only=True)
