@@ -106,7 +106,6 @@ class ReplayQueue:
     self._acked_leases: set[str] = set()  # an ack retried after a lost reply is still True
     self._workers: dict[str, list[int]] = {}  # worker -> [accepted, cursor]
     self._version = 0
-    self._max_version = 0  # the highest ever published: no token can come from beyond it
     self._seq = 0
     self._duplicates = 0
     self._expired = 0
@@ -152,7 +151,6 @@ class ReplayQueue:
       self._acked_leases.update(r.get("leases", ()))
     elif op == "version":
       self._version = int(r["v"])
-      self._max_version = max(self._max_version, self._version)
     elif op == "worker":
       self._workers[r["worker"]] = [int(r["accepted"]), int(r["cursor"])]
     else:
@@ -171,9 +169,7 @@ class ReplayQueue:
       live = sorted(self._groups.values(), key=lambda e: e.seq)
       tmp = self._path + ".tmp"
       with open(tmp, "w", encoding="utf-8") as f:
-        peak = [{"op": "version", "v": self._max_version}] if self._max_version > self._version \
-            else []
-        for r in (peak + [{"op": "version", "v": self._version},
+        for r in ([{"op": "version", "v": self._version},
                    {"op": "consumed", "groups": sorted(self._consumed),
                     "leases": sorted(self._acked_leases)}]
                   + [e.group.to_record() for e in live]
@@ -317,26 +313,20 @@ class ReplayQueue:
       return self._expire()
 
   def set_version(self, v: int) -> None:
-    """The learner's published policy version (rollout workers read it for admission). It may
-    go back: a learner resumed from a checkpoint older than its last publication republishes
-    the checkpoint's version."""
+    """The learner's published policy version (rollout workers read it for admission). It only
+    moves forward (a resumed learner tags its restored weights above everything served), so
+    admission, staleness and the check that no token comes from the future stay sound."""
     with self._lock:
-      if int(v) < 0:
-        raise ValueError(f"version must be >= 0, got {v}")
+      if int(v) < self._version:
+        raise ValueError(f"version {v} is behind the published {self._version}: versions only "
+                         "move forward")
       if int(v) != self._version:
         self._append({"op": "version", "v": int(v)})
         self._version = int(v)
-        self._max_version = max(self._max_version, self._version)
 
   @property
   def version(self) -> int:
     return self._version
-
-  @property
-  def max_version(self) -> int:
-    """The highest version ever published (the current one, unless a learner resumed from an
-    older checkpoint): groups sampled by a later one cannot exist."""
-    return self._max_version
 
   def worker_state(self, worker: str) -> tuple[int, int]:
     """(groups of `worker` ever accepted, its cursor from the last one); (0, 0) if none."""

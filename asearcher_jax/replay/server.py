@@ -55,7 +55,7 @@ class ReplayServicer(replay_pb2_grpc.ReplayServicer):
     group = group_from_proto(request.group)
 
     def put():  # decoding and checking a big group is work: off the event loop
-      check_group(group, version=self.queue.max_version, vocab_size=self.vocab_size)
+      check_group(group, version=self.queue.version, vocab_size=self.vocab_size)
       return self.queue.put(group)
     return replay_pb2.PutResponse(status=await asyncio.to_thread(put))
 
