@@ -226,6 +226,8 @@ def test_search_r1_grpo_batch_and_empty_queries(server, world_dir):
   assert refs[0] == "" and refs[1].startswith("Doc 1(Title: ") and len(refs) == 130
   status, body = post(server.url + "/retrieve", {"queries": []})
   assert status == 200 and body["result"] == []
+  status, body = post(server.url + "/retrieve", {"queries": ["", " "]})  # no query to search
+  assert status == 200 and body["result"] == [[], []]
 
 
 def test_a_body_that_cannot_be_read_is_400(server):
@@ -245,15 +247,16 @@ def test_unknown_route_and_method(server):
 def test_fuzz_bad_requests_server_keeps_serving(server):
   rng = random.Random(0)
   values = [None, 0, -1, 10**9, 3.5, "", "x", [], [""], ["ok"], [1], {}, {"a": 1}, True,
-            "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "replace")]
-  for _ in range(150):
+            "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "replace"), "\ud800",
+            ["\ud800"], ["ok"] * 70, float("nan"), float("inf"), "dense", "bm25", ["x" * 1001]]
+  for _ in range(1000):
     path = rng.choice(["/retrieve", "/access"])
     if rng.random() < 0.2:
       raw = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
     else:
       body = {k: rng.choice(values) for k in rng.sample(
           ["queries", "topk", "return_scores", "urls", "mode", "junk"], rng.randrange(0, 5))}
-      raw = json.dumps(body).encode()
+      raw = json.dumps(body, allow_nan=True).encode()
     status, reply = post(server.url + path, None, raw=raw)
     assert status in (200, 400, 404, 413), (status, raw)
     assert ("error" in reply) == (status != 200)

@@ -141,7 +141,8 @@ async def _retrieve(request: web.Request) -> web.Response:
 
   def work(chunk: list[str]) -> list[list[dict]]:
     asked = [i for i, q in enumerate(chunk) if q.strip()]
-    found = index.search([chunk[i] for i in asked], topk, mode=mode, alpha=cfg.hybrid_alpha)
+    found = index.search([chunk[i] for i in asked], topk, mode=mode,
+                         alpha=cfg.hybrid_alpha) if asked else []
     result: list[list[dict]] = [[] for _ in chunk]  # an empty query finds nothing
     for i, per_query in zip(asked, found):
       for row, score in per_query:
