@@ -55,7 +55,9 @@ class ReplayServicer(replay_pb2_grpc.ReplayServicer):
     group = group_from_proto(request.group)
 
     def put():  # decoding and checking a big group is work: off the event loop
-      check_group(group, version=self.queue.version, vocab_size=self.vocab_size)
+      # The learner commits version v + 1 to the decode servers before it sets it here, so a
+      # token may be one version ahead of the queue, never two.
+      check_group(group, version=self.queue.version + 1, vocab_size=self.vocab_size)
       return self.queue.put(group)
     return replay_pb2.PutResponse(status=await asyncio.to_thread(put))
 

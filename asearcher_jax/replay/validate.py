@@ -18,11 +18,11 @@ from asearcher_jax.replay.queue import Group
 def check_group(group: Group, *, version: int, vocab_size: int | None = None
                 ) -> list[Trajectory]:
   """The group's trajectories, decoded; ValueError naming the first trajectory and field that
-  is wrong. `version`: the highest version the learner has published; a group or a token from a
-  later one cannot exist yet."""
+  is wrong. `version`: the newest version the decode servers can hold (the queue's, plus the one
+  being published); a group or a token from a later one cannot exist yet."""
   if not 0 <= group.submit_version <= version:
     raise ValueError(f"group {group.group_id}: submit_version {group.submit_version} is not in "
-                     f"[0, {version}] (the learner's published version)")
+                     f"[0, {version}] (the newest version the servers can hold)")
   return [decode_trajectory(raw, f"group {group.group_id} trajectory {i}", vocab_size=vocab_size,
                             max_version=version) for i, raw in enumerate(group.trajectories)]
 
@@ -50,7 +50,7 @@ def decode_trajectory(raw: bytes, where: str, *, vocab_size: int | None = None,
     raise ValueError(f"{where}: behaviour log-probs must be finite and <= 0")
   if max_version is not None and (t.version[t.loss_mask] > max_version).any():
     raise ValueError(f"{where}: a token was sampled by version "
-                     f"{int(t.version[t.loss_mask].max())}, after the published {max_version}")
+                     f"{int(t.version[t.loss_mask].max())}, beyond the newest {max_version}")
   if not np.isfinite(t.reward):
     raise ValueError(f"{where}: reward {t.reward} is not finite")
   return t

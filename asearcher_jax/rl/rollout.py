@@ -149,6 +149,8 @@ class RolloutWorker:
         try:
           status = await self.replay.put(record)
           break
+        except ValueError:  # refused (INVALID_ARGUMENT): the same group would be refused again
+          raise
         except Exception:  # noqa: BLE001
           if attempt == 3:
             raise
