@@ -180,10 +180,11 @@ class OpenAIServer:
     if max_tokens is None:
       max_tokens = _field(body, "max_tokens", int, None, lambda v: v >= 1, "a positive integer")
     stop = body.get("stop")
-    stop = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else (
-        () if stop is None else None)
-    if stop is None or not all(isinstance(s, str) and s for s in stop) or len(stop) > 8:
+    stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
+    if (not isinstance(stop, (tuple, list)) or len(stop) > 8
+        or not all(isinstance(s, str) and s for s in stop)):
       raise BadRequest("'stop' must be a non-empty string or a list of up to 8 of them")
+    stop = tuple(stop)
     n = _field(body, "n", int, 1, lambda v: 1 <= v <= MAX_N, f"1..{MAX_N}")
     _field(body, "best_of", int, n, lambda v: v == n, f"equal to n ({n}): no other is served")
     stream = body.get("stream", False)
