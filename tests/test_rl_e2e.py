@@ -102,23 +102,26 @@ def test_learner_killed_and_resumed_trains_every_group_once(tmp_path):
 
 def test_the_learner_drops_poison_groups_and_trains_the_rest(tmp_path):
   """Groups no step can use (not a record; a token id outside the vocabulary, which once turned
-  every parameter into NaN) reached the queue past its checks (an old journal, say): the
-  learner drops each with its reason, acknowledges it with the lease, and trains the rest."""
+  every parameter into NaN; tokens from a version not yet published) reached the queue past
+  its checks (an old journal, say): the learner drops each with its reason, acknowledges it
+  with the lease, and trains the rest."""
   queue = ReplayQueue(str(tmp_path / "journal"))
   rng = np.random.default_rng(1)
-  good = [synthetic_group(i, rng) for i in range(4)]
-  bad = [synthetic_group(10 + i, rng) for i in range(2)]
+  good = [synthetic_group(i, rng) for i in range(5)]
+  bad = [synthetic_group(10 + i, rng) for i in range(3)]
   record = json.loads(bad[0].trajectories[0])
   bad[0].trajectories[0] = json.dumps({**record, "tokens": [10**6] * len(record["tokens"])}
                                       ).encode()
   bad[1].trajectories[1] = b"\xff not a record"
-  for g in (good[0], bad[0], good[1], bad[1], good[2], good[3]):  # leased two at a time
+  future = [-1 if v < 0 else 500_000 for v in record["version"]]  # staleness -500,000
+  bad[2].trajectories[0] = json.dumps({**record, "version": future}).encode()
+  for g in (good[0], bad[0], good[1], bad[1], good[2], bad[2], good[3], good[4]):  # by twos
     assert queue.put(g) == "accepted"
   config = tmp_path / "learner.yaml"
   config.write_text(yaml.safe_dump({
       "model": {"arch": TINY_ARCH, "dtype": "float32", "attention": "xla"},
       "optimizer": {"learning_rate": 1e-3}, "checkpoint": {"every_steps": 3, "async_save": False},
-      "rl": {"batch_groups": 2, "total_steps": 3, "row_tokens": 256, "micro_batch_rows": 2,
+      "rl": {"batch_groups": 2, "total_steps": 4, "row_tokens": 256, "micro_batch_rows": 2,
              "max_head_offpolicyness": 100},
       "run": {"output_dir": str(tmp_path / "run")}}))
   srv = ReplayServer(queue).start_in_thread()
@@ -129,11 +132,12 @@ def test_the_learner_drops_poison_groups_and_trains_the_rest(tmp_path):
   finally:
     srv.stop_thread()
   assert done.returncode == 0, done.stdout + done.stderr
-  assert "outside the vocabulary" in done.stderr and "not a JSON trajectory record" in done.stderr
+  for reason in ("outside the vocabulary", "not a JSON trajectory record", "version 500000"):
+    assert reason in done.stderr
   lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
   assert sorted(g for m in lines for g in m["groups"]) == sorted(g.group_id for g in good)
-  assert lines[-1]["dropped_groups"] == 2 and all(np.isfinite(m["loss"]) for m in lines)
-  assert stats.consumed == 6 and stats.queued == 0
+  assert lines[-1]["dropped_groups"] == 3 and all(np.isfinite(m["loss"]) for m in lines)
+  assert stats.consumed == 8 and stats.queued == 0
 
 
 TRAIN_OVERRIDES = ["model.arch.num_layers=2", "rl.group_size=2", "rl.batch_groups=2",

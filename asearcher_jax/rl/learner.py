@@ -187,7 +187,7 @@ class Learner:
             continue
           try:  # the last line against poison: dropped with its reason, acked with the lease
             trajs = [decode_trajectory(b, f"group {g.group_id} trajectory {i}",
-                                       vocab_size=self.vocab_size)
+                                       vocab_size=self.vocab_size, max_version=self.version)
                      for i, b in enumerate(g.trajectories)]
           except ValueError as e:
             log.error("dropping a group the learner cannot train on: %s", e)
