@@ -284,8 +284,6 @@ class OpenAIServer:
         length += len(detok.add([t]))
         if length >= len(text):
           break
-      else:
-        covered = len(ids)
     reason = "stop" if hit or r.finish_reason == "stop" else "length"
     return text, reason, covered
 

@@ -154,12 +154,13 @@ class Learner:
     from asearcher_jax.rl.batch import build_batch, shard_batch
     rl = self.cfg.rl
     total = rl.total_steps if steps is None else self.step + steps
+    if self.version == 0:
+      # Restarted before its first checkpoint: the initial weights take a fresh tag above
+      # everything served, as restore() gives restored ones (versions only move forward).
+      served = int(self.replay.state("").version)
+      if served > 0:
+        self.version = served + 1
     if self.version > 0:  # resumed: the servers must serve what the learner holds
-      self.publish()
-    elif int(self.replay.state("").version) > 0:
-      # Restarted before its first checkpoint: the initial weights under a fresh tag above
-      # everything served, as a resume does (versions only move forward).
-      self.version = int(self.replay.state("").version) + 1
       self.publish()
     else:  # a fresh run: the servers load the same initial policy from the same config
       self.replay.set_version(0)
