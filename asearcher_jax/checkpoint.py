@@ -5,16 +5,15 @@ atomic (orbax writes a temporary directory and renames it when complete), so a
 crash mid-save leaves the previous step as the latest. Restores take target
 shardings, so a checkpoint written on one mesh loads onto any other.
 
-A checkpoint that also records `model_config` (the HF config.json dict) and
-carries a `tokenizer/` folder is a *policy checkpoint*: `from_pretrained` and
-`asearcher convert` read it like an HF directory.
+It knows nothing of the model: a *policy checkpoint* (one that also records the HF
+`model_config` and carries a `tokenizer/` folder, which `from_pretrained` and `asearcher convert`
+read like an HF directory) is written and read by `models/pretrained.py` on top of it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -22,9 +21,6 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from asearcher_jax.errors import CheckpointError
-from asearcher_jax.models.config import QwenConfig
-
-TOKENIZER_SUBDIR = "tokenizer"
 
 
 def abstract_like(tree, shardings):
@@ -136,12 +132,6 @@ class Checkpointer:
     return dict(self._mngr.restore(
         step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))["manifest"])
 
-  def restore_params(self, model, mesh, step: int | None = None) -> dict[str, jax.Array]:
-    """Just the parameters of `model` (abstract is fine), laid out over `mesh`."""
-    from asearcher_jax.models.pretrained import flat_params, param_shardings
-    target = abstract_like(flat_params(model), param_shardings(model, mesh))
-    return self.restore(step, params_target=target)["params"]
-
   def wait(self) -> None:
     """Blocks until every pending asynchronous save is committed."""
     self._mngr.wait_until_finished()
@@ -149,40 +139,3 @@ class Checkpointer:
   def close(self) -> None:
     self._mngr.wait_until_finished()
     self._mngr.close()
-
-
-def save_policy(directory: str, step: int, params: dict[str, jax.Array], cfg: QwenConfig, *,
-                tokenizer_dir: str | None = None, version: int = 0,
-                metadata: dict[str, Any] | None = None, async_save: bool = False,
-                manifest: dict[str, Any] | None = None) -> None:
-  """Saves params as a policy checkpoint: model config and tokenizer travel with the weights
-  (and, when given, the weights' content manifest). Every process of a multi-process run
-  calls it."""
-  from asearcher_jax.models.hf_checkpoint import copy_tokenizer_files
-  meta = dict(metadata or {}, model_config=cfg.to_hf_dict())
-  if tokenizer_dir and jax.process_index() == 0:  # first, so a complete step implies a tokenizer
-    dst = os.path.join(os.path.abspath(directory), TOKENIZER_SUBDIR)
-    staging = dst + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    copy_tokenizer_files(tokenizer_dir, staging)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.rename(staging, dst)
-  with Checkpointer(directory, async_save=async_save) as ckpt:
-    ckpt.save(step, params=params, version=version, metadata=meta, manifest=manifest)
-
-
-def read_policy_meta(directory: str, step: int | None = None) -> tuple[QwenConfig, str | None]:
-  """(model config, tokenizer dir or None) of a policy checkpoint."""
-  with Checkpointer(directory, async_save=False, read_only=True) as ckpt:
-    if not ckpt.all_steps():
-      raise CheckpointError(f"{directory}: neither an HF directory (no config.json) nor an "
-                            "orbax checkpoint with a complete step")
-    meta = ckpt.read_meta(step)
-  model_config = meta.get("metadata", {}).get("model_config")
-  if model_config is None:
-    raise CheckpointError(f"{directory}: checkpoint has no model_config; it is a training "
-                          "checkpoint, not a policy checkpoint")
-  cfg = QwenConfig.from_hf_dict(model_config, source=f"{directory} (model_config)")
-  tok = os.path.join(os.path.abspath(directory), TOKENIZER_SUBDIR)
-  return cfg, (tok if os.path.isdir(tok) else None)

@@ -36,7 +36,7 @@ def cmd_config(args) -> int:
 def cmd_plan(args) -> int:
   """per-device memory of the learner and the decode servers; refuses a config that won't fit"""
   from asearcher_jax.config import load_config
-  from asearcher_jax.plan import plan
+  from asearcher_jax.memory_plan import plan
   cfg = load_config(args.config, args.overrides)
   p = plan(cfg, devices=args.devices, decode_devices=args.decode_devices,
            device_memory_gib=args.device_memory, platform=args.platform)
@@ -56,7 +56,7 @@ def cmd_init_model(args) -> int:
   if args.tokenizer_corpus:
     import dataclasses
 
-    from asearcher_jax.world.tokenizer import train_tokenizer
+    from asearcher_jax.agent.tokenizer import train_tokenizer
     tokenizer = train_tokenizer(args.tokenizer_corpus, arch.vocab_size)
     arch = dataclasses.replace(arch, eos_token_id=tokenizer.eos_id)
     print(f"trained a {tokenizer.vocab_size}-token BPE tokenizer on "
@@ -75,16 +75,16 @@ def cmd_init_model(args) -> int:
 
 def cmd_convert(args) -> int:
   """HF directory -> orbax policy checkpoint, or orbax policy checkpoint -> HF directory."""
-  from asearcher_jax.checkpoint import save_policy
   from asearcher_jax.models import flat_params, from_pretrained, save_pretrained
-  from asearcher_jax.models.pretrained import is_hf_dir, tokenizer_dir
+  from asearcher_jax.models.pretrained import save_policy
+  from asearcher_jax.models.tokenizer import is_hf_dir, tokenizer_dir
   to = args.to or ("orbax" if is_hf_dir(args.src) else "hf")
   if to == "orbax" and os.path.exists(args.dst) and os.listdir(args.dst) and not args.overwrite:
     raise SystemExit(f"{args.dst} exists and is not empty (use --overwrite)")
   start = time.time()
   model, _, cfg = from_pretrained(args.src, tokenizer=False, step=args.step,
                                   param_dtype=args.param_dtype)
-  tok_dir = tokenizer_dir(args.src, args.step)
+  tok_dir = tokenizer_dir(args.src)
   if to == "orbax":
     if args.overwrite:
       shutil.rmtree(args.dst, ignore_errors=True)
@@ -166,8 +166,8 @@ def cmd_eval(args) -> int:
     from asearcher_jax.inference.server import build_server
     served = load_config(args.config, overrides + ["serve.grpc_port=0", "serve.http_port=null"])
     if served.search.backend == "local":
-      from asearcher_jax.tools.cli import default_world_index
       from asearcher_jax.tools.retrieval_server import serve_index
+      from asearcher_jax.world.io import default_world_index
       retrieval = serve_index(served.retrieval.index or default_world_index(), served.retrieval)
       overrides.append(f"search.url={retrieval.url}")
     server = build_server(served, progress=not args.no_progress).start_in_thread()
@@ -244,7 +244,7 @@ def cmd_data_build(args) -> int:
 def cmd_train(args) -> int:
   """asynchronous RL on one host: retrieval, decode server(s), replay queue, learner, rollouts"""
   from asearcher_jax.config import load_config
-  from asearcher_jax.rl.launch import train
+  from asearcher_jax.rl.supervisor import train
   cfg = load_config(args.config, args.overrides)
   return train(cfg, config_path=args.config, overrides=args.overrides, resume=args.resume,
                progress=not args.no_progress, echo=lambda s: print(s, flush=True))
@@ -413,8 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true")
   p.set_defaults(fn=cmd_data_build)
 
-  from asearcher_jax.tools.cli import register as register_tools
-  register_tools(sub)  # index build, retrieval serve, world build
+  from asearcher_jax.commands import search, world
+  search.register(sub)  # index build, retrieval serve
+  world.register(sub)  # world build, world solve
   return parser
 
 

@@ -1,6 +1,8 @@
 """Typed run configuration: YAML files under configs/, validated at load, with dotted overrides.
 
-Defaults live here and only here; a YAML file states what differs. A file may
+Each default lives once, in its section's class beside the package it configures
+(`rl/config.py`, `models/config.py`, ...; all listed in docs/config.md); this module assembles
+them into `Config` and loads files. A YAML file states what differs. A file may
 `base:` another file (relative path), which it then overrides key by key.
 Unknown keys are errors that name the key and the file, as are type errors.
 Overrides on the command line look like `model.arch.num_layers=4` and take
@@ -10,55 +12,23 @@ YAML values (`mesh.fsdp=-1`, `model.path=null`, `optimizer.betas=[0.9,0.95]`).
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import (
-  BaseModel,
-  ConfigDict,
-  Field,
-  ValidationError,
-  field_validator,
-  model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from asearcher_jax.agent.config import AgentSection
 from asearcher_jax.errors import ConfigError
 from asearcher_jax.eval.config import EvalSection
-from asearcher_jax.models.attention import AttentionImpl
-from asearcher_jax.models.config import QwenConfig
-from asearcher_jax.models.qwen import RematPolicy
+from asearcher_jax.inference.config import ServeSection
+from asearcher_jax.models.config import ModelSection
 from asearcher_jax.reward.config import RewardSection
 from asearcher_jax.rl.config import RLSection
+from asearcher_jax.section import DType, Section, check_address
 from asearcher_jax.synth.config import SynthSection
 from asearcher_jax.tools.config import RetrievalSection, SearchClientSection, WebSection
+from asearcher_jax.train.config import OptimizerSection
 from asearcher_jax.world.config import WorldConfig
-
-DType = Literal["float32", "bfloat16", "float16"]
-
-
-class Section(BaseModel):
-  model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSection(Section):
-  """The policy: an HF/orbax directory, or an inline architecture initialised at random."""
-
-  path: str | None = None
-  arch: QwenConfig | None = None
-  param_dtype: DType = "float32"
-  dtype: DType = "bfloat16"
-  attention: AttentionImpl = "auto"
-  remat: RematPolicy = "none"
-  seed: int = 0
-
-  @model_validator(mode="after")
-  def _one_source(self):
-    if (self.path is None) == (self.arch is None):
-      raise ValueError("set exactly one of model.path (a checkpoint) or model.arch "
-                       "(an architecture to initialise at random)")
-    return self
 
 
 class MeshSection(Section):
@@ -72,58 +42,11 @@ class MeshSection(Section):
     return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
 
 
-class OptimizerSection(Section):
-  """AdamW with global-norm clipping and a warmup + cosine/constant schedule."""
-
-  learning_rate: float = Field(1e-6, gt=0)
-  warmup_steps: int = Field(0, ge=0)
-  # Cosine decay to min_lr_ratio over this many steps; -1: over the whole run (SFT's epochs,
-  # RL's rl.total_steps), MaxText's learning_rate_schedule_steps=-1.
-  decay_steps: int | None = Field(None, ge=-1)
-  min_lr_ratio: float = Field(0.0, ge=0, le=1)
-  betas: tuple[float, float] = (0.9, 0.999)
-  eps: float = 1e-8
-  weight_decay: float = 0.01
-  grad_clip: float | None = 1.0
-
-
 class CheckpointSection(Section):
   directory: str | None = None  # defaults to <run.output_dir>/checkpoints
   every_steps: int = Field(50, gt=0)
   max_to_keep: int | None = 3
   async_save: bool = True
-
-
-class ServeSection(Section):
-  """A decode server: slots, lengths, sessions, weight-update mode and where it listens."""
-
-  host: str = "127.0.0.1"
-  grpc_port: int = Field(50051, ge=0, le=65535)  # 0: any free port
-  http_port: int | None = Field(8000, ge=0, le=65535)  # OpenAI-compatible; null disables
-  token: str | None = None  # bearer token; falls back to $ASEARCHER_TOKEN; required off loopback
-  model_name: str | None = None  # reported by /v1/models; defaults to the run name
-  slots: int = Field(8, gt=0)
-  max_len: int = Field(4096, ge=2)
-  min_prefill_bucket: int = Field(16, gt=0)
-  max_pending: int = Field(1024, gt=0)
-  device_sessions: int = Field(16, ge=0)
-  host_sessions: int = Field(256, ge=0)
-  update_mode: Literal["abort", "keep_kv"] = "abort"
-  warmup: bool = False  # compile every prefill bucket and attention window before serving
-  # Folders UpdateWeights may load from (symlinks resolved); anything else is refused without
-  # saying whether it exists. Empty: the run's published weights (placement.weights_dir, else
-  # <run.output_dir>/weights).
-  weight_roots: tuple[str, ...] = ()
-  max_body_bytes: int = Field(16 << 20, ge=1024)  # an HTTP request body; larger is a 400
-
-
-_ADDRESS = r"^\[?[A-Za-z0-9_.:-]+\]?:\d{1,5}$"  # host:port (IPv6 in brackets)
-
-
-def _check_address(value: str, key: str) -> str:
-  if not re.match(_ADDRESS, value):
-    raise ValueError(f"{key}: expected host:port, got {value!r}")
-  return value
 
 
 class DistributedSection(Section):
@@ -152,7 +75,7 @@ class DistributedSection(Section):
   @model_validator(mode="after")
   def _check(self):
     if self.coordinator_address is not None:
-      _check_address(self.coordinator_address, "distributed.coordinator_address")
+      check_address(self.coordinator_address, "distributed.coordinator_address")
     if (self.num_processes is not None and self.process_id is not None
         and self.process_id >= self.num_processes):
       raise ValueError(f"distributed.process_id {self.process_id} must be below "
@@ -191,9 +114,9 @@ class PlacementSection(Section):
   @model_validator(mode="after")
   def _check(self):
     if self.replay_address is not None:
-      _check_address(self.replay_address, "placement.replay_address")
+      check_address(self.replay_address, "placement.replay_address")
     for a in self.decode_addresses:
-      _check_address(a, "placement.decode_addresses")
+      check_address(a, "placement.decode_addresses")
     for key in ("learner_devices", "decode_devices"):
       ids = getattr(self, key)
       if ids is not None and (not ids or len(set(ids)) != len(ids) or min(ids) < 0):

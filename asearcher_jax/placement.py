@@ -18,6 +18,7 @@ from typing import Literal, MutableMapping, Sequence
 
 from asearcher_jax import auth
 from asearcher_jax.errors import ConfigError
+from asearcher_jax.section import check_address
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +136,9 @@ def worker_decode_address(cfg, worker: int) -> str:
 
 def _check_reachable(cfg, addresses: Sequence[str], what: str) -> None:
   """Servers off loopback refuse clients without a token: say so before connecting."""
-  from asearcher_jax.config import _check_address
   for a in addresses:
     try:
-      _check_address(a, what)
+      check_address(a, what)
     except ValueError as e:
       raise ConfigError(str(e)) from None
   remote = [a for a in addresses if not auth.is_loopback(a.rsplit(":", 1)[0].strip("[]"))]

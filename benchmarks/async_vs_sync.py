@@ -237,7 +237,7 @@ class RecordingReplay(LocalReplay):
       v, step = self.learner.version, collections.Counter()
       for g in lease.groups:
         for raw in g.trajectories:
-          t = Trajectory.from_json(raw)
+          t = Trajectory.from_record(raw)
           self.turns.append(t.num_turns)
           lag = v - t.version[np.asarray(t.loss_mask, bool)]
           self.masked += int((lag > self.limit).sum())

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import single_device_mesh, tiny_config
 
-from asearcher_jax.config import OptimizerSection
 from asearcher_jax.inference import Driver, Engine, Request, SamplingParams
 from asearcher_jax.models import create_model
+from asearcher_jax.train.config import OptimizerSection
 from asearcher_jax.train.lm import PackedBatch, make_sft_step
 from asearcher_jax.train.optimizer import make_optimizer
 

@@ -13,7 +13,7 @@ from conftest import single_device_mesh, tiny_config
 from flax import nnx
 
 from asearcher_jax.agent import Agent, AgentSection, Completion, DecodePolicy, OpenAIPolicy, score
-from asearcher_jax.config import Config, OptimizerSection
+from asearcher_jax.config import Config
 from asearcher_jax.data import QAItem
 from asearcher_jax.eval import evaluate
 from asearcher_jax.inference import Driver, Engine
@@ -25,10 +25,13 @@ from asearcher_jax.tools.client import LocalSearchClient
 from asearcher_jax.tools.config import SearchClientSection
 from asearcher_jax.tools.index import SearchIndex, build_index
 from asearcher_jax.tools.retrieval_server import ServerThread, create_app
+from asearcher_jax.train.config import OptimizerSection
 from asearcher_jax.train.lm import PackedBatch, make_sft_step
 from asearcher_jax.train.optimizer import make_optimizer
 from asearcher_jax.train.packing import pack_sequences
 from asearcher_jax.world import WorldConfig, generate_world, write_world
+
+pytestmark = pytest.mark.e2e
 
 MESH = single_device_mesh()
 ARCH = tiny_config("qwen3", vocab_size=300, eos_token_id=258, hidden_size=128,

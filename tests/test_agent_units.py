@@ -27,7 +27,7 @@ from asearcher_jax.eval.report import (
   incomparable,
   paired_intervals,
 )
-from asearcher_jax.inference.sampling import SamplingParams
+from asearcher_jax.inference.protocol import SamplingParams
 from asearcher_jax.models.tokenizer import build_tokenizer
 
 ACT_STOPS = ("</search>", "</access>", "</answer>")

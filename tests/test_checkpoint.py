@@ -10,10 +10,10 @@ import pytest
 from conftest import tiny_config
 
 from asearcher_jax.checkpoint import Checkpointer, abstract_like
-from asearcher_jax.config import OptimizerSection
 from asearcher_jax.errors import CheckpointError
 from asearcher_jax.models import abstract_model, create_model, flat_params, param_shardings
 from asearcher_jax.sharding import make_mesh
+from asearcher_jax.train.config import OptimizerSection
 from asearcher_jax.train.optimizer import make_optimizer, opt_state_shardings
 
 CFG = tiny_config("qwen3", vocab_size=128)

@@ -97,7 +97,7 @@ def test_missing_and_malformed_files(tmp_path):
 def test_decay_over_the_whole_run():
   """decay_steps: -1 decays over the run's length, which the trainer passes in (SFT's epochs,
   RL's total steps); a run that cannot say its length is told to give a number."""
-  from asearcher_jax.config import OptimizerSection
+  from asearcher_jax.train.config import OptimizerSection
   from asearcher_jax.train.optimizer import learning_rate_schedule
   cfg = OptimizerSection(learning_rate=1.0, warmup_steps=2, decay_steps=-1, min_lr_ratio=0.1)
   lr = learning_rate_schedule(cfg, total_steps=10)

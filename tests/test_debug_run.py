@@ -11,7 +11,9 @@ import pytest
 
 from asearcher_jax.agent.trajectory import read_jsonl
 from asearcher_jax.models.tokenizer import Tokenizer
-from asearcher_jax.rl.metrics import read_rollout_logs
+from asearcher_jax.rl.training_log import read_rollout_logs
+
+pytestmark = pytest.mark.e2e
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

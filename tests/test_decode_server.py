@@ -18,14 +18,14 @@ import pytest
 from conftest import single_device_mesh, tiny_config
 from flax import nnx
 
-from asearcher_jax.checkpoint import save_policy
 from asearcher_jax.errors import ConfigError
 from asearcher_jax.inference import Driver, Engine, SamplingParams
 from asearcher_jax.inference.client import DecodeClient
-from asearcher_jax.inference.metrics import DecodeMetrics
+from asearcher_jax.inference.prometheus import DecodeMetrics
 from asearcher_jax.inference.server import DecodeServer, require_token
 from asearcher_jax.models import build_tokenizer, create_model
-from asearcher_jax.models.pretrained import flat_state
+from asearcher_jax.models.params import flat_state
+from asearcher_jax.models.pretrained import save_policy
 
 MESH = single_device_mesh()
 CFG = tiny_config("qwen3", vocab_size=300, eos_token_id=258)

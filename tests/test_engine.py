@@ -14,7 +14,7 @@ from asearcher_jax.errors import CheckpointError
 from asearcher_jax.inference import Driver, Engine, Request, SamplingParams
 from asearcher_jax.inference.weights import load_weights
 from asearcher_jax.models import create_model
-from asearcher_jax.models.pretrained import flat_state
+from asearcher_jax.models.params import flat_state
 
 MESH = single_device_mesh()
 CFG = tiny_config("qwen3", vocab_size=128)

@@ -23,6 +23,8 @@ from asearcher_jax.replay import ReplayQueue, ReplayServer
 from asearcher_jax.replay.client import SyncReplayClient
 from asearcher_jax.replay.protos import replay_pb2, replay_pb2_grpc
 
+pytestmark = pytest.mark.e2e
+
 MESH = single_device_mesh()
 CFG = tiny_config("qwen3", vocab_size=300, eos_token_id=258)
 TOKEN = "fuzz"
@@ -170,7 +172,9 @@ def test_replay_queue_answers_1000_malformed_calls_and_stores_only_sound_groups(
             if rng.random() < 0.6:  # damage one trajectory
               proto.trajectories[rng.randrange(len(proto.trajectories))] = rng.choice(
                   [b"", b"{}", b"\xff\xfe", b"[1]", json.dumps({"tokens": [1]}).encode(),
-                   bytes(rng.randrange(256) for _ in range(40))])
+                   bytes(rng.randrange(256) for _ in range(40)),
+                   g.trajectories[0][:rng.randrange(len(g.trajectories[0]))],  # truncated
+                   b"\x00TRJ" + bytes(rng.randrange(256) for _ in range(40))])
             if rng.random() < 0.1:
               proto.group_id = ""
             resp = stub.Put(replay_pb2.PutRequest(group=proto), timeout=30)

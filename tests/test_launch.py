@@ -17,6 +17,8 @@ from asearcher_jax import placement
 from asearcher_jax.config import load_config
 from asearcher_jax.errors import ConfigError
 
+pytestmark = pytest.mark.e2e
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "launch", "*.sh"))
                  + glob.glob(os.path.join(ROOT, "launch", "*.sbatch")))

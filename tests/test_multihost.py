@@ -19,7 +19,7 @@ from flax import nnx
 
 from asearcher_jax import manifest as weight_manifest
 from asearcher_jax.agent import Trajectory
-from asearcher_jax.checkpoint import Checkpointer, abstract_like, save_policy
+from asearcher_jax.checkpoint import Checkpointer, abstract_like
 from asearcher_jax.config import DistributedSection, load_config
 from asearcher_jax.distributed import resolve
 from asearcher_jax.errors import CheckpointError, ConfigError
@@ -27,13 +27,16 @@ from asearcher_jax.inference import Driver, Engine
 from asearcher_jax.inference.server import DecodeServer
 from asearcher_jax.inference.weights import load_weights
 from asearcher_jax.models import build_tokenizer, create_model
-from asearcher_jax.models.pretrained import flat_state
+from asearcher_jax.models.params import flat_state
+from asearcher_jax.models.pretrained import save_policy
 from asearcher_jax.replay import Group, ReplayQueue, ReplayServer
 from asearcher_jax.rl.batch import build_batch, shard_batch
-from asearcher_jax.rl.launch import free_port
 from asearcher_jax.rl.step import make_ppo_step
+from asearcher_jax.rl.supervisor import free_port
 from asearcher_jax.sharding import make_mesh
 from asearcher_jax.train.optimizer import make_optimizer
+
+pytestmark = pytest.mark.e2e
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 ARCH = {"family": "qwen3", "vocab_size": 64, "hidden_size": 48, "intermediate_size": 96,
@@ -58,7 +61,7 @@ def groups(n: int) -> list[Group]:
       t.seq_starts = [0]
       t.reward = float(j)
       t.status = "answered"
-      trajs.append(t.to_json().encode())
+      trajs.append(t.to_record())
     out.append(Group(group_id=f"g{i}", qid=f"q{i}", submit_version=0, worker="test",
                      cursor=i + 1, trajectories=trajs))
   return out
@@ -96,7 +99,7 @@ def reference(cfg, model, lineage):
   params, opt_state, step = make_ppo_step(model, make_optimizer(cfg.optimizer), cfg.rl)
   out = []
   for group, version, rl in lineage:
-    trajs = [Trajectory.from_json(b) for b in group.trajectories]
+    trajs = [Trajectory.from_record(b) for b in group.trajectories]
     batch, _ = build_batch([trajs], rl, learner_version=version)
     params, opt_state, metrics = step(params, opt_state, shard_batch(batch, mesh))
     out.append(({k: np.asarray(v) for k, v in flat_state(params).items()},

@@ -14,7 +14,7 @@ import pytest
 
 from asearcher_jax.procs import Child, ChildExited, wait_ready
 from asearcher_jax.replay import ReplayQueue, ReplayServer, SyncReplayClient
-from asearcher_jax.rl.launch import _grpc_ready, free_port
+from asearcher_jax.rl.supervisor import _grpc_ready, free_port
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")

@@ -15,14 +15,16 @@ import subprocess
 import sys
 
 import grpc
+import numpy as np
 import pytest
 
-from asearcher_jax.agent.trajectory import Trajectory
+from asearcher_jax.agent.trajectory import RECORD_MAGIC, Trajectory, Turn
 from asearcher_jax.errors import ConfigError, DataError
 from asearcher_jax.replay import Group, ReplayQueue
 from asearcher_jax.replay.client import ReplayClient, ReplayUnavailable, SyncReplayClient
 from asearcher_jax.replay.queue import JOURNAL
 from asearcher_jax.replay.server import ReplayServer
+from asearcher_jax.replay.validate import decode_trajectory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +46,7 @@ def trajectory(gid: str, i: int, v: int) -> Trajectory:
 
 
 def group(gid: str, v: int = 0, worker: str = "w0", cursor: int = 0, size: int = 2) -> Group:
-  trajs = [trajectory(gid, i, v).to_json().encode() for i in range(size)]
+  trajs = [trajectory(gid, i, v).to_record() for i in range(size)]
   return Group(gid, f"q-{gid}", v, worker, cursor, trajs, created=123.0)
 
 
@@ -63,7 +65,7 @@ def test_oldest_version_first_ties_by_arrival_and_whole_groups():
   first = q.lease(3, 10)
   assert ids(first) == ["d", "b", "e"]
   assert all(len(g.trajectories) == 2 for g in first.groups)
-  assert Trajectory.from_json(first.groups[0].trajectories[1]).sample == 1
+  assert Trajectory.from_record(first.groups[0].trajectories[1]).sample == 1
   assert q.lease(3, 10) is None  # only two left: exactly `count` or nothing
   assert q.stats()["queued"] == 2
   assert ids(q.lease(2, 10)) == ["a", "c"]
@@ -167,6 +169,33 @@ def test_non_utf8_payload_round_trips(tmp_path):
   g = Group("x", "q", 0, "w", 0, [b"\xff\xfe raw \x00 bytes", "é".encode()], 1.0)
   q.put(g)
   assert ReplayQueue(str(tmp_path)).lease(1, 5).groups[0].trajectories == g.trajectories
+
+
+def test_a_journal_of_json_payloads_from_an_older_run_still_loads(tmp_path):
+  """Before the binary record, puts journaled the payloads as text ("trajectories": [str],
+  non-UTF-8 bytes as surrogate escapes) and those payloads were JSON records."""
+  old = [trajectory("old", i, 1) for i in range(2)]
+  lines = [{"op": "version", "v": 1},
+           {"op": "put", "group_id": "old", "qid": "q-old", "submit_version": 1, "worker": "w0",
+            "cursor": 3, "created": 5.0, "trajectories": [t.to_json() for t in old]},
+           {"op": "put", "group_id": "raw", "qid": "q", "submit_version": 1, "worker": "w0",
+            "cursor": 4, "created": 6.0,
+            "trajectories": [b"\xff\xfe".decode("utf-8", "surrogateescape")]}]
+  (tmp_path / JOURNAL).write_text("".join(json.dumps(r) + "\n" for r in lines))
+  q = ReplayQueue(str(tmp_path), compact_bytes=1 << 30)
+  q.put(group("new", v=1))  # a binary group appended to the old journal
+  for reopened in (ReplayQueue(str(tmp_path)), None):
+    if reopened is None:  # compaction rewrites the old puts in the new form
+      q.compact()
+      reopened = ReplayQueue(str(tmp_path))
+    groups = {g.group_id: g for g in reopened.lease(3, 60).groups}
+    assert groups["raw"].trajectories == [b"\xff\xfe"]
+    got = [decode_trajectory(b, "old") for b in groups["old"].trajectories]
+    assert [t.to_json() for t in got] == [t.to_json() for t in old]
+    assert groups["new"].trajectories == group("new", v=1).trajectories
+    assert groups["new"].trajectories[0].startswith(RECORD_MAGIC)
+  with open(tmp_path / JOURNAL) as f:
+    assert all("trajectories_b64" in r for r in map(json.loads, f) if r["op"] == "put")
 
 
 def test_compaction_keeps_semantics(tmp_path):
@@ -358,6 +387,73 @@ def test_exactly_once_across_a_queue_kill(tmp_path):
   assert set(counts) == set(put) and set(counts.values()) == {1}
 
 
+# -- the binary record ------------------------------------------------------------------------
+
+def episode(seed: int = 0, vocab: int = 151_936) -> Trajectory:
+  """A typical search episode: a 400-token prompt, four turns of 150 sampled tokens with a
+  300-token tool result after each, a rewritten context (a second sequence), a transcript of
+  ~4 characters a token, as `agent.episode` writes one."""
+  rng = np.random.default_rng(seed)
+  t = Trajectory(qid="nq-7", question="Qui a écrit « Le Petit Prince » ?", answers=["Saint-Ex"],
+                 group_id="g7", sample=2, submit_version=3, prediction="Saint-Ex",
+                 status="answered", reward=1.0, metrics={"f1": 1.0}, valid_instruction=True,
+                 sampling={"temperature": 1.0, "top_p": 1.0}, timings={"episode_s": 12.5})
+  ctx = rng.integers(0, vocab, 400).tolist()
+  t.transcript.append({"role": "prompt", "text": "p" * 4 * len(ctx)})
+  for k in range(4):
+    out = rng.integers(0, vocab, 150).tolist()
+    logp = np.log(rng.uniform(1e-6, 1.0, len(out))).astype(np.float32)
+    a, b = t.record_call(ctx, out, [float(x) for x in logp], [3 + k % 2] * len(out))
+    t.turns.append(Turn("act", a, b, len(ctx), "stop", "search", "a query", True, None, 0.4, 0.1))
+    t.transcript.append({"role": "policy", "text": "é" * 4 * len(out)})
+    tool = rng.integers(0, vocab, 300).tolist()
+    t.transcript.append({"role": "tool", "text": "t" * 4 * len(tool)})
+    ctx = (ctx + out + tool) if k != 1 else (ctx[:400] + tool[:20])  # k = 1: a stubbed page
+  t.check()
+  return t
+
+
+def test_binary_record_round_trips_exactly_and_is_smaller_than_json():
+  t = episode()
+  raw = t.to_record()
+  assert raw[:len(RECORD_MAGIC)] == RECORD_MAGIC and len(t.seq_starts) == 2
+  back = Trajectory.from_record(raw)
+  for k in ("tokens", "loss_mask", "behav_logp", "version"):  # bit for bit, same dtypes
+    a, b = getattr(t, k), getattr(back, k)
+    assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), k
+    b[:1] = b[:1]  # writable: a copy, not a view of the record
+  assert back.to_json() == t.to_json()  # every other field too
+  assert decode_trajectory(raw, "x", vocab_size=151_936, max_version=4).to_json() == t.to_json()
+  assert Trajectory.from_record(t.to_json().encode()).to_json() == t.to_json()  # JSON still
+  # 19 bytes a token against 30 (the transcript's text is the same in both: 13 against 24 without)
+  assert len(raw) < 0.7 * len(t.to_json().encode())
+  empty = Trajectory(qid="q", question="?", answers=[])  # a text-only record: no tokens
+  assert Trajectory.from_record(empty.to_record()).to_json() == empty.to_json()
+
+
+def test_truncated_corrupt_or_unknown_binary_records_raise():
+  raw = trajectory("g", 0, 1).to_record()
+  for n in range(len(RECORD_MAGIC), len(raw)):  # every truncation
+    with pytest.raises(ValueError, match="binary trajectory record"):
+      Trajectory.from_record(raw[:n])
+  with pytest.raises(ValueError, match="truncated or corrupt"):
+    Trajectory.from_record(raw + b"\x00")
+  with pytest.raises(ValueError, match=r"unknown schema version 2 \(this build reads 1\)"):
+    Trajectory.from_record(RECORD_MAGIC + b"\x02" + raw[len(RECORD_MAGIC) + 1:])
+  mask = bytearray(raw)
+  mask[-1] = 7
+  with pytest.raises(ValueError, match="loss_mask bytes other than 0 and 1"):
+    Trajectory.from_record(bytes(mask))
+  head = json.dumps({"qid": "q", "question": "?", "answers": [], "tokens": [1]}).encode()
+  forged = RECORD_MAGIC + b"\x01" + len(head).to_bytes(4, "little") + head + bytes(16)
+  with pytest.raises(ValueError, match=re.escape("header holds per-token fields ['tokens']")):
+    Trajectory.from_record(forged)
+  with pytest.raises(ValueError, match="header is not JSON"):
+    Trajectory.from_record(forged.replace(b'"qid"', b"'qid'"))
+  with pytest.raises(ValueError, match=r"^where: binary trajectory record truncated"):
+    decode_trajectory(raw[:-1], "where")
+
+
 # -- what the queue refuses -------------------------------------------------------------------
 
 def _poison(kind: str) -> Group:
@@ -378,6 +474,13 @@ def _poison(kind: str) -> Group:
     raw = json.dumps({**record, "version": [-1, 500_000, 1]}).encode()
   elif kind == "empty":
     raw = b""
+  elif kind == "binary-truncated":
+    raw = t.to_record()[:-5]
+  elif kind == "binary-schema":
+    raw = RECORD_MAGIC + b"\x09" + t.to_record()[len(RECORD_MAGIC) + 1:]
+  elif kind == "binary-lengths":
+    t.behav_logp = t.behav_logp[:1]
+    raw = t.to_record()
   g.trajectories[1] = raw
   return g
 
@@ -386,7 +489,10 @@ def _poison(kind: str) -> Group:
     ("not-json", "not a JSON trajectory record"), ("unknown-field", "unknown trajectory fields"),
     ("lengths", "differ in length"), ("vocab", "outside the vocabulary [0, 300)"),
     ("nan", "finite"), ("future", "sampled by version 500000"),
-    ("empty", "not a JSON trajectory record")])
+    ("empty", "not a JSON trajectory record"),
+    ("binary-truncated", "trajectory 1: binary trajectory record truncated or corrupt"),
+    ("binary-schema", "trajectory 1: binary trajectory record of unknown schema version 9"),
+    ("binary-lengths", "trajectory 1: tokens, loss_mask, behav_logp and version differ")])
 def test_put_refuses_a_poison_group_and_stores_nothing(server, kind, needle):
   c = SyncReplayClient(server.address, timeout=10)
   with pytest.raises(ValueError, match=re.escape(needle)):
@@ -425,6 +531,7 @@ def test_queue_refuses_unbounded_leases_negative_versions_and_huge_groups():
     (b'{"op": "put", "group_id": "g"}\n', "record 2 ('put') is damaged (KeyError"),
     (b'{"op": "merge"}\n', "unknown journal op 'merge'"),
     (b'[1, 2]\n', "record 2 (None) is damaged"),
+    (b'{"op": "put", "trajectories_b64": ["not base64!"]}\n', "record 2 ('put') is damaged"),
 ])
 def test_a_damaged_journal_is_refused_in_one_line_naming_the_record(tmp_path, damage, needle):
   q = ReplayQueue(str(tmp_path))

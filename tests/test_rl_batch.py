@@ -15,7 +15,7 @@ from flax import nnx
 from asearcher_jax.agent.trajectory import Trajectory
 from asearcher_jax.inference.sampling import processed_logits
 from asearcher_jax.models import create_model
-from asearcher_jax.models.pretrained import flat_state
+from asearcher_jax.models.params import flat_state
 from asearcher_jax.rl import RLSection, TrainBatch, batch_normalize, build_batch, shard_batch
 from asearcher_jax.rl.advantages import group_advantages
 from asearcher_jax.rl.step import make_ppo_loss, make_ppo_step
@@ -151,6 +151,13 @@ def test_staleness_guard_drop_and_mask():
                             learner_version=10)
   assert info["groups_dropped_stale"] == 2 and int(batch.num_tokens) == 0
   assert batch.shape == (1, 2, 16) and not np.asarray(batch.segment_ids).any()
+
+
+def test_an_unsound_trajectory_is_refused_by_its_one_check():
+  t = _traj([([1, 2], [3, 4], [1, 1])], 1.0, sample=4)
+  t.seq_starts = [0, 2, 2]
+  with pytest.raises(ValueError, match=r"trajectory 'q'/4: bad seq_starts \[0, 2, 2\]"):
+    build_batch([[t]], _cfg(), learner_version=1)
 
 
 def test_overlong_sequence_is_truncated_and_counted(caplog):

@@ -10,11 +10,14 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import yaml
 
 from asearcher_jax.agent import Trajectory
 from asearcher_jax.replay import Group, ReplayQueue, ReplayServer, SyncReplayClient
-from asearcher_jax.rl.metrics import read_rollout_logs
+from asearcher_jax.rl.training_log import read_rollout_logs
+
+pytestmark = pytest.mark.e2e
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TINY_ARCH = {"family": "qwen3", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
@@ -239,7 +242,7 @@ def test_a_rollout_worker_killed_mid_episode_leaves_only_complete_groups(tmp_pat
   for g in groups:  # whole groups only: G complete, checkable episodes each
     assert len(g.trajectories) == 3
     for raw in g.trajectories:
-      t = Trajectory.from_json(raw)
+      t = Trajectory.from_record(raw)
       t.check()
       assert t.status != "aborted" and t.group_id == g.group_id and t.loss_tokens > 0
   # The restarted worker went on from its recorded data cursor, not from the start.

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from conftest import single_device_mesh, tiny_config
 from flax import nnx
 
@@ -15,6 +16,8 @@ from asearcher_jax.agent.trajectory import Trajectory
 from asearcher_jax.models import create_model
 from asearcher_jax.rl import RLSection, build_batch, shard_batch
 from asearcher_jax.rl.step import make_ppo_step
+
+pytestmark = pytest.mark.e2e
 
 V, N_OUT, PROMPTS = 8, 3, 8  # vocabulary, tokens per answer, distinct prompts
 BOS = 1

@@ -8,7 +8,7 @@ from flax import nnx
 from asearcher_jax.data import QAItem
 from asearcher_jax.inference import Driver, Engine, Request, SamplingParams
 from asearcher_jax.models import create_model
-from asearcher_jax.models.pretrained import flat_state
+from asearcher_jax.models.params import flat_state
 from asearcher_jax.rl.publish import DriverPublisher
 from asearcher_jax.rl.rollout import PromptStream
 

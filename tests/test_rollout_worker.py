@@ -7,11 +7,11 @@ import types
 
 from asearcher_jax.agent import Trajectory
 from asearcher_jax.data.qa import QAItem
-from asearcher_jax.reward.asearcher import Score
+from asearcher_jax.reward.scorer import Score
 from asearcher_jax.rl.config import RLSection
-from asearcher_jax.rl.metrics import read_rollout_logs, rollout_log_path
 from asearcher_jax.rl.plot import by_version, plot_metrics
 from asearcher_jax.rl.rollout import PromptStream, RolloutWorker
+from asearcher_jax.rl.training_log import read_rollout_logs, rollout_log_path
 
 
 class Agent:
@@ -69,3 +69,44 @@ def test_equal_reward_groups_are_filtered_and_every_scored_group_is_logged(tmp_p
   assert plot_metrics([{"step": 1, "success": 0.5, "reward": 0.5}], str(png), title="t",
                       rollouts=rows) == str(png)
   assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+class FlakyReplay(Replay):
+  """Fails the first puts with the given errors, then answers `status`."""
+
+  def __init__(self, fails, status="accepted"):
+    super().__init__()
+    self.fails, self.status, self.calls = list(fails), status, 0
+
+  async def put(self, group):
+    self.calls += 1
+    if self.fails:
+      raise self.fails.pop(0)
+    self.groups.append(group)
+    return self.status
+
+
+def test_put_retries_transient_errors_but_not_refusals(monkeypatch):
+  sleeps = []
+
+  async def fake_sleep(s):
+    sleeps.append(s)
+
+  monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+  item = QAItem(qid="q-mixed", question="q-mixed?", answers=("Ada",))
+
+  def put_once(replay):
+    sleeps.clear()
+    w = RolloutWorker(worker=0, workers=1, rl=RLSection(group_size=2, batch_groups=1),
+                      agent=Agent(), scorer=Scorer(), replay=replay,
+                      prompts=PromptStream([item], seed=0), poll_s=0.01)
+    assert w.admission.try_start(3)
+    asyncio.run(w._group(item, 0, 3))
+    s = w.stats
+    return replay.calls, list(sleeps), (s.accepted, s.duplicates, s.failed)
+
+  # a duplicate on the first try was queued before a restart; after a retry it is our own put
+  assert put_once(FlakyReplay([], "duplicate")) == (1, [], (0, 1, 0))
+  assert put_once(FlakyReplay([OSError()], "duplicate")) == (2, [1.0], (1, 0, 0))
+  assert put_once(FlakyReplay([ValueError("refused")])) == (1, [], (0, 0, 1))
+  assert put_once(FlakyReplay([OSError()] * 4)) == (4, [1.0, 2.0, 4.0], (0, 0, 1))

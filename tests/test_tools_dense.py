@@ -131,7 +131,7 @@ def test_dense_and_hybrid_index_through_cli_and_server(bert_dir, tmp_path):
   import urllib.error
   import urllib.request
 
-  from asearcher_jax.tools.cli import register
+  from asearcher_jax.commands.search import register
   from asearcher_jax.tools.index import SearchIndex
   from asearcher_jax.tools.retrieval_server import ServerThread, create_app
   path, _, _ = bert_dir

@@ -14,8 +14,9 @@ import aiohttp
 import numpy as np
 import pytest
 
+from asearcher_jax.commands import world as world_commands
+from asearcher_jax.commands.search import register, serve_section
 from asearcher_jax.errors import RetrievalError
-from asearcher_jax.tools.cli import register, serve_section
 from asearcher_jax.tools.config import RetrievalSection
 from asearcher_jax.tools.corpus import read_corpus, read_pages
 from asearcher_jax.tools.index import SearchIndex, build_index
@@ -345,7 +346,9 @@ def test_corpus_title_from_wiki18_contents(tmp_path):
 
 def test_cli_index_build_and_world_build(tmp_path):
   p = argparse.ArgumentParser()
-  register(p.add_subparsers(dest="cmd", required=True))
+  sub = p.add_subparsers(dest="cmd", required=True)
+  register(sub)
+  world_commands.register(sub)
   out = str(tmp_path / "w")
   args = p.parse_args(["world", "build", "--out", out, "--seed", "5", "--max-hops", "2",
                        "--questions-per-hop", "20", "--num-people", "40", "--num-cities", "10",
@@ -384,7 +387,7 @@ def test_retrieval_serve_honours_config_file_and_flags(tmp_path):
 
 
 def test_default_world_index_built_once(tmp_path, monkeypatch):
-  from asearcher_jax.tools.cli import default_world_index
+  from asearcher_jax.world.io import default_world_index
   monkeypatch.setenv("ASEARCHER_CACHE", str(tmp_path))
   path = default_world_index()
   assert path.startswith(str(tmp_path))

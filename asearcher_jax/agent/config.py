@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from asearcher_jax.section import Section
 
 
-class AgentSection(BaseModel):
+class AgentSection(Section):
   """ASearcher's agent. `variant: base` keeps one growing context (the base-model prompt, tool
   output spliced in as <information>); `variant: reasoning` builds a fresh prompt each turn from
   a bounded history of the agent's own notes (the QwQ-style agent for reasoning models)."""
 
-  model_config = ConfigDict(extra="forbid", frozen=True)
 
   variant: Literal["base", "reasoning"] = "base"
   # A packaged prompt (asearcher, asearcher_search_only; with template chat, asearcher means

@@ -33,8 +33,8 @@ from asearcher_jax.agent.policy import Completion, ContextTooLong, Policy, Polic
 from asearcher_jax.agent.prompts import INVALID_INSTRUCTION, VALID_INSTRUCTION, render
 from asearcher_jax.agent.trajectory import Trajectory, Turn
 from asearcher_jax.data.qa import QAItem
-from asearcher_jax.inference.sampling import SamplingParams
-from asearcher_jax.reward.asearcher import Scorer
+from asearcher_jax.inference.protocol import SamplingParams
+from asearcher_jax.reward.scorer import Scorer
 from asearcher_jax.tools.client import SearchClient, chunks
 
 ACT_STOPS = ("</search>", "</access>", "</answer>")

@@ -17,9 +17,9 @@ import aiohttp
 import grpc
 
 from asearcher_jax.inference.client import DecodeClient
-from asearcher_jax.inference.driver import QueueFullError
-from asearcher_jax.inference.sampling import SamplingParams
+from asearcher_jax.inference.protocol import QueueFullError, SamplingParams
 from asearcher_jax.models.tokenizer import Tokenizer
+from asearcher_jax.retry import Transient, retrying
 
 
 class PolicyUnavailable(RuntimeError):
@@ -74,14 +74,13 @@ class DecodePolicy:
     sampling = dataclasses.replace(
         sampling, stop_token_ids=tuple(dict.fromkeys(sampling.stop_token_ids + self.eos_ids)))
     try:
-      for attempt in range(self.queue_retries + 1):
-        try:
+      async for attempt in retrying(attempts=self.queue_retries + 1, base_s=0.2, max_s=10.0,
+                                    retry_on=QueueFullError, jitter=False,
+                                    sleep=lambda s: asyncio.sleep(s)):
+        with attempt:
           r = await self.client.generate(prompt.ids, sampling, session_id=session_id)
-          break
-        except QueueFullError:
-          if attempt == self.queue_retries:
-            raise PolicyUnavailable(f"decode server {self.client.address}: queue full") from None
-          await asyncio.sleep(min(10.0, 0.2 * 2 ** attempt))
+    except QueueFullError:
+      raise PolicyUnavailable(f"decode server {self.client.address}: queue full") from None
     except ValueError as e:
       if "maximum is" in str(e) or "max_len" in str(e):
         raise ContextTooLong(str(e)) from None
@@ -145,26 +144,26 @@ class OpenAIPolicy:
     return self._session
 
   async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    last = None
-    for attempt in range(self.max_retries + 1):
-      if attempt:
-        await asyncio.sleep(min(8.0, 0.5 * 2 ** attempt))
-      try:
-        async with self._http().post(self.base_url + path, json=body) as resp:
-          if resp.status == 400:
-            detail = await resp.text()
-            if any(w in detail.lower() for w in ("context", "too long", "maximum")):
-              raise ContextTooLong(detail[:300])
-            raise PolicyUnavailable(f"{self.base_url}{path}: 400 {detail[:300]}")
-          if resp.status in (408, 429) or resp.status >= 500:
-            last = f"HTTP {resp.status}"
-            continue
-          if resp.status != 200:
-            raise PolicyUnavailable(f"{self.base_url}{path}: HTTP {resp.status}")
-          return await resp.json()
-      except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        last = f"{type(e).__name__}: {e}"
-    raise PolicyUnavailable(f"{self.base_url}{path}: {last}")
+    try:
+      async for attempt in retrying(attempts=self.max_retries + 1, base_s=1.0, max_s=8.0,
+                                    retry_on=(Transient, aiohttp.ClientError, asyncio.TimeoutError),
+                                    jitter=False, sleep=lambda s: asyncio.sleep(s)):
+        with attempt:
+          async with self._http().post(self.base_url + path, json=body) as resp:
+            if resp.status == 400:
+              detail = await resp.text()
+              if any(w in detail.lower() for w in ("context", "too long", "maximum")):
+                raise ContextTooLong(detail[:300])
+              raise PolicyUnavailable(f"{self.base_url}{path}: 400 {detail[:300]}")
+            if resp.status in (408, 429) or resp.status >= 500:
+              raise Transient(f"HTTP {resp.status}")
+            if resp.status != 200:
+              raise PolicyUnavailable(f"{self.base_url}{path}: HTTP {resp.status}")
+            return await resp.json()
+    except Transient as e:
+      raise PolicyUnavailable(f"{self.base_url}{path}: {e}") from None
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+      raise PolicyUnavailable(f"{self.base_url}{path}: {type(e).__name__}: {e}") from None
 
   async def _model(self) -> str:
     """The configured model, else the endpoint's first (GET /models)."""

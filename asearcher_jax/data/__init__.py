@@ -4,8 +4,7 @@ The TFDS names are imported lazily so that `from asearcher_jax.data import load_
 for (or require) tensorflow_datasets.
 """
 
-from __future__ import annotations
-
+from asearcher_jax.data.datasets import load_datasets
 from asearcher_jax.data.qa import (
     FORMATS,
     DataError,
@@ -15,9 +14,10 @@ from asearcher_jax.data.qa import (
     detect_format,
     load_qa,
 )
+from asearcher_jax.lazy import attach
 
-# From tfds_builder (tensorflow_datasets-backed), imported on first use by __getattr__.
-_TFDS_NAMES = ("QADataSource", "build_qa_dataset", "open_qa_dataset", "qa_features")
+__getattr__, __dir__ = attach(__name__, {name: "tfds_builder" for name in (
+    "QADataSource", "build_qa_dataset", "open_qa_dataset", "qa_features")})
 
 __all__ = [
   "FORMATS",
@@ -28,14 +28,9 @@ __all__ = [
   "SkippedRow",
   "build_qa_dataset",
   "detect_format",
+  "load_datasets",
   "load_qa",
   "open_qa_dataset",
   "qa_features",
 ]
 
-
-def __getattr__(name: str):
-  if name in _TFDS_NAMES:
-    from asearcher_jax.data import tfds_builder
-    return getattr(tfds_builder, name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from asearcher_jax.section import Section
 
 
-class EvalSection(BaseModel):
-  model_config = ConfigDict(extra="forbid", frozen=True)
+class EvalSection(Section):
 
   data: tuple[str, ...] = ()  # QA files (any loader format) or TFDS dataset directories
   split: str = "test"  # for TFDS directories

@@ -13,53 +13,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 from typing import Any
 
 from asearcher_jax.agent import Agent, DecodePolicy, OpenAIPolicy, Trajectory, score, write_jsonl
 from asearcher_jax.agent.episode import derive_seed
-from asearcher_jax.data.qa import DataError, QAItem, load_qa
+from asearcher_jax.data.datasets import load_datasets
+from asearcher_jax.data.qa import DataError, QAItem
 from asearcher_jax.eval.report import aggregate, format_table, scoring_line
 from asearcher_jax.jsonl import append_lines, read_lines
-from asearcher_jax.reward.asearcher import Scorer
-
-
-def load_datasets(paths, split: str = "test", limit: int | None = None,
-                  sample_seed: int | None = None
-                  ) -> tuple[list[tuple[str, QAItem]], list[str], int]:
-  """(dataset name, item) pairs, the loaders' summaries, and the count of skipped rows.
-
-  A dataset is an item's `source` (a DeepResearcher file holds several) or its file's name.
-  `limit` keeps the first questions of each dataset or, with a `sample_seed`, a seeded random
-  subset of them (files sorted by difficulty would otherwise yield only the easy ones).
-  """
-  items, notes, skipped = [], [], 0
-  for path in paths:
-    if os.path.isdir(path):
-      from asearcher_jax.data import open_qa_dataset
-      source = open_qa_dataset(path, split)
-      rows = list(source)
-      notes.append(f"{path} [{split}]: {len(rows)} questions")
-    else:
-      report = load_qa(path)
-      rows, skipped = report.items, skipped + len(report.skipped)
-      notes.append(report.summary())
-    stem = os.path.splitext(os.path.basename(path.rstrip("/")))[0]
-    items.extend((it.source or stem, it) for it in rows)
-  if limit is not None:
-    order = list(range(len(items)))
-    if sample_seed is not None:
-      random.Random(sample_seed).shuffle(order)
-    seen: dict[str, int] = {}
-    keep = set()
-    for i in order:
-      ds = items[i][0]
-      seen[ds] = seen.get(ds, 0) + 1
-      if seen[ds] <= limit:
-        keep.add(i)
-    items = [x for i, x in enumerate(items) if i in keep]  # in file order
-  return items, notes, skipped
-
+from asearcher_jax.models.tokenizer import policy_tokenizer
+from asearcher_jax.reward.scorer import Scorer
 
 _SAMPLING = ("temperature", "top_p", "top_k")
 
@@ -87,27 +50,10 @@ def latest_traces(path: str, k: int) -> dict[tuple[str, str, int], dict[str, Any
   return {(t["dataset"], t["qid"], t["sample"]): t for t in read_lines(path) if t["sample"] < k}
 
 
-def policy_tokenizer(cfg, *, required: bool = True):
-  """The tokenizer of the served policy: `eval.tokenizer`, else model.path's, else (a random
-  `model.arch`, as `asearcher serve` runs it) the byte-level default; when not `required` (an
-  OpenAI backend: the agent can work in text) None instead of that default."""
-  path = cfg.eval.tokenizer
-  if path is None and cfg.model.path:
-    from asearcher_jax.models.pretrained import tokenizer_dir
-    path = tokenizer_dir(cfg.model.path)
-  if path:
-    from asearcher_jax.models.tokenizer import Tokenizer
-    return Tokenizer.from_dir(path)
-  if not required:
-    return None
-  from asearcher_jax.models import build_tokenizer
-  return build_tokenizer()
-
-
 def build_policy(cfg):
   """The policy `eval.backend` names, with the tokenizer it needs."""
   e = cfg.eval
-  tokenizer = policy_tokenizer(cfg, required=e.backend == "decode")
+  tokenizer = policy_tokenizer(cfg.model, e.tokenizer, required=e.backend == "decode")
   if e.backend == "openai":
     return OpenAIPolicy(e.openai_base_url, e.openai_model, chat=e.openai_chat,
                         api_key_env=e.api_key_env, timeout_s=e.request_timeout_s,

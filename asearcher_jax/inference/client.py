@@ -7,9 +7,8 @@ from typing import AsyncIterator
 
 import grpc
 
-from asearcher_jax.inference.driver import QueueFullError
+from asearcher_jax.inference.protocol import QueueFullError, SamplingParams
 from asearcher_jax.inference.protos import decode_pb2, decode_pb2_grpc
-from asearcher_jax.inference.sampling import SamplingParams
 
 
 @dataclasses.dataclass

@@ -34,25 +34,15 @@ import jax
 import numpy as np
 
 from asearcher_jax.inference.engine import Engine, Prefix
-from asearcher_jax.inference.sampling import SamplingParams
+from asearcher_jax.inference.protocol import (
+  UPDATE_MODES,
+  QueueFullError,
+  SamplingParams,
+  Stats,
+  check_version,
+)
 
 log = logging.getLogger(__name__)
-
-UPDATE_MODES = ("abort", "keep_kv")
-# Every sampled token carries its policy version, an int32 on the wire (decode.proto): a version
-# the wire cannot carry would break every reply from then on.
-MAX_VERSION = 2**31 - 1
-
-
-def check_version(version: int) -> None:
-  if not 0 <= version <= MAX_VERSION:
-    raise ValueError(f"version must be in [0, {MAX_VERSION}] (an int32 on the wire), "
-                     f"got {version}")
-
-
-class QueueFullError(Exception):
-  """The server is at capacity; retry later."""
-
 
 @dataclasses.dataclass
 class Request:
@@ -99,24 +89,6 @@ class _Session:
   version: int
   prefix: Prefix | None = None  # on device
   host: tuple[np.ndarray, np.ndarray] | None = None  # offloaded k, v [layers, n, kv, head_dim]
-
-
-@dataclasses.dataclass
-class Stats:
-  version: int
-  slots_total: int
-  slots_in_use: int
-  queue_depth: int
-  paused: bool
-  sessions_device: int
-  sessions_host: int
-  generated_tokens: int
-  prefill_tokens: int
-  reused_tokens: int
-  requests_finished: int
-  decode_steps: int
-  decode_step_s: float  # time of the last step
-  tokens_per_s: float  # over the last few seconds
 
 
 class Driver:

@@ -23,7 +23,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from asearcher_jax.inference.sampling import MAX_TOP_LOGPROBS, sample
+from asearcher_jax.inference.protocol import MAX_TOP_LOGPROBS
+from asearcher_jax.inference.sampling import sample
 from asearcher_jax.models.qwen import CACHE_AXES, KVCache, Qwen
 from asearcher_jax.sharding import LOGICAL_RULES, logical_to_spec, make_mesh, mesh_size
 

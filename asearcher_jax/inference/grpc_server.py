@@ -14,14 +14,13 @@ import grpc
 
 from asearcher_jax.auth import bearer_ok
 from asearcher_jax.errors import AsearcherError
-from asearcher_jax.inference.driver import QueueFullError
+from asearcher_jax.inference.protocol import QueueFullError, SamplingParams
 from asearcher_jax.inference.protos import (
   decode_pb2,
   decode_pb2_grpc,
   jetstream_pb2,
   jetstream_pb2_grpc,
 )
-from asearcher_jax.inference.sampling import SamplingParams
 from asearcher_jax.inference.service import DecodeService, IncrementalDetokenizer
 
 

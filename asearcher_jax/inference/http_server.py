@@ -25,8 +25,7 @@ from aiohttp import web
 
 from asearcher_jax.auth import bearer_ok
 from asearcher_jax.errors import AsearcherError
-from asearcher_jax.inference.driver import QueueFullError
-from asearcher_jax.inference.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from asearcher_jax.inference.protocol import MAX_TOP_LOGPROBS, QueueFullError, SamplingParams
 from asearcher_jax.inference.service import (
     DecodeService,
     IncrementalDetokenizer,

@@ -10,48 +10,12 @@ log-softmax of the logits.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30
-# The most alternatives a request may ask log-probs of at each position (OpenAI's limit). The
-# engine computes this many or none, so a step has two compiled variants, not twenty.
-MAX_TOP_LOGPROBS = 20
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  """What a request asks for. temperature 0 is greedy; top_k 0 and top_p 1 disable truncation."""
-
-  temperature: float = 1.0
-  top_p: float = 1.0
-  top_k: int = 0
-  seed: int | None = None
-  max_new_tokens: int | None = None  # None: until a stop or the server's max_len
-  stop_token_ids: tuple[int, ...] = ()
-  stop: tuple[str, ...] = ()
-  top_logprobs: int = 0  # also report the n most likely tokens at each position, 0..20
-
-  def validate(self, max_tokens_limit: int) -> None:
-    if not 0.0 <= self.temperature <= 100.0:
-      raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-    if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-    if self.seed is not None and not 0 <= self.seed < 2**64:
-      raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
-    if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= max_tokens_limit:
-      raise ValueError(f"max_new_tokens must be in [1, {max_tokens_limit}], "
-                       f"got {self.max_new_tokens}")
-    if any(not s for s in self.stop):
-      raise ValueError("stop strings must be non-empty")
-    if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-      raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], "
-                       f"got {self.top_logprobs}")
 
 
 def processed_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,

@@ -19,7 +19,7 @@ from asearcher_jax.inference.driver import Driver
 from asearcher_jax.inference.engine import Engine
 from asearcher_jax.inference.grpc_server import build_grpc_server
 from asearcher_jax.inference.http_server import OpenAIServer
-from asearcher_jax.inference.metrics import DecodeMetrics
+from asearcher_jax.inference.prometheus import DecodeMetrics
 from asearcher_jax.inference.service import DecodeService
 
 log = logging.getLogger(__name__)
@@ -92,20 +92,14 @@ class DecodeServer(BackgroundServer):
 
 def build_server(cfg: Config, *, progress: bool = True) -> DecodeServer:
   """The server a config describes: policy from model.path (or a random model.arch)."""
-  from asearcher_jax.models import build_tokenizer, create_model, from_pretrained
+  from asearcher_jax.models.pretrained import load_policy
   from asearcher_jax.sharding import make_mesh
   s = cfg.serve
   token = require_token(s.host, s.token)  # fail before loading a model
   mesh = make_mesh(cfg.mesh.shape())
-  m = cfg.model
-  if m.path:
-    model, tokenizer, arch = from_pretrained(m.path, mesh, dtype=m.dtype, param_dtype=m.param_dtype,
-                                             attention_impl=m.attention, progress=progress)
-  else:
-    arch = m.arch
-    model = create_model(arch, mesh, seed=m.seed, param_dtype=m.param_dtype, dtype=m.dtype,
-                         attention_impl=m.attention)
-    tokenizer = build_tokenizer()
+  # Decoding runs no backward pass, so what it would recompute there does not matter.
+  model, tokenizer, arch = load_policy(cfg.model.model_copy(update={"remat": "none"}), mesh,
+                                       progress=progress)
   stop_ids = set()
   if tokenizer is not None and tokenizer.eos_id is not None:
     stop_ids.add(tokenizer.eos_id)

@@ -14,8 +14,8 @@ import time
 from typing import AsyncIterator
 
 from asearcher_jax.errors import AsearcherError, CheckpointError
-from asearcher_jax.inference.driver import Driver, Request, check_version
-from asearcher_jax.inference.sampling import SamplingParams
+from asearcher_jax.inference.driver import Driver, Request
+from asearcher_jax.inference.protocol import SamplingParams, check_version
 from asearcher_jax.inference.weights import load_weights
 
 

@@ -22,14 +22,8 @@ from asearcher_jax.checkpoint import Checkpointer, abstract_like
 from asearcher_jax.errors import CheckpointError
 from asearcher_jax.models.config import QwenConfig
 from asearcher_jax.models.hf_checkpoint import load_hf_params
-from asearcher_jax.models.pretrained import flat_state, is_hf_dir
-
-
-def state_like(template, flat: dict[str, Any]):
-  """A copy of `template` (an nnx State) with leaves from `flat` by path; template untouched."""
-  state = jax.tree.map(lambda x: x, template)  # fresh Variables, same structure
-  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat, sep="/"))
-  return state
+from asearcher_jax.models.params import flat_state, state_like
+from asearcher_jax.models.tokenizer import is_hf_dir
 
 
 def load_weights(template, source: Any, cfg: QwenConfig, *, step: int | None = None,

@@ -8,12 +8,10 @@ cache whose slot j holds position j.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
-AttentionImpl = Literal["auto", "xla", "cudnn", "reference"]
+from asearcher_jax.models.config import AttentionImpl
 
 
 def make_mask(q_pos: jax.Array, kv_pos: jax.Array, q_seg: jax.Array | None = None,

@@ -12,10 +12,16 @@ import json
 import os
 from typing import Any, Literal
 
-from pydantic import ConfigDict, ValidationError
+from pydantic import ConfigDict, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
 from asearcher_jax.errors import ConfigError
+from asearcher_jax.section import DType, Section
+
+# How attention runs (models/attention.py) and what the backward pass recomputes (models/qwen.py);
+# named here, JAX-free, because the config validates them.
+AttentionImpl = Literal["auto", "xla", "cudnn", "reference"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -221,3 +227,22 @@ def _first_error(e: ValidationError) -> str:
   err = e.errors()[0]
   loc = ".".join(str(x) for x in err["loc"])
   return f"{loc}: {err['msg']}" if loc else err["msg"]
+
+
+class ModelSection(Section):
+  """The policy: an HF/orbax directory, or an inline architecture initialised at random."""
+
+  path: str | None = None
+  arch: QwenConfig | None = None
+  param_dtype: DType = "float32"
+  dtype: DType = "bfloat16"
+  attention: AttentionImpl = "auto"
+  remat: RematPolicy = "none"
+  seed: int = 0
+
+  @model_validator(mode="after")
+  def _one_source(self):
+    if (self.path is None) == (self.arch is None):
+      raise ValueError("set exactly one of model.path (a checkpoint) or model.arch "
+                       "(an architecture to initialise at random)")
+    return self

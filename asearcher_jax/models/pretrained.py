@@ -8,22 +8,31 @@ model larger than one device never has to fit on one.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, traverse_util
+from flax import nnx
 from jax.sharding import Mesh
 
+from asearcher_jax.checkpoint import Checkpointer, abstract_like
 from asearcher_jax.errors import CheckpointError
-from asearcher_jax.models.config import QwenConfig
+from asearcher_jax.models.config import ModelSection, QwenConfig
 from asearcher_jax.models.hf_checkpoint import (
   copy_tokenizer_files,
   load_hf_params,
   save_hf_checkpoint,
 )
+from asearcher_jax.models.params import flat_params, param_shardings, with_params
 from asearcher_jax.models.qwen import Qwen
-from asearcher_jax.models.tokenizer import Tokenizer
+from asearcher_jax.models.tokenizer import (
+  TOKENIZER_SUBDIR,
+  Tokenizer,
+  build_tokenizer,
+  is_hf_dir,
+  tokenizer_dir,
+)
 from asearcher_jax.sharding import make_mesh, state_shardings
 
 
@@ -43,38 +52,6 @@ def abstract_model(cfg: QwenConfig, *, seed: int = 0, param_dtype="float32", dty
   return nnx.eval_shape(_builder(cfg, seed, param_dtype, dtype, attention_impl, remat))
 
 
-def param_shardings(model: Qwen, mesh: Mesh) -> dict[str, jax.sharding.NamedSharding]:
-  """Flat {"a/b": NamedSharding} for every parameter; raises if the mesh does not divide one."""
-  return flat_state(state_shardings(nnx.state(model, nnx.Param), mesh))
-
-
-def flatten(tree: dict) -> dict[str, Any]:
-  return traverse_util.flatten_dict(tree, sep="/")
-
-
-def flat_state(state) -> dict[str, Any]:
-  """{"layers/wq": leaf, ...}: an nnx State's leaves by path."""
-  return flatten(nnx.to_pure_dict(state))
-
-
-def flat_params(model: Qwen) -> dict[str, jax.Array]:
-  """{"layers/wq": array, ...}: the model's parameters by path."""
-  return flat_state(nnx.state(model, nnx.Param))
-
-
-def with_params(model: Qwen, params: dict[str, Any]) -> Qwen:
-  """Returns the model (abstract or concrete) with its parameters replaced by `params` (flat)."""
-  state = nnx.state(model, nnx.Param)
-  expected = set(flat_state(state))
-  if set(params) != expected:
-    missing, extra = sorted(expected - set(params)), sorted(set(params) - expected)
-    raise CheckpointError(f"parameters do not match the model: missing {missing}, "
-                          f"unexpected {extra}")
-  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(params, sep="/"))
-  nnx.update(model, state)
-  return model
-
-
 def create_model(cfg: QwenConfig, mesh: Mesh | None = None, *, seed: int = 0,
                  param_dtype="float32", dtype="bfloat16", attention_impl="auto",
                  remat="none") -> Qwen:
@@ -88,16 +65,16 @@ def create_model(cfg: QwenConfig, mesh: Mesh | None = None, *, seed: int = 0,
   return nnx.merge(graphdef, state)
 
 
-def is_hf_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json"))
-
-
-def tokenizer_dir(path: str, step: int | None = None) -> str | None:
-  """Where the tokenizer files of an HF directory or a policy checkpoint are."""
-  if is_hf_dir(path):
-    return path
-  from asearcher_jax.checkpoint import read_policy_meta
-  return read_policy_meta(path, step)[1]
+def load_policy(model: ModelSection, mesh: Mesh | None = None, *, progress: bool = True
+                ) -> tuple[Qwen, Tokenizer, QwenConfig]:
+  """The policy a `model:` section names, as every process that holds one loads it: model.path's
+  weights and tokenizer, or a random `model.arch` (seeded by model.seed) with the byte-level
+  default tokenizer."""
+  kw = dict(param_dtype=model.param_dtype, dtype=model.dtype, attention_impl=model.attention,
+            remat=model.remat)
+  if model.path:
+    return from_pretrained(model.path, mesh, progress=progress, **kw)
+  return create_model(model.arch, mesh, seed=model.seed, **kw), build_tokenizer(), model.arch
 
 
 def from_pretrained(path: str, mesh: Mesh | None = None, *, dtype="bfloat16",
@@ -118,16 +95,16 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, dtype="bfloat16",
                            attention_impl=attention_impl, remat=remat)
     params = load_hf_params(path, cfg, param_shardings(model, mesh), param_dtype, progress)
   else:
-    from asearcher_jax.checkpoint import Checkpointer, read_policy_meta
     cfg, _ = read_policy_meta(path, step)
     model = abstract_model(cfg, param_dtype=param_dtype, dtype=dtype,
                            attention_impl=attention_impl, remat=remat)
+    target = abstract_like(flat_params(model), param_shardings(model, mesh))
     with Checkpointer(path, async_save=False, read_only=True) as ckpt:
-      params = ckpt.restore_params(model, mesh, step=step)
+      params = ckpt.restore(step, params_target=target)["params"]
   model = with_params(model, params)
   tok = None
   if tokenizer:
-    tok_dir = tokenizer if isinstance(tokenizer, str) else tokenizer_dir(path, step)
+    tok_dir = tokenizer if isinstance(tokenizer, str) else tokenizer_dir(path)
     if tok_dir is None:
       raise CheckpointError(f"{path}: checkpoint has no tokenizer; pass tokenizer=False or "
                             "the directory of one")
@@ -146,3 +123,39 @@ def save_pretrained(model: Qwen, out_dir: str, *, tokenizer: Tokenizer | str | N
   return save_hf_checkpoint(flat_params(model), model.cfg, out_dir, dtype=dtype,
                             write_extra=write_extra, max_shard_bytes=max_shard_bytes,
                             overwrite=overwrite, progress=progress)
+
+
+def save_policy(directory: str, step: int, params: dict[str, jax.Array], cfg: QwenConfig, *,
+                tokenizer_dir: str | None = None, version: int = 0,
+                metadata: dict[str, Any] | None = None, async_save: bool = False,
+                manifest: dict[str, Any] | None = None) -> None:
+  """Saves params as a policy checkpoint: model config and tokenizer travel with the weights
+  (and, when given, the weights' content manifest). Every process of a multi-process run
+  calls it."""
+  meta = dict(metadata or {}, model_config=cfg.to_hf_dict())
+  if tokenizer_dir and jax.process_index() == 0:  # first, so a complete step implies a tokenizer
+    dst = os.path.join(os.path.abspath(directory), TOKENIZER_SUBDIR)
+    staging = dst + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    copy_tokenizer_files(tokenizer_dir, staging)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.rename(staging, dst)
+  with Checkpointer(directory, async_save=async_save) as ckpt:
+    ckpt.save(step, params=params, version=version, metadata=meta, manifest=manifest)
+
+
+def read_policy_meta(directory: str, step: int | None = None) -> tuple[QwenConfig, str | None]:
+  """(model config, tokenizer dir or None) of a policy checkpoint."""
+  with Checkpointer(directory, async_save=False, read_only=True) as ckpt:
+    if not ckpt.all_steps():
+      raise CheckpointError(f"{directory}: neither an HF directory (no config.json) nor an "
+                            "orbax checkpoint with a complete step")
+    meta = ckpt.read_meta(step)
+  model_config = meta.get("metadata", {}).get("model_config")
+  if model_config is None:
+    raise CheckpointError(f"{directory}: checkpoint has no model_config; it is a training "
+                          "checkpoint, not a policy checkpoint")
+  cfg = QwenConfig.from_hf_dict(model_config, source=f"{directory} (model_config)")
+  tok = os.path.join(os.path.abspath(directory), TOKENIZER_SUBDIR)
+  return cfg, (tok if os.path.isdir(tok) else None)

@@ -13,18 +13,15 @@ back), so the RL learner and the decode engine score tokens identically.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from asearcher_jax.models.attention import AttentionImpl, attention, make_mask
-from asearcher_jax.models.config import QwenConfig
+from asearcher_jax.models.attention import attention, make_mask
+from asearcher_jax.models.config import AttentionImpl, QwenConfig, RematPolicy
 from asearcher_jax.models.rope import apply_rope, rope_tables
 from asearcher_jax.sharding import constrain
-
-RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing inside a layer

@@ -198,3 +198,37 @@ def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 512,
             "bos_token": None, "tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": 131072}
   return Tokenizer(tok, config, CHATML_TEMPLATE)
+
+
+# Where a policy checkpoint (models/pretrained.py) keeps its tokenizer files.
+TOKENIZER_SUBDIR = "tokenizer"
+
+
+def is_hf_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def tokenizer_dir(path: str) -> str | None:
+  """Where the tokenizer files of an HF directory or a policy checkpoint are (None: a policy
+  checkpoint saved without them). Reads no checkpoint, so a JAX-free client can use it."""
+  if is_hf_dir(path):
+    return path
+  tok = os.path.join(os.path.abspath(path), TOKENIZER_SUBDIR)
+  return tok if os.path.isdir(tok) else None
+
+
+def policy_tokenizer(model, override: str | None = None, *, required: bool = True
+                     ) -> Tokenizer | None:
+  """The tokenizer of the policy a `model:` section names: `override` (e.g. `eval.tokenizer`),
+  else model.path's, else (a random `model.arch`, as `asearcher serve` runs it) the byte-level
+  default; when not `required` (an OpenAI backend: the agent can work in text) None instead of
+  that default."""
+  path = override
+  if path is None and model.path:
+    path = tokenizer_dir(model.path)
+    if path is None:
+      raise ConfigError(f"{model.path}: no tokenizer (neither an HF directory nor a policy "
+                        f"checkpoint with a {TOKENIZER_SUBDIR}/ folder)")
+  if path:
+    return Tokenizer.from_dir(path)
+  return build_tokenizer() if required else None

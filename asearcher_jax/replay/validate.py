@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from asearcher_jax.agent.trajectory import Trajectory
+from asearcher_jax.agent.trajectory import RECORD_MAGIC, Trajectory
 from asearcher_jax.replay.queue import Group
 
 
@@ -29,15 +29,19 @@ def check_group(group: Group, *, version: int, vocab_size: int | None = None
 
 def decode_trajectory(raw: bytes, where: str, *, vocab_size: int | None = None,
                       max_version: int | None = None) -> Trajectory:
-  """One trajectory record, decoded and checked (ValueError prefixed with `where`)."""
+  """One trajectory record, decoded and checked (ValueError prefixed with `where`): the binary
+  record (`Trajectory.to_record`), or JSON as queued before it (an older run's journal)."""
+  binary = bytes(raw[:len(RECORD_MAGIC)]) == RECORD_MAGIC
+  if not binary:
+    try:
+      record = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON
+      raise ValueError(f"{where}: not a JSON trajectory record ({e}), nor a binary one (no "
+                       f"{RECORD_MAGIC!r} prefix)") from None
+    if not isinstance(record, dict):
+      raise ValueError(f"{where}: not a JSON object")
   try:
-    record = json.loads(raw)
-  except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON
-    raise ValueError(f"{where}: not a JSON trajectory record ({e})") from None
-  if not isinstance(record, dict):
-    raise ValueError(f"{where}: not a JSON object")
-  try:
-    t = Trajectory.from_dict(record)
+    t = Trajectory.from_record(raw) if binary else Trajectory.from_dict(record)
     t.check()
   except (TypeError, ValueError, OverflowError) as e:
     raise ValueError(f"{where}: {e}") from None

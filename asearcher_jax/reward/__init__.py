@@ -4,22 +4,22 @@ endpoint. `Scorer` combines them under a `RewardSection`."""
 
 from __future__ import annotations
 
-from asearcher_jax.reward.asearcher import (
-    Score,
-    Scorer,
-    format_ok,
-    format_violations,
-    invalid_answer,
-)
 from asearcher_jax.reward.config import JudgeSection, RewardSection
 from asearcher_jax.reward.judge import Judge, JudgeVerdict, load_prompt, parse_verdict
-from asearcher_jax.reward.metrics import (
+from asearcher_jax.reward.qa_metrics import (
     cover_exact_match,
     exact_match,
     f1,
     normalize_answer,
     paraphrase_blend,
     tokens,
+)
+from asearcher_jax.reward.scorer import (
+    Score,
+    Scorer,
+    format_ok,
+    format_violations,
+    invalid_answer,
 )
 
 __all__ = [

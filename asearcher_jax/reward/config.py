@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from asearcher_jax.section import Section
 
 
-class EndpointSection(BaseModel):
+class EndpointSection(Section):
   """An OpenAI-compatible `/chat/completions` endpoint and how to talk to it (what
   `reward.judge.OpenAIChat` reads). The defaults are the judge's; `synth.llm` overrides some."""
 
-  model_config = ConfigDict(extra="forbid", frozen=True)
 
   base_url: str = "http://127.0.0.1:8000/v1"
   model: str | None = None  # None: the first model the endpoint lists under /models
@@ -35,17 +36,16 @@ class JudgeSection(EndpointSection):
   max_pred_chars: int = Field(500, ge=1)
 
 
-class RewardSection(BaseModel):
+class RewardSection(Section):
   """How a finished trajectory is scored (ASearcher defaults: set-F1, 0.3 paraphrase weight,
   multiplicative format gate, -0.5 for "the question is invalid" under the valid prompt)."""
 
-  model_config = ConfigDict(extra="forbid", frozen=True)
 
   metric: Literal["f1", "em", "cem", "judge"] = "f1"
   f1_variant: Literal["set", "bag"] = "set"
   # Answer normalisation of every text metric: "squad", the official SQuAD v1.1 script's, as
   # published scores use; "lenient" also strips Unicode punctuation, splits CJK per character
-  # and reads True/False as yes/no (reward/metrics.py). Eval reports record it.
+  # and reads True/False as yes/no (reward/qa_metrics.py). Eval reports record it.
   normalization: Literal["squad", "lenient"] = "squad"
   aug_weight: float = Field(0.3, ge=0.0, le=1.0)  # weight of paraphrased answers
   format_gate: bool = True  # reward 0 unless every generation is well formed

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from asearcher_jax.retry import retry_after, retrying
 from asearcher_jax.reward.config import EndpointSection, JudgeSection
-from asearcher_jax.tools.web import retry_after
 
 if TYPE_CHECKING:
   from typing_extensions import Self
@@ -264,29 +264,25 @@ class OpenAIChat:
                 temperature: float | None = None, what: str = "reply") -> Reply:
     """Asks until `parse(reply)` is not None or `max_retries` retries are spent. Never raises
     for endpoint trouble or a bad reply; a 4xx other than 408/429 is not retried."""
-    attempt, raw = 0, ""
-    while True:
-      attempt += 1
-      retry_after, unavailable = None, True
-      try:
-        raw = await self.complete(prompt, temperature)
-        value = parse(raw)
-        if value is not None:
-          return Reply(value, None, attempt, raw)
-        err, unavailable = f"unparseable {what}: {raw[:200]!r}", False
-      except _Retry as e:
-        err, retry_after = str(e), e.retry_after
-      except _Fatal as e:
-        return Reply(None, str(e), attempt, raw, unavailable=True, status=e.status)
-      except Exception as e:  # noqa: BLE001 - a caller's loop must not die on a client bug
-        return Reply(None, f"{type(e).__name__}: {e}", attempt, raw, unavailable=True)
-      if attempt > self.cfg.max_retries:
-        return Reply(None, f"{err} (after {attempt} attempts)", attempt, raw, unavailable)
-      delay = min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2 ** (attempt - 1))
-      delay *= 0.5 + 0.5 * self._rng.random()
-      if retry_after is not None:
-        delay = max(delay, min(retry_after, self.cfg.max_backoff_s))
-      await asyncio.sleep(delay)
+    raw, n, unavailable = "", 0, True
+    try:
+      async for attempt in retrying(attempts=self.cfg.max_retries + 1, base_s=self.cfg.backoff_s,
+                                    max_s=self.cfg.max_backoff_s, retry_on=_Retry, rng=self._rng,
+                                    sleep=lambda s: asyncio.sleep(s)):
+        with attempt:
+          n, unavailable = n + 1, True
+          raw = await self.complete(prompt, temperature)
+          value = parse(raw)
+          if value is not None:
+            return Reply(value, None, n, raw)
+          unavailable = False
+          raise _Retry(f"unparseable {what}: {raw[:200]!r}")
+    except _Retry as e:
+      return Reply(None, f"{e} (after {n} attempts)", n, raw, unavailable)
+    except _Fatal as e:
+      return Reply(None, str(e), n, raw, unavailable=True, status=e.status)
+    except Exception as e:  # noqa: BLE001 - a caller's loop must not die on a client bug
+      return Reply(None, f"{type(e).__name__}: {e}", n, raw, unavailable=True)
 
 
 class Judge(OpenAIChat):

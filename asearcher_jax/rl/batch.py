@@ -33,6 +33,8 @@ from asearcher_jax.rl.advantages import batch_normalize, group_advantages
 from asearcher_jax.rl.config import RLSection
 from asearcher_jax.train.packing import pack_sequences
 
+Array = np.ndarray | jax.Array  # host arrays as built, device arrays once sharded
+
 if TYPE_CHECKING:  # only the record's fields are read: no import of the agent package
   from asearcher_jax.agent.trajectory import Trajectory
 
@@ -50,14 +52,14 @@ class TrainBatch:
   `num_tokens` is the global loss-token count N that every micro-batch divides by.
   """
 
-  tokens: Any  # int32
-  positions: Any  # int32, restarting at 0 per segment
-  segment_ids: Any  # int32, 0 = padding
-  loss_mask: Any  # bool
-  behav_logp: Any  # float32
-  advantages: Any  # float32, 0 off the loss mask
-  versions: Any  # int32, policy version of each loss token
-  num_tokens: Any  # int32 scalar
+  tokens: Array  # int32
+  positions: Array  # int32, restarting at 0 per segment
+  segment_ids: Array  # int32, 0 = padding
+  loss_mask: Array  # bool
+  behav_logp: Array  # float32
+  advantages: Array  # float32, 0 off the loss mask
+  versions: Array  # int32, policy version of each loss token
+  num_tokens: Array  # int32 scalar
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -70,17 +72,16 @@ def staleness_limit(cfg: RLSection) -> int:
 
 
 def _check(t: Trajectory) -> None:
-  n = len(t.tokens)
-  if not len(t.loss_mask) == len(t.behav_logp) == len(t.version) == n:
-    raise ValueError(f"trajectory {t.qid!r}/{t.sample}: tokens, loss_mask, behav_logp and "
-                     "version differ in length")
+  """`Trajectory.check` (the queue ran it on Put; a record built in process may not have been),
+  naming the trajectory: the indexing below relies on its lengths and spans."""
+  try:
+    t.check()
+  except ValueError as e:
+    raise ValueError(f"trajectory {t.qid!r}/{t.sample}: {e}") from None
 
 
 def _sequences(t: Trajectory):
-  if len(t.tokens) == 0:
-    return
-  if not t.seq_starts:
-    yield slice(0, len(t.tokens))
+  if len(t.tokens) == 0:  # checked: no sequence, but seq_starts may still say [0]
     return
   yield from t.sequences()
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from asearcher_jax.section import Section
 
 
-class RLSection(BaseModel):
-  model_config = ConfigDict(extra="forbid", frozen=True)
+class RLSection(Section):
 
   # data: QA files (any loader format) or TFDS directories; empty = the debug world's train split
   data: tuple[str, ...] = ()
@@ -22,6 +23,7 @@ class RLSection(BaseModel):
   batch_groups: int = Field(8, ge=1)  # B groups per learner step
   max_head_offpolicyness: int = Field(4, ge=0)  # η; 0 = synchronous on-policy
   max_concurrent_groups: int = Field(16, ge=1)  # per rollout worker
+  request_timeout_s: float = Field(600.0, gt=0)  # one decode request of a rollout worker
   filter_equal_rewards: bool = True  # drop groups whose rewards are all equal
   # consume-time guard: a group whose oldest loss token is older than v - max_token_staleness
   # (default η) is dropped, or its stale tokens masked

@@ -1,12 +1,6 @@
-"""`asearcher train` on one host: the retrieval server, decode server(s), the replay queue, the
-learner and rollout worker(s) as processes, supervised.
-
-A rollout worker that dies is restarted (its in-flight groups were never put; the queue tells
-the new one its accepted count and data cursor). Any other process dying stops the run; rerun
-with `--resume` to continue from the last checkpoint. Ctrl-C (or SIGTERM) asks the learner to
-checkpoint and stop, then stops the rest. Progress: a bar over the learner's steps and one
-compact line per step on the console; metrics.jsonl and TensorBoard files in the run folder;
-each process's log in <run>/logs/.
+"""The processes of `asearcher train`, each run as `asearcher learn` / `asearcher rollout` by the
+supervisor (rl/supervisor.py) or by hand on another host: the learner (`run_learn`) and the rollout
+workers (`run_rollout`), built from one typed `Config`.
 """
 
 from __future__ import annotations
@@ -14,31 +8,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import sys
-import time
-from typing import Callable
 
+from asearcher_jax.config import Config
 from asearcher_jax.errors import AsearcherError
-from asearcher_jax.procs import Child, wait_ready
-from asearcher_jax.rl.metrics import read_rollout_logs
-from asearcher_jax.rl.plot import plot_metrics
-
-RESTARTS = 5  # per rollout worker
-PLOT_EVERY_S = 20.0  # the learning curve is redrawn at most this often while training
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-# -- the processes' own entry points -------------------------------------------------------------
-
-def rl_items(cfg, worker: int, workers: int):
+def rl_items(cfg: Config, worker: int, workers: int):
   """This worker's shard of the training questions (every workers-th, from `worker`)."""
-  from asearcher_jax.eval.harness import load_datasets
+  from asearcher_jax.data.datasets import load_datasets
   paths = list(cfg.rl.data)
   if not paths:
     from asearcher_jax.world import ensure_world
@@ -47,21 +24,21 @@ def rl_items(cfg, worker: int, workers: int):
   return [it for _, it in items][worker::workers], notes
 
 
-def run_rollout(cfg, *, worker: int, workers: int, replay: str, decode: str,
+def run_rollout(cfg: Config, *, worker: int, workers: int, replay: str, decode: str,
                 max_groups: int | None = None) -> int:
   from asearcher_jax.agent import Agent, DecodePolicy
-  from asearcher_jax.eval.harness import policy_tokenizer
   from asearcher_jax.inference.client import DecodeClient
+  from asearcher_jax.models.tokenizer import policy_tokenizer
   from asearcher_jax.placement import client_token
   from asearcher_jax.replay import ReplayClient
   from asearcher_jax.reward import Scorer
-  from asearcher_jax.rl.metrics import rollout_log_path
   from asearcher_jax.rl.rollout import PromptStream, RolloutWorker
+  from asearcher_jax.rl.training_log import rollout_log_path
   from asearcher_jax.tools.client import make_client
   items, notes = rl_items(cfg, worker, workers)
   for n in notes:
     print(n, flush=True)
-  tokenizer = policy_tokenizer(cfg)
+  tokenizer = policy_tokenizer(cfg.model)
 
   async def main():
     stop = asyncio.Event()
@@ -69,7 +46,7 @@ def run_rollout(cfg, *, worker: int, workers: int, replay: str, decode: str,
     for sig in (signal.SIGINT, signal.SIGTERM):
       loop.add_signal_handler(sig, stop.set)
     token = client_token(cfg)  # servers on other hosts require it
-    async with DecodeClient(decode, token=token, timeout=cfg.eval.request_timeout_s) as client:
+    async with DecodeClient(decode, token=token, timeout=cfg.rl.request_timeout_s) as client:
       tools = make_client(cfg.search, cfg.web)
       replay_client = ReplayClient(replay, token=token)
       try:
@@ -90,32 +67,27 @@ def run_rollout(cfg, *, worker: int, workers: int, replay: str, decode: str,
   return 0
 
 
-def build_learner(cfg, *, replay, decode: list[str], out_dir: str, echo=print):
+def build_learner(cfg: Config, *, replay, decode: list[str], out_dir: str, echo=print):
   """The learner with the publisher the placement needs (decode servers over gRPC). With
   several processes (`jax.distributed`), the mesh spans all of them and the learner is a
   `MultiHostLearner`; `replay` is then process 0's client (None elsewhere)."""
   import jax
 
   from asearcher_jax import distributed
-  from asearcher_jax.models import build_tokenizer, create_model, from_pretrained
-  from asearcher_jax.models.pretrained import tokenizer_dir
+  from asearcher_jax.models.pretrained import load_policy
+  from asearcher_jax.models.tokenizer import tokenizer_dir
   from asearcher_jax.placement import client_token
   from asearcher_jax.rl.learner import Learner
   from asearcher_jax.rl.publish import CheckpointPublisher
   from asearcher_jax.sharding import describe, make_mesh
   mesh = make_mesh(cfg.mesh.shape())
-  m = cfg.model
-  if m.path:
-    model, _, arch = from_pretrained(m.path, mesh, dtype=m.dtype, param_dtype=m.param_dtype,
-                                     attention_impl=m.attention, remat=m.remat, progress=False)
-    tok_dir = tokenizer_dir(m.path)
-  else:
-    arch = m.arch
-    model = create_model(arch, mesh, seed=m.seed, param_dtype=m.param_dtype, dtype=m.dtype,
-                         attention_impl=m.attention, remat=m.remat)
+  model, tokenizer, arch = load_policy(cfg.model, mesh, progress=False)
+  if cfg.model.path:
+    tok_dir = tokenizer_dir(cfg.model.path)
+  else:  # the publisher copies the tokenizer beside the weights it publishes
     tok_dir = os.path.join(out_dir, "tokenizer")
     if distributed.is_primary():
-      build_tokenizer().save(tok_dir)
+      tokenizer.save(tok_dir)
     distributed.barrier("learner-tokenizer")
   p = cfg.placement
   publisher = CheckpointPublisher(p.weights_dir or os.path.join(out_dir, "weights"), arch, decode,
@@ -133,7 +105,7 @@ def build_learner(cfg, *, replay, decode: list[str], out_dir: str, echo=print):
   return learner
 
 
-def run_learn(cfg, *, replay: str | None, decode: list[str] | None, resume: bool) -> int:
+def run_learn(cfg: Config, *, replay: str | None, decode: list[str] | None, resume: bool) -> int:
   """The learner process: joins the run's other learner processes first (jax.distributed,
   from `distributed:`), takes its devices (`placement:`), then trains."""
   from asearcher_jax import distributed, placement
@@ -160,194 +132,3 @@ def run_learn(cfg, *, replay: str | None, decode: list[str] | None, resume: bool
       client.close()
   echo("learner finished")
   return 0
-
-
-# -- the supervisor ----------------------------------------------------------------------------
-
-def _grpc_ready(address: str, kind: str) -> Callable[[], bool]:
-  def check() -> bool:
-    async def go():
-      if kind == "decode":
-        from asearcher_jax.inference.client import DecodeClient
-        async with DecodeClient(address, timeout=2) as c:
-          await c.stats()
-      else:
-        from asearcher_jax.replay import ReplayClient
-        c = ReplayClient(address)
-        try:
-          await c.state("")
-        finally:
-          await c.close()
-      return True
-    return asyncio.run(go())
-  return check
-
-
-def _http_ready(url: str) -> Callable[[], bool]:
-  def check() -> bool:
-    import urllib.request
-    with urllib.request.urlopen(url + "/health", timeout=2) as r:
-      return r.status == 200
-  return check
-
-
-def train(cfg, *, config_path: str | None, overrides: list[str], resume: bool,
-          progress: bool = True, echo=print) -> int:
-  """Starts and supervises every process; returns the exit status."""
-  from tqdm.auto import tqdm
-
-  from asearcher_jax.plan import architecture
-  out_dir = os.path.abspath(cfg.run.output_dir)
-  log_dir = os.path.join(out_dir, "logs")
-  os.makedirs(log_dir, exist_ok=True)
-  metrics_path = os.path.join(out_dir, "metrics.jsonl")
-  curve = os.path.join(out_dir, "learning_curve.png")
-  ckpt_dir = cfg.checkpoint.directory or os.path.join(out_dir, "checkpoints")
-  journal = os.path.join(out_dir, "replay", "journal.jsonl")
-  if not resume and (os.path.exists(ckpt_dir) or os.path.exists(journal)):
-    raise AsearcherError(f"{out_dir} holds a previous run: pass --resume to continue it, or "
-                         "choose another run.output_dir")
-  py = [sys.executable, "-m", "asearcher_jax.cli"]
-  base = (["--config", config_path] if config_path else []) + list(overrides)
-  ports = {"replay": free_port(), "retrieval": free_port()}
-  decode_ports = [free_port() for _ in range(cfg.rl.decode_servers)]
-  replay_addr = f"127.0.0.1:{ports['replay']}"
-  decode_addrs = [f"127.0.0.1:{p}" for p in decode_ports]
-  retrieval_url = f"http://127.0.0.1:{ports['retrieval']}"
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  cpu_env = dict(env, JAX_PLATFORMS="cpu")  # helpers must not claim the accelerator
-  common = base + [f"search.url={retrieval_url}", f"run.output_dir={out_dir}"]
-  children: dict[str, Child] = {}
-  children["replay"] = Child("replay", [sys.executable, "-m", "asearcher_jax.replay.server",
-                                        "--journal", os.path.join(out_dir, "replay"),
-                                        "--port", str(ports["replay"]),
-                                        "--vocab-size", str(architecture(cfg).vocab_size)],
-                            log_dir, cpu_env)
-  if cfg.search.backend == "local":
-    children["retrieval"] = Child("retrieval", py + ["retrieval", "serve", *base, "--port",
-                                                     str(ports["retrieval"])], log_dir, cpu_env)
-  for i, p in enumerate(decode_ports):
-    children[f"decode{i}"] = Child(f"decode{i}", py + [  # replica i: its share of the devices
-        "serve", *common, f"serve.grpc_port={p}", "serve.http_port=null",
-        f"placement.decode_replica={i}"], log_dir, env)
-  learner_argv = py + ["learn", *common, "--replay", replay_addr, "--decode", *decode_addrs] + \
-      (["--resume"] if resume else [])
-  workers = [Child(f"rollout{i}", py + ["rollout", *common, "--worker", str(i), "--workers",
-                                        str(cfg.rl.rollout_workers), "--replay", replay_addr,
-                                        "--decode", decode_addrs[i % len(decode_addrs)]],
-                   log_dir, env) for i in range(cfg.rl.rollout_workers)]
-  learner = Child("learner", learner_argv, log_dir, env)
-  stopping = {"flag": False}
-
-  def on_signal(*_):
-    stopping["flag"] = True
-
-  previous = {s: signal.signal(s, on_signal)
-              for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-  is_stopping = lambda: stopping["flag"]  # noqa: E731
-  bar = None
-  status = 1
-  rows: list[dict] = []  # metrics.jsonl's lines, read as the learner appends them
-  try:
-    echo(f"run folder {out_dir} (logs in {log_dir})")
-    children["replay"].start()
-    wait_ready(_grpc_ready(replay_addr, "replay"), children["replay"], "the replay queue", 60,
-               is_stopping, echo=echo)
-    if "retrieval" in children:
-      children["retrieval"].start()
-      wait_ready(_http_ready(retrieval_url), children["retrieval"], "the retrieval server", 600,
-                 is_stopping, echo=echo)
-    for i, a in enumerate(decode_addrs):
-      children[f"decode{i}"].start()
-    for i, a in enumerate(decode_addrs):
-      wait_ready(_grpc_ready(a, "decode"), children[f"decode{i}"], f"decode server {i}", 900,
-                 is_stopping, echo=echo)
-    echo(f"replay {replay_addr}; decode {', '.join(decode_addrs)}"
-         + (f"; retrieval {retrieval_url}" if "retrieval" in children else ""))
-    served_before = _replay_version(replay_addr)
-    learner.start()
-    if resume:  # rollouts wait until the servers hold the learner's restored weights
-      wait_ready(lambda: _replay_version(replay_addr) > served_before, learner,
-                 "the learner to publish its restored weights", 900, is_stopping, retries=0)
-    for w in workers:
-      w.start()
-    rows = _read_from(metrics_path, 0)
-    bar = tqdm(total=cfg.rl.total_steps, initial=rows[-1]["step"] if rows else 0, desc="train",
-               unit="step", disable=not progress, dynamic_ncols=True)
-    from asearcher_jax.rl.metrics import console_line
-    (bar.write if progress else echo)(f"learning curve: {curve} (refreshed as it trains); "
-                                      f"TensorBoard: tensorboard --logdir "
-                                      f"{os.path.join(out_dir, 'tensorboard')}")
-    plotted = 0.0
-    while True:
-      time.sleep(0.5)
-      lines = _read_from(metrics_path, len(rows))
-      rows += lines
-      for m in lines:
-        bar.n = m["step"]
-        bar.refresh()
-        (bar.write if progress else echo)(console_line(m["step"], cfg.rl.total_steps, m))
-      if lines and time.monotonic() - plotted > PLOT_EVERY_S:
-        plot_metrics(rows, curve, title=f"{cfg.run.name}: {out_dir}",
-                     rollouts=read_rollout_logs(out_dir))
-        plotted = time.monotonic()
-      if stopping["flag"]:
-        echo("stopping: asking the learner to checkpoint")
-        learner.stop(signal.SIGTERM, wait_s=300)
-        status = 130
-        break
-      if not learner.alive():
-        code = learner.proc.returncode
-        if code == 0:
-          status = 0
-        else:
-          echo(f"the learner exited with status {code}; its log ({learner.log_path}):\n"
-               f"{learner.tail()}\nrerun with --resume to continue from the last checkpoint")
-        break
-      dead = [c for c in children.values() if not c.alive()]
-      if dead:
-        c = dead[0]
-        echo(f"{c.name} exited with status {c.proc.returncode}; its log ({c.log_path}):\n"
-             f"{c.tail()}")
-        break
-      for w in workers:
-        if not w.alive():
-          if w.restarts >= RESTARTS:
-            echo(f"{w.name} keeps failing; its log ({w.log_path}):\n{w.tail()}")
-            stopping["flag"] = True
-            break
-          w.restarts += 1
-          echo(f"{w.name} exited ({w.proc.returncode}); restarting it ({w.restarts}/{RESTARTS})")
-          w.start()
-  finally:
-    if bar is not None:
-      bar.close()
-    for w in workers:
-      w.stop()
-    learner.stop(signal.SIGTERM, wait_s=300)
-    for c in reversed(list(children.values())):
-      c.stop()
-    for s, h in previous.items():
-      signal.signal(s, h)
-  rows += _read_from(metrics_path, len(rows))  # what the learner wrote last
-  plot_metrics(rows, curve, title=f"{cfg.run.name}: {out_dir}",
-               rollouts=read_rollout_logs(out_dir))
-  echo(f"metrics: {metrics_path}; every scored group: {os.path.join(out_dir, 'rollouts')}; "
-       f"learning curve: {curve}; TensorBoard: "
-       f"{os.path.join(out_dir, 'tensorboard')}; checkpoints: {ckpt_dir}; "
-       f"policy: {os.path.join(out_dir, 'weights')}")
-  return status
-
-
-def _replay_version(address: str) -> int:
-  from asearcher_jax.replay import SyncReplayClient
-  c = SyncReplayClient(address)
-  try:
-    return int(c.state("").version)
-  finally:
-    c.close()
-
-
-def _read_from(path: str, start: int) -> list[dict]:
-  from asearcher_jax.jsonl import read_lines
-  return read_lines(path)[start:]

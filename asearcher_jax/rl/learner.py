@@ -23,9 +23,10 @@ from flax import nnx
 
 from asearcher_jax import distributed
 from asearcher_jax.checkpoint import Checkpointer, abstract_like
-from asearcher_jax.models.pretrained import flat_state, param_shardings
+from asearcher_jax.models.params import flat_state, param_shardings, state_like
 from asearcher_jax.replay.validate import decode_trajectory
-from asearcher_jax.rl.metrics import MetricsWriter, NoMetrics, console_line, episode_metrics
+from asearcher_jax.retry import retrying_sync
+from asearcher_jax.rl.training_log import MetricsWriter, NoMetrics, console_line, episode_metrics
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,6 @@ class Learner:
   def restore(self) -> bool:
     if self.ckpt.latest_step() is None:
       return False
-    from asearcher_jax.inference.weights import state_like
     params_t, opt_t = self._targets()
     out = self.ckpt.restore(params_target=params_t, opt_state_target=opt_t)
     self.params = state_like(self.params, out["params"])
@@ -109,13 +109,18 @@ class Learner:
     self.pending, self.pending_groups = [], []
 
   def _ack(self, lease: str) -> bool:
-    for attempt in range(5):  # acks are idempotent: retrying after an outage is safe
-      try:
-        return self.replay.ack(lease)
-      except Exception:  # noqa: BLE001 -- the queue may be restarting
-        log.warning("ack of lease %s failed (attempt %d)", lease, attempt + 1, exc_info=True)
-        time.sleep(min(30.0, 2.0 ** attempt))
-    return False
+    try:  # acks are idempotent: retrying after an outage is safe
+      for attempt in retrying_sync(attempts=5, base_s=1.0, max_s=30.0, jitter=False,
+                                   sleep=lambda s: time.sleep(s)):
+        with attempt:
+          try:
+            return self.replay.ack(lease)
+          except Exception:  # noqa: BLE001 -- the queue may be restarting
+            log.warning("ack of lease %s failed (attempt %d)", lease,
+                        attempt.retry_state.attempt_number, exc_info=True)
+            raise
+    except Exception:  # noqa: BLE001 -- given up: the caller skips the lease's groups
+      return False
 
   # -- the loop --------------------------------------------------------------------------------
   def publish(self) -> None:

@@ -62,7 +62,7 @@ def draw(ax, xs, ys, window: int, label: str) -> None:
 def plot_metrics(rows: list[dict], out_png: str, *, title: str,
                  rollouts: Sequence[dict] = ()) -> str | None:
   """Renders `out_png` from metrics rows (metrics.jsonl's lines) and the rollout workers' group
-  lines (`rl.metrics.read_rollout_logs`); None when there is nothing to plot yet."""
+  lines (`rl.training_log.read_rollout_logs`); None when there is nothing to plot yet."""
   rows = [r for r in rows if "step" in r]
   if not rows:
     return None

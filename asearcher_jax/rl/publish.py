@@ -27,9 +27,9 @@ import jax.numpy as jnp
 
 from asearcher_jax import distributed
 from asearcher_jax import manifest as weight_manifest
-from asearcher_jax.checkpoint import save_policy
 from asearcher_jax.models.config import QwenConfig
-from asearcher_jax.models.pretrained import flat_state
+from asearcher_jax.models.params import flat_state
+from asearcher_jax.models.pretrained import save_policy
 
 
 class Publisher(Protocol):

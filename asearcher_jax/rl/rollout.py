@@ -19,9 +19,10 @@ from asearcher_jax.agent import Agent, Trajectory, score
 from asearcher_jax.agent.episode import derive_seed
 from asearcher_jax.data.qa import QAItem
 from asearcher_jax.jsonl import append_lines
-from asearcher_jax.reward.asearcher import Scorer
+from asearcher_jax.retry import retrying
+from asearcher_jax.reward.scorer import Scorer
 from asearcher_jax.rl.admission import AdmissionController
-from asearcher_jax.rl.metrics import episode_metrics
+from asearcher_jax.rl.training_log import episode_metrics
 
 log = logging.getLogger(__name__)
 
@@ -145,18 +146,18 @@ class RolloutWorker:
         self.admission.finish_rejected()
         return
       record = group_record(group_id, item, version, self.worker, cursor + 1, trajs)
-      for attempt in range(4):  # puts are idempotent by group id: a retry never doubles
-        try:
+      # Puts are idempotent by group id: a retry never doubles. A refusal (ValueError,
+      # INVALID_ARGUMENT) is not retried: the same group would be refused again.
+      async for attempt in retrying(
+          attempts=4, base_s=1.0, max_s=4.0, jitter=False,
+          retry_on=lambda e: isinstance(e, Exception) and not isinstance(e, ValueError),
+          before_sleep=lambda s: log.warning("put of group %s failed; retrying", group_id,
+                                             exc_info=s.outcome.exception()),
+          sleep=lambda s: asyncio.sleep(s)):
+        with attempt:
           status = await self.replay.put(record)
-          break
-        except ValueError:  # refused (INVALID_ARGUMENT): the same group would be refused again
-          raise
-        except Exception:  # noqa: BLE001
-          if attempt == 3:
-            raise
-          log.warning("put of group %s failed; retrying", group_id, exc_info=True)
-          await asyncio.sleep(2.0 ** attempt)
-      if status == "duplicate" and attempt == 0:  # redone after a restart: already queued
+      first_try = attempt.retry_state.attempt_number == 1
+      if status == "duplicate" and first_try:  # redone after a restart: already queued
         self.stats.duplicates += 1
         self.admission.finish_rejected()
         return
@@ -182,5 +183,5 @@ def group_record(group_id: str, item: QAItem, version: int, worker: str, cursor:
                  trajs: Sequence[Trajectory]) -> Any:
   from asearcher_jax.replay import Group
   return Group(group_id=group_id, qid=item.qid, submit_version=version, worker=worker,
-               cursor=cursor, trajectories=[t.to_json().encode() for t in trajs],
+               cursor=cursor, trajectories=[t.to_record() for t in trajs],
                created=time.time())

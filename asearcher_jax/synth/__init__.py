@@ -5,15 +5,10 @@ and fuzzing, with quality, difficulty and answer-uniqueness verification after e
 does not import the agent, its HTTP client and the page stores.
 """
 
-from __future__ import annotations
-
+from asearcher_jax.lazy import attach
 from asearcher_jax.synth.config import LLMSection, SynthSection
+
+__getattr__, __dir__ = attach(__name__, {"qa_row": "run", "synthesize": "run"})
 
 __all__ = ["LLMSection", "SynthSection", "qa_row", "synthesize"]
 
-
-def __getattr__(name: str):
-  if name in ("qa_row", "synthesize"):
-    from asearcher_jax.synth import run
-    return getattr(run, name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

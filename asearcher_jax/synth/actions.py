@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from asearcher_jax.reward.metrics import normalize_answer
+from asearcher_jax.reward.qa_metrics import normalize_answer
 from asearcher_jax.synth.llm import SynthLLM
 from asearcher_jax.synth.pages import PageSource, title_from_url
 from asearcher_jax.synth.state import (

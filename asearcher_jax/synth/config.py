@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from asearcher_jax.reward.config import EndpointSection
+from asearcher_jax.section import Section
 
 
 class LLMSection(EndpointSection):
@@ -23,8 +24,7 @@ class LLMSection(EndpointSection):
   concurrency: int = Field(32, ge=1)  # requests in flight to this endpoint
 
 
-class SynthSection(BaseModel):
-  model_config = ConfigDict(extra="forbid", frozen=True)
+class SynthSection(Section):
 
   llm: LLMSection = LLMSection()  # chooses and performs actions, judges quality and answers
   solver: LLMSection | None = None  # answers without tools (difficulty); None: `llm`

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from asearcher_jax.reward.metrics import cover_exact_match, exact_match, f1, normalize_answer
+from asearcher_jax.reward.qa_metrics import cover_exact_match, exact_match, f1, normalize_answer
 from asearcher_jax.synth.llm import SynthLLM
 from asearcher_jax.synth.pages import PageSource
 from asearcher_jax.synth.state import LLMUnavailable, QAState, Rejected, on_page, render_facts

@@ -8,7 +8,7 @@ through `tokenize` here (lowercase, English stopwords, no stemmer: no extra depe
 bm25s imports JAX when it is installed and uses `jax.lax.top_k` for selection (about 20x
 faster here than its numpy path), initialising JAX's default backend at import. Searches
 are pinned to the CPU device so they never queue behind, or allocate on, an accelerator;
-a standalone server process sets JAX_PLATFORMS=cpu before import (see `tools.cli`) so it
+a standalone server process sets JAX_PLATFORMS=cpu before import (see `commands/search.py`) so it
 never claims the accelerator that the learner and decode servers own.
 """
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from asearcher_jax.section import Section
 
 
-class RetrievalSection(BaseModel):
+class RetrievalSection(Section):
   """The local retrieval server (`asearcher retrieval serve`)."""
 
-  model_config = ConfigDict(extra="forbid", frozen=True)
 
   index: str | None = None  # index directory; None: the debug world's, built on first use
   host: str = "127.0.0.1"
@@ -30,10 +31,9 @@ class RetrievalSection(BaseModel):
   hybrid_alpha: float = Field(0.5, ge=0.0, le=1.0)
 
 
-class WebSection(BaseModel):
+class WebSection(Section):
   """Web search and browsing adapters (Serper-style search, Jina-style reader, plain fetch)."""
 
-  model_config = ConfigDict(extra="forbid", frozen=True)
 
   search_url: str = "https://google.serper.dev"
   reader_url: str = "https://r.jina.ai"
@@ -50,10 +50,9 @@ class WebSection(BaseModel):
   max_page_chars: int = Field(250_000, ge=1)
 
 
-class SearchClientSection(BaseModel):
+class SearchClientSection(Section):
   """What the agent talks to, and how pages are cut for reading one chunk per turn."""
 
-  model_config = ConfigDict(extra="forbid", frozen=True)
 
   backend: Literal["local", "web"] = "local"
   url: str = "http://127.0.0.1:8010"  # the retrieval server (local backend)

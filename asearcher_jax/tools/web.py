@@ -22,6 +22,7 @@ from urllib.parse import urljoin
 
 import aiohttp
 
+from asearcher_jax.retry import retry_after, retrying
 from asearcher_jax.tools.cache import DiskCache
 from asearcher_jax.tools.config import WebSection
 from asearcher_jax.tools.types import Page, SearchHit
@@ -38,14 +39,6 @@ class _Retryable(Exception):
                retry_after: float | None = None):
     super().__init__(message)
     self.kind, self.status, self.retry_after = kind, status, retry_after
-
-
-def retry_after(value: str | None) -> float | None:
-  """Seconds from an HTTP Retry-After header (None when absent or not a number)."""
-  try:
-    return max(0.0, float(value)) if value else None
-  except ValueError:
-    return None
 
 
 class _HttpAdapter:
@@ -80,50 +73,49 @@ class _HttpAdapter:
   async def _request(self, method: str, url: str, *, want: str = "json", **kw):
     session = self._ensure()
     timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_s)
-    attempt = 0
-    while True:
-      try:
-        async with self.limiter.get():
-          self.attempts += 1
-          async with session.request(method, url, timeout=timeout, **kw) as r:
-            if r.status == 429:
-              raise _Retryable("rate_limited", f"{url}: HTTP 429 rate limited", 429,
-                               retry_after(r.headers.get("Retry-After")))
-            if r.status >= 500:
-              raise _Retryable("http", f"{url}: HTTP {r.status}", r.status,
-                               retry_after(r.headers.get("Retry-After")))
-            if r.status >= 400:
-              detail = (await r.text(errors="replace"))[:200]
-              raise WebError("not_found" if r.status in (404, 410) else "http",
-                             f"{url}: HTTP {r.status} {detail}".strip(), r.status)
-            if want == "json":
-              try:
-                return await r.json(content_type=None)
-              except ValueError as e:
-                raise WebError("bad_response", f"{url}: reply is not JSON ({e})") from None
-            # `content.read(n)` returns only what has arrived so far; read to EOF or the
-            # size limit, else a slow page comes back (and is cached) truncated.
-            limit, buf = self.cfg.max_page_chars * 4, bytearray()
-            async for chunk in r.content.iter_chunked(1 << 16):
-              buf += chunk
-              if len(buf) >= limit:
-                break
-            return r.headers.get("Content-Type", ""), bytes(buf[:limit]), r.charset
-      except _Retryable as e:
-        err = e
-      except asyncio.TimeoutError:
-        err = _Retryable("timeout", f"{url}: no reply within {self.cfg.timeout_s}s")
-      except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-        # A body cut off mid-transfer is as transient as a dropped connection.
-        err = _Retryable("connection", f"{url}: {type(e).__name__}: {e}")
-      if attempt >= self.cfg.max_retries:
-        raise WebError(err.kind, f"{err} (after {attempt + 1} attempts)", err.status)
-      delay = min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2 ** attempt)
-      delay *= 0.5 + 0.5 * self._rng.random()
-      if err.retry_after is not None:
-        delay = max(delay, min(err.retry_after, self.cfg.max_backoff_s))
-      await asyncio.sleep(delay)
-      attempt += 1
+    # A body cut off mid-transfer is as transient as a dropped connection.
+    transient = (_Retryable, asyncio.TimeoutError, aiohttp.ClientConnectionError,
+                 aiohttp.ClientPayloadError)
+    n = 0
+    try:
+      async for attempt in retrying(attempts=self.cfg.max_retries + 1, base_s=self.cfg.backoff_s,
+                                    max_s=self.cfg.max_backoff_s, retry_on=transient,
+                                    rng=self._rng, sleep=lambda s: asyncio.sleep(s)):
+        n += 1
+        with attempt:
+          async with self.limiter.get():
+            self.attempts += 1
+            async with session.request(method, url, timeout=timeout, **kw) as r:
+              if r.status == 429:
+                raise _Retryable("rate_limited", f"{url}: HTTP 429 rate limited", 429,
+                                 retry_after(r.headers.get("Retry-After")))
+              if r.status >= 500:
+                raise _Retryable("http", f"{url}: HTTP {r.status}", r.status,
+                                 retry_after(r.headers.get("Retry-After")))
+              if r.status >= 400:
+                detail = (await r.text(errors="replace"))[:200]
+                raise WebError("not_found" if r.status in (404, 410) else "http",
+                               f"{url}: HTTP {r.status} {detail}".strip(), r.status)
+              if want == "json":
+                try:
+                  return await r.json(content_type=None)
+                except ValueError as e:
+                  raise WebError("bad_response", f"{url}: reply is not JSON ({e})") from None
+              # `content.read(n)` returns only what has arrived so far; read to EOF or the
+              # size limit, else a slow page comes back (and is cached) truncated.
+              limit, buf = self.cfg.max_page_chars * 4, bytearray()
+              async for chunk in r.content.iter_chunked(1 << 16):
+                buf += chunk
+                if len(buf) >= limit:
+                  break
+              return r.headers.get("Content-Type", ""), bytes(buf[:limit]), r.charset
+    except _Retryable as e:
+      err = e
+    except asyncio.TimeoutError:
+      err = _Retryable("timeout", f"{url}: no reply within {self.cfg.timeout_s}s")
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+      err = _Retryable("connection", f"{url}: {type(e).__name__}: {e}")
+    raise WebError(err.kind, f"{err} (after {n} attempts)", err.status)
 
   async def _cached(self, key: str):
     """sqlite may wait on another writer (busy timeout): off the event loop."""

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from asearcher_jax.errors import ConfigError
-
-if TYPE_CHECKING:  # config imports the model and RL packages, which import this module
-  from asearcher_jax.config import OptimizerSection
+from asearcher_jax.train.config import OptimizerSection
 
 # Parameters exempt from weight decay: norm scales and biases (Qwen names, see models/qwen.py).
 _NO_DECAY = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "bq", "bk", "bv", "bo")

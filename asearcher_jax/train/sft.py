@@ -148,18 +148,10 @@ def sft_command(cfg, paths: list[str], out: str, *, epochs: int, batch_rows: int
                 loss_on: str = "agent", eval_paths: list[str] = (), eval_every: int = 0,
                 progress: bool = True) -> str:
   """Loads the config's policy, fine-tunes it, writes an HF directory to `out`."""
-  from asearcher_jax.models import build_tokenizer, create_model, from_pretrained, save_pretrained
+  from asearcher_jax.models.pretrained import load_policy, save_pretrained
   from asearcher_jax.sharding import make_mesh
   m = cfg.model
-  mesh = make_mesh(cfg.mesh.shape())
-  if m.path:
-    model, tokenizer, _ = from_pretrained(m.path, mesh, dtype=m.dtype, param_dtype=m.param_dtype,
-                                          attention_impl=m.attention, remat=m.remat,
-                                          progress=progress)
-  else:
-    model = create_model(m.arch, mesh, seed=m.seed, param_dtype=m.param_dtype, dtype=m.dtype,
-                         attention_impl=m.attention, remat=m.remat)
-    tokenizer = build_tokenizer()
+  model, tokenizer, _ = load_policy(m, make_mesh(cfg.mesh.shape()), progress=progress)
   losses, _ = run_sft(model, paths, optimizer_cfg=cfg.optimizer, row_tokens=cfg.rl.row_tokens,
                       batch_rows=batch_rows, epochs=epochs, loss_on=loss_on,
                       eval_paths=eval_paths, eval_every=eval_every, seed=m.seed,

@@ -7,11 +7,12 @@ directory at first use instead of being shipped as data files.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from asearcher_jax.section import Section
 
 
-class WorldConfig(BaseModel):
-  model_config = ConfigDict(extra="forbid", frozen=True)
+class WorldConfig(Section):
 
   seed: int = 0
   num_people: int = Field(400, ge=4)

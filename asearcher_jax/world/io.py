@@ -127,3 +127,8 @@ def world_index(world_dir: str, log=print) -> str:
     build_index(os.path.join(world_dir, "corpus.jsonl"), out,
                 pages=os.path.join(world_dir, "pages.jsonl"), overwrite=True, log=log)
   return out
+
+
+def default_world_index(cache_dir: str | None = None) -> str:
+  """The debug world's index directory, generating world and index on first use."""
+  return world_index(ensure_world(cache_dir=cache_dir))

@@ -1,14 +1,11 @@
-"""Subcommands of the search tools and the world, added to `asearcher` by `register`:
+"""`asearcher index build` and `asearcher retrieval serve`: the search tools' subcommands.
 
   asearcher index build --corpus X [--pages Y] --out DIR [--dense-encoder HF_DIR]
   asearcher retrieval serve [--config FILE [key=value ...]] [--index DIR] [--host H] [--port P]
                             [--token T]
-  asearcher world build --out DIR [--seed S] [--max-hops N] [--index]
-  asearcher world solve --config FILE --out TRAJ.jsonl [--world DIR] [--split train]
 
 `retrieval serve` without `--index` serves the default debug world, generating it and its
-index into the cache directory on first use. Run them as `python -m asearcher_jax.cli ...`
-(the one entry point; this module has none of its own).
+index into the cache directory on first use. Run them as `asearcher ...` (`asearcher_jax.cli`).
 """
 
 from __future__ import annotations
@@ -28,12 +25,6 @@ def cmd_index_build(args) -> int:
   print(f"index {args.out}: {m['num_docs']} passages, {m['num_pages']} pages, "
         f"{'+'.join(m['retrievers'])}, built in {m['build_seconds']}s")
   return 0
-
-
-def default_world_index(cache_dir: str | None = None) -> str:
-  """The debug world's index directory, generating world and index on first use."""
-  from asearcher_jax.world.io import ensure_world, world_index
-  return world_index(ensure_world(cache_dir=cache_dir))
 
 
 _SERVE_FLAGS = ("index", "host", "port", "workers", "mode")
@@ -67,6 +58,7 @@ def cmd_retrieval_serve(args) -> int:
     # bm25s initialises JAX at import; a server process must not claim the accelerator.
     os.environ["JAX_PLATFORMS"] = "cpu"
   from asearcher_jax.tools.retrieval_server import run_server
+  from asearcher_jax.world.io import default_world_index
   cfg = serve_section(args)
   token = args.token or os.environ.get(cfg.token_env) or None  # "" means none
   run_server(cfg.index or default_world_index(), cfg.host, cfg.port, token, cfg,
@@ -74,52 +66,8 @@ def cmd_retrieval_serve(args) -> int:
   return 0
 
 
-_WORLD_FLAGS = ("seed", "min_hops", "max_hops", "questions_per_hop", "num_people", "num_cities",
-                "num_countries", "num_orgs", "num_works", "max_facts_per_passage")
-
-
-def cmd_world_build(args) -> int:
-  from pydantic import ValidationError
-
-  from asearcher_jax.errors import ConfigError
-  from asearcher_jax.world import generate_world, write_world
-  from asearcher_jax.world.config import load_world_config, preset
-  from asearcher_jax.world.io import world_index
-  flags = {k: getattr(args, k) for k in _WORLD_FLAGS}
-  try:
-    if args.config:
-      cfg = load_world_config(args.config, **flags)
-    else:
-      cfg = preset(args.preset, **flags)
-  except ValidationError as e:
-    raise ConfigError(f"world build: {e}") from None
-  if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-    raise SystemExit(f"{args.out} exists and is not empty (use --overwrite)")
-  world = generate_world(cfg)
-  write_world(world, args.out, overwrite=args.overwrite)
-  print(f"world {args.out}: {len(world.entities)} entities, {len(world.passages)} passages, "
-        f"{len(world.pages)} pages, {len(world.qa_train)} train / {len(world.qa_test)} test "
-        f"questions ({cfg.min_hops}-{cfg.max_hops} hops)")
-  if args.index:  # the world was just written whole, so it has no index yet
-    print(f"index {world_index(args.out)}")
-  return 0
-
-
-def cmd_world_solve(args) -> int:
-  from asearcher_jax.config import load_config
-  from asearcher_jax.world import ensure_world
-  from asearcher_jax.world.solve import solve_command
-  cfg = load_config(args.config, args.overrides)
-  solve_command(cfg, world_dir=args.world or ensure_world(), split=args.split, out=args.out,
-                limit=args.limit, keep=args.keep, concurrency=args.concurrency, seed=args.seed,
-                progress=not args.no_progress)
-  return 0
-
-
 def register(subparsers) -> None:
-  """Add `index`, `retrieval` and `world` to the `asearcher` subcommands."""
-  from asearcher_jax.world.config import WorldConfig
-  d = WorldConfig()
+  """Add `index` and `retrieval` to the `asearcher` subcommands."""
 
   index = subparsers.add_parser("index", help="search indexes")
   isub = index.add_subparsers(dest="index_cmd", required=True)
@@ -158,37 +106,3 @@ def register(subparsers) -> None:
   s.add_argument("--accelerator", action="store_true",
                  help="let JAX use the accelerator (dense encoder); default: CPU only")
   s.set_defaults(fn=cmd_retrieval_serve)
-
-  world = subparsers.add_parser("world", help="the synthetic knowledge world")
-  wsub = world.add_subparsers(dest="world_cmd", required=True)
-  w = wsub.add_parser("build", help="generate corpus.jsonl, pages.jsonl and QA files")
-  w.add_argument("--out", required=True)
-  w.add_argument("--preset", default="debug", help="a named world: debug (default) or "
-                                                   "long_horizon")
-  w.add_argument("--config", help="YAML file of WorldConfig fields (instead of a preset); "
-                                  "flags below override it")
-  for name in _WORLD_FLAGS:
-    w.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                   help=f"default {getattr(d, name)}")
-  w.add_argument("--index", action="store_true", help="also build OUT/index")
-  w.add_argument("--overwrite", action="store_true")
-  w.set_defaults(fn=cmd_world_build)
-
-  v = wsub.add_parser("solve", help="the expert solver over a split, through the agent and a "
-                                    "retrieval server: trajectories for `asearcher sft`")
-  v.add_argument("--config", help="YAML config (agent, search, reward; the tokenizer of "
-                                  "model.path)")
-  v.add_argument("overrides", nargs="*", metavar="key=value")
-  v.add_argument("--world", help="world directory (default: the debug world, built on first "
-                                 "use)")
-  v.add_argument("--split", default="train", choices=["train", "test"])
-  v.add_argument("--out", required=True, help="trajectory JSONL to write")
-  v.add_argument("--limit", type=int, help="a seeded random sample of N questions of the split "
-                                           "(the files are sorted by hops)")
-  v.add_argument("--seed", type=int, default=0, help="of the sample")
-  v.add_argument("--keep", choices=["solved", "all"], default="solved",
-                 help="write only full-reward trajectories (default) or all")
-  v.add_argument("--concurrency", type=int, default=16)
-  v.add_argument("--no-progress", action="store_true")
-  v.set_defaults(fn=cmd_world_solve)
-

@@ -9,17 +9,17 @@ import os
 import pytest
 
 from asearcher_jax.agent import AgentSection, parse_action
+from asearcher_jax.agent.tokenizer import train_tokenizer
 from asearcher_jax.config import load_config
 from asearcher_jax.data.qa import load_qa
 from asearcher_jax.errors import DataError
+from asearcher_jax.expert.policy import find_fact, parse_question
+from asearcher_jax.expert.trajectories import solve_items, summary, world_index
 from asearcher_jax.tools.client import LocalSearchClient
 from asearcher_jax.tools.index import SearchIndex
 from asearcher_jax.tools.retrieval_server import ServerThread, create_app
 from asearcher_jax.tools.types import ToolResult
 from asearcher_jax.world import WorldConfig, generate_world, write_world
-from asearcher_jax.world.solve import solve_items, summary, world_index
-from asearcher_jax.world.solver import find_fact, parse_question
-from asearcher_jax.world.tokenizer import train_tokenizer
 
 SMALL = {"num_people": 60, "num_cities": 14, "num_countries": 4, "num_orgs": 12,
          "num_works": 12, "questions_per_hop": 12}
@@ -136,8 +136,8 @@ def test_solver_searches_again_when_the_question_fits_two_kinds_of_entity(tmp_pa
 
 def test_a_call_cut_by_the_token_budget_is_continued_by_the_next(tokenizer):
   from asearcher_jax.agent.policy import Prompt
-  from asearcher_jax.inference.sampling import SamplingParams
-  from asearcher_jax.world.solver import WorldSolver
+  from asearcher_jax.expert.policy import WorldSolver
+  from asearcher_jax.inference.protocol import SamplingParams
   q = "Who is the mayor of the birthplace of Alen Varro?"
   solver = WorldSolver(tokenizer, [q])
   prompt = Prompt(tokenizer.encode(q), q)

@@ -14,8 +14,8 @@ from conftest import single_device_mesh
 from asearcher_jax.cli import main
 from asearcher_jax.config import load_config
 from asearcher_jax.errors import ShardingError
+from asearcher_jax.memory_plan import GiB, PlanError, param_elements, plan
 from asearcher_jax.models import create_model
-from asearcher_jax.plan import GiB, PlanError, param_elements, plan
 from asearcher_jax.rl.batch import TrainBatch
 from asearcher_jax.rl.step import make_ppo_step
 from asearcher_jax.train.optimizer import make_optimizer

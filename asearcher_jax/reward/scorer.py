@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from asearcher_jax.reward.config import RewardSection
 from asearcher_jax.reward.judge import Judge, JudgeVerdict
-from asearcher_jax.reward.metrics import cover_exact_match, exact_match, f1, paraphrase_blend
+from asearcher_jax.reward.qa_metrics import cover_exact_match, exact_match, f1, paraphrase_blend
 
 if TYPE_CHECKING:
   from typing_extensions import Self

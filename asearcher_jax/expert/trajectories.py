@@ -11,9 +11,9 @@ from typing import Any
 
 from asearcher_jax.agent import Agent, score, write_jsonl
 from asearcher_jax.data.qa import load_qa
+from asearcher_jax.expert.policy import WorldSolver
 from asearcher_jax.reward import Scorer
 from asearcher_jax.world.io import world_index
-from asearcher_jax.world.solver import WorldSolver
 
 
 async def solve_items(cfg, items, tokenizer, tools, *, concurrency: int = 16,
@@ -58,13 +58,13 @@ def solve_command(cfg, *, world_dir: str, split: str, out: str, limit: int | Non
                   echo=print) -> dict:
   """Solves a split of the world and writes trajectories (all, or only `keep=solved` ones, the
   SFT data) to `out`; returns the summary."""
-  from asearcher_jax.eval.harness import policy_tokenizer
+  from asearcher_jax.models.tokenizer import policy_tokenizer
   from asearcher_jax.tools.client import LocalSearchClient
   from asearcher_jax.tools.retrieval_server import serve_index
   items = load_qa(os.path.join(world_dir, f"qa_{split}.jsonl")).items
   if limit is not None and limit < len(items):  # the files are sorted by hops: sample them
     items = random.Random(seed).sample(items, limit)
-  tokenizer = policy_tokenizer(cfg)
+  tokenizer = policy_tokenizer(cfg.model)
   server = serve_index(world_index(world_dir, log=lambda *_: None), cfg.retrieval)
   try:
     tools = LocalSearchClient(cfg.search.model_copy(update={"url": server.url}))

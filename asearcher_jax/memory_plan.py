@@ -295,8 +295,8 @@ def architecture(cfg):
   if m.arch is not None:
     return m.arch
   from asearcher_jax.models.config import QwenConfig
-  from asearcher_jax.models.pretrained import is_hf_dir
+  from asearcher_jax.models.tokenizer import is_hf_dir
   if is_hf_dir(m.path):
     return QwenConfig.from_hf_dir(m.path)
-  from asearcher_jax.checkpoint import read_policy_meta
+  from asearcher_jax.models.pretrained import read_policy_meta
   return read_policy_meta(m.path)[0]

@@ -1,4 +1,4 @@
-"""A BPE tokenizer for a world: merges learned from what the agent will read and write there.
+"""A BPE tokenizer for the agent in a world: merges learned from what it will read and write there.
 
 A byte-level tokenizer makes every name and prompt several times longer than a learned one,
 and a tiny CPU policy pays for each token in decode and training time. The texts are the

@@ -22,7 +22,7 @@ import dataclasses
 import re
 
 from asearcher_jax.agent.policy import Completion, Prompt
-from asearcher_jax.inference.sampling import SamplingParams
+from asearcher_jax.inference.protocol import SamplingParams
 from asearcher_jax.models.tokenizer import Tokenizer
 from asearcher_jax.world.generator import ATTRIBUTES, RELATIONS, Entity, fact_sentence
 

@@ -1,0 +1,32 @@
+"""A decode server's section of the run config (`serve:`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from asearcher_jax.section import Section
+
+
+class ServeSection(Section):
+  """A decode server: slots, lengths, sessions, weight-update mode and where it listens."""
+
+  host: str = "127.0.0.1"
+  grpc_port: int = Field(50051, ge=0, le=65535)  # 0: any free port
+  http_port: int | None = Field(8000, ge=0, le=65535)  # OpenAI-compatible; null disables
+  token: str | None = None  # bearer token; falls back to $ASEARCHER_TOKEN; required off loopback
+  model_name: str | None = None  # reported by /v1/models; defaults to the run name
+  slots: int = Field(8, gt=0)
+  max_len: int = Field(4096, ge=2)
+  min_prefill_bucket: int = Field(16, gt=0)
+  max_pending: int = Field(1024, gt=0)
+  device_sessions: int = Field(16, ge=0)
+  host_sessions: int = Field(256, ge=0)
+  update_mode: Literal["abort", "keep_kv"] = "abort"
+  warmup: bool = False  # compile every prefill bucket and attention window before serving
+  # Folders UpdateWeights may load from (symlinks resolved); anything else is refused without
+  # saying whether it exists. Empty: the run's published weights (placement.weights_dir, else
+  # <run.output_dir>/weights).
+  weight_roots: tuple[str, ...] = ()
+  max_body_bytes: int = Field(16 << 20, ge=1024)  # an HTTP request body; larger is a 400
