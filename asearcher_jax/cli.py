@@ -12,6 +12,10 @@ import os
 import shutil
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: config.py assembles every section, above this module
+  from asearcher_jax.config import Config
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -20,7 +24,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                  help="dotted overrides, e.g. model.arch.num_layers=4 mesh.tensor=2")
 
 
-def _mesh(cfg):
+def _mesh(cfg: Config):
   from asearcher_jax.sharding import describe, make_mesh
   mesh = make_mesh(cfg.mesh.shape())
   print(f"mesh: {describe(mesh)}")

@@ -14,12 +14,15 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import jax
 import numpy as np
 
 from asearcher_jax.errors import AsearcherError, ConfigError
+
+if TYPE_CHECKING:  # annotations only: config.py assembles every section, above this module
+  from asearcher_jax.config import DistributedSection
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ def _int(environ: Mapping[str, str], key: str) -> int | None:
     raise ConfigError(f"${key}={value!r}: expected an integer") from None
 
 
-def resolve(cfg, environ: Mapping[str, str] = os.environ) -> Launch:
+def resolve(cfg: DistributedSection, environ: Mapping[str, str] = os.environ) -> Launch:
   """Decides from the `distributed:` section and the environment; starts nothing."""
   if cfg.mode == "off":
     return Launch(False, "off")
@@ -98,7 +101,7 @@ def resolve(cfg, environ: Mapping[str, str] = os.environ) -> Launch:
   return Launch(True, reason, kwargs)
 
 
-def initialize(cfg, environ: Mapping[str, str] = os.environ) -> bool:
+def initialize(cfg: DistributedSection, environ: Mapping[str, str] = os.environ) -> bool:
   """Joins this process to the run's others (once, before any device is touched); returns
   whether the run is multi-process."""
   if jax.distributed.is_initialized():

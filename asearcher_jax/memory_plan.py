@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import types
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,9 @@ import jax.numpy as jnp
 from asearcher_jax.errors import ConfigError
 from asearcher_jax.models.attention import resolve_impl_for
 from asearcher_jax.sharding import LOGICAL_RULES, check_divisible, mesh_shape, mesh_size
+
+if TYPE_CHECKING:  # annotations only: config.py assembles every section, above this module
+  from asearcher_jax.config import Config
 
 GiB = 1 << 30
 
@@ -156,7 +160,7 @@ def _layer_live(d: dict[str, int], cb: int) -> int:
   return cb * (4 * d["E"] + 3 * (d["N"] + d["K"]) * d["D"] + 4 * d["F"])
 
 
-def learner_group(cfg, arch, devices: int, platform: str) -> tuple[Group, list[str]]:
+def learner_group(cfg: Config, arch, devices: int, platform: str) -> tuple[Group, list[str]]:
   m, rl = cfg.model, cfg.rl
   mesh = mesh_shape(cfg.mesh.shape(), devices)
   pb, cb = _itemsize(m.param_dtype), _itemsize(m.dtype)
@@ -210,7 +214,7 @@ def learner_group(cfg, arch, devices: int, platform: str) -> tuple[Group, list[s
   return Group("learner", mesh, items, None), warnings
 
 
-def decode_group(cfg, arch, devices: int, platform: str) -> Group:
+def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
   from asearcher_jax.placement import role_config
   dcfg = role_config(cfg, "decode")
   m, s = dcfg.model, dcfg.serve
@@ -254,7 +258,7 @@ def detect_device_memory() -> int | None:
   return limit
 
 
-def plan(cfg, *, devices: int | None = None, decode_devices: int | None = None,
+def plan(cfg: Config, *, devices: int | None = None, decode_devices: int | None = None,
          device_memory_gib: float | None = None, platform: str | None = None) -> Plan:
   """The per-device plan of `cfg`. Arguments override the config's placement numbers; what
   neither gives is detected on this machine."""
@@ -289,7 +293,7 @@ def _fixed_size(mesh) -> int:
   return math.prod(mesh.shape().values())
 
 
-def architecture(cfg):
+def architecture(cfg: Config):
   """The policy's shape from the config or model.path's files, without loading weights."""
   m = cfg.model
   if m.arch is not None:

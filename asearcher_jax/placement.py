@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Literal, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Literal, MutableMapping, Sequence
 
 from asearcher_jax import auth
 from asearcher_jax.errors import ConfigError
 from asearcher_jax.section import check_address
+
+if TYPE_CHECKING:  # annotations only: config.py assembles every section, above this module
+  from asearcher_jax.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +29,7 @@ Role = Literal["learner", "decode"]
 ROLES = ("learner", "decode")
 
 
-def memory_fraction(cfg, role: Role) -> float:
+def memory_fraction(cfg: Config, role: Role) -> float:
   """The share of each of its devices' memory a process of `role` may take."""
   p = cfg.placement
   if p.mode == "disaggregated":
@@ -36,7 +39,7 @@ def memory_fraction(cfg, role: Role) -> float:
   return p.memory_fraction * (1.0 - p.colocated_learner_share) / max(1, cfg.rl.decode_servers)
 
 
-def role_devices(cfg, role: Role) -> tuple[int, ...] | None:
+def role_devices(cfg: Config, role: Role) -> tuple[int, ...] | None:
   """This host's accelerator ids for `role` (a decode server: its replica's share), or None
   for all of them."""
   p = cfg.placement
@@ -53,7 +56,7 @@ def role_devices(cfg, role: Role) -> tuple[int, ...] | None:
   return p.decode_devices[p.decode_replica * k:(p.decode_replica + 1) * k]
 
 
-def role_config(cfg, role: Role):
+def role_config(cfg: Config, role: Role):
   """The config a process of `role` runs with: a decode server takes `placement.decode_mesh`
   and `decode_param_dtype`; a learner takes `learner_devices` as its local devices."""
   p = cfg.placement
@@ -75,7 +78,7 @@ def role_config(cfg, role: Role):
   return cfg
 
 
-def apply(cfg, role: Role, environ: MutableMapping[str, str] = os.environ):
+def apply(cfg: Config, role: Role, environ: MutableMapping[str, str] = os.environ):
   """Restricts this process to its role's devices and memory share and returns `role_config`.
 
   Must run before JAX initialises a backend; a memory fraction already in the environment
@@ -104,12 +107,12 @@ def _backends_started() -> bool:
     return False
 
 
-def client_token(cfg) -> str | None:
+def client_token(cfg: Config) -> str | None:
   """The token this run's clients send: serve.token, else $ASEARCHER_TOKEN."""
   return cfg.serve.token or os.environ.get("ASEARCHER_TOKEN") or None
 
 
-def replay_address(cfg, given: str | None) -> str:
+def replay_address(cfg: Config, given: str | None) -> str:
   """The replay queue: the command line's, else the config's."""
   address = given or cfg.placement.replay_address
   if not address:
@@ -118,14 +121,14 @@ def replay_address(cfg, given: str | None) -> str:
   return address
 
 
-def decode_addresses(cfg, given: Sequence[str] | None) -> list[str]:
+def decode_addresses(cfg: Config, given: Sequence[str] | None) -> list[str]:
   """The decode servers: the command line's, else the config's (possibly none)."""
   addresses = list(given) if given else list(cfg.placement.decode_addresses)
   _check_reachable(cfg, addresses, "decode servers")
   return addresses
 
 
-def worker_decode_address(cfg, worker: int) -> str:
+def worker_decode_address(cfg: Config, worker: int) -> str:
   """The decode server rollout worker `worker` uses: the config's, round robin."""
   addresses = decode_addresses(cfg, None)
   if not addresses:
@@ -134,7 +137,7 @@ def worker_decode_address(cfg, worker: int) -> str:
   return addresses[worker % len(addresses)]
 
 
-def _check_reachable(cfg, addresses: Sequence[str], what: str) -> None:
+def _check_reachable(cfg: Config, addresses: Sequence[str], what: str) -> None:
   """Servers off loopback refuse clients without a token: say so before connecting."""
   for a in addresses:
     try:

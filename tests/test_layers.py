@@ -58,11 +58,17 @@ def _layer(module: str) -> int:
 
 
 def _imports(module: str, path: str, modules) -> set[str]:
-  """Modules of the package `module` imports anywhere (top level or inside functions)."""
+  """Modules of the package `module` imports anywhere (top level or inside functions), except
+  under `if TYPE_CHECKING:`, which never runs (annotations may name a higher layer's types)."""
   tree = ast.parse(open(path).read())
   is_pkg = path.endswith("__init__.py")
+  typing_only = {id(n) for node in ast.walk(tree)
+                 if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
+                 for stmt in node.body for n in ast.walk(stmt)}
   found = set()
   for node in ast.walk(tree):
+    if id(node) in typing_only:
+      continue
     if isinstance(node, ast.Import):
       names = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asearcher_jax.agent import Agent, DecodePolicy, OpenAIPolicy, Trajectory, score, write_jsonl
 from asearcher_jax.agent.episode import derive_seed
@@ -23,6 +23,9 @@ from asearcher_jax.eval.report import aggregate, format_table, scoring_line
 from asearcher_jax.jsonl import append_lines, read_lines
 from asearcher_jax.models.tokenizer import policy_tokenizer
 from asearcher_jax.reward.scorer import Scorer
+
+if TYPE_CHECKING:  # annotations only: config.py assembles every section, above this module
+  from asearcher_jax.config import Config
 
 _SAMPLING = ("temperature", "top_p", "top_k")
 
@@ -50,7 +53,7 @@ def latest_traces(path: str, k: int) -> dict[tuple[str, str, int], dict[str, Any
   return {(t["dataset"], t["qid"], t["sample"]): t for t in read_lines(path) if t["sample"] < k}
 
 
-def build_policy(cfg):
+def build_policy(cfg: Config):
   """The policy `eval.backend` names, with the tokenizer it needs."""
   e = cfg.eval
   tokenizer = policy_tokenizer(cfg.model, e.tokenizer, required=e.backend == "decode")
@@ -72,7 +75,7 @@ async def _close(policy) -> None:
     await policy.close()
 
 
-async def evaluate(cfg, *, policy=None, tools=None, progress: bool = True,
+async def evaluate(cfg: Config, *, policy=None, tools=None, progress: bool = True,
                    echo=print) -> dict[str, Any]:
   """Runs what `cfg.eval` asks; returns the report (also written to report.json)."""
   from tqdm.auto import tqdm

@@ -7,7 +7,7 @@ import asyncio
 import collections
 import os
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asearcher_jax.agent import Agent, score, write_jsonl
 from asearcher_jax.data.qa import load_qa
@@ -15,8 +15,11 @@ from asearcher_jax.expert.policy import WorldSolver
 from asearcher_jax.reward import Scorer
 from asearcher_jax.world.io import world_index
 
+if TYPE_CHECKING:  # annotations only: config.py assembles every section, above this module
+  from asearcher_jax.config import Config
 
-async def solve_items(cfg, items, tokenizer, tools, *, concurrency: int = 16,
+
+async def solve_items(cfg: Config, items, tokenizer, tools, *, concurrency: int = 16,
                       progress: bool = True) -> list:
   """Scored trajectories of the solver on `items` (QAItems), in order; closes `tools`."""
   from tqdm.auto import tqdm
@@ -53,7 +56,7 @@ def summary(trajectories) -> dict[str, Any]:
   }
 
 
-def solve_command(cfg, *, world_dir: str, split: str, out: str, limit: int | None,
+def solve_command(cfg: Config, *, world_dir: str, split: str, out: str, limit: int | None,
                   keep: str, concurrency: int, seed: int = 0, progress: bool = True,
                   echo=print) -> dict:
   """Solves a split of the world and writes trajectories (all, or only `keep=solved` ones, the

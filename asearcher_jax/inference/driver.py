@@ -8,9 +8,7 @@ step ever mixes two weight versions and the versions within a request never
 go down.
 
 Sessions: when a request that names a session finishes, its slot's KV cache
-is kept (on device, LRU, then offloaded to host memory, then dropped). The
-session's next request prefills only the tokens after the longest common
-prefix with what the cache holds.
+is kept for the session's next request (inference/sessions.py).
 
 Weight updates have two modes. "abort": in-flight requests are interrupted
 and resumed by re-prefilling prompt + generated tokens under the new weights,
@@ -33,7 +31,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from asearcher_jax.inference.engine import Engine, Prefix
+from asearcher_jax.inference.engine import Engine
 from asearcher_jax.inference.protocol import (
   UPDATE_MODES,
   QueueFullError,
@@ -41,6 +39,7 @@ from asearcher_jax.inference.protocol import (
   Stats,
   check_version,
 )
+from asearcher_jax.inference.sessions import SessionCache
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +82,6 @@ class Request:
     return self
 
 
-@dataclasses.dataclass
-class _Session:
-  tokens: list[int]  # tokens whose keys/values the cache holds
-  version: int
-  prefix: Prefix | None = None  # on device
-  host: tuple[np.ndarray, np.ndarray] | None = None  # offloaded k, v [layers, n, kv, head_dim]
-
-
 class Driver:
   """Owns an Engine on a background thread; thread-safe submit/cancel/update/pause."""
 
@@ -103,8 +94,6 @@ class Driver:
     self.tokenizer = tokenizer
     self.version = version
     self.max_pending = max_pending
-    self.device_sessions = device_sessions
-    self.host_sessions = host_sessions
     self.update_mode = update_mode
     self.metrics = metrics
     self._state = engine.init_decode_state()
@@ -112,7 +101,7 @@ class Driver:
     self._control: queue.Queue = queue.Queue()
     self._wake = threading.Condition()
     self._slots: list[Request | None] = [None] * engine.slots
-    self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
+    self._sessions = SessionCache(engine, device=device_sessions, host=host_sessions)
     self._paused = False
     self._running = False
     self._thread: threading.Thread | None = None
@@ -215,7 +204,7 @@ class Driver:
     self._notify()
 
   def end_session(self, session_id: str) -> bool:
-    return self._call(lambda: self._sessions.pop(session_id, None) is not None)
+    return self._call(lambda: self._sessions.end(session_id))
 
   def pause(self) -> None:
     self._call(lambda: setattr(self, "_paused", True))
@@ -299,10 +288,10 @@ class Driver:
     now = time.monotonic()
     recent = [(t, n) for t, n in self._recent if now - t < 5.0]
     span = (now - recent[0][0]) if len(recent) > 1 else 0.0
+    on_device, on_host = self._sessions.counts()
     self._published = {  # replaced whole: readers never see a half-updated dict
         "at": now, "slots_in_use": sum(r is not None for r in self._slots),
-        "sessions_device": sum(s.prefix is not None for s in self._sessions.values()),
-        "sessions_host": sum(s.host is not None for s in self._sessions.values()),
+        "sessions_device": on_device, "sessions_host": on_host,
         "tokens_per_s": (sum(n for _, n in recent[1:]) / span) if span > 0 else 0.0}
 
   def _run_control(self) -> None:
@@ -382,7 +371,7 @@ class Driver:
     (slot, r), = batch
     t0 = time.perf_counter()
     context = r.prompt + r.output_ids
-    prefix, reused = self._reusable_prefix(r.session_id, context)
+    prefix, reused = self._sessions.take(r.session_id, context)
     s = r.sampling
     prefix = self.engine.prefill(self.engine.params, np.asarray(context[reused:], np.int32),
                                  existing_prefix=prefix, temperature=s.temperature, top_k=s.top_k,
@@ -405,24 +394,6 @@ class Driver:
       if r.first_token_at is None:
         r.first_token_at = time.monotonic()
       self._emit(slot, r, int(tokens[i]), float(logprobs[i]), top=(top[0][i], top[1][i]))
-
-  def _reusable_prefix(self, session_id: str, context: list[int]) -> tuple[Prefix | None, int]:
-    s = self._sessions.pop(session_id, None)
-    if s is None:
-      return None, 0
-    n = 0
-    limit = min(len(s.tokens), len(context) - 1)  # at least one token must be prefilled
-    while n < limit and s.tokens[n] == context[n]:
-      n += 1
-    if n == 0:
-      return None, 0
-    if s.prefix is not None:
-      prefix = s.prefix
-    else:
-      k, v = s.host
-      prefix = self.engine.empty_prefix(len(s.tokens), k, v)
-    prefix.length = np.asarray([n], np.int32)  # slots >= n are overwritten before being read
-    return prefix, n
 
   def _step(self, active: list[int]) -> None:
     """Dispatches the next generate step, then does the host work of the one before it.
@@ -502,29 +473,11 @@ class Driver:
     try:
       if r.session_id and r.output_ids:  # a cancelled turn keeps its session too
         held = r.prompt + r.output_ids[:-1]  # the last sampled token never entered the cache
-        self._save_session(r.session_id, held, slot)
+        self._sessions.save(r.session_id, held, self._state, slot, self.version)
     except Exception:  # losing a cache entry is a miss next turn, never a lost request
       log.exception("could not keep the KV cache of session %s", r.session_id)
     finally:
       self._finish(r, reason)
-
-  def _save_session(self, session_id: str, tokens: list[int], slot: int) -> None:
-    prefix = self.engine.extract(self._state, slot, len(tokens))
-    self._sessions.pop(session_id, None)
-    self._sessions[session_id] = _Session(tokens, self.version, prefix=prefix)
-    on_device = [k for k, s in self._sessions.items() if s.prefix is not None]
-    for key in on_device[:max(0, len(on_device) - self.device_sessions)]:  # LRU first
-      s = self._sessions[key]
-      if self.host_sessions > 0:
-        n = len(s.tokens)
-        # Copy whole, slice on the host: a device slice would compile once per length.
-        s.host = (np.asarray(s.prefix.cache.k)[:, 0, :n], np.asarray(s.prefix.cache.v)[:, 0, :n])
-      s.prefix = None
-      if s.host is None:
-        del self._sessions[key]
-    on_host = [k for k, s in self._sessions.items() if s.host is not None]
-    for key in on_host[:max(0, len(on_host) - self.host_sessions)]:
-      del self._sessions[key]
 
   def _finish(self, r: Request, reason: str) -> None:
     if r.done:

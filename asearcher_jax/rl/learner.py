@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import numpy as np
@@ -28,11 +28,14 @@ from asearcher_jax.replay.validate import decode_trajectory
 from asearcher_jax.retry import retrying_sync
 from asearcher_jax.rl.training_log import MetricsWriter, NoMetrics, console_line, episode_metrics
 
+if TYPE_CHECKING:  # annotations only: config.py assembles every section, above this module
+  from asearcher_jax.config import Config
+
 log = logging.getLogger(__name__)
 
 
 class Learner:
-  def __init__(self, cfg, *, model, replay, publisher, out_dir: str,
+  def __init__(self, cfg: Config, *, model, replay, publisher, out_dir: str,
                echo: Callable[[str], None] = print):
     from asearcher_jax.rl.step import make_ppo_step
     from asearcher_jax.train.optimizer import make_optimizer

@@ -17,7 +17,7 @@ import asyncio
 import json
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asearcher_jax.errors import ConfigError, DataError
 from asearcher_jax.jsonl import append_lines, read_lines
@@ -28,6 +28,9 @@ from asearcher_jax.synth.report import format_table, summarize
 from asearcher_jax.synth.seeds import Seed, load_seeds
 from asearcher_jax.synth.state import LLMUnavailable
 from asearcher_jax.synth.verify import Verifier
+
+if TYPE_CHECKING:  # annotations only: config.py assembles every section, above this module
+  from asearcher_jax.config import Config
 
 
 def qa_row(record: dict, i: int, v: dict, source: str) -> dict[str, Any]:
@@ -53,7 +56,7 @@ def _dumps(row: Any) -> str:
   return json.dumps(row, ensure_ascii=False)
 
 
-async def synthesize(cfg, *, progress: bool = True, echo=print) -> dict[str, Any]:
+async def synthesize(cfg: Config, *, progress: bool = True, echo=print) -> dict[str, Any]:
   """Runs what `cfg.synth` asks; returns the report (also in report.json)."""
   from tqdm.auto import tqdm
 

@@ -5,7 +5,7 @@ sampled in. Warm-starts RL from expert trajectories; works the same on real chec
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,9 @@ from asearcher_jax.errors import ConfigError, DataError
 from asearcher_jax.train.lm import PackedBatch, make_sft_step, next_token_predictions
 from asearcher_jax.train.optimizer import make_optimizer
 from asearcher_jax.train.packing import pack_sequences
+
+if TYPE_CHECKING:  # annotations only: config.py assembles every section, above this module
+  from asearcher_jax.config import Config
 
 
 def sft_rows(paths: list[str], row_tokens: int, loss_on: str = "agent"
@@ -144,7 +147,7 @@ def run_sft(model, paths: list[str], *, optimizer_cfg, row_tokens: int, batch_ro
   return losses, evaluations
 
 
-def sft_command(cfg, paths: list[str], out: str, *, epochs: int, batch_rows: int,
+def sft_command(cfg: Config, paths: list[str], out: str, *, epochs: int, batch_rows: int,
                 loss_on: str = "agent", eval_paths: list[str] = (), eval_every: int = 0,
                 progress: bool = True) -> str:
   """Loads the config's policy, fine-tunes it, writes an HF directory to `out`."""
