@@ -12,7 +12,7 @@ here exactly as it would be at launch. Parameters, optimizer state, gradients an
 exact counts; activations and logits estimate what XLA keeps alive: the learner total came
 within -4% to +23% of the peak XLA allocated on an H100 (jax 0.11.2; Qwen2.5-0.5B/1.5B shapes,
 2k-8k-token rows, four remat/attention settings) and is checked against XLA's buffer
-assignment on CPU in tests/test_plan.py. A config whose total exceeds a device's budget is
+assignment on CPU in tests/test_memory_plan.py. A config whose total exceeds a device's budget is
 refused, naming its biggest item and what shrinks it.
 """
 

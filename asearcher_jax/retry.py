@@ -55,11 +55,16 @@ class Backoff(wait_base):
   honoured, but cannot stall a caller past the configured limit."""
 
   def __init__(self, base_s: float, max_s: float, jitter: bool = True,
-               rng: random.Random | None = None):
+               rng: random.Random | None = None, attempts: int | None = None):
     self.base_s, self.max_s, self.jitter = base_s, max_s, jitter
     self.rng = rng or random.Random()
+    self.attempts = attempts
 
   def __call__(self, retry_state: RetryCallState) -> float:
+    if self.attempts is not None and retry_state.attempt_number >= self.attempts:
+      # tenacity asks for the wait before it checks the stop: no sleep follows the last try,
+      # and a seeded client's jitter must not skip a draw for it.
+      return 0.0
     delay = min(self.max_s, self.base_s * 2 ** (retry_state.attempt_number - 1))
     if self.jitter:
       delay *= 0.5 + 0.5 * self.rng.random()
@@ -77,7 +82,8 @@ def _options(attempts: int, base_s: float, max_s: float, retry_on: RetryOn, jitt
   else:
     retry = retry_if_exception(retry_on)
   return dict(stop=stop_after_attempt(max(1, attempts)), retry=retry,
-              wait=Backoff(base_s, max_s, jitter, rng), before_sleep=before_sleep, reraise=True)
+              wait=Backoff(base_s, max_s, jitter, rng, max(1, attempts)), before_sleep=before_sleep,
+              reraise=True)
 
 
 def retrying(*, attempts: int, base_s: float, max_s: float, retry_on: RetryOn = Exception,

@@ -112,3 +112,17 @@ def test_async_exhaustion_and_patched_asyncio_sleep(monkeypatch):
   with pytest.raises(Transient, match="down #3"):
     asyncio.run(go())
   assert sleeps == [1.0, 2.0]
+
+
+def test_jitter_draws_once_per_wait_that_happens():
+  """A seeded client's jitter sequence advances only for waits it sleeps (tenacity asks for a
+  wait after the last attempt too, which must not consume a draw)."""
+  rng, slept = random.Random(7), []
+  with pytest.raises(ValueError):
+    for attempt in retrying_sync(attempts=3, base_s=1.0, max_s=10.0, retry_on=ValueError,
+                                 rng=rng, sleep=slept.append):
+      with attempt:
+        raise ValueError("again")
+  reference = random.Random(7)
+  assert slept == [1.0 * (0.5 + 0.5 * reference.random()), 2.0 * (0.5 + 0.5 * reference.random())]
+  assert rng.random() == reference.random()  # exactly two draws were taken

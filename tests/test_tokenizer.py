@@ -109,3 +109,24 @@ def test_qwen_style_template_renders_like_transformers(tmp_path):
     assert ours == hf.apply_chat_template(conversation, tokenize=False,
                                           add_generation_prompt=True, **kw)
   assert "<think>" not in ours and '"name": "search"' not in ours
+
+
+def test_policy_tokenizer_is_the_policys_or_says_why_not(tmp_path):
+  """The one tokenizer rule: an override, else model.path's (an HF directory or a policy
+  checkpoint's tokenizer/ folder), else for a random model.arch the byte-level default; a policy
+  without one is an error where the tokenizer is needed, never a silent default."""
+  from asearcher_jax.models.config import ModelSection, QwenConfig
+  from asearcher_jax.models.tokenizer import TOKENIZER_SUBDIR, policy_tokenizer
+  learned = build_tokenizer(["alpha beta gamma delta"] * 50, vocab_size=300)
+  ckpt = tmp_path / "ckpt"
+  learned.save(str(ckpt / TOKENIZER_SUBDIR))
+  found = policy_tokenizer(ModelSection(path=str(ckpt)))
+  assert found.encode("alpha beta") == learned.encode("alpha beta")
+  bare = ModelSection(path=str(tmp_path / "no_tokenizer"))
+  with pytest.raises(ConfigError, match="no tokenizer"):
+    policy_tokenizer(bare)
+  assert policy_tokenizer(bare, required=False) is None  # an OpenAI backend works in text
+  assert policy_tokenizer(bare, str(ckpt / TOKENIZER_SUBDIR)).vocab_size == learned.vocab_size
+  arch = QwenConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=1,
+                    num_heads=2, num_kv_heads=1, head_dim=16)
+  assert policy_tokenizer(ModelSection(arch=arch)).vocab_size == build_tokenizer().vocab_size

@@ -226,9 +226,9 @@ def policy_tokenizer(model, override: str | None = None, *, required: bool = Tru
   path = override
   if path is None and model.path:
     path = tokenizer_dir(model.path)
-    if path is None:
+    if path is None and required:  # a default tokenizer would not be the policy's
       raise ConfigError(f"{model.path}: no tokenizer (neither an HF directory nor a policy "
                         f"checkpoint with a {TOKENIZER_SUBDIR}/ folder)")
   if path:
     return Tokenizer.from_dir(path)
-  return build_tokenizer() if required else None
+  return None if not required or model.path else build_tokenizer()
