@@ -102,7 +102,9 @@ class PlacementSection(Section):
   memory_fraction: float = Field(0.9, gt=0, le=1)  # of a device's memory JAX may take
   colocated_learner_share: float = Field(0.6, gt=0, lt=1)
   decode_mesh: MeshSection | None = None  # one decode server's mesh (default: `mesh`)
-  decode_param_dtype: DType | None = None  # served (and published) weights; default param_dtype
+  # served (and published) weights; null: the compute dtype on accelerators, param_dtype on CPU
+  # (placement.serving_param_dtype)
+  decode_param_dtype: DType | None = None
   replay_address: str | None = None  # host:port of the replay queue
   decode_addresses: tuple[str, ...] = ()  # decode servers the learner publishes to
   weights_dir: str | None = None  # shared by learner and decode hosts; <output_dir>/weights

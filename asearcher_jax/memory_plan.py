@@ -215,12 +215,13 @@ def learner_group(cfg: Config, arch, devices: int, platform: str) -> tuple[Group
 
 
 def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
-  from asearcher_jax.placement import role_config
+  from asearcher_jax.placement import role_config, serving_param_dtype
   dcfg = role_config(cfg, "decode")
   m, s = dcfg.model, dcfg.serve
   mesh = mesh_shape(dcfg.mesh.shape(), devices)
-  pb, cb = _itemsize(m.param_dtype), _itemsize(m.dtype)
-  n = param_elements(arch, mesh, m.param_dtype)
+  served = serving_param_dtype(dcfg, platform)
+  pb, cb = _itemsize(served), _itemsize(m.dtype)
+  n = param_elements(arch, mesh, served)
   d = _layer_dims(arch, mesh["tensor"])
   ways = mesh["data"] * mesh["fsdp"]
   per_token = 2 * arch.num_layers * d["K"] * arch.head_dim * cb  # keys and values, all layers
@@ -228,7 +229,7 @@ def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
   impl = resolve_impl_for(m.attention, platform, m.dtype, arch.head_dim)
   scores = d["N"] * T * T * (8 + cb) if impl != "cudnn" else d["N"] * T * 4
   return Group("decode server", mesh, [
-      Item(f"parameters ({m.param_dtype})", n * pb,
+      Item(f"parameters ({served})", n * pb,
            "serve in bfloat16 (placement.decode_param_dtype) or split over placement.decode_mesh"),
       Item("parameters of the next version (while it loads)", n * pb,
            "serve in bfloat16 (placement.decode_param_dtype)"),

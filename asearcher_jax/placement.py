@@ -107,6 +107,19 @@ def _backends_started() -> bool:
     return False
 
 
+def serving_param_dtype(cfg: Config, platform: str) -> str:
+  """The dtype a decode server holds its weights in: `placement.decode_param_dtype` when set;
+  else on an accelerator the model's compute dtype, so weights are cast once (at load and at
+  each weight swap) instead of at every step and decode reads half the bytes; on CPU, which
+  gains nothing from bfloat16, `model.param_dtype`. The learner keeps its own master weights."""
+  p, m = cfg.placement, cfg.model
+  if p.decode_param_dtype is not None:
+    return p.decode_param_dtype
+  if platform != "cpu" and m.dtype != "float32":
+    return m.dtype
+  return m.param_dtype
+
+
 def client_token(cfg: Config) -> str | None:
   """The token this run's clients send: serve.token, else $ASEARCHER_TOKEN."""
   return cfg.serve.token or os.environ.get("ASEARCHER_TOKEN") or None

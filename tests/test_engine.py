@@ -375,11 +375,15 @@ def test_rows_without_truncation_are_untouched_by_a_truncating_neighbour():
   assert int(jnp.sum(out[1] > -1e29)) == 5
 
 
-def test_warmup_compiles_everything_serving_meets(model):
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_warmup_compiles_everything_serving_meets(model, decode_steps):
   import logging
 
-  engine = Engine(model, slots=3, max_len=64, mesh=MESH, min_prefill_bucket=16)
-  assert engine.warmup() == 3 * 3 + 3 + 3 + 1  # (rows x buckets) + sessions + windows + extract
+  engine = Engine(model, slots=3, max_len=64, mesh=MESH, min_prefill_bucket=16,
+                  decode_steps=decode_steps)
+  blocks = 3 if decode_steps > 1 else 0  # a block program per window
+  # (rows x buckets) + sessions + windows + blocks + extract
+  assert engine.warmup() == 3 * 3 + 3 + 3 + blocks + 1
   compiled = []
 
   class Catch(logging.Handler):
@@ -401,6 +405,83 @@ def test_warmup_compiles_everything_serving_meets(model):
   finally:
     jax.config.update("jax_log_compiles", False)
     logging.getLogger("jax").removeHandler(handler)
-  engine_programs = ("_prefill_fresh", "_prefill_continue", "_insert", "_generate", "_extract")
+  engine_programs = ("_prefill_fresh", "_prefill_continue", "_insert", "_generate",
+                     "_generate_block", "_extract")
   assert not [m for m in compiled if m.startswith("Compiling") and any(
       f"jit({name})" in m for name in engine_programs)]
+
+
+def _filled_state(engine, prompts):
+  keys = [np.asarray([7, i], np.uint32) for i in range(len(prompts))]
+  prefix = engine.prefill_batch(engine.params, prompts, [0.0, 1.0, 0.7], [0, 0, 5],
+                                [1.0, 1.0, 0.9], keys)
+  return engine.insert(prefix, engine.init_decode_state(), list(range(len(prompts))))
+
+
+def test_a_block_of_steps_is_the_steps_one_by_one(model):
+  """generate_block(steps=n) is n generate calls in one dispatch: the same tokens (greedy,
+  sampled, truncated), log-probs, positions, PRNG keys and cache."""
+  engine = Engine(model, slots=3, max_len=48, mesh=MESH)
+  prompts = [prompt(5), prompt(9), prompt(3)]
+  stepped, singles = _filled_state(engine, prompts), []
+  for _ in range(6):
+    stepped, r = engine.generate(engine.params, stepped, None)
+    singles.append(r)
+  blocked, block = engine.generate_block(engine.params, _filled_state(engine, prompts), None, 6)
+  assert block.tokens.shape == (6, 3)
+  np.testing.assert_array_equal(np.stack([r.tokens for r in singles]), block.tokens)
+  # float32 log-softmax over 128 logits: a few ulps of difference between two compilations
+  np.testing.assert_allclose(np.stack([r.logprobs for r in singles]), block.logprobs,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(stepped.positions, blocked.positions)
+  np.testing.assert_array_equal(stepped.keys, blocked.keys)
+  np.testing.assert_allclose(stepped.cache.k, blocked.cache.k, rtol=1e-5, atol=1e-5)
+
+
+def test_block_decoding_serves_what_step_decoding_serves(model):
+  """A driver that decodes 4 steps per dispatch answers exactly as one that decodes 1: stops,
+  length limits, the cache's end, seeded sampling, top log-probs and per-token versions, with
+  more requests than slots (so blocks and single steps alternate as requests wait)."""
+  specs = [(prompt(5), SamplingParams(temperature=0.0, max_new_tokens=9)),
+           (prompt(4), SamplingParams(temperature=1.0, seed=3, max_new_tokens=7)),
+           (prompt(6), SamplingParams(temperature=0.8, top_k=5, seed=4, max_new_tokens=2)),
+           (prompt(30), SamplingParams(temperature=0.0, max_new_tokens=20)),  # hits max_len
+           (prompt(3), SamplingParams(temperature=1.0, seed=5, max_new_tokens=11,
+                                      top_logprobs=3)),
+           (prompt(7), SamplingParams(temperature=1.0, top_p=0.8, seed=6, max_new_tokens=13))]
+  free = None
+  runs = {}
+  for steps in (1, 4):
+    with Driver(Engine(model, slots=3, max_len=36, mesh=MESH, decode_steps=steps),
+                version=2) as d:
+      if free is None:  # a stop id the greedy answer reaches mid-block
+        free = d.generate(specs[0][0], specs[0][1]).output_ids
+        specs.append((specs[0][0], SamplingParams(temperature=0.0, max_new_tokens=9,
+                                                  stop_token_ids=(free[5],))))
+      reqs = [d.submit(Request(p, s)) for p, s in specs]
+      runs[steps] = [r.wait(120) for r in reqs]
+  for a, b in zip(runs[1], runs[4]):
+    assert (a.output_ids, a.finish_reason, a.versions) == (b.output_ids, b.finish_reason,
+                                                           b.versions)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+    assert [[t for t, _ in row] for row in a.top_logprobs] == \
+        [[t for t, _ in row] for row in b.top_logprobs]
+  assert runs[4][3].finish_reason == "max_len" and runs[4][-1].finish_reason == "stop"
+  assert runs[4][-1].output_ids == free[:free.index(free[5]) + 1]
+
+
+def test_waiting_requests_get_single_steps():
+  """Blocks only in steady decode: while a request waits for a slot, the next dispatch is one
+  step, so a slot that frees is refilled at once."""
+  engine = Engine(make_model(), slots=1, max_len=32, mesh=MESH, decode_steps=8)
+  d = Driver(engine)
+  assert d._block_steps() == 8
+  d._pending.append(Request(prompt(3), SamplingParams()))
+  assert d._block_steps() == 1
+
+
+def test_block_size_defaults_by_platform():
+  from asearcher_jax.inference.config import ServeSection
+  assert ServeSection().steps_per_dispatch("cpu") == 1
+  assert ServeSection().steps_per_dispatch("gpu") == ServeSection().steps_per_dispatch("tpu") == 8
+  assert ServeSection(decode_steps=4).steps_per_dispatch("cpu") == 4

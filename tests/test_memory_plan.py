@@ -135,3 +135,23 @@ def test_realistic_configs_fit_the_hardware_they_name(path):
   p.check()
   assert p.device_memory is not None and all(g.budget for g in p.groups)
   assert not p.warnings, p.warnings
+
+
+def test_decode_servers_hold_compute_dtype_weights_on_accelerators():
+  """Served weights: placement.decode_param_dtype when set, else bfloat16 (the compute dtype)
+  on an accelerator and the model's param_dtype on CPU; the plan counts what is served."""
+  from asearcher_jax.placement import serving_param_dtype
+  cfg = load_config(os.path.join(ROOT, "configs", "bench", "qwen2.5-0.5b.yaml"))
+  assert cfg.model.param_dtype == "float32" and cfg.model.dtype == "bfloat16"
+  assert serving_param_dtype(cfg, "gpu") == serving_param_dtype(cfg, "tpu") == "bfloat16"
+  assert serving_param_dtype(cfg, "cpu") == "float32"
+  pinned = load_config(os.path.join(ROOT, "configs", "bench", "qwen2.5-0.5b.yaml"),
+                       ["placement.decode_param_dtype=float32"])
+  assert serving_param_dtype(pinned, "gpu") == "float32"
+  assert serving_param_dtype(load_config(os.path.join(ROOT, "configs", "debug.yaml")),
+                             "gpu") == "float32"  # computes in float32: nothing to halve
+  gpu = {i.name: i.bytes for i in plan(cfg, devices=1, platform="gpu",
+                                       device_memory_gib=80).groups[-1].items}
+  cpu = {i.name: i.bytes for i in plan(cfg, devices=1, platform="cpu",
+                                       device_memory_gib=80).groups[-1].items}
+  assert gpu["parameters (bfloat16)"] * 2 == cpu["parameters (float32)"]

@@ -21,6 +21,11 @@ class ServeSection(Section):
   max_len: int = Field(4096, ge=2)
   min_prefill_bucket: int = Field(16, gt=0)
   max_pending: int = Field(1024, gt=0)
+  # Tokens every slot generates per device dispatch in steady decode (one device loop, one
+  # host sync per block); 1 while requests wait for a slot, so admission is never held back.
+  # null: 8 on accelerators; 1 on CPU, where host and "device" share the cores and blocks
+  # measured no faster (benchmarks/decode.py).
+  decode_steps: int | None = Field(None, ge=1)
   device_sessions: int = Field(16, ge=0)
   host_sessions: int = Field(256, ge=0)
   update_mode: Literal["abort", "keep_kv"] = "abort"
@@ -30,3 +35,9 @@ class ServeSection(Section):
   # <run.output_dir>/weights).
   weight_roots: tuple[str, ...] = ()
   max_body_bytes: int = Field(16 << 20, ge=1024)  # an HTTP request body; larger is a 400
+
+  def steps_per_dispatch(self, platform: str) -> int:
+    """`decode_steps`, or its default for `platform` (a JAX backend name)."""
+    if self.decode_steps is not None:
+      return self.decode_steps
+    return 1 if platform == "cpu" else 8

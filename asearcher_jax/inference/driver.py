@@ -109,7 +109,7 @@ class Driver:
     self._counters = collections.Counter()
     self._last_step_s = 0.0
     self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
-    self._inflight = None  # (result, [(slot, request)], version) of the step not yet recorded
+    self._inflight = None  # (result, [(slot, request)], version, steps): the block not recorded
     self._last_done = time.perf_counter()
     self._published: dict[str, Any] = {}  # engine-thread counts that stats() reads
     self._publish()
@@ -395,23 +395,34 @@ class Driver:
         r.first_token_at = time.monotonic()
       self._emit(slot, r, int(tokens[i]), float(logprobs[i]), top=(top[0][i], top[1][i]))
 
-  def _step(self, active: list[int]) -> None:
-    """Dispatches the next generate step, then does the host work of the one before it.
+  def _block_steps(self) -> int:
+    """Steps in the next dispatch: `engine.decode_steps` in steady decode, one while requests
+    wait, so a slot that frees is refilled after one step rather than a whole block."""
+    return 1 if self._pending else self.engine.decode_steps
 
-    The device never waits for Python: while step t+1 runs, step t's tokens are
-    recorded and checked for stops. A slot that finished at step t has one
-    wasted row in step t+1, which is discarded because the slot no longer
-    holds that request (JetStream makes the same trade).
+  def _step(self, active: list[int]) -> None:
+    """Dispatches the next block of generate steps, then does the host work of the one before.
+
+    The device never waits for Python: while block t+1 runs, block t's tokens are
+    recorded and checked for stops. A slot that finished in block t still has its
+    rows in block t+1 (and in t after its stop), which are discarded because the
+    slot no longer holds that request (JetStream makes the same trade).
     """
-    # A live slot feeds its newest token at len(prompt) + len(outputs) - 1, plus one if a
-    # step is still in flight.
+    steps = self._block_steps()
+    ahead = self._inflight[3] if self._inflight is not None else 0
+    # A live slot feeds its newest token at len(prompt) + len(outputs) - 1, plus the steps
+    # still in flight; the block's last step feeds steps - 1 positions further.
     longest = max(len(self._slots[s].prompt) + len(self._slots[s].output_ids) for s in active)
-    window = self.engine.bucket(min(longest + (self._inflight is not None), self.engine.max_len))
-    self._state, result = self.engine.generate(
-        self.engine.params, self._state, window,
-        top_logprobs=any(self._slots[s].sampling.top_logprobs for s in active))
+    window = self.engine.bucket(min(longest + ahead + steps - 1, self.engine.max_len))
+    top = any(self._slots[s].sampling.top_logprobs for s in active)
+    if steps == 1:
+      self._state, result = self.engine.generate(self.engine.params, self._state, window,
+                                                 top_logprobs=top)
+    else:
+      self._state, result = self.engine.generate_block(self.engine.params, self._state, window,
+                                                       steps, top_logprobs=top)
     previous = self._inflight
-    self._inflight = (result, [(s, self._slots[s]) for s in active], self.version)
+    self._inflight = (result, [(s, self._slots[s]) for s in active], self.version, steps)
     if previous is not None:
       self._process(previous)
 
@@ -422,20 +433,25 @@ class Driver:
       self._process(previous)
 
   def _process(self, inflight) -> None:
-    result, snapshot, version = inflight
-    tokens = np.asarray(result.tokens)
-    logprobs = np.asarray(result.logprobs)
-    top_ids, top_logprobs = np.asarray(result.top_ids), np.asarray(result.top_logprobs)
+    result, snapshot, version, steps = inflight
+    slots = self.engine.slots
+    tokens = np.asarray(result.tokens).reshape(steps, slots)
+    logprobs = np.asarray(result.logprobs).reshape(steps, slots)
+    top_ids = np.asarray(result.top_ids).reshape(steps, slots, -1)
+    top_logprobs = np.asarray(result.top_logprobs).reshape(steps, slots, -1)
     now = time.perf_counter()
-    self._last_step_s, self._last_done = now - self._last_done, now
-    self._counters["steps"] += 1
-    self._recent.append((time.monotonic(), len(snapshot)))
+    self._last_step_s, self._last_done = (now - self._last_done) / steps, now
+    self._counters["steps"] += steps
+    self._recent.append((time.monotonic(), len(snapshot) * steps))
     if self.metrics:
-      self.metrics.observe_step(self._last_step_s, len(snapshot))
+      for _ in range(steps):
+        self.metrics.observe_step(self._last_step_s, len(snapshot))
     for slot, r in snapshot:
-      if self._slots[slot] is r:  # else it finished (or was cancelled) since the dispatch
-        self._emit(slot, r, int(tokens[slot]), float(logprobs[slot]), version,
-                   top=(top_ids[slot], top_logprobs[slot]))
+      for j in range(steps):
+        if self._slots[slot] is not r:  # it finished (or was cancelled) since the dispatch
+          break
+        self._emit(slot, r, int(tokens[j, slot]), float(logprobs[j, slot]), version,
+                   top=(top_ids[j, slot], top_logprobs[j, slot]))
 
   def _emit(self, slot: int, r: Request, token: int, logprob: float,
             version: int | None = None, top: tuple[np.ndarray, np.ndarray] | None = None) -> None:

@@ -88,9 +88,12 @@ class Engine:
   """Decode engine over a fixed number of slots, optionally sharded over a mesh."""
 
   def __init__(self, model: Qwen, *, slots: int, max_len: int, mesh: Mesh | None = None,
-               min_prefill_bucket: int = 16, cache_dtype=None):
+               min_prefill_bucket: int = 16, cache_dtype=None, decode_steps: int = 1):
     if slots < 1 or max_len < 2:
       raise ValueError(f"need slots >= 1 and max_len >= 2, got {slots}, {max_len}")
+    if decode_steps < 1:
+      raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
+    self.decode_steps = decode_steps  # the block `generate_block` runs in steady decode
     self.cfg = model.cfg
     self.mesh = mesh or make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
                                   devices=jax.devices()[:1])
@@ -198,6 +201,15 @@ class Engine:
     compiled variant, used only while a request asks)."""
     return self._generate(params, state, window, MAX_TOP_LOGPROBS if top_logprobs else 0)
 
+  def generate_block(self, params, state: DecodeState, window: int | None = None,
+                     steps: int = 1, top_logprobs: bool = False
+                     ) -> tuple[DecodeState, ResultTokens]:
+    """`steps` generate steps in one dispatch (a device loop), each exactly `generate`'s: the
+    result's arrays gain a leading [steps] axis. The host syncs once per block instead of once
+    per token; `window` must cover every position the block reaches."""
+    return self._generate_block(params, state, window,
+                                MAX_TOP_LOGPROBS if top_logprobs else 0, steps)
+
   def warmup(self) -> int:
     """Compiles every shape serving can meet, so no request ever waits for XLA.
 
@@ -229,6 +241,9 @@ class Engine:
     for window in self.buckets:
       state, _ = self.generate(self.params, state, window)
       shapes += 1
+      if self.decode_steps > 1:
+        state, _ = self.generate_block(self.params, state, window, self.decode_steps)
+        shapes += 1
     jax.block_until_ready(self.extract(state, 0, 1))
     return shapes + 1
 
@@ -304,18 +319,31 @@ class Engine:
         put(state.temperature, prefix.temperature), put(state.top_k, prefix.top_k),
         put(state.top_p, prefix.top_p), put(state.keys, prefix.key)))
 
-  @functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=2)
-  def _generate(self, params, state: DecodeState, window, top_n
-                ) -> tuple[DecodeState, ResultTokens]:
-    model = self._model(params)
+  def _step(self, model: Qwen, state: DecodeState, window, top_n
+            ) -> tuple[DecodeState, ResultTokens]:
     hidden, cache = model.hidden_states(state.tokens[:, None], state.positions[:, None],
                                         cache=state.cache, kv_window=window)
     logits = model.logits(hidden)
     d = sample(logits[:, 0], state.keys, state.temperature, state.top_k, state.top_p, top_n)
+    # A slot past max_len stays there: its writes fall outside the cache and are dropped.
     positions = jnp.minimum(state.positions + 1, self.max_len)
     new = dataclasses.replace(state, cache=cache, positions=positions, tokens=d.tokens,
                               keys=d.keys)
-    return self._pin(new), ResultTokens(d.tokens, d.logprobs, d.top_ids, d.top_logprobs)
+    return new, ResultTokens(d.tokens, d.logprobs, d.top_ids, d.top_logprobs)
+
+  @functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=2)
+  def _generate(self, params, state: DecodeState, window, top_n
+                ) -> tuple[DecodeState, ResultTokens]:
+    new, result = self._step(self._model(params), state, window, top_n)
+    return self._pin(new), result
+
+  @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5), donate_argnums=2)
+  def _generate_block(self, params, state: DecodeState, window, top_n, steps
+                      ) -> tuple[DecodeState, ResultTokens]:
+    model = self._model(params)
+    new, results = jax.lax.scan(lambda s, _: self._step(model, s, window, top_n), state, None,
+                                length=steps)
+    return self._pin(new), results
 
   @functools.partial(jax.jit, static_argnums=0)
   def _extract(self, state: DecodeState, slot, length) -> Prefix:

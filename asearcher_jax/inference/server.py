@@ -10,6 +10,7 @@ import logging
 import os
 import time
 
+import jax
 from aiohttp import web
 
 from asearcher_jax import auth
@@ -93,20 +94,23 @@ class DecodeServer(BackgroundServer):
 def build_server(cfg: Config, *, progress: bool = True) -> DecodeServer:
   """The server a config describes: policy from model.path (or a random model.arch)."""
   from asearcher_jax.models.pretrained import load_policy
+  from asearcher_jax.placement import serving_param_dtype
   from asearcher_jax.sharding import make_mesh
   s = cfg.serve
   token = require_token(s.host, s.token)  # fail before loading a model
   mesh = make_mesh(cfg.mesh.shape())
   # Decoding runs no backward pass, so what it would recompute there does not matter.
-  model, tokenizer, arch = load_policy(cfg.model.model_copy(update={"remat": "none"}), mesh,
-                                       progress=progress)
+  served = cfg.model.model_copy(update={
+      "remat": "none", "param_dtype": serving_param_dtype(cfg, jax.default_backend())})
+  model, tokenizer, arch = load_policy(served, mesh, progress=progress)
   stop_ids = set()
   if tokenizer is not None and tokenizer.eos_id is not None:
     stop_ids.add(tokenizer.eos_id)
   eos = arch.eos_token_id
   stop_ids.update(eos if isinstance(eos, tuple) else (() if eos is None else (eos,)))
   engine = Engine(model, slots=s.slots, max_len=s.max_len, mesh=mesh,
-                  min_prefill_bucket=s.min_prefill_bucket)
+                  min_prefill_bucket=s.min_prefill_bucket,
+                  decode_steps=s.steps_per_dispatch(jax.default_backend()))
   if s.warmup:
     t0 = time.perf_counter()
     n = engine.warmup()
