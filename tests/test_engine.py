@@ -175,9 +175,10 @@ def test_session_eviction_to_host_and_drop(model):
       assert (r.cached_tokens > 0) == (name != "a")
 
 
-def test_interruption_switches_version_at_the_boundary(model, forward_logits):
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_interruption_switches_version_at_the_boundary(model, forward_logits, decode_steps):
   new_model = make_model(seed=1)
-  engine = Engine(model, slots=2, max_len=128, mesh=MESH)
+  engine = Engine(model, slots=2, max_len=128, mesh=MESH, decode_steps=decode_steps)
   with Driver(engine, version=3, update_mode="abort") as d:
     p = prompt(6)
 
@@ -193,9 +194,11 @@ def test_interruption_switches_version_at_the_boundary(model, forward_logits):
     assert d.update_weights(4, new_params)["interrupted"] == 1
     d.resume()
     r.wait(60)
-  # A step already in flight when the pause lands still belongs to version 3.
+  # Steps already dispatched when the pause lands (the rest of the block, and the block in
+  # flight) still belong to version 3; every later token to version 4.
   boundary = r.versions.count(3)
-  assert boundary in (4, 5) and r.versions == [3] * boundary + [4] * (12 - boundary)
+  assert 4 <= boundary <= 4 + 2 * decode_steps - 1
+  assert r.versions == [3] * boundary + [4] * (12 - boundary)
   assert r.interruptions == 1
   old = forward_logits(model, p + r.output_ids[:boundary - 1])[len(p) - 1:]
   new = forward_logits(new_model, p + r.output_ids[:-1])[len(p) - 1:]
