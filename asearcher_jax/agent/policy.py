@@ -75,8 +75,7 @@ class DecodePolicy:
         sampling, stop_token_ids=tuple(dict.fromkeys(sampling.stop_token_ids + self.eos_ids)))
     try:
       async for attempt in retrying(attempts=self.queue_retries + 1, base_s=0.2, max_s=10.0,
-                                    retry_on=QueueFullError, jitter=False,
-                                    sleep=lambda s: asyncio.sleep(s)):
+                                    retry_on=QueueFullError, jitter=False):
         with attempt:
           r = await self.client.generate(prompt.ids, sampling, session_id=session_id)
     except QueueFullError:
@@ -147,7 +146,7 @@ class OpenAIPolicy:
     try:
       async for attempt in retrying(attempts=self.max_retries + 1, base_s=1.0, max_s=8.0,
                                     retry_on=(Transient, aiohttp.ClientError, asyncio.TimeoutError),
-                                    jitter=False, sleep=lambda s: asyncio.sleep(s)):
+                                    jitter=False):
         with attempt:
           async with self._http().post(self.base_url + path, json=body) as resp:
             if resp.status == 400:

@@ -157,5 +157,4 @@ def read_policy_meta(directory: str, step: int | None = None) -> tuple[QwenConfi
     raise CheckpointError(f"{directory}: checkpoint has no model_config; it is a training "
                           "checkpoint, not a policy checkpoint")
   cfg = QwenConfig.from_hf_dict(model_config, source=f"{directory} (model_config)")
-  tok = os.path.join(os.path.abspath(directory), TOKENIZER_SUBDIR)
-  return cfg, (tok if os.path.isdir(tok) else None)
+  return cfg, tokenizer_dir(directory)

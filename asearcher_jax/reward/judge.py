@@ -267,8 +267,7 @@ class OpenAIChat:
     raw, n, unavailable = "", 0, True
     try:
       async for attempt in retrying(attempts=self.cfg.max_retries + 1, base_s=self.cfg.backoff_s,
-                                    max_s=self.cfg.max_backoff_s, retry_on=_Retry, rng=self._rng,
-                                    sleep=lambda s: asyncio.sleep(s)):
+                                    max_s=self.cfg.max_backoff_s, retry_on=_Retry, rng=self._rng):
         with attempt:
           n, unavailable = n + 1, True
           raw = await self.complete(prompt, temperature)

@@ -113,8 +113,7 @@ class Learner:
 
   def _ack(self, lease: str) -> bool:
     try:  # acks are idempotent: retrying after an outage is safe
-      for attempt in retrying_sync(attempts=5, base_s=1.0, max_s=30.0, jitter=False,
-                                   sleep=lambda s: time.sleep(s)):
+      for attempt in retrying_sync(attempts=5, base_s=1.0, max_s=30.0, jitter=False):
         with attempt:
           try:
             return self.replay.ack(lease)

@@ -152,8 +152,7 @@ class RolloutWorker:
           attempts=4, base_s=1.0, max_s=4.0, jitter=False,
           retry_on=lambda e: isinstance(e, Exception) and not isinstance(e, ValueError),
           before_sleep=lambda s: log.warning("put of group %s failed; retrying", group_id,
-                                             exc_info=s.outcome.exception()),
-          sleep=lambda s: asyncio.sleep(s)):
+                                             exc_info=s.outcome.exception())):
         with attempt:
           status = await self.replay.put(record)
       first_try = attempt.retry_state.attempt_number == 1

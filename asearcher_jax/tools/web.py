@@ -80,7 +80,7 @@ class _HttpAdapter:
     try:
       async for attempt in retrying(attempts=self.cfg.max_retries + 1, base_s=self.cfg.backoff_s,
                                     max_s=self.cfg.max_backoff_s, retry_on=transient,
-                                    rng=self._rng, sleep=lambda s: asyncio.sleep(s)):
+                                    rng=self._rng):
         n += 1
         with attempt:
           async with self.limiter.get():
