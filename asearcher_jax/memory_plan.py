@@ -2,7 +2,7 @@
 
 A learner device holds its shards of the parameters, the AdamW moments (and the update being
 applied), the float32 gradient accumulator beside one micro-batch's gradients, the activations
-of one micro-batch under the remat policy, and that micro-batch's logits. A decode server
+of one micro-batch under the remat policy, and one chunk of its logits. A decode server
 device holds its parameters, a second copy while a new version loads, the KV cache of
 serve.slots x serve.max_len, the sessions kept on device, and one full-length prefill.
 
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from asearcher_jax.errors import ConfigError
 from asearcher_jax.models.attention import resolve_impl_for
+from asearcher_jax.models.lm_head import chunk_length
 from asearcher_jax.sharding import LOGICAL_RULES, check_divisible, mesh_shape, mesh_size
 
 if TYPE_CHECKING:  # annotations only: config.py assembles every section, above this module
@@ -175,8 +176,9 @@ def learner_group(cfg: Config, arch, devices: int, platform: str) -> tuple[Group
   T, L = rl.row_tokens, arch.num_layers
   d = _layer_dims(arch, mesh["tensor"])
   tok = rows * T
+  chunk = chunk_length(rl.micro_batch_rows, T, arch.vocab_size)
   impl = resolve_impl_for(m.attention, platform, m.dtype, arch.head_dim)
-  fused = impl == "cudnn"
+  fused = impl in ("cudnn", "blockwise")  # no [T, S] scores kept: the output and its lse
   scores = rows * d["N"] * T * T  # attention logits of one layer, elements
   # one layer at a time also holds its attention logits, their softmax and, in the backward
   # pass, their gradients (float32), beside its own intermediates
@@ -190,7 +192,8 @@ def learner_group(cfg: Config, arch, devices: int, platform: str) -> tuple[Group
         + (rows * d["N"] * T * 4 if fused else scores * 4)
   else:  # dots_no_batch: the weight matmuls' outputs; attention is recomputed
     saved = tok * cb * (3 * d["E"] + (d["N"] + 2 * d["K"]) * d["D"] + 2 * d["F"])
-  activations = L * saved + live + rows * T * T  # + the [rows, 1, T, T] attention mask
+  # + the [rows, 1, T, T] attention mask, which blockwise attention never builds
+  activations = L * saved + live + (0 if impl == "blockwise" else rows * T * T)
   items = [
       Item(f"parameters ({m.param_dtype})", n * pb,
            "shard them over more devices (mesh.fsdp, or mesh.tensor)"),
@@ -201,11 +204,13 @@ def learner_group(cfg: Config, arch, devices: int, platform: str) -> tuple[Group
       Item(f"activations ({rows} row{'s' * (rows != 1)} x {T} tokens, remat {m.remat}, "
            f"attention {impl})", activations,
            "use model.remat=full, fewer rl.micro_batch_rows or a shorter rl.row_tokens"
-           + ("" if fused else ", or a fused attention (model.attention=cudnn on GPUs)")),
-      # the log-softmax kept for the backward pass and its gradient there (float32)
-      Item(f"logits ({tok} tokens x {d['V']} vocabulary, float32)", 2 * tok * d["V"] * 4,
-           "fewer rl.micro_batch_rows or a shorter rl.row_tokens, or split the vocabulary "
-           "(mesh.tensor)"),
+           + ("" if fused else ", or attention that holds no [T, T] scores "
+                                "(model.attention=blockwise, or cudnn on GPUs)")),
+      # models/lm_head.py: one chunk of logits at a time (the logits, their softmax and their
+      # gradient, float32); the head's gradient is the micro-batch gradient counted above
+      Item(f"LM head ({rows} x {chunk} of {T} positions x {d['V']} vocabulary a chunk, "
+           "float32)", 3 * rows * chunk * d["V"] * 4,
+           "split the vocabulary (mesh.tensor)"),
   ]
   p = cfg.placement
   if p.decode_param_dtype is not None and p.decode_param_dtype != m.param_dtype:

@@ -290,7 +290,8 @@ def warm_learner(learner: Learner, rl, max_micro_batches: int) -> int:
     batch = shard_batch(TrainBatch(
         tokens=z(np.int32), positions=z(np.int32), segment_ids=z(np.int32), loss_mask=z(bool),
         behav_logp=z(np.float32), advantages=z(np.float32), versions=z(np.int32),
-        num_tokens=np.asarray(1, np.int32)), learner.mesh)
+        num_tokens=np.asarray(1, np.int32), learner_version=np.asarray(0, np.int32)),
+        learner.mesh)
     state = jax.tree.map(jnp.copy, (learner.params, learner.opt_state))
     for _ in range(2):
       state = learner.step_fn(*state, batch)[:2]

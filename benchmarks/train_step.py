@@ -3,6 +3,11 @@
 
   python benchmarks/train_step.py --config configs/bench/qwen2.5-1.5b.yaml --batch 1 \
       --seq-len 4096 --steps 10 [key=value overrides]
+  python benchmarks/train_step.py --config configs/debug.yaml --episodes 8 model.attention=blockwise
+
+With --episodes the same tokens are also timed packed as many episodes a row (what RL rows
+hold), side by side with one causal sequence: attention that skips the blocks a mask hides
+costs about Σ len² there, where a dense mask costs T².
 
 Model FLOPs per token follow PaLM (appendix B): 6 x (matmul parameters, LM head
 included) + 12 x layers x heads x head_dim x seq_len for attention. MFU divides
@@ -55,6 +60,12 @@ def main(argv=None) -> int:
   p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation)")
   p.add_argument("--peak-tflops", type=float, help="override the per-device peak")
   p.add_argument("--results", help="JSON output (default: benchmarks/results/...)")
+  p.add_argument("--episodes", type=int, default=0,
+                 help="also time rows packed with this many episodes per row (segment ids and "
+                      "positions restart per episode), side by side with one causal sequence")
+  p.add_argument("--episode-len", type=int, nargs=2, default=(128, 1024), metavar=("MIN", "MAX"),
+                 help="episode lengths for --episodes, drawn uniformly; the row's length is "
+                      "their sum (--seq-len is ignored)")
   p.add_argument("overrides", nargs="*")
   args = p.parse_args(argv)
 
@@ -76,6 +87,11 @@ def main(argv=None) -> int:
     params, opt_state, step = make_sft_step(model, make_optimizer(cfg.optimizer))
     del model
     rng = np.random.default_rng(0)
+    if args.episodes:
+      lengths = rng.integers(args.episode_len[0], args.episode_len[1] + 1, args.episodes)
+      args.seq_len = int(lengths.sum())
+      positions = np.concatenate([np.arange(n) for n in lengths])
+      segments = np.repeat(np.arange(1, args.episodes + 1), lengths)
     shape = (args.batch, args.seq_len)
     rows = ("data", "fsdp") if args.batch % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else None
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(rows))
@@ -86,17 +102,33 @@ def main(argv=None) -> int:
         loss_mask=jnp.ones(shape, bool))
     batch = jax.device_put(batch, batch_sharding)
 
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-      params, opt_state, metrics = step(params, opt_state, batch)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(args.steps):
-      t = time.perf_counter()
-      params, opt_state, metrics = step(params, opt_state, batch)
+    def timed(batch):
+      nonlocal params, opt_state
+      t0 = time.perf_counter()
+      for _ in range(args.warmup):
+        params, opt_state, metrics = step(params, opt_state, batch)
       jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - t)
+      compile_s = time.perf_counter() - t0
+      times = []
+      for _ in range(args.steps):
+        t = time.perf_counter()
+        params, opt_state, metrics = step(params, opt_state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+      return compile_s, times, metrics
+
+    compile_s, times, metrics = timed(batch)
+    packed = None
+    if args.episodes:  # the same tokens, packed: one compiled program, other masks
+      _, packed_times, _ = timed(jax.device_put(PackedBatch(
+          tokens=batch.tokens,
+          positions=jnp.broadcast_to(jnp.asarray(positions, jnp.int32), shape),
+          segment_ids=jnp.broadcast_to(jnp.asarray(segments, jnp.int32), shape),
+          loss_mask=batch.loss_mask), batch_sharding))
+      packed = {"episodes": args.episodes, "episode_lengths": [int(n) for n in lengths],
+                "step_s_median": round(float(np.median(packed_times)), 5),
+                "step_s_all": [round(t, 5) for t in packed_times]}
+      packed["vs_one_sequence"] = round(packed["step_s_median"] / float(np.median(times)), 3)
 
   step_s = float(np.median(times))
   tokens = args.batch * args.seq_len
@@ -115,11 +147,16 @@ def main(argv=None) -> int:
       "tokens_per_s_per_device": round(tok_s / len(devices), 1),
       "model_tflops_per_s": round(achieved, 4), "peak_tflops_per_device": peak,
       "mfu": None if mfu is None else round(mfu, 4), "final_loss": float(metrics["loss"]),
+      "packed": packed,
   }
   print(f"warmup+compile {compile_s:.1f}s; step {step_s * 1e3:.1f} ms (median of {args.steps}); "
         f"{tok_s:,.0f} tokens/s; {achieved:.3f} model TFLOP/s; "
         f"MFU {'n/a (no peak for this device)' if mfu is None else f'{100 * mfu:.1f}%'}; "
         f"loss {result['final_loss']:.4f}")
+  if packed:
+    print(f"{args.episodes} packed episodes in the same {args.seq_len} tokens: step "
+          f"{packed['step_s_median'] * 1e3:.1f} ms, {packed['vs_one_sequence']:.2f}x one causal "
+          "sequence")
   config_name = os.path.splitext(os.path.basename(args.config))[0]
   write_result(result, args.results,
                f"train_step_{kind}_{config_name}_b{args.batch}_s{args.seq_len}")

@@ -64,20 +64,24 @@ def test_activations_by_hand_for_full_remat_and_xla_attention():
   rows, T, E, F, N, K, D, L = 2, 128, 32, 64, 2, 1, 16, 2  # 4 rows over fsdp=2
   live = rows * T * 4 * (4 * E + 3 * (N + K) * D + 4 * F) + rows * N * T * T * (12 + 4)
   assert learner["activations"] == L * rows * T * 4 * E + live + rows * T * T
-  assert learner["logits"] == 2 * rows * T * 64 * 4
+  # one chunk (here the whole 128-position row: 4 x 128 x 64 fits the chunk budget) of
+  # float32 logits, their softmax and their gradient
+  assert learner["LM head"] == 3 * rows * T * 64 * 4
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
-def test_learner_estimate_tracks_xla_buffer_assignment(remat):
+@pytest.mark.parametrize("remat,attention", [("none", "xla"), ("full", "xla"),
+                                              ("none", "blockwise")])
+def test_learner_estimate_tracks_xla_buffer_assignment(remat, attention):
   """The plan against what XLA allocates for the compiled step (arguments + temporaries)."""
   cfg = small("model.arch.num_layers=4", "model.arch.hidden_size=128",
               "model.arch.intermediate_size=256", "model.arch.num_heads=4",
               "model.arch.num_kv_heads=2", "model.arch.vocab_size=512", f"model.remat={remat}",
-              "model.dtype=float32", "model.attention=xla", "rl.row_tokens=512",
+              "model.dtype=float32", f"model.attention={attention}", "rl.row_tokens=512",
               "rl.micro_batch_rows=2")
   est = plan(cfg, devices=1, device_memory_gib=1, platform="cpu").groups[0].total
   mesh = single_device_mesh()
-  model = create_model(cfg.model.arch, mesh, dtype="float32", attention_impl="xla", remat=remat)
+  model = create_model(cfg.model.arch, mesh, dtype="float32", attention_impl=attention,
+                       remat=remat)
   params, opt_state, step = make_ppo_step(model, make_optimizer(cfg.optimizer), cfg.rl)
   shape = (2, 2, 512)  # two micro-batches of two rows
 
@@ -85,7 +89,7 @@ def test_learner_estimate_tracks_xla_buffer_assignment(remat):
     return jax.ShapeDtypeStruct(s, dtype)
 
   batch = TrainBatch(sds(np.int32), sds(np.int32), sds(np.int32), sds(bool), sds(np.float32),
-                     sds(np.float32), sds(np.int32), sds(np.int32, ()))
+                     sds(np.float32), sds(np.int32), sds(np.int32, ()), sds(np.int32, ()))
   memory = step.lower(params, opt_state, batch).compile().memory_analysis()
   xla = memory.temp_size_in_bytes + memory.argument_size_in_bytes
   assert 0.8 * xla < est < 1.4 * xla, (est / 2**20, xla / 2**20)
@@ -99,12 +103,17 @@ def test_a_config_that_does_not_fit_is_refused_naming_its_biggest_item(capsys):
                                       r".*the biggest item is activations .*model.remat=full"):
     p.check()
   argv = ["plan", "--config", os.path.join(ROOT, "configs", "qwen2.5-7b-8xh100.yaml"),
-          "rl.row_tokens=32768"]
+          "rl.row_tokens=65536"]
   assert main(argv) == 2
   out = capsys.readouterr()
   assert "DOES NOT FIT" in out.out
-  assert "biggest item is logits (32768 tokens x 152064 vocabulary" in out.err
+  assert "biggest item is activations (1 row x 65536 tokens" in out.err
   assert main(argv[:3]) == 0  # as shipped, it fits
+  # 32k-token rows fit too: the fused LM head holds one 64-position chunk of logits, where
+  # full logits were 37 GiB a device (2 x 32768 x 152064 float32)
+  assert main(argv[:3] + ["rl.row_tokens=32768"]) == 0
+  assert "LM head (1 x 64 of 32768 positions x 152064 vocabulary a chunk" in \
+      capsys.readouterr().out
 
 
 def test_a_mesh_that_does_not_divide_a_tensor_is_refused_before_launch():

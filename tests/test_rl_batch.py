@@ -210,12 +210,13 @@ def _rows(batch):
                     "versions")}
 
 
-def _layout(rows, m):
+def _layout(rows, m, learner_version=0):
   """The same rows as m micro-batches (empty rows added to divide evenly)."""
   pad = -len(rows["tokens"]) % m
   out = {k: np.concatenate([v, np.zeros((pad, v.shape[1]), v.dtype)]).reshape(
       m, -1, v.shape[1]) for k, v in rows.items()}
-  return TrainBatch(**out, num_tokens=np.asarray(out["loss_mask"].sum(), np.int32))
+  return TrainBatch(**out, num_tokens=np.asarray(out["loss_mask"].sum(), np.int32),
+                    learner_version=np.asarray(learner_version, np.int32))
 
 
 def _with_empty(batch, k):
@@ -223,7 +224,7 @@ def _with_empty(batch, k):
   def pad(x):
     return np.concatenate([x, np.zeros((k, *x.shape[1:]), x.dtype)])
   return TrainBatch(**{f: pad(np.asarray(getattr(batch, f))) for f in _rows(batch)},
-                    num_tokens=batch.num_tokens)
+                    num_tokens=batch.num_tokens, learner_version=batch.learner_version)
 
 
 def _unpack(batch):
@@ -340,6 +341,22 @@ def test_step_logprobs_are_the_engines_tempered_logprobs(packed):
   np.testing.assert_allclose(metrics["loss"], -adv.mean(), rtol=1e-4, atol=1e-6)
   assert adv.mean() != 0
   assert 0 < metrics["entropy"] < np.log(MODEL.vocab_size) + 1e-4
+  # The train-inference gap: in float32 on CPU the engine and the learner agree to 1e-5.
+  assert metrics["fresh_tokens"] == rows["loss_mask"][:, 1:].sum() > 0
+  assert metrics["logp_gap_max"] <= 1e-5
+
+  # Only tokens the learner's own version sampled enter the gap: make every other loss token
+  # one version stale with a large gap, and shift the fresh ones' by 0.25.
+  mask = rows["loss_mask"].copy()
+  mask[:, 0] = False
+  fresh = mask & (np.cumsum(mask, axis=1) % 2 == 0)
+  rows["versions"] = np.where(fresh, 1, 0).astype(np.int32)
+  rows["behav_logp"] = np.where(fresh, rows["behav_logp"] - 0.25,
+                                np.where(mask, rows["behav_logp"] - 3.0, 0.0)).astype(np.float32)
+  metrics, _ = _run(_layout(rows, batch.shape[0], learner_version=1), mesh)
+  assert metrics["fresh_tokens"] == fresh.sum() > 0
+  np.testing.assert_allclose([metrics["logp_gap_mean"], metrics["logp_gap_max"]], 0.25,
+                             atol=2e-5)
 
 
 # -- PPO minibatches ------------------------------------------------------------------------
@@ -384,7 +401,7 @@ def test_step_minibatches_are_successive_updates_around_the_starting_policy():
     def reference_update(p, mb, prox):
       def loss(p):
         return micro_batch_loss(nnx.merge(graphdef, p, rest), {**mb, "prox_logp": prox},
-                                jnp.sum(mb["loss_mask"]), MB_CFG)[0]
+                                jnp.sum(mb["loss_mask"]), 0, MB_CFG)[0]
       return jax.tree.map(lambda x, g: x - lr * g, p, jax.grad(loss)(p))
 
     expected = p0

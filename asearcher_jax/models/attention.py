@@ -3,7 +3,8 @@
 One masking rule covers every use: a query attends to keys at positions no
 later than its own and in the same segment. Training packs several sequences
 into a row (segment ids, positions restart per segment); decoding attends to a
-cache whose slot j holds position j.
+cache whose slot j holds position j. `blockwise` (models/blockwise_attention.py)
+applies the rule block by block and never holds a [T, S] mask or scores.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from asearcher_jax.models.blockwise_attention import blockwise_attention
 from asearcher_jax.models.config import AttentionImpl
 
 
@@ -24,21 +26,26 @@ def make_mask(q_pos: jax.Array, kv_pos: jax.Array, q_seg: jax.Array | None = Non
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Plain softmax attention in float32; the numerics the fused kernels are tested against."""
+  """Plain softmax attention in float32 (float64 for float64 inputs); the numerics the fused
+  kernels and blockwise attention are tested against."""
   b, t, n, d = q.shape
   kv_heads = k.shape[2]
-  qg = q.reshape(b, t, kv_heads, n // kv_heads, d).astype(jnp.float32)
-  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) / jnp.sqrt(d)
-  logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  acc = jnp.promote_types(q.dtype, jnp.float32)  # float64 inputs stay float64
+  qg = q.reshape(b, t, kv_heads, n // kv_heads, d).astype(acc)
+  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(acc)) / jnp.sqrt(d).astype(acc)
+  logits = jnp.where(mask[:, :, None], logits, jnp.finfo(acc).min)
   probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(acc))
   return out.reshape(b, t, n, d).astype(q.dtype)
 
 
 def resolve_impl(impl: AttentionImpl, q: jax.Array) -> AttentionImpl:
   """`auto`: cuDNN's fused kernel on GPUs where it applies (bf16/fp16, head_dim a multiple of 8
-  up to 128), else XLA. jax's own default is XLA everywhere, which on an H200 trains the
-  1.5B shape at 24% MFU against cuDNN's 37% (benchmarks/results/train_step_*H200*)."""
+  up to 128), blockwise attention on CPUs, else XLA. jax's own default is XLA everywhere,
+  which on an H200 trains the 1.5B shape at 24% MFU against cuDNN's 37%
+  (benchmarks/results/train_step_*H200*); on 2 CPU cores blockwise trains the debug model
+  1.3x as fast as XLA at 4 x 640 tokens and 2x at one 3,450-token row
+  (benchmarks/results/train_step_cpu_debug_*)."""
   return resolve_impl_for(impl, jax.default_backend(), jnp.dtype(q.dtype).name, q.shape[-1])
 
 
@@ -50,13 +57,27 @@ def resolve_impl_for(impl: AttentionImpl, platform: str, dtype: str, head_dim: i
   if platform == "gpu" and dtype in ("bfloat16", "float16") and head_dim % 8 == 0 \
       and head_dim <= 128:
     return "cudnn"
+  if platform == "cpu":
+    return "blockwise"
   return "xla"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+Segments = tuple[jax.Array, jax.Array]  # (positions, segment ids), [B, T] each
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Segments,
               impl: AttentionImpl = "auto") -> jax.Array:
-  """q [B, T, N, D], k/v [B, S, K, D] (N a multiple of K), mask [B, 1, T, S]."""
+  """q [B, T, N, D], k/v [B, S, K, D] (N a multiple of K); mask [B, 1, T, S], or for
+  self-attention over packed rows the (positions, segment ids) it comes from, which
+  `blockwise` attends by without ever building it (the other implementations build it)."""
   impl = resolve_impl(impl, q)
+  if isinstance(mask, tuple):
+    positions, segment_ids = mask
+    if impl == "blockwise":
+      return blockwise_attention(q, k, v, positions, segment_ids)
+    mask = make_mask(positions, positions, segment_ids, segment_ids)
+  elif impl == "blockwise":  # a KV cache's mask (decoding): one query position, dense is fine
+    impl = "xla"
   if impl == "reference":
     return reference_attention(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)

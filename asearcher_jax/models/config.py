@@ -20,7 +20,7 @@ from asearcher_jax.section import DType, Section
 
 # How attention runs (models/attention.py) and what the backward pass recomputes (models/qwen.py);
 # named here, JAX-free, because the config validates them.
-AttentionImpl = Literal["auto", "xla", "cudnn", "reference"]
+AttentionImpl = Literal["auto", "xla", "cudnn", "blockwise", "reference"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
 _STRICT = ConfigDict(extra="forbid")

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from asearcher_jax.models.attention import attention, make_mask
+from asearcher_jax.models.attention import Segments, attention, make_mask, resolve_impl_for
 from asearcher_jax.models.config import AttentionImpl, QwenConfig, RematPolicy
 from asearcher_jax.models.rope import apply_rope, rope_tables
 from asearcher_jax.sharding import constrain
@@ -90,7 +90,7 @@ class DecoderLayers(nnx.Module):
 
 
 def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
-                  mask: jax.Array, positions: jax.Array,
+                  mask: jax.Array | Segments, positions: jax.Array,
                   cache: tuple[jax.Array, jax.Array, jax.Array, int | None] | None,
                   cfg: QwenConfig, impl: AttentionImpl):
   """One pre-norm decoder layer on x [B, T, E] with one layer's weights `p`.
@@ -174,7 +174,11 @@ class Qwen(nnx.Module):
     if cache is None:
       if segment_ids is None:
         segment_ids = jnp.ones((b, t), jnp.int32)
-      mask = make_mask(positions, positions, segment_ids, segment_ids)
+      impl = resolve_impl_for(self.attention_impl, jax.default_backend(), self.dtype.name,
+                              cfg.head_dim)
+      # blockwise attention masks block by block; the others get the dense mask, built once
+      mask = ((positions, segment_ids) if impl == "blockwise"
+              else make_mask(positions, positions, segment_ids, segment_ids))
     else:
       kv_window = kv_window or cache.max_len
       slots = jnp.broadcast_to(jnp.arange(kv_window, dtype=jnp.int32), (b, kv_window))
@@ -206,10 +210,15 @@ class Qwen(nnx.Module):
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     return x, cache
 
+  def head(self) -> jax.Array:
+    """The LM head [E, V] (the embedding's transpose when tied), in the parameter dtype."""
+    return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
   def logits(self, hidden: jax.Array) -> jax.Array:
-    """float32 logits [B, T, V]; the head accumulates in float32 for exact log-probs."""
-    head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-    out = jnp.einsum("bte,ev->btv", hidden, head.astype(hidden.dtype),
+    """float32 logits [B, T, V] (decoding); the head accumulates in float32 for exact
+    log-probs. Training reads target log-probs through `models.lm_head.token_scores` instead,
+    which never holds all of them."""
+    out = jnp.einsum("bte,ev->btv", hidden, self.head().astype(hidden.dtype),
                      preferred_element_type=jnp.float32)
     return constrain(out, ("batch", "seq", "act_vocab"))
 

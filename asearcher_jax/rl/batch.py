@@ -60,6 +60,7 @@ class TrainBatch:
   advantages: Array  # float32, 0 off the loss mask
   versions: Array  # int32, policy version of each loss token
   num_tokens: Array  # int32 scalar
+  learner_version: Array  # int32 scalar: the version of the policy the step starts from
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -151,7 +152,8 @@ def build_batch(groups: list[list[Trajectory]], cfg: RLSection, *,
   m, r = len(rows["tokens"]) // cfg.micro_batch_rows, cfg.micro_batch_rows
   arrays = {k: v.reshape(m, r, cfg.row_tokens) for k, v in rows.items()}
   num_tokens = int(arrays["loss_mask"].sum())
-  batch = TrainBatch(**arrays, num_tokens=np.asarray(num_tokens, np.int32))
+  batch = TrainBatch(**arrays, num_tokens=np.asarray(num_tokens, np.int32),
+                     learner_version=np.asarray(learner_version, np.int32))
 
   lag = learner_version - arrays["versions"][arrays["loss_mask"]]
   values, counts = np.unique(lag, return_counts=True)
@@ -206,10 +208,11 @@ def _pack(seqs: list[dict[str, np.ndarray]], row_tokens: int,
 
 def shard_batch(batch: TrainBatch, mesh: Mesh) -> TrainBatch:
   """Puts the batch on `mesh`: rows (axis 1) over ("data", "fsdp") when they divide evenly,
-  replicated otherwise; `num_tokens` replicated."""
+  replicated otherwise; the scalars replicated."""
   n = mesh.shape["data"] * mesh.shape["fsdp"]
   rows = ("data", "fsdp") if batch.tokens.shape[1] % n == 0 else None
   arrays = NamedSharding(mesh, P(None, rows))
-  shardings = dataclasses.replace(
-      jax.tree.map(lambda _: arrays, batch), num_tokens=NamedSharding(mesh, P()))
+  scalar = NamedSharding(mesh, P())
+  shardings = dataclasses.replace(jax.tree.map(lambda _: arrays, batch), num_tokens=scalar,
+                                  learner_version=scalar)
   return jax.device_put(batch, shardings)

@@ -214,6 +214,8 @@ class Learner:
           batch = shard_batch(batch, self.mesh)
           self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state, batch)
           m = {k: float(v) for k, v in jax.device_get(m).items() if np.ndim(v) == 0}
+          if not m.get("fresh_tokens"):  # no token of this version: the gap is not measured
+            m.pop("logp_gap_mean", None), m.pop("logp_gap_max", None)
           if m.get("nonfinite_updates"):
             log.error("step %d: %d update(s) skipped, their loss or gradient not finite "
                       "(groups %s)", self.step + 1, int(m["nonfinite_updates"]), ids)

@@ -129,4 +129,9 @@ def finalize_stats(stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   }
   if "entropy_sum" in stats:
     out["entropy"] = stats["entropy_sum"] / denom
+  if "fresh_tokens" in stats:  # the train-inference gap (rl/step.micro_batch_loss)
+    fresh = stats["fresh_tokens"]
+    out["logp_gap_mean"] = stats["logp_gap_sum"] / jnp.maximum(fresh, 1.0)
+    out["logp_gap_max"] = jnp.where(fresh > 0, stats["logp_gap_max"], 0.0)
+    out["fresh_tokens"] = fresh
   return out

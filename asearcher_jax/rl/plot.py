@@ -23,7 +23,10 @@ PANELS = (
     # far the later updates push the policy from where the step started.
     ("policy", [("entropy", "entropy (nats/token)"),
                 ("capped_frac", "share of tokens over the behaviour-weight cap"),
-                ("clip_frac", "share of tokens clipped (rl.ppo_n_minibatches > 1)")], ""),
+                ("clip_frac", "share of tokens clipped (rl.ppo_n_minibatches > 1)"),
+                # The same weights scoring the same tokens in the learner and the decode engine:
+                # the gap is numerics (e.g. bf16 serving), not off-policyness.
+                ("logp_gap_mean", "train-inference |log-prob gap|, current version")], ""),
 )
 
 

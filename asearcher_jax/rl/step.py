@@ -30,6 +30,7 @@ from asearcher_jax.rl.loss import (
   neutral_stats,
   reduce_stats,
 )
+from asearcher_jax.train.lm import next_token_scores, target_weight
 from asearcher_jax.train.optimizer import init_opt_state
 
 _PER_TOKEN = ("tokens", "positions", "segment_ids", "loss_mask", "behav_logp", "advantages",
@@ -45,22 +46,20 @@ def tempered_token_logprobs(model: Qwen, tokens: jax.Array, positions: jax.Array
   token, and 0 where the target starts a segment or is padding. The entropy is a metric only
   (no gradient).
   """
-  logits, _ = model(tokens, positions, segment_ids)
-  logp_all = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / temperature, axis=-1)
-  token_logp = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]
-  sg = jax.lax.stop_gradient(logp_all)
-  entropy = -jnp.sum(jnp.exp(sg) * sg, axis=-1)
-  same_segment = segment_ids[:, 1:] == segment_ids[:, :-1]
-  weight = loss_mask[:, 1:] & same_segment & (segment_ids[:, 1:] > 0)
-  return token_logp, weight, entropy
+  scores = next_token_scores(model, tokens, positions, segment_ids, temperature)
+  weight = target_weight(segment_ids, loss_mask) > 0
+  return scores.logp, weight, scores.entropy
 
 
-def micro_batch_loss(model: Qwen, mb: dict[str, jax.Array], num_tokens, cfg: RLSection
-                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def micro_batch_loss(model: Qwen, mb: dict[str, jax.Array], num_tokens, learner_version,
+                     cfg: RLSection) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(loss, stats) of one micro-batch (per-token arrays [R, T], and `prox_logp` [R, T-1] when
   π_prox is not this policy) divided by `num_tokens`, its minibatch's global N.
 
   Summing this over micro-batches gives the full-batch loss, and likewise for gradients.
+  The stats include the train-inference gap |log π_prox − log π_behav| on the loss tokens that
+  `learner_version` itself sampled: the same weights scoring the same token, so whatever
+  remains is the two programs' numerics (dtype, kernels, sampling path), not off-policyness.
   """
   logp, weight, entropy = tempered_token_logprobs(
       model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["loss_mask"], cfg.temperature)
@@ -69,6 +68,11 @@ def micro_batch_loss(model: Qwen, mb: dict[str, jax.Array], num_tokens, cfg: RLS
       logp, prox, mb["behav_logp"][:, 1:], mb["advantages"][:, 1:], weight,
       eps_clip=cfg.eps_clip, behav_weight_cap=cfg.behav_weight_cap, num_tokens=num_tokens)
   stats["entropy_sum"] = jnp.sum(jnp.where(weight, entropy, 0.0))
+  fresh = weight & (mb["versions"][:, 1:] == learner_version)
+  gap = jnp.abs(jax.lax.stop_gradient(prox) - mb["behav_logp"][:, 1:])
+  stats["fresh_tokens"] = jnp.sum(fresh, dtype=jnp.float32)
+  stats["logp_gap_sum"] = jnp.sum(jnp.where(fresh, gap, 0.0))
+  stats["logp_gap_max"] = jnp.max(jnp.where(fresh, gap, -jnp.inf))
   return loss, stats
 
 
@@ -85,7 +89,8 @@ def make_ppo_loss(model: Qwen, cfg: RLSection):
 
   def loss_fn(p, batch: TrainBatch):
     def body(total, mb):
-      loss, stats = micro_batch_loss(nnx.merge(graphdef, p, rest), mb, batch.num_tokens, cfg)
+      loss, stats = micro_batch_loss(nnx.merge(graphdef, p, rest), mb, batch.num_tokens,
+                                     batch.learner_version, cfg)
       return total + loss, stats
 
     loss, stats = jax.lax.scan(body, jnp.zeros((), jnp.float32), micro_batches(batch))
@@ -107,21 +112,21 @@ def make_ppo_step(model: Qwen, optimizer: optax.GradientTransformation, cfg: RLS
   n = cfg.ppo_n_minibatches
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  def grad_fn(p, mb, num_tokens):
+  def grad_fn(p, mb, num_tokens, version):
     def loss_fn(p):
-      return micro_batch_loss(nnx.merge(graphdef, p, rest), mb, num_tokens, cfg)
+      return micro_batch_loss(nnx.merge(graphdef, p, rest), mb, num_tokens, version, cfg)
     return jax.value_and_grad(loss_fn, has_aux=True)(p)
 
   opt_state, out_shardings = init_opt_state(optimizer, params)
   shardings = out_shardings[0]  # the gradient accumulator lives where the parameters do
 
-  def accumulate(params, mbs, num_tokens):
+  def accumulate(params, mbs, num_tokens, version):
     """(float32 gradient, loss, stats) summed over the micro-batches `mbs` ([M', R, T] each)."""
     first = jax.tree.map(lambda x: x[0], mbs)
-    stats_like = jax.eval_shape(grad_fn, params, first, num_tokens)[0][1]
+    stats_like = jax.eval_shape(grad_fn, params, first, num_tokens, version)[0][1]
 
     def run(acc, mb):
-      (loss, stats), grads = grad_fn(params, mb, num_tokens)
+      (loss, stats), grads = grad_fn(params, mb, num_tokens, version)
       return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads), (loss, stats)
 
     def skip(acc, mb):
@@ -150,10 +155,10 @@ def make_ppo_step(model: Qwen, optimizer: optax.GradientTransformation, cfg: RLS
 
     return jax.lax.scan(body, None, mbs)[1]
 
-  def update(carry, xs):
+  def update(carry, xs, version):
     params, opt_state = carry
     mbs, count = xs
-    grads, loss, stats = accumulate(params, mbs, count)
+    grads, loss, stats = accumulate(params, mbs, count, version)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
     def apply(params, opt_state):
@@ -181,7 +186,8 @@ def make_ppo_step(model: Qwen, optimizer: optax.GradientTransformation, cfg: RLS
     # N_k per minibatch; with n = 1 this is batch.num_tokens (build_batch's loss_mask.sum())
     counts = jnp.sum(split["loss_mask"], axis=(1, 2, 3), dtype=jnp.float32)
     (params, opt_state), (losses, norms, stats, nonfinite) = jax.lax.scan(
-        update, (params, opt_state), (split, counts))
+        functools.partial(update, version=batch.learner_version), (params, opt_state),
+        (split, counts))
     used = (counts > 0) & ~nonfinite
     metrics = {"loss": jnp.sum(losses) / jnp.maximum(jnp.sum(jnp.where(used, counts, 0.0)), 1.0),
                "grad_norm": jnp.sum(jnp.where(used, norms, 0.0)) / jnp.maximum(jnp.sum(used), 1),

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from asearcher_jax.models.lm_head import TokenScores, token_scores
 from asearcher_jax.models.qwen import Qwen
 from asearcher_jax.train.optimizer import init_opt_state
 
@@ -40,17 +41,31 @@ def next_token_logprobs(model: Qwen, batch: PackedBatch) -> tuple[jax.Array, jax
   return token_logp, weight
 
 
-def next_token_predictions(model: Qwen, batch: PackedBatch
+def next_token_predictions(model: Qwen, batch: PackedBatch, temperature: float = 1.0
                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(log-prob of each target, whether greedy decoding predicts it, weight), [B, T-1] each:
   the log-prob and weight of `next_token_logprobs`, plus what held-out evaluation scores."""
-  logits, _ = model(batch.tokens, batch.positions, batch.segment_ids)
-  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  targets = batch.tokens[:, 1:]
-  token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  same_segment = batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1]
-  weight = (batch.loss_mask[:, 1:] & same_segment & (batch.segment_ids[:, 1:] > 0))
-  return token_logp, jnp.argmax(logits[:, :-1], axis=-1) == targets, weight.astype(jnp.float32)
+  scores = next_token_scores(model, batch.tokens, batch.positions, batch.segment_ids,
+                             temperature)
+  return scores.logp, scores.greedy, target_weight(batch.segment_ids, batch.loss_mask)
+
+
+def next_token_scores(model: Qwen, tokens: jax.Array, positions: jax.Array,
+                      segment_ids: jax.Array, temperature: float = 1.0) -> TokenScores:
+  """`TokenScores` of tokens[t] given tokens[<t], [B, T-1] each, through the fused LM head
+  (no [B, T, V] logits). The last position has no target: it is scored against token 0 and
+  dropped, so the head runs on the whole [B, T] row."""
+  hidden, _ = model.hidden_states(tokens, positions, segment_ids)
+  targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+  scores = token_scores(hidden, model.head(), targets, temperature=temperature)
+  return TokenScores(*(x[:, :-1] for x in scores))
+
+
+def target_weight(segment_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
+  """float32 [B, T-1]: 1 where tokens[t] is a loss token whose predecessor is in its segment
+  (0 where t starts a new segment or is padding)."""
+  same_segment = segment_ids[:, 1:] == segment_ids[:, :-1]
+  return (loss_mask[:, 1:] & same_segment & (segment_ids[:, 1:] > 0)).astype(jnp.float32)
 
 
 def nll_loss(token_logp: jax.Array, weight: jax.Array) -> jax.Array:
