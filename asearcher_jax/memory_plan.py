@@ -9,10 +9,11 @@ serve.slots x serve.max_len, the sessions kept on device, and one full-length pr
 Shapes come from the model config and shardings from the one rules table
 (asearcher_jax.sharding.LOGICAL_RULES), so a mesh that does not divide a tensor is refused
 here exactly as it would be at launch. Parameters, optimizer state, gradients and caches are
-exact counts; activations and logits estimate what XLA keeps alive: the learner total came
-within -4% to +23% of the peak XLA allocated on an H100 (jax 0.11.2; Qwen2.5-0.5B/1.5B shapes,
-2k-8k-token rows, four remat/attention settings) and is checked against XLA's buffer
-assignment on CPU in tests/test_memory_plan.py. A config whose total exceeds a device's budget is
+exact counts; activations and the LM head's chunk estimate what XLA keeps alive: before the
+fused LM head the learner total came within -4% to +23% of the peak XLA allocated on an H100
+(jax 0.11.2; Qwen2.5-0.5B/1.5B shapes, 2k-8k-token rows, four remat/attention settings; to be
+measured again), and it is checked against XLA's buffer assignment on CPU in
+tests/test_memory_plan.py. A config whose total exceeds a device's budget is
 refused, naming its biggest item and what shrinks it.
 """
 
@@ -176,7 +177,7 @@ def learner_group(cfg: Config, arch, devices: int, platform: str) -> tuple[Group
   T, L = rl.row_tokens, arch.num_layers
   d = _layer_dims(arch, mesh["tensor"])
   tok = rows * T
-  chunk = chunk_length(rl.micro_batch_rows, T, arch.vocab_size)
+  chunk = chunk_length(rows, T, d["V"])  # per device, as models/lm_head.py sizes it
   impl = resolve_impl_for(m.attention, platform, m.dtype, arch.head_dim)
   fused = impl in ("cudnn", "blockwise")  # no [T, S] scores kept: the output and its lse
   scores = rows * d["N"] * T * T  # attention logits of one layer, elements

@@ -1,5 +1,6 @@
 """The fused, chunked LM head: the same scores and gradients as full logits, without them."""
 
+import math
 import re
 
 import jax
@@ -65,10 +66,12 @@ def test_scores_and_gradients_equal_full_logits_in_float64(chunk_elements, tempe
       np.testing.assert_allclose(a, r, rtol=1e-10, atol=1e-12)
 
 
-def test_float32_agrees_with_the_float64_truth_as_closely_as_full_logits():
-  """In float32 the fused path is as close to exact as the plain one: its error against a
-  float64 computation stays within a small multiple of the plain path's own error."""
-  hidden, head, targets, weights = _inputs(jnp.float32, v=4099)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_low_precision_agrees_with_the_float64_truth_as_closely_as_full_logits(dtype):
+  """In float32 and in bf16 (matmuls in bf16, sums in float32) the fused path is as close to
+  exact as the plain one: its error against a float64 computation on the same (rounded)
+  inputs stays within a small multiple of the plain path's own error."""
+  hidden, head, targets, weights = _inputs(dtype, v=4099)
   with jax.enable_x64(True):
     exact = reference_token_scores(hidden.astype(jnp.float64), head.astype(jnp.float64),
                                    targets)
@@ -78,7 +81,7 @@ def test_float32_agrees_with_the_float64_truth_as_closely_as_full_logits():
   fused = token_scores(hidden, head, targets, chunk_elements=3 * 8 * 4099)
   plain = reference_token_scores(hidden, head, targets)
   err = lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y))))  # noqa
-  eps = float(jnp.finfo(jnp.float32).eps)
+  eps = float(jnp.finfo(dtype).eps)
   scale = float(np.max(np.abs(exact.logp)))
   assert err(fused.logp, exact.logp) <= max(4 * err(plain.logp, exact.logp), 64 * eps * scale)
   grad = jax.grad(lambda h: jnp.sum(token_scores(
@@ -87,13 +90,6 @@ def test_float32_agrees_with_the_float64_truth_as_closely_as_full_logits():
                                           * weights))(hidden)
   g_scale = float(np.max(np.abs(exact_grad)))
   assert err(grad, exact_grad) <= max(4 * err(plain_grad, exact_grad), 64 * eps * g_scale)
-
-
-def test_entropy_and_greedy_carry_no_gradient():
-  hidden, head, targets, _ = _inputs(jnp.float32)
-  g = jax.grad(lambda h: jnp.sum(token_scores(h, head, targets, chunk_elements=300).entropy))(
-      hidden)
-  assert not np.any(np.asarray(g))
 
 
 BIG_VOCAB = QwenConfig(vocab_size=65_536, hidden_size=32, intermediate_size=64, num_layers=1,
@@ -117,7 +113,8 @@ def test_sharded_scores_and_gradients_equal_unsharded(shape):
       @jax.jit
       def f(h, w):
         def loss(h, w):
-          s = token_scores(h, w, t, temperature=0.7, chunk_elements=4 * 8 * 128)  # 3 chunks
+          # chunks of 1 position unsharded, 8 (tensor 2) or 4 (tensor 4) a device sharded
+          s = token_scores(h, w, t, temperature=0.7, chunk_elements=512)
           return jnp.sum(s.logp * g), s
         (_, s), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(h, w)
         return s, grads
@@ -140,9 +137,9 @@ def _f32_shapes(hlo: str) -> set[tuple[int, ...]]:
 
 
 def _holds_full_logits(hlo: str, b: int, t: int, v: int) -> bool:
-  """Whether any float32 buffer holds a whole row's logits: [b, t or t-1, v] or flattened."""
-  full = {(b, t, v), (b, t - 1, v), (b * t, v), (b * (t - 1), v)}
-  return bool(full & _f32_shapes(hlo))
+  """Whether any float32 buffer is as large as the rows' logits (b x (t - 1) x v elements):
+  full logits in any layout, or every chunk's logits stacked by a scan."""
+  return max(math.prod(s) for s in _f32_shapes(hlo)) >= b * (t - 1) * v
 
 
 def test_compiled_sft_and_rl_steps_hold_no_full_logits():

@@ -109,10 +109,10 @@ def test_a_config_that_does_not_fit_is_refused_naming_its_biggest_item(capsys):
   assert "DOES NOT FIT" in out.out
   assert "biggest item is activations (1 row x 65536 tokens" in out.err
   assert main(argv[:3]) == 0  # as shipped, it fits
-  # 32k-token rows fit too: the fused LM head holds one 64-position chunk of logits, where
+  # 32k-token rows fit too: the fused LM head holds one 256-position chunk of logits, where
   # full logits were 37 GiB a device (2 x 32768 x 152064 float32)
   assert main(argv[:3] + ["rl.row_tokens=32768"]) == 0
-  assert "LM head (1 x 64 of 32768 positions x 152064 vocabulary a chunk" in \
+  assert "LM head (1 x 256 of 32768 positions x 152064 vocabulary a chunk" in \
       capsys.readouterr().out
 
 

@@ -341,9 +341,12 @@ def test_step_logprobs_are_the_engines_tempered_logprobs(packed):
   np.testing.assert_allclose(metrics["loss"], -adv.mean(), rtol=1e-4, atol=1e-6)
   assert adv.mean() != 0
   assert 0 < metrics["entropy"] < np.log(MODEL.vocab_size) + 1e-4
-  # The train-inference gap: in float32 on CPU the engine and the learner agree to 1e-5.
+  # The train-inference gap: in float32 the engine and the learner agree to rounding (the same
+  # sums in other orders: blockwise attention here, XLA's in the engine), a few dozen ulps of
+  # the log-probs' magnitude.
   assert metrics["fresh_tokens"] == rows["loss_mask"][:, 1:].sum() > 0
-  assert metrics["logp_gap_max"] <= 1e-5
+  magnitude = max(1.0, float(np.max(np.abs(rows["behav_logp"]))))
+  assert metrics["logp_gap_max"] <= 64 * np.finfo(np.float32).eps * magnitude
 
   # Only tokens the learner's own version sampled enter the gap: make every other loss token
   # one version stale with a large gap, and shift the fresh ones' by 0.25.

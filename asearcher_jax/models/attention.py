@@ -76,7 +76,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Segmen
     if impl == "blockwise":
       return blockwise_attention(q, k, v, positions, segment_ids)
     mask = make_mask(positions, positions, segment_ids, segment_ids)
-  elif impl == "blockwise":  # a KV cache's mask (decoding): one query position, dense is fine
+  elif impl == "blockwise":  # a KV cache's mask (prefill and decode): XLA's dense path
     impl = "xla"
   if impl == "reference":
     return reference_attention(q, k, v, mask)

@@ -5,6 +5,8 @@ the forward walks key blocks with an online softmax and keeps only the output an
 log-sum-exp; the backward recomputes one block's probabilities at a time. The mask of a block
 comes from positions and segment ids, and a block that no query of it may see (the future, or
 another packed episode) is skipped, so a row of many short episodes costs about Σ len², not T².
+Blocks are skipped for all rows of the batch at once: rows packed differently share only the
+blocks that every one of them masks.
 
 It runs wherever XLA does (the reference for kernels, CPU, and any accelerator where no fused
 kernel applies, e.g. float32 on GPUs) and holds O(T · block) memory a layer rather than

@@ -21,13 +21,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from asearcher_jax.sharding import constrain
+from asearcher_jax.sharding import LOGICAL_RULES, constrain, mesh_size
 
-# Float32 logits elements one chunk may hold (256 MiB): a [1, 256, 151936] chunk on a
-# Qwen-size vocabulary; on small vocabularies the whole row fits and there is one chunk.
+# Float32 logits elements one chunk may hold on a device (256 MiB): a [1, 256, 151936] chunk on
+# a Qwen-size vocabulary; on small vocabularies the whole row fits and there is one chunk.
 CHUNK_ELEMENTS = 1 << 26
 
 _LOGIT_AXES = ("batch", "seq", "act_vocab")
+_HEAD_AXES = ("embed", "vocab")
 
 
 class TokenScores(NamedTuple):
@@ -52,6 +53,20 @@ def chunk_length(batch: int, seq: int, vocab: int, elements: int = CHUNK_ELEMENT
 def _acc(dtype) -> jnp.dtype:
   """The dtype logits and sums are kept in: float32, or float64 for float64 inputs."""
   return jnp.promote_types(dtype, jnp.float32)
+
+
+def _per_device(batch: int, vocab: int) -> tuple[int, int]:
+  """The rows and vocabulary entries of a [batch, C, vocab] logits chunk that one device holds
+  under the current mesh (the chunk budget is per device)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return batch, vocab
+
+  def ways(axis: str, size: int) -> int:
+    n = mesh_size(mesh, LOGICAL_RULES[axis])
+    return n if size % n == 0 else 1  # as `constrain`: an axis that does not divide replicates
+
+  return batch // ways("batch", batch), vocab // ways("act_vocab", vocab)
 
 
 def _chunk_scores(h: jax.Array, head: jax.Array, t: jax.Array, temperature: float):
@@ -107,9 +122,11 @@ def _fused_bwd(temperature, c, res, g):
     dz = constrain((g_logp[..., None] * (onehot - p) / temperature), _LOGIT_AXES).astype(dt)
     dh = jnp.einsum("bcv,ev->bce", dz, head, preferred_element_type=acc)
     dhead = dhead + jnp.einsum("bce,bcv->ev", h, dz, preferred_element_type=acc)
-    return dhead, dh.astype(dt)
+    return constrain(dhead, _HEAD_AXES), dh.astype(dt)
 
-  dhead0 = jnp.zeros(head.shape, acc)
+  # sharded as the head is: each chunk's contribution is reduced over the rows' devices into
+  # its shard (a reduce-scatter a chunk, which is what a larger chunk amortises)
+  dhead0 = constrain(jnp.zeros(head.shape, acc), _HEAD_AXES)
   dhead, dh = jax.lax.scan(body, dhead0, (_split(hidden, c), _split(targets, c),
                                           _split(g.logp.astype(acc), c)))
   return _merge(dh), dhead.astype(head.dtype), None
@@ -127,7 +144,8 @@ def token_scores(hidden: jax.Array, head: jax.Array, targets: jax.Array, *,
   """
   b, t, _ = hidden.shape
   head = head.astype(hidden.dtype)
-  c = chunk_length(b, t, head.shape[-1], chunk_elements)
+  rows, vocab = _per_device(b, head.shape[-1])
+  c = chunk_length(rows, t, vocab, chunk_elements)
   pad = -t % c
   if pad:
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))

@@ -1,8 +1,8 @@
 """Token-level language-model training: next-token log-probs over packed rows and an SFT step.
 
-The RL learner scores tokens with the same `next_token_logprobs`, so SFT and RL
-agree on which logit predicts which token, and packing never leaks across
-segments.
+The RL learner scores tokens with the same `next_token_scores` (through the fused
+LM head, models/lm_head.py), so SFT and RL agree on which logit predicts which
+token, and packing never leaks across segments.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def next_token_logprobs(model: Qwen, batch: PackedBatch) -> tuple[jax.Array, jax
   The weight is zero where t starts a new segment (its predecessor belongs to
   another sequence) or is not a loss token.
   """
-  token_logp, _, weight = next_token_predictions(model, batch)  # jit drops the unused argmax
+  token_logp, _, weight = next_token_predictions(model, batch)
   return token_logp, weight
 
 
