@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from asearcher_jax.models.blockwise_attention import blockwise_attention
+from asearcher_jax.models.chunking import accumulation_dtype
 from asearcher_jax.models.config import AttentionImpl
 
 
@@ -30,7 +31,7 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
   kernels and blockwise attention are tested against."""
   b, t, n, d = q.shape
   kv_heads = k.shape[2]
-  acc = jnp.promote_types(q.dtype, jnp.float32)  # float64 inputs stay float64
+  acc = accumulation_dtype(q.dtype)
   qg = q.reshape(b, t, kv_heads, n // kv_heads, d).astype(acc)
   logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(acc)) / jnp.sqrt(d).astype(acc)
   logits = jnp.where(mask[:, :, None], logits, jnp.finfo(acc).min)

@@ -21,29 +21,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from asearcher_jax.models.chunking import accumulation_dtype, merge_seq, split_seq
+
 BLOCK = 128
 _NEG = -1e30  # a masked score; finite, so an all-masked block gives exp(_NEG - m) = 0, not NaN
-
-
-def _blocks(x: jax.Array, size: int) -> jax.Array:
-  """[B, T, ...] → [T / size, B, size, ...]."""
-  b, t = x.shape[:2]
-  return jnp.moveaxis(x.reshape((b, t // size, size) + x.shape[2:]), 1, 0)
-
-
-def _unblocks(x: jax.Array) -> jax.Array:
-  n, b, size = x.shape[:3]
-  return jnp.moveaxis(x, 0, 1).reshape((b, n * size) + x.shape[3:])
 
 
 def _mask(q_pos, q_seg, k_pos, k_seg) -> jax.Array:
   """[B, bq, bk] for one block pair."""
   return (k_pos[:, None, :] <= q_pos[:, :, None]) & (q_seg[:, :, None] == k_seg[:, None, :])
-
-
-def _acc(dtype) -> jnp.dtype:
-  """Scores, softmax statistics and gradients are float32 (float64 for float64 inputs)."""
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _tied(x, positions, segments):
@@ -59,13 +45,14 @@ def _tied(x, positions, segments):
 def _scores(q, k, mask, scale):
   """[B, bq, K, G, bk] scores (float32) of grouped queries q [B, bq, K, G, D] and keys
   k [B, bk, K, D], masked to _NEG."""
-  s = jnp.einsum("bqkgd,bskd->bqkgs", q, k, preferred_element_type=_acc(q.dtype)) * scale
+  s = jnp.einsum("bqkgd,bskd->bqkgs", q, k,
+                 preferred_element_type=accumulation_dtype(q.dtype)) * scale
   return jnp.where(mask[:, :, None, None, :], s, _NEG)
 
 
 def _forward(q, k, v, q_pos, q_seg, k_pos, k_seg, scale):
   """(o [nq, B, bq, K, G, D] float32, lse [nq, B, bq, K, G]) over blocked inputs."""
-  acc_dt = _acc(q.dtype)
+  acc_dt = accumulation_dtype(q.dtype)
 
   def one_query_block(xs):
     qi, qp, qs = _tied(*xs)
@@ -102,7 +89,7 @@ def _backward(q, k, v, q_pos, q_seg, k_pos, k_seg, o, lse, do, scale):
   """(dq, dk, dv) over blocked inputs: dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)),
   dQ = dS K · scale, dK = dSᵀ Q · scale; dQ in one pass over query blocks, dK and dV in one
   over key blocks, each recomputing P from the saved log-sum-exp."""
-  acc_dt = _acc(q.dtype)
+  acc_dt = accumulation_dtype(q.dtype)
   delta = jnp.sum(do * o, axis=-1)  # [nq, B, bq, K, G]
 
   def probs_and_ds(qi, qp, qs, lse_i, do_i, delta_i, kj, vj, kp, ks):
@@ -164,14 +151,13 @@ def _blocked(q, k, v, q_pos, q_seg, k_pos, k_seg, block):
   b, t, n, d = q.shape
   kv_heads = k.shape[2]
   qg = q.reshape(b, t, kv_heads, n // kv_heads, d)
-  return (_blocks(qg, block), _blocks(k, block), _blocks(v, block), _blocks(q_pos, block),
-          _blocks(q_seg, block), _blocks(k_pos, block), _blocks(k_seg, block))
+  return tuple(split_seq(x, block) for x in (qg, k, v, q_pos, q_seg, k_pos, k_seg))
 
 
 def _attend_fwd(q, k, v, q_pos, q_seg, k_pos, k_seg, scale, block):
   blocked = _blocked(q, k, v, q_pos, q_seg, k_pos, k_seg, block)
   o, lse = _forward(*blocked, scale)
-  out = _unblocks(o).reshape(q.shape).astype(q.dtype)
+  out = merge_seq(o).reshape(q.shape).astype(q.dtype)
   return out, (q, k, v, q_pos, q_seg, k_pos, k_seg, out, lse)
 
 
@@ -179,12 +165,12 @@ def _attend_bwd(scale, block, res, g):
   q, k, v, q_pos, q_seg, k_pos, k_seg, out, lse = res
   blocked = _blocked(q, k, v, q_pos, q_seg, k_pos, k_seg, block)
   grouped = blocked[0].shape[2:]  # bq, K, G, D
-  as_blocks = lambda x: _blocks(x.reshape(x.shape[:2] + grouped[1:]), block)  # noqa: E731
-  o = as_blocks(out).astype(_acc(q.dtype))
-  do = as_blocks(g).astype(_acc(q.dtype))
+  as_blocks = lambda x: split_seq(x.reshape(x.shape[:2] + grouped[1:]), block)  # noqa: E731
+  o = as_blocks(out).astype(accumulation_dtype(q.dtype))
+  do = as_blocks(g).astype(accumulation_dtype(q.dtype))
   dq, dk, dv = _backward(*blocked, o, lse, do, scale)
-  return (_unblocks(dq).reshape(q.shape).astype(q.dtype), _unblocks(dk).astype(k.dtype),
-          _unblocks(dv).astype(v.dtype), None, None, None, None)
+  return (merge_seq(dq).reshape(q.shape).astype(q.dtype), merge_seq(dk).astype(k.dtype),
+          merge_seq(dv).astype(v.dtype), None, None, None, None)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from asearcher_jax.models.chunking import accumulation_dtype, merge_seq, split_seq
 from asearcher_jax.sharding import LOGICAL_RULES, constrain, mesh_size
 
 # Float32 logits elements one chunk may hold on a device (256 MiB): a [1, 256, 151936] chunk on
@@ -50,11 +51,6 @@ def chunk_length(batch: int, seq: int, vocab: int, elements: int = CHUNK_ELEMENT
   return c
 
 
-def _acc(dtype) -> jnp.dtype:
-  """The dtype logits and sums are kept in: float32, or float64 for float64 inputs."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
 def _per_device(batch: int, vocab: int) -> tuple[int, int]:
   """The rows and vocabulary entries of a [batch, C, vocab] logits chunk that one device holds
   under the current mesh (the chunk budget is per device)."""
@@ -71,7 +67,8 @@ def _per_device(batch: int, vocab: int) -> tuple[int, int]:
 
 def _chunk_scores(h: jax.Array, head: jax.Array, t: jax.Array, temperature: float):
   """(logits / temperature, log-sum-exp, logp, entropy, greedy) of one [B, C, E] chunk."""
-  z = jnp.einsum("bce,ev->bcv", h, head, preferred_element_type=_acc(h.dtype)) / temperature
+  acc = accumulation_dtype(h.dtype)
+  z = jnp.einsum("bce,ev->bcv", h, head, preferred_element_type=acc) / temperature
   z = constrain(z, _LOGIT_AXES)
   lse = jax.nn.logsumexp(z, axis=-1)
   target = jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0]
@@ -79,18 +76,6 @@ def _chunk_scores(h: jax.Array, head: jax.Array, t: jax.Array, temperature: floa
   entropy = lse - jnp.sum(p * z, axis=-1)
   greedy = jnp.argmax(z, axis=-1) == t
   return z, lse, target - lse, entropy, greedy
-
-
-def _split(x: jax.Array, c: int) -> jax.Array:
-  """[B, T, ...] → [T / c, B, c, ...]: the scan walks sequence chunks, every row at once (the
-  batch axis keeps its sharding)."""
-  b, t = x.shape[:2]
-  return jnp.moveaxis(x.reshape((b, t // c, c) + x.shape[2:]), 1, 0)
-
-
-def _merge(x: jax.Array) -> jax.Array:
-  n, b, c = x.shape[:3]
-  return jnp.moveaxis(x, 0, 1).reshape((b, n * c) + x.shape[3:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -104,15 +89,15 @@ def _fused_fwd(hidden, head, targets, temperature, c):
     _, _, logp, entropy, greedy = _chunk_scores(h, head, t, temperature)
     return None, (logp, entropy, greedy)
 
-  _, out = jax.lax.scan(body, None, (_split(hidden, c), _split(targets, c)))
-  return TokenScores(*(_merge(o) for o in out)), (hidden, head, targets)
+  _, out = jax.lax.scan(body, None, (split_seq(hidden, c), split_seq(targets, c)))
+  return TokenScores(*(merge_seq(o) for o in out)), (hidden, head, targets)
 
 
 def _fused_bwd(temperature, c, res, g):
   """d logp / d z = (onehot(target) − p) / temperature, one chunk at a time; the entropy and
   greedy outputs are metrics and pass no gradient."""
   hidden, head, targets = res
-  dt, acc = hidden.dtype, _acc(hidden.dtype)
+  dt, acc = hidden.dtype, accumulation_dtype(hidden.dtype)
 
   def body(dhead, xs):
     h, t, g_logp = xs
@@ -127,9 +112,9 @@ def _fused_bwd(temperature, c, res, g):
   # sharded as the head is: each chunk's contribution is reduced over the rows' devices into
   # its shard (a reduce-scatter a chunk, which is what a larger chunk amortises)
   dhead0 = constrain(jnp.zeros(head.shape, acc), _HEAD_AXES)
-  dhead, dh = jax.lax.scan(body, dhead0, (_split(hidden, c), _split(targets, c),
-                                          _split(g.logp.astype(acc), c)))
-  return _merge(dh), dhead.astype(head.dtype), None
+  dhead, dh = jax.lax.scan(body, dhead0, (split_seq(hidden, c), split_seq(targets, c),
+                                          split_seq(g.logp.astype(acc), c)))
+  return merge_seq(dh), dhead.astype(head.dtype), None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -160,7 +145,7 @@ def reference_token_scores(hidden: jax.Array, head: jax.Array, targets: jax.Arra
   """`token_scores` through the full [B, T, V] float32 logits: the numerics it is tested
   against."""
   z = jnp.einsum("bte,ev->btv", hidden, head.astype(hidden.dtype),
-                 preferred_element_type=_acc(hidden.dtype)) / temperature
+                 preferred_element_type=accumulation_dtype(hidden.dtype)) / temperature
   logp_all = jax.nn.log_softmax(z, axis=-1)
   logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
   sg = jax.lax.stop_gradient(logp_all)
