@@ -92,13 +92,13 @@ def _backward(q, k, v, q_pos, q_seg, k_pos, k_seg, o, lse, do, scale):
   acc_dt = accumulation_dtype(q.dtype)
   delta = jnp.sum(do * o, axis=-1)  # [nq, B, bq, K, G]
 
-  def probs_and_ds(qi, qp, qs, lse_i, do_i, delta_i, kj, vj, kp, ks):
-    mask = _mask(qp, qs, kp, ks)
+  def probs_and_ds(mask, qi, lse_i, do_i, delta_i, kj, vj):
+    """P and dS of one block pair whose `mask` lets some query see some key."""
     p = jnp.where(mask[:, :, None, None, :],
                   jnp.exp(_scores(qi, kj, mask, scale) - lse_i[..., None]), 0.0)
     dp = jnp.einsum("bqkgd,bskd->bqkgs", do_i.astype(vj.dtype), vj,
                     preferred_element_type=acc_dt)
-    return mask, p, p * (dp - delta_i[..., None])
+    return p, p * (dp - delta_i[..., None])
 
   def dq_block(xs):
     qi, qp, qs, lse_i, do_i, delta_i = xs
@@ -106,13 +106,14 @@ def _backward(q, k, v, q_pos, q_seg, k_pos, k_seg, o, lse, do, scale):
 
     def step(dq, ys):
       kj, vj, kp, ks = ys
+      mask = _mask(qp, qs, kp, ks)
 
       def visit(dq):
-        _, _, ds = probs_and_ds(qi, qp, qs, lse_i, do_i, delta_i, kj, vj, kp, ks)
+        _, ds = probs_and_ds(mask, qi, lse_i, do_i, delta_i, kj, vj)
         return dq + jnp.einsum("bqkgs,bskd->bqkgd", ds.astype(kj.dtype), kj,
                                preferred_element_type=acc_dt) * scale
 
-      return jax.lax.cond(jnp.any(_mask(qp, qs, kp, ks)), visit, lambda d: d, dq), None
+      return jax.lax.cond(jnp.any(mask), visit, lambda d: d, dq), None
 
     return jax.lax.scan(step, jnp.zeros(qi.shape, acc_dt), (k, v, k_pos, k_seg))[0]
 
@@ -122,17 +123,18 @@ def _backward(q, k, v, q_pos, q_seg, k_pos, k_seg, o, lse, do, scale):
 
     def step(carry, xs):
       qi, qp, qs, lse_i, do_i, delta_i = xs
+      mask = _mask(qp, qs, kp, ks)
 
       def visit(carry):
         dk, dv = carry
-        _, p, ds = probs_and_ds(qi, qp, qs, lse_i, do_i, delta_i, kj, vj, kp, ks)
+        p, ds = probs_and_ds(mask, qi, lse_i, do_i, delta_i, kj, vj)
         dv = dv + jnp.einsum("bqkgs,bqkgd->bskd", p.astype(do_i.dtype), do_i,
                              preferred_element_type=acc_dt)
         dk = dk + jnp.einsum("bqkgs,bqkgd->bskd", ds.astype(qi.dtype), qi,
                              preferred_element_type=acc_dt) * scale
         return dk, dv
 
-      return jax.lax.cond(jnp.any(_mask(qp, qs, kp, ks)), visit, lambda c: c, carry), None
+      return jax.lax.cond(jnp.any(mask), visit, lambda c: c, carry), None
 
     zeros = jnp.zeros(kj.shape, acc_dt)
     return jax.lax.scan(step, (zeros, zeros), (q, q_pos, q_seg, lse, do, delta))[0]
