@@ -136,16 +136,19 @@ def state_shardings(state, mesh: Mesh, rules: Mapping = LOGICAL_RULES):
   return jax.tree.map_with_path(one, state, is_leaf=_is_var)
 
 
+def activation_target(mesh, axis: str | None, size: int, rules: Mapping = LOGICAL_RULES):
+  """The mesh axes an activation's logical `axis` of length `size` shards over: its rule's
+  target, or None (replicated) when the target does not divide it (e.g. batch 1 at decode)."""
+  target = None if axis is None else rules[axis]
+  return target if size % mesh_size(mesh, target) == 0 else None
+
+
 def constrain(x: jax.Array, axes: LogicalAxes, rules: Mapping = LOGICAL_RULES) -> jax.Array:
   """Sharding constraint on an activation, a no-op outside a mesh context."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  spec = []
-  for size, a in zip(x.shape, axes):
-    target = None if a is None else rules[a]
-    # e.g. batch 1 at decode: replicate
-    spec.append(target if size % mesh_size(mesh, target) == 0 else None)
+  spec = [activation_target(mesh, a, size, rules) for size, a in zip(x.shape, axes)]
   return jax.lax.with_sharding_constraint(x, P(*spec))
 
 

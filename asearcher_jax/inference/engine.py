@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from asearcher_jax.inference.protocol import MAX_TOP_LOGPROBS
 from asearcher_jax.inference.sampling import sample
 from asearcher_jax.models.qwen import CACHE_AXES, KVCache, Qwen
-from asearcher_jax.sharding import LOGICAL_RULES, logical_to_spec, make_mesh, mesh_size
+from asearcher_jax.sharding import LOGICAL_RULES, activation_target, logical_to_spec, make_mesh
 
 
 @jax.tree_util.register_dataclass
@@ -360,6 +360,5 @@ def _divisible_rules(mesh: Mesh, slots: int, kv_heads: int) -> dict:
   """The policy's rules, replicating cache axes that the mesh cannot split evenly."""
   rules = dict(LOGICAL_RULES)
   for axis, size in (("batch", slots), ("act_kv_heads", kv_heads)):
-    if size % mesh_size(mesh, rules[axis]):
-      rules[axis] = None
+    rules[axis] = activation_target(mesh, axis, size)
   return rules

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from asearcher_jax.models.chunking import accumulation_dtype, merge_seq, split_seq
-from asearcher_jax.sharding import LOGICAL_RULES, constrain, mesh_size
+from asearcher_jax.sharding import activation_target, constrain, mesh_size
 
 # Float32 logits elements one chunk may hold on a device (256 MiB): a [1, 256, 151936] chunk on
 # a Qwen-size vocabulary; on small vocabularies the whole row fits and there is one chunk.
@@ -57,11 +57,7 @@ def _per_device(batch: int, vocab: int) -> tuple[int, int]:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return batch, vocab
-
-  def ways(axis: str, size: int) -> int:
-    n = mesh_size(mesh, LOGICAL_RULES[axis])
-    return n if size % n == 0 else 1  # as `constrain`: an axis that does not divide replicates
-
+  ways = lambda axis, size: mesh_size(mesh, activation_target(mesh, axis, size))  # noqa: E731
   return batch // ways("batch", batch), vocab // ways("act_vocab", vocab)
 
 
