@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from asearcher_jax.models.attention import Segments, attention, make_mask, resolve_impl_for
+from asearcher_jax.models.attention import Segments, attention, make_mask
 from asearcher_jax.models.config import AttentionImpl, QwenConfig, RematPolicy
 from asearcher_jax.models.rope import apply_rope, rope_tables
 from asearcher_jax.sharding import constrain
@@ -174,11 +174,7 @@ class Qwen(nnx.Module):
     if cache is None:
       if segment_ids is None:
         segment_ids = jnp.ones((b, t), jnp.int32)
-      impl = resolve_impl_for(self.attention_impl, jax.default_backend(), self.dtype.name,
-                              cfg.head_dim)
-      # blockwise attention masks block by block; the others get the dense mask, built once
-      mask = ((positions, segment_ids) if impl == "blockwise"
-              else make_mask(positions, positions, segment_ids, segment_ids))
+      mask = (positions, segment_ids)  # `attention` builds a dense mask if its path needs one
     else:
       kv_window = kv_window or cache.max_len
       slots = jnp.broadcast_to(jnp.arange(kv_window, dtype=jnp.int32), (b, kv_window))
