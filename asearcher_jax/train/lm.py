@@ -41,12 +41,11 @@ def next_token_logprobs(model: Qwen, batch: PackedBatch) -> tuple[jax.Array, jax
   return token_logp, weight
 
 
-def next_token_predictions(model: Qwen, batch: PackedBatch, temperature: float = 1.0
+def next_token_predictions(model: Qwen, batch: PackedBatch
                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(log-prob of each target, whether greedy decoding predicts it, weight), [B, T-1] each:
   the log-prob and weight of `next_token_logprobs`, plus what held-out evaluation scores."""
-  scores = next_token_scores(model, batch.tokens, batch.positions, batch.segment_ids,
-                             temperature)
+  scores = next_token_scores(model, batch.tokens, batch.positions, batch.segment_ids)
   return scores.logp, scores.greedy, target_weight(batch.segment_ids, batch.loss_mask)
 
 
