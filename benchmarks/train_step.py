@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     model = create_model(arch, mesh, seed=cfg.model.seed, param_dtype=cfg.model.param_dtype,
                          dtype=cfg.model.dtype, attention_impl=cfg.model.attention,
                          remat=cfg.model.remat)
-    params, opt_state, step = make_sft_step(model, make_optimizer(cfg.optimizer))
+    params, opt_state, step = make_sft_step(
+        model, make_optimizer(cfg.optimizer, args.warmup + args.steps))
     del model
     rng = np.random.default_rng(0)
     if args.episodes:

@@ -62,7 +62,8 @@ resume=()
 [ -d "$out/rl/checkpoints" ] && resume=(--resume)
 asearcher train --config "$cfg" "${policy[@]}" model.path="$out/sft" run.output_dir="$out/rl" \
   rl.data="[$world/qa_train.jsonl]" retrieval.index="$world/index" \
-  "rl.seed=$seed" optimizer.learning_rate=1.25e-4 optimizer.warmup_steps=0 "${resume[@]}" "$@"
+  "rl.seed=$seed" optimizer.learning_rate=1.25e-4 optimizer.warmup_steps=0 \
+  optimizer.decay_steps=null "${resume[@]}" "$@"
 
 stage "6/6 held-out evaluation of the RL policy against the SFT policy"
 rm -rf "$out/eval_rl"  # always the policy the RL stage ended with

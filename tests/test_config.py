@@ -108,3 +108,36 @@ def test_decay_over_the_whole_run():
     learning_rate_schedule(cfg)
   with pytest.raises(Exception, match="decay_steps"):
     OptimizerSection(decay_steps=-2)
+
+
+def test_warmup_stable_decay():
+  """schedule: wsd holds the peak until the last wsd_decay_fraction of the run, then falls
+  linearly to min_lr_ratio (the debug run's SFT: a constant rate's speed with an annealed end)."""
+  from asearcher_jax.train.config import OptimizerSection
+  from asearcher_jax.train.optimizer import learning_rate_schedule
+  cfg = OptimizerSection(learning_rate=1.0, warmup_steps=2, decay_steps=-1, min_lr_ratio=0.1,
+                         schedule="wsd", wsd_decay_fraction=0.2)
+  lr = [float(learning_rate_schedule(cfg, total_steps=20)(k)) for k in range(21)]
+  assert lr[0] == 0.0 and lr[1] == pytest.approx(0.5)  # warmup as before
+  assert lr[2:17] == pytest.approx([1.0] * 15)  # stable until step 20 - 0.2 * 20
+  assert lr[16:21] == pytest.approx([1.0, 0.775, 0.55, 0.325, 0.1])  # linear to the floor
+  # no warmup, and a decay longer than what follows warmup is cut to fit
+  cfg = OptimizerSection(learning_rate=2.0, decay_steps=10, schedule="wsd", wsd_decay_fraction=1.0)
+  assert [float(learning_rate_schedule(cfg)(k)) for k in (0, 5, 10)] == pytest.approx(
+      [2.0, 1.0, 0.0])
+  with pytest.raises(Exception, match="wsd_decay_fraction"):
+    OptimizerSection(wsd_decay_fraction=0.0)
+
+
+def test_rl_schedule_spans_every_update():
+  """An RL run's whole-run schedule counts its optimizer updates, ppo_n_minibatches a step: it
+  ends at the last update, not a 1/n of the way through the run."""
+  from asearcher_jax.train.optimizer import learning_rate_schedule
+  cfg = load_config(os.path.join(ROOT, "configs", "debug.yaml"), [
+      "optimizer.learning_rate=1.0", "optimizer.warmup_steps=0", "optimizer.decay_steps=-1",
+      "optimizer.schedule=cosine", "rl.total_steps=10", "rl.ppo_n_minibatches=4"])
+  assert cfg.rl.total_updates == 40
+  lr = learning_rate_schedule(cfg.optimizer, cfg.rl.total_updates)
+  assert float(lr(10)) > 0.8  # a quarter of the way: still near the peak
+  assert float(lr(20)) == pytest.approx(0.5)  # half way down the cosine
+  assert float(lr(40)) == pytest.approx(0.0)

@@ -45,7 +45,7 @@ class Learner:
     self.dropped_groups = 0  # leased groups no step could use (logged, acknowledged)
     self.mesh = next(iter(jax.tree.leaves(nnx.state(model)))).sharding.mesh
     self.params, self.opt_state, self.step_fn = make_ppo_step(
-        model, make_optimizer(cfg.optimizer, cfg.rl.total_steps), cfg.rl)
+        model, make_optimizer(cfg.optimizer, cfg.rl.total_updates), cfg.rl)
     ck = cfg.checkpoint
     self.ckpt = Checkpointer(ck.directory or os.path.join(out_dir, "checkpoints"),
                              max_to_keep=ck.max_to_keep, async_save=ck.async_save)
