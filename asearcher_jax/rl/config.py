@@ -47,9 +47,9 @@ class RLSection(Section):
   micro_batch_rows: int = Field(4, ge=1)  # rows per micro-batch (gradient accumulation)
   # loop
   total_steps: int = Field(100, ge=1)
+  lease_timeout_s: float = Field(600.0, gt=0)
 
   @property
   def total_updates(self) -> int:
     """The run's optimizer updates, what learning-rate schedules count (n a step)."""
     return self.total_steps * self.ppo_n_minibatches
-  lease_timeout_s: float = Field(600.0, gt=0)

@@ -15,8 +15,9 @@ class OptimizerSection(Section):
 
   learning_rate: float = Field(1e-6, gt=0)
   warmup_steps: int = Field(0, ge=0)
-  # Decay to min_lr_ratio over this many steps; -1: over the whole run (SFT's epochs, RL's
-  # rl.total_steps), MaxText's learning_rate_schedule_steps=-1. None: constant after warmup.
+  # Decay to min_lr_ratio over this many steps; -1: over the whole run (SFT's steps, RL's
+  # updates: rl.total_steps x ppo_n_minibatches), MaxText's learning_rate_schedule_steps=-1.
+  # None: constant after warmup.
   decay_steps: int | None = Field(None, ge=-1)
   min_lr_ratio: float = Field(0.0, ge=0, le=1)
   # cosine: from the end of warmup to decay_steps. wsd (warmup-stable-decay, MiniCPM): the peak
