@@ -27,14 +27,11 @@ def learning_rate_schedule(cfg: OptimizerSection, total_steps: int | None = None
   if decay_steps and cfg.schedule == "wsd":
     end = max(decay_steps, cfg.warmup_steps + 1)
     decay = max(1, min(round(cfg.wsd_decay_fraction * end), end - cfg.warmup_steps))
-    warm = optax.linear_schedule(0.0, peak, cfg.warmup_steps) if cfg.warmup_steps else None
-    stable = optax.constant_schedule(peak)
+    # a linear warmup holds its end value: warmup and the stable phase are one piece
+    rise = (optax.linear_schedule(0.0, peak, cfg.warmup_steps) if cfg.warmup_steps
+            else optax.constant_schedule(peak))
     down = optax.linear_schedule(peak, peak * cfg.min_lr_ratio, decay)
-    parts, bounds = ([warm] if warm else []) + [stable, down], []
-    if warm:
-      bounds.append(cfg.warmup_steps)
-    bounds.append(end - decay)
-    return optax.join_schedules(parts, bounds)
+    return optax.join_schedules([rise, down], [end - decay])
   if decay_steps:
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0 if cfg.warmup_steps else peak, peak_value=peak,
