@@ -26,10 +26,11 @@ def sft_rows(paths: list[str], row_tokens: int, loss_on: str = "agent"
              ) -> tuple[dict[str, np.ndarray], int]:
   """Every sequence of every record in `paths`, packed into rows; (rows, records read).
 
-  `loss_on="all"` trains on every token, prompts and tool output included: for a policy that
-  was never pretrained (the debug model), the world's text it reads is language-model data,
-  and copying names between titles, URLs and passages teaches it the copying that search
-  needs; a pretrained model keeps the default, its own tokens only."""
+  `loss_on="all"` also trains on prompts and tool output, as language-model data. Even the
+  never-pretrained debug policy does better without it: trained to predict the world's facts
+  where they first appear, it learns to recall them, and then writes a remembered year or name
+  over the one the search result shows (held-out EM Avg@4 22-33 against 52-54 on its own
+  tokens, same seeds and steps)."""
   seqs, n = [], 0
   for path in paths:
     if not os.path.isfile(path):
