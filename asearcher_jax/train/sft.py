@@ -29,8 +29,8 @@ def sft_rows(paths: list[str], row_tokens: int, loss_on: str = "agent"
   `loss_on="all"` also trains on prompts and tool output, as language-model data. Even the
   never-pretrained debug policy does better without it: trained to predict the world's facts
   where they first appear, it learns to recall them, and then writes a remembered year or name
-  over the one the search result shows (held-out EM Avg@4 22-33 against 52-54 on its own
-  tokens, same seeds and steps)."""
+  over the one the search result shows (debug seeds 4 / 0, 120 held-out questions: EM Avg@4
+  22.3 / 32.3, against 52.3 / 54.0 on its own tokens with the same steps)."""
   seqs, n = [], 0
   for path in paths:
     if not os.path.isfile(path):
