@@ -14,9 +14,9 @@ stage started from (`RUN_DIR/<policy>`). With per-group gradients g_i of the tru
   B_noise = tr(S) / |G|^2                                 (McCandlish et al. 2018, B_simple)
 
 B_noise is the batch, in groups, at which an update's gradient is as much signal as noise: the
-cosine between two independent updates of B groups is B / (B + B_noise). The debug run updates
-on about one group at a time (4 groups, 4 PPO minibatches a step). Prints a table and writes
-JSON under benchmarks/results/.
+cosine between two independent updates of B groups is B / (B + B_noise). A debug-run update
+sees about one group's worth of episodes (4 groups, 4 PPO minibatches a step). Prints a table
+and writes JSON under benchmarks/results/.
 """
 
 from __future__ import annotations
