@@ -62,6 +62,14 @@ def test_config_errors_exit_2_with_the_key(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+def test_train_refuses_a_learner_temperature_other_than_the_rollouts(tmp_path):
+  proc = asearcher("train", "--config", "configs/debug.yaml", "agent.temperature=0.6",
+                   f"run.output_dir={tmp_path / 'run'}", check=False)
+  assert proc.returncode == 2
+  assert "rl.temperature (1.0) must equal agent.temperature (0.6)" in proc.stderr
+  assert not (tmp_path / "run").exists()  # refused before anything started
+
+
 def test_config_prints_resolved_values():
   out = asearcher("config", "--config", "configs/debug.yaml", "model.arch.num_layers=3").stdout
   assert "num_layers: 3" in out and "fsdp: -1" in out

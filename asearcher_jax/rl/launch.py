@@ -13,6 +13,16 @@ from asearcher_jax.config import Config
 from asearcher_jax.errors import AsearcherError
 
 
+def check_sampling(cfg: Config) -> None:
+  """The learner recomputes the log-probs of the distribution the rollouts sampled from: with
+  rl.temperature other than agent.temperature every behaviour weight and PPO ratio is off by
+  the temperature's factor, and training goes on without an error."""
+  if cfg.rl.temperature != cfg.agent.temperature:
+    raise AsearcherError(f"rl.temperature ({cfg.rl.temperature}) must equal agent.temperature "
+                         f"({cfg.agent.temperature}), the temperature rollouts sample at: the "
+                         "learner's log-probs must be of the distribution the tokens came from")
+
+
 def rl_items(cfg: Config, worker: int, workers: int):
   """This worker's shard of the training questions (every workers-th, from `worker`)."""
   from asearcher_jax.data.datasets import load_datasets
@@ -110,6 +120,7 @@ def run_learn(cfg: Config, *, replay: str | None, decode: list[str] | None, resu
   from `distributed:`), takes its devices (`placement:`), then trains."""
   from asearcher_jax import distributed, placement
   from asearcher_jax.replay import SyncReplayClient
+  check_sampling(cfg)
   cfg = placement.apply(cfg, "learner")
   replay = placement.replay_address(cfg, replay)
   decode = placement.decode_addresses(cfg, decode)

@@ -68,6 +68,8 @@ def train(cfg: Config, *, config_path: str | None, overrides: list[str], resume:
   from tqdm.auto import tqdm
 
   from asearcher_jax.memory_plan import architecture
+  from asearcher_jax.rl.launch import check_sampling
+  check_sampling(cfg)
   out_dir = os.path.abspath(cfg.run.output_dir)
   log_dir = os.path.join(out_dir, "logs")
   os.makedirs(log_dir, exist_ok=True)
