@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from asearcher_jax.errors import ConfigError
 from asearcher_jax.models.attention import resolve_impl_for
+from asearcher_jax.models.config import REMAT_BY_MEMORY
 from asearcher_jax.models.lm_head import chunk_length
 from asearcher_jax.sharding import LOGICAL_RULES, check_divisible, mesh_shape, mesh_size
 
@@ -83,11 +84,15 @@ class Plan:
   mode: str
   device_memory: int | None
   warnings: list[str]
+  remat: str  # the learner's remat policy (`auto` resolved)
+  remat_note: str = ""  # why `auto` chose it
 
   def report(self) -> str:
     lines = []
     memory = "unknown" if self.device_memory is None else _gib(self.device_memory)
     lines.append(f"placement {self.mode}; device memory {memory}")
+    if self.remat_note:
+      lines.append(f"model.remat auto: {self.remat} ({self.remat_note})")
     for g in self.groups:
       mesh = " x ".join(f"{k}={v}" for k, v in g.mesh.items())
       lines.append(f"{g.role}: mesh {mesh} ({g.devices} devices), per device:")
@@ -204,7 +209,8 @@ def learner_group(cfg: Config, arch, devices: int, platform: str) -> tuple[Group
            "shard them over more devices (mesh.fsdp)"),
       Item(f"activations ({rows} row{'s' * (rows != 1)} x {T} tokens, remat {m.remat}, "
            f"attention {impl})", activations,
-           "use model.remat=full, fewer rl.micro_batch_rows or a shorter rl.row_tokens"
+           "use " + ("" if m.remat == "full" else "model.remat=full, ")
+           + "fewer rl.micro_batch_rows or a shorter rl.row_tokens"
            + ("" if fused else ", or attention that holds no [T, T] scores "
                                 "(model.attention=blockwise, or cudnn on GPUs)")),
       # models/lm_head.py: one chunk of logits at a time (the logits, their softmax and their
@@ -283,14 +289,42 @@ def plan(cfg: Config, *, devices: int | None = None, decode_devices: int | None 
       max(1, n_learn // hosts) if p.mode == "colocated" else _fixed_size(p.decode_mesh))
   gib = device_memory_gib or p.device_memory_gib
   memory = int(gib * GiB) if gib else detect_device_memory()
-  learner, warnings = learner_group(cfg, arch, n_learn, platform)
-  decode = decode_group(cfg, arch, n_decode, platform)
-  for g, role in ((learner, "learner"), (decode, "decode")):
+  budgets = {}
+  for role in ("learner", "decode"):
     f = memory_fraction(cfg, role)
     if memory is not None:
-      g.budget = int(memory * f)
-      g.budget_note = f"{f:.2f} of {_gib(memory)}"
-  return Plan([learner, decode], p.mode, memory, warnings)
+      budgets[role] = (int(memory * f), f"{f:.2f} of {_gib(memory)}")
+  remat, note = cfg.model.remat, ""
+  for remat in (REMAT_BY_MEMORY if remat == "auto" else (remat,)):
+    learner, warnings = learner_group(with_remat(cfg, remat), arch, n_learn, platform)
+    learner.budget, learner.budget_note = budgets.get("learner", (None, ""))
+    if learner.fits:
+      break
+  if cfg.model.remat == "auto":
+    note = ("device memory unknown: nothing recomputed" if memory is None else
+            f"the first of {', '.join(REMAT_BY_MEMORY)} whose learner fits" if learner.fits
+            else "even the least memory does not fit")
+  decode = decode_group(cfg, arch, n_decode, platform)
+  decode.budget, decode.budget_note = budgets.get("decode", (None, ""))
+  return Plan([learner, decode], p.mode, memory, warnings, remat, note)
+
+
+def with_remat(cfg: Config, remat: str) -> Config:
+  return cfg.model_copy(update={"model": cfg.model.model_copy(update={"remat": remat})})
+
+
+def resolve_remat(cfg: Config, echo=None, **plan_args) -> Config:
+  """`cfg` with `model.remat: auto` replaced by the policy the plan chooses for this machine's
+  devices: nothing recomputed where the learner fits without (and where memory is unknown, as on
+  CPUs), else the first of REMAT_BY_MEMORY that fits. A step is fastest with the least recompute
+  that memory allows; a fixed policy either wastes compute on a big device or runs out of
+  memory on a small one."""
+  if cfg.model.remat != "auto":
+    return cfg
+  p = plan(cfg, **plan_args)
+  if echo is not None:
+    echo(f"model.remat auto: {p.remat} ({p.remat_note})")
+  return with_remat(cfg, p.remat)
 
 
 def _fixed_size(mesh) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from asearcher_jax.config import load_config  # noqa: E402
+from asearcher_jax.memory_plan import resolve_remat  # noqa: E402
 from asearcher_jax.models import create_model  # noqa: E402
 from asearcher_jax.models.config import QwenConfig  # noqa: E402
 from asearcher_jax.sharding import describe, make_mesh  # noqa: E402
@@ -73,6 +74,9 @@ def main(argv=None) -> int:
   arch = cfg.model.arch
   if arch is None:
     raise SystemExit("the benchmark initialises at random: the config needs model.arch")
+  row = args.episodes * args.episode_len[1] if args.episodes else args.seq_len  # at most
+  cfg = resolve_remat(load_config(args.config, args.overrides + [
+      f"rl.micro_batch_rows={args.batch}", f"rl.row_tokens={row}"]), echo=print)
   mesh = make_mesh(cfg.mesh.shape())
   devices = jax.devices()
   kind = devices[0].device_kind

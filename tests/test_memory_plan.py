@@ -99,8 +99,10 @@ def test_a_config_that_does_not_fit_is_refused_naming_its_biggest_item(capsys):
   cfg = small("rl.row_tokens=4096", "rl.micro_batch_rows=8", "model.attention=xla")
   p = plan(cfg, devices=1, device_memory_gib=1, platform="cpu")
   assert not p.groups[0].fits and p.groups[0].biggest.name.startswith("activations")
+  assert p.remat == "full"  # auto: recomputing everything is not enough either
   with pytest.raises(PlanError, match=r"learner: .* GiB per device does not fit its 0\.54 GiB "
-                                      r".*the biggest item is activations .*model.remat=full"):
+                                      r".*the biggest item is activations .*remat full.*: use "
+                                      r"fewer rl.micro_batch_rows"):
     p.check()
   argv = ["plan", "--config", os.path.join(ROOT, "configs", "qwen2.5-7b-8xh100.yaml"),
           "rl.row_tokens=65536"]
@@ -164,3 +166,36 @@ def test_decode_servers_hold_compute_dtype_weights_on_accelerators():
   cpu = {i.name: i.bytes for i in plan(cfg, devices=1, platform="cpu",
                                        device_memory_gib=80).groups[-1].items}
   assert gpu["parameters (bfloat16)"] * 2 == cpu["parameters (float32)"]
+
+
+def test_remat_auto_recomputes_only_what_memory_requires():
+  """`model.remat: auto` (the default) takes the fastest policy whose learner fits: nothing
+  recomputed on a device with room, more as the device shrinks, and nothing where memory is
+  unknown (CPUs)."""
+  from asearcher_jax.memory_plan import resolve_remat
+  from asearcher_jax.models.config import REMAT_BY_MEMORY
+  cfg = small("rl.row_tokens=2048", "rl.micro_batch_rows=2", "model.attention=xla")
+  assert cfg.model.remat == "auto"
+  need = {r: plan(small("rl.row_tokens=2048", "rl.micro_batch_rows=2", "model.attention=xla",
+                        f"model.remat={r}"), devices=1, platform="cpu").groups[0].total
+          for r in REMAT_BY_MEMORY}
+  assert need["none"] > need["dots"] > need["full"]  # else the order means nothing
+  share = plan(cfg, devices=1, device_memory_gib=1, platform="cpu").groups[0].budget / GiB
+  for remat in ("none", "dots", "full"):  # a device just big enough for each in turn
+    gib = need[remat] * 1.01 / GiB / share
+    p = plan(cfg, devices=1, device_memory_gib=gib, platform="cpu")
+    assert p.remat == remat and p.groups[0].fits, (remat, p.remat)
+    assert f"model.remat auto: {remat}" in p.report()
+    assert resolve_remat(cfg, devices=1, device_memory_gib=gib,
+                         platform="cpu").model.remat == remat
+  tiny = plan(cfg, devices=1, device_memory_gib=need["full"] * 0.5 / GiB / share, platform="cpu")
+  assert tiny.remat == "full" and not tiny.groups[0].fits  # refused by check(), as before
+  assert resolve_remat(cfg, devices=1, platform="cpu").model.remat == "none"  # memory unknown
+  fixed = small("model.remat=dots")
+  assert resolve_remat(fixed, devices=1, device_memory_gib=1e-3, platform="cpu") is fixed
+
+
+def test_a_policy_loaded_for_training_needs_remat_resolved():
+  from asearcher_jax.models.pretrained import load_policy
+  with pytest.raises(ValueError, match="model.remat auto: resolve it"):
+    load_policy(small().model)

@@ -22,6 +22,9 @@ from asearcher_jax.section import DType, Section
 # named here, JAX-free, because the config validates them.
 AttentionImpl = Literal["auto", "xla", "cudnn", "blockwise", "reference"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+# `auto`: the first of these whose learner plan fits a device (memory_plan.resolve_remat);
+# fastest first, each keeping less of the forward pass for the backward pass.
+REMAT_BY_MEMORY: tuple[RematPolicy, ...] = ("none", "dots", "dots_no_batch", "full")
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -237,7 +240,7 @@ class ModelSection(Section):
   param_dtype: DType = "float32"
   dtype: DType = "bfloat16"
   attention: AttentionImpl = "auto"
-  remat: RematPolicy = "none"
+  remat: RematPolicy | Literal["auto"] = "auto"
   seed: int = 0
 
   @model_validator(mode="after")

@@ -70,6 +70,9 @@ def load_policy(model: ModelSection, mesh: Mesh | None = None, *, progress: bool
   """The policy a `model:` section names, as every process that holds one loads it: model.path's
   weights and tokenizer, or a random `model.arch` (seeded by model.seed) with the byte-level
   default tokenizer."""
+  if model.remat == "auto":
+    raise ValueError("model.remat auto: resolve it for the devices first "
+                     "(memory_plan.resolve_remat); a policy that only serves takes none")
   kw = dict(param_dtype=model.param_dtype, dtype=model.dtype, attention_impl=model.attention,
             remat=model.remat)
   if model.path:

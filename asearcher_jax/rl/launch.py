@@ -84,6 +84,7 @@ def build_learner(cfg: Config, *, replay, decode: list[str], out_dir: str, echo=
   import jax
 
   from asearcher_jax import distributed
+  from asearcher_jax.memory_plan import resolve_remat
   from asearcher_jax.models.pretrained import load_policy
   from asearcher_jax.models.tokenizer import tokenizer_dir
   from asearcher_jax.placement import client_token
@@ -91,6 +92,7 @@ def build_learner(cfg: Config, *, replay, decode: list[str], out_dir: str, echo=
   from asearcher_jax.rl.publish import CheckpointPublisher
   from asearcher_jax.sharding import describe, make_mesh
   mesh = make_mesh(cfg.mesh.shape())
+  cfg = resolve_remat(cfg, echo=echo)
   model, tokenizer, arch = load_policy(cfg.model, mesh, progress=False)
   if cfg.model.path:
     tok_dir = tokenizer_dir(cfg.model.path)
