@@ -278,9 +278,13 @@ def cmd_sft(args) -> int:
   """supervised fine-tuning on trajectory files (loss on the agent's tokens); writes HF weights"""
   from asearcher_jax import distributed
   from asearcher_jax.config import load_config
+  from asearcher_jax.memory_plan import resolve_remat
   from asearcher_jax.train.sft import sft_command
   cfg = load_config(args.config, args.overrides)
   distributed.initialize(cfg.distributed)  # several hosts: one mesh over all their devices
+  # a step holds --batch-rows rows of rl.row_tokens, as a learner micro-batch of that many does
+  rl = cfg.rl.model_copy(update={"micro_batch_rows": args.batch_rows})
+  cfg = resolve_remat(cfg.model_copy(update={"rl": rl}), echo=print)
   sft_command(cfg, args.data, args.out, epochs=args.epochs, batch_rows=args.batch_rows,
               loss_on=args.loss_on, eval_paths=args.eval_data or (),
               eval_every=args.eval_every, progress=not args.no_progress)

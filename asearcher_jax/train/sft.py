@@ -152,12 +152,9 @@ def sft_command(cfg: Config, paths: list[str], out: str, *, epochs: int, batch_r
                 loss_on: str = "agent", eval_paths: list[str] = (), eval_every: int = 0,
                 progress: bool = True) -> str:
   """Loads the config's policy, fine-tunes it, writes an HF directory to `out`."""
-  from asearcher_jax.memory_plan import resolve_remat
   from asearcher_jax.models.pretrained import load_policy, save_pretrained
   from asearcher_jax.sharding import make_mesh
-  # a step holds batch_rows rows of rl.row_tokens, as a learner micro-batch of that many does
-  rl = cfg.rl.model_copy(update={"micro_batch_rows": batch_rows})
-  m = resolve_remat(cfg.model_copy(update={"rl": rl}), echo=print).model
+  m = cfg.model
   model, tokenizer, _ = load_policy(m, make_mesh(cfg.mesh.shape()), progress=progress)
   losses, _ = run_sft(model, paths, optimizer_cfg=cfg.optimizer, row_tokens=cfg.rl.row_tokens,
                       batch_rows=batch_rows, epochs=epochs, loss_on=loss_on,
