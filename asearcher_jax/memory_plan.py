@@ -294,13 +294,14 @@ def plan(cfg: Config, *, devices: int | None = None, decode_devices: int | None 
     f = memory_fraction(cfg, role)
     if memory is not None:
       budgets[role] = (int(memory * f), f"{f:.2f} of {_gib(memory)}")
-  remat, note = cfg.model.remat, ""
-  for remat in (REMAT_BY_MEMORY if remat == "auto" else (remat,)):
+  auto = cfg.model.remat == "auto"
+  for remat in (REMAT_BY_MEMORY if auto else (cfg.model.remat,)):
     learner, warnings = learner_group(with_remat(cfg, remat), arch, n_learn, platform)
     learner.budget, learner.budget_note = budgets.get("learner", (None, ""))
     if learner.fits:
       break
-  if cfg.model.remat == "auto":
+  note = ""
+  if auto:
     note = ("device memory unknown: nothing recomputed" if memory is None else
             f"the first of {', '.join(REMAT_BY_MEMORY)} whose learner fits" if learner.fits
             else "even the least memory does not fit")
@@ -310,6 +311,7 @@ def plan(cfg: Config, *, devices: int | None = None, decode_devices: int | None 
 
 
 def with_remat(cfg: Config, remat: str) -> Config:
+  """`cfg` with model.remat set (configs are immutable)."""
   return cfg.model_copy(update={"model": cfg.model.model_copy(update={"remat": remat})})
 
 
