@@ -71,3 +71,52 @@ def test_greedy_rows_take_the_first_maximum_and_draw_nothing():
   again = sample(x, keys, jnp.zeros((2,)), jnp.zeros((2,), jnp.int32), jnp.ones((2,)))
   np.testing.assert_array_equal(d.keys, again.keys)  # keys still advance, deterministically
   assert not np.array_equal(np.asarray(d.keys), np.asarray(keys))
+
+
+def _kept_by_definition(logits, temperature, top_k, top_p):
+  """The tokens top-k then top-p keep, in float64 from the definition: the top_k most likely
+  (all if 0), then the smallest most-likely-first prefix of them whose probability (normalised
+  over the top-k) reaches top_p; and the distance of that prefix's mass from top_p."""
+  x = logits.astype(np.float64) / temperature
+  order = np.argsort(-x, kind="stable")
+  k = len(x) if top_k == 0 else min(top_k, len(x))
+  p = np.exp(x[order[:k]] - x[order[0]])
+  p /= p.sum()
+  before = np.cumsum(p) - p
+  n = k if top_p >= 1 else int((before < top_p).sum())
+  edge = before[max(n - 1, 0):n + 1]  # the last kept token's and the first dropped one's
+  margin = np.inf if top_p >= 1 else float(np.abs(edge - top_p).min())
+  return set(order[:n].tolist()), margin
+
+
+@pytest.mark.parametrize("flat_row", [False, True])
+def test_truncation_keeps_what_the_definition_keeps(flat_row):
+  """Rows with top-k inside and beyond the first TRUNCATION_PREFIX tokens, top-p alone and with
+  top-k, greedy and untruncated rows, in one batch; with `flat_row`, one row whose top-p set
+  reaches past the prefix, so the batch takes the full sort."""
+  from asearcher_jax.inference.sampling import TRUNCATION_PREFIX
+  v = 2000
+  rows = [(1.0, 5, 1.0), (0.7, TRUNCATION_PREFIX, 1.0), (1.0, TRUNCATION_PREFIX + 1, 1.0),
+          (1.3, 0, 0.9), (0.5, 50, 0.8), (1.0, 0, 1.0), (0.0, 0, 0.5), (1.0, 400, 0.95)]
+  rng = np.random.default_rng(11)
+  logits = rng.normal(0, 3, (len(rows), v))
+  if flat_row:
+    rows.append((1.0, 0, 0.5))
+    logits = np.concatenate([logits, rng.normal(0, 0.1, (1, v))])
+  logits = logits.astype(np.float32)
+  t, k, p = (np.asarray(c) for c in zip(*rows))
+  out = np.asarray(jax.jit(processed_logits)(jnp.asarray(logits), jnp.asarray(t, jnp.float32),
+                                             jnp.asarray(k, jnp.int32),
+                                             jnp.asarray(p, jnp.float32)))
+  for i, (temperature, top_k, top_p) in enumerate(rows):
+    kept = set(np.flatnonzero(out[i] > -1e29).tolist())
+    if temperature <= 0:  # greedy: the logits as they came
+      np.testing.assert_array_equal(out[i], logits[i])
+      continue
+    want, margin = _kept_by_definition(logits[i], temperature, top_k, top_p)
+    # float32 sums of n probabilities round by at most n units of 2^-24 (the exps and the
+    # normaliser add about two more); a boundary nearer than that would test rounding
+    assert margin > 2 * (len(want) + 2) * 2.0**-24, "boundary within rounding: change the seed"
+    assert kept == want, (i, len(kept), len(want))
+  if flat_row:
+    assert len(kept) > TRUNCATION_PREFIX  # the row that needed the full sort

@@ -18,30 +18,56 @@ import jax.numpy as jnp
 NEG_INF = -1e30
 
 
+# Top-k / top-p read the most likely tokens first: XLA's top_k of this many costs a hundredth of
+# a full sort of a 152k vocabulary (64 rows on 2 CPU cores: 22 ms against 2.0 s). The sort runs
+# only for a batch where some row's kept set may reach past them.
+TRUNCATION_PREFIX = 256
+
+
 def processed_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
                      top_p: jax.Array) -> jax.Array:
-  """Tempered logits [B, V] with truncated entries at NEG_INF. Greedy rows come back untempered."""
+  """Tempered logits [B, V] with truncated entries at NEG_INF. Greedy rows come back untempered.
+
+  Top-p keeps the smallest set of most likely tokens (among the top-k) whose mass reaches p."""
   logits = logits.astype(jnp.float32)
   greedy = temperature <= 0.0
   scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
-  needs_truncation = jnp.any(((top_k > 0) | (top_p < 1.0)) & ~greedy)
+  truncating = ((top_k > 0) | (top_p < 1.0)) & ~greedy
+  vocab = scaled.shape[-1]
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
 
-  def truncate(x):
-    vocab = x.shape[-1]
-    desc = jnp.sort(x, axis=-1)[:, ::-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
-    # top-p over the top-k survivors: keep the smallest prefix whose mass reaches p.
-    desc = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], desc, NEG_INF)
-    probs = jax.nn.softmax(desc, axis=-1)
+  def threshold(desc, log_z):
+    """The smallest logit kept, from each row's first desc.shape[-1] logits (descending) and the
+    log-normaliser of its top-k; and the mass those logits hold."""
+    n = desc.shape[-1]
+    kth = jnp.take_along_axis(desc, (jnp.minimum(k, n) - 1)[:, None], axis=-1)
+    desc = jnp.where(jnp.arange(n)[None, :] < k[:, None], desc, NEG_INF)
+    probs = jnp.exp(desc - log_z[:, None])
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep = (mass_before < top_p[:, None]) | (top_p >= 1.0)[:, None]  # p = 1: no truncation
     cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
-    threshold = jnp.maximum(kth, cutoff)
-    out = jnp.where(x >= threshold, x, NEG_INF)
-    return jnp.where(greedy[:, None], x, out)
+    return jnp.maximum(kth, cutoff), jnp.sum(probs, axis=-1)
 
-  return jax.lax.cond(needs_truncation, truncate, lambda x: x, scaled)
+  def top_k_log_z(desc):
+    return jax.nn.logsumexp(jnp.where(jnp.arange(desc.shape[-1])[None, :] < k[:, None], desc,
+                                      NEG_INF), axis=-1)
+
+  def full_sort(x):
+    desc = jnp.sort(x, axis=-1)[:, ::-1]
+    return threshold(desc, top_k_log_z(desc))[0]
+
+  def truncate(x):
+    n = min(vocab, TRUNCATION_PREFIX)
+    desc = jax.lax.top_k(x, n)[0]
+    # the top-k's normaliser: inside the prefix when k <= n, the whole row when there is no top-k
+    log_z = jnp.where(k <= n, top_k_log_z(desc), jax.nn.logsumexp(x, axis=-1))
+    cut, mass = threshold(desc, log_z)
+    # exact where the kept set ends inside the prefix: the top-k does, or the prefix holds p
+    inside = ~truncating | (k <= n) | ((k == vocab) & (mass >= top_p))
+    cut = jax.lax.cond(jnp.all(inside), lambda: cut, lambda: full_sort(x))
+    return jnp.where(truncating[:, None], jnp.where(x >= cut, x, NEG_INF), x)
+
+  return jax.lax.cond(jnp.any(truncating), truncate, lambda x: x, scaled)
 
 
 class Draw(NamedTuple):
