@@ -70,13 +70,14 @@ def main(argv=None) -> int:
   p.add_argument("overrides", nargs="*")
   args = p.parse_args(argv)
 
-  cfg = load_config(args.config, args.overrides)
+  # the rl section only sizes the step for the remat choice: this batch's rows and row length
+  row = args.episodes * args.episode_len[1] if args.episodes else args.seq_len  # at most
+  cfg = load_config(args.config, args.overrides + [f"rl.micro_batch_rows={args.batch}",
+                                                   f"rl.row_tokens={row}"])
   arch = cfg.model.arch
   if arch is None:
     raise SystemExit("the benchmark initialises at random: the config needs model.arch")
-  row = args.episodes * args.episode_len[1] if args.episodes else args.seq_len  # at most
-  cfg = resolve_remat(load_config(args.config, args.overrides + [
-      f"rl.micro_batch_rows={args.batch}", f"rl.row_tokens={row}"]), echo=print)
+  cfg = resolve_remat(cfg, echo=print)
   mesh = make_mesh(cfg.mesh.shape())
   devices = jax.devices()
   kind = devices[0].device_kind
