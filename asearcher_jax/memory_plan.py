@@ -235,9 +235,9 @@ def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
   pb, cb = _itemsize(served), _itemsize(m.dtype)
   n = param_elements(arch, mesh, served)
   d = _layer_dims(arch, mesh["tensor"])
-  ways = mesh["data"] * mesh["fsdp"]
   per_token = 2 * arch.num_layers * d["K"] * arch.head_dim * cb  # keys and values, all layers
   T = s.max_len
+  pages = s.pool_pages() + 1  # and the sink
   impl = resolve_impl_for(m.attention, platform, m.dtype, arch.head_dim)
   scores = d["N"] * T * T * (8 + cb) if impl != "cudnn" else d["N"] * T * 4
   return Group("decode server", mesh, [
@@ -245,8 +245,11 @@ def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
            "serve in bfloat16 (placement.decode_param_dtype) or split over placement.decode_mesh"),
       Item("parameters of the next version (while it loads)", n * pb,
            "serve in bfloat16 (placement.decode_param_dtype)"),
-      Item(f"KV cache ({s.slots} slots x {T} tokens)", _split(s.slots, ways) * T * per_token,
-           "fewer serve.slots or a shorter serve.max_len, or split kv heads (decode mesh tensor)"),
+      # One page pool for all slots, split over kv heads only (inference/engine.py).
+      Item(f"KV pages ({pages} x {s.page_size} tokens, shared by {s.slots} slots)",
+           pages * s.page_size * per_token,
+           "fewer serve.kv_pages (or serve.slots), a shorter serve.max_len, or split kv heads "
+           "(decode mesh tensor)"),
       Item(f"sessions on device ({s.device_sessions} x {T} tokens)",
            s.device_sessions * T * per_token, "fewer serve.device_sessions"),
       Item(f"one {T}-token prefill (attention {impl})",

@@ -30,6 +30,11 @@ step train_step_1.5b_b1 $PY benchmarks/train_step.py --config configs/bench/qwen
 step decode_0.5b env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 $PY benchmarks/decode.py \
   --config configs/bench/qwen2.5-0.5b.yaml --batches 1 8 32 64 --repeats 2 \
   --results "$OUT_DIR/decode_qwen2.5-0.5b.json"
+# The same with the Pallas paged-attention kernel, and an 8k-token context among short ones.
+step decode_0.5b_pallas env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 $PY benchmarks/decode.py \
+  --config configs/bench/qwen2.5-0.5b.yaml --batches 64 --repeats 2 --no-hf \
+  --paged-attention pallas --long-context 8192 \
+  --results "$OUT_DIR/decode_qwen2.5-0.5b_pallas.json"
 step train_step_1.5b_b4 $PY benchmarks/train_step.py --config configs/bench/qwen2.5-1.5b.yaml \
   --batch 4 --seq-len 4096 --steps 8 --results "$OUT_DIR/train_step_qwen2.5-1.5b_b4_s4096.json"
 echo "failures: $failures"

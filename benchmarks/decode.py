@@ -9,8 +9,12 @@ continuous-batching driver against Hugging Face transformers' `generate`
 tokens; ours both with the platform's steps per dispatch (`serve.decode_steps`:
 1 on CPU, 8 on accelerators) and with the other choice, the block decoding's own
 gain. Then a 20-turn episode with and without a session, counting prefilled
-tokens. On a GPU it also reports the decode step against the memory roofline
-((weights + KV bytes) / HBM bandwidth). Prints a table and writes JSON.
+tokens, and the mixed-length workload: the decode step with one long context
+(`--long-context` tokens) among short ones against short ones only, which with
+the XLA paged path costs every slot the long one's reads and with the Pallas
+kernel (`--paged-attention pallas`, GPUs) should not. On a GPU it also reports
+the decode step against the memory roofline ((weights + KV bytes) / HBM
+bandwidth). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -104,6 +108,21 @@ def multi_turn(engine: Engine, turns: int, gen: int, tool: int, rng) -> dict:
   return out
 
 
+def mixed_length(model, mesh, batch: int, prompt_len: int, long: int, new_tokens: int,
+                 steps: int, kernel: str, repeats: int, rng) -> dict:
+  """Decode step time with one `long`-token context among `batch` - 1 short ones, against
+  `batch` short ones, on the same engine (so the same compiled programs and pool)."""
+  engine = Engine(model, slots=batch, max_len=long + new_tokens + 8, mesh=mesh,
+                  decode_steps=steps, paged_kernel=kernel)
+  short = rng.integers(0, engine.cfg.vocab_size, (batch, prompt_len)).tolist()
+  mixed = [rng.integers(0, engine.cfg.vocab_size, long).tolist()] + short[1:]
+  out = {"batch": batch, "long_context": long, "paged_attention": kernel,
+         "short_only": ours(engine, short, new_tokens, repeats),
+         "one_long": ours(engine, mixed, new_tokens, repeats)}
+  out["step_ratio"] = out["one_long"]["step_s"] / out["short_only"]["step_s"]
+  return out
+
+
 def roofline(engine: Engine, batch: int, context: int) -> dict | None:
   kind = jax.devices()[0].device_kind
   bw = device_figure(HBM_BYTES_PER_S, kind)
@@ -127,6 +146,10 @@ def main(argv=None) -> int:
   p.add_argument("--turns", type=int, default=20)
   p.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
   p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+  p.add_argument("--long-context", type=int, default=512,
+                 help="the long context of the mixed-length workload (0 skips it)")
+  p.add_argument("--paged-attention", choices=["xla", "pallas"], default="xla",
+                 help="decode attention over the KV pages (pallas: the GPU kernel)")
   p.add_argument("--results", help="JSON output (default: benchmarks/results/...)")
   p.add_argument("overrides", nargs="*")
   args = p.parse_args(argv)
@@ -152,15 +175,18 @@ def main(argv=None) -> int:
     if jax.default_backend() == "gpu" and torch.cuda.is_available():
       torch_model = torch_model.to("cuda")  # the same device class as ours
 
+  kernel = {"xla": "xla", "pallas": "pallas_gpu"}[args.paged_attention]
   rows = []
   for b in args.batches:
     prompts = rng.integers(0, arch.vocab_size, (b, args.prompt_len)).tolist()
     k = cfg.serve.steps_per_dispatch(jax.default_backend())
     other = 8 if k == 1 else 1
-    engine = Engine(model, slots=b, max_len=max_len, mesh=mesh, decode_steps=k)
+    engine = Engine(model, slots=b, max_len=max_len, mesh=mesh, decode_steps=k,
+                    paged_kernel=kernel)
     row = {"batch": b, "decode_steps": k,
            "ours": ours(engine, prompts, args.new_tokens, args.repeats)}
-    alt = Engine(model, slots=b, max_len=max_len, mesh=mesh, decode_steps=other)
+    alt = Engine(model, slots=b, max_len=max_len, mesh=mesh, decode_steps=other,
+                 paged_kernel=kernel)
     row["ours_other_steps"] = {"decode_steps": other,
                                **ours(alt, prompts, args.new_tokens, args.repeats)}
     blocks, single = ((row["ours"], row["ours_other_steps"]) if k > 1
@@ -192,12 +218,22 @@ def main(argv=None) -> int:
         f"session vs {mt['full_prefill']['prefilled_tokens']} re-prefilling "
         f"({100 * mt['prefill_saved']:.0f}% saved); wall {mt['session']['wall_s']:.2f}s vs "
         f"{mt['full_prefill']['wall_s']:.2f}s")
+  mixed = None
+  if args.long_context:
+    b = max(args.batches)
+    mixed = mixed_length(model, mesh, b, args.prompt_len, args.long_context, args.new_tokens,
+                         cfg.serve.steps_per_dispatch(jax.default_backend()), kernel,
+                         args.repeats, rng)
+    print(f"mixed lengths, batch {b}: one {args.long_context}-token context among short ones "
+          f"steps in {mixed['one_long']['step_s'] * 1e3:.2f} ms against "
+          f"{mixed['short_only']['step_s'] * 1e3:.2f} ms short only (x{mixed['step_ratio']:.2f}, "
+          f"{args.paged_attention} paged attention)")
   result = {
       "benchmark": "decode", "config": args.config, "overrides": args.overrides,
       **run_info(("jax", "jaxlib", "flax", "torch", "transformers")), "device_kind": kind,
       "num_devices": len(jax.devices()), "params": arch.num_params(),
       "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rows": rows,
-      "multi_turn": mt}
+      "paged_attention": args.paged_attention, "multi_turn": mt, "mixed_length": mixed}
   if torch_model is not None:
     import torch
     result["torch_threads"] = torch.get_num_threads()

@@ -59,12 +59,16 @@ def test_fused_attention_matches_reference_on_packed_rows(impl):
   assert err.max() < 0.15 and err.mean() < 0.02, (impl, err.max(), err.mean())
 
 
-def test_bf16_greedy_decode_follows_the_full_forward():
-  """The engine's cached bf16 decode picks the tokens the full bf16 forward ranks first."""
+@pytest.mark.parametrize("kernel", ["xla", "pallas_gpu"])
+def test_bf16_greedy_decode_follows_the_full_forward(kernel):
+  """The engine's cached bf16 decode picks the tokens the full bf16 forward ranks first, with
+  either paged decode attention."""
+  if kernel == "pallas_gpu" and jax.default_backend() != "gpu":
+    pytest.skip("the Pallas paged-attention kernel is the GPU one")
   mesh = single_device_mesh()
   model = create_model(CFG, mesh, seed=1, dtype="bfloat16", attention_impl="auto")
   prompts = [RNG.randint(0, CFG.vocab_size, n).tolist() for n in (5, 33, 70)]
-  with Driver(Engine(model, slots=4, max_len=160, mesh=mesh)) as d:
+  with Driver(Engine(model, slots=4, max_len=160, mesh=mesh, paged_kernel=kernel)) as d:
     reqs = [d.submit(Request(p, SamplingParams(temperature=0.0, max_new_tokens=24)))
             for p in prompts]
     outs = [r.wait() for r in reqs]

@@ -263,7 +263,8 @@ def test_sharded_engine_matches_single_device(shape):
       reqs = [d.submit(Request(p, sampling)) for p in prompts]
       outs.append([r.wait(120) for r in reqs])
     if m is mesh:
-      assert engine._cache_sharding.spec[1] == ("data", "fsdp")  # slots split over data x fsdp
+      # The page pool is split over kv heads; every slot draws on all of its pages.
+      assert engine._pool_sharding.spec[1] == "tensor" and engine._pool_sharding.spec[2] is None
   for single, sharded in zip(*outs):
     assert single.output_ids == sharded.output_ids
     np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=1e-4)
@@ -382,11 +383,12 @@ def test_rows_without_truncation_are_untouched_by_a_truncating_neighbour():
 def test_warmup_compiles_everything_serving_meets(model, decode_steps):
   import logging
 
+  # A pool of 9 pages of 16 tokens: three slots cannot all reach max_len 64 at once.
   engine = Engine(model, slots=3, max_len=64, mesh=MESH, min_prefill_bucket=16,
-                  decode_steps=decode_steps)
+                  decode_steps=decode_steps, num_pages=9)
   blocks = 3 if decode_steps > 1 else 0  # a block program per window
-  # (rows x buckets) + sessions + windows + blocks + extract
-  assert engine.warmup() == 3 * 3 + 3 + 3 + blocks + 1
+  # page-table rewrites + (rows x buckets) + sessions + windows + blocks + extract
+  assert engine.warmup() == 3 + 3 * 3 + 3 + 3 + blocks + 1
   compiled = []
 
   class Catch(logging.Handler):
@@ -408,8 +410,8 @@ def test_warmup_compiles_everything_serving_meets(model, decode_steps):
   finally:
     jax.config.update("jax_log_compiles", False)
     logging.getLogger("jax").removeHandler(handler)
-  engine_programs = ("_prefill_fresh", "_prefill_continue", "_insert", "_generate",
-                     "_generate_block", "_extract")
+  engine_programs = ("_prefill_fresh", "_prefill_continue", "_insert", "_set_pages",
+                     "_generate", "_generate_block", "_extract")
   assert not [m for m in compiled if m.startswith("Compiling") and any(
       f"jit({name})" in m for name in engine_programs)]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from asearcher_jax.section import Section
 
@@ -21,6 +21,17 @@ class ServeSection(Section):
   max_len: int = Field(4096, ge=2)
   min_prefill_bucket: int = Field(16, gt=0)
   max_pending: int = Field(1024, gt=0)
+  # The slots' keys and values live in a pool of pages (models/paged_kv.py) that the driver
+  # hands out as sequences grow. null: slots x max_len / page_size pages, every slot can reach
+  # max_len at once; fewer pages hold more slots in the same memory, and when the pool runs
+  # out the newest request is preempted (re-prefilled later), never lost. At least one whole
+  # sequence (max_len / page_size pages).
+  page_size: int = Field(16, gt=0)
+  kv_pages: int | None = Field(None, gt=0)
+  # Decode attention over the pages: "xla" gathers every slot's first positions up to the
+  # longest live one (any platform); "pallas" is the Pallas GPU paged-attention kernel, which
+  # reads each slot's live pages alone (GPUs only).
+  paged_attention: Literal["xla", "pallas"] = "xla"
   # Tokens every slot generates per device dispatch in steady decode (one device loop, one
   # host sync per block); 1 while requests wait for a slot, so admission is never held back.
   # null: 8 on accelerators; 1 on CPU, where host and "device" share the cores and blocks
@@ -35,6 +46,20 @@ class ServeSection(Section):
   # <run.output_dir>/weights).
   weight_roots: tuple[str, ...] = ()
   max_body_bytes: int = Field(16 << 20, ge=1024)  # an HTTP request body; larger is a 400
+
+  @model_validator(mode="after")
+  def _pool_holds_a_sequence(self):
+    if self.kv_pages is not None and self.kv_pages < -(-self.max_len // self.page_size):
+      raise ValueError(f"serve.kv_pages {self.kv_pages} cannot hold one sequence of max_len "
+                       f"{self.max_len} ({-(-self.max_len // self.page_size)} pages of "
+                       f"{self.page_size} tokens)")
+    return self
+
+  def pool_pages(self) -> int:
+    """Pages in the KV pool (not counting the sink)."""
+    if self.kv_pages is not None:
+      return self.kv_pages
+    return self.slots * -(-self.max_len // self.page_size)
 
   def steps_per_dispatch(self, platform: str) -> int:
     """`decode_steps`, or its default for `platform` (a JAX backend name)."""

@@ -10,6 +10,13 @@ go down.
 Sessions: when a request that names a session finishes, its slot's KV cache
 is kept for the session's next request (inference/sessions.py).
 
+KV pages: a slot holds the pages of the engine's pool its tokens fill (inference/page_pool.py
+hands them out): enough for its context when admitted, more before each block that needs
+them, all back when it finishes. A request is admitted only while pages remain for it and
+one more page for each running slot; when running slots still outgrow the pool, the newest
+request is preempted: its pages go back and it waits at the head of the queue, to be
+re-prefilled (prompt + what it generated, exactly as after a weight swap in "abort" mode).
+
 Weight updates have two modes. "abort": in-flight requests are interrupted
 and resumed by re-prefilling prompt + generated tokens under the new weights,
 so every post-swap log-probability is exactly the new policy's. "keep_kv":
@@ -32,6 +39,7 @@ import jax
 import numpy as np
 
 from asearcher_jax.inference.engine import Engine
+from asearcher_jax.inference.page_pool import PagePool
 from asearcher_jax.inference.protocol import (
   UPDATE_MODES,
   QueueFullError,
@@ -101,6 +109,8 @@ class Driver:
     self._control: queue.Queue = queue.Queue()
     self._wake = threading.Condition()
     self._slots: list[Request | None] = [None] * engine.slots
+    self._pool = PagePool(engine.num_pages)
+    self._held: list[list[int]] = [[] for _ in range(engine.slots)]  # each slot's pages
     self._sessions = SessionCache(engine, device=device_sessions, host=host_sessions)
     self._paused = False
     self._running = False
@@ -283,6 +293,13 @@ class Driver:
             self._slots[s] = None
             r.error = "internal error in the decode loop"
             self._finish(r, "error")
+        try:
+          self._free_pages(list(range(self.engine.slots)))
+        except Exception:  # the state is beyond repair: start from an empty one
+          log.exception("could not free the KV pages; resetting the decode state")
+          self._pool = PagePool(self.engine.num_pages)
+          self._held = [[] for _ in range(self.engine.slots)]
+          self._state = self.engine.init_decode_state()
 
   def _publish(self) -> None:
     now = time.monotonic()
@@ -319,15 +336,23 @@ class Driver:
         self._release(s, r, "cancelled")
 
   def _admit(self) -> None:
-    """Fills free slots: session continuations one by one, fresh requests in one batched prefill."""
+    """Fills free slots: session continuations one by one, fresh requests in one batched prefill.
+    A request waits while the pool lacks its pages plus one for each running slot."""
     free = [s for s in range(self.engine.slots) if self._slots[s] is None]
     fresh: list[tuple[int, Request]] = []
+    spare = self.engine.slots - len(free)  # a page each running slot may need next
     while free:
       with self._wake:
         if not self._pending:
           break
-        r = self._pending.popleft()
+        r = self._pending[0]
+        need = self._pages_for(len(r.prompt) + len(r.output_ids))
+        if self._pool.free < need + spare:
+          break
+        self._pending.popleft()
       slot = free.pop(0)
+      self._held[slot] = self._pool.take(need)
+      spare += 1
       if r.session_id and r.session_id in self._sessions:
         self._guarded_prefill([(slot, r)], self._prefill_session)
       else:
@@ -352,6 +377,7 @@ class Driver:
       slot, r = batch[0]
       if self._slots[slot] is r:
         self._slots[slot] = None
+      self._free_pages([slot])
       if not r.done:
         r.error = f"prefill failed: {e}"
         self._finish(r, "error")
@@ -364,7 +390,8 @@ class Driver:
         self.engine.params, contexts, [s.temperature for s in ss], [s.top_k for s in ss],
         [s.top_p for s in ss], [r._key for _, r in batch],
         top_logprobs=any(s.top_logprobs for s in ss))
-    self._state = self.engine.insert(prefix, self._state, [slot for slot, _ in batch])
+    self._state = self.engine.insert(prefix, self._state, [slot for slot, _ in batch],
+                                     [self._held[slot] for slot, _ in batch])
     self._after_prefill(batch, prefix, [0] * len(batch), [len(c) for c in contexts], t0)
 
   def _prefill_session(self, batch: list[tuple[int, Request]]) -> None:
@@ -376,7 +403,7 @@ class Driver:
     prefix = self.engine.prefill(self.engine.params, np.asarray(context[reused:], np.int32),
                                  existing_prefix=prefix, temperature=s.temperature, top_k=s.top_k,
                                  top_p=s.top_p, key=r._key, top_logprobs=bool(s.top_logprobs))
-    self._state = self.engine.insert(prefix, self._state, slot)
+    self._state = self.engine.insert(prefix, self._state, slot, [self._held[slot]])
     self._after_prefill(batch, prefix, [reused], [len(context) - reused], t0)
 
   def _after_prefill(self, batch, prefix, reused: list[int], prefilled: list[int], t0) -> None:
@@ -400,6 +427,66 @@ class Driver:
     wait, so a slot that frees is refilled after one step rather than a whole block."""
     return 1 if self._pending else self.engine.decode_steps
 
+  def _pages_for(self, tokens: int) -> int:
+    return -(-min(tokens, self.engine.max_len) // self.engine.page_size)
+
+  def _free_pages(self, slots: list[int]) -> None:
+    """Gives the slots' pages back and points their page-table rows at the sink, so steps
+    that still run them (a block in flight, an idle slot) write nowhere that matters."""
+    slots = [s for s in slots if self._held[s]]
+    if not slots:
+      return
+    for s in slots:
+      self._pool.give(self._held[s])
+      self._held[s] = []
+    self._state = self.engine.set_pages(self._state, slots, [[] for _ in slots])
+
+  def _reserve(self) -> tuple[list[int], int]:
+    """Gives every running slot the pages the next block writes: (running slots, steps).
+
+    A live slot feeds its newest token at len(prompt) + len(outputs) - 1, plus the steps
+    still in flight; the block's last step feeds steps - 1 positions further. If the pool
+    cannot cover that, the block in flight is recorded first (finished requests give pages
+    back), then the newest requests are preempted until it can.
+    """
+    while True:
+      steps = self._block_steps()
+      ahead = self._inflight[3] if self._inflight is not None else 0
+      active = [s for s, r in enumerate(self._slots) if r is not None]
+      grow = {}
+      for s in active:
+        r = self._slots[s]
+        need = self._pages_for(len(r.prompt) + len(r.output_ids) + ahead + steps - 1)
+        if need > len(self._held[s]):
+          grow[s] = need - len(self._held[s])
+      if sum(grow.values()) <= self._pool.free:
+        for s, n in grow.items():
+          self._held[s] = self._held[s] + self._pool.take(n)
+        if grow:
+          self._state = self.engine.set_pages(self._state, list(grow),
+                                              [self._held[s] for s in grow])
+        return active, steps
+      if self._inflight is not None:
+        self._drain()
+        continue
+      # One running request always fits (the pool holds a whole sequence), so there is one
+      # newer than the oldest to preempt.
+      self._preempt(max(active, key=lambda s: self._slots[s].submitted_at))
+
+  def _preempt(self, slot: int) -> None:
+    """Sends a running request back to the head of the queue and frees its pages (nothing in
+    flight: the slot's PRNG state is its next draw's)."""
+    r = self._slots[slot]
+    r._key = np.asarray(self._state.keys)[slot]
+    r.interruptions += 1
+    self._slots[slot] = None
+    self._free_pages([slot])
+    self._counters["preempted"] += 1
+    with self._wake:
+      self._pending.appendleft(r)
+    log.info("KV pages exhausted: preempted %s after %d tokens (%d preemptions so far)",
+             r.request_id, len(r.output_ids), self._counters["preempted"])
+
   def _step(self, active: list[int]) -> None:
     """Dispatches the next block of generate steps, then does the host work of the one before.
 
@@ -408,10 +495,10 @@ class Driver:
     rows in block t+1 (and in t after its stop), which are discarded because the
     slot no longer holds that request (JetStream makes the same trade).
     """
-    steps = self._block_steps()
+    active, steps = self._reserve()
+    if not active:  # recording the block in flight finished every request
+      return
     ahead = self._inflight[3] if self._inflight is not None else 0
-    # A live slot feeds its newest token at len(prompt) + len(outputs) - 1, plus the steps
-    # still in flight; the block's last step feeds steps - 1 positions further.
     longest = max(len(self._slots[s].prompt) + len(self._slots[s].output_ids) for s in active)
     window = self.engine.bucket(min(longest + ahead + steps - 1, self.engine.max_len))
     top = any(self._slots[s].sampling.top_logprobs for s in active)
@@ -493,6 +580,7 @@ class Driver:
     except Exception:  # losing a cache entry is a miss next turn, never a lost request
       log.exception("could not keep the KV cache of session %s", r.session_id)
     finally:
+      self._free_pages([slot])  # after the save: it copies them
       self._finish(r, reason)
 
   def _finish(self, r: Request, reason: str) -> None:
@@ -526,6 +614,7 @@ class Driver:
         resumed.append(r)
       with self._wake:
         self._pending.extendleft(reversed(resumed))  # they go first, in their order
+      self._free_pages(list(range(self.engine.slots)))
       interrupted = len(resumed)
       self._sessions.clear()
     self.engine.load_params(params)

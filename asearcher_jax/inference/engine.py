@@ -10,6 +10,12 @@ Params are an explicit argument of every jitted function, so swapping weights
 is passing another pytree with the same shapes and shardings: no recompile.
 Prefill lengths are bucketed (powers of two), so compilation happens once per
 bucket.
+
+The slots' keys and values live in one page pool (models/paged_kv.py): each slot's row of
+the page table names the pages it holds, and `insert` takes the pages to write a prefix
+into. Who gets which page is the caller's (the driver's allocator); without pages, `insert`
+gives slot s the s-th run of max_len / page_size pages, the fixed layout of an unpaged cache.
+A prefix (prefill's output, a session's saved cache) stays contiguous.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from asearcher_jax.inference.protocol import MAX_TOP_LOGPROBS
 from asearcher_jax.inference.sampling import sample
+from asearcher_jax.models.paged_kv import POOL_AXES, SINK, KVPages, PagedKernel, pages_for
 from asearcher_jax.models.qwen import CACHE_AXES, KVCache, Qwen
 from asearcher_jax.sharding import LOGICAL_RULES, activation_target, logical_to_spec, make_mesh
 
@@ -34,7 +41,8 @@ from asearcher_jax.sharding import LOGICAL_RULES, activation_target, logical_to_
 class DecodeState:
   """Everything a generate step needs, for every slot at once."""
 
-  cache: KVCache  # [layers, slots, max_len, kv_heads, head_dim]
+  cache: KVPages  # [layers, kv_heads, pages, page_size, head_dim], page 0 the sink
+  pages: jax.Array  # [slots, max_len / page_size] int32: each slot's pages, in order
   positions: jax.Array  # [slots] int32: tokens held in the cache = where the next one goes
   tokens: jax.Array  # [slots] int32: last sampled token, fed at the next step
   temperature: jax.Array  # [slots] f32
@@ -88,11 +96,22 @@ class Engine:
   """Decode engine over a fixed number of slots, optionally sharded over a mesh."""
 
   def __init__(self, model: Qwen, *, slots: int, max_len: int, mesh: Mesh | None = None,
-               min_prefill_bucket: int = 16, cache_dtype=None, decode_steps: int = 1):
+               min_prefill_bucket: int = 16, cache_dtype=None, decode_steps: int = 1,
+               page_size: int = 16, num_pages: int | None = None,
+               paged_kernel: PagedKernel = "xla"):
     if slots < 1 or max_len < 2:
       raise ValueError(f"need slots >= 1 and max_len >= 2, got {slots}, {max_len}")
     if decode_steps < 1:
       raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
+    if page_size < 1:
+      raise ValueError(f"page_size must be >= 1, got {page_size}")
+    self.page_size = page_size
+    self.max_pages = pages_for(max_len, page_size)  # a page-table row: one whole sequence
+    self.num_pages = slots * self.max_pages if num_pages is None else num_pages
+    if self.num_pages < self.max_pages:
+      raise ValueError(f"{self.num_pages} KV pages cannot hold one sequence of max_len "
+                       f"{max_len} ({self.max_pages} pages of {page_size} tokens)")
+    self.paged_kernel = paged_kernel
     self.decode_steps = decode_steps  # the block `generate_block` runs in steady decode
     self.cfg = model.cfg
     self.mesh = mesh or make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
@@ -104,15 +123,16 @@ class Engine:
     self.buckets = prefill_buckets(min(min_prefill_bucket, max_len), max_len)
     self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
     rules = _divisible_rules(self.mesh, slots, self.cfg.num_kv_heads)
-    self._cache_sharding = NamedSharding(self.mesh, logical_to_spec(CACHE_AXES, rules))
+    # The pool is split over kv heads; pages are shared by every slot, so not over the batch.
+    self._pool_sharding = NamedSharding(self.mesh, logical_to_spec(POOL_AXES, rules))
     # A session's batch-1 cache: kv heads split like the slots' cache, nothing else.
     self._prefix_cache_sharding = NamedSharding(
         self.mesh, logical_to_spec(CACHE_AXES, dict(rules, batch=None)))
     self._replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     # Every function that returns a decode state pins it to one layout, so each of them
     # compiles once per shape no matter which function produced its input.
-    self._state_shardings = DecodeState(KVCache(self._cache_sharding, self._cache_sharding),
-                                        *(self._replicated,) * 6)
+    self._state_shardings = DecodeState(KVPages(self._pool_sharding, self._pool_sharding),
+                                        *(self._replicated,) * 7)
 
   # -- protocol ------------------------------------------------------------------
 
@@ -121,18 +141,39 @@ class Engine:
     self.params = params
 
   def init_decode_state(self) -> DecodeState:
-    shape = (self.cfg.num_layers, self.slots, self.max_len, self.cfg.num_kv_heads,
+    """Every slot empty: its page-table row all sink."""
+    shape = (self.cfg.num_layers, self.cfg.num_kv_heads, self.num_pages + 1, self.page_size,
              self.cfg.head_dim)
 
     @functools.partial(jax.jit, out_shardings=self._state_shardings)
     def init():
       z = jnp.zeros(shape, self.cache_dtype)
       n = self.slots
-      return DecodeState(KVCache(z, z), jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32),
+      return DecodeState(KVPages(z, z), jnp.full((n, self.max_pages), SINK, jnp.int32),
+                         jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32),
                          jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.int32),
                          jnp.ones((n,), jnp.float32), jnp.zeros((n, 2), jnp.uint32))
 
     return init()
+
+  def page_rows(self, pages: list[list[int]]) -> np.ndarray:
+    """Page-table rows [len(pages), max_pages] for the given page lists (the rest sink)."""
+    rows = np.full((len(pages), self.max_pages), SINK, np.int32)
+    for i, ids in enumerate(pages):
+      if len(ids) > self.max_pages or any(not 0 < p <= self.num_pages for p in ids):
+        raise ValueError(f"pages {list(ids)[:8]}: at most {self.max_pages} ids in "
+                         f"[1, {self.num_pages}]")
+      rows[i, :len(ids)] = ids
+    return rows
+
+  def set_pages(self, state: DecodeState, slots: list[int], pages: list[list[int]]
+                ) -> DecodeState:
+    """Rewrites the page-table rows of `slots` (an empty list: the slot holds no page)."""
+    rows = np.full((_rows(len(slots)), self.max_pages), SINK, np.int32)
+    rows[:len(slots)] = self.page_rows(pages)
+    index = np.full((rows.shape[0],), self.slots, np.int32)
+    index[:len(slots)] = slots
+    return self._set_pages(state, jnp.asarray(index), jnp.asarray(rows))
 
   def bucket(self, n: int) -> int:
     for b in self.buckets:
@@ -166,7 +207,7 @@ class Engine:
                     keys: list, top_logprobs: bool = False) -> Prefix:
     """Prefills several fresh requests in one call (rows padded to a power of two)."""
     n = len(token_lists)
-    rows = 1 << (n - 1).bit_length()
+    rows = _rows(n)
     lengths = np.ones((rows,), np.int32)
     lengths[:n] = [len(t) for t in token_lists]
     for t in token_lists:
@@ -187,12 +228,31 @@ class Engine:
                                pad(top_p, np.float32, 1.0), pad(keys, np.uint32, 0),
                                top_n=MAX_TOP_LOGPROBS if top_logprobs else 0)
 
-  def insert(self, prefix: Prefix, state: DecodeState, slot: int | list[int]) -> DecodeState:
-    """Writes prefix row i into slot[i] (extra padding rows of a batch are dropped)."""
-    slots = np.full((prefix.length.shape[0],), self.slots, np.int32)
+  def insert(self, prefix: Prefix, state: DecodeState, slot: int | list[int],
+             pages: list[list[int]] | None = None) -> DecodeState:
+    """Writes prefix row i into slot[i], its keys and values into pages[i] (extra padding
+    rows of a batch are dropped). The pages must hold the prefix's tokens; what the prefix's
+    bucket holds beyond them goes to the sink. Without pages, slot s takes the s-th run of
+    max_pages pages (needs a pool of slots x max_pages)."""
     wanted = np.atleast_1d(np.asarray(slot, np.int32))
+    if pages is None:
+      if self.num_pages < self.slots * self.max_pages:
+        raise ValueError("insert needs pages: the pool is smaller than slots x max_len")
+      pages = [list(range(1 + s * self.max_pages, 1 + (s + 1) * self.max_pages))
+               for s in wanted.tolist()]
+    if len(pages) != len(wanted):
+      raise ValueError(f"{len(wanted)} slots but {len(pages)} page lists")
+    lengths = np.asarray(prefix.length)[:len(wanted)]
+    short = [i for i, n in enumerate(lengths) if len(pages[i]) * self.page_size < n]
+    if short:
+      i = short[0]
+      raise ValueError(f"{len(pages[i])} pages cannot hold the prefix's {lengths[i]} tokens")
+    n = prefix.length.shape[0]
+    slots = np.full((n,), self.slots, np.int32)
     slots[:len(wanted)] = wanted
-    return self._insert(prefix, state, jnp.asarray(slots))
+    rows = np.full((n, self.max_pages), SINK, np.int32)
+    rows[:len(wanted)] = self.page_rows(pages)
+    return self._insert(prefix, state, jnp.asarray(slots), jnp.asarray(rows))
 
   def generate(self, params, state: DecodeState, window: int | None = None,
                top_logprobs: bool = False) -> tuple[DecodeState, ResultTokens]:
@@ -225,18 +285,23 @@ class Engine:
       r *= 2
     state = self.init_decode_state()
     zeros_key = np.zeros((2,), np.uint32)
+    for n in rows:  # page-table rewrites of 1, 2, 4, ... slots
+      state = self.set_pages(state, list(range(min(n, self.slots))), [[]] * min(n, self.slots))
+      shapes += 1
     for bucket in self.buckets:
+      pages = list(range(1, pages_for(bucket, self.page_size) + 1))  # rows may share them
       for n in rows:
         prefix = self.prefill_batch(self.params, [np.zeros(bucket, np.int32)] * n, [0.0] * n,
                                     [0] * n, [1.0] * n, [zeros_key] * n)
-        state = self.insert(prefix, state, list(range(min(n, self.slots))))
+        m = min(n, self.slots)
+        state = self.insert(prefix, state, list(range(m)), [pages] * m)
         shapes += 1
       # A session continuing after one cached token, with new tokens in this bucket.
       kv = np.zeros((self.cfg.num_layers, 1, self.cfg.num_kv_heads, self.cfg.head_dim),
                     self.cache_dtype)
       prefix = self.prefill(self.params, np.zeros(max(bucket - 1, 1), np.int32),
                             existing_prefix=self.empty_prefix(1, kv, kv))
-      state = self.insert(prefix, state, 0)
+      state = self.insert(prefix, state, 0, [pages])
       shapes += 1
     for window in self.buckets:
       state, _ = self.generate(self.params, state, window)
@@ -250,7 +315,8 @@ class Engine:
   # -- RL additions ----------------------------------------------------------------
 
   def extract(self, state: DecodeState, slot: int, length: int) -> Prefix:
-    """The slot's cache as a batch-1 prefix holding `length` tokens (for session reuse)."""
+    """The slot's cache as a batch-1 prefix holding `length` tokens (for session reuse): a
+    copy, so the slot's pages may be freed."""
     return self._extract(state, jnp.int32(slot), jnp.int32(length))
 
   def empty_prefix(self, length: int, k: np.ndarray, v: np.ndarray) -> Prefix:
@@ -309,20 +375,35 @@ class Engine:
                               keys, top_n)
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-  def _insert(self, prefix: Prefix, state: DecodeState, slots) -> DecodeState:
-    n = prefix.cache.k.shape[2]
-    k = state.cache.k.at[:, slots, :n].set(prefix.cache.k.astype(self.cache_dtype), mode="drop")
-    v = state.cache.v.at[:, slots, :n].set(prefix.cache.v.astype(self.cache_dtype), mode="drop")
+  def _insert(self, prefix: Prefix, state: DecodeState, slots, rows) -> DecodeState:
+    # Prefix row i [layers, length, K, D] goes page by page to the pages rows[i] names.
+    layers, n, length, kv, d = prefix.cache.k.shape
+    size = self.page_size
+    count = pages_for(length, size)
+
+    def scatter(pool, x):
+      x = jnp.pad(x.astype(self.cache_dtype),
+                  ((0, 0), (0, 0), (0, count * size - length), (0, 0), (0, 0)))
+      x = x.reshape(layers, n, count, size, kv, d).transpose(0, 4, 1, 2, 3, 5)
+      return pool.at[:, :, rows[:, :count]].set(x)
+
+    cache = KVPages(scatter(state.cache.k, prefix.cache.k), scatter(state.cache.v, prefix.cache.v))
     put = lambda a, b: a.at[slots].set(b, mode="drop")
     return self._pin(DecodeState(
-        KVCache(k, v), put(state.positions, prefix.length), put(state.tokens, prefix.token),
-        put(state.temperature, prefix.temperature), put(state.top_k, prefix.top_k),
-        put(state.top_p, prefix.top_p), put(state.keys, prefix.key)))
+        cache, put(state.pages, rows), put(state.positions, prefix.length),
+        put(state.tokens, prefix.token), put(state.temperature, prefix.temperature),
+        put(state.top_k, prefix.top_k), put(state.top_p, prefix.top_p),
+        put(state.keys, prefix.key)))
+
+  @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+  def _set_pages(self, state: DecodeState, slots, rows) -> DecodeState:
+    return self._pin(dataclasses.replace(state, pages=state.pages.at[slots].set(rows, mode="drop")))
 
   def _step(self, model: Qwen, state: DecodeState, window, top_n
             ) -> tuple[DecodeState, ResultTokens]:
     hidden, cache = model.hidden_states(state.tokens[:, None], state.positions[:, None],
-                                        cache=state.cache, kv_window=window)
+                                        cache=state.cache, kv_window=window,
+                                        page_table=state.pages, paged_kernel=self.paged_kernel)
     logits = model.logits(hidden)
     d = sample(logits[:, 0], state.keys, state.temperature, state.top_k, state.top_p, top_n)
     # A slot past max_len stays there: its writes fall outside the cache and are dropped.
@@ -347,8 +428,13 @@ class Engine:
 
   @functools.partial(jax.jit, static_argnums=0)
   def _extract(self, state: DecodeState, slot, length) -> Prefix:
-    k = jax.lax.dynamic_slice_in_dim(state.cache.k, slot, 1, axis=1)
-    v = jax.lax.dynamic_slice_in_dim(state.cache.v, slot, 1, axis=1)
+    row = state.pages[slot]
+
+    def gather(pool):  # [layers, K, m, size, D] -> [layers, 1, max_len, K, D]
+      x = pool[:, :, row].transpose(0, 2, 3, 1, 4)
+      return x.reshape(x.shape[0], 1, -1, *x.shape[3:])[:, :, :self.max_len]
+
+    k, v = gather(state.cache.k), gather(state.cache.v)
     zero = jnp.zeros((1,), jnp.float32)
     izero = jnp.zeros((1,), jnp.int32)
     prefix = Prefix(KVCache(k, v), length[None], izero, zero, state.keys[slot][None], zero, izero,
@@ -362,3 +448,8 @@ def _divisible_rules(mesh: Mesh, slots: int, kv_heads: int) -> dict:
   for axis, size in (("batch", slots), ("act_kv_heads", kv_heads)):
     rules[axis] = activation_target(mesh, axis, size)
   return rules
+
+
+def _rows(n: int) -> int:
+  """Rows a batch of n is padded to (a power of two), so shapes compile once per size."""
+  return 1 << (n - 1).bit_length()

@@ -98,6 +98,9 @@ def build_server(cfg: Config, *, progress: bool = True) -> DecodeServer:
   from asearcher_jax.sharding import make_mesh
   s = cfg.serve
   token = require_token(s.host, s.token)  # fail before loading a model
+  if s.paged_attention == "pallas" and jax.default_backend() != "gpu":
+    raise ValueError(f"serve.paged_attention=pallas is the GPU kernel; this process runs on "
+                     f"{jax.default_backend()} (use xla)")
   mesh = make_mesh(cfg.mesh.shape())
   # Decoding runs no backward pass, so what it would recompute there does not matter.
   served = cfg.model.model_copy(update={
@@ -108,9 +111,11 @@ def build_server(cfg: Config, *, progress: bool = True) -> DecodeServer:
     stop_ids.add(tokenizer.eos_id)
   eos = arch.eos_token_id
   stop_ids.update(eos if isinstance(eos, tuple) else (() if eos is None else (eos,)))
+  kernel = "pallas_gpu" if s.paged_attention == "pallas" else "xla"
   engine = Engine(model, slots=s.slots, max_len=s.max_len, mesh=mesh,
                   min_prefill_bucket=s.min_prefill_bucket,
-                  decode_steps=s.steps_per_dispatch(jax.default_backend()))
+                  decode_steps=s.steps_per_dispatch(jax.default_backend()),
+                  page_size=s.page_size, num_pages=s.pool_pages(), paged_kernel=kernel)
   if s.warmup:
     t0 = time.perf_counter()
     n = engine.warmup()

@@ -18,8 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from asearcher_jax.models import paged_kv
 from asearcher_jax.models.attention import Segments, attention, make_mask
 from asearcher_jax.models.config import AttentionImpl, QwenConfig, RematPolicy
+from asearcher_jax.models.paged_kv import KVPages, PagedKernel
 from asearcher_jax.models.rope import apply_rope, rope_tables
 from asearcher_jax.sharding import constrain
 
@@ -91,14 +93,15 @@ class DecoderLayers(nnx.Module):
 
 def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
                   mask: jax.Array | Segments, positions: jax.Array,
-                  cache: tuple[jax.Array, jax.Array, jax.Array, int | None] | None,
-                  cfg: QwenConfig, impl: AttentionImpl):
+                  cache: tuple | None, cfg: QwenConfig, impl: AttentionImpl):
   """One pre-norm decoder layer on x [B, T, E] with one layer's weights `p`.
 
-  `cache` is (k, v, layer, window) with k/v the whole [layers, B, S, K, D]
-  cache: this layer's new keys/values are scattered into it in place (it is a
-  loop carry, so nothing is copied) and attention reads back the layer's first
-  `window` slots.
+  `cache` is (k, v, layer, window, table, kernel). With table None, k/v are the whole
+  [layers, B, S, K, D] cache: this layer's new keys/values are scattered into it in place (it
+  is a loop carry, so nothing is copied) and attention reads back the layer's first `window`
+  slots. With a page table [B, pages], k/v are a page pool (models/paged_kv.py), written and
+  read through the table; `kernel` "xla" gathers the first `window` positions, a Pallas
+  kernel reads each row's live pages alone (decode, T = 1).
   """
   dt = x.dtype
   w = lambda name: p[name].astype(dt)
@@ -113,16 +116,27 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
     k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
   q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", "head_dim"))
   k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", "head_dim"))
-  if cache is not None:  # write this call's keys/values at their positions, attend to all
-    k_all, v_all, layer, window = cache
+  new_cache, o = None, None
+  if cache is not None and cache[4] is not None:  # paged: write through the page table
+    k_all, v_all, layer, window, table, kernel = cache
+    k_all = paged_kv.write(k_all, layer, table, positions, k)
+    v_all = paged_kv.write(v_all, layer, table, positions, v)
+    new_cache = (k_all, v_all)
+    if q.shape[1] == 1:  # decoding: straight over the pages
+      o = paged_kv.decode_attention(q, k_all, v_all, layer, table, positions[:, 0] + 1, window,
+                                    kernel)
+    else:
+      k = paged_kv.gather(k_all, layer, table, window).astype(dt)
+      v = paged_kv.gather(v_all, layer, table, window).astype(dt)
+  elif cache is not None:  # write this call's keys/values at their positions, attend to all
+    k_all, v_all, layer, window = cache[:4]
     rows = jnp.arange(x.shape[0])[:, None]
     k_all = k_all.at[layer, rows, positions].set(k.astype(k_all.dtype), mode="drop")
     v_all = v_all.at[layer, rows, positions].set(v.astype(v_all.dtype), mode="drop")
     new_cache = (k_all, v_all)
     k, v = k_all[layer, :, :window].astype(dt), v_all[layer, :, :window].astype(dt)
-  else:
-    new_cache = None
-  o = attention(q, k, v, mask, impl)
+  if o is None:
+    o = attention(q, k, v, mask, impl)
   attn_out = jnp.einsum("bthd,hde->bte", o, w("wo"))
   if cfg.o_bias:
     attn_out = attn_out + w("bo")
@@ -156,8 +170,10 @@ class Qwen(nnx.Module):
           logical_axes=("embed", "vocab"))
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-                    kv_window: int | None = None) -> tuple[jax.Array, KVCache | None]:
+                    segment_ids: jax.Array | None = None,
+                    cache: KVCache | KVPages | None = None, kv_window: int | None = None,
+                    page_table: jax.Array | None = None, paged_kernel: PagedKernel = "xla"
+                    ) -> tuple[jax.Array, KVCache | KVPages | None]:
     """Final-normed hidden states [B, T, E] (and the updated cache when one is given).
 
     tokens/positions/segment_ids are [B, T]. Without a cache, attention is
@@ -166,6 +182,7 @@ class Qwen(nnx.Module):
     to every cache slot at or before its own position. A static `kv_window`
     limits attention to the first slots of the cache (every query position must
     be below it): decoding short sequences in a long cache reads only what it needs.
+    A `KVPages` cache is read and written through `page_table` [B, pages] instead.
     """
     cfg = self.cfg
     b, t = tokens.shape
@@ -176,7 +193,11 @@ class Qwen(nnx.Module):
         segment_ids = jnp.ones((b, t), jnp.int32)
       mask = (positions, segment_ids)  # `attention` builds a dense mask if its path needs one
     else:
-      kv_window = kv_window or cache.max_len
+      paged = isinstance(cache, KVPages)
+      if paged != (page_table is not None):
+        raise ValueError("a page table goes with a paged cache (KVPages), and only with one")
+      kv_window = kv_window or (page_table.shape[1] * cache.page_size if paged
+                                else cache.max_len)
       slots = jnp.broadcast_to(jnp.arange(kv_window, dtype=jnp.int32), (b, kv_window))
       mask = make_mask(positions, slots)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
@@ -196,13 +217,14 @@ class Qwen(nnx.Module):
       def body(carry, xs):
         x, k, v = carry
         p, layer = xs
-        x, (k, v) = decoder_layer(p, x, cos, sin, mask, positions, (k, v, layer, kv_window),
+        x, (k, v) = decoder_layer(p, x, cos, sin, mask, positions,
+                                  (k, v, layer, kv_window, page_table, paged_kernel),
                                   cfg, self.attention_impl)
         return (x, k, v), None
 
       layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
       (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (layer_params, layers))
-      cache = KVCache(k, v)
+      cache = type(cache)(k, v)
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     return x, cache
 

@@ -1,0 +1,107 @@
+"""A paged KV cache: one pool of fixed-size pages that every decoding sequence draws from.
+
+A sequence's keys and values live in the pages its row of the page table names, in order:
+position p sits at offset p % page_size of page `table[p // page_size]`. Memory then follows
+the tokens sequences actually hold rather than slots x max_len, a slot's cache is handed over
+by writing a table row rather than copying, and a kernel that reads the table reads only a
+sequence's live pages. Page 0 is the sink: unallocated table entries name it, so writes at
+positions a sequence holds no page for land there and are never read unmasked.
+
+The pool is laid out [layers, kv_heads, pages, page_size, head_dim], one layer's slice being
+the layout of the Pallas paged-attention kernels (jax.experimental.pallas.ops.gpu/tpu).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+SINK = 0  # the page unallocated table entries name
+PagedKernel = Literal["xla", "pallas_gpu", "pallas_interpret"]
+
+POOL_AXES = ("layers", "act_kv_heads", None, None, "head_dim")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVPages:
+  """Keys and values of every page: [layers, kv_heads, pages, page_size, head_dim]."""
+
+  k: jax.Array
+  v: jax.Array
+
+  @property
+  def page_size(self) -> int:
+    return self.k.shape[3]
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+  """Pages that hold `tokens` positions."""
+  return -(-tokens // page_size)
+
+
+def write(pool: jax.Array, layer, table: jax.Array, positions: jax.Array,
+          x: jax.Array) -> jax.Array:
+  """pool with x [B, T, K, D] written at `positions` [B, T] of the sequences whose page-table
+  rows are `table` [B, pages]; a position past the table's end goes to the sink."""
+  size = pool.shape[3]
+  page = jnp.take_along_axis(table, positions // size, axis=1, mode="fill", fill_value=SINK)
+  # The scalar layer, page and offset are advanced indices split by a slice, so the indexed
+  # shape is [B, T, K, D]: x's own.
+  return pool.at[layer, :, page, positions % size].set(x.astype(pool.dtype))
+
+
+def gather(pool: jax.Array, layer, table: jax.Array, window: int) -> jax.Array:
+  """The first `window` positions of each sequence, contiguous: [B, window, K, D]."""
+  size = pool.shape[3]
+  pages = pool[layer][:, table[:, :pages_for(window, size)]]  # [K, B, n, size, D]
+  b, n = pages.shape[1:3]
+  out = pages.transpose(1, 2, 3, 0, 4).reshape(b, n * size, pool.shape[1], pool.shape[4])
+  return out[:, :window]
+
+
+def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer,
+                     table: jax.Array, lengths: jax.Array, window: int,
+                     kernel: PagedKernel) -> jax.Array:
+  """One query per sequence (q [B, 1, N, D]) over its first `lengths` cached positions.
+
+  "xla" reads every sequence's pages up to `window` and masks; the Pallas kernels read only
+  the pages that hold each sequence's `lengths` positions."""
+  if kernel == "xla":
+    return _xla_decode_attention(q, k_pool, v_pool, layer, table, lengths, window)
+  from jax.experimental.pallas.ops.gpu import paged_attention as pallas  # noqa: PLC0415
+  b, _, n, d = q.shape
+  # The kernel splits a row's pages into k_splits partitions of whole compute blocks.
+  pages = table.shape[1]
+  per_block = math.gcd(pages, 8)
+  run = functools.partial(
+      pallas.paged_attention, block_h=16, pages_per_compute_block=per_block,
+      k_splits=math.gcd(pages // per_block, 16), interpret=kernel == "pallas_interpret")
+  # The kernel does not scale the logits; attention here is softmax(q k / sqrt(d)).
+  scaled = (q[:, 0].astype(jnp.float32) / jnp.sqrt(jnp.float32(d))).astype(q.dtype)
+  lengths = jnp.minimum(lengths, pages * k_pool.shape[3]).astype(jnp.int32)  # a full slot
+  out = run(scaled, k_pool[layer].astype(q.dtype), v_pool[layer].astype(q.dtype), table, lengths)
+  return out.reshape(b, 1, n, d)
+
+
+def _xla_decode_attention(q, k_pool, v_pool, layer, table, lengths, window):
+  """Attention straight over the gathered pages [K, B, pages, page_size, D]: no transpose
+  into a contiguous cache (a copy of every slot's window on each layer and step)."""
+  b, _, n, d = q.shape
+  kv, size = k_pool.shape[1], k_pool.shape[3]
+  count = pages_for(window, size)
+  rows = table[:, :count]
+  k, v = k_pool[layer][:, rows], v_pool[layer][:, rows]  # [K, B, count, size, D]
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  qg = q[:, 0].reshape(b, kv, n // kv, d).astype(acc) / jnp.sqrt(jnp.asarray(d, acc))
+  logits = jnp.einsum("bkgd,kbcsd->bkgcs", qg, k.astype(acc))
+  held = jnp.arange(count * size).reshape(count, size) < lengths[:, None, None]
+  logits = jnp.where(held[:, None, None], logits, jnp.finfo(acc).min)
+  probs = jax.nn.softmax(logits.reshape(b, kv, n // kv, count * size), axis=-1)
+  out = jnp.einsum("bkgcs,kbcsd->bkgd", probs.reshape(logits.shape), v.astype(acc))
+  return out.reshape(b, 1, n, d).astype(q.dtype)

@@ -1,0 +1,116 @@
+"""The paged KV cache: page-table writes and reads, the Pallas kernel against the XLA path, and a
+driver whose pool is too small for its slots (requests wait or are preempted, none is lost)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import single_device_mesh, tiny_config
+
+from asearcher_jax.config import load_config
+from asearcher_jax.errors import ConfigError
+from asearcher_jax.inference import Driver, Engine, Request, SamplingParams
+from asearcher_jax.models import create_model, paged_kv
+
+MESH = single_device_mesh()
+CFG = tiny_config("qwen3", vocab_size=128)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return create_model(CFG, MESH, seed=0, dtype="float32")
+
+
+def test_page_table_writes_read_back_as_a_contiguous_cache():
+  """Tokens written through shuffled page tables, in two calls, gather back in position order;
+  positions past a row's table go to the sink and nothing else changes."""
+  rng = np.random.default_rng(0)
+  layers, kv, pages, size, d = 2, 2, 12, 4, 3
+  pool = jnp.zeros((layers, kv, pages + 1, size, d))
+  table = jnp.asarray([[5, 2, 9], [11, 1, 0]], jnp.int32)  # row 1 holds 2 pages, then the sink
+  x = rng.normal(size=(2, 10, kv, d)).astype(np.float32)
+  positions = np.broadcast_to(np.arange(10), (2, 10))
+  for part in (slice(0, 7), slice(7, 10)):
+    pool = paged_kv.write(pool, 1, table, jnp.asarray(positions[:, part]), jnp.asarray(x[:, part]))
+  got = np.asarray(paged_kv.gather(pool, 1, table, 10))
+  np.testing.assert_array_equal(got[0], x[0])
+  np.testing.assert_array_equal(got[1, :8], x[1, :8])  # two pages of 4
+  touched = {5, 2, 9, 11, 1, 0}
+  untouched = [p for p in range(pages + 1) if p not in touched]
+  assert not np.asarray(pool)[:, :, untouched].any() and not np.asarray(pool)[0].any()
+
+
+def test_pallas_paged_kernel_agrees_with_the_xla_path(model):
+  """The Pallas GPU kernel (interpret mode on CPU) decodes what the XLA gather path decodes,
+  with slots at different lengths in a shared, shuffled pool."""
+  prompts = [[3, 9, 27], list(range(1, 20)), [7] * 9]
+  runs = []
+  for kernel in ("xla", "pallas_interpret"):
+    engine = Engine(model, slots=3, max_len=32, mesh=MESH, page_size=4, num_pages=20,
+                    paged_kernel=kernel)
+    keys = [np.asarray([1, i], np.uint32) for i in range(3)]
+    prefix = engine.prefill_batch(engine.params, prompts, [0.0] * 3, [0] * 3, [1.0] * 3, keys)
+    pages = [[17, 3], [1, 19, 4, 12, 8, 6], [2, 15, 9]]  # room for 6 more tokens each
+    state = engine.insert(prefix, engine.init_decode_state(), [0, 1, 2], pages)
+    tokens, logprobs = [], []
+    for _ in range(5):
+      state, r = engine.generate(engine.params, state, 32)
+      tokens.append(np.asarray(r.tokens))
+      logprobs.append(np.asarray(r.logprobs))
+    runs.append((np.stack(tokens), np.stack(logprobs)))
+  np.testing.assert_array_equal(runs[0][0], runs[1][0])
+  np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-5)
+
+
+def _serve(model, kv_pages, specs, steps):
+  engine = Engine(model, slots=4, max_len=48, mesh=MESH, page_size=4, num_pages=kv_pages,
+                  decode_steps=steps)
+  with Driver(engine, version=3) as d:
+    reqs = [d.submit(Request(list(p), s, session_id=sid)) for p, s, sid in specs]
+    done = [r.wait(120) for r in reqs]
+    # a session's second turn, after the pool churned
+    turn = [d.submit(Request(done[i].prompt + done[i].output_ids + [5, 6], SamplingParams(
+        temperature=0.0, max_new_tokens=6), session_id=specs[i][2])).wait(120)
+            for i, (_, _, sid) in enumerate(specs) if sid]
+    # Every slot is idle now: none may still point at pages (an idle slot's steps write
+    # through its row, into pages that other slots are handed next).
+    assert (np.asarray(d._call(lambda: d._state.pages)) == paged_kv.SINK).all()
+    return done + turn, d._counters["preempted"], d._pool.free
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_a_pool_too_small_for_its_slots_preempts_and_loses_nothing(model, steps):
+  """Four slots share 14 pages of 4 tokens, where their answers need up to 12 pages each:
+  requests wait for pages and the newest is preempted as the others grow. Every request
+  still finishes with exactly the tokens, log-probs, versions and finish reasons that a pool
+  with a full cache for every slot gives, sessions included, and all pages come back."""
+  rng = np.random.RandomState(1)
+  specs = []
+  for i in range(8):
+    p = rng.randint(0, 128, 3 + 5 * i % 17).tolist()
+    session = f"s{i}" if i in (2, 5) else None
+    s = SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i, top_k=5 if i == 3 else 0,
+                       max_new_tokens=12 if session else 40 - 3 * i)  # some reach max_len
+    specs.append((p, s, session))
+  small, preempted, free = _serve(model, 14, specs, steps)
+  full, none, _ = _serve(model, None, specs, steps)
+  assert preempted > 0 and none == 0 and free == 14
+  for a, b in zip(small, full):
+    assert (a.output_ids, a.finish_reason, a.versions) == (b.output_ids, b.finish_reason,
+                                                           b.versions)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+  assert any(r.interruptions for r in small) and small[-1].cached_tokens > 0
+
+
+def test_a_pool_that_cannot_hold_one_sequence_is_refused(model):
+  with pytest.raises(ConfigError, match="cannot hold one sequence of max_len 64"):
+    load_config(None, ["serve.max_len=64", "serve.page_size=16", "serve.kv_pages=3"])
+  with pytest.raises(ValueError, match="cannot hold one sequence"):
+    Engine(model, slots=2, max_len=64, mesh=MESH, page_size=16, num_pages=3)
+  engine = Engine(model, slots=2, max_len=64, mesh=MESH, page_size=16, num_pages=5)
+  prefix = engine.prefill(engine.params, np.arange(1, 30, dtype=np.int32))
+  with pytest.raises(ValueError, match="needs pages"):
+    engine.insert(prefix, engine.init_decode_state(), 0)
+  with pytest.raises(ValueError, match="cannot hold the prefix's 29 tokens"):
+    engine.insert(prefix, engine.init_decode_state(), 0, [[1]])
+  jax.block_until_ready(engine.insert(prefix, engine.init_decode_state(), 0, [[4, 2]]))
