@@ -245,13 +245,12 @@ def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
            "serve in bfloat16 (placement.decode_param_dtype) or split over placement.decode_mesh"),
       Item("parameters of the next version (while it loads)", n * pb,
            "serve in bfloat16 (placement.decode_param_dtype)"),
-      # One page pool for all slots, split over kv heads only (inference/engine.py).
-      Item(f"KV pages ({pages} x {s.page_size} tokens, shared by {s.slots} slots)",
-           pages * s.page_size * per_token,
-           "fewer serve.kv_pages (or serve.slots), a shorter serve.max_len, or split kv heads "
-           "(decode mesh tensor)"),
-      Item(f"sessions on device ({s.device_sessions} x {T} tokens)",
-           s.device_sessions * T * per_token, "fewer serve.device_sessions"),
+      # One page pool for the slots and the sessions kept on device, split over kv heads only
+      # (inference/engine.py).
+      Item(f"KV pages ({pages} x {s.page_size} tokens, shared by {s.slots} slots and "
+           f"{s.device_sessions} device sessions)", pages * s.page_size * per_token,
+           "fewer serve.kv_pages (or serve.slots, serve.device_sessions), a shorter "
+           "serve.max_len, or split kv heads (decode mesh tensor)"),
       Item(f"one {T}-token prefill (attention {impl})",
            T * _layer_live(d, cb) + scores + T * T, "a shorter serve.max_len"),
   ], None)

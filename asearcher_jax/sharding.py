@@ -40,7 +40,6 @@ LOGICAL_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "act_kv_heads": "tensor",
     "act_mlp": "tensor",
     "act_vocab": "tensor",
-    "cache_seq": None,
 }
 
 

@@ -307,11 +307,14 @@ def test_one_failing_row_of_a_batched_prefill_fails_alone(model, monkeypatch):
 
 
 def test_a_failed_session_save_still_finishes_the_request(model, monkeypatch):
+  """A session that cannot be copied to host memory is dropped; its request still finishes
+  and its pages go back to the pool."""
   engine = Engine(model, slots=2, max_len=64, mesh=MESH)
-  monkeypatch.setattr(engine, "extract", lambda *a: (_ for _ in ()).throw(MemoryError("oom")))
-  with Driver(engine) as d:
+  monkeypatch.setattr(engine, "read_pages", lambda *a: (_ for _ in ()).throw(MemoryError("oom")))
+  with Driver(engine, device_sessions=0) as d:
     r = d.generate(prompt(5), SamplingParams(max_new_tokens=3), session_id="s", timeout=60)
     assert r.finish_reason == "length" and d.stats().sessions_device == 0
+    assert d.stats().sessions_host == 0 and d._pool.free == engine.num_pages
 
 
 def test_seeds_use_all_64_bits_and_out_of_range_seeds_are_refused(driver):
@@ -387,8 +390,8 @@ def test_warmup_compiles_everything_serving_meets(model, decode_steps):
   engine = Engine(model, slots=3, max_len=64, mesh=MESH, min_prefill_bucket=16,
                   decode_steps=decode_steps, num_pages=9)
   blocks = 3 if decode_steps > 1 else 0  # a block program per window
-  # page-table rewrites + (rows x buckets) + sessions + windows + blocks + extract
-  assert engine.warmup() == 3 + 3 * 3 + 3 + 3 + blocks + 1
+  # page-table rewrites + (rows x buckets) + sessions + windows + blocks + host offload, back
+  assert engine.warmup() == 3 + 3 * 3 + 3 + 3 + blocks + 2
   compiled = []
 
   class Catch(logging.Handler):
@@ -410,8 +413,8 @@ def test_warmup_compiles_everything_serving_meets(model, decode_steps):
   finally:
     jax.config.update("jax_log_compiles", False)
     logging.getLogger("jax").removeHandler(handler)
-  engine_programs = ("_prefill_fresh", "_prefill_continue", "_insert", "_set_pages",
-                     "_generate", "_generate_block", "_extract")
+  engine_programs = ("_prefill_fresh", "_prefill_into", "_insert", "_set_pages",
+                     "_generate", "_generate_block", "_read_pages", "_write_pages")
   assert not [m for m in compiled if m.startswith("Compiling") and any(
       f"jit({name})" in m for name in engine_programs)]
 

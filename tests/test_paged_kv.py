@@ -75,6 +75,9 @@ def _serve(model, kv_pages, specs, steps):
     # Every slot is idle now: none may still point at pages (an idle slot's steps write
     # through its row, into pages that other slots are handed next).
     assert (np.asarray(d._call(lambda: d._state.pages)) == paged_kv.SINK).all()
+    for _, _, sid in specs:  # the sessions' pages go back with them
+      if sid:
+        d.end_session(sid)
     return done + turn, d._counters["preempted"], d._pool.free
 
 
@@ -102,9 +105,11 @@ def test_a_pool_too_small_for_its_slots_preempts_and_loses_nothing(model, steps)
   assert any(r.interruptions for r in small) and small[-1].cached_tokens > 0
 
 
-def test_a_pool_that_cannot_hold_one_sequence_is_refused(model):
+def test_pools_and_pages_that_cannot_work_are_refused(model):
   with pytest.raises(ConfigError, match="cannot hold one sequence of max_len 64"):
     load_config(None, ["serve.max_len=64", "serve.page_size=16", "serve.kv_pages=3"])
+  with pytest.raises(ConfigError, match="pallas needs serve.page_size a power of two >= 16"):
+    load_config(None, ["serve.paged_attention=pallas", "serve.page_size=24"])
   with pytest.raises(ValueError, match="cannot hold one sequence"):
     Engine(model, slots=2, max_len=64, mesh=MESH, page_size=16, num_pages=3)
   engine = Engine(model, slots=2, max_len=64, mesh=MESH, page_size=16, num_pages=5)
@@ -114,3 +119,27 @@ def test_a_pool_that_cannot_hold_one_sequence_is_refused(model):
   with pytest.raises(ValueError, match="cannot hold the prefix's 29 tokens"):
     engine.insert(prefix, engine.init_decode_state(), 0, [[1]])
   jax.block_until_ready(engine.insert(prefix, engine.init_decode_state(), 0, [[4, 2]]))
+
+
+def test_a_session_keeps_its_pages_until_a_request_needs_them(model):
+  """A finished turn's pages stay with its session; when a new request needs them, the session
+  moves to host memory (no request is preempted for it), and its next turn continues from
+  there with what a full prefill gives."""
+  engine = Engine(model, slots=2, max_len=64, mesh=MESH, page_size=8, num_pages=8)
+  greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+  rng = np.random.RandomState(3)
+  with Driver(engine, device_sessions=4, host_sessions=4) as d:
+    first = rng.randint(0, 128, 30).tolist()
+    a = d.generate(first, greedy, session_id="a")
+    assert (d.stats().sessions_device, d._pool.free) == (1, 8 - 5)  # 37 tokens: 5 pages
+    d.generate(rng.randint(0, 128, 50).tolist(), greedy)  # 58 tokens: all 8 pages
+    assert (d.stats().sessions_device, d.stats().sessions_host) == (0, 1)
+    assert d._counters["preempted"] == 0
+    nxt = first + a.output_ids + [1, 2, 3]
+    r = d.generate(nxt, greedy, session_id="a")
+    assert r.cached_tokens == len(first) + len(a.output_ids) - 1
+    assert d.stats().sessions_device == 1  # back in the pool after its turn
+    full = d.generate(nxt, greedy)  # needs every page: the session leaves for the host again
+    assert r.output_ids == full.output_ids
+    np.testing.assert_allclose(r.logprobs, full.logprobs, rtol=1e-5, atol=1e-5)
+    assert d.end_session("a") and d._pool.free == 8

@@ -21,11 +21,12 @@ class ServeSection(Section):
   max_len: int = Field(4096, ge=2)
   min_prefill_bucket: int = Field(16, gt=0)
   max_pending: int = Field(1024, gt=0)
-  # The slots' keys and values live in a pool of pages (models/paged_kv.py) that the driver
-  # hands out as sequences grow. null: slots x max_len / page_size pages, every slot can reach
-  # max_len at once; fewer pages hold more slots in the same memory, and when the pool runs
-  # out the newest request is preempted (re-prefilled later), never lost. At least one whole
-  # sequence (max_len / page_size pages).
+  # The slots' and device sessions' keys and values live in a pool of pages
+  # (models/paged_kv.py) that the driver hands out as sequences grow. null: (slots +
+  # device_sessions) x max_len / page_size pages, so every slot and every kept session can
+  # reach max_len at once; fewer pages hold more slots in the same memory: when the pool runs
+  # out, sessions move to host memory first, then the newest request is preempted
+  # (re-prefilled later), never lost. At least one whole sequence (max_len / page_size pages).
   page_size: int = Field(16, gt=0)
   kv_pages: int | None = Field(None, gt=0)
   # Decode attention over the pages: "xla" gathers every slot's first positions up to the
@@ -49,6 +50,10 @@ class ServeSection(Section):
 
   @model_validator(mode="after")
   def _pool_holds_a_sequence(self):
+    size = self.page_size
+    if self.paged_attention == "pallas" and (size < 16 or size & (size - 1)):
+      raise ValueError(f"serve.paged_attention=pallas needs serve.page_size a power of two "
+                       f">= 16 (the kernel's key blocks), got {size}")
     if self.kv_pages is not None and self.kv_pages < -(-self.max_len // self.page_size):
       raise ValueError(f"serve.kv_pages {self.kv_pages} cannot hold one sequence of max_len "
                        f"{self.max_len} ({-(-self.max_len // self.page_size)} pages of "
@@ -59,7 +64,7 @@ class ServeSection(Section):
     """Pages in the KV pool (not counting the sink)."""
     if self.kv_pages is not None:
       return self.kv_pages
-    return self.slots * -(-self.max_len // self.page_size)
+    return (self.slots + self.device_sessions) * -(-self.max_len // self.page_size)
 
   def steps_per_dispatch(self, platform: str) -> int:
     """`decode_steps`, or its default for `platform` (a JAX backend name)."""

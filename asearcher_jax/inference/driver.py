@@ -7,15 +7,17 @@ for all live slots; a finished request leaves its slot at once. Control
 step ever mixes two weight versions and the versions within a request never
 go down.
 
-Sessions: when a request that names a session finishes, its slot's KV cache
-is kept for the session's next request (inference/sessions.py).
+Sessions: when a request that names a session finishes, the KV pages its slot filled stay
+with the session for its next request (inference/sessions.py), which prefills only what is
+new, into those pages.
 
 KV pages: a slot holds the pages of the engine's pool its tokens fill (inference/page_pool.py
 hands them out): enough for its context when admitted, more before each block that needs
 them, all back when it finishes. A request is admitted only while pages remain for it and
-one more page for each running slot; when running slots still outgrow the pool, the newest
-request is preempted: its pages go back and it waits at the head of the queue, to be
-re-prefilled (prompt + what it generated, exactly as after a weight swap in "abort" mode).
+one more page for each running slot (sessions give theirs up first, to host memory); when
+running slots still outgrow the pool, the newest request is preempted: its pages go back and
+it waits at the head of the queue, to be re-prefilled (prompt + what it generated, exactly as
+after a weight swap in "abort" mode).
 
 Weight updates have two modes. "abort": in-flight requests are interrupted
 and resumed by re-prefilling prompt + generated tokens under the new weights,
@@ -111,7 +113,10 @@ class Driver:
     self._slots: list[Request | None] = [None] * engine.slots
     self._pool = PagePool(engine.num_pages)
     self._held: list[list[int]] = [[] for _ in range(engine.slots)]  # each slot's pages
-    self._sessions = SessionCache(engine, device=device_sessions, host=host_sessions)
+    self._sessions = SessionCache(
+        device=device_sessions, host=host_sessions, page_size=engine.page_size,
+        read=lambda pages, n: engine.read_pages(self._state, pages, n),
+        free=lambda pages: self._pool.give(pages))
     self._paused = False
     self._running = False
     self._thread: threading.Thread | None = None
@@ -297,6 +302,7 @@ class Driver:
           self._free_pages(list(range(self.engine.slots)))
         except Exception:  # the state is beyond repair: start from an empty one
           log.exception("could not free the KV pages; resetting the decode state")
+          self._sessions.clear()
           self._pool = PagePool(self.engine.num_pages)
           self._held = [[] for _ in range(self.engine.slots)]
           self._state = self.engine.init_decode_state()
@@ -318,6 +324,7 @@ class Driver:
       except queue.Empty:
         return
       try:
+        self._drain()  # control acts on recorded slots only (it may have arrived just now)
         result = fn()
         self._publish()  # the caller sees the effect in stats() as soon as it returns
         fut.set_result(result)
@@ -345,17 +352,25 @@ class Driver:
       with self._wake:
         if not self._pending:
           break
-        r = self._pending[0]
-        need = self._pages_for(len(r.prompt) + len(r.output_ids))
-        if self._pool.free < need + spare:
-          break
+        r = self._pending[0]  # only this thread takes requests off the queue
+      need = self._pages_for(len(r.prompt) + len(r.output_ids))
+      # Room for its first block too (which may start a page), or the next dispatch would
+      # preempt it again at once.
+      room = self._pages_for(len(r.prompt) + len(r.output_ids) + 2 * self.engine.decode_steps)
+      # Other sessions' pages go first, then (if it must) the request's own session's.
+      while self._pool.free < room + spare and (self._sessions.evict(keep=r.session_id)
+                                                or self._sessions.evict()):
+        pass
+      if self._pool.free < room + spare:
+        break
+      with self._wake:
         self._pending.popleft()
       slot = free.pop(0)
-      self._held[slot] = self._pool.take(need)
       spare += 1
       if r.session_id and r.session_id in self._sessions:
         self._guarded_prefill([(slot, r)], self._prefill_session)
       else:
+        self._held[slot] = self._pool.take(need)
         fresh.append((slot, r))
     if fresh:
       self._guarded_prefill(fresh, self._prefill_fresh)
@@ -377,10 +392,10 @@ class Driver:
       slot, r = batch[0]
       if self._slots[slot] is r:
         self._slots[slot] = None
-      self._free_pages([slot])
-      if not r.done:
+      if not r.done:  # first: freeing the pages needs a decode state the failure may have taken
         r.error = f"prefill failed: {e}"
         self._finish(r, "error")
+      self._free_pages([slot])
 
   def _prefill_fresh(self, batch: list[tuple[int, Request]]) -> None:
     t0 = time.perf_counter()
@@ -392,23 +407,40 @@ class Driver:
         top_logprobs=any(s.top_logprobs for s in ss))
     self._state = self.engine.insert(prefix, self._state, [slot for slot, _ in batch],
                                      [self._held[slot] for slot, _ in batch])
-    self._after_prefill(batch, prefix, [0] * len(batch), [len(c) for c in contexts], t0)
+    self._after_prefill(batch, prefix.token, prefix.logprob, (prefix.top_ids, prefix.top_logprobs),
+                        [0] * len(batch), [len(c) for c in contexts], t0)
 
   def _prefill_session(self, batch: list[tuple[int, Request]]) -> None:
+    """A session's next turn: its pages (or its keys and values brought back from the host)
+    hold the common prefix; only the rest is prefilled, into the same pages."""
     (slot, r), = batch
     t0 = time.perf_counter()
     context = r.prompt + r.output_ids
-    prefix, reused = self._sessions.take(r.session_id, context)
+    need = self._pages_for(len(context))
+    held = self._sessions.take(r.session_id, context)
+    if held is None:  # nothing in common after all
+      self._held[slot] = self._pool.take(need)
+      return self._prefill_fresh(batch)
+    if held.pages is not None:
+      self._held[slot] = held.pages + self._pool.take(need - len(held.pages))
+    else:
+      self._held[slot] = self._pool.take(need)
+      k, v = held.host
+      self._state = self.engine.write_pages(self._state, self._held[slot], k[:, :held.reused],
+                                            v[:, :held.reused])
     s = r.sampling
-    prefix = self.engine.prefill(self.engine.params, np.asarray(context[reused:], np.int32),
-                                 existing_prefix=prefix, temperature=s.temperature, top_k=s.top_k,
-                                 top_p=s.top_p, key=r._key, top_logprobs=bool(s.top_logprobs))
-    self._state = self.engine.insert(prefix, self._state, slot, [self._held[slot]])
-    self._after_prefill(batch, prefix, [reused], [len(context) - reused], t0)
+    self._state, first = self.engine.prefill_into(
+        self.engine.params, self._state, slot, np.asarray(context[held.reused:], np.int32),
+        held.reused, self._held[slot], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        key=r._key, top_logprobs=bool(s.top_logprobs))
+    self._after_prefill(batch, first.tokens, first.logprobs, (first.top_ids, first.top_logprobs),
+                        [held.reused], [len(context) - held.reused], t0)
 
-  def _after_prefill(self, batch, prefix, reused: list[int], prefilled: list[int], t0) -> None:
-    tokens, logprobs = np.asarray(prefix.token), np.asarray(prefix.logprob)
-    top = (np.asarray(prefix.top_ids), np.asarray(prefix.top_logprobs))
+  def _after_prefill(self, batch, tokens, logprobs, top, reused: list[int], prefilled: list[int],
+                     t0) -> None:
+    """Records each row's first token ([n] arrays; `top`: the most likely (ids, logprobs))."""
+    tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+    top = (np.asarray(top[0]), np.asarray(top[1]))
     if self.metrics:
       self.metrics.observe_prefill(time.perf_counter() - t0, sum(prefilled), len(batch))
     for i, (slot, r) in enumerate(batch):
@@ -430,10 +462,11 @@ class Driver:
   def _pages_for(self, tokens: int) -> int:
     return -(-min(tokens, self.engine.max_len) // self.engine.page_size)
 
-  def _free_pages(self, slots: list[int]) -> None:
+  def _free_pages(self, slots: list[int], clear: bool = False) -> None:
     """Gives the slots' pages back and points their page-table rows at the sink, so steps
-    that still run them (a block in flight, an idle slot) write nowhere that matters."""
-    slots = [s for s in slots if self._held[s]]
+    that still run them (a block in flight, an idle slot) write nowhere that matters.
+    `clear`: the rows even of slots that hold no page now (their pages went to a session)."""
+    slots = [s for s in slots if self._held[s] or clear]
     if not slots:
       return
     for s in slots:
@@ -469,6 +502,8 @@ class Driver:
       if self._inflight is not None:
         self._drain()
         continue
+      if self._sessions.evict():
+        continue
       # One running request always fits (the pool holds a whole sequence), so there is one
       # newer than the oldest to preempt.
       self._preempt(max(active, key=lambda s: self._slots[s].submitted_at))
@@ -480,10 +515,10 @@ class Driver:
     r._key = np.asarray(self._state.keys)[slot]
     r.interruptions += 1
     self._slots[slot] = None
-    self._free_pages([slot])
-    self._counters["preempted"] += 1
     with self._wake:
       self._pending.appendleft(r)
+    self._free_pages([slot])
+    self._counters["preempted"] += 1
     log.info("KV pages exhausted: preempted %s after %d tokens (%d preemptions so far)",
              r.request_id, len(r.output_ids), self._counters["preempted"])
 
@@ -576,12 +611,21 @@ class Driver:
     try:
       if r.session_id and r.output_ids:  # a cancelled turn keeps its session too
         held = r.prompt + r.output_ids[:-1]  # the last sampled token never entered the cache
-        self._sessions.save(r.session_id, held, self._state, slot, self.version)
+        keep = self._pages_for(len(held))
+        pages, self._held[slot] = self._held[slot][:keep], self._held[slot][keep:]
+        try:
+          self._sessions.save(r.session_id, held, pages, self.version)
+        except Exception:
+          if r.session_id not in self._sessions:  # the pages are nobody's: back to the pool
+            self._pool.give(pages)
+          raise
     except Exception:  # losing a cache entry is a miss next turn, never a lost request
       log.exception("could not keep the KV cache of session %s", r.session_id)
     finally:
-      self._free_pages([slot])  # after the save: it copies them
-      self._finish(r, reason)
+      try:
+        self._free_pages([slot], clear=True)  # the row, and the pages the session did not keep
+      finally:
+        self._finish(r, reason)
 
   def _finish(self, r: Request, reason: str) -> None:
     if r.done:

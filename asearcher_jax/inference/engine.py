@@ -2,9 +2,9 @@
 
 The protocol is JetStream's (`init_decode_state`, `prefill`, `insert`,
 `generate`, `load_params`); what RL adds is here too: every sampled token comes
-with its sampling-time log-probability, prefill can continue an existing
-prefix (multi-turn KV reuse), and a slot's cache can be extracted again so a
-session keeps its context between turns.
+with its sampling-time log-probability, and `prefill_into` continues a sequence
+whose earlier tokens' keys and values already lie in the pool (a session's next
+turn), with `read_pages` / `write_pages` to move a session to host memory and back.
 
 Params are an explicit argument of every jitted function, so swapping weights
 is passing another pytree with the same shapes and shardings: no recompile.
@@ -15,7 +15,7 @@ The slots' keys and values live in one page pool (models/paged_kv.py): each slot
 the page table names the pages it holds, and `insert` takes the pages to write a prefix
 into. Who gets which page is the caller's (the driver's allocator); without pages, `insert`
 gives slot s the s-th run of max_len / page_size pages, the fixed layout of an unpaged cache.
-A prefix (prefill's output, a session's saved cache) stays contiguous.
+A fresh prefill's output (a `Prefix`) is contiguous until `insert` pages it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from asearcher_jax.inference.protocol import MAX_TOP_LOGPROBS
 from asearcher_jax.inference.sampling import sample
 from asearcher_jax.models.paged_kv import POOL_AXES, SINK, KVPages, PagedKernel, pages_for
-from asearcher_jax.models.qwen import CACHE_AXES, KVCache, Qwen
+from asearcher_jax.models.qwen import KVCache, Qwen
 from asearcher_jax.sharding import LOGICAL_RULES, activation_target, logical_to_spec, make_mesh
 
 
@@ -125,9 +125,6 @@ class Engine:
     rules = _divisible_rules(self.mesh, slots, self.cfg.num_kv_heads)
     # The pool is split over kv heads; pages are shared by every slot, so not over the batch.
     self._pool_sharding = NamedSharding(self.mesh, logical_to_spec(POOL_AXES, rules))
-    # A session's batch-1 cache: kv heads split like the slots' cache, nothing else.
-    self._prefix_cache_sharding = NamedSharding(
-        self.mesh, logical_to_spec(CACHE_AXES, dict(rules, batch=None)))
     self._replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     # Every function that returns a decode state pins it to one layout, so each of them
     # compiles once per shape no matter which function produced its input.
@@ -181,27 +178,55 @@ class Engine:
         return b
     raise ValueError(f"{n} tokens exceed the maximum length {self.max_len}")
 
-  def prefill(self, params, tokens: np.ndarray, *, existing_prefix: Prefix | None = None,
-              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-              key: np.ndarray | jax.Array | None = None, top_logprobs: bool = False) -> Prefix:
-    """Prefills one request (1-D tokens, unpadded), after `existing_prefix` if given.
-
-    The existing prefix's cache is consumed (donated). `top_logprobs`: the prefix also holds
-    the first draw's MAX_TOP_LOGPROBS most likely tokens.
-    """
+  def prefill(self, params, tokens: np.ndarray, *, temperature: float = 0.0, top_k: int = 0,
+              top_p: float = 1.0, key: np.ndarray | jax.Array | None = None,
+              top_logprobs: bool = False) -> Prefix:
+    """Prefills one request (1-D tokens, unpadded). `top_logprobs`: the prefix also holds the
+    first draw's MAX_TOP_LOGPROBS most likely tokens. (A continuation goes `prefill_into`.)"""
     key = np.asarray(jax.random.PRNGKey(0) if key is None else key, np.uint32)
-    if existing_prefix is None:
-      return self.prefill_batch(params, [tokens], [temperature], [top_k], [top_p], [key],
-                                top_logprobs=top_logprobs)
-    n, start = len(tokens), int(existing_prefix.length[0])
+    return self.prefill_batch(params, [tokens], [temperature], [top_k], [top_p], [key],
+                              top_logprobs=top_logprobs)
+
+  def prefill_into(self, params, state: DecodeState, slot: int, tokens: np.ndarray, start: int,
+                   pages: list[int], *, temperature: float = 0.0, top_k: int = 0,
+                   top_p: float = 1.0, key: np.ndarray | None = None, top_logprobs: bool = False
+                   ) -> tuple[DecodeState, ResultTokens]:
+    """Prefills `tokens` (1-D, unpadded) after the `start` positions that `pages` already hold,
+    straight into the pool, and makes `slot` decode from there: a session's next turn reads
+    its earlier turns' keys and values where they lie. The result holds the first draw ([1])."""
+    n = len(tokens)
+    if n < 1:
+      raise ValueError("prefill needs at least one token")
     self._check_room(start + n)
+    if len(pages) * self.page_size < start + n:
+      raise ValueError(f"{len(pages)} pages cannot hold {start + n} tokens")
     padded = np.zeros((1, self.bucket(n)), np.int32)
     padded[0, :n] = tokens
-    return self._prefill_continue(
-        params, jnp.asarray(padded), jnp.asarray([n], jnp.int32), existing_prefix.cache,
-        jnp.asarray([start], jnp.int32), jnp.asarray([temperature], jnp.float32),
-        jnp.asarray([top_k], jnp.int32), jnp.asarray([top_p], jnp.float32), jnp.asarray(key[None]),
-        top_n=MAX_TOP_LOGPROBS if top_logprobs else 0)
+    key = np.asarray(jax.random.PRNGKey(0) if key is None else key, np.uint32)
+    return self._prefill_into(
+        params, state, jnp.int32(slot), jnp.asarray(padded), jnp.int32(n), jnp.int32(start),
+        jnp.asarray(self.page_rows([pages])[0]), jnp.float32(temperature), jnp.int32(top_k),
+        jnp.float32(top_p), jnp.asarray(key), top_n=MAX_TOP_LOGPROBS if top_logprobs else 0)
+
+  def read_pages(self, state: DecodeState, pages: list[int], tokens: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The first `tokens` positions that `pages` hold, on the host: k, v [layers, tokens, K, D]
+    (a session offloaded from device memory)."""
+    k, v = self._read_pages(state, jnp.asarray(self.page_rows([pages])[0]))
+    # Copy whole, slice on the host: a device slice would compile once per length.
+    return np.asarray(k)[:, :tokens], np.asarray(v)[:, :tokens]
+
+  def write_pages(self, state: DecodeState, pages: list[int], k: np.ndarray, v: np.ndarray
+                  ) -> DecodeState:
+    """Writes host k, v [layers, n, K, D] into positions 0..n-1 of `pages` (a session brought
+    back from host memory)."""
+    n = k.shape[1]
+    if len(pages) * self.page_size < n:
+      raise ValueError(f"{len(pages)} pages cannot hold {n} tokens")
+    shape = (k.shape[0], self.max_pages * self.page_size) + k.shape[2:]
+    kk, vv = np.zeros(shape, self.cache_dtype), np.zeros(shape, self.cache_dtype)
+    kk[:, :n], vv[:, :n] = k, v
+    return self._write_pages(state, jnp.asarray(self.page_rows([pages])[0]), kk, vv)
 
   def prefill_batch(self, params, token_lists: list, temperature: list, top_k: list, top_p: list,
                     keys: list, top_logprobs: bool = False) -> Prefix:
@@ -273,10 +298,10 @@ class Engine:
   def warmup(self) -> int:
     """Compiles every shape serving can meet, so no request ever waits for XLA.
 
-    That is: fresh prefill and insert for each length bucket and each batch of
-    rows (powers of two up to the slot count), session prefill for each bucket,
-    extract, and generate for each attention window. Returns how many shapes it
-    ran. Worth it for a server; tests and short runs skip it.
+    That is: page-table rewrites and fresh prefill and insert for each batch of rows (powers
+    of two up to the slot count) and length bucket, session prefill into the pool for each
+    bucket, a session's trip to host memory and back, and generate for each attention window.
+    Returns how many shapes it ran. Worth it for a server; tests and short runs skip it.
     """
     shapes = 0
     rows, r = [], 1
@@ -296,12 +321,9 @@ class Engine:
         m = min(n, self.slots)
         state = self.insert(prefix, state, list(range(m)), [pages] * m)
         shapes += 1
-      # A session continuing after one cached token, with new tokens in this bucket.
-      kv = np.zeros((self.cfg.num_layers, 1, self.cfg.num_kv_heads, self.cfg.head_dim),
-                    self.cache_dtype)
-      prefix = self.prefill(self.params, np.zeros(max(bucket - 1, 1), np.int32),
-                            existing_prefix=self.empty_prefix(1, kv, kv))
-      state = self.insert(prefix, state, 0, [pages])
+      # A session continuing after one held token, with new tokens in this bucket.
+      state, _ = self.prefill_into(self.params, state, 0, np.zeros(max(bucket - 1, 1), np.int32),
+                                   1, pages)
       shapes += 1
     for window in self.buckets:
       state, _ = self.generate(self.params, state, window)
@@ -309,33 +331,10 @@ class Engine:
       if self.decode_steps > 1:
         state, _ = self.generate_block(self.params, state, window, self.decode_steps)
         shapes += 1
-    jax.block_until_ready(self.extract(state, 0, 1))
-    return shapes + 1
-
-  # -- RL additions ----------------------------------------------------------------
-
-  def extract(self, state: DecodeState, slot: int, length: int) -> Prefix:
-    """The slot's cache as a batch-1 prefix holding `length` tokens (for session reuse): a
-    copy, so the slot's pages may be freed."""
-    return self._extract(state, jnp.int32(slot), jnp.int32(length))
-
-  def empty_prefix(self, length: int, k: np.ndarray, v: np.ndarray) -> Prefix:
-    """A prefix from host arrays k/v [layers, length, kv_heads, head_dim] (offloaded sessions)."""
-    shape = (self.cfg.num_layers, 1, self.max_len, self.cfg.num_kv_heads, self.cfg.head_dim)
-    kk = np.zeros(shape, k.dtype)
-    vv = np.zeros(shape, v.dtype)
-    kk[:, 0, :length] = k
-    vv[:, 0, :length] = v
-    zero = np.zeros((1,), np.float32)
-    izero = np.zeros((1,), np.int32)
-    prefix = Prefix(KVCache(kk, vv), np.asarray([length], np.int32), izero, zero,
-                    np.zeros((1, 2), np.uint32), zero, izero, zero, np.zeros((1, 0), np.int32),
-                    np.zeros((1, 0), np.float32))
-    return jax.device_put(prefix, self._prefix_shardings())
-
-  def _prefix_shardings(self) -> Prefix:
-    return Prefix(KVCache(self._prefix_cache_sharding, self._prefix_cache_sharding),
-                  *(self._replicated,) * 9)
+    # A session leaving the pool for host memory, and coming back.
+    k, v = self.read_pages(state, [1], 1)
+    jax.block_until_ready(self.write_pages(state, [1], k, v))
+    return shapes + 2
 
   def _pin(self, state: DecodeState) -> DecodeState:
     return jax.lax.with_sharding_constraint(state, self._state_shardings)
@@ -350,29 +349,17 @@ class Engine:
   def _model(self, params) -> Qwen:
     return nnx.merge(self.graphdef, params, self._rest)
 
-  def _prefill_body(self, params, tokens, lengths, cache, start, temperature, top_k, top_p,
-                    keys, top_n) -> Prefix:
-    positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+  @functools.partial(jax.jit, static_argnums=0, static_argnames="top_n")
+  def _prefill_fresh(self, params, tokens, lengths, temperature, top_k, top_p, keys, top_n=0):
+    # The cache only needs the bucket's positions; insert pages them into the pool.
+    cache = KVCache.zeros(self.cfg, tokens.shape[0], tokens.shape[1], self.cache_dtype)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     model = self._model(params)
     hidden, cache = model.hidden_states(tokens, positions, cache=cache)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
     d = sample(model.logits(last)[:, 0], keys, temperature, top_k, top_p, top_n)
-    return Prefix(cache, start + lengths, d.tokens, d.logprobs, d.keys, temperature, top_k, top_p,
+    return Prefix(cache, lengths, d.tokens, d.logprobs, d.keys, temperature, top_k, top_p,
                   d.top_ids, d.top_logprobs)
-
-  @functools.partial(jax.jit, static_argnums=0, static_argnames="top_n")
-  def _prefill_fresh(self, params, tokens, lengths, temperature, top_k, top_p, keys, top_n=0):
-    # The cache only needs the bucket's positions; insert copies them into the slot.
-    cache = KVCache.zeros(self.cfg, tokens.shape[0], tokens.shape[1], self.cache_dtype)
-    start = jnp.zeros((tokens.shape[0],), jnp.int32)
-    return self._prefill_body(params, tokens, lengths, cache, start, temperature, top_k, top_p,
-                              keys, top_n)
-
-  @functools.partial(jax.jit, static_argnums=0, static_argnames="top_n", donate_argnums=4)
-  def _prefill_continue(self, params, tokens, lengths, cache, start, temperature, top_k, top_p,
-                        keys, top_n=0):
-    return self._prefill_body(params, tokens, lengths, cache, start, temperature, top_k, top_p,
-                              keys, top_n)
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
   def _insert(self, prefix: Prefix, state: DecodeState, slots, rows) -> DecodeState:
@@ -394,6 +381,42 @@ class Engine:
         put(state.tokens, prefix.token), put(state.temperature, prefix.temperature),
         put(state.top_k, prefix.top_k), put(state.top_p, prefix.top_p),
         put(state.keys, prefix.key)))
+
+  @functools.partial(jax.jit, static_argnums=0, static_argnames="top_n", donate_argnums=2)
+  def _prefill_into(self, params, state: DecodeState, slot, tokens, length, start, row,
+                    temperature, top_k, top_p, key, top_n=0
+                    ) -> tuple[DecodeState, ResultTokens]:
+    model = self._model(params)
+    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    # Padding positions past `length` write into the slot's own pages (overwritten as it
+    # decodes) or, past them, into the sink.
+    hidden, cache = model.hidden_states(tokens, positions, cache=state.cache,
+                                        page_table=row[None], paged_kernel=self.paged_kernel)
+    last = jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1)
+    d = sample(model.logits(last)[:, 0], key[None], temperature[None], top_k[None],
+               top_p[None], top_n)
+    put = lambda a, b: a.at[slot].set(b)
+    return self._pin(DecodeState(
+        cache, put(state.pages, row), put(state.positions, start + length),
+        put(state.tokens, d.tokens[0]), put(state.temperature, temperature),
+        put(state.top_k, top_k), put(state.top_p, top_p), put(state.keys, d.keys[0]))), \
+        ResultTokens(d.tokens, d.logprobs, d.top_ids, d.top_logprobs)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _read_pages(self, state: DecodeState, row) -> tuple[jax.Array, jax.Array]:
+    def read(pool):  # [layers, K, m, size, D] -> [layers, m * size, K, D]
+      x = pool[:, :, row].transpose(0, 2, 3, 1, 4)
+      return x.reshape(x.shape[0], -1, *x.shape[3:])
+    return read(state.cache.k), read(state.cache.v)
+
+  @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+  def _write_pages(self, state: DecodeState, row, k, v) -> DecodeState:
+    def write(pool, x):  # [layers, m * size, K, D] -> the pages `row` names
+      layers, _, kv, d = x.shape
+      x = x.reshape(layers, -1, self.page_size, kv, d).transpose(0, 3, 1, 2, 4)
+      return pool.at[:, :, row].set(x.astype(pool.dtype))
+    cache = KVPages(write(state.cache.k, k), write(state.cache.v, v))
+    return self._pin(dataclasses.replace(state, cache=cache))
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
   def _set_pages(self, state: DecodeState, slots, rows) -> DecodeState:
@@ -425,21 +448,6 @@ class Engine:
     new, results = jax.lax.scan(lambda s, _: self._step(model, s, window, top_n), state, None,
                                 length=steps)
     return self._pin(new), results
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def _extract(self, state: DecodeState, slot, length) -> Prefix:
-    row = state.pages[slot]
-
-    def gather(pool):  # [layers, K, m, size, D] -> [layers, 1, max_len, K, D]
-      x = pool[:, :, row].transpose(0, 2, 3, 1, 4)
-      return x.reshape(x.shape[0], 1, -1, *x.shape[3:])[:, :, :self.max_len]
-
-    k, v = gather(state.cache.k), gather(state.cache.v)
-    zero = jnp.zeros((1,), jnp.float32)
-    izero = jnp.zeros((1,), jnp.int32)
-    prefix = Prefix(KVCache(k, v), length[None], izero, zero, state.keys[slot][None], zero, izero,
-                    zero, jnp.zeros((1, 0), jnp.int32), jnp.zeros((1, 0), jnp.float32))
-    return jax.lax.with_sharding_constraint(prefix, self._prefix_shardings())
 
 
 def _divisible_rules(mesh: Mesh, slots: int, kv_heads: int) -> dict:

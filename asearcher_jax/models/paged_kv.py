@@ -84,7 +84,9 @@ def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer,
       k_splits=math.gcd(pages // per_block, 16), interpret=kernel == "pallas_interpret")
   # The kernel does not scale the logits; attention here is softmax(q k / sqrt(d)).
   scaled = (q[:, 0].astype(jnp.float32) / jnp.sqrt(jnp.float32(d))).astype(q.dtype)
-  lengths = jnp.minimum(lengths, pages * k_pool.shape[3]).astype(jnp.int32)  # a full slot
+  # A full slot reads its whole table; an idle one (a row of sink pages) reads nothing.
+  lengths = jnp.where(table[:, 0] == SINK, 0, jnp.minimum(lengths, pages * k_pool.shape[3]))
+  lengths = lengths.astype(jnp.int32)
   out = run(scaled, k_pool[layer].astype(q.dtype), v_pool[layer].astype(q.dtype), table, lengths)
   return out.reshape(b, 1, n, d)
 

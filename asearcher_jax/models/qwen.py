@@ -31,8 +31,6 @@ _REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim")
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
