@@ -1,5 +1,8 @@
-"""The paged KV cache: page-table writes and reads, the Pallas kernel against the XLA path, and a
-driver whose pool is too small for its slots (requests wait or are preempted, none is lost)."""
+"""The paged KV cache: page-table writes and reads, the Pallas kernel against the XLA path, a
+driver whose pool is too small for its slots (requests wait or are preempted, none is lost),
+sessions that keep their pages, and chunked prefill."""
+
+import time
 
 import jax
 import jax.numpy as jnp
@@ -62,10 +65,10 @@ def test_pallas_paged_kernel_agrees_with_the_xla_path(model):
   np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-5)
 
 
-def _serve(model, kv_pages, specs, steps):
+def _serve(model, kv_pages, specs, steps, prefill_chunk=None):
   engine = Engine(model, slots=4, max_len=48, mesh=MESH, page_size=4, num_pages=kv_pages,
                   decode_steps=steps)
-  with Driver(engine, version=3) as d:
+  with Driver(engine, version=3, prefill_chunk=prefill_chunk) as d:
     reqs = [d.submit(Request(list(p), s, session_id=sid)) for p, s, sid in specs]
     done = [r.wait(120) for r in reqs]
     # a session's second turn, after the pool churned
@@ -78,15 +81,10 @@ def _serve(model, kv_pages, specs, steps):
     for _, _, sid in specs:  # the sessions' pages go back with them
       if sid:
         d.end_session(sid)
-    return done + turn, d._counters["preempted"], d._pool.free
+    return done + turn, d._counters, d._pool.free
 
 
-@pytest.mark.parametrize("steps", [1, 4])
-def test_a_pool_too_small_for_its_slots_preempts_and_loses_nothing(model, steps):
-  """Four slots share 14 pages of 4 tokens, where their answers need up to 12 pages each:
-  requests wait for pages and the newest is preempted as the others grow. Every request
-  still finishes with exactly the tokens, log-probs, versions and finish reasons that a pool
-  with a full cache for every slot gives, sessions included, and all pages come back."""
+def _specs():
   rng = np.random.RandomState(1)
   specs = []
   for i in range(8):
@@ -95,14 +93,73 @@ def test_a_pool_too_small_for_its_slots_preempts_and_loses_nothing(model, steps)
     s = SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i, top_k=5 if i == 3 else 0,
                        max_new_tokens=12 if session else 40 - 3 * i)  # some reach max_len
     specs.append((p, s, session))
-  small, preempted, free = _serve(model, 14, specs, steps)
-  full, none, _ = _serve(model, None, specs, steps)
-  assert preempted > 0 and none == 0 and free == 14
-  for a, b in zip(small, full):
+  return specs
+
+
+def _assert_same(runs, reference):
+  for a, b in zip(runs, reference):
     assert (a.output_ids, a.finish_reason, a.versions) == (b.output_ids, b.finish_reason,
                                                            b.versions)
     np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def full_pool_answers(model):
+  return _serve(model, None, _specs(), 1)[0]
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_a_pool_too_small_for_its_slots_preempts_and_loses_nothing(model, steps,
+                                                                    full_pool_answers):
+  """Four slots share 14 pages of 4 tokens, where their answers need up to 12 pages each:
+  requests wait for pages and the newest is preempted as the others grow. Every request
+  still finishes with exactly the tokens, log-probs, versions and finish reasons that a pool
+  with a full cache for every slot gives, sessions included, and all pages come back."""
+  small, counters, free = _serve(model, 14, _specs(), steps)
+  assert counters["preempted"] > 0 and free == 14
+  _assert_same(small, full_pool_answers)
   assert any(r.interruptions for r in small) and small[-1].cached_tokens > 0
+
+
+def test_chunked_prefill_answers_as_one_piece(model, full_pool_answers):
+  """Prompts and session turns longer than the chunk are prefilled 5 tokens at a time, between
+  decode steps: the same answers as prefilling each in one piece."""
+  chunked, counters, free = _serve(model, None, _specs(), 1, prefill_chunk=5)
+  assert counters["prefill_chunks"] > 0 and counters["preempted"] == 0
+  _assert_same(chunked, full_pool_answers)
+  assert chunked[-1].cached_tokens > 0
+
+
+def test_a_long_prefill_does_not_stall_the_slots_that_decode(model, monkeypatch):
+  """While a 40-token prompt is prefilled in 10 chunks of 4, a request already decoding keeps
+  producing tokens between them (in one piece, none would come between the long request's
+  submission and its first token). Cancelling a request mid-prefill frees its slot and pages."""
+  engine = Engine(model, slots=2, max_len=64, mesh=MESH, page_size=4)
+  seen = []
+  with Driver(engine, prefill_chunk=4) as d:
+    short = d.submit(Request([1, 2, 3], SamplingParams(temperature=0.0, max_new_tokens=30),
+                             on_tokens=lambda r, ids: seen.append("short")))
+    while not short.output_ids:
+      time.sleep(0.001)
+    submitted = len(seen)
+    long = d.submit(Request(list(range(1, 41)), SamplingParams(temperature=0.0, max_new_tokens=2),
+                            on_tokens=lambda r, ids: seen.append("long")))
+    long.wait(60)
+    short.wait(60)
+    # a decode step after each chunk but the last; the newest is recorded a loop later
+    assert seen[submitted:seen.index("long")].count("short") >= 40 // 4 - 2
+    reference = Driver(Engine(model, slots=2, max_len=64, mesh=MESH), prefill_chunk=None)
+    with reference:
+      assert reference.generate(long.prompt, long.sampling).output_ids == long.output_ids
+    # Chunks of 100 ms each: the cancel lands while the 60-token prompt is still prefilling.
+    into = engine.prefill_into
+    monkeypatch.setattr(engine, "prefill_into", lambda *a, **k: (time.sleep(0.1), into(*a, **k))[1])
+    doomed = d.submit(Request(list(range(1, 61)), SamplingParams(max_new_tokens=2)))
+    while not d._prefilling:
+      time.sleep(0.001)
+    d.cancel(doomed)
+    assert doomed.wait(60).finish_reason == "cancelled" and not doomed.output_ids
+    assert d._call(lambda: (len(d._prefilling), d._pool.free)) == (0, engine.num_pages)
 
 
 def test_pools_and_pages_that_cannot_work_are_refused(model):

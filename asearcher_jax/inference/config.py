@@ -27,6 +27,10 @@ class ServeSection(Section):
   # reach max_len at once; fewer pages hold more slots in the same memory: when the pool runs
   # out, sessions move to host memory first, then the newest request is preempted
   # (re-prefilled later), never lost. At least one whole sequence (max_len / page_size pages).
+  # A prompt (or a session's new tokens) longer than this is prefilled this many tokens at a
+  # time, between decode steps, so the slots already decoding never wait for a whole long
+  # prefill; null: in one piece.
+  prefill_chunk: int | None = Field(512, gt=0)
   page_size: int = Field(16, gt=0)
   kv_pages: int | None = Field(None, gt=0)
   # Decode attention over the pages: "xla" gathers every slot's first positions up to the

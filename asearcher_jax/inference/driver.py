@@ -19,6 +19,10 @@ running slots still outgrow the pool, the newest request is preempted: its pages
 it waits at the head of the queue, to be re-prefilled (prompt + what it generated, exactly as
 after a weight swap in "abort" mode).
 
+Long prompts are prefilled in chunks of `prefill_chunk` tokens, one chunk per loop between
+decode dispatches, so a long context never stalls the slots that are decoding: its slot is
+reserved (and holds its pages) from admission and starts decoding after its last chunk.
+
 Weight updates have two modes. "abort": in-flight requests are interrupted
 and resumed by re-prefilling prompt + generated tokens under the new weights,
 so every post-swap log-probability is exactly the new policy's. "keep_kv":
@@ -97,7 +101,7 @@ class Driver:
 
   def __init__(self, engine: Engine, *, version: int = 0, tokenizer=None, max_pending: int = 1024,
                device_sessions: int = 16, host_sessions: int = 256, update_mode: str = "abort",
-               metrics=None):
+               metrics=None, prefill_chunk: int | None = 512):
     if update_mode not in UPDATE_MODES:
       raise ValueError(f"update_mode must be one of {UPDATE_MODES}, got {update_mode!r}")
     self.engine = engine
@@ -113,6 +117,11 @@ class Driver:
     self._slots: list[Request | None] = [None] * engine.slots
     self._pool = PagePool(engine.num_pages)
     self._held: list[list[int]] = [[] for _ in range(engine.slots)]  # each slot's pages
+    if prefill_chunk is not None and prefill_chunk < 1:
+      raise ValueError(f"prefill_chunk must be >= 1 (or None: no chunking), got {prefill_chunk}")
+    self.prefill_chunk = prefill_chunk
+    # Reserved slots whose request is still being prefilled: slot -> (request, tokens in pages)
+    self._prefilling: dict[int, tuple[Request, int]] = {}
     self._sessions = SessionCache(
         device=device_sessions, host=host_sessions, page_size=engine.page_size,
         read=lambda pages, n: engine.read_pages(self._state, pages, n),
@@ -149,9 +158,11 @@ class Driver:
         break
       fut.set_exception(RuntimeError("the decode driver stopped"))
     with self._wake:
-      left = list(self._pending) + [r for r in self._slots if r]
+      left = list(self._pending) + [r for r in self._slots if r] + [
+          r for r, _ in self._prefilling.values()]
       self._pending.clear()
       self._slots = [None] * self.engine.slots
+      self._prefilling.clear()
     for r in left:
       self._finish(r, "cancelled")
 
@@ -277,6 +288,8 @@ class Driver:
         self._drop_cancelled()
         if not self._paused:
           self._admit()
+          if self._prefilling:
+            self._prefill_next_chunk()
         active = [s for s, r in enumerate(self._slots) if r is not None]
         if active and not self._paused:
           self._step(active)
@@ -284,8 +297,8 @@ class Driver:
             self._publish()
           continue
         self._drain()
-        if any(r is not None for r in self._slots) and not self._paused:
-          continue  # the drained step left requests running (or admitted)
+        if (any(r is not None for r in self._slots) or self._prefilling) and not self._paused:
+          continue  # the drained step left requests running (or admitted, or prefilling)
         self._publish()
         with self._wake:
           if self._control.empty() and (self._paused or not self._pending) and self._running:
@@ -293,11 +306,13 @@ class Driver:
       except Exception:  # never let one bad step kill the server; fail the live requests
         log.exception("decode loop error; failing in-flight requests")
         self._inflight = None
-        for s, r in enumerate(self._slots):
-          if r is not None:
-            self._slots[s] = None
-            r.error = "internal error in the decode loop"
-            self._finish(r, "error")
+        failed = [r for r in self._slots if r is not None] + [
+            r for r, _ in self._prefilling.values()]
+        self._slots = [None] * self.engine.slots
+        self._prefilling.clear()
+        for r in failed:
+          r.error = "internal error in the decode loop"
+          self._finish(r, "error")
         try:
           self._free_pages(list(range(self.engine.slots)))
         except Exception:  # the state is beyond repair: start from an empty one
@@ -313,7 +328,8 @@ class Driver:
     span = (now - recent[0][0]) if len(recent) > 1 else 0.0
     on_device, on_host = self._sessions.counts()
     self._published = {  # replaced whole: readers never see a half-updated dict
-        "at": now, "slots_in_use": sum(r is not None for r in self._slots),
+        "at": now,
+        "slots_in_use": sum(r is not None for r in self._slots) + len(self._prefilling),
         "sessions_device": on_device, "sessions_host": on_host,
         "tokens_per_s": (sum(n for _, n in recent[1:]) / span) if span > 0 else 0.0}
 
@@ -341,11 +357,19 @@ class Driver:
     for s, r in enumerate(self._slots):
       if r is not None and r._cancelled:
         self._release(s, r, "cancelled")
+    for s, (r, _) in list(self._prefilling.items()):
+      if r._cancelled:
+        del self._prefilling[s]
+        try:
+          self._free_pages([s], clear=True)
+        finally:
+          self._finish(r, "cancelled")
 
   def _admit(self) -> None:
     """Fills free slots: session continuations one by one, fresh requests in one batched prefill.
     A request waits while the pool lacks its pages plus one for each running slot."""
-    free = [s for s in range(self.engine.slots) if self._slots[s] is None]
+    free = [s for s in range(self.engine.slots)
+            if self._slots[s] is None and s not in self._prefilling]
     fresh: list[tuple[int, Request]] = []
     spare = self.engine.slots - len(free)  # a page each running slot may need next
     while free:
@@ -371,7 +395,10 @@ class Driver:
         self._guarded_prefill([(slot, r)], self._prefill_session)
       else:
         self._held[slot] = self._pool.take(need)
-        fresh.append((slot, r))
+        if self._chunked(len(r.prompt) + len(r.output_ids)):
+          self._prefilling[slot] = (r, 0)  # reserved; its chunks come one a loop from here
+        else:
+          fresh.append((slot, r))
     if fresh:
       self._guarded_prefill(fresh, self._prefill_fresh)
 
@@ -392,6 +419,7 @@ class Driver:
       slot, r = batch[0]
       if self._slots[slot] is r:
         self._slots[slot] = None
+      self._prefilling.pop(slot, None)
       if not r.done:  # first: freeing the pages needs a decode state the failure may have taken
         r.error = f"prefill failed: {e}"
         self._finish(r, "error")
@@ -407,8 +435,8 @@ class Driver:
         top_logprobs=any(s.top_logprobs for s in ss))
     self._state = self.engine.insert(prefix, self._state, [slot for slot, _ in batch],
                                      [self._held[slot] for slot, _ in batch])
-    self._after_prefill(batch, prefix.token, prefix.logprob, (prefix.top_ids, prefix.top_logprobs),
-                        [0] * len(batch), [len(c) for c in contexts], t0)
+    self._count_prefill(batch, [len(c) for c in contexts], t0)
+    self._after_prefill(batch, prefix.token, prefix.logprob, (prefix.top_ids, prefix.top_logprobs))
 
   def _prefill_session(self, batch: list[tuple[int, Request]]) -> None:
     """A session's next turn: its pages (or its keys and values brought back from the host)
@@ -420,6 +448,8 @@ class Driver:
     held = self._sessions.take(r.session_id, context)
     if held is None:  # nothing in common after all
       self._held[slot] = self._pool.take(need)
+      if self._chunked(len(context)):
+        return self._prefill_from(slot, r, 0, t0)
       return self._prefill_fresh(batch)
     if held.pages is not None:
       self._held[slot] = held.pages + self._pool.take(need - len(held.pages))
@@ -428,27 +458,53 @@ class Driver:
       k, v = held.host
       self._state = self.engine.write_pages(self._state, self._held[slot], k[:, :held.reused],
                                             v[:, :held.reused])
-    s = r.sampling
-    self._state, first = self.engine.prefill_into(
-        self.engine.params, self._state, slot, np.asarray(context[held.reused:], np.int32),
-        held.reused, self._held[slot], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-        key=r._key, top_logprobs=bool(s.top_logprobs))
-    self._after_prefill(batch, first.tokens, first.logprobs, (first.top_ids, first.top_logprobs),
-                        [held.reused], [len(context) - held.reused], t0)
+    if not r.output_ids:
+      r.cached_tokens = held.reused
+    self._counters["reused"] += held.reused
+    self._prefill_from(slot, r, held.reused, t0)
 
-  def _after_prefill(self, batch, tokens, logprobs, top, reused: list[int], prefilled: list[int],
-                     t0) -> None:
-    """Records each row's first token ([n] arrays; `top`: the most likely (ids, logprobs))."""
-    tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
-    top = (np.asarray(top[0]), np.asarray(top[1]))
+  def _chunked(self, tokens: int) -> bool:
+    return self.prefill_chunk is not None and tokens > self.prefill_chunk
+
+  def _prefill_from(self, slot: int, r: Request, start: int, t0: float | None = None) -> None:
+    """Prefills `r`'s context after the `start` tokens its pages hold, into them: all of it,
+    or (past `prefill_chunk` tokens) the next chunk, leaving the slot reserved for the rest."""
+    t0 = time.perf_counter() if t0 is None else t0
+    context = r.prompt + r.output_ids
+    end = len(context) if not self._chunked(len(context) - start) else start + self.prefill_chunk
+    s = r.sampling
+    # Every chunk draws with the request's own key; only the last chunk's draw is kept.
+    self._state, first = self.engine.prefill_into(
+        self.engine.params, self._state, slot, np.asarray(context[start:end], np.int32), start,
+        self._held[slot], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, key=r._key,
+        top_logprobs=bool(s.top_logprobs))
+    self._count_prefill([(slot, r)], [end - start], t0)
+    self._prefilling.pop(slot, None)
+    if end < len(context):
+      self._prefilling[slot] = (r, end)  # to the back: several long prompts take turns
+      self._counters["prefill_chunks"] += 1
+      return
+    self._after_prefill([(slot, r)], first.tokens, first.logprobs,
+                        (first.top_ids, first.top_logprobs))
+
+  def _prefill_next_chunk(self) -> None:
+    """One chunk of the longest-waiting chunked prefill (then the loop decodes again)."""
+    slot, (r, start) = next(iter(self._prefilling.items()))
+    self._guarded_prefill([(slot, r)], lambda b: self._prefill_from(slot, r, start))
+
+  def _count_prefill(self, batch, prefilled: list[int], t0: float) -> None:
+    for (_, r), n in zip(batch, prefilled):
+      r.prefilled_tokens += n
+      self._counters["prefill"] += n
     if self.metrics:
       self.metrics.observe_prefill(time.perf_counter() - t0, sum(prefilled), len(batch))
+
+  def _after_prefill(self, batch, tokens, logprobs, top) -> None:
+    """Starts each row decoding from its first token ([n] arrays; `top`: the most likely
+    (ids, logprobs))."""
+    tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+    top = (np.asarray(top[0]), np.asarray(top[1]))
     for i, (slot, r) in enumerate(batch):
-      if not r.output_ids:
-        r.cached_tokens = reused[i]
-      r.prefilled_tokens += prefilled[i]
-      self._counters["prefill"] += prefilled[i]
-      self._counters["reused"] += reused[i]
       self._slots[slot] = r
       if r.first_token_at is None:
         r.first_token_at = time.monotonic()
@@ -457,7 +513,7 @@ class Driver:
   def _block_steps(self) -> int:
     """Steps in the next dispatch: `engine.decode_steps` in steady decode, one while requests
     wait, so a slot that frees is refilled after one step rather than a whole block."""
-    return 1 if self._pending else self.engine.decode_steps
+    return 1 if self._pending or self._prefilling else self.engine.decode_steps
 
   def _pages_for(self, tokens: int) -> int:
     return -(-min(tokens, self.engine.max_len) // self.engine.page_size)
@@ -656,6 +712,10 @@ class Driver:
         r._key = keys[slot]
         r.interruptions += 1
         resumed.append(r)
+      for slot, (r, _) in sorted(self._prefilling.items()):  # from scratch, same key
+        r.interruptions += 1
+        resumed.append(r)
+      self._prefilling.clear()
       with self._wake:
         self._pending.extendleft(reversed(resumed))  # they go first, in their order
       self._free_pages(list(range(self.engine.slots)))
