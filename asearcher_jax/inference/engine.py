@@ -56,11 +56,11 @@ class DecodeState:
 class Prefix:
   """Prefilled requests (a batch of n), ready to be inserted into n slots.
 
-  The cache holds the first `cache.k.shape[2]` positions (a prefill bucket, or
-  the whole max_len for a continued session); insert copies exactly that.
+  The cache holds the first `cache.k.shape[2]` positions (a prefill bucket); insert pages
+  exactly that.
   """
 
-  cache: KVCache  # [layers, n, length bucket or max_len, kv_heads, head_dim]
+  cache: KVCache  # [layers, n, length bucket, kv_heads, head_dim]
   length: jax.Array  # [n] int32: tokens in the cache
   token: jax.Array  # [n] int32: first sampled token (not yet in the cache)
   logprob: jax.Array  # [n] f32: its log-probability
