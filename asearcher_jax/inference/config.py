@@ -58,9 +58,9 @@ class ServeSection(Section):
     if self.paged_attention == "pallas" and (size < 16 or size & (size - 1)):
       raise ValueError(f"serve.paged_attention=pallas needs serve.page_size a power of two "
                        f">= 16 (the kernel's key blocks), got {size}")
-    if self.kv_pages is not None and self.kv_pages < -(-self.max_len // self.page_size):
+    if self.kv_pages is not None and self.kv_pages < self.sequence_pages():
       raise ValueError(f"serve.kv_pages {self.kv_pages} cannot hold one sequence of max_len "
-                       f"{self.max_len} ({-(-self.max_len // self.page_size)} pages of "
+                       f"{self.max_len} ({self.sequence_pages()} pages of "
                        f"{self.page_size} tokens)")
     return self
 
@@ -68,7 +68,11 @@ class ServeSection(Section):
     """Pages in the KV pool (not counting the sink)."""
     if self.kv_pages is not None:
       return self.kv_pages
-    return (self.slots + self.device_sessions) * -(-self.max_len // self.page_size)
+    return (self.slots + self.device_sessions) * self.sequence_pages()
+
+  def sequence_pages(self) -> int:
+    """Pages one sequence of max_len fills."""
+    return -(-self.max_len // self.page_size)
 
   def steps_per_dispatch(self, platform: str) -> int:
     """`decode_steps`, or its default for `platform` (a JAX backend name)."""

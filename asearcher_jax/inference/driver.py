@@ -54,6 +54,7 @@ from asearcher_jax.inference.protocol import (
   check_version,
 )
 from asearcher_jax.inference.sessions import SessionCache
+from asearcher_jax.models.paged_kv import pages_for
 
 log = logging.getLogger(__name__)
 
@@ -516,7 +517,7 @@ class Driver:
     return 1 if self._pending or self._prefilling else self.engine.decode_steps
 
   def _pages_for(self, tokens: int) -> int:
-    return -(-min(tokens, self.engine.max_len) // self.engine.page_size)
+    return pages_for(min(tokens, self.engine.max_len), self.engine.page_size)
 
   def _free_pages(self, slots: list[int], clear: bool = False) -> None:
     """Gives the slots' pages back and points their page-table rows at the sink, so steps

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from asearcher_jax.inference.protocol import MAX_TOP_LOGPROBS
 from asearcher_jax.inference.sampling import sample
+from asearcher_jax.models import paged_kv
 from asearcher_jax.models.paged_kv import POOL_AXES, SINK, KVPages, PagedKernel, pages_for
 from asearcher_jax.models.qwen import KVCache, Qwen
 from asearcher_jax.sharding import LOGICAL_RULES, activation_target, logical_to_spec, make_mesh
@@ -363,18 +364,9 @@ class Engine:
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
   def _insert(self, prefix: Prefix, state: DecodeState, slots, rows) -> DecodeState:
-    # Prefix row i [layers, length, K, D] goes page by page to the pages rows[i] names.
-    layers, n, length, kv, d = prefix.cache.k.shape
-    size = self.page_size
-    count = pages_for(length, size)
-
-    def scatter(pool, x):
-      x = jnp.pad(x.astype(self.cache_dtype),
-                  ((0, 0), (0, 0), (0, count * size - length), (0, 0), (0, 0)))
-      x = x.reshape(layers, n, count, size, kv, d).transpose(0, 4, 1, 2, 3, 5)
-      return pool.at[:, :, rows[:, :count]].set(x)
-
-    cache = KVPages(scatter(state.cache.k, prefix.cache.k), scatter(state.cache.v, prefix.cache.v))
+    # Prefix row i goes page by page to the pages rows[i] names.
+    cache = KVPages(paged_kv.scatter(state.cache.k, rows, prefix.cache.k),
+                    paged_kv.scatter(state.cache.v, rows, prefix.cache.v))
     put = lambda a, b: a.at[slots].set(b, mode="drop")
     return self._pin(DecodeState(
         cache, put(state.pages, rows), put(state.positions, prefix.length),
@@ -404,18 +396,12 @@ class Engine:
 
   @functools.partial(jax.jit, static_argnums=0)
   def _read_pages(self, state: DecodeState, row) -> tuple[jax.Array, jax.Array]:
-    def read(pool):  # [layers, K, m, size, D] -> [layers, m * size, K, D]
-      x = pool[:, :, row].transpose(0, 2, 3, 1, 4)
-      return x.reshape(x.shape[0], -1, *x.shape[3:])
-    return read(state.cache.k), read(state.cache.v)
+    return paged_kv.read(state.cache.k, row), paged_kv.read(state.cache.v, row)
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
   def _write_pages(self, state: DecodeState, row, k, v) -> DecodeState:
-    def write(pool, x):  # [layers, m * size, K, D] -> the pages `row` names
-      layers, _, kv, d = x.shape
-      x = x.reshape(layers, -1, self.page_size, kv, d).transpose(0, 3, 1, 2, 4)
-      return pool.at[:, :, row].set(x.astype(pool.dtype))
-    cache = KVPages(write(state.cache.k, k), write(state.cache.v, v))
+    cache = KVPages(paged_kv.scatter(state.cache.k, row[None], k[:, None]),
+                    paged_kv.scatter(state.cache.v, row[None], v[:, None]))
     return self._pin(dataclasses.replace(state, cache=cache))
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)

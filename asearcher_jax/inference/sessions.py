@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+from asearcher_jax.models.paged_kv import pages_for
+
 log = logging.getLogger(__name__)
 
 
@@ -77,7 +79,7 @@ class SessionCache:
       n += 1
     if s.pages is None:
       return Held(n, host=s.host) if n else None
-    keep = -(-n // self.page_size)
+    keep = pages_for(n, self.page_size)
     self._free(s.pages[keep:])
     return Held(n, pages=s.pages[:keep]) if n else None
 

@@ -65,6 +65,23 @@ def gather(pool: jax.Array, layer, table: jax.Array, window: int) -> jax.Array:
   return out[:, :window]
 
 
+def scatter(pool: jax.Array, rows: jax.Array, x: jax.Array) -> jax.Array:
+  """pool with x [layers, n, length, K, D] written, every layer at once, at positions
+  0..length-1 of the sequences whose page-table rows are `rows` [n, pages]."""
+  layers, n, length, kv, d = x.shape
+  size = pool.shape[3]
+  count = pages_for(length, size)
+  x = jnp.pad(x.astype(pool.dtype), ((0, 0), (0, 0), (0, count * size - length), (0, 0), (0, 0)))
+  x = x.reshape(layers, n, count, size, kv, d).transpose(0, 4, 1, 2, 3, 5)
+  return pool.at[:, :, rows[:, :count]].set(x)
+
+
+def read(pool: jax.Array, row: jax.Array) -> jax.Array:
+  """Every layer's positions in the pages `row` names, in order: [layers, pages * size, K, D]."""
+  x = pool[:, :, row].transpose(0, 2, 3, 1, 4)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
 def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer,
                      table: jax.Array, lengths: jax.Array, window: int,
                      kernel: PagedKernel) -> jax.Array:
