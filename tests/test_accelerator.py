@@ -42,10 +42,10 @@ def packed_rows(length=256):
   return jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments)
 
 
-@pytest.mark.parametrize("impl", ["auto", "xla", "cudnn"])
+@pytest.mark.parametrize("impl", ["auto", "xla", "cudnn", "pallas"])
 def test_fused_attention_matches_reference_on_packed_rows(impl):
-  if impl == "cudnn" and jax.default_backend() != "gpu":
-    pytest.skip("cuDNN is a GPU kernel")
+  if impl in ("cudnn", "pallas") and jax.default_backend() != "gpu":
+    pytest.skip(f"{impl} is a GPU kernel")
   tokens, positions, segments = packed_rows()
   mesh = single_device_mesh()
   ref = forward(create_model(CFG, mesh, seed=0, dtype="float32", attention_impl="reference"),

@@ -4,13 +4,15 @@ One masking rule covers every use: a query attends to keys at positions no
 later than its own and in the same segment. Training packs several sequences
 into a row (segment ids, positions restart per segment); decoding attends to a
 cache whose slot j holds position j. `blockwise` (models/blockwise_attention.py)
-applies the rule block by block and never holds a [T, S] mask or scores.
+applies the rule block by block and never holds a [T, S] mask or scores; `pallas` does the same
+in the Pallas GPU flash-attention kernel.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from asearcher_jax.models.blockwise_attention import blockwise_attention
 from asearcher_jax.models.chunking import accumulation_dtype
@@ -76,9 +78,46 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Segmen
     positions, segment_ids = mask
     if impl == "blockwise":
       return blockwise_attention(q, k, v, positions, segment_ids)
+    if impl == "pallas":
+      return pallas_attention(q, k, v, segment_ids)
     mask = make_mask(positions, positions, segment_ids, segment_ids)
-  elif impl == "blockwise":  # a KV cache's mask (prefill and decode): XLA's dense path
+  elif impl in ("blockwise", "pallas"):  # a KV cache's mask (prefill and decode): XLA's path
     impl = "xla"
   if impl == "reference":
     return reference_attention(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+# The kernel's tiles: 128 x 128 forward (jax's default), 32 x 32 for the backward kernels.
+_PALLAS_BLOCK, _PALLAS_BACKWARD_BLOCK = 128, 32
+
+
+def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                     interpret: bool | None = None) -> jax.Array:
+  """Causal attention within segments through the Pallas GPU flash-attention kernel (jax's
+  `pallas.ops.gpu.attention.mha`, forward and backward): no [T, T] mask or scores, the tiles
+  above the diagonal skipped, other segments masked tile by tile.
+
+  The kernel is causal by index, which is the position rule for packed rows: each segment is
+  contiguous and its positions count up from 0 (rl/batch.py and train/lm.py pack so). Grouped
+  kv heads are repeated to the query heads. T is padded to whole tiles with a segment id no
+  token has. It is one device's kernel (a mesh of several would replicate it; the learner
+  refuses that). Off GPU it runs in Pallas interpret mode: the CPU tests' path, slow.
+  """
+  from jax.experimental.pallas.ops.gpu import attention as kernel  # noqa: PLC0415
+
+  b, t, n, d = q.shape
+  block = _PALLAS_BLOCK if t >= _PALLAS_BLOCK else max(16, 1 << (t - 1).bit_length())
+  padded = -(-t // block) * block
+  pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+  k, v = (jnp.repeat(x, n // x.shape[2], axis=2) for x in (k, v))
+  q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+  segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - t)),
+                        constant_values=jnp.iinfo(jnp.int32).min)
+  small = min(block, _PALLAS_BACKWARD_BLOCK)
+  sizes = kernel.BlockSizes(block_q=block, block_k=block, block_q_dkv=small,
+                            block_kv_dkv=small, block_q_dq=small, block_kv_dq=small)
+  out = kernel.mha(q, k, v, segment_ids, sm_scale=float(1 / np.sqrt(d)), causal=True,
+                   block_sizes=sizes,
+                   interpret=jax.default_backend() != "gpu" if interpret is None else interpret)
+  return out[:, :t]

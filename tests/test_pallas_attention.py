@@ -1,0 +1,103 @@
+"""Pallas GPU flash attention over packed rows (model.attention=pallas), run here in Pallas
+interpret mode: the reference's outputs and gradients, no [T, T] mask, and one device only."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import single_device_mesh, tiny_config
+from flax import nnx
+from test_blockwise_attention import LENGTHS, _largest, _packed
+
+from asearcher_jax.models.attention import make_mask, pallas_attention, reference_attention
+from asearcher_jax.models.config import ModelSection
+from asearcher_jax.models.pretrained import create_model, load_policy
+from asearcher_jax.sharding import make_mesh
+from asearcher_jax.train.lm import PackedBatch, make_sft_step
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_outputs_and_gradients_are_as_close_to_exact_as_xla_attention(dtype):
+  """Rows of many segments (some of length 1) and trailing padding, T = 37 (padded to whole
+  tiles inside), grouped kv heads: against float64 on the same rounded inputs, the kernel's
+  outputs and gradients are within a small multiple of XLA attention's error in the same
+  dtype. The cotangent is zero on padding, whose outputs no loss reads."""
+  t, n, k, d = 37, 4, 2, 8
+  pos, seg = _packed(LENGTHS, t)
+  rng = np.random.default_rng(1)
+  q, kk, v, g = (jnp.asarray(rng.normal(size=(len(LENGTHS), t, h, d)), dtype)
+                 for h in (n, k, k, n))
+  g = jnp.where((seg > 0)[:, :, None, None], g, 0)
+  mask = make_mask(pos, pos, seg, seg)
+  with jax.enable_x64(True):
+    exact_out, exact_vjp = jax.vjp(lambda *a: reference_attention(*a, mask),
+                                   *(x.astype(jnp.float64) for x in (q, kk, v)))
+    exact_grads = exact_vjp(g.astype(jnp.float64))
+  out, vjp = jax.vjp(lambda *a: pallas_attention(*a, seg, interpret=True), q, kk, v)
+  ref, ref_vjp = jax.vjp(lambda *a: jax.nn.dot_product_attention(
+      *a, mask=mask, implementation="xla"), q, kk, v)
+  valid = np.asarray(seg > 0)[:, :, None, None]
+
+  def err(x, y, where=True):
+    return float(np.max(np.abs(np.where(where, np.asarray(x, np.float64) - np.asarray(y), 0))))
+
+  eps = float(jnp.finfo(dtype).eps)
+  floor = 4 if dtype == jnp.bfloat16 else 64
+  # padding's outputs differ (each implementation lets it attend to something); no loss reads them
+  assert err(out, exact_out, valid) <= max(4 * err(ref, exact_out, valid), floor * eps)
+  for a, b, x in zip(vjp(g), ref_vjp(g), exact_grads):
+    scale = float(np.max(np.abs(np.asarray(x))))
+    assert err(a, x) <= max(4 * err(b, x), floor * eps * scale)
+
+
+def test_the_models_packed_forward_and_gradients_equal_xla_attention():
+  """The model's packed-row forward and the gradient of a loss over its real tokens are the
+  same with the kernel as with XLA's attention (float32: the same sums in another order)."""
+  mesh = single_device_mesh()
+  pos, seg = _packed(LENGTHS, 37)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, size=pos.shape), jnp.int32)
+  weight = (seg > 0).astype(jnp.float32)[:, :, None]
+  out, grads = {}, {}
+  with jax.set_mesh(mesh):
+    for impl in ("pallas", "xla"):
+      model = create_model(tiny_config(), mesh, seed=3, dtype="float32", attention_impl=impl)
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+      def loss(p):
+        m = nnx.merge(graphdef, p, rest)
+        h = m.hidden_states(tokens, pos, seg)[0]
+        return jnp.sum(jnp.sin(h) * weight), h
+
+      (_, h), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+      out[impl], grads[impl] = np.asarray(h), jax.tree.leaves(g)
+  eps = np.finfo(np.float32).eps
+  valid = np.asarray(seg > 0)
+  scale = float(np.max(np.abs(out["xla"])))
+  np.testing.assert_allclose(out["pallas"][valid], out["xla"][valid], rtol=0,
+                             atol=64 * eps * scale)
+  for a, b in zip(grads["pallas"], grads["xla"]):
+    np.testing.assert_allclose(a, b, rtol=0, atol=256 * eps * float(np.max(np.abs(b))))
+
+
+def test_a_compiled_training_step_holds_no_mask_or_scores():
+  """SFT on 2 x 512-token packed rows of a 2-layer model: no array of the optimized HLO is as
+  large as B x T x T (test_blockwise_attention shows the check fails with XLA's attention)."""
+  b, t = 2, 512
+  tok = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  batch = PackedBatch(tok, tok, tok, jax.ShapeDtypeStruct((b, t), jnp.bool_))
+  mesh = single_device_mesh()
+  with jax.set_mesh(mesh):
+    model = create_model(tiny_config(max_position_embeddings=t), mesh, seed=0,
+                         dtype="float32", attention_impl="pallas")
+    params, opt_state, step = make_sft_step(model, optax.adam(1e-3))
+    hlo = step.lower(params, opt_state, batch).compile().as_text()
+  assert _largest(hlo) < b * t * t
+
+
+def test_a_mesh_of_several_devices_is_refused():
+  section = ModelSection(arch=tiny_config(), attention="pallas", remat="none")
+  two = make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, devices=jax.devices()[:2])
+  with pytest.raises(ValueError, match="pallas runs on one device"):
+    load_policy(section, two)
+  load_policy(section, single_device_mesh())  # one device is fine
