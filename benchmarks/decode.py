@@ -12,7 +12,7 @@ gain. Then a 20-turn episode with and without a session, counting prefilled
 tokens, and the mixed-length workload: the decode step with one long context
 (`--long-context` tokens) among short ones against short ones only, which with
 the XLA paged path costs every slot the long one's reads and with the Pallas
-kernel (`--paged-attention pallas`, GPUs) should not. On a GPU it also reports
+kernel (`--paged-attention pallas`, GPUs and TPUs) should not. On a GPU it also reports
 the decode step against the memory roofline ((weights + KV bytes) / HBM
 bandwidth). Prints a table and writes JSON.
 """
@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from asearcher_jax.config import load_config  # noqa: E402
 from asearcher_jax.inference import Driver, Engine, Request, SamplingParams  # noqa: E402
 from asearcher_jax.models import create_model, save_pretrained  # noqa: E402
+from asearcher_jax.models.paged_kv import platform_kernel  # noqa: E402
 from asearcher_jax.sharding import make_mesh  # noqa: E402
 from benchmarks.common import device_figure, run_info, write_result  # noqa: E402
 
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
   p.add_argument("--long-context", type=int, default=512,
                  help="the long context of the mixed-length workload (0 skips it)")
   p.add_argument("--paged-attention", choices=["xla", "pallas"], default="xla",
-                 help="decode attention over the KV pages (pallas: the GPU kernel)")
+                 help="decode attention over the KV pages (pallas: the GPU or TPU kernel)")
   p.add_argument("--results", help="JSON output (default: benchmarks/results/...)")
   p.add_argument("overrides", nargs="*")
   args = p.parse_args(argv)
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
     if jax.default_backend() == "gpu" and torch.cuda.is_available():
       torch_model = torch_model.to("cuda")  # the same device class as ours
 
-  kernel = {"xla": "xla", "pallas": "pallas_gpu"}[args.paged_attention]
+  kernel = platform_kernel(args.paged_attention, jax.default_backend())
   rows = []
   for b in args.batches:
     prompts = rng.integers(0, arch.vocab_size, (b, args.prompt_len)).tolist()

@@ -12,6 +12,7 @@ from conftest import single_device_mesh, tiny_config
 
 from asearcher_jax.inference import Driver, Engine, Request, SamplingParams
 from asearcher_jax.models import create_model
+from asearcher_jax.models.paged_kv import platform_kernel
 from asearcher_jax.train.config import OptimizerSection
 from asearcher_jax.train.lm import PackedBatch, make_sft_step
 from asearcher_jax.train.optimizer import make_optimizer
@@ -59,12 +60,11 @@ def test_fused_attention_matches_reference_on_packed_rows(impl):
   assert err.max() < 0.15 and err.mean() < 0.02, (impl, err.max(), err.mean())
 
 
-@pytest.mark.parametrize("kernel", ["xla", "pallas_gpu"])
-def test_bf16_greedy_decode_follows_the_full_forward(kernel):
+@pytest.mark.parametrize("choice", ["xla", "pallas"])
+def test_bf16_greedy_decode_follows_the_full_forward(choice):
   """The engine's cached bf16 decode picks the tokens the full bf16 forward ranks first, with
-  either paged decode attention."""
-  if kernel == "pallas_gpu" and jax.default_backend() != "gpu":
-    pytest.skip("the Pallas paged-attention kernel is the GPU one")
+  either paged decode attention (pallas: this platform's kernel)."""
+  kernel = platform_kernel(choice, jax.default_backend())
   mesh = single_device_mesh()
   model = create_model(CFG, mesh, seed=1, dtype="bfloat16", attention_impl="auto")
   prompts = [RNG.randint(0, CFG.vocab_size, n).tolist() for n in (5, 33, 70)]

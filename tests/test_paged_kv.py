@@ -65,6 +65,38 @@ def test_pallas_paged_kernel_agrees_with_the_xla_path(model):
   np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-5)
 
 
+def test_pallas_tpu_paged_kernel_is_as_exact_as_the_xla_path_in_bf16():
+  """The TPU kernel (interpret mode, which runs its dots as a TPU does: bf16 passes) over a
+  shuffled bf16 pool, slots of different lengths: its outputs are as close to float64 on the
+  same inputs as the XLA path's, within a few bf16 ulps; an idle slot's output is finite."""
+  from asearcher_jax.models import paged_kv
+  b, kv, group, d, size, pages, per_row = 5, 2, 4, 128, 16, 48, 8
+  rng = np.random.default_rng(0)
+  pool = [jnp.asarray(rng.normal(size=(1, kv, pages + 1, size, d)), jnp.bfloat16)
+          for _ in range(2)]
+  table = rng.permutation(np.arange(1, pages + 1))[:b * per_row].reshape(b, per_row)
+  table[4] = paged_kv.SINK  # an idle slot
+  lengths = np.array([5, 128, 17, 64, 0], np.int32)
+  q = jnp.asarray(rng.normal(size=(b, 1, kv * group, d)), jnp.bfloat16)
+  outs = {kernel: np.asarray(jax.jit(
+      lambda q, k, v, t, n, kernel=kernel: paged_kv.decode_attention(
+          q, k, v, 0, t, n, per_row * size, kernel))(q, *pool, jnp.asarray(table),
+                                                     jnp.asarray(lengths)), np.float64)
+      for kernel in ("xla", "pallas_tpu_interpret")}
+  qn, kn, vn = (np.asarray(x, np.float64) for x in (q, *pool))
+  exact = np.zeros((b - 1, kv * group, d))
+  for i in range(b - 1):
+    for h in range(kv * group):
+      keys = kn[0, h // group][table[i]].reshape(-1, d)[:lengths[i]]
+      logits = keys @ qn[i, 0, h] / np.sqrt(d)
+      p = np.exp(logits - logits.max())
+      exact[i, h] = p / p.sum() @ vn[0, h // group][table[i]].reshape(-1, d)[:lengths[i]]
+  err = {k: np.max(np.abs(o[:b - 1, 0] - exact)) for k, o in outs.items()}
+  eps = float(jnp.finfo(jnp.bfloat16).eps)
+  assert err["pallas_tpu_interpret"] <= max(4 * err["xla"], 2 * eps * np.max(np.abs(exact)))
+  assert np.isfinite(outs["pallas_tpu_interpret"][b - 1]).all()
+
+
 def _serve(model, kv_pages, specs, steps, prefill_chunk=None):
   engine = Engine(model, slots=4, max_len=48, mesh=MESH, page_size=4, num_pages=kv_pages,
                   decode_steps=steps)
@@ -167,6 +199,10 @@ def test_pools_and_pages_that_cannot_work_are_refused(model):
     load_config(None, ["serve.max_len=64", "serve.page_size=16", "serve.kv_pages=3"])
   with pytest.raises(ConfigError, match="pallas needs serve.page_size a power of two >= 16"):
     load_config(None, ["serve.paged_attention=pallas", "serve.page_size=24"])
+  from asearcher_jax.models.paged_kv import platform_kernel
+  with pytest.raises(ValueError, match="pallas is a GPU or TPU kernel; this process runs on cpu"):
+    platform_kernel("pallas", "cpu")
+  assert [platform_kernel("pallas", p) for p in ("gpu", "tpu")] == ["pallas_gpu", "pallas_tpu"]
   with pytest.raises(ValueError, match="cannot hold one sequence"):
     Engine(model, slots=2, max_len=64, mesh=MESH, page_size=16, num_pages=3)
   engine = Engine(model, slots=2, max_len=64, mesh=MESH, page_size=16, num_pages=5)

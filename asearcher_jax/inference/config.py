@@ -34,8 +34,8 @@ class ServeSection(Section):
   page_size: int = Field(16, gt=0)
   kv_pages: int | None = Field(None, gt=0)
   # Decode attention over the pages: "xla" gathers every slot's first positions up to the
-  # longest live one (any platform); "pallas" is the Pallas GPU paged-attention kernel, which
-  # reads each slot's live pages alone (GPUs only).
+  # longest live one (any platform); "pallas" is the Pallas paged-attention kernel of the GPU or
+  # the TPU, which reads each slot's live pages alone (GPUs and TPUs only).
   paged_attention: Literal["xla", "pallas"] = "xla"
   # Tokens every slot generates per device dispatch in steady decode (one device loop, one
   # host sync per block); 1 while requests wait for a slot, so admission is never held back.

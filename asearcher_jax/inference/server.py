@@ -22,6 +22,7 @@ from asearcher_jax.inference.grpc_server import build_grpc_server
 from asearcher_jax.inference.http_server import OpenAIServer
 from asearcher_jax.inference.prometheus import DecodeMetrics
 from asearcher_jax.inference.service import DecodeService
+from asearcher_jax.models import paged_kv
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,7 @@ def build_server(cfg: Config, *, progress: bool = True) -> DecodeServer:
   from asearcher_jax.sharding import make_mesh
   s = cfg.serve
   token = require_token(s.host, s.token)  # fail before loading a model
-  if s.paged_attention == "pallas" and jax.default_backend() != "gpu":
-    raise ValueError(f"serve.paged_attention=pallas is the GPU kernel; this process runs on "
-                     f"{jax.default_backend()} (use xla)")
+  kernel = paged_kv.platform_kernel(s.paged_attention, jax.default_backend())  # before loading
   mesh = make_mesh(cfg.mesh.shape())
   # Decoding runs no backward pass, so what it would recompute there does not matter.
   served = cfg.model.model_copy(update={
@@ -111,7 +110,6 @@ def build_server(cfg: Config, *, progress: bool = True) -> DecodeServer:
     stop_ids.add(tokenizer.eos_id)
   eos = arch.eos_token_id
   stop_ids.update(eos if isinstance(eos, tuple) else (() if eos is None else (eos,)))
-  kernel = "pallas_gpu" if s.paged_attention == "pallas" else "xla"
   engine = Engine(model, slots=s.slots, max_len=s.max_len, mesh=mesh,
                   min_prefill_bucket=s.min_prefill_bucket,
                   decode_steps=s.steps_per_dispatch(jax.default_backend()),

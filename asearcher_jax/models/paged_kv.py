@@ -13,8 +13,8 @@ the layout of the Pallas paged-attention kernels (jax.experimental.pallas.ops.gp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import math
 from typing import Literal
 
@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 SINK = 0  # the page unallocated table entries name
-PagedKernel = Literal["xla", "pallas_gpu", "pallas_interpret"]
+PagedKernel = Literal["xla", "pallas_gpu", "pallas_interpret", "pallas_tpu",
+                      "pallas_tpu_interpret"]
 
 POOL_AXES = ("layers", "act_kv_heads", None, None, "head_dim")
 
@@ -82,29 +83,52 @@ def read(pool: jax.Array, row: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
+def platform_kernel(choice: str, platform: str) -> PagedKernel:
+  """The kernel `serve.paged_attention` names on a platform: pallas is the GPU or TPU one."""
+  if choice == "xla":
+    return "xla"
+  if platform not in ("gpu", "tpu"):
+    raise ValueError(f"serve.paged_attention={choice} is a GPU or TPU kernel; this process runs "
+                     f"on {platform} (use xla)")
+  return "pallas_gpu" if platform == "gpu" else "pallas_tpu"
+
+
 def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer,
                      table: jax.Array, lengths: jax.Array, window: int,
                      kernel: PagedKernel) -> jax.Array:
   """One query per sequence (q [B, 1, N, D]) over its first `lengths` cached positions.
 
-  "xla" reads every sequence's pages up to `window` and masks; the Pallas kernels read only
-  the pages that hold each sequence's `lengths` positions."""
+  "xla" reads every sequence's pages up to `window` and masks; the Pallas kernels (GPU: jax's
+  `pallas.ops.gpu.paged_attention`, TPU: `pallas.ops.tpu.paged_attention`, both on this pool's
+  layer layout; the `_interpret` kinds run them on CPU) read only the pages that hold each
+  sequence's `lengths` positions."""
   if kernel == "xla":
     return _xla_decode_attention(q, k_pool, v_pool, layer, table, lengths, window)
-  from jax.experimental.pallas.ops.gpu import paged_attention as pallas  # noqa: PLC0415
   b, _, n, d = q.shape
-  # The kernel splits a row's pages into k_splits partitions of whole compute blocks.
   pages = table.shape[1]
-  per_block = math.gcd(pages, 8)
-  run = functools.partial(
-      pallas.paged_attention, block_h=16, pages_per_compute_block=per_block,
-      k_splits=math.gcd(pages // per_block, 16), interpret=kernel == "pallas_interpret")
-  # The kernel does not scale the logits; attention here is softmax(q k / sqrt(d)).
+  per_block = math.gcd(pages, 8)  # pages a compute block reads: whole blocks make a row
+  # The kernels do not scale the logits; attention here is softmax(q k / sqrt(d)).
   scaled = (q[:, 0].astype(jnp.float32) / jnp.sqrt(jnp.float32(d))).astype(q.dtype)
-  # A full slot reads its whole table; an idle one (a row of sink pages) reads nothing.
-  lengths = jnp.where(table[:, 0] == SINK, 0, jnp.minimum(lengths, pages * k_pool.shape[3]))
-  lengths = lengths.astype(jnp.int32)
-  out = run(scaled, k_pool[layer].astype(q.dtype), v_pool[layer].astype(q.dtype), table, lengths)
+  # A full slot reads its whole table; an idle one (a row of sink pages) reads nothing, or on
+  # TPU its first sink position (that kernel leaves a row of length 0 unwritten).
+  idle = 1 if kernel.startswith("pallas_tpu") else 0
+  lengths = jnp.where(table[:, 0] == SINK, idle, jnp.minimum(lengths, pages * k_pool.shape[3]))
+  k, v = k_pool[layer].astype(q.dtype), v_pool[layer].astype(q.dtype)
+  if kernel.startswith("pallas_tpu"):
+    from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention  # noqa: PLC0415
+    interpret = (pltpu.force_tpu_interpret_mode() if kernel == "pallas_tpu_interpret"
+                 else contextlib.nullcontext())
+    with interpret:
+      out = paged_attention(scaled, k, v, lengths.astype(jnp.int32), table,
+                            pages_per_compute_block=per_block)
+  else:
+    from jax.experimental.pallas.ops.gpu import paged_attention as pallas  # noqa: PLC0415
+    # The GPU kernel splits a row's pages into k_splits partitions of whole compute blocks.
+    out = pallas.paged_attention(
+        scaled, k, v, table, lengths.astype(jnp.int32), block_h=16,
+        pages_per_compute_block=per_block, k_splits=math.gcd(pages // per_block, 16),
+        interpret=kernel == "pallas_interpret")
   return out.reshape(b, 1, n, d)
 
 
