@@ -184,7 +184,7 @@ def learner_group(cfg: Config, arch, devices: int, platform: str) -> tuple[Group
   tok = rows * T
   chunk = chunk_length(rows, T, d["V"])  # per device, as models/lm_head.py sizes it
   impl = resolve_impl_for(m.attention, platform, m.dtype, arch.head_dim)
-  fused = impl in ("cudnn", "blockwise", "pallas")  # no [T, S] scores: the output and lse
+  fused = impl in ("cudnn", "blockwise", "pallas", "splash")  # no [T, S] scores: out and lse
   scores = rows * d["N"] * T * T  # attention logits of one layer, elements
   # one layer at a time also holds its attention logits, their softmax and, in the backward
   # pass, their gradients (float32), beside its own intermediates
@@ -198,8 +198,9 @@ def learner_group(cfg: Config, arch, devices: int, platform: str) -> tuple[Group
         + (rows * d["N"] * T * 4 if fused else scores * 4)
   else:  # dots_no_batch: the weight matmuls' outputs; attention is recomputed
     saved = tok * cb * (3 * d["E"] + (d["N"] + 2 * d["K"]) * d["D"] + 2 * d["F"])
-  # + the [rows, 1, T, T] attention mask, which blockwise and pallas attention never build
-  activations = L * saved + live + (0 if impl in ("blockwise", "pallas") else rows * T * T)
+  # + the [rows, 1, T, T] attention mask, which blockwise attention and the kernels never build
+  activations = L * saved + live + (
+      0 if impl in ("blockwise", "pallas", "splash") else rows * T * T)
   items = [
       Item(f"parameters ({m.param_dtype})", n * pb,
            "shard them over more devices (mesh.fsdp, or mesh.tensor)"),

@@ -37,9 +37,12 @@ step decode_0.5b_pallas env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 $PY benchmarks/de
   --results "$OUT_DIR/decode_qwen2.5-0.5b_pallas.json"
 step train_step_1.5b_b4 $PY benchmarks/train_step.py --config configs/bench/qwen2.5-1.5b.yaml \
   --batch 4 --seq-len 4096 --steps 8 --results "$OUT_DIR/train_step_qwen2.5-1.5b_b4_s4096.json"
-# Packed rows (32 episodes of 128-1024 tokens a row) against one dense causal row, cuDNN's
-# dense mask against the Pallas flash kernel with segment ids (model.attention=pallas).
-for impl in cudnn pallas; do
+# Packed rows (32 episodes of 128-1024 tokens a row) against one dense causal row: on GPUs
+# cuDNN's dense mask against the Pallas flash kernel with segment ids (model.attention=pallas),
+# on TPUs XLA against splash attention.
+impls="cudnn pallas"
+[ "$($PY -c 'import jax; print(jax.default_backend())')" = tpu ] && impls="xla splash"
+for impl in $impls; do
   step train_step_1.5b_packed_$impl $PY benchmarks/train_step.py \
     --config configs/bench/qwen2.5-1.5b.yaml --batch 1 --episodes 32 --steps 8 \
     --results "$OUT_DIR/train_step_qwen2.5-1.5b_packed32_$impl.json" model.attention=$impl

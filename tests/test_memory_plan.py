@@ -73,13 +73,13 @@ def test_activations_by_hand_for_full_remat_and_xla_attention():
   assert learner["LM head"] == 3 * rows * T * 64 * 4
 
 
-def test_the_pallas_kernel_is_planned_like_blockwise_attention():
+def test_the_pallas_kernels_are_planned_like_blockwise_attention():
   """Neither holds a [T, T] mask or scores, only each layer's output and its lse."""
   acts = {impl: items(plan(small("rl.row_tokens=512", "model.remat=none",
                                  f"model.attention={impl}"), devices=1, device_memory_gib=1,
                            platform="gpu").groups[0])["activations"]
-          for impl in ("blockwise", "pallas", "xla")}
-  assert acts["pallas"] == acts["blockwise"] < acts["xla"]
+          for impl in ("blockwise", "pallas", "splash", "xla")}
+  assert acts["pallas"] == acts["splash"] == acts["blockwise"] < acts["xla"]
 
 
 @pytest.mark.parametrize("remat,attention", [("none", "xla"), ("full", "xla"),

@@ -1,5 +1,6 @@
-"""Pallas GPU flash attention over packed rows (model.attention=pallas), run here in Pallas
-interpret mode: the reference's outputs and gradients, no [T, T] mask, and one device only."""
+"""The Pallas flash-attention kernels over packed rows, the GPU's (model.attention=pallas) and
+the TPU's splash attention (splash), run here in Pallas interpret mode: the reference's outputs
+and gradients, no [T, T] mask, and one device only."""
 
 import jax
 import jax.numpy as jnp
@@ -10,15 +11,16 @@ from conftest import single_device_mesh, tiny_config
 from flax import nnx
 from test_blockwise_attention import LENGTHS, _largest, _packed
 
-from asearcher_jax.models.attention import make_mask, pallas_attention, reference_attention
+from asearcher_jax.models.attention import KERNELS, make_mask, reference_attention
 from asearcher_jax.models.config import ModelSection
 from asearcher_jax.models.pretrained import create_model, load_policy
 from asearcher_jax.sharding import make_mesh
 from asearcher_jax.train.lm import PackedBatch, make_sft_step
 
 
+@pytest.mark.parametrize("impl", ["pallas", "splash"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_outputs_and_gradients_are_as_close_to_exact_as_xla_attention(dtype):
+def test_outputs_and_gradients_are_as_close_to_exact_as_xla_attention(dtype, impl):
   """Rows of many segments (some of length 1) and trailing padding, T = 37 (padded to whole
   tiles inside), grouped kv heads: against float64 on the same rounded inputs, the kernel's
   outputs and gradients are within a small multiple of XLA attention's error in the same
@@ -34,7 +36,7 @@ def test_outputs_and_gradients_are_as_close_to_exact_as_xla_attention(dtype):
     exact_out, exact_vjp = jax.vjp(lambda *a: reference_attention(*a, mask),
                                    *(x.astype(jnp.float64) for x in (q, kk, v)))
     exact_grads = exact_vjp(g.astype(jnp.float64))
-  out, vjp = jax.vjp(lambda *a: pallas_attention(*a, seg, interpret=True), q, kk, v)
+  out, vjp = jax.vjp(lambda *a: KERNELS[impl](*a, seg, interpret=True), q, kk, v)
   ref, ref_vjp = jax.vjp(lambda *a: jax.nn.dot_product_attention(
       *a, mask=mask, implementation="xla"), q, kk, v)
   valid = np.asarray(seg > 0)[:, :, None, None]
@@ -51,7 +53,8 @@ def test_outputs_and_gradients_are_as_close_to_exact_as_xla_attention(dtype):
     assert err(a, x) <= max(4 * err(b, x), floor * eps * scale)
 
 
-def test_the_models_packed_forward_and_gradients_equal_xla_attention():
+@pytest.mark.parametrize("kernel", ["pallas", "splash"])
+def test_the_models_packed_forward_and_gradients_equal_xla_attention(kernel):
   """The model's packed-row forward and the gradient of a loss over its real tokens are the
   same with the kernel as with XLA's attention (float32: the same sums in another order)."""
   mesh = single_device_mesh()
@@ -60,7 +63,7 @@ def test_the_models_packed_forward_and_gradients_equal_xla_attention():
   weight = (seg > 0).astype(jnp.float32)[:, :, None]
   out, grads = {}, {}
   with jax.set_mesh(mesh):
-    for impl in ("pallas", "xla"):
+    for impl in (kernel, "xla"):
       model = create_model(tiny_config(), mesh, seed=3, dtype="float32", attention_impl=impl)
       graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -74,37 +77,42 @@ def test_the_models_packed_forward_and_gradients_equal_xla_attention():
   eps = np.finfo(np.float32).eps
   valid = np.asarray(seg > 0)
   scale = float(np.max(np.abs(out["xla"])))
-  np.testing.assert_allclose(out["pallas"][valid], out["xla"][valid], rtol=0,
+  np.testing.assert_allclose(out[kernel][valid], out["xla"][valid], rtol=0,
                              atol=64 * eps * scale)
-  for a, b in zip(grads["pallas"], grads["xla"]):
+  for a, b in zip(grads[kernel], grads["xla"]):
     np.testing.assert_allclose(a, b, rtol=0, atol=256 * eps * float(np.max(np.abs(b))))
 
 
-def test_a_compiled_training_step_holds_no_mask_or_scores():
-  """SFT on 2 x 512-token packed rows of a 2-layer model: no array of the optimized HLO is as
-  large as B x T x T (test_blockwise_attention shows the check fails with XLA's attention)."""
-  b, t = 2, 512
+# Splash attention keeps the causal masks of its diagonal tiles (two 512 x 512 arrays here)
+# whatever the rows hold: with 2 x 1024-token rows, B x T x T is four times as large.
+@pytest.mark.parametrize("kernel,t", [("pallas", 512), ("splash", 1024)])
+def test_a_compiled_training_step_holds_no_mask_or_scores(kernel, t):
+  """SFT on 2 packed rows of a 2-layer model: no array of the optimized HLO is as large as
+  B x T x T (test_blockwise_attention shows the check fails with XLA's attention)."""
+  b = 2
   tok = jax.ShapeDtypeStruct((b, t), jnp.int32)
   batch = PackedBatch(tok, tok, tok, jax.ShapeDtypeStruct((b, t), jnp.bool_))
   mesh = single_device_mesh()
   with jax.set_mesh(mesh):
     model = create_model(tiny_config(max_position_embeddings=t), mesh, seed=0,
-                         dtype="float32", attention_impl="pallas")
+                         dtype="float32", attention_impl=kernel)
     params, opt_state, step = make_sft_step(model, optax.adam(1e-3))
     hlo = step.lower(params, opt_state, batch).compile().as_text()
   assert _largest(hlo) < b * t * t
 
 
-def test_a_mesh_of_several_devices_is_refused():
-  section = ModelSection(arch=tiny_config(), attention="pallas", remat="none")
+@pytest.mark.parametrize("kernel", ["pallas", "splash"])
+def test_a_mesh_of_several_devices_is_refused(kernel):
+  section = ModelSection(arch=tiny_config(), attention=kernel, remat="none")
   two = make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, devices=jax.devices()[:2])
-  with pytest.raises(ValueError, match="pallas runs on one device"):
+  with pytest.raises(ValueError, match=f"{kernel} runs on one device"):
     load_policy(section, two)
   load_policy(section, single_device_mesh())  # one device is fine
 
 
-def test_an_sft_step_under_remat_equals_xla_attention():
-  """The kernel's custom VJP under full rematerialisation: one SGD step of SFT on packed rows
+@pytest.mark.parametrize("kernel", ["pallas", "splash"])
+def test_an_sft_step_under_remat_equals_xla_attention(kernel):
+  """The kernel's own backward pass under full rematerialisation: one SGD step of SFT on packed rows
   moves the weights as XLA's attention without remat does."""
   mesh = single_device_mesh()
   pos, seg = _packed(LENGTHS, 37)
@@ -112,11 +120,11 @@ def test_an_sft_step_under_remat_equals_xla_attention():
   batch = PackedBatch(tokens, pos, seg, seg > 0)
   stepped = {}
   with jax.set_mesh(mesh):
-    for impl, remat in (("pallas", "full"), ("xla", "none")):
+    for impl, remat in ((kernel, "full"), ("xla", "none")):
       model = create_model(tiny_config(), mesh, seed=0, dtype="float32", attention_impl=impl,
                            remat=remat)
       params, opt_state, step = make_sft_step(model, optax.sgd(1.0))
       stepped[impl] = jax.tree.leaves(step(params, opt_state, batch)[0])
   eps = np.finfo(np.float32).eps
-  for a, b in zip(stepped["pallas"], stepped["xla"]):
+  for a, b in zip(stepped[kernel], stepped["xla"]):
     np.testing.assert_allclose(a, b, rtol=0, atol=256 * eps * float(np.max(np.abs(b))))

@@ -4,8 +4,8 @@ One masking rule covers every use: a query attends to keys at positions no
 later than its own and in the same segment. Training packs several sequences
 into a row (segment ids, positions restart per segment); decoding attends to a
 cache whose slot j holds position j. `blockwise` (models/blockwise_attention.py)
-applies the rule block by block and never holds a [T, S] mask or scores; `pallas` does the same
-in the Pallas GPU flash-attention kernel.
+applies the rule block by block and never holds a [T, S] mask or scores; `pallas` and `splash`
+do the same in the Pallas flash-attention kernels of the GPU and the TPU.
 """
 
 from __future__ import annotations
@@ -78,18 +78,33 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Segmen
     positions, segment_ids = mask
     if impl == "blockwise":
       return blockwise_attention(q, k, v, positions, segment_ids)
-    if impl == "pallas":
-      return pallas_attention(q, k, v, segment_ids)
+    if impl in KERNELS:
+      return KERNELS[impl](q, k, v, segment_ids)
     mask = make_mask(positions, positions, segment_ids, segment_ids)
-  elif impl in ("blockwise", "pallas"):  # a KV cache's mask (prefill and decode): XLA's path
+  elif impl == "blockwise" or impl in KERNELS:  # a KV cache's mask (prefill, decode): XLA's
     impl = "xla"
   if impl == "reference":
     return reference_attention(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
-# The kernel's tiles: 128 x 128 forward (jax's default), 32 x 32 for the backward kernels.
+# The kernels' tiles. GPU: 128 x 128 forward (jax's default), 32 x 32 for the backward kernels.
+# TPU: 512 where the row is whole tiles of it (MaxText's choice), else 128.
 _PALLAS_BLOCK, _PALLAS_BACKWARD_BLOCK = 128, 32
+_SPLASH_BLOCK, _SPLASH_SMALL_BLOCK = 512, 128
+_PAD_SEGMENT = np.iinfo(np.int32).min  # the segment of the padding a kernel's tiles need
+
+
+def _pad_rows(q, k, v, segment_ids, multiple: int):
+  """q, k, v (kv heads repeated to q's), segment ids, padded along T to `multiple`."""
+  n, t = q.shape[2], q.shape[1]
+  padded = -(-t // multiple) * multiple
+  pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+  k, v = (jnp.repeat(x, n // x.shape[2], axis=2) for x in (k, v))
+  q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+  segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - t)),
+                        constant_values=_PAD_SEGMENT)
+  return q, k, v, segment_ids
 
 
 def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
@@ -106,14 +121,9 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   """
   from jax.experimental.pallas.ops.gpu import attention as kernel  # noqa: PLC0415
 
-  b, t, n, d = q.shape
+  t, d = q.shape[1], q.shape[3]
   block = _PALLAS_BLOCK if t >= _PALLAS_BLOCK else max(16, 1 << (t - 1).bit_length())
-  padded = -(-t // block) * block
-  pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
-  k, v = (jnp.repeat(x, n // x.shape[2], axis=2) for x in (k, v))
-  q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-  segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - t)),
-                        constant_values=jnp.iinfo(jnp.int32).min)
+  q, k, v, segment_ids = _pad_rows(q, k, v, segment_ids, block)
   small = min(block, _PALLAS_BACKWARD_BLOCK)
   sizes = kernel.BlockSizes(block_q=block, block_k=block, block_q_dkv=small,
                             block_kv_dkv=small, block_q_dq=small, block_kv_dq=small)
@@ -121,3 +131,38 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
                    block_sizes=sizes,
                    interpret=jax.default_backend() != "gpu" if interpret is None else interpret)
   return out[:, :t]
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                     interpret: bool | None = None) -> jax.Array:
+  """`pallas_attention` through the TPU's Pallas splash-attention kernel (forward and backward;
+  tiles the causal mask or the segments hide are skipped, by the kernel's mask info), one row
+  at a time. The same packing rule, padding and one-device limit; off TPU, interpret mode."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+    splash_attention_kernel as kernel,
+  )
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_mask as masks,
+  )
+  t, n, d = q.shape[1], q.shape[2], q.shape[3]
+  block = _SPLASH_BLOCK if t % _SPLASH_BLOCK == 0 else _SPLASH_SMALL_BLOCK
+  q, k, v, segment_ids = _pad_rows(q, k, v, segment_ids, block)
+  padded = q.shape[1]
+  sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  run = kernel.make_splash_mha(
+      masks.MultiHeadMask([masks.CausalMask((padded, padded))] * n), head_shards=1,
+      q_seq_shards=1, block_sizes=sizes,
+      interpret=jax.default_backend() != "tpu" if interpret is None else interpret)
+  scale = (1 / np.sqrt(d)).astype(np.float32)
+
+  def row(q, k, v, segments):  # [T, N, D] each; the kernel takes [N, T, D] and no scale
+    out = run((q * scale.astype(q.dtype)).swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1),
+              segment_ids=kernel.SegmentIds(segments, segments))
+    return out.swapaxes(0, 1)
+
+  return jax.vmap(row)(q, k, v, segment_ids)[:, :t]
+
+
+KERNELS = {"pallas": pallas_attention, "splash": splash_attention}

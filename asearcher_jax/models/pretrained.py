@@ -74,8 +74,8 @@ def load_policy(model: ModelSection, mesh: Mesh | None = None, *, progress: bool
     raise ValueError("model.remat auto: resolve it for the devices first "
                      "(memory_plan.resolve_remat); a policy that only serves takes none")
   mesh = mesh or default_mesh()
-  if model.attention == "pallas" and mesh.devices.size > 1:
-    raise ValueError(f"model.attention pallas runs on one device, and this mesh has "
+  if model.attention in ("pallas", "splash") and mesh.devices.size > 1:
+    raise ValueError(f"model.attention {model.attention} runs on one device, and this mesh has "
                      f"{mesh.devices.size}: its kernel is not partitioned over a mesh yet "
                      "(use cudnn or blockwise there)")
   kw = dict(param_dtype=model.param_dtype, dtype=model.dtype, attention_impl=model.attention,
