@@ -175,6 +175,35 @@ def test_session_eviction_to_host_and_drop(model):
       assert (r.cached_tokens > 0) == (name != "a")
 
 
+def test_session_turns_admitted_together_continue_in_one_call(model, monkeypatch):
+  """Three sessions' next turns, queued while the driver is paused, continue in one batched
+  prefill into their pages (one call, not three) and decode what a fresh prefill of the same
+  context decodes, greedy or sampled with the request's seed."""
+  engine = Engine(model, slots=4, max_len=64, mesh=MESH)
+  params = {"a": SamplingParams(temperature=0.0, max_new_tokens=4),
+            "b": SamplingParams(temperature=1.0, seed=7, max_new_tokens=4),
+            "c": SamplingParams(temperature=0.0, max_new_tokens=4)}
+  calls = []
+  with Driver(engine, device_sessions=4) as d:
+    ctx = {name: prompt(6 + i) for i, name in enumerate("abc")}
+    outs = {name: d.generate(ctx[name], params[name], session_id=name) for name in "abc"}
+    into = engine.prefill_into_batch
+    monkeypatch.setattr(engine, "prefill_into_batch",
+                        lambda *a, **k: (calls.append(len(a[2])), into(*a, **k))[1])
+    nxt = {name: ctx[name] + outs[name].output_ids + prompt(2 + i)
+           for i, name in enumerate("abc")}
+    d.pause()
+    reqs = {name: d.submit(Request(nxt[name], params[name], session_id=name)) for name in "abc"}
+    d.resume()
+    done = {name: r.wait(60) for name, r in reqs.items()}
+    assert calls == [3]
+    for name in "abc":
+      assert done[name].cached_tokens > 0
+      ref = d.generate(nxt[name], params[name])
+      assert done[name].output_ids == ref.output_ids
+      np.testing.assert_allclose(done[name].logprobs, ref.logprobs, atol=1e-5)
+
+
 @pytest.mark.parametrize("decode_steps", [1, 4])
 def test_interruption_switches_version_at_the_boundary(model, forward_logits, decode_steps):
   new_model = make_model(seed=1)
@@ -390,8 +419,9 @@ def test_warmup_compiles_everything_serving_meets(model, decode_steps):
   engine = Engine(model, slots=3, max_len=64, mesh=MESH, min_prefill_bucket=16,
                   decode_steps=decode_steps, num_pages=9)
   blocks = 3 if decode_steps > 1 else 0  # a block program per window
-  # page-table rewrites + (rows x buckets) + sessions + windows + blocks + host offload, back
-  assert engine.warmup() == 3 + 3 * 3 + 3 + 3 + blocks + 2
+  # page-table rewrites + (rows x buckets) x (fresh, sessions) + windows + blocks + host
+  # offload and back
+  assert engine.warmup() == 3 + 3 * 3 * 2 + 3 + blocks + 2
   compiled = []
 
   class Catch(logging.Handler):

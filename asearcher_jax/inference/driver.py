@@ -372,6 +372,7 @@ class Driver:
     free = [s for s in range(self.engine.slots)
             if self._slots[s] is None and s not in self._prefilling]
     fresh: list[tuple[int, Request]] = []
+    continuing: dict[int, tuple[Request, int]] = {}  # slot: (session turn, tokens its pages hold)
     spare = self.engine.slots - len(free)  # a page each running slot may need next
     while free:
       with self._wake:
@@ -393,13 +394,16 @@ class Driver:
       slot = free.pop(0)
       spare += 1
       if r.session_id and r.session_id in self._sessions:
-        self._guarded_prefill([(slot, r)], self._prefill_session)
+        self._guarded_prefill([(slot, r)], lambda b: self._prefill_session(b, continuing))
       else:
         self._held[slot] = self._pool.take(need)
         if self._chunked(len(r.prompt) + len(r.output_ids)):
           self._prefilling[slot] = (r, 0)  # reserved; its chunks come one a loop from here
         else:
           fresh.append((slot, r))
+    if continuing:
+      self._guarded_prefill([(slot, r) for slot, (r, _) in continuing.items()],
+                            lambda b: self._prefill_continuations(b, continuing))
     if fresh:
       self._guarded_prefill(fresh, self._prefill_fresh)
 
@@ -439,9 +443,11 @@ class Driver:
     self._count_prefill(batch, [len(c) for c in contexts], t0)
     self._after_prefill(batch, prefix.token, prefix.logprob, (prefix.top_ids, prefix.top_logprobs))
 
-  def _prefill_session(self, batch: list[tuple[int, Request]]) -> None:
+  def _prefill_session(self, batch: list[tuple[int, Request]],
+                       continuing: dict[int, tuple[Request, int]]) -> None:
     """A session's next turn: its pages (or its keys and values brought back from the host)
-    hold the common prefix; only the rest is prefilled, into the same pages."""
+    hold the common prefix; only the rest is prefilled, into the same pages: at once if it
+    takes chunks, else with the other turns admitted now (`continuing`, one call for all)."""
     (slot, r), = batch
     t0 = time.perf_counter()
     context = r.prompt + r.output_ids
@@ -462,7 +468,26 @@ class Driver:
     if not r.output_ids:
       r.cached_tokens = held.reused
     self._counters["reused"] += held.reused
-    self._prefill_from(slot, r, held.reused, t0)
+    if self._chunked(len(context) - held.reused):
+      self._prefill_from(slot, r, held.reused, t0)
+    else:
+      continuing[slot] = (r, held.reused)
+
+  def _prefill_continuations(self, batch: list[tuple[int, Request]],
+                             continuing: dict[int, tuple[Request, int]]) -> None:
+    """Session turns whose pages hold their common prefix: the rest of each, in one call."""
+    t0 = time.perf_counter()
+    starts = [continuing[slot][1] for slot, _ in batch]
+    rest = [np.asarray((r.prompt + r.output_ids)[start:], np.int32)
+            for (_, r), start in zip(batch, starts)]
+    ss = [r.sampling for _, r in batch]
+    self._state, first = self.engine.prefill_into_batch(
+        self.engine.params, self._state, [slot for slot, _ in batch], rest, starts,
+        [self._held[slot] for slot, _ in batch], [s.temperature for s in ss],
+        [s.top_k for s in ss], [s.top_p for s in ss], [r._key for _, r in batch],
+        top_logprobs=any(s.top_logprobs for s in ss))
+    self._count_prefill(batch, [len(x) for x in rest], t0)
+    self._after_prefill(batch, first.tokens, first.logprobs, (first.top_ids, first.top_logprobs))
 
   def _chunked(self, tokens: int) -> bool:
     return self.prefill_chunk is not None and tokens > self.prefill_chunk

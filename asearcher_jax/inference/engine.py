@@ -195,19 +195,45 @@ class Engine:
     """Prefills `tokens` (1-D, unpadded) after the `start` positions that `pages` already hold,
     straight into the pool, and makes `slot` decode from there: a session's next turn reads
     its earlier turns' keys and values where they lie. The result holds the first draw ([1])."""
-    n = len(tokens)
-    if n < 1:
-      raise ValueError("prefill needs at least one token")
-    self._check_room(start + n)
-    if len(pages) * self.page_size < start + n:
-      raise ValueError(f"{len(pages)} pages cannot hold {start + n} tokens")
-    padded = np.zeros((1, self.bucket(n)), np.int32)
-    padded[0, :n] = tokens
     key = np.asarray(jax.random.PRNGKey(0) if key is None else key, np.uint32)
+    state, result = self.prefill_into_batch(params, state, [slot], [tokens], [start], [pages],
+                                            [temperature], [top_k], [top_p], [key],
+                                            top_logprobs=top_logprobs)
+    return state, jax.tree.map(lambda x: x[:1], result)
+
+  def prefill_into_batch(self, params, state: DecodeState, slots: list[int], token_lists: list,
+                         starts: list[int], page_lists: list[list[int]], temperature: list,
+                         top_k: list, top_p: list, keys: list, top_logprobs: bool = False
+                         ) -> tuple[DecodeState, ResultTokens]:
+    """`prefill_into` for several slots in one call (rows padded to a power of two, tokens to
+    one bucket): several sessions continuing at once cost one dispatch. The result's row i is
+    slots[i]'s first draw (padding rows follow)."""
+    n = len(slots)
+    rows = _rows(n)
+    lengths = np.ones((rows,), np.int32)
+    lengths[:n] = [len(t) for t in token_lists]
+    for t, start, pages in zip(token_lists, starts, page_lists):
+      if len(t) < 1:
+        raise ValueError("prefill needs at least one token")
+      self._check_room(start + len(t))
+      if len(pages) * self.page_size < start + len(t):
+        raise ValueError(f"{len(pages)} pages cannot hold {start + len(t)} tokens")
+    tokens = np.zeros((rows, self.bucket(int(lengths.max()))), np.int32)
+    for i, t in enumerate(token_lists):
+      tokens[i, :len(t)] = t
+    table = np.full((rows, self.max_pages), SINK, np.int32)  # padding rows write to the sink
+    table[:n] = self.page_rows(page_lists)
+
+    def pad(values, dtype, fill):
+      out = np.full((rows,) + np.shape(values[0]), fill, dtype)
+      out[:n] = values
+      return jnp.asarray(out)
+
     return self._prefill_into(
-        params, state, jnp.int32(slot), jnp.asarray(padded), jnp.int32(n), jnp.int32(start),
-        jnp.asarray(self.page_rows([pages])[0]), jnp.float32(temperature), jnp.int32(top_k),
-        jnp.float32(top_p), jnp.asarray(key), top_n=MAX_TOP_LOGPROBS if top_logprobs else 0)
+        params, state, pad(slots, np.int32, self.slots), jnp.asarray(tokens),
+        jnp.asarray(lengths), pad(starts, np.int32, 0), jnp.asarray(table),
+        pad(temperature, np.float32, 0.0), pad(top_k, np.int32, 0), pad(top_p, np.float32, 1.0),
+        pad(keys, np.uint32, 0), top_n=MAX_TOP_LOGPROBS if top_logprobs else 0)
 
   def read_pages(self, state: DecodeState, pages: list[int], tokens: int
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -299,9 +325,9 @@ class Engine:
   def warmup(self) -> int:
     """Compiles every shape serving can meet, so no request ever waits for XLA.
 
-    That is: page-table rewrites and fresh prefill and insert for each batch of rows (powers
-    of two up to the slot count) and length bucket, session prefill into the pool for each
-    bucket, a session's trip to host memory and back, and generate for each attention window.
+    That is: page-table rewrites, and fresh prefill and insert and session prefill into the
+    pool for each batch of rows (powers of two up to the slot count) and length bucket, a
+    session's trip to host memory and back, and generate for each attention window.
     Returns how many shapes it ran. Worth it for a server; tests and short runs skip it.
     """
     shapes = 0
@@ -321,11 +347,11 @@ class Engine:
                                     [0] * n, [1.0] * n, [zeros_key] * n)
         m = min(n, self.slots)
         state = self.insert(prefix, state, list(range(m)), [pages] * m)
-        shapes += 1
-      # A session continuing after one held token, with new tokens in this bucket.
-      state, _ = self.prefill_into(self.params, state, 0, np.zeros(max(bucket - 1, 1), np.int32),
-                                   1, pages)
-      shapes += 1
+        # m sessions continuing after one held token each, with new tokens in this bucket
+        state, _ = self.prefill_into_batch(
+            self.params, state, list(range(m)), [np.zeros(max(bucket - 1, 1), np.int32)] * m,
+            [1] * m, [pages] * m, [0.0] * m, [0] * m, [1.0] * m, [zeros_key] * m)
+        shapes += 2
     for window in self.buckets:
       state, _ = self.generate(self.params, state, window)
       shapes += 1
@@ -375,23 +401,22 @@ class Engine:
         put(state.keys, prefix.key)))
 
   @functools.partial(jax.jit, static_argnums=0, static_argnames="top_n", donate_argnums=2)
-  def _prefill_into(self, params, state: DecodeState, slot, tokens, length, start, row,
-                    temperature, top_k, top_p, key, top_n=0
+  def _prefill_into(self, params, state: DecodeState, slots, tokens, lengths, starts, rows,
+                    temperature, top_k, top_p, keys, top_n=0
                     ) -> tuple[DecodeState, ResultTokens]:
     model = self._model(params)
-    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    # Padding positions past `length` write into the slot's own pages (overwritten as it
+    positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    # Padding positions past a row's length write into its own pages (overwritten as it
     # decodes) or, past them, into the sink.
-    hidden, cache = model.hidden_states(tokens, positions, cache=state.cache,
-                                        page_table=row[None], paged_kernel=self.paged_kernel)
-    last = jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1)
-    d = sample(model.logits(last)[:, 0], key[None], temperature[None], top_k[None],
-               top_p[None], top_n)
-    put = lambda a, b: a.at[slot].set(b)
+    hidden, cache = model.hidden_states(tokens, positions, cache=state.cache, page_table=rows,
+                                        paged_kernel=self.paged_kernel)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
+    d = sample(model.logits(last)[:, 0], keys, temperature, top_k, top_p, top_n)
+    put = lambda a, b: a.at[slots].set(b, mode="drop")
     return self._pin(DecodeState(
-        cache, put(state.pages, row), put(state.positions, start + length),
-        put(state.tokens, d.tokens[0]), put(state.temperature, temperature),
-        put(state.top_k, top_k), put(state.top_p, top_p), put(state.keys, d.keys[0]))), \
+        cache, put(state.pages, rows), put(state.positions, starts + lengths),
+        put(state.tokens, d.tokens), put(state.temperature, temperature),
+        put(state.top_k, top_k), put(state.top_p, top_p), put(state.keys, d.keys))), \
         ResultTokens(d.tokens, d.logprobs, d.top_ids, d.top_logprobs)
 
   @functools.partial(jax.jit, static_argnums=0)
