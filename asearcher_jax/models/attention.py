@@ -116,8 +116,8 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   The kernel is causal by index, which is the position rule for packed rows: each segment is
   contiguous and its positions count up from 0 (rl/batch.py and train/lm.py pack so). Grouped
   kv heads are repeated to the query heads. T is padded to whole tiles with a segment id no
-  token has. It is one device's kernel (a mesh of several would replicate it; the learner
-  refuses that). Off GPU it runs in Pallas interpret mode: the CPU tests' path, slow.
+  token has. It is one device's kernel (a mesh of several would replicate it; load_policy
+  refuses one). Off GPU it runs in Pallas interpret mode: the CPU tests' path, slow.
   """
   from jax.experimental.pallas.ops.gpu import attention as kernel  # noqa: PLC0415
 
@@ -136,30 +136,26 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                      interpret: bool | None = None) -> jax.Array:
   """`pallas_attention` through the TPU's Pallas splash-attention kernel (forward and backward;
-  tiles the causal mask or the segments hide are skipped, by the kernel's mask info), one row
-  at a time. The same packing rule, padding and one-device limit; off TPU, interpret mode."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
-    splash_attention_kernel as kernel,
-  )
-  from jax.experimental.pallas.ops.tpu.splash_attention import (
-    splash_attention_mask as masks,
-  )
+  the tiles above the diagonal skipped, other segments masked tile by tile), one row at a
+  time. The same packing rule, padding and one-device limit; off TPU, interpret mode."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # noqa: PLC0415
+
   t, n, d = q.shape[1], q.shape[2], q.shape[3]
   block = _SPLASH_BLOCK if t % _SPLASH_BLOCK == 0 else _SPLASH_SMALL_BLOCK
   q, k, v, segment_ids = _pad_rows(q, k, v, segment_ids, block)
   padded = q.shape[1]
-  sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
-  run = kernel.make_splash_mha(
-      masks.MultiHeadMask([masks.CausalMask((padded, padded))] * n), head_shards=1,
+  run = splash.make_splash_mha(
+      splash.MultiHeadMask([splash.CausalMask((padded, padded))] * n), head_shards=1,
       q_seq_shards=1, block_sizes=sizes,
       interpret=jax.default_backend() != "tpu" if interpret is None else interpret)
   scale = (1 / np.sqrt(d)).astype(np.float32)
 
   def row(q, k, v, segments):  # [T, N, D] each; the kernel takes [N, T, D] and no scale
     out = run((q * scale.astype(q.dtype)).swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1),
-              segment_ids=kernel.SegmentIds(segments, segments))
+              segment_ids=splash.SegmentIds(segments, segments))
     return out.swapaxes(0, 1)
 
   return jax.vmap(row)(q, k, v, segment_ids)[:, :t]
