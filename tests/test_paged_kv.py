@@ -194,6 +194,32 @@ def test_a_long_prefill_does_not_stall_the_slots_that_decode(model, monkeypatch)
     assert d._call(lambda: (len(d._prefilling), d._pool.free)) == (0, engine.num_pages)
 
 
+def test_an_error_while_admitting_loses_no_request(model):
+  """A device error while admission moves a session out of the pool (here: the first
+  eviction fails) leaves the requests that pass had already taken off the queue to be served
+  afterwards, as if nothing had happened, rather than lost."""
+  engine = Engine(model, slots=2, max_len=48, mesh=MESH, page_size=4, num_pages=12)
+  greedy = SamplingParams(temperature=0.0, max_new_tokens=4)
+  prompts = [list(range(1, 9)), list(range(3, 19))]
+  with Driver(engine, device_sessions=2) as d:
+    reference = [d.generate(p, greedy).output_ids for p in prompts]
+    d.generate(list(range(5, 25)), greedy, session_id="s")  # holds 6 of the 12 pages
+    evict, failed = d._sessions.evict, []
+
+    def fail_once(*a, **k):
+      if not failed:
+        failed.append(True)
+        raise RuntimeError("device error while moving a session out")
+      return evict(*a, **k)
+
+    d._sessions.evict = fail_once
+    d.pause()
+    reqs = [d.submit(Request(p, greedy)) for p in prompts]  # the second needs the session's
+    d.resume()
+    assert [r.wait(30).output_ids for r in reqs] == reference and failed
+    assert all(r.finish_reason == "length" for r in reqs)
+
+
 def test_pools_and_pages_that_cannot_work_are_refused(model):
   with pytest.raises(ConfigError, match="cannot hold one sequence of max_len 64"):
     load_config(None, ["serve.max_len=64", "serve.page_size=16", "serve.kv_pages=3"])

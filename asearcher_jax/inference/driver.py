@@ -367,40 +367,55 @@ class Driver:
           self._finish(r, "cancelled")
 
   def _admit(self) -> None:
-    """Fills free slots: session continuations one by one, fresh requests in one batched prefill.
+    """Fills free slots: session turns (their pages set up one by one, then prefilled in one
+    call) and fresh requests (in one batched prefill; long ones reserve a slot for chunks).
     A request waits while the pool lacks its pages plus one for each running slot."""
     free = [s for s in range(self.engine.slots)
             if self._slots[s] is None and s not in self._prefilling]
     fresh: list[tuple[int, Request]] = []
     continuing: dict[int, tuple[Request, int]] = {}  # slot: (session turn, tokens its pages hold)
+    reserved: list[tuple[int, Request]] = []  # slots reserved for chunked prefills
     spare = self.engine.slots - len(free)  # a page each running slot may need next
-    while free:
-      with self._wake:
-        if not self._pending:
+    try:
+      while free:
+        with self._wake:
+          if not self._pending:
+            break
+          r = self._pending[0]  # only this thread takes requests off the queue
+        need = self._pages_for(len(r.prompt) + len(r.output_ids))
+        # Room for its first block too (which may start a page), or the next dispatch would
+        # preempt it again at once.
+        room = self._pages_for(len(r.prompt) + len(r.output_ids) + 2 * self.engine.decode_steps)
+        # Other sessions' pages go first, then (if it must) the request's own session's.
+        while self._pool.free < room + spare and (self._sessions.evict(keep=r.session_id)
+                                                  or self._sessions.evict()):
+          pass
+        if self._pool.free < room + spare:
           break
-        r = self._pending[0]  # only this thread takes requests off the queue
-      need = self._pages_for(len(r.prompt) + len(r.output_ids))
-      # Room for its first block too (which may start a page), or the next dispatch would
-      # preempt it again at once.
-      room = self._pages_for(len(r.prompt) + len(r.output_ids) + 2 * self.engine.decode_steps)
-      # Other sessions' pages go first, then (if it must) the request's own session's.
-      while self._pool.free < room + spare and (self._sessions.evict(keep=r.session_id)
-                                                or self._sessions.evict()):
-        pass
-      if self._pool.free < room + spare:
-        break
-      with self._wake:
-        self._pending.popleft()
-      slot = free.pop(0)
-      spare += 1
-      if r.session_id and r.session_id in self._sessions:
-        self._guarded_prefill([(slot, r)], lambda b: self._prefill_session(b, continuing))
-      else:
-        self._held[slot] = self._pool.take(need)
-        if self._chunked(len(r.prompt) + len(r.output_ids)):
-          self._prefilling[slot] = (r, 0)  # reserved; its chunks come one a loop from here
+        with self._wake:
+          self._pending.popleft()
+        slot = free.pop(0)
+        spare += 1
+        if r.session_id and r.session_id in self._sessions:
+          self._guarded_prefill([(slot, r)], lambda b: self._prefill_session(b, continuing))
         else:
-          fresh.append((slot, r))
+          self._held[slot] = self._pool.take(need)
+          if self._chunked(len(r.prompt) + len(r.output_ids)):
+            self._prefilling[slot] = (r, 0)  # reserved; its chunks come one a loop from here
+            reserved.append((slot, r))
+          else:
+            fresh.append((slot, r))
+    except Exception:
+      # Requests this pass took off the queue go back to its head and their pages to the pool:
+      # an error here (moving a session out of the pool is device work) loses none of them.
+      taken = reserved + fresh + [(slot, r) for slot, (r, _) in continuing.items()]
+      for slot, _ in taken:
+        self._prefilling.pop(slot, None)
+        self._pool.give(self._held[slot])
+        self._held[slot] = []
+      with self._wake:
+        self._pending.extendleft(r for _, r in reversed(taken))
+      raise
     if continuing:
       self._guarded_prefill([(slot, r) for slot, (r, _) in continuing.items()],
                             lambda b: self._prefill_continuations(b, continuing))
