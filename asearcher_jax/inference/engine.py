@@ -208,32 +208,20 @@ class Engine:
     """`prefill_into` for several slots in one call (rows padded to a power of two, tokens to
     one bucket): several sessions continuing at once cost one dispatch. The result's row i is
     slots[i]'s first draw (padding rows follow)."""
-    n = len(slots)
-    rows = _rows(n)
-    lengths = np.ones((rows,), np.int32)
-    lengths[:n] = [len(t) for t in token_lists]
+    tokens, lengths = self._token_rows(token_lists)
     for t, start, pages in zip(token_lists, starts, page_lists):
-      if len(t) < 1:
-        raise ValueError("prefill needs at least one token")
       self._check_room(start + len(t))
       if len(pages) * self.page_size < start + len(t):
         raise ValueError(f"{len(pages)} pages cannot hold {start + len(t)} tokens")
-    tokens = np.zeros((rows, self.bucket(int(lengths.max()))), np.int32)
-    for i, t in enumerate(token_lists):
-      tokens[i, :len(t)] = t
+    rows = len(lengths)
     table = np.full((rows, self.max_pages), SINK, np.int32)  # padding rows write to the sink
-    table[:n] = self.page_rows(page_lists)
-
-    def pad(values, dtype, fill):
-      out = np.full((rows,) + np.shape(values[0]), fill, dtype)
-      out[:n] = values
-      return jnp.asarray(out)
-
+    table[:len(slots)] = self.page_rows(page_lists)
     return self._prefill_into(
-        params, state, pad(slots, np.int32, self.slots), jnp.asarray(tokens),
-        jnp.asarray(lengths), pad(starts, np.int32, 0), jnp.asarray(table),
-        pad(temperature, np.float32, 0.0), pad(top_k, np.int32, 0), pad(top_p, np.float32, 1.0),
-        pad(keys, np.uint32, 0), top_n=MAX_TOP_LOGPROBS if top_logprobs else 0)
+        params, state, _pad(slots, rows, np.int32, self.slots), tokens, lengths,
+        _pad(starts, rows, np.int32, 0), jnp.asarray(table),
+        _pad(temperature, rows, np.float32, 0.0), _pad(top_k, rows, np.int32, 0),
+        _pad(top_p, rows, np.float32, 1.0), _pad(keys, rows, np.uint32, 0),
+        top_n=MAX_TOP_LOGPROBS if top_logprobs else 0)
 
   def read_pages(self, state: DecodeState, pages: list[int], tokens: int
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -258,27 +246,25 @@ class Engine:
   def prefill_batch(self, params, token_lists: list, temperature: list, top_k: list, top_p: list,
                     keys: list, top_logprobs: bool = False) -> Prefix:
     """Prefills several fresh requests in one call (rows padded to a power of two)."""
-    n = len(token_lists)
-    rows = _rows(n)
-    lengths = np.ones((rows,), np.int32)
-    lengths[:n] = [len(t) for t in token_lists]
     for t in token_lists:
-      if len(t) < 1:
-        raise ValueError("prefill needs at least one token")
       self._check_room(len(t))
-    tokens = np.zeros((rows, self.bucket(int(lengths.max()))), np.int32)
+    tokens, lengths = self._token_rows(token_lists)
+    rows = len(lengths)
+    return self._prefill_fresh(params, tokens, lengths, _pad(temperature, rows, np.float32, 0.0),
+                               _pad(top_k, rows, np.int32, 0), _pad(top_p, rows, np.float32, 1.0),
+                               _pad(keys, rows, np.uint32, 0),
+                               top_n=MAX_TOP_LOGPROBS if top_logprobs else 0)
+
+  def _token_rows(self, token_lists: list) -> tuple[jax.Array, jax.Array]:
+    """Tokens [rows, bucket] and lengths [rows] of a batch, rows padded to a power of two
+    (padding rows hold one token)."""
+    if any(len(t) < 1 for t in token_lists):
+      raise ValueError("prefill needs at least one token")
+    lengths = [len(t) for t in token_lists]
+    tokens = np.zeros((_rows(len(lengths)), self.bucket(max(lengths))), np.int32)
     for i, t in enumerate(token_lists):
       tokens[i, :len(t)] = t
-
-    def pad(values, dtype, fill):
-      out = np.full((rows,) + np.shape(values[0]), fill, dtype)
-      out[:n] = values
-      return jnp.asarray(out)
-
-    return self._prefill_fresh(params, jnp.asarray(tokens), jnp.asarray(lengths),
-                               pad(temperature, np.float32, 0.0), pad(top_k, np.int32, 0),
-                               pad(top_p, np.float32, 1.0), pad(keys, np.uint32, 0),
-                               top_n=MAX_TOP_LOGPROBS if top_logprobs else 0)
+    return jnp.asarray(tokens), _pad(lengths, len(tokens), np.int32, 1)
 
   def insert(self, prefix: Prefix, state: DecodeState, slot: int | list[int],
              pages: list[list[int]] | None = None) -> DecodeState:
@@ -467,6 +453,13 @@ def _divisible_rules(mesh: Mesh, slots: int, kv_heads: int) -> dict:
   for axis, size in (("batch", slots), ("act_kv_heads", kv_heads)):
     rules[axis] = activation_target(mesh, axis, size)
   return rules
+
+
+def _pad(values: list, rows: int, dtype, fill) -> jax.Array:
+  """values (one per request) padded with `fill` to `rows` entries."""
+  out = np.full((rows,) + np.shape(values[0]), fill, dtype)
+  out[:len(values)] = values
+  return jnp.asarray(out)
 
 
 def _rows(n: int) -> int:

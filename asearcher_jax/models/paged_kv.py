@@ -111,10 +111,10 @@ def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer,
   scaled = (q[:, 0].astype(jnp.float32) / jnp.sqrt(jnp.float32(d))).astype(q.dtype)
   # A full slot reads its whole table; an idle one (a row of sink pages) reads nothing, or on
   # TPU its first sink position (that kernel leaves a row of length 0 unwritten).
-  idle = 1 if kernel.startswith("pallas_tpu") else 0
-  lengths = jnp.where(table[:, 0] == SINK, idle, jnp.minimum(lengths, pages * k_pool.shape[3]))
+  tpu = kernel.startswith("pallas_tpu")
+  lengths = jnp.where(table[:, 0] == SINK, int(tpu), jnp.minimum(lengths, pages * k_pool.shape[3]))
   k, v = k_pool[layer].astype(q.dtype), v_pool[layer].astype(q.dtype)
-  if kernel.startswith("pallas_tpu"):
+  if tpu:
     from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
     from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention  # noqa: PLC0415
     interpret = (pltpu.force_tpu_interpret_mode() if kernel == "pallas_tpu_interpret"
