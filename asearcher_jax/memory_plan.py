@@ -1,8 +1,9 @@
 """`asearcher plan`: what each device will hold, for a config and its meshes, before launch.
 
 A learner device holds its shards of the parameters, the AdamW moments (and the update being
-applied), the float32 gradient accumulator beside one micro-batch's gradients, the activations
-of one micro-batch under the remat policy, and one chunk of its logits. A decode server
+applied), the float32 gradient accumulator beside one micro-batch's gradients, the layers'
+weights in the compute dtype (cast once a step), the activations of one micro-batch under the
+remat policy, and one chunk of its logits. A decode server
 device holds its parameters, a second copy while a new version loads, the KV cache of
 serve.slots x serve.max_len, the sessions kept on device, and one full-length prefill.
 
@@ -129,9 +130,11 @@ def _split(size: int, ways: int) -> int:
   return size // ways if size % ways == 0 else size
 
 
-def param_elements(arch, mesh: dict[str, int], param_dtype: str = "float32") -> int:
-  """Parameter elements one device holds under `mesh` (the rules table's sharding); raises
-  ShardingError for a tensor the mesh does not divide."""
+def param_elements(arch, mesh: dict[str, int], param_dtype: str = "float32",
+                   under: str = "") -> int:
+  """Parameter elements one device holds under `mesh` (the rules table's sharding), of the
+  parameters whose path starts with `under`; raises ShardingError for a tensor the mesh does
+  not divide."""
   from flax import nnx
 
   from asearcher_jax.models.pretrained import abstract_model
@@ -142,6 +145,8 @@ def param_elements(arch, mesh: dict[str, int], param_dtype: str = "float32") -> 
       state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   for path, var in leaves:
     name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if not name.startswith(under):
+      continue
     axes = var.get_metadata().get("logical_axes")
     shape = var.get_value().shape
     if axes is None:
@@ -220,6 +225,10 @@ def learner_group(cfg: Config, arch, devices: int, platform: str) -> tuple[Group
            "float32)", 3 * rows * chunk * d["V"] * 4,
            "split the vocabulary (mesh.tensor)"),
   ]
+  if cb != pb:  # models/qwen.py casts the layers' weights once a step, before the layer loop
+    items.append(Item(f"layer weights in {m.dtype} (kept for the backward pass)",
+                      param_elements(arch, mesh, m.param_dtype, under="layers/") * cb,
+                      "shard them over more devices (mesh.fsdp)"))
   p = cfg.placement
   if p.decode_param_dtype is not None and p.decode_param_dtype != m.param_dtype:
     items.append(Item(f"published copy ({p.decode_param_dtype})",

@@ -29,7 +29,9 @@ LOGICAL_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "q_heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
+    "qkv": None,  # query heads, key, value of one kv head's group (models/qwen.py fuse_qkv)
     "mlp": "tensor",
+    "gate_up": None,
     "layers": None,
     "norm": None,
     # activations and caches

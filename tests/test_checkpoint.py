@@ -50,10 +50,10 @@ def test_save_on_one_mesh_restore_on_another(tmp_path):
   assert (out["step"], out["version"], out["metadata"]) == (5, 3, {"note": "x"})
   assert_trees_equal(out["params"], params)
   assert_trees_equal(out["opt_state"], opt_state)
-  assert out["params"]["layers/wq"].sharding == params_t["layers/wq"].sharding
-  assert out["params"]["layers/wq"].sharding.mesh.shape == MESH_B.shape
-  mu = out["opt_state"][1][0].mu["layers/wq"]  # chain(clip, adamw) -> adam moments
-  assert mu.sharding.spec == params_t["layers/wq"].sharding.spec
+  assert out["params"]["layers/wqkv"].sharding == params_t["layers/wqkv"].sharding
+  assert out["params"]["layers/wqkv"].sharding.mesh.shape == MESH_B.shape
+  mu = out["opt_state"][1][0].mu["layers/wqkv"]  # chain(clip, adamw) -> adam moments
+  assert mu.sharding.spec == params_t["layers/wqkv"].sharding.spec
 
 
 def test_interrupted_async_save_leaves_previous_step_and_can_be_redone(tmp_path):

@@ -241,8 +241,8 @@ def test_keep_kv_update_tags_new_version_and_refuses_bad_weights(model):
   with Driver(engine, version=0, update_mode="keep_kv") as d:
     good = flat_state(engine.params)
     bad = dict(good)
-    bad["layers/wq"] = jnp.zeros((1, 2, 3))
-    with pytest.raises(CheckpointError, match=r"layers/wq has shape \[1, 2, 3\]"):
+    bad["layers/wqkv"] = jnp.zeros((1, 2, 3))
+    with pytest.raises(CheckpointError, match=r"layers/wqkv has shape \[1, 2, 3\]"):
       load_weights(engine.params, bad, CFG)
     d.update_weights(1, load_weights(engine.params, good, CFG))
     with pytest.raises(ValueError, match="not newer than the serving version 1"):

@@ -36,9 +36,9 @@ def items(group) -> dict[str, int]:
 
 def test_parameters_optimizer_gradients_and_caches_by_hand():
   # Per device under fsdp=2: embed 64x32 and lm_head 32x64 halve (1024 + 1024), final_norm 32
-  # does not; per layer (x2): wq 32x2x16 /2 = 512, wk and wv 32x1x16 /2 = 256 each, wo 512,
-  # w_gate, w_up, w_down 32x64 /2 = 1024 each, attn_norm and mlp_norm 32, q_norm and k_norm 16.
-  per_layer = 512 + 256 + 256 + 512 + 3 * 1024 + 2 * 32 + 2 * 16
+  # does not; per layer (x2): wqkv 32x1x(2+2)x16 /2 = 1024, wo 32x16x2 /2 = 512, w_gate_up
+  # 32x2x64 /2 = 2048, w_down 1024, attn_norm and mlp_norm 32, q_norm and k_norm 16.
+  per_layer = 1024 + 512 + 2048 + 1024 + 2 * 32 + 2 * 16
   assert param_elements(small().model.arch, {"data": 1, "fsdp": 2, "tensor": 1}) \
       == 1024 + 1024 + 32 + 2 * per_layer == 11488
   cfg = small("model.dtype=bfloat16", "serve.slots=4", "serve.max_len=64",
@@ -49,6 +49,7 @@ def test_parameters_optimizer_gradients_and_caches_by_hand():
   assert learner["parameters"] == 4 * n  # float32 master weights
   assert learner["optimizer state"] == 3 * 4 * n  # mu, nu and the update
   assert learner["gradients"] == (4 + 4) * n  # float32 accumulator + one micro-batch's
+  assert learner["layer weights in bfloat16"] == 2 * 2 * per_layer  # cast once a step
   full = small().model.arch.num_params()
   assert decode["parameters"] == decode["parameters of the next version"] == 4 * full
   # keys and values: 2 x 2 layers x 1 kv head x 16 x 2 bytes (bf16) = 128 bytes a token, in
@@ -82,18 +83,19 @@ def test_the_pallas_kernels_are_planned_like_blockwise_attention():
   assert acts["pallas"] == acts["splash"] == acts["blockwise"] < acts["xla"]
 
 
-@pytest.mark.parametrize("remat,attention", [("none", "xla"), ("full", "xla"),
-                                              ("none", "blockwise")])
-def test_learner_estimate_tracks_xla_buffer_assignment(remat, attention):
+@pytest.mark.parametrize("remat,attention,dtype", [
+    ("none", "xla", "float32"), ("full", "xla", "float32"), ("none", "blockwise", "float32"),
+    ("full", "blockwise", "bfloat16")])
+def test_learner_estimate_tracks_xla_buffer_assignment(remat, attention, dtype):
   """The plan against what XLA allocates for the compiled step (arguments + temporaries)."""
   cfg = small("model.arch.num_layers=4", "model.arch.hidden_size=128",
               "model.arch.intermediate_size=256", "model.arch.num_heads=4",
               "model.arch.num_kv_heads=2", "model.arch.vocab_size=512", f"model.remat={remat}",
-              "model.dtype=float32", f"model.attention={attention}", "rl.row_tokens=512",
+              f"model.dtype={dtype}", f"model.attention={attention}", "rl.row_tokens=512",
               "rl.micro_batch_rows=2")
   est = plan(cfg, devices=1, device_memory_gib=1, platform="cpu").groups[0].total
   mesh = single_device_mesh()
-  model = create_model(cfg.model.arch, mesh, dtype="float32", attention_impl=attention,
+  model = create_model(cfg.model.arch, mesh, dtype=dtype, attention_impl=attention,
                        remat=remat)
   params, opt_state, step = make_ppo_step(model, make_optimizer(cfg.optimizer), cfg.rl)
   shape = (2, 2, 512)  # two micro-batches of two rows

@@ -88,7 +88,7 @@ def test_bf16_compute_stays_close_to_fp32():
   tokens = jnp.asarray(RNG.randint(0, 97, (2, 9)))
   f32 = forward(create_model(cfg, MESH, seed=0, dtype="float32"), tokens)
   bf16_model = create_model(cfg, MESH, seed=0, dtype="bfloat16")
-  assert flat_params(bf16_model)["layers/wq"].dtype == jnp.float32  # fp32 master weights
+  assert flat_params(bf16_model)["layers/wqkv"].dtype == jnp.float32  # fp32 master weights
   out = forward(bf16_model, tokens)
   assert out.dtype == np.float32
   np.testing.assert_allclose(out, f32, atol=0.05)
@@ -119,5 +119,25 @@ def test_parameters_carry_logical_axes():
   model = create_model(tiny_config("qwen2"), MESH, seed=0)
   axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], nnx.state(model, nnx.Param),
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
-  assert axes["layers"]["wq"] == ("layers", "embed", "q_heads", "head_dim")
+  assert axes["layers"]["wqkv"] == ("layers", "embed", "kv_heads", "qkv", "head_dim")
   assert axes["embed"] == ("vocab", "embed")
+
+
+def test_one_matmul_makes_q_k_v_and_one_makes_gate_and_up():
+  """A layer reads its weights in four matmuls (q/k/v, out, gate/up, down), from weights cast to
+  the compute dtype once, before the layer loop."""
+  cfg = tiny_config("qwen2")
+  model = create_model(cfg, MESH, seed=0, dtype="bfloat16", attention_impl="xla")
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  hlo = jax.jit(lambda m, t: m(t)[0]).lower(model, tokens).as_text()
+  dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+  g = cfg.num_heads // cfg.num_kv_heads
+  E, K, D, F = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+  weight_dots = [d for d in dots if f"tensor<{E}x{K}x{g + 2}x{D}xbf16>" in d
+                 or f"tensor<{E}x2x{F}xbf16>" in d or f"tensor<{F}x{E}xbf16>" in d
+                 or f"tensor<{cfg.num_heads}x{D}x{E}xbf16>" in d]
+  assert len(weight_dots) == 4, "\n".join(dots)
+  assert len(dots) == 4 + 2 + 1  # and attention's two, and the LM head
+  layer_casts = [line for line in hlo.splitlines() if "stablehlo.convert" in line
+                 and f"tensor<{cfg.num_layers}x{E}x{K}x{g + 2}x{D}xf32>" in line]
+  assert len(layer_casts) == 1  # all layers' q/k/v weights, once, outside the scan

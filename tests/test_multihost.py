@@ -217,7 +217,7 @@ def test_two_then_three_process_learner_trains_checkpoints_and_publishes(tmp_pat
   weights = run / "weights"
   with Checkpointer(str(weights), read_only=True) as ck:
     man = ck.read_manifest(3)
-  assert len(man["tensors"]["layers/w_up"]["chunks"]) == 6  # fsdp 6: six chunks, six hashes
+  assert len(man["tensors"]["layers/w_gate_up"]["chunks"]) == 6  # fsdp 6: six chunks, six hashes
   assert weight_manifest.verify(served_2, man) == sum(
       len(t["chunks"]) for t in man["tensors"].values())
   assert sorted(process_bytes(str(weights / "3"))) == [f"ocdbt.process_{i}" for i in range(3)]
@@ -230,7 +230,7 @@ def test_manifest_chunks_follow_the_writer_and_verify_under_any_layout():
   model = create_model(cfg, wide, seed=3, dtype="float32")
   flat = flat_state(nnx.state(model, nnx.Param))
   man = weight_manifest.build(flat)
-  assert len(man["tensors"]["layers/w_gate"]["chunks"]) == 8  # embed/4 x mlp/2
+  assert len(man["tensors"]["layers/w_gate_up"]["chunks"]) == 8  # embed/4 x mlp/2
   assert len(man["tensors"]["layers/attn_norm"]["chunks"]) == 1  # replicated: hashed once
   host = {k: np.asarray(v) for k, v in flat.items()}
   assert weight_manifest.verify(host, man) == sum(len(t["chunks"])
@@ -239,9 +239,10 @@ def test_manifest_chunks_follow_the_writer_and_verify_under_any_layout():
   moved = {k: jax.device_put(v, jax.sharding.NamedSharding(other, v.sharding.spec))
            for k, v in flat.items()}
   weight_manifest.verify(moved, man)
-  bad = dict(host, **{"layers/w_up": host["layers/w_up"].copy()})
-  bad["layers/w_up"][0, 30, 50] += 1e-3  # in the chunk of embed 24:36, mlp 48:96
-  with pytest.raises(CheckpointError, match=r"layers/w_up\[0:1, 24:36, 48:96\] does not match"):
+  bad = dict(host, **{"layers/w_gate_up": host["layers/w_gate_up"].copy()})
+  bad["layers/w_gate_up"][0, 30, 1, 50] += 1e-3  # in the chunk of embed 24:36, mlp 48:96
+  with pytest.raises(CheckpointError,
+                     match=r"layers/w_gate_up\[0:1, 24:36, 0:2, 48:96\] does not match"):
     weight_manifest.verify(bad, man)
 
 

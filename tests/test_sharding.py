@@ -40,9 +40,12 @@ def test_sharded_forward_equals_unsharded(reference, shape):
 
 def test_parameters_are_born_sharded():
   mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
-  wq = flat_params(create_model(CFG, mesh, seed=0))["layers/wq"]  # [L, E, N, D]
-  assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
-  assert {s.data.shape for s in wq.addressable_shards} == {(2, 16, 4, 8)}
+  params = flat_params(create_model(CFG, mesh, seed=0))
+  wqkv = params["layers/wqkv"]  # [L, E, K, N/K + 2, D]: each kv head beside its query heads
+  assert wqkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None, None)
+  assert {s.data.shape for s in wqkv.addressable_shards} == {(2, 16, 2, 4, 8)}
+  w_gate_up = params["layers/w_gate_up"]  # [L, E, 2, F]
+  assert w_gate_up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor")
 
 
 def test_mesh_fill_axis_takes_remaining_devices():
@@ -63,6 +66,6 @@ def test_bad_mesh_shapes_are_refused(shape, message):
 
 def test_mesh_that_does_not_divide_heads_names_tensor_and_axis():
   mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 8})
-  with pytest.raises(ShardingError, match=r"layers/[bw][kv]: dimension \d \(kv_heads, size 4\) is "
+  with pytest.raises(ShardingError, match=r"layers/[bw]qkv: dimension \d \(kv_heads, size 4\) is "
                      r"not divisible by mesh axis 'tensor' of size 8"):
     create_model(CFG, mesh)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from asearcher_jax.errors import CheckpointError
 from asearcher_jax.models.config import QwenConfig, read_json
+from asearcher_jax.models.qwen import fuse_qkv, split_qkv
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -40,17 +41,35 @@ Transform = Callable[[np.ndarray], np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
-  """One of our parameters and the HF tensor(s) it comes from (one per layer if stacked)."""
+  """One of our parameters and the HF tensors it is made of (one set per layer if stacked).
 
-  ours: str  # path in our parameter tree, e.g. "layers/wq"
-  hf: str  # HF name; "{i}" is the layer index for stacked parameters
-  hf_shape: tuple[int, ...]  # per layer for stacked parameters
-  to_ours: Transform
-  to_hf: Transform
+  Fused projections are made of several HF tensors (q, k and v; gate and up); `to_ours`
+  takes them in `hf` order and `to_hf` gives them back in that order.
+  """
+
+  ours: str  # path in our parameter tree, e.g. "layers/wqkv"
+  hf: tuple[str, ...]  # HF names; "{i}" is the layer index for stacked parameters
+  hf_shapes: tuple[tuple[int, ...], ...]  # per layer for stacked parameters
+  to_ours: Callable[..., np.ndarray]
+  to_hf: Callable[[np.ndarray], tuple[np.ndarray, ...]]
 
   @property
   def stacked(self) -> bool:
-    return "{i}" in self.hf
+    return "{i}" in self.hf[0]
+
+  def names(self, layer: int | None = None) -> list[str]:
+    return [n.format(i=layer) for n in self.hf]
+
+  def read(self, get: Callable[[str], np.ndarray], layer: int | None = None) -> np.ndarray:
+    return self.to_ours(*(get(n) for n in self.names(layer)))
+
+  def our_shape(self) -> tuple[int, ...]:
+    return self.to_ours(*(np.empty(s, np.int8) for s in self.hf_shapes)).shape
+
+
+def _single(ours: str, hf: str, hf_shape: tuple[int, ...], to_ours: Transform,
+            to_hf: Transform) -> TensorMap:
+  return TensorMap(ours, (hf,), (hf_shape,), to_ours, lambda x: (to_hf(x),))
 
 
 def tensor_maps(cfg: QwenConfig) -> list[TensorMap]:
@@ -59,52 +78,53 @@ def tensor_maps(cfg: QwenConfig) -> list[TensorMap]:
   N, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   same = lambda x: x
   transpose = lambda x: x.T
-
-  def in_proj(heads):  # HF [heads*D, E] <-> ours [E, heads, D]
-    return (lambda x: x.reshape(heads, D, E).transpose(2, 0, 1),
-            lambda x: x.transpose(1, 2, 0).reshape(heads * D, E))
-
-  def head_bias(heads):  # [heads*D] <-> [heads, D]
-    return (lambda x: x.reshape(heads, D), lambda x: x.reshape(heads * D))
-
+  in_proj = lambda x: x.reshape(-1, D, E).transpose(2, 0, 1)  # HF [heads*D, E] -> [E, heads, D]
+  out_of_proj = lambda x: x.transpose(1, 2, 0).reshape(-1, E)
+  head_bias = lambda x: x.reshape(-1, D)  # [heads*D] -> [heads, D]
+  flat = lambda x: x.reshape(-1)
   out_proj = (lambda x: x.reshape(E, N, D).transpose(1, 2, 0),
               lambda x: x.transpose(2, 0, 1).reshape(E, N * D))
   L = "model.layers.{i}."
-  maps = [TensorMap("embed", "model.embed_tokens.weight", (V, E), same, same)]
+  qkv_names = tuple(L + f"self_attn.{p}_proj" for p in "qkv")
+  qkv_shapes = (N * D, K * D, K * D)
+  maps = [_single("embed", "model.embed_tokens.weight", (V, E), same, same)]
   maps += [
-      TensorMap("layers/attn_norm", L + "input_layernorm.weight", (E,), same, same),
-      TensorMap("layers/wq", L + "self_attn.q_proj.weight", (N * D, E), *in_proj(N)),
-      TensorMap("layers/wk", L + "self_attn.k_proj.weight", (K * D, E), *in_proj(K)),
-      TensorMap("layers/wv", L + "self_attn.v_proj.weight", (K * D, E), *in_proj(K)),
-      TensorMap("layers/wo", L + "self_attn.o_proj.weight", (E, N * D), *out_proj),
+      _single("layers/attn_norm", L + "input_layernorm.weight", (E,), same, same),
+      TensorMap("layers/wqkv", tuple(n + ".weight" for n in qkv_names),
+                tuple((rows, E) for rows in qkv_shapes),
+                lambda q, k, v: fuse_qkv(in_proj(q), in_proj(k), in_proj(v)),
+                lambda x: tuple(out_of_proj(t) for t in split_qkv(x))),
+      _single("layers/wo", L + "self_attn.o_proj.weight", (E, N * D), *out_proj),
   ]
   if cfg.qkv_bias:
-    maps += [
-        TensorMap("layers/bq", L + "self_attn.q_proj.bias", (N * D,), *head_bias(N)),
-        TensorMap("layers/bk", L + "self_attn.k_proj.bias", (K * D,), *head_bias(K)),
-        TensorMap("layers/bv", L + "self_attn.v_proj.bias", (K * D,), *head_bias(K)),
-    ]
+    maps.append(TensorMap("layers/bqkv", tuple(n + ".bias" for n in qkv_names),
+                          tuple((rows,) for rows in qkv_shapes),
+                          lambda q, k, v: fuse_qkv(head_bias(q), head_bias(k), head_bias(v)),
+                          lambda x: tuple(flat(t) for t in split_qkv(x))))
   if cfg.o_bias:
-    maps.append(TensorMap("layers/bo", L + "self_attn.o_proj.bias", (E,), same, same))
+    maps.append(_single("layers/bo", L + "self_attn.o_proj.bias", (E,), same, same))
   if cfg.qk_norm:
     maps += [
-        TensorMap("layers/q_norm", L + "self_attn.q_norm.weight", (D,), same, same),
-        TensorMap("layers/k_norm", L + "self_attn.k_norm.weight", (D,), same, same),
+        _single("layers/q_norm", L + "self_attn.q_norm.weight", (D,), same, same),
+        _single("layers/k_norm", L + "self_attn.k_norm.weight", (D,), same, same),
     ]
   maps += [
-      TensorMap("layers/mlp_norm", L + "post_attention_layernorm.weight", (E,), same, same),
-      TensorMap("layers/w_gate", L + "mlp.gate_proj.weight", (F, E), transpose, transpose),
-      TensorMap("layers/w_up", L + "mlp.up_proj.weight", (F, E), transpose, transpose),
-      TensorMap("layers/w_down", L + "mlp.down_proj.weight", (E, F), transpose, transpose),
-      TensorMap("final_norm", "model.norm.weight", (E,), same, same),
+      _single("layers/mlp_norm", L + "post_attention_layernorm.weight", (E,), same, same),
+      TensorMap("layers/w_gate_up", (L + "mlp.gate_proj.weight", L + "mlp.up_proj.weight"),
+                ((F, E), (F, E)), lambda gate, up: np.stack([gate.T, up.T], axis=1),
+                lambda x: (x[:, 0].T, x[:, 1].T)),
+      _single("layers/w_down", L + "mlp.down_proj.weight", (E, F), transpose, transpose),
+      _single("final_norm", "model.norm.weight", (E,), same, same),
   ]
   if not cfg.tie_embeddings:
-    maps.append(TensorMap("lm_head", "lm_head.weight", (V, E), transpose, transpose))
+    maps.append(_single("lm_head", "lm_head.weight", (V, E), transpose, transpose))
   return maps
 
 
-def _hf_names(tm: TensorMap, cfg: QwenConfig) -> list[str]:
-  return [tm.hf.format(i=i) for i in range(cfg.num_layers)] if tm.stacked else [tm.hf]
+def _hf_tensors(tm: TensorMap, cfg: QwenConfig) -> list[tuple[str, tuple[int, ...]]]:
+  """Every HF tensor of `tm` with its shape, layer by layer."""
+  layers = range(cfg.num_layers) if tm.stacked else [None]
+  return [(n, s) for i in layers for n, s in zip(tm.names(i), tm.hf_shapes)]
 
 
 class SafetensorsReader:
@@ -149,16 +169,16 @@ class SafetensorsReader:
     """Checks every tensor the config needs is present with the shape it implies, and no other."""
     expected = set()
     for tm in tensor_maps(cfg):
-      for name in _hf_names(tm, cfg):
+      for name, hf_shape in _hf_tensors(tm, cfg):
         expected.add(name)
         if name not in self.files:
           raise CheckpointError(
-              f"{self.path}: missing tensor {name} (expected shape {list(tm.hf_shape)})")
+              f"{self.path}: missing tensor {name} (expected shape {list(hf_shape)})")
         shape = self.shape(name)
-        if shape != tm.hf_shape:
+        if shape != hf_shape:
           raise CheckpointError(
               f"{self.files[name]}: tensor {name} has shape {list(shape)}, but config.json "
-              f"implies {list(tm.hf_shape)}")
+              f"implies {list(hf_shape)}")
     ignored = _IGNORED_WHEN_TIED if cfg.tie_embeddings else ()
     extra = sorted(n for n in self.files if n not in expected and n not in ignored
                    and not n.endswith(_IGNORED_SUFFIXES))
@@ -179,17 +199,16 @@ def load_hf_params(path: str, cfg: QwenConfig, shardings: dict[str, jax.sharding
   for tm in tqdm(maps, desc=f"loading {os.path.basename(os.path.normpath(path))}",
                  disable=not progress, unit="tensor"):
     if tm.stacked:
-      shape = (cfg.num_layers,) + tm.to_ours(np.empty(tm.hf_shape, np.int8)).shape
+      shape = (cfg.num_layers,) + tm.our_shape()
 
       def read(index, tm=tm):
         layers = range(cfg.num_layers)[index[0]]
-        return np.stack([tm.to_ours(reader.get(tm.hf.format(i=i)))[index[1:]].astype(dtype)
-                         for i in layers])
+        return np.stack([tm.read(reader.get, i)[index[1:]].astype(dtype) for i in layers])
     else:
-      shape = tm.to_ours(np.empty(tm.hf_shape, np.int8)).shape
+      shape = tm.our_shape()
 
       def read(index, tm=tm):
-        return tm.to_ours(reader.get(tm.hf))[index].astype(dtype)
+        return tm.read(reader.get)[index].astype(dtype)
 
     out[tm.ours] = jax.make_array_from_callback(shape, shardings[tm.ours], read)
   return out
@@ -271,8 +290,9 @@ def save_hf_checkpoint(params: dict[str, jax.Array], cfg: QwenConfig, out_dir: s
         raise CheckpointError(f"parameter {tm.ours} is missing from the model being exported")
       host = _to_host(params[tm.ours])
       layers = [host[i] for i in range(cfg.num_layers)] if tm.stacked else [host]
-      for name, x in zip(_hf_names(tm, cfg), layers):
-        t = np.ascontiguousarray(tm.to_hf(x).astype(np_dtype or x.dtype))
+      tensors = [t for x in layers for t in tm.to_hf(x)]
+      for (name, _), x in zip(_hf_tensors(tm, cfg), tensors):
+        t = np.ascontiguousarray(x.astype(np_dtype or x.dtype))
         if size and size + t.nbytes > max_shard_bytes:
           flush()
         shards[-1][name] = t

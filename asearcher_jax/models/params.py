@@ -1,4 +1,4 @@
-"""The policy's parameters as a flat {"layers/wq": leaf} mapping, the one form checkpoints, weight
+"""The policy's parameters as a flat {"layers/wqkv": leaf} mapping, the one form checkpoints, weight
 publication and weight swaps exchange; and back into an nnx State or model."""
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ def flatten(tree: dict) -> dict[str, Any]:
 
 
 def flat_state(state) -> dict[str, Any]:
-  """{"layers/wq": leaf, ...}: an nnx State's leaves by path."""
+  """{"layers/wqkv": leaf, ...}: an nnx State's leaves by path."""
   return flatten(nnx.to_pure_dict(state))
 
 
 def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
-  """{"layers/wq": array, ...}: the model's parameters by path."""
+  """{"layers/wqkv": array, ...}: the model's parameters by path."""
   return flat_state(nnx.state(model, nnx.Param))
 
 

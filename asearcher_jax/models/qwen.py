@@ -16,6 +16,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from asearcher_jax.models import paged_kv
@@ -64,35 +65,55 @@ class DecoderLayers(nnx.Module):
     L, E, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
     N, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     normal = jax.nn.initializers.normal(0.02)
-
-    def param(shape, axes, init=normal):
-      return nnx.Param(init(rngs.params(), shape, param_dtype), logical_axes=axes)
-
     ones, zeros = jax.nn.initializers.ones, jax.nn.initializers.zeros
-    self.attn_norm = param((L, E), ("layers", "norm"), ones)
-    self.wq = param((L, E, N, D), ("layers", "embed", "q_heads", "head_dim"))
-    self.wk = param((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
-    self.wv = param((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"))
-    self.wo = param((L, N, D, E), ("layers", "q_heads", "head_dim", "embed"))
+    # Every tensor draws its own key in the order of the unfused layout (q, k, v; gate, up), so
+    # a seed initialises the same model as before the projections were fused.
+    draw = lambda shape, init=normal: init(rngs.params(), shape, param_dtype)
+    param = lambda value, axes: nnx.Param(value, logical_axes=axes)
+
+    self.attn_norm = param(draw((L, E), ones), ("layers", "norm"))
+    self.wqkv = param(fuse_qkv(draw((L, E, N, D)), draw((L, E, K, D)), draw((L, E, K, D))),
+                      ("layers", "embed", "kv_heads", "qkv", "head_dim"))
+    self.wo = param(draw((L, N, D, E)), ("layers", "q_heads", "head_dim", "embed"))
     if cfg.qkv_bias:
-      self.bq = param((L, N, D), ("layers", "q_heads", "head_dim"), zeros)
-      self.bk = param((L, K, D), ("layers", "kv_heads", "head_dim"), zeros)
-      self.bv = param((L, K, D), ("layers", "kv_heads", "head_dim"), zeros)
+      self.bqkv = param(fuse_qkv(draw((L, N, D), zeros), draw((L, K, D), zeros),
+                                 draw((L, K, D), zeros)), ("layers", "kv_heads", "qkv", "head_dim"))
     if cfg.o_bias:
-      self.bo = param((L, E), ("layers", "norm"), zeros)
+      self.bo = param(draw((L, E), zeros), ("layers", "norm"))
     if cfg.qk_norm:
-      self.q_norm = param((L, D), ("layers", "head_dim"), ones)
-      self.k_norm = param((L, D), ("layers", "head_dim"), ones)
-    self.mlp_norm = param((L, E), ("layers", "norm"), ones)
-    self.w_gate = param((L, E, F), ("layers", "embed", "mlp"))
-    self.w_up = param((L, E, F), ("layers", "embed", "mlp"))
-    self.w_down = param((L, F, E), ("layers", "mlp", "embed"))
+      self.q_norm = param(draw((L, D), ones), ("layers", "head_dim"))
+      self.k_norm = param(draw((L, D), ones), ("layers", "head_dim"))
+    self.mlp_norm = param(draw((L, E), ones), ("layers", "norm"))
+    self.w_gate_up = param(jnp.stack([draw((L, E, F)), draw((L, E, F))], axis=2),
+                           ("layers", "embed", "gate_up", "mlp"))
+    self.w_down = param(draw((L, F, E)), ("layers", "mlp", "embed"))
+
+
+def fuse_qkv(q, k, v):
+  """Query [..., N, D], key and value [..., K, D] -> one [..., K, N/K + 2, D] projection.
+
+  Each kv head sits beside its N/K query heads (query head n uses kv head n // (N/K), as in HF
+  GQA), so one matmul makes q, k and v, and splitting kv heads over devices keeps every group
+  whole. Works on numpy and jax arrays (checkpoint conversion and the forward share it).
+  """
+  xp = np if isinstance(q, np.ndarray) else jnp
+  *lead, n, d = q.shape
+  kh = k.shape[-2]
+  q = q.reshape(*lead, kh, n // kh, d)
+  return xp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
+
+
+def split_qkv(qkv):
+  """The inverse of `fuse_qkv`: [..., K, G + 2, D] -> q [..., K·G, D], k, v [..., K, D]."""
+  *lead, kh, parts, d = qkv.shape
+  g = parts - 2
+  return qkv[..., :g, :].reshape(*lead, kh * g, d), qkv[..., g, :], qkv[..., g + 1, :]
 
 
 def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
                   mask: jax.Array | Segments, positions: jax.Array,
                   cache: tuple | None, cfg: QwenConfig, impl: AttentionImpl):
-  """One pre-norm decoder layer on x [B, T, E] with one layer's weights `p`.
+  """One pre-norm decoder layer on x [B, T, E] with one layer's weights `p` (in x's dtype).
 
   `cache` is (k, v, layer, window, table, kernel). With table None, k/v are the whole
   [layers, B, S, K, D] cache: this layer's new keys/values are scattered into it in place (it
@@ -102,13 +123,11 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
   kernel reads each row's live pages alone (decode, T = 1).
   """
   dt = x.dtype
-  w = lambda name: p[name].astype(dt)
   h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-  q = jnp.einsum("bte,ehd->bthd", h, w("wq"))
-  k = jnp.einsum("bte,ehd->bthd", h, w("wk"))
-  v = jnp.einsum("bte,ehd->bthd", h, w("wv"))
+  qkv = jnp.einsum("bte,ekgd->btkgd", h, p["wqkv"])
   if cfg.qkv_bias:
-    q, k, v = q + w("bq"), k + w("bk"), v + w("bv")
+    qkv = qkv + p["bqkv"]
+  q, k, v = split_qkv(qkv)
   if cfg.qk_norm:
     q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
     k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
@@ -135,15 +154,14 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
     k, v = k_all[layer, :, :window].astype(dt), v_all[layer, :, :window].astype(dt)
   if o is None:
     o = attention(q, k, v, mask, impl)
-  attn_out = jnp.einsum("bthd,hde->bte", o, w("wo"))
+  attn_out = jnp.einsum("bthd,hde->bte", o, p["wo"])
   if cfg.o_bias:
-    attn_out = attn_out + w("bo")
+    attn_out = attn_out + p["bo"]
   x = constrain(x + attn_out, ("batch", "seq", "act_embed"))
   h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-  gate = jnp.einsum("bte,ef->btf", h, w("w_gate"))
-  up = jnp.einsum("bte,ef->btf", h, w("w_up"))
-  act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
-  x = constrain(x + jnp.einsum("btf,fe->bte", act, w("w_down")), ("batch", "seq", "act_embed"))
+  gate_up = jnp.einsum("bte,ecf->btcf", h, p["w_gate_up"])
+  act = constrain(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], ("batch", "seq", "act_mlp"))
+  x = constrain(x + jnp.einsum("btf,fe->bte", act, p["w_down"]), ("batch", "seq", "act_embed"))
   return x, new_cache
 
 
@@ -201,7 +219,10 @@ class Qwen(nnx.Module):
     x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))
     cos, sin = rope_tables(cfg, positions)
-    layer_params = nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
+    # cast to the compute dtype once, outside the layer loop: under remat the backward pass
+    # would otherwise cast every layer's weights again (a no-op when they are served in it)
+    layer_params = jax.tree.map(lambda a: a.astype(self.dtype),
+                                nnx.to_pure_dict(nnx.state(self.layers, nnx.Param)))
 
     if cache is None:
       def body(x, p):

@@ -11,7 +11,7 @@ from asearcher_jax.errors import ConfigError
 from asearcher_jax.train.config import OptimizerSection
 
 # Parameters exempt from weight decay: norm scales and biases (Qwen names, see models/qwen.py).
-_NO_DECAY = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "bq", "bk", "bv", "bo")
+_NO_DECAY = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "bqkv", "bo")
 
 
 def learning_rate_schedule(cfg: OptimizerSection, total_steps: int | None = None
