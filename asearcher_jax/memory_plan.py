@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from asearcher_jax.errors import ConfigError
-from asearcher_jax.models.attention import resolve_impl_for
+from asearcher_jax.models.attention import KEPT_KERNELS, resolve_impl_for
 from asearcher_jax.models.config import REMAT_BY_MEMORY
 from asearcher_jax.models.lm_head import chunk_length
 from asearcher_jax.sharding import LOGICAL_RULES, check_divisible, mesh_shape, mesh_size
@@ -172,6 +172,13 @@ def _layer_live(d: dict[str, int], cb: int) -> int:
   return cb * (4 * d["E"] + 3 * (d["N"] + d["K"]) * d["D"] + 4 * d["F"])
 
 
+def _attention_residuals(d: dict[str, int], cb: int, impl: str) -> int:
+  """Bytes per token a flash kernel's backward reads: q and the output, k and v (repeated to
+  the query heads for the Pallas kernels), the log-sum-exp (float32), positions and segments."""
+  kv_heads = d["K"] if impl == "blockwise" else d["N"]
+  return cb * 2 * (d["N"] + kv_heads) * d["D"] + 4 * d["N"] + 8
+
+
 def learner_group(cfg: Config, arch, devices: int, platform: str) -> tuple[Group, list[str]]:
   m, rl = cfg.model, cfg.rl
   mesh = mesh_shape(cfg.mesh.shape(), devices)
@@ -194,15 +201,19 @@ def learner_group(cfg: Config, arch, devices: int, platform: str) -> tuple[Group
   # one layer at a time also holds its attention logits, their softmax and, in the backward
   # pass, their gradients (float32), beside its own intermediates
   live = tok * _layer_live(d, cb) + (rows * d["N"] * T * 4 if fused else scores * (12 + cb))
+  # what a flash kernel's backward reads, which every policy but `full` keeps (attention.py)
+  kept = tok * _attention_residuals(d, cb, impl) if impl in KEPT_KERNELS else 0
   if m.remat == "none":  # every layer's intermediates stay for the backward pass
     saved = tok * _layer_live(d, cb) + (rows * d["N"] * T * 4 if fused else scores * (4 + cb))
   elif m.remat == "full":  # each layer's input only
     saved = tok * cb * d["E"]
+  elif m.remat == "attention":  # each layer's input and the attention kernel's residuals
+    saved = tok * cb * d["E"] + kept
   elif m.remat == "dots":  # every matmul's output, the attention logits included
     saved = tok * cb * (3 * d["E"] + 2 * (d["N"] + d["K"]) * d["D"] + 2 * d["F"]) \
-        + (rows * d["N"] * T * 4 if fused else scores * 4)
-  else:  # dots_no_batch: the weight matmuls' outputs; attention is recomputed
-    saved = tok * cb * (3 * d["E"] + (d["N"] + 2 * d["K"]) * d["D"] + 2 * d["F"])
+        + (kept or (rows * d["N"] * T * 4 if fused else scores * 4))
+  else:  # dots_no_batch: the weight matmuls' outputs; XLA attention is recomputed
+    saved = tok * cb * (3 * d["E"] + (d["N"] + 2 * d["K"]) * d["D"] + 2 * d["F"]) + kept
   # + the [rows, 1, T, T] attention mask, which blockwise attention and the kernels never build
   activations = L * saved + live + (
       0 if impl in ("blockwise", "pallas", "splash") else rows * T * T)
@@ -307,7 +318,11 @@ def plan(cfg: Config, *, devices: int | None = None, decode_devices: int | None 
     if memory is not None:
       budgets[role] = (int(memory * f), f"{f:.2f} of {_gib(memory)}")
   auto = cfg.model.remat == "auto"
-  for remat in (REMAT_BY_MEMORY if auto else (cfg.model.remat,)):
+  # `attention` is `full` where the attention path keeps nothing under remat
+  kept = resolve_impl_for(cfg.model.attention, platform, cfg.model.dtype,
+                          arch.head_dim) in KEPT_KERNELS
+  candidates = [r for r in REMAT_BY_MEMORY if kept or r != "attention"]
+  for remat in (candidates if auto else (cfg.model.remat,)):
     learner, warnings = learner_group(with_remat(cfg, remat), arch, n_learn, platform)
     learner.budget, learner.budget_note = budgets.get("learner", (None, ""))
     if learner.fits:
@@ -315,7 +330,7 @@ def plan(cfg: Config, *, devices: int | None = None, decode_devices: int | None 
   note = ""
   if auto:
     note = ("device memory unknown: nothing recomputed" if memory is None else
-            f"the first of {', '.join(REMAT_BY_MEMORY)} whose learner fits" if learner.fits
+            f"the first of {', '.join(candidates)} whose learner fits" if learner.fits
             else "even the least memory does not fit")
   decode = decode_group(cfg, arch, n_decode, platform)
   decode.budget, decode.budget_note = budgets.get("decode", (None, ""))

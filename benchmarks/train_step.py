@@ -123,7 +123,11 @@ def main(argv=None) -> int:
         times.append(time.perf_counter() - t)
       return compile_s, times, metrics
 
+    # XLA's buffer assignment for the step (every platform) and, where the runtime reports it,
+    # the device's peak after the timed steps
+    memory = step.lower(params, opt_state, batch).compile().memory_analysis()
     compile_s, times, metrics = timed(batch)
+    peak_bytes = (devices[0].memory_stats() or {}).get("peak_bytes_in_use")
     packed = None
     if args.episodes:  # the same tokens, packed: one compiled program, other masks
       _, packed_times, _ = timed(jax.device_put(PackedBatch(
@@ -154,11 +158,17 @@ def main(argv=None) -> int:
       "model_tflops_per_s": round(achieved, 4), "peak_tflops_per_device": peak,
       "mfu": None if mfu is None else round(mfu, 4), "final_loss": float(metrics["loss"]),
       "packed": packed,
+      "xla_temp_bytes": memory.temp_size_in_bytes,
+      "xla_argument_bytes": memory.argument_size_in_bytes,
+      "peak_device_bytes": peak_bytes,
   }
   print(f"warmup+compile {compile_s:.1f}s; step {step_s * 1e3:.1f} ms (median of {args.steps}); "
         f"{tok_s:,.0f} tokens/s; {achieved:.3f} model TFLOP/s; "
         f"MFU {'n/a (no peak for this device)' if mfu is None else f'{100 * mfu:.1f}%'}; "
         f"loss {result['final_loss']:.4f}")
+  print(f"memory: XLA temporaries {memory.temp_size_in_bytes / 2**30:.3f} GiB + arguments "
+        f"{memory.argument_size_in_bytes / 2**30:.3f} GiB; device peak "
+        + ("n/a" if peak_bytes is None else f"{peak_bytes / 2**30:.3f} GiB"))
   if packed:
     print(f"{args.episodes} packed episodes in the same {args.seq_len} tokens: step "
           f"{packed['step_s_median'] * 1e3:.1f} ms, {packed['vs_one_sequence']:.2f}x one causal "

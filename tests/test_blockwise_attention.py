@@ -93,10 +93,13 @@ def _largest(hlo: str) -> int:
              for m in re.findall(r"\w+\[([\d,]+)\]", hlo))
 
 
-def test_a_compiled_training_step_holds_no_mask_or_scores():
+@pytest.mark.parametrize("remat", ["none", "dots", "dots_no_batch", "attention"])
+def test_a_compiled_training_step_holds_no_mask_or_scores(remat):
   """SFT on 2 x 512-token packed rows of a 2-layer model: with blockwise attention no array of
   the optimized HLO is as large as B x T x T (a mask, a bias, scores, or every block's masks
-  hoisted out of the layer loop); with XLA's attention the mask is (so the check can fail)."""
+  hoisted out of the layer loop); with XLA's attention the mask is (so the check can fail).
+  Under remat that keeps matmul outputs (`dots`), every block's scores were kept for the
+  backward pass until the kernel named its residuals (attention.keeping_residuals)."""
   b, t = 2, 512
   tok = jax.ShapeDtypeStruct((b, t), jnp.int32)
   batch = PackedBatch(tok, tok, tok, jax.ShapeDtypeStruct((b, t), jnp.bool_))
@@ -105,7 +108,7 @@ def test_a_compiled_training_step_holds_no_mask_or_scores():
   with jax.set_mesh(mesh):
     for impl in ("blockwise", "xla"):
       model = create_model(tiny_config(max_position_embeddings=t), mesh, seed=0,
-                           dtype="float32", attention_impl=impl)
+                           dtype="float32", attention_impl=impl, remat=remat)
       params, opt_state, step = make_sft_step(model, optax.adam(1e-3))
       hlo[impl] = step.lower(params, opt_state, batch).compile().as_text()
   assert _largest(hlo["blockwise"]) < b * t * t <= _largest(hlo["xla"])

@@ -14,7 +14,7 @@ from conftest import single_device_mesh
 from asearcher_jax.cli import main
 from asearcher_jax.config import load_config
 from asearcher_jax.errors import ShardingError
-from asearcher_jax.memory_plan import GiB, PlanError, param_elements, plan
+from asearcher_jax.memory_plan import GiB, PlanError, param_elements, plan, with_remat
 from asearcher_jax.models import create_model
 from asearcher_jax.rl.batch import TrainBatch
 from asearcher_jax.rl.step import make_ppo_step
@@ -85,7 +85,8 @@ def test_the_pallas_kernels_are_planned_like_blockwise_attention():
 
 @pytest.mark.parametrize("remat,attention,dtype", [
     ("none", "xla", "float32"), ("full", "xla", "float32"), ("none", "blockwise", "float32"),
-    ("full", "blockwise", "bfloat16")])
+    ("full", "blockwise", "bfloat16"), ("attention", "blockwise", "float32"),
+    ("dots", "blockwise", "float32"), ("dots_no_batch", "blockwise", "float32")])
 def test_learner_estimate_tracks_xla_buffer_assignment(remat, attention, dtype):
   """The plan against what XLA allocates for the compiled step (arguments + temporaries)."""
   cfg = small("model.arch.num_layers=4", "model.arch.hidden_size=128",
@@ -208,6 +209,11 @@ def test_remat_auto_recomputes_only_what_memory_requires():
   assert resolve_remat(cfg, devices=1, platform="cpu").model.remat == "none"  # memory unknown
   fixed = small("model.remat=dots")
   assert resolve_remat(fixed, devices=1, device_memory_gib=1e-3, platform="cpu") is fixed
+  # with a kernel that keeps its residuals, `attention` comes between dots_no_batch and full
+  kernel = small("rl.row_tokens=2048", "rl.micro_batch_rows=2", "model.attention=blockwise")
+  need = plan(with_remat(kernel, "attention"), devices=1, platform="cpu").groups[0].total
+  gib = need * 1.01 / GiB / share
+  assert plan(kernel, devices=1, device_memory_gib=gib, platform="cpu").remat == "attention"
 
 
 def test_a_policy_loaded_for_training_needs_remat_resolved():

@@ -109,7 +109,7 @@ def test_remat_policies_give_identical_gradients():
     return jax.tree.leaves_with_path(nnx.to_pure_dict(g))
 
   base = grads(create_model(cfg, MESH, seed=0, dtype="float32"))
-  for remat in ("full", "dots", "dots_no_batch"):
+  for remat in ("full", "attention", "dots", "dots_no_batch"):
     other = grads(create_model(cfg, MESH, seed=0, dtype="float32", remat=remat))
     for (path, b), (_, o) in zip(base, other):
       np.testing.assert_allclose(o, b, atol=1e-6, err_msg=f"{remat} {jax.tree_util.keystr(path)}")

@@ -128,3 +128,30 @@ def test_an_sft_step_under_remat_equals_xla_attention(kernel):
   eps = np.finfo(np.float32).eps
   for a, b in zip(stepped[kernel], stepped["xla"]):
     np.testing.assert_allclose(a, b, rtol=0, atol=256 * eps * float(np.max(np.abs(b))))
+
+
+def _count(jaxpr, primitive: str) -> int:
+  """Equations of `primitive` in a jaxpr and every jaxpr nested in it."""
+  from jax._src.core import jaxprs_in_params  # noqa: PLC0415
+  return sum((eqn.primitive.name == primitive)
+             + sum(_count(sub, primitive) for sub in jaxprs_in_params(eqn.params))
+             for eqn in jaxpr.eqns)
+
+
+@pytest.mark.parametrize("kernel", ["pallas", "splash"])
+def test_remat_keeps_the_kernels_residuals_instead_of_running_its_forward_again(kernel):
+  """The gradient of a packed-row loss runs the kernel's forward once under every remat policy
+  but `full`, which saves nothing and runs it again in the backward pass."""
+  mesh = single_device_mesh()
+  pos, seg = _packed(LENGTHS, 37)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, size=pos.shape), jnp.int32)
+  calls = {}
+  with jax.set_mesh(mesh):
+    for remat in ("none", "full", "attention", "dots", "dots_no_batch"):
+      model = create_model(tiny_config(), mesh, seed=0, dtype="float32", attention_impl=kernel,
+                           remat=remat)
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+      loss = lambda p: jnp.sum(nnx.merge(graphdef, p, rest).hidden_states(tokens, pos, seg)[0])
+      calls[remat] = _count(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, "pallas_call")
+  assert calls["full"] == calls["none"] + 1
+  assert calls["attention"] == calls["dots"] == calls["dots_no_batch"] == calls["none"]

@@ -5,7 +5,9 @@ later than its own and in the same segment. Training packs several sequences
 into a row (segment ids, positions restart per segment); decoding attends to a
 cache whose slot j holds position j. `blockwise` (models/blockwise_attention.py)
 applies the rule block by block and never holds a [T, S] mask or scores; `pallas` and `splash`
-do the same in the Pallas flash-attention kernels of the GPU and the TPU.
+do the same in the Pallas flash-attention kernels of the GPU and the TPU. Their forward pass
+names what their backward pass reads (`RESIDUALS`), so that a remat policy keeps it rather
+than running the kernel's forward again (models/qwen.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from asearcher_jax.models.blockwise_attention import blockwise_attention
 from asearcher_jax.models.chunking import accumulation_dtype
@@ -77,15 +80,48 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Segmen
   if isinstance(mask, tuple):
     positions, segment_ids = mask
     if impl == "blockwise":
-      return blockwise_attention(q, k, v, positions, segment_ids)
+      return keeping_residuals(blockwise_attention, q, k, v, positions, segment_ids)
     if impl in KERNELS:
-      return KERNELS[impl](q, k, v, segment_ids)
+      return keeping_residuals(KERNELS[impl], q, k, v, segment_ids)
     mask = make_mask(positions, positions, segment_ids, segment_ids)
   elif impl == "blockwise" or impl in KERNELS:  # a KV cache's mask (prefill, decode): XLA's
     impl = "xla"
   if impl == "reference":
     return reference_attention(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+RESIDUALS = "attention_residuals"  # the checkpoint name of what the kernels' backward reads
+
+
+def keeping_residuals(kernel, q, k, v, *aux):
+  """kernel(q, k, v, *aux), its output and the residuals its backward pass reads (the inputs as
+  the kernel keeps them, the output, the log-sum-exp) named `RESIDUALS`.
+
+  Under jax.checkpoint a flash kernel's residuals are outputs of no matmul, so every remat
+  policy ran its forward again in the backward pass, and `checkpoint_dots` kept the blockwise
+  kernel's every block of scores. With the name saved the backward reads what the forward
+  left (benchmarks/results/train_step_cpu_debug_b2_s2048_blockwise_remat-*: `attention` steps
+  1.25x as fast as `full` for 16% more temporaries). `aux` (positions, segment ids) is not
+  differentiated.
+  """
+
+  @jax.custom_vjp
+  def run(q, k, v, aux):
+    return kernel(q, k, v, *aux)
+
+  def forward(q, k, v, aux):
+    out, backward = jax.vjp(lambda q, k, v: kernel(q, k, v, *aux), q, k, v)
+    named = checkpoint_name(out, RESIDUALS)
+    leaves, tree = jax.tree.flatten(backward)  # the output among them is kept once
+    leaves = [named if x is out else checkpoint_name(x, RESIDUALS) for x in leaves]
+    return named, jax.tree.unflatten(tree, leaves)
+
+  def backward(residuals, g):
+    return (*residuals(g), None)
+
+  run.defvjp(forward, backward)
+  return run(q, k, v, aux)
 
 
 # The kernels' tiles. GPU: 128 x 128 forward (jax's default), 32 x 32 for the backward kernels.
@@ -162,3 +198,6 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
 
 
 KERNELS = {"pallas": pallas_attention, "splash": splash_attention}
+# The paths that keep their residuals under remat (`keeping_residuals`). Not cuDNN's: with a
+# dense mask its residuals hold a [B, 1, T, T] bias.
+KEPT_KERNELS = ("blockwise", *KERNELS)

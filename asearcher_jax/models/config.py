@@ -21,10 +21,10 @@ from asearcher_jax.section import DType, Section
 # How attention runs (models/attention.py) and what the backward pass recomputes (models/qwen.py);
 # named here, JAX-free, because the config validates them.
 AttentionImpl = Literal["auto", "xla", "cudnn", "blockwise", "pallas", "splash", "reference"]
-RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+RematPolicy = Literal["none", "full", "attention", "dots", "dots_no_batch"]
 # `auto`: the first of these whose learner plan fits a device (memory_plan.resolve_remat);
 # fastest first, each keeping less of the forward pass for the backward pass.
-REMAT_BY_MEMORY: tuple[RematPolicy, ...] = ("none", "dots", "dots_no_batch", "full")
+REMAT_BY_MEMORY: tuple[RematPolicy, ...] = ("none", "dots", "dots_no_batch", "attention", "full")
 
 _STRICT = ConfigDict(extra="forbid")
 

@@ -20,16 +20,21 @@ import numpy as np
 from flax import nnx
 
 from asearcher_jax.models import paged_kv
-from asearcher_jax.models.attention import Segments, attention, make_mask
+from asearcher_jax.models.attention import RESIDUALS, Segments, attention, make_mask
 from asearcher_jax.models.config import AttentionImpl, QwenConfig, RematPolicy
 from asearcher_jax.models.paged_kv import KVPages, PagedKernel
 from asearcher_jax.models.rope import apply_rope, rope_tables
 from asearcher_jax.sharding import constrain
 
+_POLICIES = jax.checkpoint_policies
+_KEEP_ATTENTION = _POLICIES.save_only_these_names(RESIDUALS)
+# Every policy but `full` keeps what a flash kernel's backward reads (attention.RESIDUALS).
 _REMAT_POLICIES = {
     "full": None,  # save nothing inside a layer
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "attention": _KEEP_ATTENTION,
+    "dots": _POLICIES.save_from_both_policies(_POLICIES.checkpoint_dots, _KEEP_ATTENTION),
+    "dots_no_batch": _POLICIES.save_from_both_policies(
+        _POLICIES.dots_with_no_batch_dims_saveable, _KEEP_ATTENTION),
 }
 
 
