@@ -47,5 +47,14 @@ for impl in $impls; do
     --config configs/bench/qwen2.5-1.5b.yaml --batch 1 --episodes 32 --steps 8 \
     --results "$OUT_DIR/train_step_qwen2.5-1.5b_packed32_$impl.json" model.attention=$impl
 done
+# Remat that keeps the flash kernel's residuals against full remat (GPU: pallas; TPU: splash).
+kernel=pallas
+[ "$($PY -c 'import jax; print(jax.default_backend())')" = tpu ] && kernel=splash
+for remat in attention full; do
+  step train_step_1.5b_b4_${kernel}_remat-$remat $PY benchmarks/train_step.py \
+    --config configs/bench/qwen2.5-1.5b.yaml --batch 4 --seq-len 4096 --steps 8 \
+    --results "$OUT_DIR/train_step_qwen2.5-1.5b_b4_s4096_${kernel}_remat-$remat.json" \
+    model.attention=$kernel model.remat=$remat
+done
 echo "failures: $failures"
 exit "$failures"
