@@ -1,6 +1,6 @@
 """The Pallas flash-attention kernels over packed rows, the GPU's (model.attention=pallas) and
 the TPU's splash attention (splash), run here in Pallas interpret mode: the reference's outputs
-and gradients, no [T, T] mask, and one device only."""
+and gradients, no [T, T] mask, remat that keeps their residuals, and a mesh of devices."""
 
 import jax
 import jax.numpy as jnp
@@ -101,13 +101,43 @@ def test_a_compiled_training_step_holds_no_mask_or_scores(kernel, t):
   assert _largest(hlo) < b * t * t
 
 
+def _shard_map_inputs(jaxpr) -> list[tuple[int, ...]]:
+  """The per-device shape of the first input of every shard_map in a jaxpr, nested ones too."""
+  from jax._src.core import jaxprs_in_params  # noqa: PLC0415
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "shard_map":
+      out.append(tuple(eqn.params["jaxpr"].invars[0].aval.shape))
+    for sub in jaxprs_in_params(eqn.params):
+      out += _shard_map_inputs(sub)
+  return out
+
+
 @pytest.mark.parametrize("kernel", ["pallas", "splash"])
-def test_a_mesh_of_several_devices_is_refused(kernel):
-  section = ModelSection(arch=tiny_config(), attention=kernel, remat="none")
-  two = make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, devices=jax.devices()[:2])
-  with pytest.raises(ValueError, match=f"{kernel} runs on one device"):
-    load_policy(section, two)
-  load_policy(section, single_device_mesh())  # one device is fine
+def test_a_step_sharded_over_eight_devices_equals_one_devices(kernel):
+  """SFT on packed rows over a (data 2, fsdp 2, tensor 2) mesh of forced CPU devices: each
+  device runs the kernel on its own rows and its own block of kv heads with their query heads
+  (attention.per_device), and one SGD step moves the weights as XLA's attention does on one
+  device; the compiled step runs the kernel on a quarter of the rows and half the heads."""
+  pos, seg = _packed(LENGTHS, 37)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, size=pos.shape), jnp.int32)
+  batch = PackedBatch(tokens, pos, seg, seg > 0)
+  stepped = {}
+  for impl, mesh in ((kernel, make_mesh({"data": 2, "fsdp": 2, "tensor": 2},
+                                        devices=jax.devices()[:8])),
+                     ("xla", single_device_mesh())):
+    section = ModelSection(arch=tiny_config(vocab_size=128), attention=impl, remat="full",
+                           dtype="float32")
+    model = load_policy(section, mesh)[0]
+    params, opt_state, step = make_sft_step(model, optax.sgd(1.0))
+    stepped[impl] = jax.tree.leaves(step(params, opt_state, batch)[0])
+    if impl == kernel:  # what each device's kernel reads: q [rows, T, heads, D]
+      local = [shape for shape in _shard_map_inputs(jax.make_jaxpr(step)(
+          params, opt_state, batch).jaxpr) if len(shape) == 4]
+      assert local and all(q == (len(LENGTHS) // 4, 37, 2, 16) for q in local), local
+  eps = np.finfo(np.float32).eps
+  for a, b in zip(stepped[kernel], stepped["xla"]):
+    np.testing.assert_allclose(a, b, rtol=0, atol=256 * eps * float(np.max(np.abs(b))))
 
 
 @pytest.mark.parametrize("kernel", ["pallas", "splash"])

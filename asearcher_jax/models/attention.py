@@ -16,10 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from asearcher_jax.models.blockwise_attention import blockwise_attention
 from asearcher_jax.models.chunking import accumulation_dtype
 from asearcher_jax.models.config import AttentionImpl
+from asearcher_jax.sharding import activation_target
 
 
 def make_mask(q_pos: jax.Array, kv_pos: jax.Array, q_seg: jax.Array | None = None,
@@ -72,17 +75,21 @@ Segments = tuple[jax.Array, jax.Array]  # (positions, segment ids), [B, T] each
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Segments,
-              impl: AttentionImpl = "auto") -> jax.Array:
+              impl: AttentionImpl = "auto", mesh: Mesh | None = None) -> jax.Array:
   """q [B, T, N, D], k/v [B, S, K, D] (N a multiple of K); mask [B, 1, T, S], or for
   self-attention over packed rows the (positions, segment ids) it comes from, which
-  `blockwise` attends by without ever building it (the other implementations build it)."""
+  `blockwise` attends by without ever building it (the other implementations build it).
+  `mesh`: the one the arrays are sharded over, which the Pallas kernels run per device on."""
   impl = resolve_impl(impl, q)
   if isinstance(mask, tuple):
     positions, segment_ids = mask
     if impl == "blockwise":
       return keeping_residuals(blockwise_attention, q, k, v, positions, segment_ids)
     if impl in KERNELS:
-      return keeping_residuals(KERNELS[impl], q, k, v, segment_ids)
+      kernel = KERNELS[impl]
+      if mesh is not None and mesh.devices.size > 1:
+        kernel = per_device(kernel, mesh)
+      return keeping_residuals(kernel, q, k, v, segment_ids)
     mask = make_mask(positions, positions, segment_ids, segment_ids)
   elif impl == "blockwise" or impl in KERNELS:  # a KV cache's mask (prefill, decode): XLA's
     impl = "xla"
@@ -124,6 +131,27 @@ def keeping_residuals(kernel, q, k, v, *aux):
   return run(q, k, v, aux)
 
 
+def per_device(kernel, mesh: Mesh):
+  """`kernel`(q, k, v, segment_ids) run by every device on its own rows and heads (shard_map).
+
+  A Pallas kernel is one device's program: GSPMD cannot split it, and would gather every row
+  and head to each device. Attention is independent per row and per kv-head group, and a
+  block of kv heads and the block of query heads that reads them sit on the same device
+  (query head n reads kv head n // (N/K)), so no device needs another's data. Rows split over
+  (data, fsdp) and heads over tensor, each where it divides, as the rules table says; an axis
+  that does not divide the dimension replicates it.
+  """
+
+  def run(q, k, v, segment_ids):
+    rows = activation_target(mesh, "batch", q.shape[0])
+    heads = activation_target(mesh, "act_kv_heads", k.shape[2])
+    spec = P(rows, None, heads, None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, P(rows, None)),
+                         out_specs=spec, check_vma=False)(q, k, v, segment_ids)
+
+  return run
+
+
 # The kernels' tiles. GPU: 128 x 128 forward (jax's default), 32 x 32 for the backward kernels.
 # TPU: 512 where the row is whole tiles of it (MaxText's choice), else 128.
 _PALLAS_BLOCK, _PALLAS_BACKWARD_BLOCK = 128, 32
@@ -152,8 +180,8 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   The kernel is causal by index, which is the position rule for packed rows: each segment is
   contiguous and its positions count up from 0 (rl/batch.py and train/lm.py pack so). Grouped
   kv heads are repeated to the query heads. T is padded to whole tiles with a segment id no
-  token has. It is one device's kernel (a mesh of several would replicate it; load_policy
-  refuses one). Off GPU it runs in Pallas interpret mode: the CPU tests' path, slow.
+  token has. It is one device's kernel (`per_device` runs it on a mesh). Off GPU it runs in
+  Pallas interpret mode: the CPU tests' path, slow.
   """
   from jax.experimental.pallas.ops.gpu import attention as kernel  # noqa: PLC0415
 
@@ -173,7 +201,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
                      interpret: bool | None = None) -> jax.Array:
   """`pallas_attention` through the TPU's Pallas splash-attention kernel (forward and backward;
   the tiles above the diagonal skipped, other segments masked tile by tile), one row at a
-  time. The same packing rule, padding and one-device limit; off TPU, interpret mode."""
+  time. The same packing rule and padding; off TPU, interpret mode."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # noqa: PLC0415
 
   t, n, d = q.shape[1], q.shape[2], q.shape[3]

@@ -41,15 +41,16 @@ def default_mesh() -> Mesh:
   return make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
 
 
-def _builder(cfg: QwenConfig, seed: int, param_dtype, dtype, attention_impl, remat):
+def _builder(cfg: QwenConfig, seed: int, param_dtype, dtype, attention_impl, remat, mesh):
   return lambda: Qwen(cfg, rngs=nnx.Rngs(seed), param_dtype=jnp.dtype(param_dtype),
-                      dtype=jnp.dtype(dtype), attention_impl=attention_impl, remat=remat)
+                      dtype=jnp.dtype(dtype), attention_impl=attention_impl, remat=remat,
+                      mesh=mesh)
 
 
 def abstract_model(cfg: QwenConfig, *, seed: int = 0, param_dtype="float32", dtype="bfloat16",
-                   attention_impl="auto", remat="none") -> Qwen:
+                   attention_impl="auto", remat="none", mesh: Mesh | None = None) -> Qwen:
   """The model with ShapeDtypeStruct leaves: shapes, dtypes and logical axes, no memory."""
-  return nnx.eval_shape(_builder(cfg, seed, param_dtype, dtype, attention_impl, remat))
+  return nnx.eval_shape(_builder(cfg, seed, param_dtype, dtype, attention_impl, remat, mesh))
 
 
 def create_model(cfg: QwenConfig, mesh: Mesh | None = None, *, seed: int = 0,
@@ -57,7 +58,7 @@ def create_model(cfg: QwenConfig, mesh: Mesh | None = None, *, seed: int = 0,
                  remat="none") -> Qwen:
   """A randomly initialised model whose parameters are born sharded over `mesh`."""
   mesh = mesh or default_mesh()
-  build = _builder(cfg, seed, param_dtype, dtype, attention_impl, remat)
+  build = _builder(cfg, seed, param_dtype, dtype, attention_impl, remat, mesh)
   abstract = nnx.eval_shape(build)
   graphdef, abstract_state = nnx.split(abstract)
   shardings = state_shardings(abstract_state, mesh)
@@ -74,10 +75,6 @@ def load_policy(model: ModelSection, mesh: Mesh | None = None, *, progress: bool
     raise ValueError("model.remat auto: resolve it for the devices first "
                      "(memory_plan.resolve_remat); a policy that only serves takes none")
   mesh = mesh or default_mesh()
-  if model.attention in ("pallas", "splash") and mesh.devices.size > 1:
-    raise ValueError(f"model.attention {model.attention} runs on one device, and this mesh has "
-                     f"{mesh.devices.size}: its kernel is not partitioned over a mesh yet "
-                     "(use cudnn or blockwise there)")
   kw = dict(param_dtype=model.param_dtype, dtype=model.dtype, attention_impl=model.attention,
             remat=model.remat)
   if model.path:
@@ -100,12 +97,12 @@ def from_pretrained(path: str, mesh: Mesh | None = None, *, dtype="bfloat16",
   if is_hf_dir(path):
     cfg = QwenConfig.from_hf_dir(path)
     model = abstract_model(cfg, param_dtype=param_dtype, dtype=dtype,
-                           attention_impl=attention_impl, remat=remat)
+                           attention_impl=attention_impl, remat=remat, mesh=mesh)
     params = load_hf_params(path, cfg, param_shardings(model, mesh), param_dtype, progress)
   else:
     cfg, _ = read_policy_meta(path, step)
     model = abstract_model(cfg, param_dtype=param_dtype, dtype=dtype,
-                           attention_impl=attention_impl, remat=remat)
+                           attention_impl=attention_impl, remat=remat, mesh=mesh)
     target = abstract_like(flat_params(model), param_shardings(model, mesh))
     with Checkpointer(path, async_save=False, read_only=True) as ckpt:
       params = ckpt.restore(step, params_target=target)["params"]

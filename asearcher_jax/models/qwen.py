@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from asearcher_jax.models import paged_kv
 from asearcher_jax.models.attention import RESIDUALS, Segments, attention, make_mask
@@ -117,7 +118,8 @@ def split_qkv(qkv):
 
 def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
                   mask: jax.Array | Segments, positions: jax.Array,
-                  cache: tuple | None, cfg: QwenConfig, impl: AttentionImpl):
+                  cache: tuple | None, cfg: QwenConfig, impl: AttentionImpl,
+                  mesh: Mesh | None = None):
   """One pre-norm decoder layer on x [B, T, E] with one layer's weights `p` (in x's dtype).
 
   `cache` is (k, v, layer, window, table, kernel). With table None, k/v are the whole
@@ -158,7 +160,7 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
     new_cache = (k_all, v_all)
     k, v = k_all[layer, :, :window].astype(dt), v_all[layer, :, :window].astype(dt)
   if o is None:
-    o = attention(q, k, v, mask, impl)
+    o = attention(q, k, v, mask, impl, mesh)
   attn_out = jnp.einsum("bthd,hde->bte", o, p["wo"])
   if cfg.o_bias:
     attn_out = attn_out + p["bo"]
@@ -175,11 +177,12 @@ class Qwen(nnx.Module):
 
   def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                dtype=jnp.bfloat16, attention_impl: AttentionImpl = "auto",
-               remat: RematPolicy = "none"):
+               remat: RematPolicy = "none", mesh: Mesh | None = None):
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
     self.attention_impl = attention_impl
     self.remat = remat
+    self.mesh = mesh  # the one the parameters live on, which per-device kernels run over
     normal = jax.nn.initializers.normal(0.02)
     self.embed = nnx.Param(normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype),
                            logical_axes=("vocab", "embed"))
@@ -232,7 +235,7 @@ class Qwen(nnx.Module):
     if cache is None:
       def body(x, p):
         return decoder_layer(p, x, cos, sin, mask, positions, None, cfg,
-                             self.attention_impl)[0], None
+                             self.attention_impl, self.mesh)[0], None
 
       if self.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -243,7 +246,7 @@ class Qwen(nnx.Module):
         p, layer = xs
         x, (k, v) = decoder_layer(p, x, cos, sin, mask, positions,
                                   (k, v, layer, kv_window, page_table, paged_kernel),
-                                  cfg, self.attention_impl)
+                                  cfg, self.attention_impl, self.mesh)
         return (x, k, v), None
 
       layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
