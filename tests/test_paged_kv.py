@@ -14,6 +14,7 @@ from asearcher_jax.config import load_config
 from asearcher_jax.errors import ConfigError
 from asearcher_jax.inference import Driver, Engine, Request, SamplingParams
 from asearcher_jax.models import create_model, paged_kv
+from asearcher_jax.sharding import make_mesh
 
 MESH = single_device_mesh()
 CFG = tiny_config("qwen3", vocab_size=128)
@@ -43,14 +44,21 @@ def test_page_table_writes_read_back_as_a_contiguous_cache():
   assert not np.asarray(pool)[:, :, untouched].any() and not np.asarray(pool)[0].any()
 
 
-def test_pallas_paged_kernel_agrees_with_the_xla_path(model):
-  """The Pallas GPU kernel (interpret mode on CPU) decodes what the XLA gather path decodes,
-  with slots at different lengths in a shared, shuffled pool."""
+@pytest.mark.parametrize("kernel,devices", [("pallas_interpret", 1),
+                                            ("pallas_interpret", 2),
+                                            ("pallas_tpu_interpret", 2)])
+def test_pallas_paged_kernel_agrees_with_the_xla_path(model, kernel, devices):
+  """The Pallas kernels (interpret mode on CPU) decode what the XLA gather path decodes, with
+  slots at different lengths in a shared, shuffled pool; on a tensor-parallel mesh of two
+  devices, each running the kernel on its own kv head (the pool's split)."""
   prompts = [[3, 9, 27], list(range(1, 20)), [7] * 9]
   runs = []
-  for kernel in ("xla", "pallas_interpret"):
-    engine = Engine(model, slots=3, max_len=32, mesh=MESH, page_size=4, num_pages=20,
-                    paged_kernel=kernel)
+  mesh = MESH if devices == 1 else make_mesh({"data": 1, "fsdp": 1, "tensor": devices},
+                                             devices=jax.devices()[:devices])
+  sharded = create_model(CFG, mesh, seed=0, dtype="float32")
+  for name, served, where in (("xla", model, MESH), (kernel, sharded, mesh)):
+    engine = Engine(served, slots=3, max_len=32, mesh=where, page_size=4, num_pages=20,
+                    paged_kernel=name)
     keys = [np.asarray([1, i], np.uint32) for i in range(3)]
     prefix = engine.prefill_batch(engine.params, prompts, [0.0] * 3, [0] * 3, [1.0] * 3, keys)
     pages = [[17, 3], [1, 19, 4, 12, 8, 6], [2, 15, 9]]  # room for 6 more tokens each
@@ -62,7 +70,21 @@ def test_pallas_paged_kernel_agrees_with_the_xla_path(model):
       logprobs.append(np.asarray(r.logprobs))
     runs.append((np.stack(tokens), np.stack(logprobs)))
   np.testing.assert_array_equal(runs[0][0], runs[1][0])
-  np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-5)
+  if kernel == "pallas_interpret":  # float32 both ways
+    np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-5)
+  else:  # the TPU kernel's interpret mode runs its dots in bf16 passes: one bf16 ulp of scale
+    scale = float(np.max(np.abs(runs[0][1])))
+    np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=0,
+                               atol=float(jnp.finfo(jnp.bfloat16).eps) * scale)
+  if devices > 1:  # each device runs the kernel on its own kv head and that head's queries
+    q = jnp.zeros((3, 1, CFG.num_heads, CFG.head_dim))
+    pool = jnp.zeros((CFG.num_layers, CFG.num_kv_heads, 21, 4, CFG.head_dim))
+    jaxpr = jax.make_jaxpr(lambda q, k, v, t, n: paged_kv.decode_attention(
+        q, k, v, 0, t, n, 32, kernel, mesh))(q, pool, pool, jnp.ones((3, 8), jnp.int32),
+                                             jnp.ones(3, jnp.int32))
+    inner = [e for e in jaxpr.eqns if e.primitive.name == "shard_map"]
+    assert inner and inner[0].params["jaxpr"].invars[0].aval.shape == (
+        3, CFG.num_heads // devices, CFG.head_dim)
 
 
 def test_pallas_tpu_paged_kernel_is_as_exact_as_the_xla_path_in_bf16():

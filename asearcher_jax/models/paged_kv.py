@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from asearcher_jax.sharding import activation_target
 
 SINK = 0  # the page unallocated table entries name
 PagedKernel = Literal["xla", "pallas_gpu", "pallas_interpret", "pallas_tpu",
@@ -95,13 +100,15 @@ def platform_kernel(choice: str, platform: str) -> PagedKernel:
 
 def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer,
                      table: jax.Array, lengths: jax.Array, window: int,
-                     kernel: PagedKernel) -> jax.Array:
+                     kernel: PagedKernel, mesh: Mesh | None = None) -> jax.Array:
   """One query per sequence (q [B, 1, N, D]) over its first `lengths` cached positions.
 
   "xla" reads every sequence's pages up to `window` and masks; the Pallas kernels (GPU: jax's
   `pallas.ops.gpu.paged_attention`, TPU: `pallas.ops.tpu.paged_attention`, both on this pool's
   layer layout; the `_interpret` kinds run them on CPU) read only the pages that hold each
-  sequence's `lengths` positions."""
+  sequence's `lengths` positions. On a `mesh` of several devices each runs the kernel on its
+  own kv heads (the pool's split) with the query heads that read them, and its own rows where
+  they divide: a kernel is one device's program, which GSPMD would run on the gathered pool."""
   if kernel == "xla":
     return _xla_decode_attention(q, k_pool, v_pool, layer, table, lengths, window)
   b, _, n, d = q.shape
@@ -114,22 +121,31 @@ def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer,
   tpu = kernel.startswith("pallas_tpu")
   lengths = jnp.where(table[:, 0] == SINK, int(tpu), jnp.minimum(lengths, pages * k_pool.shape[3]))
   k, v = k_pool[layer].astype(q.dtype), v_pool[layer].astype(q.dtype)
-  if tpu:
+  run = functools.partial(_paged_kernel, kernel=kernel, per_block=per_block)
+  if mesh is not None and mesh.devices.size > 1:
+    rows = activation_target(mesh, "batch", b)
+    heads = activation_target(mesh, "act_kv_heads", k.shape[0])
+    run = jax.shard_map(run, mesh=mesh, in_specs=(P(rows, heads), P(heads), P(heads), P(rows),
+                                                  P(rows)),
+                        out_specs=P(rows, heads), check_vma=False)
+  return run(scaled, k, v, table, lengths.astype(jnp.int32)).reshape(b, 1, n, d)
+
+
+def _paged_kernel(q, k, v, table, lengths, *, kernel: PagedKernel, per_block: int):
+  """The Pallas paged-attention kernel `kernel` names: q [B, N, D], k/v [K, pages, size, D]."""
+  pages = table.shape[1]
+  if kernel.startswith("pallas_tpu"):
     from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
     from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention  # noqa: PLC0415
     interpret = (pltpu.force_tpu_interpret_mode() if kernel == "pallas_tpu_interpret"
                  else contextlib.nullcontext())
     with interpret:
-      out = paged_attention(scaled, k, v, lengths.astype(jnp.int32), table,
-                            pages_per_compute_block=per_block)
-  else:
-    from jax.experimental.pallas.ops.gpu import paged_attention as pallas  # noqa: PLC0415
-    # The GPU kernel splits a row's pages into k_splits partitions of whole compute blocks.
-    out = pallas.paged_attention(
-        scaled, k, v, table, lengths.astype(jnp.int32), block_h=16,
-        pages_per_compute_block=per_block, k_splits=math.gcd(pages // per_block, 16),
-        interpret=kernel == "pallas_interpret")
-  return out.reshape(b, 1, n, d)
+      return paged_attention(q, k, v, lengths, table, pages_per_compute_block=per_block)
+  from jax.experimental.pallas.ops.gpu import paged_attention as pallas  # noqa: PLC0415
+  # The GPU kernel splits a row's pages into k_splits partitions of whole compute blocks.
+  return pallas.paged_attention(
+      q, k, v, table, lengths, block_h=16, pages_per_compute_block=per_block,
+      k_splits=math.gcd(pages // per_block, 16), interpret=kernel == "pallas_interpret")
 
 
 def _xla_decode_attention(q, k_pool, v_pool, layer, table, lengths, window):

@@ -148,7 +148,7 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
     new_cache = (k_all, v_all)
     if q.shape[1] == 1:  # decoding: straight over the pages
       o = paged_kv.decode_attention(q, k_all, v_all, layer, table, positions[:, 0] + 1, window,
-                                    kernel)
+                                    kernel, mesh)
     else:
       k = paged_kv.gather(k_all, layer, table, window).astype(dt)
       v = paged_kv.gather(v_all, layer, table, window).astype(dt)
