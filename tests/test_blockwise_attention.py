@@ -106,12 +106,14 @@ def test_a_compiled_training_step_holds_no_mask_or_scores(remat):
   mesh = single_device_mesh()
   hlo = {}
   with jax.set_mesh(mesh):
-    for impl in ("blockwise", "xla"):
+    for impl in ("blockwise", "xla") if remat == "none" else ("blockwise",):
       model = create_model(tiny_config(max_position_embeddings=t), mesh, seed=0,
                            dtype="float32", attention_impl=impl, remat=remat)
       params, opt_state, step = make_sft_step(model, optax.adam(1e-3))
       hlo[impl] = step.lower(params, opt_state, batch).compile().as_text()
-  assert _largest(hlo["blockwise"]) < b * t * t <= _largest(hlo["xla"])
+  assert _largest(hlo["blockwise"]) < b * t * t
+  if "xla" in hlo:  # compiled once, without remat: the check can fail
+    assert _largest(hlo["xla"]) >= b * t * t
 
 
 def test_training_forward_with_blockwise_attention_equals_xla():

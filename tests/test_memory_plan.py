@@ -86,7 +86,7 @@ def test_the_pallas_kernels_are_planned_like_blockwise_attention():
 @pytest.mark.parametrize("remat,attention,dtype", [
     ("none", "xla", "float32"), ("full", "xla", "float32"), ("none", "blockwise", "float32"),
     ("full", "blockwise", "bfloat16"), ("attention", "blockwise", "float32"),
-    ("dots", "blockwise", "float32"), ("dots_no_batch", "blockwise", "float32")])
+    ("dots", "blockwise", "float32")])
 def test_learner_estimate_tracks_xla_buffer_assignment(remat, attention, dtype):
   """The plan against what XLA allocates for the compiled step (arguments + temporaries)."""
   cfg = small("model.arch.num_layers=4", "model.arch.hidden_size=128",
