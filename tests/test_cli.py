@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import single_device_mesh
+from conftest import child_env, single_device_mesh
 
 from asearcher_jax.models import flat_params, from_pretrained
 
@@ -16,7 +16,7 @@ TINY = ["model.arch.num_layers=2", "model.arch.hidden_size=64", "model.arch.inte
 
 
 def asearcher(*args, check=True):
-  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
+  env = child_env()
   proc = subprocess.run([sys.executable, "-m", "asearcher_jax.cli", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
   if check and proc.returncode:
@@ -102,7 +102,7 @@ def test_serve_answers_openai_requests_and_stops_on_sigterm(tmp_path):
       return s.getsockname()[1]
 
   grpc_port, http_port = free_port(), free_port()
-  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
+  env = child_env()
   proc = subprocess.Popen(
       [sys.executable, "-m", "asearcher_jax.cli", "serve", "--config", "configs/debug.yaml", *TINY,
        f"serve.grpc_port={grpc_port}", f"serve.http_port={http_port}", "serve.max_len=128"],

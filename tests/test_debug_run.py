@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import child_env
 
 from asearcher_jax.agent.trajectory import read_jsonl
 from asearcher_jax.models.tokenizer import Tokenizer
@@ -21,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("debug") / "run")
-  env = dict(os.environ, OUT_DIR=out, ASEARCHER_VENV=sys.prefix, SFT_TRAJ="24", SFT_EPOCHS="1",
+  env = child_env(OUT_DIR=out, ASEARCHER_VENV=sys.prefix, SFT_TRAJ="24", SFT_EPOCHS="1",
              EVAL_QUESTIONS="3", SEED="3", JAX_PLATFORMS="cpu")
   # Two RL steps of two groups of two; an SFT policy this brief rarely earns reward and runs
   # every episode to the turn limit, so keep equal-reward groups and make few episodes.

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from conftest import single_device_mesh
+from conftest import child_env, single_device_mesh
 from flax import nnx
 
 from asearcher_jax import manifest as weight_manifest
@@ -38,7 +38,6 @@ from asearcher_jax.train.optimizer import make_optimizer
 
 pytestmark = pytest.mark.e2e
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 ARCH = {"family": "qwen3", "vocab_size": 64, "hidden_size": 48, "intermediate_size": 96,
         "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16,
         "rope_theta": 10000.0, "tie_embeddings": False}
@@ -70,9 +69,7 @@ def groups(n: int) -> list[Group]:
 def learners(n: int, config: str, replay: str, decode: str, *args: str, timeout: float = 300):
   """`asearcher learn` as n processes of one jax.distributed run, 2 CPU devices each."""
   port = free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+  env = child_env("--xla_force_host_platform_device_count=2")
   procs = []
   try:
     for i in range(n):

@@ -11,13 +11,13 @@ import threading
 import time
 
 import pytest
+from conftest import child_env
 
 from asearcher_jax.procs import Child, ChildExited, wait_ready
 from asearcher_jax.replay import ReplayQueue, ReplayServer, SyncReplayClient
 from asearcher_jax.rl.supervisor import _grpc_ready, free_port
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+ENV = child_env()
 
 
 def test_children_start_every_time_while_the_parent_talks_grpc(tmp_path, capfd):

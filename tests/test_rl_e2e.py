@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import yaml
+from conftest import child_env
 
 from asearcher_jax.agent import Trajectory
 from asearcher_jax.replay import Group, ReplayQueue, ReplayServer, SyncReplayClient
@@ -26,8 +27,7 @@ TINY_ARCH = {"family": "qwen3", "vocab_size": 300, "hidden_size": 64, "intermedi
 
 
 def env():
-  return dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-              PYTHONUNBUFFERED="1")
+  return child_env()
 
 
 def cli(*args):

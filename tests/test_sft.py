@@ -1,19 +1,17 @@
 """`asearcher sft`: fine-tuning on trajectory files, the loss on the agent's tokens only."""
 
 import json
-import os
 import re
 import subprocess
 import sys
 
 import numpy as np
 import yaml
-from conftest import single_device_mesh
+from conftest import child_env, single_device_mesh
 
 from asearcher_jax.agent import Trajectory, write_jsonl
 from asearcher_jax.models import from_pretrained
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 ARCH = {"family": "qwen3", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
         "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
         "rope_theta": 10000.0, "tie_embeddings": True, "eos_token_id": 258}
@@ -49,7 +47,7 @@ def test_sft_learns_the_agent_tokens_and_writes_a_loadable_policy(tmp_path):
   config.write_text(yaml.safe_dump({
       "model": {"arch": ARCH, "dtype": "float32", "attention": "xla"},
       "optimizer": {"learning_rate": 3e-3, "weight_decay": 0.0}, "rl": {"row_tokens": 64}}))
-  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env = child_env()
 
   def sft(*args):
     return subprocess.run([sys.executable, "-m", "asearcher_jax.cli", "sft", "--config",
