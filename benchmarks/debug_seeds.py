@@ -15,6 +15,9 @@ seeds. Prints a table and writes JSON under benchmarks/results/. A seed whose ru
 --reevaluate scores finished runs again after a change to evaluation: it removes each run's
 evaluations and reruns debug.sh with RESUME=1, which keeps the world, the model, the SFT and
 the RL policies and evaluates both again (the wall time recorded stays the training run's).
+--rerun-rl trains the RL stage again from each finished run's SFT policy (RESUME=1 without the
+RL run): RL settings compared on the same SFT policies, whose stages the seed fixes bit for bit;
+the wall time recorded is the first run's up to the RL stage plus the rerun's from it.
 """
 
 from __future__ import annotations
@@ -75,6 +78,38 @@ def reevaluate(seed: int, out: str, overrides: list[str], env: dict) -> None:
       raise SystemExit(f"seed {seed} failed ({code}); {log}:\n{f.read()[-3000:]}")
 
 
+def stage_clock(log: str) -> tuple[int, int]:
+  """Seconds into a debug.sh run at which its RL stage started and at which it was done."""
+  with open(log) as f:
+    text = f.read()
+  secs = lambda m: int(m[0]) * 60 + int(m[1])  # noqa: E731
+  return (secs(re.findall(r"\[debug (\d+)m(\d+)s\] 5/6", text)[-1]),
+          secs(re.findall(r"\[debug\] done in (\d+)m(\d+)s", text)[-1]))
+
+
+def rerun_rl(seed: int, out: str, overrides: list[str], env: dict) -> float | None:
+  """The RL stage and its evaluation run again from the finished run's SFT policy; returns the
+  wall time of the whole run: the first run's stages before RL and the rerun's from RL on
+  (None without the first run's log)."""
+  for stage in ("rl", "eval_rl"):
+    shutil.rmtree(os.path.join(out, stage), ignore_errors=True)
+  log = out + ".rerun_rl.log"
+  print(f"seed {seed}: RESUME=1 SEED={seed} OUT_DIR={out} bash launch/debug.sh "
+        f"{' '.join(overrides)} (log {log})", flush=True)
+  with open(log, "w") as f:
+    code = subprocess.call(["bash", os.path.join(ROOT, "launch", "debug.sh"), *overrides],
+                           env=dict(env, SEED=str(seed), OUT_DIR=out, RESUME="1"), stdout=f,
+                           stderr=subprocess.STDOUT, cwd=ROOT)
+  if code != 0:
+    with open(log) as f:
+      raise SystemExit(f"seed {seed} failed ({code}); {log}:\n{f.read()[-3000:]}")
+  if not os.path.exists(out + ".log"):
+    return None
+  rl_start, _ = stage_clock(out + ".log")
+  rerun_start, rerun_done = stage_clock(log)
+  return rl_start + rerun_done - rerun_start
+
+
 def summarise(out: str, k: int) -> dict:
   """What one finished run scored: SFT and RL on the held-out questions (as the eval report
   aggregates them), and the change with its paired interval."""
@@ -113,6 +148,8 @@ def main() -> None:
   p.add_argument("--results", help="JSON output (default: benchmarks/results/debug_seeds_cpu.json)")
   p.add_argument("--reevaluate", action="store_true",
                  help="evaluate finished runs again (RESUME=1), keeping their policies")
+  p.add_argument("--rerun-rl", action="store_true",
+                 help="train the RL stage of finished runs again from their SFT policies")
   p.add_argument("overrides", nargs="*", help="RL-stage overrides passed to launch/debug.sh")
   args = p.parse_args()
   work = os.path.abspath(args.work)
@@ -126,7 +163,10 @@ def main() -> None:
     # re-evaluation was interrupted; only a run that never finished training runs whole.
     if args.reevaluate and os.path.isdir(os.path.join(out, "rl", "weights")):
       reevaluate(seed, out, args.overrides, env)
-    wall = run_seed(seed, out, args.overrides, env)
+    wall = None
+    if args.rerun_rl and os.path.exists(os.path.join(out, "sft", "config.json")):
+      wall = rerun_rl(seed, out, args.overrides, env)
+    wall = run_seed(seed, out, args.overrides, env) or wall
     runs[seed] = summarise(out, args.k)
     times = os.path.join(out, "wall_s")
     if wall is not None:

@@ -12,7 +12,8 @@
 # SFT data order, and the RL stage's data order and sampling; the world, the expert data and the
 # held-out questions with their sampling seeds stay the same, so seeds differ by training alone
 # (benchmarks/debug_seeds.py runs several); RESUME=1 keeps finished stages and continues the RL
-# run; SFT_TRAJ (train questions the expert solves for SFT, default 1200, or all), SFT_EPOCHS
+# run; SFT_TRAJ (train questions the expert solves for SFT, default 1200, or all; the RL stage
+# learns on the others, or on all of them with all), SFT_EPOCHS
 # (default 4; the loss is on the agent's own tokens: trained on the text it reads too, the
 # untrained policy learns to recall the world's facts and writes them over what it reads),
 # EVAL_QUESTIONS (held-out questions, default 240 of the 394: at a success rate near one half,
@@ -43,10 +44,17 @@ stage "2/6 tokenizer and tiny policy: $out/model"
 policy=(model.arch=null "model.seed=$seed")
 
 stage "3/6 expert trajectories: $out/expert.jsonl"
+# SFT learns from a sample of the train questions and RL from the others: on questions SFT
+# trained on, the policy already knows the answers, and RL rewarded recall more than reading.
 limit=()
-[ "${SFT_TRAJ:-1200}" = all ] || limit=(--limit "${SFT_TRAJ:-1200}")
-[ -f "$out/expert.jsonl" ] || asearcher world solve --config "$cfg" "${policy[@]}" \
-  model.path="$out/model" --world "$world" "${limit[@]}" --out "$out/expert.jsonl" --no-progress
+rl_data="$world/qa_train.jsonl"
+if [ "${SFT_TRAJ:-1200}" != all ]; then
+  rl_data="$out/rl_questions.jsonl"
+  limit=(--limit "${SFT_TRAJ:-1200}" --rest "$rl_data")
+fi
+[ -f "$out/expert.jsonl" ] && [ -f "$rl_data" ] || asearcher world solve --config "$cfg" \
+  "${policy[@]}" model.path="$out/model" --world "$world" "${limit[@]}" \
+  --out "$out/expert.jsonl" --no-progress
 
 stage "4/6 SFT warm start: $out/sft"
 [ -f "$out/sft/config.json" ] || asearcher sft --config "$cfg" "${policy[@]}" \
@@ -63,7 +71,7 @@ stage "5/6 asynchronous RL from the SFT policy: $out/rl"
 resume=()
 [ -d "$out/rl/checkpoints" ] && resume=(--resume)
 asearcher train --config "$cfg" "${policy[@]}" model.path="$out/sft" run.output_dir="$out/rl" \
-  rl.data="[$world/qa_train.jsonl]" retrieval.index="$world/index" \
+  rl.data="[$rl_data]" retrieval.index="$world/index" \
   "rl.seed=$seed" optimizer.learning_rate=1.25e-4 optimizer.warmup_steps=0 \
   optimizer.decay_steps=null "${resume[@]}" "$@"
 

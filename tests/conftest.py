@@ -42,9 +42,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def child_env(xla_flags: str = "", **extra: str) -> dict[str, str]:
   """The environment of an `asearcher` process that a test starts: this checkout importable,
   CPU only, output unbuffered, one device unless `xla_flags` asks for more."""
-  return dict(os.environ, XLA_FLAGS=" ".join(filter(None, [CHILD_XLA_FLAGS, xla_flags])),
-              PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
-              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
+  return {**os.environ, "XLA_FLAGS": " ".join(filter(None, [CHILD_XLA_FLAGS, xla_flags])),
+          "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+          "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **extra}
 
 
 def single_device_mesh():

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("debug") / "run")
   env = child_env(OUT_DIR=out, ASEARCHER_VENV=sys.prefix, SFT_TRAJ="24", SFT_EPOCHS="1",
-             EVAL_QUESTIONS="3", SEED="3", JAX_PLATFORMS="cpu")
+                  EVAL_QUESTIONS="3", SEED="3")
   # Two RL steps of two groups of two; an SFT policy this brief rarely earns reward and runs
   # every episode to the turn limit, so keep equal-reward groups and make few episodes.
   proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "debug.sh"), "rl.total_steps=2",
@@ -44,13 +44,21 @@ def test_world_tokenizer_and_model_are_built(run):
   assert config["eos_token_id"] == tok.eos_id
 
 
-def test_expert_trajectories_earn_full_reward(run):
+def test_expert_trajectories_earn_full_reward_and_rl_gets_the_other_questions(run):
   out, _ = run
   trajs = read_jsonl(os.path.join(out, "expert.jsonl"))
   assert len(trajs) == 24
   for t in trajs:
     t.check()
     assert t.reward == 1.0 and t.status == "answered"
+  with open(os.path.join(out, "world", "qa_train.jsonl")) as f:
+    train = [json.loads(line) for line in f]
+  with open(os.path.join(out, "rl_questions.jsonl")) as f:
+    rl = [json.loads(line) for line in f]
+  assert rl == [r for r in train if r["qid"] not in {t.qid for t in trajs}]
+  assert len(rl) == len(train) - 24
+  with open(os.path.join(out, "rl", "logs", "learner.log")) as f:
+    assert "rl_questions.jsonl" in f.read()
 
 
 def test_the_seed_reaches_every_stage(run):

@@ -14,7 +14,7 @@ from asearcher_jax.config import load_config
 from asearcher_jax.data.qa import load_qa
 from asearcher_jax.errors import DataError
 from asearcher_jax.expert.policy import find_fact, parse_question
-from asearcher_jax.expert.trajectories import solve_items, summary, world_index
+from asearcher_jax.expert.trajectories import solve_command, solve_items, summary, world_index
 from asearcher_jax.tools.client import LocalSearchClient
 from asearcher_jax.tools.index import SearchIndex
 from asearcher_jax.tools.retrieval_server import ServerThread, create_app
@@ -197,3 +197,12 @@ def test_world_tokenizer_has_the_requested_size_and_compresses_the_prompt(world,
     train_tokenizer([world[1]], 200)
   with pytest.raises(DataError, match="no such file"):
     train_tokenizer(["/nonexistent/world"], 1024)
+
+
+def test_solve_refuses_a_rest_that_the_sample_leaves_empty(world, tmp_path):
+  """`world solve --rest` gives RL the questions SFT left; a sample of all of them leaves none."""
+  rest = tmp_path / "rest.jsonl"
+  with pytest.raises(DataError, match="takes every question"):
+    solve_command(_cfg(), world_dir=world[1], split="train", out=str(tmp_path / "expert.jsonl"),
+                  limit=None, keep="solved", concurrency=1, rest=str(rest))
+  assert not rest.exists() and not (tmp_path / "expert.jsonl").exists()

@@ -46,7 +46,7 @@ def cmd_world_solve(args) -> int:
   cfg = load_config(args.config, args.overrides)
   solve_command(cfg, world_dir=args.world or ensure_world(), split=args.split, out=args.out,
                 limit=args.limit, keep=args.keep, concurrency=args.concurrency, seed=args.seed,
-                progress=not args.no_progress)
+                progress=not args.no_progress, rest=args.rest)
   return 0
 
 
@@ -82,6 +82,8 @@ def register(subparsers) -> None:
   v.add_argument("--limit", type=int, help="a seeded random sample of N questions of the split "
                                            "(the files are sorted by hops)")
   v.add_argument("--seed", type=int, default=0, help="of the sample")
+  v.add_argument("--rest", metavar="QA.jsonl", help="also write the split's questions left out "
+                                                    "of --limit's sample (RL data unseen in SFT)")
   v.add_argument("--keep", choices=["solved", "all"], default="solved",
                  help="write only full-reward trajectories (default) or all")
   v.add_argument("--concurrency", type=int, default=16)

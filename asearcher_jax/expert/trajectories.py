@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import random
 from typing import TYPE_CHECKING, Any
 
 from asearcher_jax.agent import Agent, score, write_jsonl
 from asearcher_jax.data.qa import load_qa
+from asearcher_jax.errors import DataError
 from asearcher_jax.expert.policy import WorldSolver
+from asearcher_jax.jsonl import read_lines
 from asearcher_jax.reward import Scorer
 from asearcher_jax.world.io import world_index
 
@@ -58,15 +61,19 @@ def summary(trajectories) -> dict[str, Any]:
 
 def solve_command(cfg: Config, *, world_dir: str, split: str, out: str, limit: int | None,
                   keep: str, concurrency: int, seed: int = 0, progress: bool = True,
-                  echo=print) -> dict:
+                  rest: str | None = None, echo=print) -> dict:
   """Solves a split of the world and writes trajectories (all, or only `keep=solved` ones, the
-  SFT data) to `out`; returns the summary."""
+  SFT data) to `out`; returns the summary. With `limit`, `rest` receives the split's questions
+  left out of the sample, as the split's own lines: RL data that SFT never saw."""
   from asearcher_jax.models.tokenizer import policy_tokenizer
   from asearcher_jax.tools.client import LocalSearchClient
   from asearcher_jax.tools.retrieval_server import serve_index
-  items = load_qa(os.path.join(world_dir, f"qa_{split}.jsonl")).items
+  qa_path = os.path.join(world_dir, f"qa_{split}.jsonl")
+  items = load_qa(qa_path).items
   if limit is not None and limit < len(items):  # the files are sorted by hops: sample them
     items = random.Random(seed).sample(items, limit)
+  if rest is not None:
+    _write_rest(qa_path, {it.qid for it in items}, rest)
   tokenizer = policy_tokenizer(cfg.model)
   server = serve_index(world_index(world_dir, log=lambda *_: None), cfg.retrieval)
   try:
@@ -81,9 +88,21 @@ def solve_command(cfg: Config, *, world_dir: str, split: str, out: str, limit: i
   write_jsonl(tmp, kept)
   os.replace(tmp, out)  # a file that exists is whole: reruns may skip this stage
   stats = summary(trajectories)
+  if rest is not None:
+    echo(f"{len(read_lines(rest))} {split} questions left out of the sample: {rest}")
   echo(f"solved {stats['solved']:.1%} of {stats['questions']} {split} questions; "
        f"{stats['turns']:.2f} turns, {stats['search_calls']:.2f} searches and "
        f"{stats['access_calls']:.2f} page opens per episode; statuses {stats['statuses']}; "
        f"wrote {len(kept)} trajectories to {out}")
   return stats
+
+
+def _write_rest(qa_path: str, chosen: set[str], out: str) -> None:
+  rows = [r for r in read_lines(qa_path) if r["qid"] not in chosen]
+  if not rows:
+    raise DataError(f"--rest {out}: the sample takes every question of {qa_path}")
+  tmp = f"{out}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  os.replace(tmp, out)
 
