@@ -41,22 +41,29 @@ from asearcher_jax.jsonl import read_lines  # noqa: E402
 from benchmarks.common import run_info, write_result  # noqa: E402
 
 
+def debug_sh(seed: int, out: str, overrides: list[str], env: dict, log: str,
+             resume: bool = False) -> None:
+  """`SEED=seed OUT_DIR=out [RESUME=1] bash launch/debug.sh overrides`, its output to `log`;
+  exits with the log's tail if the run fails."""
+  print(f"seed {seed}: {'RESUME=1 ' if resume else ''}SEED={seed} OUT_DIR={out} bash "
+        f"launch/debug.sh {' '.join(overrides)} (log {log})", flush=True)
+  env = dict(env, SEED=str(seed), OUT_DIR=out, **({"RESUME": "1"} if resume else {}))
+  with open(log, "w") as f:
+    code = subprocess.call(["bash", os.path.join(ROOT, "launch", "debug.sh"), *overrides],
+                           env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+  if code != 0:
+    with open(log) as f:
+      raise SystemExit(f"seed {seed} failed ({code}); {log}:\n{f.read()[-3000:]}")
+
+
 def run_seed(seed: int, out: str, overrides: list[str], env: dict) -> float | None:
   """One debug run; its wall time in seconds as debug.sh reports it (setup included), or None
   when the run was already there."""
   if os.path.exists(os.path.join(out, "eval_rl", "report.json")):
     return None
   log = out + ".log"
-  print(f"seed {seed}: SEED={seed} OUT_DIR={out} bash launch/debug.sh {' '.join(overrides)} "
-        f"(log {log})", flush=True)
   t0 = time.time()
-  with open(log, "w") as f:
-    code = subprocess.call(["bash", os.path.join(ROOT, "launch", "debug.sh"), *overrides],
-                           env=dict(env, SEED=str(seed), OUT_DIR=out), stdout=f,
-                           stderr=subprocess.STDOUT, cwd=ROOT)
-  if code != 0:
-    with open(log) as f:
-      raise SystemExit(f"seed {seed} failed ({code}); {log}:\n{f.read()[-3000:]}")
+  debug_sh(seed, out, overrides, env, log)
   with open(log) as f:
     done = re.findall(r"\[debug\] done in (\d+)m(\d+)s", f.read())
   return int(done[-1][0]) * 60 + int(done[-1][1]) if done else time.time() - t0
@@ -66,16 +73,7 @@ def reevaluate(seed: int, out: str, overrides: list[str], env: dict) -> None:
   """The finished run's policies evaluated again as debug.sh evaluates them now."""
   for stage in ("eval_sft", "eval_rl"):
     shutil.rmtree(os.path.join(out, stage), ignore_errors=True)
-  log = out + ".reevaluate.log"
-  print(f"seed {seed}: RESUME=1 SEED={seed} OUT_DIR={out} bash launch/debug.sh (log {log})",
-        flush=True)
-  with open(log, "w") as f:
-    code = subprocess.call(["bash", os.path.join(ROOT, "launch", "debug.sh"), *overrides],
-                           env=dict(env, SEED=str(seed), OUT_DIR=out, RESUME="1"), stdout=f,
-                           stderr=subprocess.STDOUT, cwd=ROOT)
-  if code != 0:
-    with open(log) as f:
-      raise SystemExit(f"seed {seed} failed ({code}); {log}:\n{f.read()[-3000:]}")
+  debug_sh(seed, out, overrides, env, out + ".reevaluate.log", resume=True)
 
 
 def stage_clock(log: str) -> tuple[int, int]:
@@ -94,15 +92,7 @@ def rerun_rl(seed: int, out: str, overrides: list[str], env: dict) -> float | No
   for stage in ("rl", "eval_rl"):
     shutil.rmtree(os.path.join(out, stage), ignore_errors=True)
   log = out + ".rerun_rl.log"
-  print(f"seed {seed}: RESUME=1 SEED={seed} OUT_DIR={out} bash launch/debug.sh "
-        f"{' '.join(overrides)} (log {log})", flush=True)
-  with open(log, "w") as f:
-    code = subprocess.call(["bash", os.path.join(ROOT, "launch", "debug.sh"), *overrides],
-                           env=dict(env, SEED=str(seed), OUT_DIR=out, RESUME="1"), stdout=f,
-                           stderr=subprocess.STDOUT, cwd=ROOT)
-  if code != 0:
-    with open(log) as f:
-      raise SystemExit(f"seed {seed} failed ({code}); {log}:\n{f.read()[-3000:]}")
+  debug_sh(seed, out, overrides, env, log, resume=True)
   if not os.path.exists(out + ".log"):
     return None
   rl_start, _ = stage_clock(out + ".log")
