@@ -2,6 +2,7 @@
 
   asearcher world build --out DIR [--seed S] [--max-hops N] [--index]
   asearcher world solve --config FILE --out TRAJ.jsonl [--world DIR] [--split train]
+                        [--limit N [--rest QA.jsonl]]
 """
 
 from __future__ import annotations

@@ -105,4 +105,3 @@ def _write_rest(qa_path: str, chosen: set[str], out: str) -> None:
   with open(tmp, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
   os.replace(tmp, out)
-
