@@ -40,6 +40,8 @@ from asearcher_jax.eval.report import aggregate, paired_intervals  # noqa: E402
 from asearcher_jax.jsonl import read_lines  # noqa: E402
 from benchmarks.common import run_info, write_result  # noqa: E402
 
+DONE = r"\[debug\] done in (\d+)m(\d+)s"  # debug.sh's last line: the run's wall time
+
 
 def debug_sh(seed: int, out: str, overrides: list[str], env: dict, log: str,
              resume: bool = False) -> None:
@@ -65,7 +67,7 @@ def run_seed(seed: int, out: str, overrides: list[str], env: dict) -> float | No
   t0 = time.time()
   debug_sh(seed, out, overrides, env, log)
   with open(log) as f:
-    done = re.findall(r"\[debug\] done in (\d+)m(\d+)s", f.read())
+    done = re.findall(DONE, f.read())
   return int(done[-1][0]) * 60 + int(done[-1][1]) if done else time.time() - t0
 
 
@@ -82,7 +84,7 @@ def stage_clock(log: str) -> tuple[int, int]:
     text = f.read()
   secs = lambda m: int(m[0]) * 60 + int(m[1])  # noqa: E731
   return (secs(re.findall(r"\[debug (\d+)m(\d+)s\] 5/6", text)[-1]),
-          secs(re.findall(r"\[debug\] done in (\d+)m(\d+)s", text)[-1]))
+          secs(re.findall(DONE, text)[-1]))
 
 
 def rerun_rl(seed: int, out: str, overrides: list[str], env: dict) -> float | None:

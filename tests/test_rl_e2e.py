@@ -26,10 +26,6 @@ TINY_ARCH = {"family": "qwen3", "vocab_size": 300, "hidden_size": 64, "intermedi
              "rope_theta": 10000.0, "tie_embeddings": True, "eos_token_id": 258}
 
 
-def env():
-  return child_env()
-
-
 def cli(*args):
   return [sys.executable, "-m", "asearcher_jax.cli", *args]
 
@@ -76,7 +72,7 @@ def test_learner_killed_and_resumed_trains_every_group_once(tmp_path):
   srv = ReplayServer(queue).start_in_thread()
   try:
     argv = cli("learn", "--config", str(config), "--replay", srv.address)
-    proc = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(argv, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     deadline = time.monotonic() + 240
     while len(read_metrics(metrics)) < 3:  # past the step-2 checkpoint, before the next
@@ -86,7 +82,7 @@ def test_learner_killed_and_resumed_trains_every_group_once(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     first = read_metrics(metrics)
-    done = subprocess.run(argv + ["--resume"], env=env(), capture_output=True, text=True,
+    done = subprocess.run(argv + ["--resume"], env=child_env(), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resumed from step" in done.stdout
@@ -130,7 +126,7 @@ def test_the_learner_drops_poison_groups_and_trains_the_rest(tmp_path):
   srv = ReplayServer(queue).start_in_thread()
   try:
     done = subprocess.run(cli("learn", "--config", str(config), "--replay", srv.address),
-                          env=env(), capture_output=True, text=True, timeout=300)
+                          env=child_env(), capture_output=True, text=True, timeout=300)
     stats = SyncReplayClient(srv.address).state()
   finally:
     srv.stop_thread()
@@ -154,7 +150,7 @@ def test_asearcher_train_runs_and_resumes(tmp_path):
   the decode server serves each new version, metrics, TensorBoard events and checkpoints are
   written, and --resume continues."""
   run = tmp_path / "run"
-  e = dict(env(), ASEARCHER_CACHE=str(tmp_path / "cache"))
+  e = child_env(ASEARCHER_CACHE=str(tmp_path / "cache"))
 
   def train(*extra):
     return subprocess.run(cli("train", "--config", "configs/debug.yaml", "--no-progress",
@@ -215,8 +211,8 @@ def test_a_rollout_worker_killed_mid_episode_leaves_only_complete_groups(tmp_pat
       argv = cli("rollout", "--config", str(config), f"search.url=http://127.0.0.1:{search.port}",
                  f"run.output_dir={tmp_path / 'run'}", "--replay", replay.address, "--decode",
                  decode.grpc_address)
-      proc = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+      proc = subprocess.Popen(argv, env=child_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
       deadline = time.monotonic() + 240
       while queue.stats()["accepted_total"] < 2 or decode.driver.stats().slots_in_use == 0:
         assert proc.poll() is None, proc.stdout.read()
@@ -227,7 +223,7 @@ def test_a_rollout_worker_killed_mid_episode_leaves_only_complete_groups(tmp_pat
       first = queue.stats()["accepted_total"]
       cursor = queue.worker_state("w0")[1]
       held = queue.lease(first, 600)  # the first run's groups, set apart
-      again = subprocess.run(argv + ["--max-groups", "2"], env=env(), capture_output=True,
+      again = subprocess.run(argv + ["--max-groups", "2"], env=child_env(), capture_output=True,
                              text=True, timeout=300)
       assert again.returncode == 0, again.stdout + again.stderr
   finally:

@@ -72,8 +72,7 @@ def solve_command(cfg: Config, *, world_dir: str, split: str, out: str, limit: i
   items = load_qa(qa_path).items
   if limit is not None and limit < len(items):  # the files are sorted by hops: sample them
     items = random.Random(seed).sample(items, limit)
-  if rest is not None:
-    _write_rest(qa_path, {it.qid for it in items}, rest)
+  rest_count = _write_rest(qa_path, {it.qid for it in items}, rest) if rest else 0
   tokenizer = policy_tokenizer(cfg.model)
   server = serve_index(world_index(world_dir, log=lambda *_: None), cfg.retrieval)
   try:
@@ -88,8 +87,8 @@ def solve_command(cfg: Config, *, world_dir: str, split: str, out: str, limit: i
   write_jsonl(tmp, kept)
   os.replace(tmp, out)  # a file that exists is whole: reruns may skip this stage
   stats = summary(trajectories)
-  if rest is not None:
-    echo(f"{len(read_lines(rest))} {split} questions left out of the sample: {rest}")
+  if rest:
+    echo(f"{rest_count} {split} questions left out of the sample: {rest}")
   echo(f"solved {stats['solved']:.1%} of {stats['questions']} {split} questions; "
        f"{stats['turns']:.2f} turns, {stats['search_calls']:.2f} searches and "
        f"{stats['access_calls']:.2f} page opens per episode; statuses {stats['statuses']}; "
@@ -97,7 +96,7 @@ def solve_command(cfg: Config, *, world_dir: str, split: str, out: str, limit: i
   return stats
 
 
-def _write_rest(qa_path: str, chosen: set[str], out: str) -> None:
+def _write_rest(qa_path: str, chosen: set[str], out: str) -> int:
   rows = [r for r in read_lines(qa_path) if r["qid"] not in chosen]
   if not rows:
     raise DataError(f"--rest {out}: the sample takes every question of {qa_path}")
@@ -105,3 +104,4 @@ def _write_rest(qa_path: str, chosen: set[str], out: str) -> None:
   with open(tmp, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
   os.replace(tmp, out)
+  return len(rows)
