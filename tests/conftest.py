@@ -1,10 +1,6 @@
 """Test session setup: 8 virtual CPU devices (for mesh tests) before JAX initialises."""
 
-import atexit
-import importlib.util
 import os
-import shutil
-import tempfile
 
 # Most files are bound by XLA's compiles: LLVM at -O1 compiles test_model's programs 13% sooner
 # than at the default -O2 and runs them as fast (the HLO that tests inspect is the same; only
@@ -16,18 +12,10 @@ os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", "")
                                                "--xla_force_host_platform_device_count=8"]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# One persistent XLA compilation cache per test session, which the test workers (they inherit
-# this process's environment) and the processes the end-to-end tests start all share. Tests
-# build many engines and models of the same shapes, and every jitted method of a new instance
-# compiles again: on 2 cores the cache takes a third off test_engine and test_paged_kv. Made
-# fresh each session, so a run never depends on what an earlier one left.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _jit_cache = tempfile.mkdtemp(prefix="asearcher-tests-jit-")
-  atexit.register(shutil.rmtree, _jit_cache, ignore_errors=True)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _jit_cache
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-  if importlib.util.find_spec("filelock"):  # a size limit makes JAX lock reads against writes
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+# No persistent XLA compilation cache: with one, a CI run died of a segmentation fault inside
+# JAX's cache write (`executable.serialize()` of a CPU executable that an engine's driver
+# thread had compiled), and pytest-xdist's replacement worker
+# then hung the run until CI's limit. Each process compiles what it runs.
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
