@@ -1,5 +1,7 @@
 """The decode engine and its continuous-batching driver against the policy's full forward."""
 
+import contextlib
+import logging
 import threading
 import time
 
@@ -293,7 +295,8 @@ def test_sharded_engine_matches_single_device(shape):
       outs.append([r.wait(120) for r in reqs])
     if m is mesh:
       # The page pool is split over kv heads; every slot draws on all of its pages.
-      assert engine._pool_sharding.spec[1] == "tensor" and engine._pool_sharding.spec[2] is None
+      spec = engine._programs.pool_sharding.spec
+      assert spec[1] == "tensor" and spec[2] is None
   for single, sharded in zip(*outs):
     assert single.output_ids == sharded.output_ids
     np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=1e-4)
@@ -411,10 +414,64 @@ def test_rows_without_truncation_are_untouched_by_a_truncating_neighbour():
   assert int(jnp.sum(out[1] > -1e29)) == 5
 
 
+ENGINE_PROGRAMS = ("prefill_fresh", "prefill_into", "insert", "set_pages", "generate",
+                   "generate_block", "read_pages", "write_pages", "init_state")
+
+
+@contextlib.contextmanager
+def compiled_programs():
+  """The names of the engine programs XLA compiles inside the block, on any thread."""
+  compiled = []
+
+  class Catch(logging.Handler):
+    def emit(self, record):
+      m = record.getMessage()
+      compiled.extend(n for n in ENGINE_PROGRAMS if m.startswith(f"Compiling jit({n})"))
+
+  handler = Catch()
+  logging.getLogger("jax").addHandler(handler)
+  jax.config.update("jax_log_compiles", True)  # global: the driver compiles on its own thread
+  try:
+    yield compiled
+  finally:
+    jax.config.update("jax_log_compiles", False)
+    logging.getLogger("jax").removeHandler(handler)
+
+
+def test_engines_of_one_configuration_share_their_compiled_programs():
+  """A second engine of the same configuration compiles nothing, and serves its own weights."""
+  a, b = make_model(seed=11), make_model(seed=12)
+  p = np.asarray(prompt(5), np.int32)
+
+  def first_tokens(engine):
+    prefix = engine.prefill(engine.params, p)
+    state = engine.insert(prefix, engine.init_decode_state(), 0)
+    _, result = engine.generate(engine.params, state)
+    return int(prefix.token[0]), int(result.tokens[0])
+
+  with compiled_programs() as compiled:  # max_len 40: no other test's configuration
+    first_a = first_tokens(Engine(a, slots=2, max_len=40, mesh=MESH))
+  assert {"prefill_fresh", "insert", "generate", "init_state"} <= set(compiled)
+  with compiled_programs() as compiled:
+    first_b = first_tokens(Engine(b, slots=2, max_len=40, mesh=MESH))
+    first_a_again = first_tokens(Engine(a, slots=2, max_len=40, mesh=MESH))
+  assert compiled == []
+  assert first_a_again == first_a
+  assert first_b == tuple(int(t) for t in _greedy(b, p, 2))
+  with compiled_programs() as compiled:  # another shape compiles its own
+    first_tokens(Engine(a, slots=2, max_len=48, mesh=MESH))
+  assert "generate" in compiled
+
+
+def _greedy(model, prompt_ids, n):
+  seq = list(prompt_ids)
+  for _ in range(n):
+    seq.append(int(np.asarray(model(jnp.asarray([seq]))[0])[0, -1].argmax()))
+  return seq[len(prompt_ids):]
+
+
 @pytest.mark.parametrize("decode_steps", [1, 4])
 def test_warmup_compiles_everything_serving_meets(model, decode_steps):
-  import logging
-
   # A pool of 9 pages of 16 tokens: three slots cannot all reach max_len 64 at once.
   engine = Engine(model, slots=3, max_len=64, mesh=MESH, min_prefill_bucket=16,
                   decode_steps=decode_steps, num_pages=9)
@@ -422,16 +479,7 @@ def test_warmup_compiles_everything_serving_meets(model, decode_steps):
   # page-table rewrites + (rows x buckets) x (fresh, sessions) + windows + blocks + host
   # offload and back
   assert engine.warmup() == 3 + 3 * 3 * 2 + 3 + blocks + 2
-  compiled = []
-
-  class Catch(logging.Handler):
-    def emit(self, record):
-      compiled.append(record.getMessage())
-
-  handler = Catch()
-  logging.getLogger("jax").addHandler(handler)
-  jax.config.update("jax_log_compiles", True)  # global: the driver compiles on its own thread
-  try:
+  with compiled_programs() as compiled:
     with Driver(engine, device_sessions=1, host_sessions=1) as d:
       reqs = [d.submit(Request(prompt(n), SamplingParams(max_new_tokens=m, seed=n),
                                session_id=f"s{n % 2}"))
@@ -440,13 +488,7 @@ def test_warmup_compiles_everything_serving_meets(model, decode_steps):
         r.wait(120)
       d.generate(reqs[0].prompt + reqs[0].output_ids + [1, 2], SamplingParams(max_new_tokens=3),
                  session_id="s1")
-  finally:
-    jax.config.update("jax_log_compiles", False)
-    logging.getLogger("jax").removeHandler(handler)
-  engine_programs = ("_prefill_fresh", "_prefill_into", "_insert", "_set_pages",
-                     "_generate", "_generate_block", "_read_pages", "_write_pages")
-  assert not [m for m in compiled if m.startswith("Compiling") and any(
-      f"jit({name})" in m for name in engine_programs)]
+  assert compiled == []
 
 
 def _filled_state(engine, prompts):

@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from asearcher_jax.inference.protocol import MAX_TOP_LOGPROBS
 from asearcher_jax.inference.sampling import sample
 from asearcher_jax.models import paged_kv
+from asearcher_jax.models.config import QwenConfig
 from asearcher_jax.models.paged_kv import POOL_AXES, SINK, KVPages, PagedKernel, pages_for
 from asearcher_jax.models.qwen import KVCache, Qwen
 from asearcher_jax.sharding import LOGICAL_RULES, activation_target, logical_to_spec, make_mesh
@@ -117,7 +118,7 @@ class Engine:
     self.cfg = model.cfg
     self.mesh = mesh or make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
                                   devices=jax.devices()[:1])
-    self.graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     self.params = params
     self.slots = slots
     self.max_len = max_len
@@ -125,12 +126,11 @@ class Engine:
     self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
     rules = _divisible_rules(self.mesh, slots, self.cfg.num_kv_heads)
     # The pool is split over kv heads; pages are shared by every slot, so not over the batch.
-    self._pool_sharding = NamedSharding(self.mesh, logical_to_spec(POOL_AXES, rules))
-    self._replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    # Every function that returns a decode state pins it to one layout, so each of them
-    # compiles once per shape no matter which function produced its input.
-    self._state_shardings = DecodeState(KVPages(self._pool_sharding, self._pool_sharding),
-                                        *(self._replicated,) * 7)
+    self._programs = _Programs(
+        graphdef, rest, self.cfg, slots, max_len, page_size, self.max_pages, self.num_pages,
+        self.cache_dtype, paged_kernel,
+        NamedSharding(self.mesh, logical_to_spec(POOL_AXES, rules)),
+        NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
 
   # -- protocol ------------------------------------------------------------------
 
@@ -140,19 +140,7 @@ class Engine:
 
   def init_decode_state(self) -> DecodeState:
     """Every slot empty: its page-table row all sink."""
-    shape = (self.cfg.num_layers, self.cfg.num_kv_heads, self.num_pages + 1, self.page_size,
-             self.cfg.head_dim)
-
-    @functools.partial(jax.jit, out_shardings=self._state_shardings)
-    def init():
-      z = jnp.zeros(shape, self.cache_dtype)
-      n = self.slots
-      return DecodeState(KVPages(z, z), jnp.full((n, self.max_pages), SINK, jnp.int32),
-                         jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32),
-                         jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.int32),
-                         jnp.ones((n,), jnp.float32), jnp.zeros((n, 2), jnp.uint32))
-
-    return init()
+    return self._programs.init_state()
 
   def page_rows(self, pages: list[list[int]]) -> np.ndarray:
     """Page-table rows [len(pages), max_pages] for the given page lists (the rest sink)."""
@@ -171,7 +159,7 @@ class Engine:
     rows[:len(slots)] = self.page_rows(pages)
     index = np.full((rows.shape[0],), self.slots, np.int32)
     index[:len(slots)] = slots
-    return self._set_pages(state, jnp.asarray(index), jnp.asarray(rows))
+    return self._programs.set_pages(state, jnp.asarray(index), jnp.asarray(rows))
 
   def bucket(self, n: int) -> int:
     for b in self.buckets:
@@ -216,7 +204,7 @@ class Engine:
     rows = len(lengths)
     table = np.full((rows, self.max_pages), SINK, np.int32)  # padding rows write to the sink
     table[:len(slots)] = self.page_rows(page_lists)
-    return self._prefill_into(
+    return self._programs.prefill_into(
         params, state, _pad(slots, rows, np.int32, self.slots), tokens, lengths,
         _pad(starts, rows, np.int32, 0), jnp.asarray(table),
         _pad(temperature, rows, np.float32, 0.0), _pad(top_k, rows, np.int32, 0),
@@ -227,7 +215,7 @@ class Engine:
                  ) -> tuple[np.ndarray, np.ndarray]:
     """The first `tokens` positions that `pages` hold, on the host: k, v [layers, tokens, K, D]
     (a session offloaded from device memory)."""
-    k, v = self._read_pages(state, jnp.asarray(self.page_rows([pages])[0]))
+    k, v = self._programs.read_pages(state, jnp.asarray(self.page_rows([pages])[0]))
     # Copy whole, slice on the host: a device slice would compile once per length.
     return np.asarray(k)[:, :tokens], np.asarray(v)[:, :tokens]
 
@@ -241,7 +229,7 @@ class Engine:
     shape = (k.shape[0], self.max_pages * self.page_size) + k.shape[2:]
     kk, vv = np.zeros(shape, self.cache_dtype), np.zeros(shape, self.cache_dtype)
     kk[:, :n], vv[:, :n] = k, v
-    return self._write_pages(state, jnp.asarray(self.page_rows([pages])[0]), kk, vv)
+    return self._programs.write_pages(state, jnp.asarray(self.page_rows([pages])[0]), kk, vv)
 
   def prefill_batch(self, params, token_lists: list, temperature: list, top_k: list, top_p: list,
                     keys: list, top_logprobs: bool = False) -> Prefix:
@@ -250,10 +238,10 @@ class Engine:
       self._check_room(len(t))
     tokens, lengths = self._token_rows(token_lists)
     rows = len(lengths)
-    return self._prefill_fresh(params, tokens, lengths, _pad(temperature, rows, np.float32, 0.0),
-                               _pad(top_k, rows, np.int32, 0), _pad(top_p, rows, np.float32, 1.0),
-                               _pad(keys, rows, np.uint32, 0),
-                               top_n=MAX_TOP_LOGPROBS if top_logprobs else 0)
+    return self._programs.prefill_fresh(
+        params, tokens, lengths, _pad(temperature, rows, np.float32, 0.0),
+        _pad(top_k, rows, np.int32, 0), _pad(top_p, rows, np.float32, 1.0),
+        _pad(keys, rows, np.uint32, 0), top_n=MAX_TOP_LOGPROBS if top_logprobs else 0)
 
   def _token_rows(self, token_lists: list) -> tuple[jax.Array, jax.Array]:
     """Tokens [rows, bucket] and lengths [rows] of a batch, rows padded to a power of two
@@ -290,14 +278,14 @@ class Engine:
     slots[:len(wanted)] = wanted
     rows = np.full((n, self.max_pages), SINK, np.int32)
     rows[:len(wanted)] = self.page_rows(pages)
-    return self._insert(prefix, state, jnp.asarray(slots), jnp.asarray(rows))
+    return self._programs.insert(prefix, state, jnp.asarray(slots), jnp.asarray(rows))
 
   def generate(self, params, state: DecodeState, window: int | None = None,
                top_logprobs: bool = False) -> tuple[DecodeState, ResultTokens]:
     """One step for every slot; with `window`, attention reads only the first `window` slots.
     `top_logprobs`: also the MAX_TOP_LOGPROBS most likely tokens of every slot (a second
     compiled variant, used only while a request asks)."""
-    return self._generate(params, state, window, MAX_TOP_LOGPROBS if top_logprobs else 0)
+    return self._programs.generate(params, state, window, MAX_TOP_LOGPROBS if top_logprobs else 0)
 
   def generate_block(self, params, state: DecodeState, window: int | None = None,
                      steps: int = 1, top_logprobs: bool = False
@@ -305,8 +293,8 @@ class Engine:
     """`steps` generate steps in one dispatch (a device loop), each exactly `generate`'s: the
     result's arrays gain a leading [steps] axis. The host syncs once per block instead of once
     per token; `window` must cover every position the block reaches."""
-    return self._generate_block(params, state, window,
-                                MAX_TOP_LOGPROBS if top_logprobs else 0, steps)
+    return self._programs.generate_block(params, state, window,
+                                         MAX_TOP_LOGPROBS if top_logprobs else 0, steps)
 
   def warmup(self) -> int:
     """Compiles every shape serving can meet, so no request ever waits for XLA.
@@ -349,21 +337,68 @@ class Engine:
     jax.block_until_ready(self.write_pages(state, [1], k, v))
     return shapes + 2
 
-  def _pin(self, state: DecodeState) -> DecodeState:
-    return jax.lax.with_sharding_constraint(state, self._state_shardings)
-
   def _check_room(self, n: int) -> None:
     # n == max_len fills the cache exactly; the token sampled from it needs no slot of its own.
     if n > self.max_len:
       raise ValueError(f"{n} tokens do not fit max_len {self.max_len}")
 
-  # -- jitted bodies ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Programs:
+  """An engine's jitted programs and all they depend on, none of it the weights or the state.
+
+  jax.jit keys its compile cache on static arguments by equality, and these compare equal
+  when their model architecture, shapes, kernel and shardings do: a second engine of the same
+  configuration in a process (a rebuilt server, a test's next engine) compiles nothing again.
+  """
+
+  graphdef: nnx.GraphDef
+  rest: nnx.State  # the model's non-Param state (none in Qwen); compared by identity if any
+  cfg: QwenConfig
+  slots: int
+  max_len: int
+  page_size: int
+  max_pages: int
+  num_pages: int
+  cache_dtype: np.dtype
+  paged_kernel: PagedKernel
+  pool_sharding: NamedSharding
+  replicated: NamedSharding
+
+  def _key(self) -> tuple:
+    rest = id(self.rest) if jax.tree.leaves(self.rest) else jax.tree.structure(self.rest)
+    return (self.graphdef, rest, self.cfg, self.slots, self.max_len, self.page_size,
+            self.max_pages, self.num_pages, self.cache_dtype, self.paged_kernel,
+            self.pool_sharding, self.replicated)
+
+  def __hash__(self) -> int:
+    return hash(self._key())
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, _Programs) and self._key() == other._key()
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def init_state(self) -> DecodeState:
+    shape = (self.cfg.num_layers, self.cfg.num_kv_heads, self.num_pages + 1, self.page_size,
+             self.cfg.head_dim)
+    z = jnp.zeros(shape, self.cache_dtype)
+    n = self.slots
+    return self._pin(DecodeState(KVPages(z, z), jnp.full((n, self.max_pages), SINK, jnp.int32),
+                                 jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32),
+                                 jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.int32),
+                                 jnp.ones((n,), jnp.float32), jnp.zeros((n, 2), jnp.uint32)))
+
+  def _pin(self, state: DecodeState) -> DecodeState:
+    """Every program that returns a decode state pins it to one layout, so each of them
+    compiles once per shape no matter which program produced its input."""
+    return jax.lax.with_sharding_constraint(state, DecodeState(
+        KVPages(self.pool_sharding, self.pool_sharding), *(self.replicated,) * 7))
 
   def _model(self, params) -> Qwen:
-    return nnx.merge(self.graphdef, params, self._rest)
+    return nnx.merge(self.graphdef, params, self.rest)
 
   @functools.partial(jax.jit, static_argnums=0, static_argnames="top_n")
-  def _prefill_fresh(self, params, tokens, lengths, temperature, top_k, top_p, keys, top_n=0):
+  def prefill_fresh(self, params, tokens, lengths, temperature, top_k, top_p, keys, top_n=0):
     # The cache only needs the bucket's positions; insert pages them into the pool.
     cache = KVCache.zeros(self.cfg, tokens.shape[0], tokens.shape[1], self.cache_dtype)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -375,7 +410,7 @@ class Engine:
                   d.top_ids, d.top_logprobs)
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-  def _insert(self, prefix: Prefix, state: DecodeState, slots, rows) -> DecodeState:
+  def insert(self, prefix: Prefix, state: DecodeState, slots, rows) -> DecodeState:
     # Prefix row i goes page by page to the pages rows[i] names.
     cache = KVPages(paged_kv.scatter(state.cache.k, rows, prefix.cache.k),
                     paged_kv.scatter(state.cache.v, rows, prefix.cache.v))
@@ -387,7 +422,7 @@ class Engine:
         put(state.keys, prefix.key)))
 
   @functools.partial(jax.jit, static_argnums=0, static_argnames="top_n", donate_argnums=2)
-  def _prefill_into(self, params, state: DecodeState, slots, tokens, lengths, starts, rows,
+  def prefill_into(self, params, state: DecodeState, slots, tokens, lengths, starts, rows,
                     temperature, top_k, top_p, keys, top_n=0
                     ) -> tuple[DecodeState, ResultTokens]:
     model = self._model(params)
@@ -406,17 +441,17 @@ class Engine:
         ResultTokens(d.tokens, d.logprobs, d.top_ids, d.top_logprobs)
 
   @functools.partial(jax.jit, static_argnums=0)
-  def _read_pages(self, state: DecodeState, row) -> tuple[jax.Array, jax.Array]:
+  def read_pages(self, state: DecodeState, row) -> tuple[jax.Array, jax.Array]:
     return paged_kv.read(state.cache.k, row), paged_kv.read(state.cache.v, row)
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-  def _write_pages(self, state: DecodeState, row, k, v) -> DecodeState:
+  def write_pages(self, state: DecodeState, row, k, v) -> DecodeState:
     cache = KVPages(paged_kv.scatter(state.cache.k, row[None], k[:, None]),
                     paged_kv.scatter(state.cache.v, row[None], v[:, None]))
     return self._pin(dataclasses.replace(state, cache=cache))
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-  def _set_pages(self, state: DecodeState, slots, rows) -> DecodeState:
+  def set_pages(self, state: DecodeState, slots, rows) -> DecodeState:
     return self._pin(dataclasses.replace(state, pages=state.pages.at[slots].set(rows, mode="drop")))
 
   def _step(self, model: Qwen, state: DecodeState, window, top_n
@@ -433,18 +468,19 @@ class Engine:
     return new, ResultTokens(d.tokens, d.logprobs, d.top_ids, d.top_logprobs)
 
   @functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=2)
-  def _generate(self, params, state: DecodeState, window, top_n
+  def generate(self, params, state: DecodeState, window, top_n
                 ) -> tuple[DecodeState, ResultTokens]:
     new, result = self._step(self._model(params), state, window, top_n)
     return self._pin(new), result
 
   @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5), donate_argnums=2)
-  def _generate_block(self, params, state: DecodeState, window, top_n, steps
+  def generate_block(self, params, state: DecodeState, window, top_n, steps
                       ) -> tuple[DecodeState, ResultTokens]:
     model = self._model(params)
     new, results = jax.lax.scan(lambda s, _: self._step(model, s, window, top_n), state, None,
                                 length=steps)
     return self._pin(new), results
+
 
 
 def _divisible_rules(mesh: Mesh, slots: int, kv_heads: int) -> dict:
