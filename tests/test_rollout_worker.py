@@ -110,3 +110,40 @@ def test_put_retries_transient_errors_but_not_refusals(monkeypatch):
   assert put_once(FlakyReplay([OSError()], "duplicate")) == (2, [1.0], (1, 0, 0))
   assert put_once(FlakyReplay([ValueError("refused")])) == (1, [], (0, 0, 1))
   assert put_once(FlakyReplay([OSError()] * 4)) == (4, [1.0, 2.0, 4.0], (0, 0, 1))
+
+
+class SlowAgent:
+  """Episodes that run until cancelled, holding a decode session they end on the way out,
+  over a client that refuses calls once it is closed (as gRPC's does)."""
+
+  def __init__(self):
+    self.started, self.ended, self.closed = 0, 0, False
+
+  async def run(self, item, *, sample, group_id, seed, submit_version):
+    self.started += 1
+    try:
+      await asyncio.Event().wait()
+    finally:
+      if self.closed:
+        raise RuntimeError("Channel is closed.")
+      await asyncio.sleep(0)  # an RPC
+      self.ended += 1
+
+
+def test_a_stopped_worker_ends_its_episodes_sessions_before_it_returns(caplog):
+  items = [QAItem(qid=f"q{i}", question=f"q{i}?", answers=("Ada",)) for i in range(3)]
+  agent = SlowAgent()
+  w = RolloutWorker(worker=0, workers=1, rl=RLSection(group_size=2, batch_groups=2),
+                    agent=agent, scorer=Scorer(), replay=Replay(),
+                    prompts=PromptStream(items, seed=0), poll_s=0.01)
+
+  async def main():
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.2, stop.set)
+    await w.run(stop=stop)
+    agent.closed = True  # what the caller does next: close the decode client
+    await asyncio.sleep(0.05)
+
+  asyncio.run(main())
+  assert agent.started > 0 and agent.ended == agent.started
+  assert w.stats.failed == 0 and "failed" not in caplog.text

@@ -114,6 +114,10 @@ class RolloutWorker:
         await asyncio.sleep(self.poll_s)
     for t in running:
       t.cancel()
+    # Wait for the cancelled groups to unwind: their episodes free their decode sessions on
+    # the way out, which needs the clients the caller closes once this returns (before, each
+    # in-flight group then failed on a closed channel and logged a traceback at every stop).
+    await asyncio.gather(*running, return_exceptions=True)
 
   async def _group(self, item: QAItem, cursor: int, version: int) -> None:
     group_id = f"{self.worker}-{cursor}"
