@@ -550,6 +550,34 @@ def test_block_decoding_serves_what_step_decoding_serves(model):
   assert runs[4][-1].output_ids == free[:free.index(free[5]) + 1]
 
 
+def test_the_next_block_is_dispatched_before_a_prefills_first_token_is_read(model, monkeypatch,
+                                                                          forward_logits):
+  """Admission never makes the host wait for a prefill: its first token is read (and
+  recorded) only once the next decode block is on its way, and the answer is unchanged."""
+  events = []
+  engine = Engine(model, slots=2, max_len=64, mesh=MESH)
+  real_generate, real_emit = engine.generate, Driver._emit
+
+  def generate(*args, **kw):
+    events.append("dispatch")
+    return real_generate(*args, **kw)
+
+  def emit(self, slot, r, token, *args, **kw):
+    events.append(f"emit {len(r.output_ids)}")
+    return real_emit(self, slot, r, token, *args, **kw)
+
+  monkeypatch.setattr(engine, "generate", generate)
+  monkeypatch.setattr(Driver, "_emit", emit)
+  p = prompt(7)
+  with Driver(engine) as d:
+    r = d.generate(p, SamplingParams(temperature=0.0, max_new_tokens=3))
+  assert events[:2] == ["dispatch", "emit 0"]
+  seq = list(p)
+  for _ in range(3):
+    seq.append(int(forward_logits(model, seq)[-1].argmax()))
+  assert r.output_ids == seq[len(p):] and r.first_token_at is not None
+
+
 def test_waiting_requests_get_single_steps():
   """Blocks only in steady decode: while a request waits for a slot, the next dispatch is one
   step, so a slot that frees is refilled at once."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import queue
@@ -135,6 +136,9 @@ class Driver:
     self._last_step_s = 0.0
     self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
     self._inflight = None  # (result, [(slot, request)], version, steps): the block not recorded
+    # Prefills' first draws, not yet read: ([(slot, request)], (tokens, logprobs, top ids,
+    # top logprobs) on device), read once the next block is dispatched.
+    self._firsts: list[tuple[list[tuple[int, Request]], tuple]] = []
     self._last_done = time.perf_counter()
     self._published: dict[str, Any] = {}  # engine-thread counts that stats() reads
     self._publish()
@@ -307,6 +311,7 @@ class Driver:
       except Exception:  # never let one bad step kill the server; fail the live requests
         log.exception("decode loop error; failing in-flight requests")
         self._inflight = None
+        self._firsts.clear()
         failed = [r for r in self._slots if r is not None] + [
             r for r, _ in self._prefilling.values()]
         self._slots = [None] * self.engine.slots
@@ -349,6 +354,8 @@ class Driver:
         fut.set_exception(e)
 
   def _drop_cancelled(self) -> None:
+    if self._firsts and any(r is not None and r._cancelled for r in self._slots):
+      self._emit_firsts()  # a cancelled turn keeps its session, first token included
     with self._wake:
       cancelled = [r for r in self._pending if r._cancelled]
       for r in cancelled:
@@ -541,15 +548,34 @@ class Driver:
       self.metrics.observe_prefill(time.perf_counter() - t0, sum(prefilled), len(batch))
 
   def _after_prefill(self, batch, tokens, logprobs, top) -> None:
-    """Starts each row decoding from its first token ([n] arrays; `top`: the most likely
-    (ids, logprobs))."""
-    tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
-    top = (np.asarray(top[0]), np.asarray(top[1]))
-    for i, (slot, r) in enumerate(batch):
+    """Starts each row decoding from its first token ([n] arrays on device; `top`: the most
+    likely (ids, logprobs)). The host reads the tokens only after it has dispatched the next
+    block (`_emit_firsts`): the device goes from the prefill straight to decoding instead of
+    idling while the host waits for the prefill, reads and records."""
+    arrays = (tokens, logprobs, *top)
+    for a in arrays:
+      a.copy_to_host_async()
+    for slot, r in batch:
       self._slots[slot] = r
-      if r.first_token_at is None:
-        r.first_token_at = time.monotonic()
-      self._emit(slot, r, int(tokens[i]), float(logprobs[i]), top=(top[0][i], top[1][i]))
+    self._firsts.append((list(batch), arrays))
+
+  def _emit_firsts(self) -> None:
+    """Records the first token of every prefill since the last call."""
+    firsts, self._firsts = self._firsts, []
+    for batch, arrays in firsts:
+      tokens, logprobs, top_ids, top_logprobs = (np.asarray(a) for a in arrays)
+      for i, (slot, r) in enumerate(batch):
+        if self._slots[slot] is not r:  # failed or preempted since; never recorded here
+          continue
+        if r.first_token_at is None:
+          r.first_token_at = time.monotonic()
+        self._emit(slot, r, int(tokens[i]), float(logprobs[i]),
+                   top=(top_ids[i], top_logprobs[i]))
+
+  def _ahead(self) -> int:
+    """Tokens each running slot has on the device beyond those recorded: the block in flight,
+    or (at least) a prefill's first token."""
+    return max(self._inflight[3] if self._inflight is not None else 0, 1 if self._firsts else 0)
 
   def _block_steps(self) -> int:
     """Steps in the next dispatch: `engine.decode_steps` in steady decode, one while requests
@@ -581,7 +607,7 @@ class Driver:
     """
     while True:
       steps = self._block_steps()
-      ahead = self._inflight[3] if self._inflight is not None else 0
+      ahead = self._ahead()
       active = [s for s, r in enumerate(self._slots) if r is not None]
       grow = {}
       for s in active:
@@ -596,7 +622,7 @@ class Driver:
           self._state = self.engine.set_pages(self._state, list(grow),
                                               [self._held[s] for s in grow])
         return active, steps
-      if self._inflight is not None:
+      if self._inflight is not None or self._firsts:
         self._drain()
         continue
       if self._sessions.evict():
@@ -630,7 +656,7 @@ class Driver:
     active, steps = self._reserve()
     if not active:  # recording the block in flight finished every request
       return
-    ahead = self._inflight[3] if self._inflight is not None else 0
+    ahead = self._ahead()
     longest = max(len(self._slots[s].prompt) + len(self._slots[s].output_ids) for s in active)
     window = self.engine.bucket(min(longest + ahead + steps - 1, self.engine.max_len))
     top = any(self._slots[s].sampling.top_logprobs for s in active)
@@ -642,11 +668,14 @@ class Driver:
                                                        steps, top_logprobs=top)
     previous = self._inflight
     self._inflight = (result, [(s, self._slots[s]) for s in active], self.version, steps)
+    self._emit_firsts()  # before the new block's tokens, which follow them
     if previous is not None:
       self._process(previous)
 
   def _drain(self) -> None:
-    """Records the step in flight, if any (before control changes what the slots hold)."""
+    """Records the first tokens and the block in flight, if any (before control changes what
+    the slots hold)."""
+    self._emit_firsts()
     if self._inflight is not None:
       previous, self._inflight = self._inflight, None
       self._process(previous)
@@ -776,12 +805,25 @@ def _callback(fn, *args) -> None:
 
 
 def _initial_key(r: Request) -> np.ndarray:
-  """The PRNG key of a request: from its 64-bit seed (both halves count), else a fresh one."""
+  """The PRNG key of a request: from its 64-bit seed (both halves count), else a fresh one.
+
+  Computed on the host's CPU device (the same bits as on any backend): on an accelerator the
+  two small ops would queue behind the decode block in flight, and reading their result would
+  hold every admission until that block finished."""
   seed = r.sampling.seed
   if seed is None:
     seed = hash((r.request_id, time.monotonic_ns())) & 0xFFFFFFFFFFFFFFFF
-  key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
-  return np.asarray(jax.random.fold_in(key, seed >> 32))
+  with jax.default_device(_host_device()):
+    key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
+    return np.asarray(jax.random.fold_in(key, seed >> 32))
+
+
+@functools.cache
+def _host_device():
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:  # JAX_PLATFORMS names no CPU backend
+    return jax.devices()[0]
 
 
 def _check_like(params, reference) -> None:

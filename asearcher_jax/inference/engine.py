@@ -238,10 +238,13 @@ class Engine:
       self._check_room(len(t))
     tokens, lengths = self._token_rows(token_lists)
     rows = len(lengths)
-    return self._programs.prefill_fresh(
+    prefix = self._programs.prefill_fresh(
         params, tokens, lengths, _pad(temperature, rows, np.float32, 0.0),
         _pad(top_k, rows, np.int32, 0), _pad(top_p, rows, np.float32, 1.0),
         _pad(keys, rows, np.uint32, 0), top_n=MAX_TOP_LOGPROBS if top_logprobs else 0)
+    # The lengths as given (the program returns them unchanged): `insert` reads them on the
+    # host, and reading the program's copy would wait for the whole prefill.
+    return dataclasses.replace(prefix, length=lengths)
 
   def _token_rows(self, token_lists: list) -> tuple[jax.Array, jax.Array]:
     """Tokens [rows, bucket] and lengths [rows] of a batch, rows padded to a power of two
