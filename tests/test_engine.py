@@ -438,7 +438,15 @@ def compiled_programs():
     logging.getLogger("jax").removeHandler(handler)
 
 
-def test_engines_of_one_configuration_share_their_compiled_programs():
+def greedy(forward_logits, model, prompt_ids, n):
+  """The full forward's greedy continuation: the reference every decode path must equal."""
+  seq = list(prompt_ids)
+  for _ in range(n):
+    seq.append(int(forward_logits(model, seq)[-1].argmax()))
+  return seq[len(prompt_ids):]
+
+
+def test_engines_of_one_configuration_share_their_compiled_programs(forward_logits):
   """A second engine of the same configuration compiles nothing, and serves its own weights."""
   a, b = make_model(seed=11), make_model(seed=12)
   p = np.asarray(prompt(5), np.int32)
@@ -457,17 +465,10 @@ def test_engines_of_one_configuration_share_their_compiled_programs():
     first_a_again = first_tokens(Engine(a, slots=2, max_len=40, mesh=MESH))
   assert compiled == []
   assert first_a_again == first_a
-  assert first_b == tuple(int(t) for t in _greedy(b, p, 2))
+  assert first_b == tuple(greedy(forward_logits, b, p, 2))
   with compiled_programs() as compiled:  # another shape compiles its own
     first_tokens(Engine(a, slots=2, max_len=48, mesh=MESH))
   assert "generate" in compiled
-
-
-def _greedy(model, prompt_ids, n):
-  seq = list(prompt_ids)
-  for _ in range(n):
-    seq.append(int(np.asarray(model(jnp.asarray([seq]))[0])[0, -1].argmax()))
-  return seq[len(prompt_ids):]
 
 
 @pytest.mark.parametrize("decode_steps", [1, 4])
@@ -572,10 +573,7 @@ def test_the_next_block_is_dispatched_before_a_prefills_first_token_is_read(mode
   with Driver(engine) as d:
     r = d.generate(p, SamplingParams(temperature=0.0, max_new_tokens=3))
   assert events[:2] == ["dispatch", "emit 0"]
-  seq = list(p)
-  for _ in range(3):
-    seq.append(int(forward_logits(model, seq)[-1].argmax()))
-  assert r.output_ids == seq[len(p):] and r.first_token_at is not None
+  assert r.output_ids == greedy(forward_logits, model, p, 3) and r.first_token_at is not None
 
 
 def test_waiting_requests_get_single_steps():

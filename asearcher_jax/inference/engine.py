@@ -426,8 +426,8 @@ class _Programs:
 
   @functools.partial(jax.jit, static_argnums=0, static_argnames="top_n", donate_argnums=2)
   def prefill_into(self, params, state: DecodeState, slots, tokens, lengths, starts, rows,
-                    temperature, top_k, top_p, keys, top_n=0
-                    ) -> tuple[DecodeState, ResultTokens]:
+                   temperature, top_k, top_p, keys, top_n=0
+                   ) -> tuple[DecodeState, ResultTokens]:
     model = self._model(params)
     positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     # Padding positions past a row's length write into its own pages (overwritten as it
@@ -472,18 +472,17 @@ class _Programs:
 
   @functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=2)
   def generate(self, params, state: DecodeState, window, top_n
-                ) -> tuple[DecodeState, ResultTokens]:
+               ) -> tuple[DecodeState, ResultTokens]:
     new, result = self._step(self._model(params), state, window, top_n)
     return self._pin(new), result
 
   @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5), donate_argnums=2)
   def generate_block(self, params, state: DecodeState, window, top_n, steps
-                      ) -> tuple[DecodeState, ResultTokens]:
+                     ) -> tuple[DecodeState, ResultTokens]:
     model = self._model(params)
     new, results = jax.lax.scan(lambda s, _: self._step(model, s, window, top_n), state, None,
                                 length=steps)
     return self._pin(new), results
-
 
 
 def _divisible_rules(mesh: Mesh, slots: int, kv_heads: int) -> dict:
