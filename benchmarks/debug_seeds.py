@@ -41,6 +41,8 @@ from asearcher_jax.jsonl import read_lines  # noqa: E402
 from benchmarks.common import run_info, write_result  # noqa: E402
 
 DONE = r"\[debug\] done in (\d+)m(\d+)s"  # debug.sh's last line: the run's wall time
+# debug.sh's settings of the stages before RL, from the environment (recorded with results)
+STAGE_ENV = ("SFT_TRAJ", "SFT_EPOCHS", "EVAL_QUESTIONS")
 
 
 def debug_sh(seed: int, out: str, overrides: list[str], env: dict, log: str,
@@ -200,6 +202,7 @@ def main() -> None:
   print(f"RL gain clear of zero (paired interval above 0) in {summary['gain_clear_of_zero']} of "
         f"{len(runs)} seeds")
   write_result({"benchmark": "debug_seeds", **run_info(), "args": vars(args),
+                "stage_env": {k: env[k] for k in STAGE_ENV if k in env},
                 "runs": {str(s): r for s, r in runs.items()}, "summary": summary},
                args.results, "debug_seeds_cpu")
 
