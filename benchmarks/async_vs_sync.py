@@ -18,7 +18,7 @@ runs see the same workload.
 
 For each η, a fresh setup (model seed 0, empty queue): every shape the engine and the learner
 step can meet is compiled first (`Engine.warmup()` and one step per micro-batch count on copied
-weights; a persistent compilation cache makes the second setup load them), then the worker
+weights; the second setup's engine reuses the first's programs), then the worker
 and the learner start together and the clock runs from the learner's start to the publication
 of its S-th step. Trained tokens (the loss tokens of the S steps) over that time is the
 throughput (also without the first --ramp-steps steps, closer to the steady state); also the
@@ -248,7 +248,7 @@ class RecordingReplay(LocalReplay):
 
 
 class CompileCounter:
-  """Compilations (or persistent-cache loads) while `active`: there should be none in timing."""
+  """Compilations while `active`: there should be none in timing."""
 
   def __init__(self):
     self.active, self.names, self.seconds = False, [], 0.0
@@ -279,12 +279,13 @@ def cpu_seconds() -> tuple[float, float]:
 # -- one run -----------------------------------------------------------------------------------
 
 def warm_learner(learner: Learner, rl, max_micro_batches: int) -> int:
-  """Compiles the PPO step for each micro-batch count (powers of two) on copied weights, so
-  the learner's own state is untouched. Twice per count: the step's outputs come back with
-  other shardings than the model's initial arrays, so the second step compiles again."""
+  """Compiles the PPO step for each micro-batch count a batch can have (a power of two in each
+  of the rl.ppo_n_minibatches parts) on copied weights, so the learner's own state is
+  untouched. Twice per count: the step's outputs come back with other shardings than the
+  model's initial arrays, so the second step compiles again."""
   shapes = 0
-  m = 1
-  while m <= max_micro_batches:
+  m = rl.ppo_n_minibatches
+  while m <= max(max_micro_batches, rl.ppo_n_minibatches):
     shape = (m, rl.micro_batch_rows, rl.row_tokens)
     z = lambda dtype: np.zeros(shape, dtype)  # noqa: E731
     batch = shard_batch(TrainBatch(
@@ -302,10 +303,13 @@ def warm_learner(learner: Learner, rl, max_micro_batches: int) -> int:
 
 
 def max_micro_batches(rl, max_len: int) -> int:
-  """The most micro-batches one step can have: every trajectory at max_len, packed."""
-  rows = rl.batch_groups * rl.group_size * math.ceil(max_len / rl.row_tokens)
+  """The most micro-batches one step can have: every trajectory at max_len, packed, an equal
+  share in each of the rl.ppo_n_minibatches parts (build_batch pads each part to the same
+  power of two)."""
+  n = rl.ppo_n_minibatches
+  rows = math.ceil(rl.batch_groups * rl.group_size / n) * math.ceil(max_len / rl.row_tokens)
   m = math.ceil(rows / rl.micro_batch_rows)
-  return 1 << (m - 1).bit_length()
+  return n * (1 << (m - 1).bit_length())
 
 
 def warm_driver(driver: Driver) -> None:
@@ -466,18 +470,12 @@ def main(argv=None) -> int:
   p.add_argument("--turn-alpha", type=float, default=Workload.turn_alpha)
   p.add_argument("--latency-median", type=float, default=Workload.latency_median_s)
   p.add_argument("--latency-sigma", type=float, default=Workload.latency_sigma)
-  p.add_argument("--jit-cache", help="persistent compilation cache (default: a temporary one, "
-                 "shared by the runs of this invocation)")
   p.add_argument("--verbose", action="store_true", help="print the learner's step lines")
   p.add_argument("--results", help="JSON output (default: benchmarks/results/...)")
   p.add_argument("overrides", nargs="*")
   args = p.parse_args(argv)
 
   work = tempfile.mkdtemp(prefix="async_vs_sync_")
-  cache = args.jit_cache or os.path.join(work, "jit_cache")
-  jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   counter = CompileCounter()
   try:
     workload = Workload(seed=args.seed, turn_alpha=args.turn_alpha, max_turns=args.max_turns,
