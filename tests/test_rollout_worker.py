@@ -11,7 +11,7 @@ from asearcher_jax.reward.scorer import Score
 from asearcher_jax.rl.config import RLSection
 from asearcher_jax.rl.plot import by_version, plot_metrics
 from asearcher_jax.rl.rollout import PromptStream, RolloutWorker
-from asearcher_jax.rl.training_log import read_rollout_logs, rollout_log_path
+from asearcher_jax.rl.training_log import read_rollout_logs, rollout_log_path, starved
 
 
 class Agent:
@@ -69,6 +69,41 @@ def test_equal_reward_groups_are_filtered_and_every_scored_group_is_logged(tmp_p
   assert plot_metrics([{"step": 1, "success": 0.5, "reward": 0.5}], str(png), title="t",
                       rollouts=rows) == str(png)
   assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def score_groups(tmp_path, qids, count):
+  """The worker's log after it has scored `count` groups of `qids` (filtered or not)."""
+  items = [QAItem(qid=q, question=f"{q}?", answers=("Ada",)) for q in qids]
+  rl = RLSection(group_size=4, batch_groups=2, max_head_offpolicyness=100)
+  w = RolloutWorker(worker=0, workers=1, rl=rl, agent=Agent(), scorer=Scorer(), replay=Replay(),
+                    prompts=PromptStream(items, seed=0), poll_s=0.01,
+                    log_path=rollout_log_path(str(tmp_path), 0))
+
+  async def main():
+    stop = asyncio.Event()
+    run = asyncio.create_task(w.run(stop=stop))
+    while w.stats.filtered + w.stats.accepted < count:
+      await asyncio.sleep(0.01)
+    stop.set()
+    await run
+
+  asyncio.run(main())
+  return read_rollout_logs(str(tmp_path))
+
+
+def test_a_run_whose_groups_are_all_filtered_is_told_why_it_gets_no_data(tmp_path):
+  """The supervisor's console line while no step comes: every group scored since the last step
+  filtered out (a policy that always fails), at least `least` of them."""
+  rows = score_groups(tmp_path / "wrong", ["q-wrong"], 20)
+  assert len(rows) >= 20 and all(r["filtered"] for r in rows)
+  note = starved(rows, since=0.0, least=16)
+  assert note is not None and f"the last {len(rows)} groups" in note
+  assert "mean reward 0.00, success 0.00" in note and "rl.filter_equal_rewards=false" in note
+  assert starved(rows, since=0.0, least=len(rows) + 1) is None  # not yet enough of them
+  assert starved(rows, since=rows[-1]["time"] + 1, least=1) is None  # none since the last step
+  # One group the learner could use among them: it is not starved.
+  mixed = score_groups(tmp_path / "mixed", ["q-wrong", "q-wrong", "q-mixed", "q-wrong"], 20)
+  assert any(not r["filtered"] for r in mixed) and starved(mixed, since=0.0, least=16) is None
 
 
 class FlakyReplay(Replay):

@@ -23,10 +23,11 @@ from asearcher_jax.config import Config
 from asearcher_jax.errors import AsearcherError
 from asearcher_jax.procs import Child, wait_ready
 from asearcher_jax.rl.plot import plot_metrics
-from asearcher_jax.rl.training_log import read_rollout_logs
+from asearcher_jax.rl.training_log import read_rollout_logs, starved
 
 RESTARTS = 5  # per rollout worker
 PLOT_EVERY_S = 20.0  # the learning curve is redrawn at most this often while training
+STARVED_CHECK_S = 10.0  # once no step has come for this long, the scored groups are read this often
 
 
 def free_port() -> int:
@@ -152,6 +153,10 @@ def train(cfg: Config, *, config_path: str | None, overrides: list[str], resume:
                                       f"TensorBoard: tensorboard --logdir "
                                       f"{os.path.join(out_dir, 'tensorboard')}")
     plotted = 0.0
+    # Starvation: while no step comes, the groups scored since the last one are read now and
+    # then; a warning once `first_warning` of them were all filtered out, again at each doubling.
+    first_warning = max(4 * cfg.rl.batch_groups, 16)
+    last_step, checked, warn_at = time.time(), time.monotonic(), first_warning
     while True:
       time.sleep(0.5)
       lines = _read_from(metrics_path, len(rows))
@@ -160,6 +165,14 @@ def train(cfg: Config, *, config_path: str | None, overrides: list[str], resume:
         bar.n = m["step"]
         bar.refresh()
         (bar.write if progress else echo)(console_line(m["step"], cfg.rl.total_steps, m))
+      if lines:
+        last_step, warn_at = time.time(), first_warning
+      elif min(time.time() - last_step, time.monotonic() - checked) > STARVED_CHECK_S:
+        checked = time.monotonic()
+        note = starved(read_rollout_logs(out_dir), last_step, warn_at)
+        if note:
+          (bar.write if progress else echo)(note)
+          warn_at *= 2
       if lines and time.monotonic() - plotted > PLOT_EVERY_S:
         plot_metrics(rows, curve, title=f"{cfg.run.name}: {out_dir}",
                      rollouts=read_rollout_logs(out_dir))

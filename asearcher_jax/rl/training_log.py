@@ -42,6 +42,24 @@ def read_rollout_logs(out_dir: str) -> list[dict]:
   return sorted(rows, key=lambda r: r.get("time", 0.0))
 
 
+def starved(groups: list[dict], since: float, least: int) -> str | None:
+  """A console line when every group the workers scored since `since` was filtered out (at
+  least `least` of them), else None. Dynamic filtering drops a group whose episodes all scored
+  alike: a policy that always fails (or always succeeds) then gives the learner nothing, and a
+  run waits on its first step with no other sign of why."""
+  recent = [g for g in groups if g.get("time", 0.0) >= since]
+  if len(recent) < least or not all(g.get("filtered") for g in recent):
+    return None
+  reward = np.mean([g.get("reward", 0.0) for g in recent])
+  success = np.mean([g.get("success", 0.0) for g in recent])
+  return (f"no data for the learner: the last {len(recent)} groups the rollout workers scored "
+          f"were all filtered out, every episode of each group scoring alike (mean reward "
+          f"{reward:.2f}, success {success:.2f}). A policy that always fails, or always "
+          f"succeeds, gives the policy gradient nothing to learn from: start RL from a policy "
+          f"that solves some of these questions (SFT), pick questions of the right difficulty, "
+          f"or train on such groups anyway with rl.filter_equal_rewards=false")
+
+
 class MetricsWriter:
   def __init__(self, out_dir: str, tensorboard: bool = True):
     os.makedirs(out_dir, exist_ok=True)
