@@ -82,7 +82,7 @@ def score_groups(tmp_path, qids, count):
   async def main():
     stop = asyncio.Event()
     run = asyncio.create_task(w.run(stop=stop))
-    while w.stats.filtered + w.stats.accepted < count:
+    while w.stats.filtered + w.stats.accepted < count and not run.done():
       await asyncio.sleep(0.01)
     stop.set()
     await run
