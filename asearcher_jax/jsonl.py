@@ -40,6 +40,33 @@ def read_lines(path: str, decode=json.loads) -> list[Any]:
   return out
 
 
+class Follower:
+  """The lines appended to a file since the last `read`, as `read_lines` decodes them: a line a
+  writer is still writing is left for the next read. Reading only what is new keeps a
+  supervisor that polls a growing metrics or rollout log from decoding it whole each time."""
+
+  def __init__(self, path: str, decode=json.loads):
+    self.path, self.decode, self.offset, self.lines = path, decode, 0, 0
+
+  def read(self) -> list[Any]:
+    if not os.path.exists(self.path):
+      return []
+    with open(self.path, "rb") as f:
+      f.seek(self.offset)
+      data = f.read()
+    end = data.rfind(b"\n") + 1  # complete lines only
+    out = []
+    for raw in data[:end].split(b"\n")[:-1]:
+      self.lines += 1
+      if raw.strip():
+        try:
+          out.append(self.decode(raw.decode("utf-8")))
+        except (ValueError, TypeError, RecursionError) as e:
+          raise DataError(f"{self.path}: line {self.lines} unreadable ({e})") from None
+    self.offset += end
+    return out
+
+
 def drop_torn_tail(path: str) -> None:
   """Truncates a file that does not end with a newline to just after its last one."""
   if not os.path.exists(path):

@@ -5,13 +5,21 @@ for the learning curve."""
 import asyncio
 import types
 
+import pytest
+
 from asearcher_jax.agent import Trajectory
 from asearcher_jax.data.qa import QAItem
+from asearcher_jax.jsonl import Follower, append_lines
 from asearcher_jax.reward.scorer import Score
 from asearcher_jax.rl.config import RLSection
 from asearcher_jax.rl.plot import by_version, plot_metrics
 from asearcher_jax.rl.rollout import PromptStream, RolloutWorker
-from asearcher_jax.rl.training_log import read_rollout_logs, rollout_log_path, starved
+from asearcher_jax.rl.training_log import (
+  RolloutLogs,
+  read_rollout_logs,
+  rollout_log_path,
+  starved,
+)
 
 
 class Agent:
@@ -104,6 +112,36 @@ def test_a_run_whose_groups_are_all_filtered_is_told_why_it_gets_no_data(tmp_pat
   # One group the learner could use among them: it is not starved.
   mixed = score_groups(tmp_path / "mixed", ["q-wrong", "q-wrong", "q-mixed", "q-wrong"], 20)
   assert any(not r["filtered"] for r in mixed) and starved(mixed, since=0.0, least=16) is None
+
+
+def test_the_supervisor_reads_each_log_line_once_and_only_when_complete(tmp_path):
+  """What `asearcher train` polls (metrics.jsonl, every worker's group log) it reads from where
+  it stopped: each line once, a line still being written when it is done, a torn one never."""
+  path = str(tmp_path / "metrics.jsonl")
+  follow = Follower(path)
+  assert follow.read() == []  # not written yet
+  append_lines(path, [{"step": 1}, {"step": 2}])
+  with open(path, "a") as f:
+    f.write('{"step": 3, "lo')  # the learner mid-write
+  assert follow.read() == [{"step": 1}, {"step": 2}]
+  with open(path, "a") as f:
+    f.write('ss": 0.5}\n')
+  assert follow.read() == [{"step": 3, "loss": 0.5}] and follow.read() == []
+  with open(path, "a") as f:
+    f.write('{"step": 4, "lo')  # a crash mid-write; the restarted learner cuts it off
+  append_lines(path, [{"step": 4}])
+  assert follow.read() == [{"step": 4}]
+  with open(path, "a") as f:
+    f.write("{bad\n")
+  with pytest.raises(ValueError, match="line 5 unreadable"):
+    follow.read()
+
+  rows = score_groups(tmp_path / "run", ["q-mixed", "q-wrong"], 6)
+  logs = RolloutLogs(str(tmp_path / "run"))
+  assert logs.update() == rows
+  more = score_groups(tmp_path / "run", ["q-right"], 3)  # appended to the same worker's log
+  assert logs.update() == more == read_rollout_logs(str(tmp_path / "run"))
+  assert len(more) > len(rows)
 
 
 class FlakyReplay(Replay):

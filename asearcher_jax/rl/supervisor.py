@@ -21,9 +21,10 @@ from typing import Callable
 
 from asearcher_jax.config import Config
 from asearcher_jax.errors import AsearcherError
+from asearcher_jax.jsonl import Follower
 from asearcher_jax.procs import Child, wait_ready
 from asearcher_jax.rl.plot import plot_metrics
-from asearcher_jax.rl.training_log import read_rollout_logs, starved
+from asearcher_jax.rl.training_log import RolloutLogs, starved
 
 RESTARTS = 5  # per rollout worker
 PLOT_EVERY_S = 20.0  # the learning curve is redrawn at most this often while training
@@ -122,6 +123,7 @@ def train(cfg: Config, *, config_path: str | None, overrides: list[str], resume:
   bar = None
   status = 1
   rows: list[dict] = []  # metrics.jsonl's lines, read as the learner appends them
+  metrics, rollouts = Follower(metrics_path), RolloutLogs(out_dir)
   try:
     echo(f"run folder {out_dir} (logs in {log_dir})")
     children["replay"].start()
@@ -145,7 +147,7 @@ def train(cfg: Config, *, config_path: str | None, overrides: list[str], resume:
                  "the learner to publish its restored weights", 900, is_stopping, retries=0)
     for w in workers:
       w.start()
-    rows = _read_from(metrics_path, 0)
+    rows = metrics.read()
     bar = tqdm(total=cfg.rl.total_steps, initial=rows[-1]["step"] if rows else 0, desc="train",
                unit="step", disable=not progress, dynamic_ncols=True)
     from asearcher_jax.rl.training_log import console_line
@@ -159,7 +161,7 @@ def train(cfg: Config, *, config_path: str | None, overrides: list[str], resume:
     last_step, checked, warn_at = time.time(), time.monotonic(), first_warning
     while True:
       time.sleep(0.5)
-      lines = _read_from(metrics_path, len(rows))
+      lines = metrics.read()
       rows += lines
       for m in lines:
         bar.n = m["step"]
@@ -169,13 +171,13 @@ def train(cfg: Config, *, config_path: str | None, overrides: list[str], resume:
         last_step, warn_at = time.time(), first_warning
       elif min(time.time() - last_step, time.monotonic() - checked) > STARVED_CHECK_S:
         checked = time.monotonic()
-        note = starved(read_rollout_logs(out_dir), last_step, warn_at)
+        note = starved(rollouts.update(), last_step, warn_at)
         if note:
           (bar.write if progress else echo)(note)
           warn_at *= 2
       if lines and time.monotonic() - plotted > PLOT_EVERY_S:
         plot_metrics(rows, curve, title=f"{cfg.run.name}: {out_dir}",
-                     rollouts=read_rollout_logs(out_dir))
+                     rollouts=rollouts.update())
         plotted = time.monotonic()
       if stopping["flag"]:
         echo("stopping: asking the learner to checkpoint")
@@ -215,9 +217,8 @@ def train(cfg: Config, *, config_path: str | None, overrides: list[str], resume:
       c.stop()
     for s, h in previous.items():
       signal.signal(s, h)
-  rows += _read_from(metrics_path, len(rows))  # what the learner wrote last
-  plot_metrics(rows, curve, title=f"{cfg.run.name}: {out_dir}",
-               rollouts=read_rollout_logs(out_dir))
+  rows += metrics.read()  # what the learner wrote last
+  plot_metrics(rows, curve, title=f"{cfg.run.name}: {out_dir}", rollouts=rollouts.update())
   echo(f"metrics: {metrics_path}; every scored group: {os.path.join(out_dir, 'rollouts')}; "
        f"learning curve: {curve}; TensorBoard: "
        f"{os.path.join(out_dir, 'tensorboard')}; checkpoints: {ckpt_dir}; "
@@ -232,8 +233,3 @@ def _replay_version(address: str) -> int:
     return int(c.state("").version)
   finally:
     c.close()
-
-
-def _read_from(path: str, start: int) -> list[dict]:
-  from asearcher_jax.jsonl import read_lines
-  return read_lines(path)[start:]

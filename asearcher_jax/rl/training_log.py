@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from asearcher_jax.agent.trajectory import Trajectory
-from asearcher_jax.jsonl import append_lines, read_lines
+from asearcher_jax.jsonl import Follower, append_lines, read_lines
 
 
 def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
@@ -40,6 +40,22 @@ def read_rollout_logs(out_dir: str) -> list[dict]:
   rows = [r for p in glob.glob(os.path.join(out_dir, "rollouts", "w*.jsonl"))
           for r in read_lines(p)]
   return sorted(rows, key=lambda r: r.get("time", 0.0))
+
+
+class RolloutLogs:
+  """`read_rollout_logs` kept up to date by reading only what the workers appended since."""
+
+  def __init__(self, out_dir: str):
+    self.out_dir, self.rows, self._files = out_dir, [], {}
+
+  def update(self) -> list[dict]:
+    """Every group line so far, oldest first."""
+    new = []
+    for p in glob.glob(os.path.join(self.out_dir, "rollouts", "w*.jsonl")):
+      new += self._files.setdefault(p, Follower(p)).read()
+    if new:
+      self.rows = sorted(self.rows + new, key=lambda r: r.get("time", 0.0))
+    return self.rows
 
 
 def starved(groups: list[dict], since: float, least: int) -> str | None:
