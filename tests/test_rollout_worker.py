@@ -3,6 +3,7 @@ equal are filtered, mixed ones are put whole, and every scored group, filtered o
 for the learning curve."""
 
 import asyncio
+import logging
 import types
 
 import pytest
@@ -99,19 +100,29 @@ def score_groups(tmp_path, qids, count):
   return read_rollout_logs(str(tmp_path))
 
 
-def test_a_run_whose_groups_are_all_filtered_is_told_why_it_gets_no_data(tmp_path):
+def test_a_run_whose_groups_are_all_filtered_is_told_why_it_gets_no_data(tmp_path, caplog):
   """The supervisor's console line while no step comes: every group scored since the last step
-  filtered out (a policy that always fails), at least `least` of them."""
-  rows = score_groups(tmp_path / "wrong", ["q-wrong"], 20)
+  filtered out (a policy that always fails), at least `least` of them; and the worker's own log
+  line (multi-host launches run workers without the supervisor), at 16 groups in a row."""
+  with caplog.at_level(logging.WARNING, logger="asearcher_jax.rl.rollout"):
+    rows = score_groups(tmp_path / "wrong", ["q-wrong"], 20)
   assert len(rows) >= 20 and all(r["filtered"] for r in rows)
+  notes = [r.getMessage() for r in caplog.records]
+  counts = [16 * 2 ** i for i in range(8) if 16 * 2 ** i <= len(rows)]  # at each doubling
+  assert [n.split(" groups")[0] for n in notes] == [f"the last {c}" for c in counts]
+  assert "this worker scored were all filtered out" in notes[0]
+  assert "mean reward 0.00" in notes[0] and "rl.filter_equal_rewards=false" in notes[0]
   note = starved(rows, since=0.0, least=16)
   assert note is not None and f"the last {len(rows)} groups" in note
   assert "mean reward 0.00, success 0.00" in note and "rl.filter_equal_rewards=false" in note
   assert starved(rows, since=0.0, least=len(rows) + 1) is None  # not yet enough of them
   assert starved(rows, since=rows[-1]["time"] + 1, least=1) is None  # none since the last step
   # One group the learner could use among them: it is not starved.
-  mixed = score_groups(tmp_path / "mixed", ["q-wrong", "q-wrong", "q-mixed", "q-wrong"], 20)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="asearcher_jax.rl.rollout"):
+    mixed = score_groups(tmp_path / "mixed", ["q-wrong", "q-wrong", "q-mixed", "q-wrong"], 20)
   assert any(not r["filtered"] for r in mixed) and starved(mixed, since=0.0, least=16) is None
+  assert not caplog.records  # a usable group every four: the worker is not starved either
 
 
 def test_the_supervisor_reads_each_log_line_once_and_only_when_complete(tmp_path):

@@ -22,7 +22,7 @@ from asearcher_jax.jsonl import append_lines
 from asearcher_jax.retry import retrying
 from asearcher_jax.reward.scorer import Scorer
 from asearcher_jax.rl.admission import AdmissionController
-from asearcher_jax.rl.training_log import episode_metrics
+from asearcher_jax.rl.training_log import STARVED_ADVICE, episode_metrics, starved_after
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,10 @@ class RolloutWorker:
     self.admission = AdmissionController.for_worker(rl, worker, workers)
     self.stats = WorkerStats()
     self.version = 0
+    # Mean rewards of the groups filtered out since the last one kept: a worker whose groups
+    # all score alike feeds the learner nothing, which its log says at each doubling from here.
+    self._alike: list[float] = []
+    self._warn_at = starved_after(rl)
 
   async def recover(self) -> None:
     """Accepted count and data cursor as the queue recorded them (a restart continues)."""
@@ -148,7 +152,15 @@ class RolloutWorker:
       if filtered:
         self.stats.filtered += 1
         self.admission.finish_rejected()
+        self._alike.append(trajs[0].reward)
+        if len(self._alike) >= self._warn_at:
+          log.warning("the last %d groups this worker scored were all filtered out, every "
+                      "episode of each scoring alike (mean reward %.2f): it gives the learner "
+                      "nothing. %s", len(self._alike), sum(self._alike) / len(self._alike),
+                      STARVED_ADVICE)
+          self._warn_at *= 2
         return
+      self._alike, self._warn_at = [], starved_after(self.rl)
       record = group_record(group_id, item, version, self.worker, cursor + 1, trajs)
       # Puts are idempotent by group id: a retry never doubles. A refusal (ValueError,
       # INVALID_ARGUMENT) is not retried: the same group would be refused again.

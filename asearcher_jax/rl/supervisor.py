@@ -24,7 +24,7 @@ from asearcher_jax.errors import AsearcherError
 from asearcher_jax.jsonl import Follower
 from asearcher_jax.procs import Child, wait_ready
 from asearcher_jax.rl.plot import plot_metrics
-from asearcher_jax.rl.training_log import RolloutLogs, starved
+from asearcher_jax.rl.training_log import RolloutLogs, starved, starved_after
 
 RESTARTS = 5  # per rollout worker
 PLOT_EVERY_S = 20.0  # the learning curve is redrawn at most this often while training
@@ -157,7 +157,7 @@ def train(cfg: Config, *, config_path: str | None, overrides: list[str], resume:
     plotted = 0.0
     # Starvation: while no step comes, the groups scored since the last one are read now and
     # then; a warning once `first_warning` of them were all filtered out, again at each doubling.
-    first_warning = max(4 * cfg.rl.batch_groups, 16)
+    first_warning = starved_after(cfg.rl)
     last_step, checked, warn_at = time.time(), time.monotonic(), first_warning
     while True:
       time.sleep(0.5)

@@ -70,10 +70,19 @@ def starved(groups: list[dict], since: float, least: int) -> str | None:
   success = np.mean([g.get("success", 0.0) for g in recent])
   return (f"no data for the learner: the last {len(recent)} groups the rollout workers scored "
           f"were all filtered out, every episode of each group scoring alike (mean reward "
-          f"{reward:.2f}, success {success:.2f}). A policy that always fails, or always "
-          f"succeeds, gives the policy gradient nothing to learn from: start RL from a policy "
-          f"that solves some of these questions (SFT), pick questions of the right difficulty, "
-          f"or train on such groups anyway with rl.filter_equal_rewards=false")
+          f"{reward:.2f}, success {success:.2f}). {STARVED_ADVICE}")
+
+
+def starved_after(rl) -> int:
+  """Groups filtered out in a row before a run is told that its learner gets nothing: 4B, and
+  at least 16 (a usable group in fewer is luck of the draw, not a sign)."""
+  return max(4 * rl.batch_groups, 16)
+
+
+STARVED_ADVICE = ("A policy that always fails, or always succeeds, gives the policy gradient "
+                  "nothing to learn from: start RL from a policy that solves some of these "
+                  "questions (SFT), pick questions of the right difficulty, or train on such "
+                  "groups anyway with rl.filter_equal_rewards=false")
 
 
 class MetricsWriter:
