@@ -55,15 +55,15 @@ class Follower:
       f.seek(self.offset)
       data = f.read()
     end = data.rfind(b"\n") + 1  # complete lines only
+    lines = data[:end].split(b"\n")[:-1]
     out = []
-    for raw in data[:end].split(b"\n")[:-1]:
-      self.lines += 1
+    for n, raw in enumerate(lines, self.lines + 1):
       if raw.strip():
         try:
           out.append(self.decode(raw.decode("utf-8")))
         except (ValueError, TypeError, RecursionError) as e:
-          raise DataError(f"{self.path}: line {self.lines} unreadable ({e})") from None
-    self.offset += end
+          raise DataError(f"{self.path}: line {n} unreadable ({e})") from None
+    self.offset, self.lines = self.offset + end, self.lines + len(lines)
     return out
 
 
