@@ -63,12 +63,18 @@ def driver(model):
     yield d
 
 
+def greedy(forward_logits, model, prompt_ids, n):
+  """The full forward's greedy continuation: the reference every decode path must equal."""
+  seq = list(prompt_ids)
+  for _ in range(n):
+    seq.append(int(forward_logits(model, seq)[-1].argmax()))
+  return seq[len(prompt_ids):]
+
+
 def test_greedy_equals_argmax_of_full_forward(driver, model, forward_logits):
   p = prompt(9)
   r = driver.generate(p, SamplingParams(temperature=0.0, max_new_tokens=8))
-  seq = list(p)
-  for _ in range(8):
-    seq.append(int(forward_logits(model, seq)[-1].argmax()))
+  seq = list(p) + greedy(forward_logits, model, p, 8)
   assert r.output_ids == seq[len(p):]
   assert r.finish_reason == "length" and r.versions == [1] * 8
   full = forward_logits(model, seq[:-1])
@@ -436,14 +442,6 @@ def compiled_programs():
   finally:
     jax.config.update("jax_log_compiles", False)
     logging.getLogger("jax").removeHandler(handler)
-
-
-def greedy(forward_logits, model, prompt_ids, n):
-  """The full forward's greedy continuation: the reference every decode path must equal."""
-  seq = list(prompt_ids)
-  for _ in range(n):
-    seq.append(int(forward_logits(model, seq)[-1].argmax()))
-  return seq[len(prompt_ids):]
 
 
 def test_engines_of_one_configuration_share_their_compiled_programs(forward_logits):
