@@ -33,11 +33,19 @@ def read_lines(path: str, decode=json.loads) -> list[Any]:
     if not raw.strip():
       continue
     try:
-      out.append(decode(raw.decode("utf-8")))
-    except (ValueError, TypeError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+      out.append(_decoded(path, i + 1, raw, decode))
+    except DataError:
       if i != len(lines) - 1:  # only an unterminated last line can be torn
-        raise DataError(f"{path}:{i + 1}: unreadable line ({e})") from None
+        raise
   return out
+
+
+def _decoded(path: str, n: int, raw: bytes, decode) -> Any:
+  """Line `n` of `path`, decoded, or a DataError that names it."""
+  try:
+    return decode(raw.decode("utf-8"))
+  except (ValueError, TypeError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+    raise DataError(f"{path}:{n}: unreadable line ({e})") from None
 
 
 class Follower:
@@ -59,10 +67,7 @@ class Follower:
     out = []
     for n, raw in enumerate(lines, self.lines + 1):
       if raw.strip():
-        try:
-          out.append(self.decode(raw.decode("utf-8")))
-        except (ValueError, TypeError, RecursionError) as e:
-          raise DataError(f"{self.path}: line {n} unreadable ({e})") from None
+        out.append(_decoded(self.path, n, raw, self.decode))
     self.offset, self.lines = self.offset + end, self.lines + len(lines)
     return out
 

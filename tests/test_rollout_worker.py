@@ -144,7 +144,7 @@ def test_the_supervisor_reads_each_log_line_once_and_only_when_complete(tmp_path
   assert follow.read() == [{"step": 4}]
   with open(path, "a") as f:
     f.write("{bad\n")
-  with pytest.raises(ValueError, match="line 5 unreadable"):
+  with pytest.raises(ValueError, match=r"metrics.jsonl:5: unreadable line"):
     follow.read()
 
   rows = score_groups(tmp_path / "run", ["q-mixed", "q-wrong"], 6)
