@@ -144,7 +144,8 @@ def main(argv=None) -> int:
   p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
   p.add_argument("--prompt-len", type=int, default=64)
   p.add_argument("--new-tokens", type=int, default=64)
-  p.add_argument("--turns", type=int, default=20)
+  p.add_argument("--turns", type=int, default=20,
+                 help="turns of the multi-turn session workload (0 skips it)")
   p.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
   p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
   p.add_argument("--long-context", type=int, default=512,
@@ -212,13 +213,15 @@ def main(argv=None) -> int:
           f"tok/s, ttft "
           f"{row['ours']['ttft_s'] * 1e3:7.1f} ms{hf_part}{rf_part}", flush=True)
 
-  gen, tool = 16, 32
-  mt_engine = Engine(model, slots=1, max_len=64 + args.turns * (gen + tool) + 8, mesh=mesh)
-  mt = multi_turn(mt_engine, args.turns, gen, tool, rng)
-  print(f"{args.turns}-turn episode: prefilled {mt['session']['prefilled_tokens']} tokens with a "
-        f"session vs {mt['full_prefill']['prefilled_tokens']} re-prefilling "
-        f"({100 * mt['prefill_saved']:.0f}% saved); wall {mt['session']['wall_s']:.2f}s vs "
-        f"{mt['full_prefill']['wall_s']:.2f}s")
+  mt = None
+  if args.turns:
+    gen, tool = 16, 32
+    mt_engine = Engine(model, slots=1, max_len=64 + args.turns * (gen + tool) + 8, mesh=mesh)
+    mt = multi_turn(mt_engine, args.turns, gen, tool, rng)
+    print(f"{args.turns}-turn episode: prefilled {mt['session']['prefilled_tokens']} tokens "
+          f"with a session vs {mt['full_prefill']['prefilled_tokens']} re-prefilling "
+          f"({100 * mt['prefill_saved']:.0f}% saved); wall {mt['session']['wall_s']:.2f}s vs "
+          f"{mt['full_prefill']['wall_s']:.2f}s")
   mixed = None
   if args.long_context:
     b = max(args.batches)
