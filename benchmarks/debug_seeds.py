@@ -18,6 +18,11 @@ the RL policies and evaluates both again (the wall time recorded stays the train
 --rerun-rl trains the RL stage again from each finished run's SFT policy (RESUME=1 without the
 RL run): RL settings compared on the same SFT policies, whose stages the seed fixes bit for bit;
 the wall time recorded is the first run's up to the RL stage plus the rerun's from it.
+--trained-questions also evaluates the SFT and RL policies, as debug.sh evaluates them, on
+the questions whose groups reached the learner (those the replay journal accepted: dynamic
+filtering dropped the rest), and records how the scored groups split (all right, all wrong,
+mixed): whether RL moved the policy on what it trained on, apart from whether that carried over
+to held-out questions.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ sys.path.insert(0, ROOT)
 
 from asearcher_jax.eval.harness import latest_traces  # noqa: E402
 from asearcher_jax.eval.report import aggregate, paired_intervals  # noqa: E402
-from asearcher_jax.jsonl import read_lines  # noqa: E402
+from asearcher_jax.jsonl import append_lines, read_lines  # noqa: E402
+from asearcher_jax.replay.queue import JOURNAL  # noqa: E402
+from asearcher_jax.rl.training_log import read_rollout_logs  # noqa: E402
 from benchmarks.common import run_info, write_result  # noqa: E402
 
 DONE = r"\[debug\] done in (\d+)m(\d+)s"  # debug.sh's last line: the run's wall time
@@ -104,13 +111,12 @@ def rerun_rl(seed: int, out: str, overrides: list[str], env: dict) -> float | No
   return rl_start + rerun_done - rerun_start
 
 
-def summarise(out: str, k: int) -> dict:
-  """What one finished run scored: SFT and RL on the held-out questions (as the eval report
-  aggregates them), and the change with its paired interval."""
+def compare(sft_eval: str, rl_eval: str, k: int) -> dict:
+  """Two evaluations of the same questions (as the eval report aggregates them): what each
+  scored, and the change with its paired interval."""
   res, traces = {}, {}
-  for stage in ("sft", "rl"):
-    traces[stage] = list(latest_traces(os.path.join(out, f"eval_{stage}", "traces.jsonl"),
-                                       k).values())
+  for stage, folder in (("sft", sft_eval), ("rl", rl_eval)):
+    traces[stage] = list(latest_traces(os.path.join(folder, "traces.jsonl"), k).values())
     [ds] = aggregate(traces[stage], k).values()
     ran = ds["samples"] - ds["status"].get("aborted", 0)
     em = ds["metrics"]["em"]
@@ -123,10 +129,51 @@ def summarise(out: str, k: int) -> dict:
   res["change"] = {"em_avg": res["rl"]["em_avg"] - res["sft"]["em_avg"],
                    "em_pass": res["rl"]["em_pass"] - res["sft"]["em_pass"],
                    "em_avg_interval": cells[f"avg@{k}"], "em_pass_interval": cells[f"pass@{k}"]}
+  return res
+
+
+def summarise(out: str, k: int) -> dict:
+  """What one finished run scored on the held-out questions, SFT against RL."""
+  res = compare(os.path.join(out, "eval_sft"), os.path.join(out, "eval_rl"), k)
   res["rl_steps"] = len(read_lines(os.path.join(out, "rl", "metrics.jsonl")))
   with open(os.path.join(out, "eval_rl", "report.json")) as f:
     report = json.load(f)
   res["eval"] = {key: report.get(key) for key in ("sampling", "scoring")}
+  return res
+
+
+def trained_questions(seed: int, out: str, k: int) -> dict:
+  """SFT against RL on the questions whose groups the learner got, evaluated as debug.sh
+  evaluates held-out questions (once; kept in eval_trained_{sft,rl}), and how the groups the
+  rollout worker scored split."""
+  qids = {r["qid"] for r in read_lines(os.path.join(out, "rl", "replay", JOURNAL))
+          if r.get("op") == "put"}
+  data = os.path.join(out, "rl_trained.jsonl")
+  if not os.path.exists(data):
+    pool = os.path.join(out, "rl_questions.jsonl")  # debug.sh's RL data unless SFT_TRAJ=all
+    if not os.path.exists(pool):
+      pool = os.path.join(out, "world", "qa_train.jsonl")
+    append_lines(data, [q for q in read_lines(pool) if q["qid"] in qids])
+  for stage, policy in (("sft", "sft"), ("rl", os.path.join("rl", "weights"))):
+    dest = os.path.join(out, f"eval_trained_{stage}")
+    if os.path.exists(os.path.join(dest, "report.json")):
+      continue
+    print(f"seed {seed}: {stage} policy on the {len(qids)} questions RL trained on", flush=True)
+    code = subprocess.call(
+        [sys.executable, "-m", "asearcher_jax.cli", "eval", "--serve", "--config",
+         os.path.join(ROOT, "configs", "debug.yaml"), "model.arch=null", f"model.seed={seed}",
+         f"model.path={os.path.join(out, policy)}",
+         f"retrieval.index={os.path.join(out, 'world', 'index')}", "eval.sample=true",
+         "--data", data, "--k", str(k), "--out", dest, "--concurrency", "32", "--no-progress"],
+        cwd=ROOT, stdout=subprocess.DEVNULL)
+    if code != 0:
+      raise SystemExit(f"seed {seed}: evaluating {policy} on {data} failed ({code})")
+  res = compare(os.path.join(out, "eval_trained_sft"), os.path.join(out, "eval_trained_rl"), k)
+  groups = read_rollout_logs(os.path.join(out, "rl"))
+  res["scored_groups"] = {
+      "all": len(groups), "all_right": sum(g["filtered"] and g["success"] == 1 for g in groups),
+      "all_wrong": sum(g["filtered"] and g["success"] == 0 for g in groups),
+      "mixed": sum(not g["filtered"] for g in groups)}
   return res
 
 
@@ -144,6 +191,8 @@ def main() -> None:
                  help="evaluate finished runs again (RESUME=1), keeping their policies")
   p.add_argument("--rerun-rl", action="store_true",
                  help="train the RL stage of finished runs again from their SFT policies")
+  p.add_argument("--trained-questions", action="store_true",
+                 help="also compare SFT and RL on the questions whose groups the learner got")
   p.add_argument("overrides", nargs="*", help="RL-stage overrides passed to launch/debug.sh")
   args = p.parse_args()
   work = os.path.abspath(args.work)
@@ -162,6 +211,8 @@ def main() -> None:
       wall = rerun_rl(seed, out, args.overrides, env)
     wall = run_seed(seed, out, args.overrides, env) or wall
     runs[seed] = summarise(out, args.k)
+    if args.trained_questions:
+      runs[seed]["trained_questions"] = trained_questions(seed, out, args.k)
     times = os.path.join(out, "wall_s")
     if wall is not None:
       with open(times, "w") as f:
@@ -181,6 +232,14 @@ def main() -> None:
           f"change {100 * c['em_avg']:+5.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] / "
           f"{100 * c['em_pass']:+5.1f}  format SFT {pct(r['sft']['format_ok'])}% RL "
           f"{pct(r['rl']['format_ok'])}%  {r['wall_s'] or 0:.0f}s")
+    if "trained_questions" in r:
+      t, g = r["trained_questions"], r["trained_questions"]["scored_groups"]
+      lo, hi = t["change"]["em_avg_interval"]
+      print(f"        on the {t['sft']['questions']} questions RL trained on: SFT "
+            f"{pct(t['sft']['em_avg'])} / {pct(t['sft']['em_pass'])}  RL {pct(t['rl']['em_avg'])} "
+            f"/ {pct(t['rl']['em_pass'])}  change {100 * t['change']['em_avg']:+5.1f} "
+            f"[{100 * lo:+.1f}, {100 * hi:+.1f}]; of {g['all']} groups scored {g['all_right']} "
+            f"all right, {g['all_wrong']} all wrong, {g['mixed']} mixed")
   summary = {
       "sft_em_avg": spread([r["sft"]["em_avg"] for r in runs.values()]),
       "sft_em_pass": spread([r["sft"]["em_pass"] for r in runs.values()]),
