@@ -50,6 +50,8 @@ from benchmarks.common import run_info, write_result  # noqa: E402
 DONE = r"\[debug\] done in (\d+)m(\d+)s"  # debug.sh's last line: the run's wall time
 # debug.sh's settings of the stages before RL, from the environment (recorded with results)
 STAGE_ENV = ("SFT_TRAJ", "SFT_EPOCHS", "EVAL_QUESTIONS")
+# --trained-questions: the questions the learner got, and both policies' evaluations on them
+TRAINED, TRAINED_EVALS = "rl_trained.jsonl", ("eval_trained_sft", "eval_trained_rl")
 
 
 def debug_sh(seed: int, out: str, overrides: list[str], env: dict, log: str,
@@ -82,7 +84,7 @@ def run_seed(seed: int, out: str, overrides: list[str], env: dict) -> float | No
 
 def reevaluate(seed: int, out: str, overrides: list[str], env: dict) -> None:
   """The finished run's policies evaluated again as debug.sh evaluates them now."""
-  for stage in ("eval_sft", "eval_rl"):
+  for stage in ("eval_sft", "eval_rl", *TRAINED_EVALS):
     shutil.rmtree(os.path.join(out, stage), ignore_errors=True)
   debug_sh(seed, out, overrides, env, out + ".reevaluate.log", resume=True)
 
@@ -100,8 +102,10 @@ def rerun_rl(seed: int, out: str, overrides: list[str], env: dict) -> float | No
   """The RL stage and its evaluation run again from the finished run's SFT policy; returns the
   wall time of the whole run: the first run's stages before RL and the rerun's from RL on
   (None without the first run's log)."""
-  for stage in ("rl", "eval_rl"):
+  for stage in ("rl", "eval_rl", *TRAINED_EVALS):
     shutil.rmtree(os.path.join(out, stage), ignore_errors=True)
+  if os.path.exists(os.path.join(out, TRAINED)):  # another RL run trains on other questions
+    os.remove(os.path.join(out, TRAINED))
   log = out + ".rerun_rl.log"
   debug_sh(seed, out, overrides, env, log, resume=True)
   if not os.path.exists(out + ".log"):
@@ -144,18 +148,19 @@ def summarise(out: str, k: int) -> dict:
 
 def trained_questions(seed: int, out: str, k: int) -> dict:
   """SFT against RL on the questions whose groups the learner got, evaluated as debug.sh
-  evaluates held-out questions (once; kept in eval_trained_{sft,rl}), and how the groups the
+  evaluates held-out questions (once; kept in TRAINED_EVALS), and how the groups the
   rollout worker scored split."""
   qids = {r["qid"] for r in read_lines(os.path.join(out, "rl", "replay", JOURNAL))
           if r.get("op") == "put"}
-  data = os.path.join(out, "rl_trained.jsonl")
+  data = os.path.join(out, TRAINED)
   if not os.path.exists(data):
     pool = os.path.join(out, "rl_questions.jsonl")  # debug.sh's RL data unless SFT_TRAJ=all
     if not os.path.exists(pool):
       pool = os.path.join(out, "world", "qa_train.jsonl")
     append_lines(data, [q for q in read_lines(pool) if q["qid"] in qids])
-  for stage, policy in (("sft", "sft"), ("rl", os.path.join("rl", "weights"))):
-    dest = os.path.join(out, f"eval_trained_{stage}")
+  for stage, policy, evals in zip(("sft", "rl"), ("sft", os.path.join("rl", "weights")),
+                                  TRAINED_EVALS):
+    dest = os.path.join(out, evals)
     if os.path.exists(os.path.join(dest, "report.json")):
       continue
     print(f"seed {seed}: {stage} policy on the {len(qids)} questions RL trained on", flush=True)
@@ -168,7 +173,7 @@ def trained_questions(seed: int, out: str, k: int) -> dict:
         cwd=ROOT, stdout=subprocess.DEVNULL)
     if code != 0:
       raise SystemExit(f"seed {seed}: evaluating {policy} on {data} failed ({code})")
-  res = compare(os.path.join(out, "eval_trained_sft"), os.path.join(out, "eval_trained_rl"), k)
+  res = compare(*(os.path.join(out, evals) for evals in TRAINED_EVALS), k)
   groups = read_rollout_logs(os.path.join(out, "rl"))
   res["scored_groups"] = {
       "all": len(groups), "all_right": sum(g["filtered"] and g["success"] == 1 for g in groups),
@@ -251,6 +256,10 @@ def main() -> None:
       "rl_format_ok": spread([r["rl"]["format_ok"] for r in runs.values()]),
       "gain_clear_of_zero": sum(r["change"]["em_avg_interval"][0] > 0 for r in runs.values()),
   }
+  if args.trained_questions:
+    trained = [r["trained_questions"]["change"] for r in runs.values()]
+    summary["trained_change_em_avg"] = spread([c["em_avg"] for c in trained])
+    summary["trained_gain_clear_of_zero"] = sum(c["em_avg_interval"][0] > 0 for c in trained)
   if all(r["wall_s"] for r in runs.values()):
     summary["wall_s"] = spread([r["wall_s"] for r in runs.values()])
   for key in ("sft_em_avg", "rl_em_avg", "change_em_avg", "sft_em_pass", "rl_em_pass",
@@ -260,6 +269,11 @@ def main() -> None:
           f"{100 * s['max']:+.1f}]")
   print(f"RL gain clear of zero (paired interval above 0) in {summary['gain_clear_of_zero']} of "
         f"{len(runs)} seeds")
+  if args.trained_questions:
+    s = summary["trained_change_em_avg"]
+    print(f"on the questions RL trained on: change median {100 * s['median']:+.1f}, range "
+          f"[{100 * s['min']:+.1f}, {100 * s['max']:+.1f}], clear of zero in "
+          f"{summary['trained_gain_clear_of_zero']} of {len(runs)} seeds")
   write_result({"benchmark": "debug_seeds", **run_info(), "args": vars(args),
                 "stage_env": {k: env[k] for k in STAGE_ENV if k in env},
                 "runs": {str(s): r for s, r in runs.items()}, "summary": summary},
