@@ -38,6 +38,17 @@ def test_trained_bpe_compresses_its_corpus():
   assert tok.decode(tok.encode(corpus[0])) == corpus[0]
 
 
+def test_trained_bpe_never_merges_digits():
+  """Qwen2's split: a number is its digits however often it occurs, so a policy copies it digit
+  by digit; words still merge, with their leading space."""
+  corpus = ["Jor Jorwyn was born in the year 1959. <search> Jorwyn </search>"] * 200
+  tok = build_tokenizer(corpus, vocab_size=400)
+  pieces = [tok.token_bytes(i) for i in tok.encode(corpus[0])]
+  assert b"".join(pieces) == corpus[0].encode()
+  assert pieces[pieces.index(b" ") + 1:][:4] == [b"1", b"9", b"5", b"9"]
+  assert b" Jorwyn" in pieces and b" born" in pieces
+
+
 def test_saved_tokenizer_matches_transformers(tmp_path):
   tok = build_tokenizer(["alpha beta gamma delta"] * 20, vocab_size=300)
   tok.save(str(tmp_path))
