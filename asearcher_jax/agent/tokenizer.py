@@ -53,7 +53,9 @@ def tokenizer_texts(sources: list[str]) -> Iterator[str]:
 
 
 def train_tokenizer(sources: list[str], vocab_size: int) -> Tokenizer:
-  """A byte-level BPE tokenizer of exactly `vocab_size` ids, ChatML specials last."""
+  """A byte-level BPE tokenizer of at most `vocab_size` ids, ChatML specials last: fewer when
+  the texts have no pairs left to merge (numbers never merge), and the model's rows past the
+  tokenizer's stay unused, as Qwen2.5's 151,936 rows hold 151,665 tokens."""
   learned = vocab_size - len(QWEN_SPECIAL_TOKENS)
   if learned < 257:
     raise DataError(f"vocab_size={vocab_size} leaves no room for merges beyond the 256 bytes")
