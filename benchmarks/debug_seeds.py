@@ -115,10 +115,19 @@ def rerun_rl(seed: int, out: str, overrides: list[str], env: dict) -> float | No
   return rl_start + rerun_done - rerun_start
 
 
-def compare(sft_eval: str, rl_eval: str, k: int) -> dict:
+def eval_k(folder: str) -> int:
+  """Samples per question of an evaluation, from its report."""
+  with open(os.path.join(folder, "report.json")) as f:
+    return json.load(f)["k"]
+
+
+def compare(sft_eval: str, rl_eval: str) -> dict:
   """Two evaluations of the same questions (as the eval report aggregates them): what each
-  scored, and the change with its paired interval."""
-  res, traces = {}, {}
+  scored at their k, and the change with its paired interval."""
+  k = eval_k(sft_eval)
+  if eval_k(rl_eval) != k:
+    raise SystemExit(f"{sft_eval} and {rl_eval} sampled {k} and {eval_k(rl_eval)} per question")
+  res, traces = {"k": k}, {}
   for stage, folder in (("sft", sft_eval), ("rl", rl_eval)):
     traces[stage] = list(latest_traces(os.path.join(folder, "traces.jsonl"), k).values())
     [ds] = aggregate(traces[stage], k).values()
@@ -136,9 +145,9 @@ def compare(sft_eval: str, rl_eval: str, k: int) -> dict:
   return res
 
 
-def summarise(out: str, k: int) -> dict:
+def summarise(out: str) -> dict:
   """What one finished run scored on the held-out questions, SFT against RL."""
-  res = compare(os.path.join(out, "eval_sft"), os.path.join(out, "eval_rl"), k)
+  res = compare(os.path.join(out, "eval_sft"), os.path.join(out, "eval_rl"))
   res["rl_steps"] = len(read_lines(os.path.join(out, "rl", "metrics.jsonl")))
   with open(os.path.join(out, "eval_rl", "report.json")) as f:
     report = json.load(f)
@@ -146,10 +155,10 @@ def summarise(out: str, k: int) -> dict:
   return res
 
 
-def trained_questions(seed: int, out: str, k: int) -> dict:
+def trained_questions(seed: int, out: str) -> dict:
   """SFT against RL on the questions whose groups the learner got, evaluated as debug.sh
-  evaluates held-out questions (once; kept in TRAINED_EVALS), and how the groups the
-  rollout worker scored split."""
+  evaluates held-out questions (configs/debug.yaml's eval section; once, kept in
+  TRAINED_EVALS), and how the groups the rollout worker scored split."""
   qids = {r["qid"] for r in read_lines(os.path.join(out, "rl", "replay", JOURNAL))
           if r.get("op") == "put"}
   data = os.path.join(out, TRAINED)
@@ -168,12 +177,12 @@ def trained_questions(seed: int, out: str, k: int) -> dict:
         [sys.executable, "-m", "asearcher_jax.cli", "eval", "--serve", "--config",
          os.path.join(ROOT, "configs", "debug.yaml"), "model.arch=null", f"model.seed={seed}",
          f"model.path={os.path.join(out, policy)}",
-         f"retrieval.index={os.path.join(out, 'world', 'index')}", "eval.sample=true",
-         "--data", data, "--k", str(k), "--out", dest, "--concurrency", "32", "--no-progress"],
+         f"retrieval.index={os.path.join(out, 'world', 'index')}", "eval.limit=null",
+         "--data", data, "--out", dest, "--no-progress"],
         cwd=ROOT, stdout=subprocess.DEVNULL)
     if code != 0:
       raise SystemExit(f"seed {seed}: evaluating {policy} on {data} failed ({code})")
-  res = compare(*(os.path.join(out, evals) for evals in TRAINED_EVALS), k)
+  res = compare(*(os.path.join(out, evals) for evals in TRAINED_EVALS))
   groups = read_rollout_logs(os.path.join(out, "rl"))
   res["scored_groups"] = {
       "all": len(groups), "all_right": sum(g["filtered"] and g["success"] == 1 for g in groups),
@@ -190,7 +199,6 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
   p.add_argument("--work", default="runs/debug_seeds")
-  p.add_argument("--k", type=int, default=4, help="samples per question, as launch/debug.sh")
   p.add_argument("--results", help="JSON output (default: benchmarks/results/debug_seeds_cpu.json)")
   p.add_argument("--reevaluate", action="store_true",
                  help="evaluate finished runs again (RESUME=1), keeping their policies")
@@ -215,9 +223,9 @@ def main() -> None:
     if args.rerun_rl and os.path.exists(os.path.join(out, "sft", "config.json")):
       wall = rerun_rl(seed, out, args.overrides, env)
     wall = run_seed(seed, out, args.overrides, env) or wall
-    runs[seed] = summarise(out, args.k)
+    runs[seed] = summarise(out)
     if args.trained_questions:
-      runs[seed]["trained_questions"] = trained_questions(seed, out, args.k)
+      runs[seed]["trained_questions"] = trained_questions(seed, out)
     times = os.path.join(out, "wall_s")
     if wall is not None:
       with open(times, "w") as f:
@@ -227,7 +235,8 @@ def main() -> None:
       with open(times) as f:
         runs[seed]["wall_s"] = float(f.read())
   pct = lambda x: f"{100 * x:5.1f}"  # noqa: E731
-  print(f"\nheld-out EM Avg@{args.k} / Pass@{args.k} ({runs[args.seeds[0]]['sft']['questions']} "
+  first = runs[args.seeds[0]]
+  print(f"\nheld-out EM Avg@{first['k']} / Pass@{first['k']} ({first['sft']['questions']} "
         f"questions), SFT -> RL, change [95% paired interval], format gate passed, wall time")
   for seed, r in runs.items():
     c = r["change"]

@@ -163,9 +163,9 @@ def main() -> None:
       ev = os.path.join(w, f"eval_{limit}" + ("" if split == "test" else "_train"))
       if not os.path.exists(os.path.join(ev, "report.json")):
         cli("eval", "--serve", *common, *limits, f"model.path={os.path.join(run, 'weights')}",
-            f"retrieval.index={os.path.join(world, 'index')}", "eval.sample=true", "--data",
-            qa, "--limit", str(args.eval_questions), "--k", str(args.k), "--out", ev,
-            "--concurrency", "32", "--no-progress", log=log, stage=os.path.basename(ev))
+            f"retrieval.index={os.path.join(world, 'index')}", "--data", qa, "--limit",
+            str(args.eval_questions), "--k", str(args.k), "--out", ev, "--no-progress", log=log,
+            stage=os.path.basename(ev))
       with open(os.path.join(ev, "report.json")) as f:
         [ds] = json.load(f)["datasets"].values()
       em = ds["metrics"]["em"]

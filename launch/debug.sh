@@ -16,9 +16,8 @@
 # learns on the others, or on all of them with all), SFT_EPOCHS
 # (default 4; the loss is on the agent's own tokens: trained on the text it reads too, the
 # untrained policy learns to recall the world's facts and writes them over what it reads),
-# EVAL_QUESTIONS (held-out questions, default 240 of the 394: at a success rate near one half,
-# 120 left a paired interval of about +-4 points); extra arguments are config overrides of the
-# RL stage (e.g. rl.total_steps=10).
+# EVAL_QUESTIONS (held-out questions, default configs/debug.yaml's eval.limit); extra arguments
+# are config overrides of the RL stage (e.g. rl.total_steps=10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
@@ -60,10 +59,10 @@ stage "4/6 SFT warm start: $out/sft"
 [ -f "$out/sft/config.json" ] || asearcher sft --config "$cfg" "${policy[@]}" \
   model.path="$out/model" --data "$out/expert.jsonl" --out "$out/sft" \
   --epochs "${SFT_EPOCHS:-4}" --batch-rows 4
-evaluate() {  # model, output dir, extra flags
+evaluate() {  # model, output dir, extra flags (k, sampling and concurrency: the config's eval)
   asearcher eval --serve --config "$cfg" "${policy[@]}" model.path="$1" \
-    retrieval.index="$world/index" eval.sample=true --data "$world/qa_test.jsonl" --limit "${EVAL_QUESTIONS:-240}" --k 4 --out "$2" \
-    --concurrency 32 --no-progress "${@:3}"
+    retrieval.index="$world/index" ${EVAL_QUESTIONS:+"eval.limit=$EVAL_QUESTIONS"} \
+    --data "$world/qa_test.jsonl" --out "$2" --no-progress "${@:3}"
 }
 [ -f "$out/eval_sft/report.json" ] || evaluate "$out/sft" "$out/eval_sft"
 
