@@ -30,9 +30,8 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Qwen2's pre-tokenizer split (its tokenizer.json): words with one leading non-letter, and every
-# digit alone, so no merge ever spans a number. A policy then copies a year or a population
-# digit by digit through ten well-trained embeddings; with GPT-2's split, " 1959" is one rare
-# token, and the debug policy copied almost no numbers out of what it read.
+# digit alone, so a tokenizer trained here splits text as the Qwen checkpoints do and spends no
+# merges on numbers (GPT-2's split gave the debug world's tokenizer 744 number tokens).
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
