@@ -1,5 +1,7 @@
 """Tokenizer files and chat templates, against transformers' own loader."""
 
+import json
+
 import pytest
 from transformers import PreTrainedTokenizerFast
 
@@ -38,15 +40,28 @@ def test_trained_bpe_compresses_its_corpus():
   assert tok.decode(tok.encode(corpus[0])) == corpus[0]
 
 
-def test_trained_bpe_never_merges_digits():
-  """Qwen2's split: a number is its digits however often it occurs, so a policy copies it digit
-  by digit; words still merge, with their leading space."""
+# The pre_tokenizer of Qwen2 / Qwen2.5's tokenizer.json, as the checkpoints ship it.
+QWEN2_PRE_TOKENIZER = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": (
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+"
+        "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")},
+     "behavior": "Isolated", "invert": False},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+
+
+def test_trained_bpe_splits_text_as_qwen2_does(tmp_path):
+  """Qwen2's split: a number is its digits however often it occurs; words still merge, with
+  their leading space."""
   corpus = ["Jor Jorwyn was born in the year 1959. <search> Jorwyn </search>"] * 200
   tok = build_tokenizer(corpus, vocab_size=400)
   pieces = [tok.token_bytes(i) for i in tok.encode(corpus[0])]
   assert b"".join(pieces) == corpus[0].encode()
   assert pieces[pieces.index(b" ") + 1:][:4] == [b"1", b"9", b"5", b"9"]
   assert b" Jorwyn" in pieces and b" born" in pieces
+  tok.save(str(tmp_path))
+  saved = json.loads((tmp_path / "tokenizer.json").read_text())["pre_tokenizer"]
+  assert {**saved, "pretokenizers": [{k: v for k, v in p.items() if k in q} for p, q in zip(
+      saved["pretokenizers"], QWEN2_PRE_TOKENIZER["pretokenizers"])]} == QWEN2_PRE_TOKENIZER
 
 
 def test_saved_tokenizer_matches_transformers(tmp_path):

@@ -193,7 +193,7 @@ def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 512,
   tok = HFTokenizer(model)
   tok.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+      pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
   tok.decoder = decoders.ByteLevel()
   if texts is not None:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet,
