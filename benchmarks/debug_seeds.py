@@ -124,9 +124,9 @@ def eval_k(folder: str) -> int:
 def compare(sft_eval: str, rl_eval: str) -> dict:
   """Two evaluations of the same questions (as the eval report aggregates them): what each
   scored at their k, and the change with its paired interval."""
-  k = eval_k(sft_eval)
-  if eval_k(rl_eval) != k:
-    raise SystemExit(f"{sft_eval} and {rl_eval} sampled {k} and {eval_k(rl_eval)} per question")
+  k, rl_k = eval_k(sft_eval), eval_k(rl_eval)
+  if rl_k != k:
+    raise SystemExit(f"{sft_eval} and {rl_eval} sampled {k} and {rl_k} per question")
   res, traces = {"k": k}, {}
   for stage, folder in (("sft", sft_eval), ("rl", rl_eval)):
     traces[stage] = list(latest_traces(os.path.join(folder, "traces.jsonl"), k).values())

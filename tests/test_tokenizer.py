@@ -60,6 +60,7 @@ def test_trained_bpe_splits_text_as_qwen2_does(tmp_path):
   assert b" Jorwyn" in pieces and b" born" in pieces
   tok.save(str(tmp_path))
   saved = json.loads((tmp_path / "tokenizer.json").read_text())["pre_tokenizer"]
+  # every field Qwen2's file sets, equal; fields a newer `tokenizers` may add are not compared
   assert {**saved, "pretokenizers": [{k: v for k, v in p.items() if k in q} for p, q in zip(
       saved["pretokenizers"], QWEN2_PRE_TOKENIZER["pretokenizers"])]} == QWEN2_PRE_TOKENIZER
 
