@@ -133,7 +133,7 @@ class Driver:
     self._thread: threading.Thread | None = None
     self._ids = itertools.count()
     self._counters = collections.Counter()
-    self._last_step_s = 0.0
+    self._step_s: collections.deque[float] = collections.deque(maxlen=64)  # recent steps' s
     self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
     self._inflight = None  # (result, [(slot, request)], version, steps): the block not recorded
     # Prefills' first draws, not yet read: ([(slot, request)], (tokens, logprobs, top ids,
@@ -260,14 +260,15 @@ class Driver:
   def stats(self) -> Stats:
     """A consistent snapshot, safe from any thread (the engine thread publishes its counts)."""
     p = self._published
+    steps = list(self._step_s)  # one C-level copy under the GIL: the engine thread appends
     return Stats(
         version=self.version, slots_total=self.engine.slots, slots_in_use=p["slots_in_use"],
         queue_depth=len(self._pending), paused=self._paused,
         sessions_device=p["sessions_device"], sessions_host=p["sessions_host"],
         generated_tokens=self._counters["generated"], prefill_tokens=self._counters["prefill"],
         reused_tokens=self._counters["reused"], requests_finished=self._counters["finished"],
-        decode_steps=self._counters["steps"], decode_step_s=self._last_step_s,
-        tokens_per_s=p["tokens_per_s"])
+        decode_steps=self._counters["steps"],
+        decode_step_s=float(np.median(steps)) if steps else 0.0, tokens_per_s=p["tokens_per_s"])
 
   # -- engine thread --------------------------------------------------------------
 
@@ -688,12 +689,13 @@ class Driver:
     top_ids = np.asarray(result.top_ids).reshape(steps, slots, -1)
     top_logprobs = np.asarray(result.top_logprobs).reshape(steps, slots, -1)
     now = time.perf_counter()
-    self._last_step_s, self._last_done = (now - self._last_done) / steps, now
+    step_s, self._last_done = (now - self._last_done) / steps, now
+    self._step_s.append(step_s)
     self._counters["steps"] += steps
     self._recent.append((time.monotonic(), len(snapshot) * steps))
     if self.metrics:
       for _ in range(steps):
-        self.metrics.observe_step(self._last_step_s, len(snapshot))
+        self.metrics.observe_step(step_s, len(snapshot))
     for slot, r in snapshot:
       for j in range(steps):
         if self._slots[slot] is not r:  # it finished (or was cancelled) since the dispatch

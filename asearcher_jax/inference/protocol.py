@@ -75,5 +75,5 @@ class Stats:
   reused_tokens: int
   requests_finished: int
   decode_steps: int
-  decode_step_s: float  # time of the last step
+  decode_step_s: float  # median over the last 64 steps (one step's time swings with the host)
   tokens_per_s: float  # over the last few seconds
