@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from asearcher_jax.agent.trajectory import Trajectory
-from asearcher_jax.jsonl import Follower, append_lines, read_lines
+from asearcher_jax.jsonl import Follower, append_lines
 
 
 def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
@@ -35,15 +35,9 @@ def rollout_log_path(out_dir: str, worker: int) -> str:
   return os.path.join(out_dir, "rollouts", f"w{worker}.jsonl")
 
 
-def read_rollout_logs(out_dir: str) -> list[dict]:
-  """Every worker's group lines, oldest first."""
-  rows = [r for p in glob.glob(os.path.join(out_dir, "rollouts", "w*.jsonl"))
-          for r in read_lines(p)]
-  return sorted(rows, key=lambda r: r.get("time", 0.0))
-
-
 class RolloutLogs:
-  """`read_rollout_logs` kept up to date by reading only what the workers appended since."""
+  """Every worker's group lines, kept up to date by reading only what the workers appended
+  since the last `update`."""
 
   def __init__(self, out_dir: str):
     self.out_dir, self.rows, self._files = out_dir, [], {}
@@ -56,6 +50,11 @@ class RolloutLogs:
     if new:
       self.rows = sorted(self.rows + new, key=lambda r: r.get("time", 0.0))
     return self.rows
+
+
+def read_rollout_logs(out_dir: str) -> list[dict]:
+  """Every worker's group lines, oldest first, read once."""
+  return RolloutLogs(out_dir).update()
 
 
 def starved(groups: list[dict], since: float, least: int) -> str | None:
