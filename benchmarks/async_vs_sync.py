@@ -458,6 +458,8 @@ def main(argv=None) -> int:
                  help="the steady-state figure leaves out the first steps (pipeline fill)")
   p.add_argument("--batch-groups", type=int, default=4, help="B groups per step")
   p.add_argument("--group-size", type=int, default=4, help="G episodes per group")
+  p.add_argument("--ppo-minibatches", type=int, default=4,
+                 help="PPO updates a step (rl.ppo_n_minibatches; the recorded runs used 4)")
   p.add_argument("--slots", type=int, default=16, help="decode slots")
   p.add_argument("--max-len", type=int, default=1024, help="decode max_len = context budget")
   p.add_argument("--min-prefill-bucket", type=int, default=64)
@@ -492,6 +494,7 @@ def main(argv=None) -> int:
         "reward": cfg.reward.model_copy(update={"metric": "em"}),
         "rl": cfg.rl.model_copy(update={
             "group_size": g, "batch_groups": b, "row_tokens": args.max_len,
+            "ppo_n_minibatches": args.ppo_minibatches,
             "micro_batch_rows": 1, "total_steps": args.steps, "lease_timeout_s": 600.0,
             "temperature": 1.0}),
         "checkpoint": cfg.checkpoint.model_copy(update={"every_steps": 10**9,

@@ -71,7 +71,7 @@ resume=()
 [ -d "$out/rl/checkpoints" ] && resume=(--resume)
 asearcher train --config "$cfg" "${policy[@]}" model.path="$out/sft" run.output_dir="$out/rl" \
   rl.data="[$rl_data]" retrieval.index="$world/index" \
-  "rl.seed=$seed" optimizer.learning_rate=1.25e-4 optimizer.warmup_steps=0 \
+  "rl.seed=$seed" optimizer.learning_rate=2.5e-4 optimizer.warmup_steps=0 \
   optimizer.decay_steps=null "${resume[@]}" "$@"
 
 stage "6/6 held-out evaluation of the RL policy against the SFT policy"
