@@ -169,10 +169,11 @@ def step_floor(model, batch: int, context: int) -> dict:
 
   @jax.jit
   def matmuls(x, layers, head):
-    def body(x, p):  # each product feeds the next, so none is dropped as dead code
+    def body(x, p):  # each product feeds the next, so no part of one is dropped as dead code
       qkv = jnp.einsum("bte,ekgd->btkgd", x, p["wqkv"])
       q = qkv[..., :-2, :].reshape(*x.shape[:2], cfg.num_heads, cfg.head_dim)
-      x = x + jnp.einsum("bthd,hde->bte", q, p["wo"])
+      kv_sum = jnp.sum(qkv[..., -2:, :], axis=(-3, -2, -1))[..., None]  # keeps k, v columns
+      x = x + jnp.einsum("bthd,hde->bte", q, p["wo"]) + kv_sum
       gate_up = jnp.einsum("bte,ecf->btcf", x, p["w_gate_up"])
       return x + jnp.einsum("btf,fe->bte", gate_up[:, :, 0] * gate_up[:, :, 1], p["w_down"]), None
     x, _ = jax.lax.scan(body, x, layers)
