@@ -47,8 +47,9 @@ class WorldConfig(Section):
 # Named worlds for `asearcher world build --preset NAME`.
 PRESETS: dict[str, dict] = {
     # The single-host debug world (WorldConfig()): ~740 entities, ~2k passages, ~740 pages,
-    # 1,822 train / 397 held-out questions of 1-4 hops (split by final fact; questions that
-    # touch a held-out fact are dropped from train); about 0.15 s to generate.
+    # 1,715 train / 434 held-out questions of 1-4 hops (split by final fact, drawn per final
+    # relation; questions that touch a held-out fact are dropped from train); about 0.15 s to
+    # generate.
     "debug": {},
     # Long chains (up to 16 hops) for long-horizon work: ~7k entities, ~20k passages,
     # ~8k train / ~2k held-out questions (long chains often touch a held-out fact and are
