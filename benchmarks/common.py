@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 from importlib import metadata
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -14,13 +15,26 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def run_info(packages: tuple[str, ...] = ("jax", "jaxlib", "flax")) -> dict:
   info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "python": platform.python_version(), "platform": platform.platform(),
-          "cpu_cores": os.cpu_count(), "versions": {}}
+          "cpu_cores": os.cpu_count(), "commit": _commit(), "versions": {}}
   for name in packages:
     try:
       info["versions"][name] = metadata.version(name)
     except metadata.PackageNotFoundError:
       pass
   return info
+
+
+def _commit() -> str | None:
+  """The checkout's commit, "+" when tracked files differ from it; None outside a git checkout."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "-C", repo, "rev-parse", "--short=12", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+                           check=True, capture_output=True, text=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return head + ("+" if dirty else "")
 
 
 def write_result(result: dict, path: str | None, default_name: str) -> str:
