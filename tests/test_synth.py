@@ -692,9 +692,11 @@ def test_loop_with_llm_verification_page_seeds_fuzzing_and_exit(world_dir, world
     for w in works:
       f.write(json.dumps({"url": w.url, "fact": fact_sentence(w, "year", world.entities)})
               + "\n")
-  seeds = one_hop_seeds(world, tmp_path / "qa.jsonl", 4)
+  # Five seeds whose injections the judge sees, enough that the default world gives both
+  # verdicts (three did under its split by hop alone, not under its split by relation).
+  seeds = one_hop_seeds(world, tmp_path / "qa.jsonl", 6)
   llm.exit_after = 1
-  llm.garbage_on = (seeds[3]["question"],)  # this seed's action choice never parses
+  llm.garbage_on = (seeds[-1]["question"],)  # this seed's action choice never parses
   out = tmp_path / "out"
   report = run(make_cfg(world_dir, out, llm.url, seeds=[str(tmp_path / "qa.jsonl")],
                         seed_pages=str(tmp_path / "pages.jsonl"), max_actions=3,
@@ -710,14 +712,14 @@ def test_loop_with_llm_verification_page_seeds_fuzzing_and_exit(world_dir, world
     assert rec["rounds"][1]["action"] == "exit" and len(rec["rounds"]) == 2
     (v,) = rec["variants"]
     assert v["fuzzes"] == 1 and f"the {w.attrs['year'] // 10 * 10}s" in v["question"]
-  stuck = records[seeds[3]["question"]]
+  stuck = records[seeds[-1]["question"]]
   assert [e["reason"] for e in stuck["rounds"]] == ["choose_action:unparseable"] * 3
   assert report["rejections"]["choose_action:unparseable"] == 3
   assert report["avg_fuzzes"] > 0 and report["items"] >= len(works)
   # LLM-judged uniqueness: the scripted solver names another reading when the injected fact
   # fits several entities, and the judge confirms it is valid: rejected exactly then.
   outcomes = Counter()
-  for q in seeds[:3]:
+  for q in seeds[:-1]:
     for e in records[q["question"]]["rounds"]:
       attempt = e.get("attempt")
       if not attempt or attempt["type"] != "inject" or attempt["question_before"] != q["question"]:
