@@ -363,8 +363,8 @@ def _questions(rng: random.Random, cfg: WorldConfig, ents: dict[str, Entity],
       by_relation.setdefault(q["chain"][-1]["relation"], []).append(q)
     for group in by_relation.values():
       _hold_out(group, round(len(group) * cfg.test_fraction) if len(group) > 1 else 0, held)
-    if len(items) > 1:  # a small world's hop still holds out one question
-      _hold_out(items, 1, held)
+    if len(items) > 1 and not any(_fact(q["chain"][-1]) in held for q in items):
+      held.add(_fact(items[0]["chain"][-1]))  # a small world's hop still holds out a fact
   train: list[dict] = []
   test: list[dict] = []
   for items in by_hop:
