@@ -49,7 +49,7 @@ from benchmarks.common import run_info, write_result  # noqa: E402
 
 DONE = r"\[debug\] done in (\d+)m(\d+)s"  # debug.sh's last line: the run's wall time
 # debug.sh's settings of the stages before RL, from the environment (recorded with results)
-STAGE_ENV = ("SFT_TRAJ", "SFT_EPOCHS", "EVAL_QUESTIONS")
+STAGE_ENV = ("SFT_TRAJ", "SFT_EPOCHS", "SFT_BATCH_ROWS", "EVAL_QUESTIONS")
 # --trained-questions: the questions the learner got, and both policies' evaluations on them
 TRAINED, TRAINED_EVALS = "rl_trained.jsonl", ("eval_trained_sft", "eval_trained_rl")
 
