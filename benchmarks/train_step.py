@@ -9,6 +9,10 @@ With --episodes the same tokens are also timed packed as many episodes a row (wh
 hold), side by side with one causal sequence: attention that skips the blocks a mask hides
 costs about Σ len² there, where a dense mask costs T².
 
+With --loss-share S the loss falls on a share S of the tokens (the agent's own, amid prompts
+and tool output), and the step is also timed with the LM head on those positions alone
+(`PackedBatch.select`, as `asearcher sft` runs it), side by side with the head on every one.
+
 Model FLOPs per token follow PaLM (appendix B): 6 x (matmul parameters, LM head
 included) + 12 x layers x heads x head_dim x seq_len for attention. MFU divides
 the achieved rate by the device's dense bf16 peak (a table below, or
@@ -19,6 +23,7 @@ Results are printed and written as JSON with device, versions and date.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -34,7 +39,7 @@ from asearcher_jax.memory_plan import resolve_remat  # noqa: E402
 from asearcher_jax.models import create_model  # noqa: E402
 from asearcher_jax.models.config import QwenConfig  # noqa: E402
 from asearcher_jax.sharding import describe, make_mesh  # noqa: E402
-from asearcher_jax.train.lm import PackedBatch, make_sft_step  # noqa: E402
+from asearcher_jax.train.lm import PackedBatch, loss_positions, make_sft_step  # noqa: E402
 from asearcher_jax.train.optimizer import make_optimizer  # noqa: E402
 from benchmarks.common import device_figure, run_info, write_result  # noqa: E402
 
@@ -67,6 +72,9 @@ def main(argv=None) -> int:
   p.add_argument("--episode-len", type=int, nargs=2, default=(128, 1024), metavar=("MIN", "MAX"),
                  help="episode lengths for --episodes, drawn uniformly; the row's length is "
                       "their sum (--seq-len is ignored)")
+  p.add_argument("--loss-share", type=float, default=0.0,
+                 help="also time the step with the loss on this share of the tokens and the "
+                      "LM head on those positions alone, side by side with the whole row")
   p.add_argument("overrides", nargs="*")
   args = p.parse_args(argv)
 
@@ -126,7 +134,8 @@ def main(argv=None) -> int:
     # XLA's buffer assignment for the step (every platform) and, where the runtime reports it,
     # the device's peak after the timed steps
     t0 = time.perf_counter()
-    step = step.lower(params, opt_state, batch).compile()  # compiled once: timed and measured
+    # compiled once: timed and measured (`jitted` compiles --loss-share's other batch)
+    jitted, step = step, step.lower(params, opt_state, batch).compile()
     memory = step.memory_analysis()
     compile_s, times, metrics = timed(batch)
     compile_s = time.perf_counter() - t0 - sum(times)  # the compile and the warmup steps
@@ -142,6 +151,23 @@ def main(argv=None) -> int:
                 "step_s_median": round(float(np.median(packed_times)), 5),
                 "step_s_all": [round(t, 5) for t in packed_times]}
       packed["vs_one_sequence"] = round(packed["step_s_median"] / float(np.median(times)), 3)
+
+    selected = None
+    if args.loss_share:  # the same rows, the loss on a share of them: whole row against select
+      mask = rng.random(shape) < args.loss_share
+      select = loss_positions(np.asarray(batch.segment_ids), mask)
+      masked = jax.device_put(PackedBatch(batch.tokens, batch.positions, batch.segment_ids,
+                                          jnp.asarray(mask)), batch_sharding)
+      step = jitted
+      _, whole_times, _ = timed(masked)
+      _, select_times, _ = timed(jax.device_put(
+          dataclasses.replace(masked, select=jnp.asarray(select)), batch_sharding))
+      selected = {"loss_share": args.loss_share, "head_positions": int(select.shape[1]),
+                  "whole_row_step_s_median": round(float(np.median(whole_times)), 5),
+                  "step_s_median": round(float(np.median(select_times)), 5),
+                  "step_s_all": [round(t, 5) for t in select_times]}
+      selected["vs_whole_row"] = round(selected["step_s_median"]
+                                       / selected["whole_row_step_s_median"], 3)
 
   step_s = float(np.median(times))
   tokens = args.batch * args.seq_len
@@ -160,7 +186,7 @@ def main(argv=None) -> int:
       "tokens_per_s_per_device": round(tok_s / len(devices), 1),
       "model_tflops_per_s": round(achieved, 4), "peak_tflops_per_device": peak,
       "mfu": None if mfu is None else round(mfu, 4), "final_loss": float(metrics["loss"]),
-      "packed": packed,
+      "packed": packed, "loss_positions": selected,
       "xla_temp_bytes": memory.temp_size_in_bytes,
       "xla_argument_bytes": memory.argument_size_in_bytes,
       "peak_device_bytes": peak_bytes,
@@ -176,6 +202,12 @@ def main(argv=None) -> int:
     print(f"{args.episodes} packed episodes in the same {args.seq_len} tokens: step "
           f"{packed['step_s_median'] * 1e3:.1f} ms, {packed['vs_one_sequence']:.2f}x one causal "
           "sequence")
+  if selected:
+    print(f"loss on {args.loss_share:.0%} of the tokens, the LM head on those "
+          f"{selected['head_positions']} positions a row: step "
+          f"{selected['step_s_median'] * 1e3:.1f} ms against "
+          f"{selected['whole_row_step_s_median'] * 1e3:.1f} ms on the whole row "
+          f"({selected['vs_whole_row']:.2f}x)")
   config_name = os.path.splitext(os.path.basename(args.config))[0]
   write_result(result, args.results,
                f"train_step_{kind}_{config_name}_b{args.batch}_s{args.seq_len}")

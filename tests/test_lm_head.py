@@ -182,3 +182,47 @@ def _compile_steps_and_check(b, t, v):
 
   plain_hlo = jax.jit(jax.grad(plain)).lower(p, tok).compile().as_text()
   assert _holds_full_logits(plain_hlo, b, t, v)
+
+
+def test_loss_positions_lists_each_rows_weighted_targets_and_pads_with_the_last():
+  from asearcher_jax.train.lm import loss_positions
+  # row 0: segment 1 at 0-4 (loss on 2, 3), segment 2 at 5-7 (loss on 5: a segment start, no
+  # weight; 6, 7); row 1: loss on 1 only, padding after 3; row 2: no loss token at all
+  seg = np.array([[1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]])
+  mask = np.array([[0, 0, 1, 1, 0, 1, 1, 1], [0, 1, 0, 0, 0, 0, 0, 0], [0] * 8], bool)
+  select = loss_positions(seg, mask, multiple=2)  # targets t+1 = 2, 3, 6, 7 -> t = 1, 2, 5, 6
+  np.testing.assert_array_equal(select, [[1, 2, 5, 6], [0, 7, 7, 7], [7, 7, 7, 7]])
+  assert loss_positions(seg, mask).shape == (3, 8)  # rounded up to 16, at most T
+
+
+def test_sft_loss_on_the_loss_positions_alone_equals_the_whole_row():
+  """The head run on the selected positions gives the loss and gradient of the head run on the
+  whole row (packed rows, loss on part of each segment, padding)."""
+  from asearcher_jax.train.lm import loss_positions, next_token_logprobs, nll_loss
+  rng = np.random.default_rng(0)
+  b, t = 3, 48
+  seg = np.array([[1] * 20 + [2] * 22 + [0] * 6, [1] * 48, [1] * 5 + [2] * 30 + [0] * 13])
+  starts = np.maximum.accumulate(  # the index where each position's segment began
+      np.where(np.diff(seg, prepend=-1, axis=1) != 0, np.arange(t), 0), axis=1)
+  pos = np.arange(t) - starts
+  mask = (rng.random((b, t)) < 0.4) & (seg > 0)
+  tokens = rng.integers(0, 300, (b, t)).astype(np.int32)
+  model = create_model(QwenConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                  num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                                  tie_embeddings=True), single_device_mesh(), seed=0,
+                       dtype="float32", attention_impl="xla")
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rows = [jnp.asarray(x) for x in (tokens, pos, seg, mask)]
+
+  def loss(p, select):
+    batch = PackedBatch(*rows, select=select)
+    return nll_loss(*next_token_logprobs(nnx.merge(graphdef, p, rest), batch))
+
+  select = jnp.asarray(loss_positions(seg, mask))
+  assert select.shape[1] <= t // 2  # the head runs on at most half of each row
+  whole, g_whole = jax.value_and_grad(loss)(params, None)
+  part, g_part = jax.value_and_grad(loss)(params, select)
+  eps = float(np.finfo(np.float32).eps)  # the same float32 sums, in another order
+  np.testing.assert_allclose(part, whole, rtol=0, atol=64 * eps * abs(float(whole)))
+  for a, w in zip(jax.tree.leaves(g_part), jax.tree.leaves(g_whole)):
+    np.testing.assert_allclose(a, w, rtol=0, atol=64 * eps * float(np.max(np.abs(w))))

@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -29,6 +30,9 @@ class PackedBatch:
   positions: jax.Array
   segment_ids: jax.Array  # 0 = padding
   loss_mask: jax.Array
+  # [B, C] (optional): the positions t whose targets tokens[t+1] the loss reads, padded with
+  # T-1 (no target); the LM head then runs on these C positions alone (`loss_positions`)
+  select: jax.Array | None = None
 
 
 def next_token_logprobs(model: Qwen, batch: PackedBatch) -> tuple[jax.Array, jax.Array]:
@@ -37,8 +41,13 @@ def next_token_logprobs(model: Qwen, batch: PackedBatch) -> tuple[jax.Array, jax
   The weight is zero where t starts a new segment (its predecessor belongs to
   another sequence) or is not a loss token.
   """
-  token_logp, _, weight = next_token_predictions(model, batch)
-  return token_logp, weight
+  if batch.select is None:
+    token_logp, _, weight = next_token_predictions(model, batch)
+    return token_logp, weight
+  scores = next_token_scores(model, batch.tokens, batch.positions, batch.segment_ids,
+                             select=batch.select)
+  weight = jnp.pad(target_weight(batch.segment_ids, batch.loss_mask), ((0, 0), (0, 1)))
+  return scores.logp, jnp.take_along_axis(weight, batch.select, axis=1)
 
 
 def next_token_predictions(model: Qwen, batch: PackedBatch
@@ -50,14 +59,39 @@ def next_token_predictions(model: Qwen, batch: PackedBatch
 
 
 def next_token_scores(model: Qwen, tokens: jax.Array, positions: jax.Array,
-                      segment_ids: jax.Array, temperature: float = 1.0) -> TokenScores:
+                      segment_ids: jax.Array, temperature: float = 1.0,
+                      select: jax.Array | None = None) -> TokenScores:
   """`TokenScores` of tokens[t] given tokens[<t], [B, T-1] each, through the fused LM head
   (no [B, T, V] logits). The last position has no target: it is scored against token 0 and
-  dropped, so the head runs on the whole [B, T] row."""
+  dropped, so the head runs on the whole [B, T] row.
+
+  `select` [B, C] (`loss_positions`): score only the targets of these positions, [B, C] each.
+  The head is a large share of a step where the vocabulary is large against the model or most
+  tokens carry no loss (prompts and tool output: two thirds of the debug run's SFT rows)."""
   hidden, _ = model.hidden_states(tokens, positions, segment_ids)
   targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+  if select is not None:
+    hidden = jnp.take_along_axis(hidden, select[..., None], axis=1)
+    return token_scores(hidden, model.head(), jnp.take_along_axis(targets, select, axis=1),
+                        temperature=temperature)
   scores = token_scores(hidden, model.head(), targets, temperature=temperature)
   return TokenScores(*(x[:, :-1] for x in scores))
+
+
+def loss_positions(segment_ids: np.ndarray, loss_mask: np.ndarray, multiple: int = 16
+                   ) -> np.ndarray:
+  """[R, C] int32 `PackedBatch.select` for rows [R, T]: each row's positions whose target has
+  loss weight (`target_weight`), then T-1 to pad. C is the most any row has, rounded up to
+  `multiple` (at most T): one compiled shape for a whole dataset of rows."""
+  weight = np.asarray(target_weight(jnp.asarray(segment_ids), jnp.asarray(loss_mask))) > 0
+  r, t = segment_ids.shape
+  counts = weight.sum(axis=1)
+  c = min(t, -(-max(int(counts.max(initial=0)), 1) // multiple) * multiple)
+  select = np.full((r, c), t - 1, np.int32)
+  for i in range(r):
+    at = np.flatnonzero(weight[i])
+    select[i, :len(at)] = at
+  return select
 
 
 def target_weight(segment_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:

@@ -14,7 +14,12 @@ from flax import nnx
 
 from asearcher_jax.agent.trajectory import read_jsonl
 from asearcher_jax.errors import ConfigError, DataError
-from asearcher_jax.train.lm import PackedBatch, make_sft_step, next_token_predictions
+from asearcher_jax.train.lm import (
+  PackedBatch,
+  loss_positions,
+  make_sft_step,
+  next_token_predictions,
+)
 from asearcher_jax.train.optimizer import make_optimizer
 from asearcher_jax.train.packing import pack_sequences
 
@@ -52,7 +57,8 @@ def sft_rows(paths: list[str], row_tokens: int, loss_on: str = "agent"
 
 def _batches(rows: dict[str, np.ndarray], idx: np.ndarray) -> PackedBatch:
   return PackedBatch(**{k: jnp.asarray(rows[k][idx]) for k in
-                        ("tokens", "positions", "segment_ids", "loss_mask")})
+                        ("tokens", "positions", "segment_ids", "loss_mask", "select")
+                        if k in rows})
 
 
 def count_turns(weight: np.ndarray, hit: np.ndarray) -> tuple[int, int]:
@@ -107,8 +113,10 @@ def run_sft(model, paths: list[str], *, optimizer_cfg, row_tokens: int, batch_ro
   r = len(rows["tokens"])
   batch_rows = min(batch_rows, r)
   steps_per_epoch = -(-r // batch_rows)
+  rows["select"] = loss_positions(rows["segment_ids"], rows["loss_mask"])
   echo(f"sft: {records} records, {r} rows of {row_tokens} tokens, "
-       f"{int(rows['loss_mask'].sum())} loss tokens, {steps_per_epoch} steps per epoch")
+       f"{int(rows['loss_mask'].sum())} loss tokens (the LM head runs on "
+       f"{rows['select'].shape[1]} positions a row), {steps_per_epoch} steps per epoch")
   total = epochs * steps_per_epoch
   params, opt_state, step = make_sft_step(model, make_optimizer(optimizer_cfg, total))
   evaluations = []
