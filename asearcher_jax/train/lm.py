@@ -39,7 +39,8 @@ def next_token_logprobs(model: Qwen, batch: PackedBatch) -> tuple[jax.Array, jax
   """(log p(tokens[t] | tokens[<t]), weight) for t = 1..T-1, both [B, T-1].
 
   The weight is zero where t starts a new segment (its predecessor belongs to
-  another sequence) or is not a loss token.
+  another sequence) or is not a loss token. With `batch.select`, both are [B, C]: the targets
+  of the selected positions alone (the padding's weight is zero).
   """
   if batch.select is None:
     token_logp, _, weight = next_token_predictions(model, batch)
