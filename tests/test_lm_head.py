@@ -219,7 +219,7 @@ def test_sft_loss_on_the_loss_positions_alone_equals_the_whole_row():
     return nll_loss(*next_token_logprobs(nnx.merge(graphdef, p, rest), batch))
 
   select = jnp.asarray(loss_positions(seg, mask))
-  assert select.shape[1] <= t // 2  # the head runs on at most half of each row
+  assert select.shape[1] < t  # the head runs on fewer positions than the row holds
   whole, g_whole = jax.value_and_grad(loss)(params, None)
   part, g_part = jax.value_and_grad(loss)(params, select)
   eps = float(np.finfo(np.float32).eps)  # the same float32 sums, in another order
