@@ -1,5 +1,6 @@
 """The fused, chunked LM head: the same scores and gradients as full logits, without them."""
 
+import dataclasses
 import math
 import re
 
@@ -169,8 +170,10 @@ def _compile_steps_and_check(b, t, v):
                      advantages=f(jnp.float32), versions=f(jnp.int32),
                      num_tokens=jax.ShapeDtypeStruct((), jnp.int32),
                      learner_version=jax.ShapeDtypeStruct((), jnp.int32))
-  rl_hlo = ppo_step.lower(params, opt_state, batch).compile().as_text()
-  assert not _holds_full_logits(rl_hlo, b, t, v)
+  # the whole rows, and the head on loss positions as the learner runs it, at its widest (C = T)
+  for batch in (batch, dataclasses.replace(batch, select=f(jnp.int32))):
+    rl_hlo = ppo_step.lower(params, opt_state, batch).compile().as_text()
+    assert not _holds_full_logits(rl_hlo, b, t, v)
 
   # The plain path, compiled the same way, does hold them: the check can fail.
   graphdef, p, rest = nnx.split(_big_vocab_model(), nnx.Param, ...)

@@ -1,6 +1,7 @@
 """Trajectories -> packed micro-batches (build_batch), and the PPO step's layout invariances:
 packed vs padded rows, any micro-batch split, 1 vs 8 devices give the same loss and update."""
 
+import dataclasses
 import itertools
 import logging
 
@@ -18,6 +19,7 @@ from asearcher_jax.models import create_model
 from asearcher_jax.models.params import flat_state
 from asearcher_jax.rl import RLSection, TrainBatch, batch_normalize, build_batch, shard_batch
 from asearcher_jax.rl.advantages import group_advantages
+from asearcher_jax.rl.loss import finalize_stats
 from asearcher_jax.rl.step import make_ppo_loss, make_ppo_step
 from asearcher_jax.sharding import make_mesh
 
@@ -177,9 +179,9 @@ STEP_CFG = RLSection(row_tokens=16, micro_batch_rows=2, temperature=0.7, eps_cli
                      behav_weight_cap=1.5, adv_batch_norm=True)
 
 
-def _model_groups(seed=0):
+def _model_groups(seed=0, context=(2, 6)):
   """Random trajectories over the tiny vocabulary, behaviour log-probs near uniform's −4.6 so
-  that some behaviour weights pass the cap of 1.5."""
+  that some behaviour weights pass the cap of 1.5; contexts of `context` [low, high) tokens."""
   rng = np.random.default_rng(seed)
   groups = []
   for g in range(2):
@@ -188,7 +190,7 @@ def _model_groups(seed=0):
       t = Trajectory(qid=f"q{g}", question="q", answers=["a"], sample=i,
                      reward=float(rng.random()))
       for _ in range(1 + (i % 2)):
-        ctx = rng.integers(1, 97, int(rng.integers(2, 6))).tolist()
+        ctx = rng.integers(1, 97, int(rng.integers(*context))).tolist()
         out = rng.integers(1, 97, int(rng.integers(2, 10))).tolist()
         t.record_call(ctx, out, (-4.6 + 0.4 * rng.standard_normal(len(out))).tolist(),
                       [0] * len(out))
@@ -467,3 +469,70 @@ def test_step_skips_a_minibatch_without_loss_tokens(packed):
     params, opt_state, step = make_ppo_step(
         create_model(MODEL, mesh, seed=0, dtype="float32"), optax.adam(1e-3), MB_CFG)
     step(params, opt_state, shard_batch(_layout(_rows(packed), 3), mesh))
+
+
+def test_learner_head_on_loss_positions_alone_equals_the_whole_rows():
+  """build_batch's `select` (the learner runs the LM head on the loss positions alone) lists
+  every loss token's predecessor once, and gives the loss, gradient and statistics of the head
+  on every position: with π_prox = π_θ (one minibatch), and with π_prox other weights (ρ ≠ 1,
+  so the clip and the behaviour cap bind) as minibatches after the first have it."""
+  from flax import nnx
+
+  from asearcher_jax.rl.step import micro_batch_loss, tempered_token_logprobs
+  from asearcher_jax.train.lm import target_weight
+  cfg = STEP_CFG.model_copy(update={"row_tokens": 64})  # contexts as long as the outputs, 4x
+  batch, info = build_batch(_model_groups(context=(16, 40)), cfg, learner_version=0)
+  t = batch.shape[-1]
+  select = np.asarray(batch.select).reshape(-1, np.asarray(batch.select).shape[-1])
+  weight = np.asarray(target_weight(*(jnp.asarray(_rows(batch)[k])
+                                      for k in ("segment_ids", "loss_mask")))) > 0
+  counts = weight.sum(axis=1)
+  assert info["head_positions"] == select.shape[1] == -(-counts.max() // 16) * 16 < t
+  for row, w, n in zip(select, weight, counts):
+    np.testing.assert_array_equal(row[:n], np.flatnonzero(w))  # target t+1 of position t
+    assert (row[n:] == t - 1).all()  # padding: the last position, which has no target
+  assert weight.sum() == int(batch.num_tokens)
+
+  mesh = single_device_mesh()
+  model = _model_and_step(mesh)[0]
+  eps = float(np.finfo(np.float32).eps)  # the same float32 sums, in another order
+
+  def assert_same(a, b):
+    (la, sa), ga = a
+    (lb, sb), gb = b
+    np.testing.assert_allclose(la, lb, rtol=0, atol=64 * eps * abs(float(lb)))
+    for k in sb:
+      np.testing.assert_allclose(sa[k], sb[k], rtol=64 * eps, atol=1e-30, err_msg=k)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+      np.testing.assert_allclose(x, y, rtol=0, atol=64 * eps * float(np.max(np.abs(y))))
+
+  whole = dataclasses.replace(batch, select=None)
+  with jax.set_mesh(mesh):
+    params, loss_fn = make_ppo_loss(model, cfg)
+    def finalized(p, b):
+      loss, stats = loss_fn(p, b)
+      return loss, finalize_stats(stats)
+
+    grad = jax.jit(jax.value_and_grad(finalized, has_aux=True))
+    one = grad(params, batch), grad(params, whole)
+    assert_same(*one)
+    assert float(one[0][0][1]["capped_frac"]) > 0  # the cap acts on π_θ's weights here
+
+    graphdef, p0, rest = nnx.split(model, nnx.Param, ...)
+    other = jax.tree.map(lambda x: 2.0 * x, p0)  # π_prox: other weights than the ones trained
+    mb = _flat(batch, slice(None))
+
+    @jax.jit
+    def prox_loss(p, select):
+      prox = tempered_token_logprobs(nnx.merge(graphdef, other, rest), mb["tokens"],
+                                     mb["positions"], mb["segment_ids"], mb["loss_mask"],
+                                     cfg.temperature, select)[0]
+      loss = lambda p: micro_batch_loss(  # noqa: E731
+          nnx.merge(graphdef, p, rest), {**mb, "select": select, "prox_logp": prox},
+          batch.num_tokens, 0, cfg)
+      (value, stats), g = jax.value_and_grad(loss, has_aux=True)(p)
+      return (value, finalize_stats(stats)), g
+
+    two = prox_loss(p0, jnp.asarray(select)), prox_loss(p0, None)
+    assert_same(*two)
+    assert 0 < float(two[1][0][1]["clip_frac"]) < 1

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from asearcher_jax.rl.advantages import batch_normalize, group_advantages
 from asearcher_jax.rl.config import RLSection
+from asearcher_jax.train.lm import loss_positions
 from asearcher_jax.train.packing import pack_sequences
 
 Array = np.ndarray | jax.Array  # host arrays as built, device arrays once sharded
@@ -61,6 +62,9 @@ class TrainBatch:
   versions: Array  # int32, policy version of each loss token
   num_tokens: Array  # int32 scalar
   learner_version: Array  # int32 scalar: the version of the policy the step starts from
+  # [M, R, C] int32 (optional): each row's positions whose target is a loss token, padded with
+  # T-1 (`train.lm.loss_positions`); the step then runs the LM head on those C positions alone
+  select: Array | None = None
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -150,17 +154,20 @@ def build_batch(groups: list[list[Trajectory]], cfg: RLSection, *,
   per_part = max(len(p["tokens"]) for p in parts)  # each a power of two of micro-batches
   rows = {k: np.concatenate([_pad_rows(p[k], per_part) for p in parts]) for k in parts[0]}
   m, r = len(rows["tokens"]) // cfg.micro_batch_rows, cfg.micro_batch_rows
+  select = loss_positions(rows["segment_ids"], rows["loss_mask"],
+                          multiple=_head_bucket(cfg.row_tokens))
   arrays = {k: v.reshape(m, r, cfg.row_tokens) for k, v in rows.items()}
   num_tokens = int(arrays["loss_mask"].sum())
   batch = TrainBatch(**arrays, num_tokens=np.asarray(num_tokens, np.int32),
-                     learner_version=np.asarray(learner_version, np.int32))
+                     learner_version=np.asarray(learner_version, np.int32),
+                     select=select.reshape(m, r, -1))
 
   lag = learner_version - arrays["versions"][arrays["loss_mask"]]
   values, counts = np.unique(lag, return_counts=True)
   info = dict(info)
   info.update(
       groups=len(groups), sequences=len(seqs), num_tokens=num_tokens,
-      tokens=int((arrays["segment_ids"] > 0).sum()), rows=m * r,
+      tokens=int((arrays["segment_ids"] > 0).sum()), rows=m * r, head_positions=select.shape[1],
       empty_rows=int((arrays["segment_ids"].max(axis=-1) == 0).sum()), micro_batches=m,
       minibatches=cfg.ppo_n_minibatches,
       fill=float((arrays["segment_ids"] > 0).mean()),
@@ -171,6 +178,13 @@ def build_batch(groups: list[list[Trajectory]], cfg: RLSection, *,
             "tokens_unpredictable"):
     info.setdefault(k, 0)
   return batch, info
+
+
+def _head_bucket(row_tokens: int) -> int:
+  """`loss_positions`' rounding for the learner: an eighth of a row (a multiple of 16), so a
+  run compiles at most eight head widths per micro-batch count and the head computes at most
+  an eighth of a row that carries no loss."""
+  return -(-row_tokens // 128) * 16
 
 
 def _split(seqs: list[dict[str, np.ndarray]], n: int) -> list[list[dict[str, np.ndarray]]]:

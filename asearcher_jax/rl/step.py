@@ -30,7 +30,7 @@ from asearcher_jax.rl.loss import (
   neutral_stats,
   reduce_stats,
 )
-from asearcher_jax.train.lm import next_token_scores, target_weight
+from asearcher_jax.train.lm import at_targets, next_token_scores, target_weight
 from asearcher_jax.train.optimizer import init_opt_state
 
 _PER_TOKEN = ("tokens", "positions", "segment_ids", "loss_mask", "behav_logp", "advantages",
@@ -38,38 +38,45 @@ _PER_TOKEN = ("tokens", "positions", "segment_ids", "loss_mask", "behav_logp", "
 
 
 def tempered_token_logprobs(model: Qwen, tokens: jax.Array, positions: jax.Array,
-                            segment_ids: jax.Array, loss_mask: jax.Array, temperature: float
+                            segment_ids: jax.Array, loss_mask: jax.Array, temperature: float,
+                            select: jax.Array | None = None
                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(log p_T(tokens[t] | tokens[<t]), loss weight, entropy of p_T), each [R, T-1], t = 1..T-1.
+  """(log p_T(tokens[t] | tokens[<t]), loss weight, entropy of p_T), each [R, T-1], t = 1..T-1,
+  or [R, C] at the targets of `select` (`TrainBatch.select`: the LM head runs there alone).
 
   Same alignment as `train.lm.next_token_logprobs`: the weight is the loss mask of the target
   token, and 0 where the target starts a segment or is padding. The entropy is a metric only
   (no gradient).
   """
-  scores = next_token_scores(model, tokens, positions, segment_ids, temperature)
-  weight = target_weight(segment_ids, loss_mask) > 0
+  scores = next_token_scores(model, tokens, positions, segment_ids, temperature, select)
+  weight = at_targets(target_weight(segment_ids, loss_mask), select) > 0
   return scores.logp, weight, scores.entropy
 
 
 def micro_batch_loss(model: Qwen, mb: dict[str, jax.Array], num_tokens, learner_version,
                      cfg: RLSection) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(loss, stats) of one micro-batch (per-token arrays [R, T], and `prox_logp` [R, T-1] when
-  π_prox is not this policy) divided by `num_tokens`, its minibatch's global N.
+  """(loss, stats) of one micro-batch (per-token arrays [R, T], `select` [R, C] when the batch
+  has it, and `prox_logp` [R, T-1] or [R, C] when π_prox is not this policy) divided by
+  `num_tokens`, its minibatch's global N.
 
   Summing this over micro-batches gives the full-batch loss, and likewise for gradients.
   The stats include the train-inference gap |log π_prox − log π_behav| on the loss tokens that
   `learner_version` itself sampled: the same weights scoring the same token, so whatever
   remains is the two programs' numerics (dtype, kernels, sampling path), not off-policyness.
   """
+  select = mb.get("select")
   logp, weight, entropy = tempered_token_logprobs(
-      model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["loss_mask"], cfg.temperature)
-  prox = mb.get("prox_logp", logp)  # [R, T-1] like logp; absent with one minibatch
+      model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["loss_mask"], cfg.temperature,
+      select)
+  behav, advantages, versions = (at_targets(mb[k][:, 1:], select)
+                                 for k in ("behav_logp", "advantages", "versions"))
+  prox = mb.get("prox_logp", logp)  # like logp; absent with one minibatch
   loss, stats = decoupled_ppo_loss(
-      logp, prox, mb["behav_logp"][:, 1:], mb["advantages"][:, 1:], weight,
+      logp, prox, behav, advantages, weight,
       eps_clip=cfg.eps_clip, behav_weight_cap=cfg.behav_weight_cap, num_tokens=num_tokens)
   stats["entropy_sum"] = jnp.sum(jnp.where(weight, entropy, 0.0))
-  fresh = weight & (mb["versions"][:, 1:] == learner_version)
-  gap = jnp.abs(jax.lax.stop_gradient(prox) - mb["behav_logp"][:, 1:])
+  fresh = weight & (versions == learner_version)
+  gap = jnp.abs(jax.lax.stop_gradient(prox) - behav)
   stats["fresh_tokens"] = jnp.sum(fresh, dtype=jnp.float32)
   stats["logp_gap_sum"] = jnp.sum(jnp.where(fresh, gap, 0.0))
   stats["logp_gap_max"] = jnp.max(jnp.where(fresh, gap, -jnp.inf))
@@ -77,8 +84,12 @@ def micro_batch_loss(model: Qwen, mb: dict[str, jax.Array], num_tokens, learner_
 
 
 def micro_batches(batch: TrainBatch) -> dict[str, jax.Array]:
-  """The per-token fields of a batch, [M, R, T] each: what `lax.scan` walks over."""
-  return {k: getattr(batch, k) for k in _PER_TOKEN}
+  """The per-token fields of a batch, [M, R, T] each, and its `select` [M, R, C] if it has one:
+  what `lax.scan` walks over."""
+  mbs = {k: getattr(batch, k) for k in _PER_TOKEN}
+  if batch.select is not None:
+    mbs["select"] = batch.select
+  return mbs
 
 
 def make_ppo_loss(model: Qwen, cfg: RLSection):
@@ -142,16 +153,18 @@ def make_ppo_step(model: Qwen, optimizer: optax.GradientTransformation, cfg: RLS
     return grads, jnp.sum(losses), reduce_stats(stats)
 
   def proximal_logp(params, mbs):
-    """log π_prox [M, R, T-1]: the step's starting policy on every micro-batch."""
+    """log π_prox [M, R, T-1] (or [M, R, C] with `select`): the step's starting policy on every
+    micro-batch."""
     def run(mb):
       return tempered_token_logprobs(
           nnx.merge(graphdef, params, rest), mb["tokens"], mb["positions"], mb["segment_ids"],
-          mb["loss_mask"], cfg.temperature)[0]
+          mb["loss_mask"], cfg.temperature, mb.get("select"))[0]
 
     def body(_, mb):
       r, t = mb["tokens"].shape
+      shape = mb["select"].shape if "select" in mb else (r, t - 1)
       return None, jax.lax.cond(jnp.any(mb["segment_ids"] > 0), run,
-                                lambda mb: jnp.zeros((r, t - 1), jnp.float32), mb)
+                                lambda mb: jnp.zeros(shape, jnp.float32), mb)
 
     return jax.lax.scan(body, None, mbs)[1]
 

@@ -47,8 +47,7 @@ def next_token_logprobs(model: Qwen, batch: PackedBatch) -> tuple[jax.Array, jax
     return token_logp, weight
   scores = next_token_scores(model, batch.tokens, batch.positions, batch.segment_ids,
                              select=batch.select)
-  weight = jnp.pad(target_weight(batch.segment_ids, batch.loss_mask), ((0, 0), (0, 1)))
-  return scores.logp, jnp.take_along_axis(weight, batch.select, axis=1)
+  return scores.logp, at_targets(target_weight(batch.segment_ids, batch.loss_mask), batch.select)
 
 
 def next_token_predictions(model: Qwen, batch: PackedBatch
@@ -70,20 +69,29 @@ def next_token_scores(model: Qwen, tokens: jax.Array, positions: jax.Array,
   The head is a large share of a step where the vocabulary is large against the model or most
   tokens carry no loss (prompts and tool output: two thirds of the debug run's SFT rows)."""
   hidden, _ = model.hidden_states(tokens, positions, segment_ids)
-  targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
   if select is not None:
     hidden = jnp.take_along_axis(hidden, select[..., None], axis=1)
-    return token_scores(hidden, model.head(), jnp.take_along_axis(targets, select, axis=1),
+    return token_scores(hidden, model.head(), at_targets(tokens[:, 1:], select),
                         temperature=temperature)
+  targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
   scores = token_scores(hidden, model.head(), targets, temperature=temperature)
   return TokenScores(*(x[:, :-1] for x in scores))
+
+
+def at_targets(x: jax.Array, select: jax.Array | None) -> jax.Array:
+  """A per-target array x [B, T-1] (x[:, t-1] belongs to target tokens[t]) read where `select`
+  [B, C] points, [B, C]: its padding (T-1, no target) reads 0. Without `select`, x itself."""
+  if select is None:
+    return x
+  return jnp.take_along_axis(jnp.pad(x, ((0, 0), (0, 1))), select, axis=1)
 
 
 def loss_positions(segment_ids: np.ndarray, loss_mask: np.ndarray, multiple: int = 16
                    ) -> np.ndarray:
   """[R, C] int32 `PackedBatch.select` for rows [R, T]: each row's positions whose target has
   loss weight (`target_weight`), then T-1 to pad. C is the most any row has, rounded up to
-  `multiple` (at most T): one compiled shape for a whole dataset of rows."""
+  `multiple` (at most T): one compiled shape for a whole dataset of rows, and few for a stream
+  of batches (the RL learner rounds to an eighth of T)."""
   weight = np.asarray(target_weight(jnp.asarray(segment_ids), jnp.asarray(loss_mask))) > 0
   r, t = segment_ids.shape
   counts = weight.sum(axis=1)
