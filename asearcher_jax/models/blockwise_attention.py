@@ -87,37 +87,13 @@ def _forward(q, k, v, q_pos, q_seg, k_pos, k_seg, scale):
 
 def _backward(q, k, v, q_pos, q_seg, k_pos, k_seg, o, lse, do, scale):
   """(dq, dk, dv) over blocked inputs: dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)),
-  dQ = dS K · scale, dK = dSᵀ Q · scale; dQ in one pass over query blocks, dK and dV in one
-  over key blocks, each recomputing P from the saved log-sum-exp."""
+  dQ = dS K · scale, dK = dSᵀ Q · scale, in one pass over the block pairs (key blocks outside,
+  query blocks inside), each pair's P recomputed once from the saved log-sum-exp: dK and dV
+  accumulate in the inner loop's carry; each pair's dQ term leaves it and adds into dQ."""
   acc_dt = accumulation_dtype(q.dtype)
   delta = jnp.sum(do * o, axis=-1)  # [nq, B, bq, K, G]
 
-  def probs_and_ds(mask, qi, lse_i, do_i, delta_i, kj, vj):
-    """P and dS of one block pair whose `mask` lets some query see some key."""
-    p = jnp.where(mask[:, :, None, None, :],
-                  jnp.exp(_scores(qi, kj, mask, scale) - lse_i[..., None]), 0.0)
-    dp = jnp.einsum("bqkgd,bskd->bqkgs", do_i.astype(vj.dtype), vj,
-                    preferred_element_type=acc_dt)
-    return p, p * (dp - delta_i[..., None])
-
-  def dq_block(xs):
-    qi, qp, qs, lse_i, do_i, delta_i = xs
-    qi, qp, qs = _tied(qi, qp, qs)
-
-    def step(dq, ys):
-      kj, vj, kp, ks = ys
-      mask = _mask(qp, qs, kp, ks)
-
-      def visit(dq):
-        _, ds = probs_and_ds(mask, qi, lse_i, do_i, delta_i, kj, vj)
-        return dq + jnp.einsum("bqkgs,bskd->bqkgd", ds.astype(kj.dtype), kj,
-                               preferred_element_type=acc_dt) * scale
-
-      return jax.lax.cond(jnp.any(mask), visit, lambda d: d, dq), None
-
-    return jax.lax.scan(step, jnp.zeros(qi.shape, acc_dt), (k, v, k_pos, k_seg))[0]
-
-  def dkv_block(ys):
+  def key_block(dq, ys):
     kj, vj, kp, ks = ys
     kj, kp, ks = _tied(kj, kp, ks)
 
@@ -127,20 +103,29 @@ def _backward(q, k, v, q_pos, q_seg, k_pos, k_seg, o, lse, do, scale):
 
       def visit(carry):
         dk, dv = carry
-        p, ds = probs_and_ds(mask, qi, lse_i, do_i, delta_i, kj, vj)
+        p = jnp.where(mask[:, :, None, None, :],
+                      jnp.exp(_scores(qi, kj, mask, scale) - lse_i[..., None]), 0.0)
+        dp = jnp.einsum("bqkgd,bskd->bqkgs", do_i.astype(vj.dtype), vj,
+                        preferred_element_type=acc_dt)
+        ds = p * (dp - delta_i[..., None])
         dv = dv + jnp.einsum("bqkgs,bqkgd->bskd", p.astype(do_i.dtype), do_i,
                              preferred_element_type=acc_dt)
         dk = dk + jnp.einsum("bqkgs,bqkgd->bskd", ds.astype(qi.dtype), qi,
                              preferred_element_type=acc_dt) * scale
-        return dk, dv
+        dq_i = jnp.einsum("bqkgs,bskd->bqkgd", ds.astype(kj.dtype), kj,
+                          preferred_element_type=acc_dt) * scale
+        return (dk, dv), dq_i
 
-      return jax.lax.cond(jnp.any(mask), visit, lambda c: c, carry), None
+      # this pair's dQ term is an output of the inner loop, added to dQ outside it: no cond
+      # carries (or copies) the whole dQ
+      return jax.lax.cond(jnp.any(mask), visit,
+                          lambda c: (c, jnp.zeros(qi.shape, acc_dt)), carry)
 
     zeros = jnp.zeros(kj.shape, acc_dt)
-    return jax.lax.scan(step, (zeros, zeros), (q, q_pos, q_seg, lse, do, delta))[0]
+    (dk, dv), dq_terms = jax.lax.scan(step, (zeros, zeros), (q, q_pos, q_seg, lse, do, delta))
+    return dq + dq_terms, (dk, dv)
 
-  dq = jax.lax.map(dq_block, (q, q_pos, q_seg, lse, do, delta))
-  dk, dv = jax.lax.map(dkv_block, (k, v, k_pos, k_seg))
+  dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q.shape, acc_dt), (k, v, k_pos, k_seg))
   return dq, dk, dv
 
 
