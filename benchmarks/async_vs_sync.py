@@ -66,7 +66,12 @@ from asearcher_jax.models.tokenizer import QWEN_SPECIAL_TOKENS  # noqa: E402
 from asearcher_jax.replay.local import LocalReplay  # noqa: E402
 from asearcher_jax.replay.queue import ReplayQueue  # noqa: E402
 from asearcher_jax.reward import Scorer  # noqa: E402
-from asearcher_jax.rl.batch import TrainBatch, shard_batch, staleness_limit  # noqa: E402
+from asearcher_jax.rl.batch import (  # noqa: E402
+  TrainBatch,
+  head_widths,
+  shard_batch,
+  staleness_limit,
+)
 from asearcher_jax.rl.learner import Learner  # noqa: E402
 from asearcher_jax.rl.publish import DriverPublisher  # noqa: E402
 from asearcher_jax.rl.rollout import PromptStream, RolloutWorker  # noqa: E402
@@ -279,25 +284,27 @@ def cpu_seconds() -> tuple[float, float]:
 # -- one run -----------------------------------------------------------------------------------
 
 def warm_learner(learner: Learner, rl, max_micro_batches: int) -> int:
-  """Compiles the PPO step for each micro-batch count a batch can have (a power of two in each
-  of the rl.ppo_n_minibatches parts) on copied weights, so the learner's own state is
-  untouched. Twice per count: the step's outputs come back with other shardings than the
-  model's initial arrays, so the second step compiles again."""
+  """Compiles the PPO step for each shape a batch can have (a power of two of micro-batches in
+  each of the rl.ppo_n_minibatches parts, and every LM-head width, `head_widths`) on copied
+  weights, so the learner's own state is untouched. Twice per shape: the step's outputs come
+  back with other shardings than the model's initial arrays, so the second step compiles
+  again."""
   shapes = 0
   m = rl.ppo_n_minibatches
   while m <= max(max_micro_batches, rl.ppo_n_minibatches):
     shape = (m, rl.micro_batch_rows, rl.row_tokens)
     z = lambda dtype: np.zeros(shape, dtype)  # noqa: E731
-    batch = shard_batch(TrainBatch(
-        tokens=z(np.int32), positions=z(np.int32), segment_ids=z(np.int32), loss_mask=z(bool),
-        behav_logp=z(np.float32), advantages=z(np.float32), versions=z(np.int32),
-        num_tokens=np.asarray(1, np.int32), learner_version=np.asarray(0, np.int32)),
-        learner.mesh)
-    state = jax.tree.map(jnp.copy, (learner.params, learner.opt_state))
-    for _ in range(2):
-      state = learner.step_fn(*state, batch)[:2]
-      shapes += 1
-    jax.block_until_ready(state)
+    for width in head_widths(rl.row_tokens):
+      batch = shard_batch(TrainBatch(
+          tokens=z(np.int32), positions=z(np.int32), segment_ids=z(np.int32), loss_mask=z(bool),
+          behav_logp=z(np.float32), advantages=z(np.float32), versions=z(np.int32),
+          num_tokens=np.asarray(1, np.int32), learner_version=np.asarray(0, np.int32),
+          select=np.full(shape[:2] + (width,), rl.row_tokens - 1, np.int32)), learner.mesh)
+      state = jax.tree.map(jnp.copy, (learner.params, learner.opt_state))
+      for _ in range(2):
+        state = learner.step_fn(*state, batch)[:2]
+        shapes += 1
+      jax.block_until_ready(state)
     m *= 2
   return shapes
 

@@ -478,6 +478,7 @@ def test_learner_head_on_loss_positions_alone_equals_the_whole_rows():
   so the clip and the behaviour cap bind) as minibatches after the first have it."""
   from flax import nnx
 
+  from asearcher_jax.rl.batch import head_widths
   from asearcher_jax.rl.step import micro_batch_loss, tempered_token_logprobs
   from asearcher_jax.train.lm import target_weight
   cfg = STEP_CFG.model_copy(update={"row_tokens": 64})  # contexts as long as the outputs, 4x
@@ -488,6 +489,8 @@ def test_learner_head_on_loss_positions_alone_equals_the_whole_rows():
                                       for k in ("segment_ids", "loss_mask")))) > 0
   counts = weight.sum(axis=1)
   assert info["head_positions"] == select.shape[1] == -(-counts.max() // 16) * 16 < t
+  assert select.shape[1] in head_widths(t) and head_widths(t) == [16, 32, 48, 64]
+  assert head_widths(640) == [80, 160, 240, 320, 400, 480, 560, 640]
   for row, w, n in zip(select, weight, counts):
     np.testing.assert_array_equal(row[:n], np.flatnonzero(w))  # target t+1 of position t
     assert (row[n:] == t - 1).all()  # padding: the last position, which has no target

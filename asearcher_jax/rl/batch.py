@@ -187,6 +187,13 @@ def _head_bucket(row_tokens: int) -> int:
   return -(-row_tokens // 128) * 16
 
 
+def head_widths(row_tokens: int) -> list[int]:
+  """Every width C of `TrainBatch.select` that `build_batch` can give rows of `row_tokens`:
+  the head shapes a learner may compile (what a warm-up compiles ahead)."""
+  b = _head_bucket(row_tokens)
+  return sorted({min(row_tokens, k * b) for k in range(1, -(-row_tokens // b) + 1)})
+
+
 def _split(seqs: list[dict[str, np.ndarray]], n: int) -> list[list[dict[str, np.ndarray]]]:
   """n parts of near-equal token counts: longest first, each to the part with fewest tokens."""
   if n == 1:
