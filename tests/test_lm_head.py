@@ -210,22 +210,25 @@ def test_sft_loss_on_the_loss_positions_alone_equals_the_whole_row():
   pos = np.arange(t) - starts
   mask = (rng.random((b, t)) < 0.4) & (seg > 0)
   tokens = rng.integers(0, 300, (b, t)).astype(np.int32)
-  model = create_model(QwenConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
-                                  num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-                                  tie_embeddings=True), single_device_mesh(), seed=0,
-                       dtype="float32", attention_impl="xla")
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   rows = [jnp.asarray(x) for x in (tokens, pos, seg, mask)]
-
-  def loss(p, select):
-    batch = PackedBatch(*rows, select=select)
-    return nll_loss(*next_token_logprobs(nnx.merge(graphdef, p, rest), batch))
-
   select = jnp.asarray(loss_positions(seg, mask))
   assert select.shape[1] < t  # the head runs on fewer positions than the row holds
-  whole, g_whole = jax.value_and_grad(loss)(params, None)
-  part, g_part = jax.value_and_grad(loss)(params, select)
-  eps = float(np.finfo(np.float32).eps)  # the same float32 sums, in another order
-  np.testing.assert_allclose(part, whole, rtol=0, atol=64 * eps * abs(float(whole)))
+  # float64: the same sums in another order differ by ~1e-16 of their size, where a misread
+  # target differs by its whole log-prob
+  with jax.enable_x64(True):
+    model = create_model(QwenConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                    num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                                    tie_embeddings=True), single_device_mesh(), seed=0,
+                         dtype="float64", param_dtype="float64", attention_impl="xla")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p, select):
+      batch = PackedBatch(*rows, select=select)
+      return nll_loss(*next_token_logprobs(nnx.merge(graphdef, p, rest), batch))
+
+    whole, g_whole = jax.value_and_grad(loss)(params, None)
+    part, g_part = jax.value_and_grad(loss)(params, select)
+  assert whole.dtype == np.float64
+  np.testing.assert_allclose(part, whole, rtol=1e-12)
   for a, w in zip(jax.tree.leaves(g_part), jax.tree.leaves(g_whole)):
-    np.testing.assert_allclose(a, w, rtol=0, atol=64 * eps * float(np.max(np.abs(w))))
+    np.testing.assert_allclose(a, w, rtol=0, atol=1e-10 * float(np.max(np.abs(w))))
