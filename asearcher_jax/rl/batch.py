@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from asearcher_jax.rl.advantages import batch_normalize, group_advantages
 from asearcher_jax.rl.config import RLSection
-from asearcher_jax.train.lm import loss_positions
+from asearcher_jax.train.lm import loss_positions, select_width
 from asearcher_jax.train.packing import pack_sequences
 
 Array = np.ndarray | jax.Array  # host arrays as built, device arrays once sharded
@@ -191,7 +191,7 @@ def head_widths(row_tokens: int) -> list[int]:
   """Every width C of `TrainBatch.select` that `build_batch` can give rows of `row_tokens`:
   the head shapes a learner may compile (what a warm-up compiles ahead)."""
   b = _head_bucket(row_tokens)
-  return sorted({min(row_tokens, k * b) for k in range(1, -(-row_tokens // b) + 1)})
+  return sorted({select_width(n, row_tokens, b) for n in range(1, row_tokens + 1, b)})
 
 
 def _split(seqs: list[dict[str, np.ndarray]], n: int) -> list[list[dict[str, np.ndarray]]]:

@@ -42,9 +42,6 @@ def next_token_logprobs(model: Qwen, batch: PackedBatch) -> tuple[jax.Array, jax
   another sequence) or is not a loss token. With `batch.select`, both are [B, C]: the targets
   of the selected positions alone (the padding's weight is zero).
   """
-  if batch.select is None:
-    token_logp, _, weight = next_token_predictions(model, batch)
-    return token_logp, weight
   scores = next_token_scores(model, batch.tokens, batch.positions, batch.segment_ids,
                              select=batch.select)
   return scores.logp, at_targets(target_weight(batch.segment_ids, batch.loss_mask), batch.select)
@@ -92,10 +89,9 @@ def loss_positions(segment_ids: np.ndarray, loss_mask: np.ndarray, multiple: int
   loss weight (`target_weight`), then T-1 to pad. C is the most any row has, rounded up to
   `multiple` (at most T): one compiled shape for a whole dataset of rows, and few for a stream
   of batches (the RL learner rounds to an eighth of T)."""
-  weight = np.asarray(target_weight(jnp.asarray(segment_ids), jnp.asarray(loss_mask))) > 0
+  weight = target_weight(segment_ids, loss_mask) > 0  # on the host: no device round trip
   r, t = segment_ids.shape
-  counts = weight.sum(axis=1)
-  c = min(t, -(-max(int(counts.max(initial=0)), 1) // multiple) * multiple)
+  c = select_width(int(weight.sum(axis=1).max(initial=0)), t, multiple)
   select = np.full((r, c), t - 1, np.int32)
   for i in range(r):
     at = np.flatnonzero(weight[i])
@@ -103,9 +99,14 @@ def loss_positions(segment_ids: np.ndarray, loss_mask: np.ndarray, multiple: int
   return select
 
 
+def select_width(count: int, t: int, multiple: int) -> int:
+  """C of `loss_positions` for rows of T positions whose most loss positions is `count`."""
+  return min(t, -(-max(count, 1) // multiple) * multiple)
+
+
 def target_weight(segment_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
   """float32 [B, T-1]: 1 where tokens[t] is a loss token whose predecessor is in its segment
-  (0 where t starts a new segment or is padding)."""
+  (0 where t starts a new segment or is padding). numpy in, numpy out; jax in, jax out."""
   same_segment = segment_ids[:, 1:] == segment_ids[:, :-1]
   return (loss_mask[:, 1:] & same_segment & (segment_ids[:, 1:] > 0)).astype(jnp.float32)
 
