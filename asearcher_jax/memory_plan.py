@@ -135,27 +135,43 @@ def param_elements(arch, mesh: dict[str, int], param_dtype: str = "float32",
   """Parameter elements one device holds under `mesh` (the rules table's sharding), of the
   parameters whose path starts with `under`; raises ShardingError for a tensor the mesh does
   not divide."""
+  return sum(n for name, _, n in _param_shards(arch, mesh, param_dtype) if name.startswith(under))
+
+
+def served_param_bytes(arch, mesh: dict[str, int], param_dtype: str, quantization: str) -> int:
+  """Bytes of the weights one decode device holds: in `param_dtype`, or with
+  `serve.quantization: int8` the matmul weights as int8 plus their float32 scales (counted
+  whole: a scale per output channel is a sliver of its weight)."""
+  from asearcher_jax.models.qwen import QUANTIZED_AXES
+  total = 0
+  for name, shape, n in _param_shards(arch, mesh, param_dtype):
+    if quantization == "int8" and name in QUANTIZED_AXES:
+      kept = math.prod(d for i, d in enumerate(shape) if i not in QUANTIZED_AXES[name])
+      total += n + 4 * kept
+    else:
+      total += n * _itemsize(param_dtype)
+  return total
+
+
+def _param_shards(arch, mesh: dict[str, int], param_dtype: str):
+  """(path, shape, elements one device holds) of every parameter under `mesh`."""
   from flax import nnx
 
   from asearcher_jax.models.pretrained import abstract_model
   fake = types.SimpleNamespace(shape=mesh)
   state = nnx.state(abstract_model(arch, param_dtype=param_dtype), nnx.Param)
-  total = 0
   leaves = jax.tree_util.tree_leaves_with_path(
       state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   for path, var in leaves:
     name = "/".join(str(getattr(k, "key", k)) for k in path)
-    if not name.startswith(under):
-      continue
     axes = var.get_metadata().get("logical_axes")
     shape = var.get_value().shape
     if axes is None:
-      total += math.prod(shape)
+      yield name, shape, math.prod(shape)
       continue
     check_divisible(name, shape, axes, fake)
     ways = math.prod(mesh_size(fake, LOGICAL_RULES[a]) for a in axes if a is not None)
-    total += math.prod(shape) // ways
-  return total
+    yield name, shape, math.prod(shape) // ways
 
 
 def _layer_dims(arch, t: int) -> dict[str, int]:
@@ -255,6 +271,8 @@ def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
   served = serving_param_dtype(dcfg, platform)
   pb, cb = _itemsize(served), _itemsize(m.dtype)
   n = param_elements(arch, mesh, served)
+  weights = served_param_bytes(arch, mesh, served, s.quantization)
+  held = f"int8 and {served}" if s.quantization == "int8" else served
   d = _layer_dims(arch, mesh["tensor"])
   per_token = 2 * arch.num_layers * d["K"] * arch.head_dim * cb  # keys and values, all layers
   T = s.max_len
@@ -262,9 +280,11 @@ def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
   impl = resolve_impl_for(m.attention, platform, m.dtype, arch.head_dim)
   scores = d["N"] * T * T * (8 + cb) if impl != "cudnn" else d["N"] * T * 4
   return Group("decode server", mesh, [
-      Item(f"parameters ({served})", n * pb,
-           "serve in bfloat16 (placement.decode_param_dtype) or split over placement.decode_mesh"),
-      Item("parameters of the next version (while it loads)", n * pb,
+      Item(f"parameters ({held})", weights,
+           "serve in bfloat16 (placement.decode_param_dtype) or int8 (serve.quantization), "
+           "or split over placement.decode_mesh"),
+      # Loaded in float (int8 servers quantize after reading: inference/weights.py).
+      Item(f"parameters of the next version (while it loads, {served})", n * pb,
            "serve in bfloat16 (placement.decode_param_dtype)"),
       # One page pool for the slots and the sessions kept on device, split over kv heads only
       # (inference/engine.py).

@@ -16,7 +16,9 @@ kernel (`--paged-attention pallas`, GPUs and TPUs) should not. On a GPU it also 
 the decode step against the memory roofline ((weights + KV bytes) / HBM
 bandwidth); on a CPU, against the step's measured floor (`step_floor`: its matmuls
 alone plus one read of its KV) and the speedup over `generate` a step at that floor
-would give. Prints a table and writes JSON.
+would give. Weights are held as a decode server holds them (`serving_param_dtype`), and
+`serve.quantization=int8` serves int8 matmul weights (the roofline counts the bytes as
+stored; `generate` keeps the float model). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from asearcher_jax.config import load_config  # noqa: E402
 from asearcher_jax.inference import Driver, Engine, Request, SamplingParams  # noqa: E402
 from asearcher_jax.models import create_model, save_pretrained  # noqa: E402
 from asearcher_jax.models.paged_kv import platform_kernel  # noqa: E402
+from asearcher_jax.placement import serving_param_dtype  # noqa: E402
 from asearcher_jax.sharding import make_mesh  # noqa: E402
 from benchmarks.common import device_figure, run_info, write_result  # noqa: E402
 
@@ -114,11 +117,11 @@ def multi_turn(engine: Engine, turns: int, gen: int, tool: int, rng) -> dict:
 
 
 def mixed_length(model, mesh, batch: int, prompt_len: int, long: int, new_tokens: int,
-                 steps: int, kernel: str, repeats: int, rng) -> dict:
+                 steps: int, kernel: str, quantization: str, repeats: int, rng) -> dict:
   """Decode step time with one `long`-token context among `batch` - 1 short ones, against
   `batch` short ones, on the same engine (so the same compiled programs and pool)."""
   engine = Engine(model, slots=batch, max_len=long + new_tokens + 8, mesh=mesh,
-                  decode_steps=steps, paged_kernel=kernel)
+                  decode_steps=steps, paged_kernel=kernel, quantization=quantization)
   short = rng.integers(0, engine.cfg.vocab_size, (batch, prompt_len)).tolist()
   mixed = [rng.integers(0, engine.cfg.vocab_size, long).tolist()] + short[1:]
   out = {"batch": batch, "long_context": long, "paged_attention": kernel,
@@ -209,9 +212,13 @@ def main(argv=None) -> int:
   arch = cfg.model.arch
   mesh = make_mesh(cfg.mesh.shape())
   kind = jax.devices()[0].device_kind
+  # Weights as a decode server holds them: bfloat16 on accelerators unless the config pins
+  # placement.decode_param_dtype, and int8 matmul weights with serve.quantization=int8.
+  served, quantization = serving_param_dtype(cfg, jax.default_backend()), cfg.serve.quantization
   print(f"device: {len(jax.devices())} x {kind}; model {arch.family} "
-        f"{arch.num_params() / 1e6:.1f}M params, dtype {cfg.model.dtype}")
-  model = create_model(arch, mesh, seed=0, param_dtype=cfg.model.param_dtype,
+        f"{arch.num_params() / 1e6:.1f}M params, dtype {cfg.model.dtype}, weights {served}"
+        f"{', int8 matmul weights' if quantization == 'int8' else ''}")
+  model = create_model(arch, mesh, seed=0, param_dtype=served,
                        dtype=cfg.model.dtype, attention_impl=cfg.model.attention)
   rng = np.random.default_rng(0)
   max_len = args.prompt_len + args.new_tokens + 8
@@ -234,11 +241,11 @@ def main(argv=None) -> int:
     k = cfg.serve.steps_per_dispatch(jax.default_backend())
     other = 8 if k == 1 else 1
     engine = Engine(model, slots=b, max_len=max_len, mesh=mesh, decode_steps=k,
-                    paged_kernel=kernel)
+                    paged_kernel=kernel, quantization=quantization)
     row = {"batch": b, "decode_steps": k,
            "ours": ours(engine, prompts, args.new_tokens, args.repeats)}
     alt = Engine(model, slots=b, max_len=max_len, mesh=mesh, decode_steps=other,
-                 paged_kernel=kernel)
+                 paged_kernel=kernel, quantization=quantization)
     row["ours_other_steps"] = {"decode_steps": other,
                                **ours(alt, prompts, args.new_tokens, args.repeats)}
     blocks, single = ((row["ours"], row["ours_other_steps"]) if k > 1
@@ -280,7 +287,8 @@ def main(argv=None) -> int:
   mt = None
   if args.turns:
     gen, tool = 16, 32
-    mt_engine = Engine(model, slots=1, max_len=64 + args.turns * (gen + tool) + 8, mesh=mesh)
+    mt_engine = Engine(model, slots=1, max_len=64 + args.turns * (gen + tool) + 8, mesh=mesh,
+                       quantization=quantization)
     mt = multi_turn(mt_engine, args.turns, gen, tool, rng)
     print(f"{args.turns}-turn episode: prefilled {mt['session']['prefilled_tokens']} tokens "
           f"with a session vs {mt['full_prefill']['prefilled_tokens']} re-prefilling "
@@ -291,7 +299,7 @@ def main(argv=None) -> int:
     b = max(args.batches)
     mixed = mixed_length(model, mesh, b, args.prompt_len, args.long_context, args.new_tokens,
                          cfg.serve.steps_per_dispatch(jax.default_backend()), kernel,
-                         args.repeats, rng)
+                         quantization, args.repeats, rng)
     print(f"mixed lengths, batch {b}: one {args.long_context}-token context among short ones "
           f"steps in {mixed['one_long']['step_s'] * 1e3:.2f} ms against "
           f"{mixed['short_only']['step_s'] * 1e3:.2f} ms short only (x{mixed['step_ratio']:.2f}, "
@@ -300,6 +308,7 @@ def main(argv=None) -> int:
       "benchmark": "decode", "config": args.config, "overrides": args.overrides,
       **run_info(("jax", "jaxlib", "flax", "torch", "transformers")), "device_kind": kind,
       "num_devices": len(jax.devices()), "params": arch.num_params(),
+      "param_dtype": served, "quantization": quantization,
       "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rows": rows,
       "paged_attention": args.paged_attention, "multi_turn": mt, "mixed_length": mixed}
   if torch_model is not None:

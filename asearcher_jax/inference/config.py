@@ -37,6 +37,13 @@ class ServeSection(Section):
   # longest live one (any platform); "pallas" is the Pallas paged-attention kernel of the GPU or
   # the TPU, which reads each slot's live pages alone (GPUs and TPUs only).
   paged_attention: Literal["xla", "pallas"] = "xla"
+  # "int8": weight-only int8 serving (models/quant.py). Every matmul weight is held as int8 with
+  # a float32 scale per output channel, quantized at load and at every weight swap from the
+  # float weights the learner publishes: a decode step reads half the weight bytes of bfloat16.
+  # The rollouts then come from the int8 policy; the learner's decoupled objective weighs each
+  # token by its recorded sampling log-prob, and logs the train-inference gap it leaves.
+  # "none": float weights (placement.decode_param_dtype).
+  quantization: Literal["none", "int8"] = "none"
   # Tokens every slot generates per device dispatch in steady decode (one device loop, one
   # host sync per block); 1 while requests wait for a slot, so admission is never held back.
   # null: 8 on accelerators; 1 on CPU, where host and "device" share the cores and blocks

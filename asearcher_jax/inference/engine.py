@@ -31,10 +31,11 @@ from jax.sharding import Mesh, NamedSharding
 
 from asearcher_jax.inference.protocol import MAX_TOP_LOGPROBS
 from asearcher_jax.inference.sampling import sample
-from asearcher_jax.models import paged_kv
+from asearcher_jax.models import paged_kv, quant
 from asearcher_jax.models.config import QwenConfig
 from asearcher_jax.models.paged_kv import POOL_AXES, SINK, KVPages, PagedKernel, pages_for
-from asearcher_jax.models.qwen import KVCache, Qwen
+from asearcher_jax.models.params import flat_state, state_like
+from asearcher_jax.models.qwen import QUANTIZED_AXES, KVCache, Qwen
 from asearcher_jax.sharding import LOGICAL_RULES, activation_target, logical_to_spec, make_mesh
 
 
@@ -100,13 +101,15 @@ class Engine:
   def __init__(self, model: Qwen, *, slots: int, max_len: int, mesh: Mesh | None = None,
                min_prefill_bucket: int = 16, cache_dtype=None, decode_steps: int = 1,
                page_size: int = 16, num_pages: int | None = None,
-               paged_kernel: PagedKernel = "xla"):
+               paged_kernel: PagedKernel = "xla", quantization: quant.Quantization = "none"):
     if slots < 1 or max_len < 2:
       raise ValueError(f"need slots >= 1 and max_len >= 2, got {slots}, {max_len}")
     if decode_steps < 1:
       raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
     if page_size < 1:
       raise ValueError(f"page_size must be >= 1, got {page_size}")
+    if quantization not in ("none", "int8"):
+      raise ValueError(f"quantization must be 'none' or 'int8', got {quantization!r}")
     self.page_size = page_size
     self.max_pages = pages_for(max_len, page_size)  # a page-table row: one whole sequence
     self.num_pages = slots * self.max_pages if num_pages is None else num_pages
@@ -119,6 +122,9 @@ class Engine:
     self.mesh = mesh or make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
                                   devices=jax.devices()[:1])
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if quantization == "int8":  # weight swaps quantize in `inference.weights.load_weights`
+      params = state_like(params, quant.quantize_flat(flat_state(params), QUANTIZED_AXES))
+    self.quantization = quantization
     self.params = params
     self.slots = slots
     self.max_len = max_len

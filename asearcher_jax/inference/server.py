@@ -113,7 +113,8 @@ def build_server(cfg: Config, *, progress: bool = True) -> DecodeServer:
   engine = Engine(model, slots=s.slots, max_len=s.max_len, mesh=mesh,
                   min_prefill_bucket=s.min_prefill_bucket,
                   decode_steps=s.steps_per_dispatch(jax.default_backend()),
-                  page_size=s.page_size, num_pages=s.pool_pages(), paged_kernel=kernel)
+                  page_size=s.page_size, num_pages=s.pool_pages(), paged_kernel=kernel,
+                  quantization=s.quantization)
   if s.warmup:
     t0 = time.perf_counter()
     n = engine.warmup()

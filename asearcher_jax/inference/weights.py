@@ -20,16 +20,28 @@ from flax import nnx, traverse_util
 from asearcher_jax import manifest as weight_manifest
 from asearcher_jax.checkpoint import Checkpointer, abstract_like
 from asearcher_jax.errors import CheckpointError
+from asearcher_jax.models import quant
 from asearcher_jax.models.config import QwenConfig
 from asearcher_jax.models.hf_checkpoint import load_hf_params
 from asearcher_jax.models.params import flat_state, state_like
+from asearcher_jax.models.qwen import QUANTIZED_AXES
 from asearcher_jax.models.tokenizer import is_hf_dir
 
 
 def load_weights(template, source: Any, cfg: QwenConfig, *, step: int | None = None,
                  verify: bool = True):
-  """Returns an nnx State like `template` (same shapes, dtypes, shardings) holding `source`."""
+  """Returns an nnx State like `template` (same shapes, dtypes, shardings) holding `source`.
+
+  Where the template holds int8 weights (`serve.quantization`), `source` gives them in float
+  (as every checkpoint and publication does): they are read in the served float dtype (the
+  norms'), then quantized one by one. A checkpoint is read whole first, so loading one takes
+  the float model's memory for a moment (`asearcher plan` counts it)."""
   target = flat_state(template)
+  quantized = {k: v for k, v in target.items() if quant.is_quant(v)}
+  if quantized:
+    dtype = next(v.dtype for v in target.values() if not quant.is_quant(v))
+    target = {k: jax.ShapeDtypeStruct(v.shape, dtype, sharding=v.quant.sharding)
+              if k in quantized else v for k, v in target.items()}
   if isinstance(source, str):
     if not os.path.isdir(source):
       raise CheckpointError(f"{source}: no such directory")
@@ -64,12 +76,17 @@ def load_weights(template, source: Any, cfg: QwenConfig, *, step: int | None = N
     raise CheckpointError(f"weights do not match the served model: missing {missing[:5]}, "
                           f"unexpected {extra[:5]}")
   for k, t in target.items():
+    if quant.is_quant(flat[k]):
+      raise CheckpointError(f"weights: {k} is already int8; load the float weights it came from")
     if tuple(np.shape(flat[k])) != t.shape:
       raise CheckpointError(f"weights: {k} has shape {list(np.shape(flat[k]))}, the served model "
                             f"has {list(t.shape)}")
-  placed = {k: jax.device_put(np.asarray(flat[k]) if not isinstance(flat[k], jax.Array)
-                              else flat[k], target[k].sharding).astype(target[k].dtype)
-            for k in target}
+  placed = {}
+  for k, t in target.items():
+    x = flat[k] if isinstance(flat[k], jax.Array) else np.asarray(flat[k])
+    placed[k] = jax.device_put(x, t.sharding).astype(t.dtype)
+    if k in quantized:
+      placed[k] = quant.quantize_placed(placed[k], QUANTIZED_AXES[k], quantized[k])
   return state_like(template, placed)
 
 

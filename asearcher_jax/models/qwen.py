@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from asearcher_jax.models import paged_kv
+from asearcher_jax.models import paged_kv, quant
 from asearcher_jax.models.attention import RESIDUALS, Segments, attention, make_mask
 from asearcher_jax.models.config import AttentionImpl, QwenConfig, RematPolicy
 from asearcher_jax.models.paged_kv import KVPages, PagedKernel
@@ -55,6 +55,18 @@ class KVCache:
   @property
   def max_len(self) -> int:
     return self.k.shape[2]
+
+
+# The axes each matmul weight contracts, which int8 serving quantizes over (models/quant.py):
+# one scale per output channel. Stacked layer weights count their leading layer axis.
+QUANTIZED_AXES = {
+    "embed": (1,),  # [V, E]: a scale per token row serves the lookup and the tied head alike
+    "lm_head": (0,),  # [E, V]
+    "layers/wqkv": (1,),  # [L, E, K, G + 2, D]
+    "layers/wo": (1, 2),  # [L, N, D, E]
+    "layers/w_gate_up": (1,),  # [L, E, 2, F]
+    "layers/w_down": (1,),  # [L, F, E]
+}
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -131,7 +143,7 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
   """
   dt = x.dtype
   h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-  qkv = jnp.einsum("bte,ekgd->btkgd", h, p["wqkv"])
+  qkv = quant.einsum("bte,ekgd->btkgd", h, p["wqkv"])
   if cfg.qkv_bias:
     qkv = qkv + p["bqkv"]
   q, k, v = split_qkv(qkv)
@@ -161,14 +173,14 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
     k, v = k_all[layer, :, :window].astype(dt), v_all[layer, :, :window].astype(dt)
   if o is None:
     o = attention(q, k, v, mask, impl, mesh)
-  attn_out = jnp.einsum("bthd,hde->bte", o, p["wo"])
+  attn_out = quant.einsum("bthd,hde->bte", o, p["wo"])
   if cfg.o_bias:
     attn_out = attn_out + p["bo"]
   x = constrain(x + attn_out, ("batch", "seq", "act_embed"))
   h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-  gate_up = jnp.einsum("bte,ecf->btcf", h, p["w_gate_up"])
+  gate_up = quant.einsum("bte,ecf->btcf", h, p["w_gate_up"])
   act = constrain(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], ("batch", "seq", "act_mlp"))
-  x = constrain(x + jnp.einsum("btf,fe->bte", act, p["w_down"]), ("batch", "seq", "act_embed"))
+  x = constrain(x + quant.einsum("btf,fe->bte", act, p["w_down"]), ("batch", "seq", "act_embed"))
   return x, new_cache
 
 
@@ -224,13 +236,15 @@ class Qwen(nnx.Module):
                                 else cache.max_len)
       slots = jnp.broadcast_to(jnp.arange(kv_window, dtype=jnp.int32), (b, kv_window))
       mask = make_mask(positions, slots)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    x = quant.take_rows(self.embed.get_value(), tokens, self.dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))
     cos, sin = rope_tables(cfg, positions)
     # cast to the compute dtype once, outside the layer loop: under remat the backward pass
-    # would otherwise cast every layer's weights again (a no-op when they are served in it)
-    layer_params = jax.tree.map(lambda a: a.astype(self.dtype),
-                                nnx.to_pure_dict(nnx.state(self.layers, nnx.Param)))
+    # would otherwise cast every layer's weights again (a no-op when they are served in it).
+    # int8 weights stay int8 until their matmul (models/quant.py).
+    layer_params = jax.tree.map(
+        lambda a: a if quant.is_quant(a) else a.astype(self.dtype),
+        nnx.to_pure_dict(nnx.state(self.layers, nnx.Param)), is_leaf=quant.is_quant)
 
     if cache is None:
       def body(x, p):
@@ -255,16 +269,17 @@ class Qwen(nnx.Module):
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     return x, cache
 
-  def head(self) -> jax.Array:
+  def head(self) -> jax.Array | quant.QuantArray:
     """The LM head [E, V] (the embedding's transpose when tied), in the parameter dtype."""
-    return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    return self.embed.get_value().T if self.cfg.tie_embeddings else self.lm_head.get_value()
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """float32 logits [B, T, V] (decoding); the head accumulates in float32 for exact
     log-probs. Training reads target log-probs through `models.lm_head.token_scores` instead,
     which never holds all of them."""
-    out = jnp.einsum("bte,ev->btv", hidden, self.head().astype(hidden.dtype),
-                     preferred_element_type=jnp.float32)
+    head = self.head()
+    head = head if quant.is_quant(head) else head.astype(hidden.dtype)
+    out = quant.einsum("bte,ev->btv", hidden, head, preferred_element_type=jnp.float32)
     return constrain(out, ("batch", "seq", "act_vocab"))
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
