@@ -18,7 +18,9 @@ bandwidth); on a CPU, against the step's measured floor (`step_floor`: its matmu
 alone plus one read of its KV) and the speedup over `generate` a step at that floor
 would give. Weights are held as a decode server holds them (`serving_param_dtype`), and
 `serve.quantization=int8` serves int8 matmul weights (the roofline counts the bytes as
-stored; `generate` keeps the float model). Prints a table and writes JSON.
+stored; `generate` keeps the float model). The last batch's step is then profiled: its
+device time and the split into matmul, attention, sampling and other
+(benchmarks/device_profile.py). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from asearcher_jax.models import create_model, save_pretrained  # noqa: E402
 from asearcher_jax.models.paged_kv import platform_kernel  # noqa: E402
 from asearcher_jax.placement import serving_param_dtype  # noqa: E402
 from asearcher_jax.sharding import make_mesh  # noqa: E402
+from benchmarks import device_profile  # noqa: E402
 from benchmarks.common import device_figure, run_info, write_result  # noqa: E402
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "TPU v5p": 2.76e12,
@@ -145,6 +148,27 @@ def roofline(engine: Engine, batch: int, context: int) -> dict | None:
           "hbm_bytes_per_s": bw}
 
 
+def profile_step(engine: Engine, prompts: list[list[int]], steps: int = 16) -> dict:
+  """`generate` with every slot live, under the profiler: the step's device time and its split
+  (matmul, attention, sampling, other; benchmarks/device_profile.py)."""
+  b = len(prompts)
+  zeros = np.zeros((2,), np.uint32)
+  prefix = engine.prefill_batch(engine.params, prompts, [0.0] * b, [0] * b, [1.0] * b, [zeros] * b)
+  box = [engine.insert(prefix, engine.init_decode_state(), list(range(b)))]
+  window = engine.bucket(min(len(prompts[0]) + 2 * steps, engine.max_len))
+  programs = engine._programs  # the jitted step itself: its optimized HLO names the ops
+  text = type(programs).generate.lower(programs, engine.params, box[0], window, 0).compile() \
+      .as_text()
+
+  def run():
+    for _ in range(steps):
+      box[0], _ = engine.generate(engine.params, box[0], window)
+    return box[0]
+
+  jax.block_until_ready(run())  # compiled and warm
+  return {"window": window, **device_profile.op_split(run, text, steps)}
+
+
 def _timed(f, *args, repeats: int = 7, n: int = 50) -> float:
   """Median seconds a call over `repeats` rounds of `n` calls, after one that compiles."""
   jax.block_until_ready(f(*args))
@@ -205,6 +229,8 @@ def main(argv=None) -> int:
                  help="the long context of the mixed-length workload (0 skips it)")
   p.add_argument("--paged-attention", choices=["xla", "pallas"], default="xla",
                  help="decode attention over the KV pages (pallas: the GPU or TPU kernel)")
+  p.add_argument("--no-profile", action="store_true",
+                 help="skip the profile of the step at the last batch")
   p.add_argument("--results", help="JSON output (default: benchmarks/results/...)")
   p.add_argument("overrides", nargs="*")
   args = p.parse_args(argv)
@@ -284,6 +310,11 @@ def main(argv=None) -> int:
           f"tok/s, ttft "
           f"{row['ours']['ttft_s'] * 1e3:7.1f} ms{hf_part}{rf_part}", flush=True)
 
+  profile = None
+  if not args.no_profile:  # the last batch's engine, every slot at the prompt's length
+    profile = profile_step(engine, prompts[:engine.slots])
+    print(f"profile, batch {engine.slots}, window {profile['window']}: "
+          f"{device_profile.describe(profile)}")
   mt = None
   if args.turns:
     gen, tool = 16, 32
@@ -310,7 +341,8 @@ def main(argv=None) -> int:
       "num_devices": len(jax.devices()), "params": arch.num_params(),
       "param_dtype": served, "quantization": quantization,
       "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rows": rows,
-      "paged_attention": args.paged_attention, "multi_turn": mt, "mixed_length": mixed}
+      "paged_attention": args.paged_attention, "profile": profile, "multi_turn": mt,
+      "mixed_length": mixed}
   if torch_model is not None:
     import torch
     result["torch_threads"] = torch.get_num_threads()

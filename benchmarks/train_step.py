@@ -41,6 +41,7 @@ from asearcher_jax.models.config import QwenConfig  # noqa: E402
 from asearcher_jax.sharding import describe, make_mesh  # noqa: E402
 from asearcher_jax.train.lm import PackedBatch, loss_positions, make_sft_step  # noqa: E402
 from asearcher_jax.train.optimizer import make_optimizer  # noqa: E402
+from benchmarks import device_profile  # noqa: E402
 from benchmarks.common import device_figure, run_info, write_result  # noqa: E402
 
 # Dense bf16 peak TFLOP/s per device (vendor figures, no sparsity).
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
   p.add_argument("--loss-share", type=float, default=0.0,
                  help="also time the step with the loss on this share of the tokens and the "
                       "LM head on those positions alone, side by side with the whole row")
+  p.add_argument("--no-profile", action="store_true", help="skip the profile of the step")
   p.add_argument("overrides", nargs="*")
   args = p.parse_args(argv)
 
@@ -140,6 +142,14 @@ def main(argv=None) -> int:
     compile_s, times, metrics = timed(batch)
     compile_s = time.perf_counter() - t0 - sum(times)  # the compile and the warmup steps
     peak_bytes = (devices[0].memory_stats() or {}).get("peak_bytes_in_use")
+    profile = None
+    if not args.no_profile:  # three more steps under the profiler: where the device time goes
+      def three_steps():
+        nonlocal params, opt_state
+        for _ in range(3):
+          params, opt_state, m = step(params, opt_state, batch)
+        return m
+      profile = device_profile.op_split(three_steps, step.as_text(), 3)
     packed = None
     if args.episodes:  # the same tokens, packed: one compiled program, other masks
       _, packed_times, _ = timed(jax.device_put(PackedBatch(
@@ -186,7 +196,7 @@ def main(argv=None) -> int:
       "tokens_per_s_per_device": round(tok_s / len(devices), 1),
       "model_tflops_per_s": round(achieved, 4), "peak_tflops_per_device": peak,
       "mfu": None if mfu is None else round(mfu, 4), "final_loss": float(metrics["loss"]),
-      "packed": packed, "loss_positions": selected,
+      "packed": packed, "loss_positions": selected, "profile": profile,
       "xla_temp_bytes": memory.temp_size_in_bytes,
       "xla_argument_bytes": memory.argument_size_in_bytes,
       "peak_device_bytes": peak_bytes,
@@ -198,6 +208,8 @@ def main(argv=None) -> int:
   print(f"memory: XLA temporaries {memory.temp_size_in_bytes / 2**30:.3f} GiB + arguments "
         f"{memory.argument_size_in_bytes / 2**30:.3f} GiB; device peak "
         + ("n/a" if peak_bytes is None else f"{peak_bytes / 2**30:.3f} GiB"))
+  if profile:
+    print(f"profile: {device_profile.describe(profile)}")
   if packed:
     print(f"{args.episodes} packed episodes in the same {args.seq_len} tokens: step "
           f"{packed['step_s_median'] * 1e3:.1f} ms, {packed['vs_one_sequence']:.2f}x one causal "

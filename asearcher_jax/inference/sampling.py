@@ -105,6 +105,7 @@ def inverse_cdf(weights: jax.Array, target: jax.Array) -> jax.Array:
   return block * _BLOCK + _last_true((inner_before <= rest[:, None]) & (inner > 0))
 
 
+@jax.named_scope("sampling")  # a profile's sampling share (benchmarks/device_profile.py)
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array, top_n: int = 0) -> Draw:
   """Draws one token per row, with its log-probability and (static `top_n` > 0) the `top_n`

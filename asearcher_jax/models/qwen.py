@@ -152,27 +152,30 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: ja
     k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
   q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", "head_dim"))
   k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", "head_dim"))
-  new_cache, o = None, None
-  if cache is not None and cache[4] is not None:  # paged: write through the page table
-    k_all, v_all, layer, window, table, kernel = cache
-    k_all = paged_kv.write(k_all, layer, table, positions, k)
-    v_all = paged_kv.write(v_all, layer, table, positions, v)
-    new_cache = (k_all, v_all)
-    if q.shape[1] == 1:  # decoding: straight over the pages
-      o = paged_kv.decode_attention(q, k_all, v_all, layer, table, positions[:, 0] + 1, window,
-                                    kernel, mesh)
-    else:
-      k = paged_kv.gather(k_all, layer, table, window).astype(dt)
-      v = paged_kv.gather(v_all, layer, table, window).astype(dt)
-  elif cache is not None:  # write this call's keys/values at their positions, attend to all
-    k_all, v_all, layer, window = cache[:4]
-    rows = jnp.arange(x.shape[0])[:, None]
-    k_all = k_all.at[layer, rows, positions].set(k.astype(k_all.dtype), mode="drop")
-    v_all = v_all.at[layer, rows, positions].set(v.astype(v_all.dtype), mode="drop")
-    new_cache = (k_all, v_all)
-    k, v = k_all[layer, :, :window].astype(dt), v_all[layer, :, :window].astype(dt)
-  if o is None:
-    o = attention(q, k, v, mask, impl, mesh)
+  # The scope files attention's ops, KV cache reads and writes included, apart in a profile
+  # (benchmarks/device_profile.py); it changes nothing computed.
+  with jax.named_scope("attention"):
+    new_cache, o = None, None
+    if cache is not None and cache[4] is not None:  # paged: write through the page table
+      k_all, v_all, layer, window, table, kernel = cache
+      k_all = paged_kv.write(k_all, layer, table, positions, k)
+      v_all = paged_kv.write(v_all, layer, table, positions, v)
+      new_cache = (k_all, v_all)
+      if q.shape[1] == 1:  # decoding: straight over the pages
+        o = paged_kv.decode_attention(q, k_all, v_all, layer, table, positions[:, 0] + 1, window,
+                                      kernel, mesh)
+      else:
+        k = paged_kv.gather(k_all, layer, table, window).astype(dt)
+        v = paged_kv.gather(v_all, layer, table, window).astype(dt)
+    elif cache is not None:  # write this call's keys/values at their positions, attend to all
+      k_all, v_all, layer, window = cache[:4]
+      rows = jnp.arange(x.shape[0])[:, None]
+      k_all = k_all.at[layer, rows, positions].set(k.astype(k_all.dtype), mode="drop")
+      v_all = v_all.at[layer, rows, positions].set(v.astype(v_all.dtype), mode="drop")
+      new_cache = (k_all, v_all)
+      k, v = k_all[layer, :, :window].astype(dt), v_all[layer, :, :window].astype(dt)
+    if o is None:
+      o = attention(q, k, v, mask, impl, mesh)
   attn_out = quant.einsum("bthd,hde->bte", o, p["wo"])
   if cfg.o_bias:
     attn_out = attn_out + p["bo"]
