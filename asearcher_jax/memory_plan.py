@@ -138,19 +138,21 @@ def param_elements(arch, mesh: dict[str, int], param_dtype: str = "float32",
   return sum(n for name, _, n in _param_shards(arch, mesh, param_dtype) if name.startswith(under))
 
 
-def served_param_bytes(arch, mesh: dict[str, int], param_dtype: str, quantization: str) -> int:
-  """Bytes of the weights one decode device holds: in `param_dtype`, or with
-  `serve.quantization: int8` the matmul weights as int8 plus their float32 scales (counted
-  whole: a scale per output channel is a sliver of its weight)."""
+def served_param_bytes(arch, mesh: dict[str, int], param_dtype: str, quantization: str
+                       ) -> tuple[int, int]:
+  """Bytes of the weights one decode device holds, and of the largest one in float32: in
+  `param_dtype`, or with `serve.quantization: int8` the matmul weights as int8 plus their
+  float32 scales (counted whole: a scale per output channel is a sliver of its weight)."""
   from asearcher_jax.models.qwen import QUANTIZED_AXES
-  total = 0
+  total, largest = 0, 0
   for name, shape, n in _param_shards(arch, mesh, param_dtype):
+    largest = max(largest, 4 * n)
     if quantization == "int8" and name in QUANTIZED_AXES:
       kept = math.prod(d for i, d in enumerate(shape) if i not in QUANTIZED_AXES[name])
       total += n + 4 * kept
     else:
       total += n * _itemsize(param_dtype)
-  return total
+  return total, largest
 
 
 def _param_shards(arch, mesh: dict[str, int], param_dtype: str):
@@ -271,7 +273,7 @@ def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
   served = serving_param_dtype(dcfg, platform)
   pb, cb = _itemsize(served), _itemsize(m.dtype)
   n = param_elements(arch, mesh, served)
-  weights = served_param_bytes(arch, mesh, served, s.quantization)
+  weights, largest = served_param_bytes(arch, mesh, served, s.quantization)
   held = f"int8 and {served}" if s.quantization == "int8" else served
   d = _layer_dims(arch, mesh["tensor"])
   per_token = 2 * arch.num_layers * d["K"] * arch.head_dim * cb  # keys and values, all layers
@@ -283,8 +285,10 @@ def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
       Item(f"parameters ({held})", weights,
            "serve in bfloat16 (placement.decode_param_dtype) or int8 (serve.quantization), "
            "or split over placement.decode_mesh"),
-      # Loaded in float (int8 servers quantize after reading: inference/weights.py).
-      Item(f"parameters of the next version (while it loads, {served})", n * pb,
+      # Loaded in float; an int8 server then quantizes it weight by weight, each through a
+      # float32 copy, beside the float model (inference/weights.py).
+      Item(f"parameters of the next version (while it loads, {served})",
+           n * pb + (weights + largest if s.quantization == "int8" else 0),
            "serve in bfloat16 (placement.decode_param_dtype)"),
       # One page pool for the slots and the sessions kept on device, split over kv heads only
       # (inference/engine.py).

@@ -5,15 +5,19 @@
 # a GPU (or TPU) host:
 #   bash benchmarks/accelerator.sh [results_dir]
 # Each step's log and JSON go to results_dir (default benchmarks/results); a failing step
-# does not stop the later ones, and the exit status counts the failures. A lent machine's
-# time is short: no step starts after DEADLINE_S seconds (default 330), a running one is
-# stopped at DEADLINE_S + GRACE_S (default 120), and with BUNDLE=1 everything is also packed
-# into results_dir/accelerator.tgz at the end (a lease returns only a few files).
+# does not stop the later ones, and the exit status counts the failures.
+# On a machine lent for minutes: with DEADLINE_S set, no step starts after DEADLINE_S seconds
+# and a running one is stopped at DEADLINE_S + GRACE_S (default 60), so a pass takes at most
+# DEADLINE_S + GRACE_S + 20 s (DEADLINE_S=240: 320 s, a pass and its rerun inside a 15-minute
+# lease with the machine's start); BUNDLE=1 packs this run's logs and JSON into
+# results_dir/accelerator.tgz (a lease returns only a few files).
 set -uo pipefail
 OUT_DIR=${1:-benchmarks/results}
-DEADLINE_S=${DEADLINE_S:-330}
-GRACE_S=${GRACE_S:-120}
+DEADLINE_S=${DEADLINE_S:-0}
+GRACE_S=${GRACE_S:-60}
+[ "$DEADLINE_S" -gt 0 ] || DEADLINE_S=$((10 ** 9))  # none
 mkdir -p "$OUT_DIR"
+stamp=$(mktemp)  # what this run writes is newer
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 failures=0
@@ -35,8 +39,10 @@ step() {  # step NAME COMMAND...: run under the deadline, tee the log, count a f
 finish() {
   echo "failures: $failures; skipped at the deadline: ${skipped[*]:-none}"
   if [ "${BUNDLE:-0}" = 1 ]; then
-    (cd "$OUT_DIR" && tar czf accelerator.tgz --exclude accelerator.tgz -- *.log *.json 2>/dev/null)
+    (cd "$OUT_DIR" && find . -maxdepth 1 -newer "$stamp" \( -name '*.log' -o -name '*.json' \) \
+      -print0 | tar czf accelerator.tgz --null -T -)
   fi
+  rm -f "$stamp"
 }
 trap finish EXIT
 

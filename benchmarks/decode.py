@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     if rf:
       rf["fraction_of_roofline"] = rf["roofline_step_s"] / row["ours"]["step_s"]
       row["roofline"] = rf
-    else:  # no bandwidth figure for this device (CPUs): the step's measured floor instead
+    elif quantization == "none":  # no bandwidth figure (CPUs): the float step's measured floor
       fl = step_floor(model, b, args.prompt_len + args.new_tokens // 2)
       fl["step_over_floor"] = row["ours"]["step_s"] / fl["floor_step_s"]
       if "transformers" in row:  # our prefill as measured, then every step at the floor
@@ -295,9 +295,10 @@ def main(argv=None) -> int:
     hf_part = (f" | transformers {row['transformers']['tokens_per_s']:9.1f} tok/s, ttft "
                f"{row['transformers']['ttft_s'] * 1e3:7.1f} ms | x{row['speedup']:.2f}"
                if "transformers" in row else "")
+    rf_part = ""
     if rf:
       rf_part = f" | {100 * rf['fraction_of_roofline']:.0f}% of HBM roofline"
-    else:
+    elif "floor" in row:
       fl = row["floor"]
       rf_part = (f" | step {row['ours']['step_s'] * 1e3:.2f} ms, {fl['step_over_floor']:.1f}x its "
                  f"floor {fl['floor_step_s'] * 1e3:.2f} ms")

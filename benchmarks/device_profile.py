@@ -29,8 +29,8 @@ SCOPES = ("attention", "sampling")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"(?<![\w\[])([a-z][\w\-]*)\(")
-_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition)=%?([\w.\-]+)"
-                    r"|\bbranch_computations=\{([^}]*)\}")
+_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)"
+                    r"=%?([\w.\-]+)|\b(?:branch|called)_computations=\{([^}]*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _GEMM = re.compile(r"gemm|matmul|cublas|dot", re.IGNORECASE)
@@ -123,7 +123,8 @@ def _own(op: str, op_name: str, target: str) -> tuple[set[str], bool]:
 
 def op_split(run: Callable[[], object], hlo_text: str, calls: int, top: int = 8) -> dict:
   """Runs `run` (which makes `calls` calls of the compiled program `hlo_text` describes) under
-  the profiler; returns the program's device time per call and its split by category."""
+  the profiler; returns the program's device time per call (one device's, averaged over the
+  devices that ran it) and its split by category."""
   module = module_name(hlo_text)
   categories, inside = _parse(hlo_text)
   with tempfile.TemporaryDirectory() as d:
@@ -133,25 +134,33 @@ def op_split(run: Callable[[], object], hlo_text: str, calls: int, top: int = 8)
     with gzip.open(path) as f:
       trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  # An accelerator's ops are its device processes' events (one process per device); a CPU's
+  # run on host threads, in the one process there is.
+  devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+             and "/device:" in str((e.get("args") or {}).get("name", ""))}
   per_op: dict[str, float] = collections.defaultdict(float)
+  ran_on = set()
   for e in events:
     args = e.get("args") or {}
-    if e.get("ph") == "X" and "hlo_op" in args and _same_module(args.get("hlo_module", ""),
-                                                                module):
+    if (e.get("ph") == "X" and "hlo_op" in args and (not devices or e.get("pid") in devices)
+        and _same_module(args.get("hlo_module", ""), module)):
       per_op[args["hlo_op"]] += e.get("dur", 0) * 1e-6  # microseconds
+      ran_on.add(e.get("pid"))
   # A loop whose own ops were traced (CPU thunks) would count twice; one traced only as a
   # whole keeps its time, filed under "other".
   for loop, ops in inside.items():
     if loop in per_op and ops & per_op.keys():
       del per_op[loop]
-  total = sum(per_op.values())
-  if not total:
+  if not per_op:
     raise RuntimeError(f"the profile holds no op of {module}")
+  n = len(ran_on)  # devices that ran it: the times below are one device's, on average
+  per_op = {op: t / n for op, t in per_op.items()}
+  total = sum(per_op.values())
   by = collections.Counter()
   for op, s in per_op.items():
     by[categories.get(op, "other")] += s
   return {
-      "module": module, "calls": calls, "device_s_per_call": total / calls,
+      "module": module, "calls": calls, "devices": n, "device_s_per_call": total / calls,
       "split": {c: round(by[c] / total, 4) for c in CATEGORIES},
       "unmatched_ops": sorted(op for op in per_op if op not in categories),
       "top_ops": [{"op": op, "category": categories.get(op, "other"), "s_per_call": s / calls}

@@ -143,14 +143,11 @@ def test_an_int8_engine_decodes_as_the_float_model_of_its_dequantized_weights(cf
                                atol=1e-4)
 
 
-def test_int8_weights_hold_a_quarter_of_float32s_bytes_and_the_plan_counts_them():
+def test_the_plan_counts_the_bytes_an_int8_server_holds():
   from asearcher_jax.memory_plan import plan
   cfg = load_config(os.path.join(ROOT, "configs", "debug.yaml"), ["serve.quantization=int8"])
   model = create_model(cfg.model.arch, MESH, seed=0, dtype="float32")
   engine = Engine(model, slots=2, max_len=64, mesh=MESH, quantization="int8")
-  floats, held = flat_state(nnx.state(model, nnx.Param)), flat_state(engine.params)
-  for k in QUANTIZED_AXES.keys() & held.keys():
-    assert 4 * held[k].quant.nbytes == floats[k].nbytes, k
   items = {i.name: i.bytes for i in plan(cfg, devices=1, platform="cpu").groups[-1].items}
   assert items["parameters (int8 and float32)"] == sum(
       x.nbytes for x in jax.tree.leaves(engine.params))

@@ -34,8 +34,9 @@ def load_weights(template, source: Any, cfg: QwenConfig, *, step: int | None = N
 
   Where the template holds int8 weights (`serve.quantization`), `source` gives them in float
   (as every checkpoint and publication does): they are read in the served float dtype (the
-  norms'), then quantized one by one. A checkpoint is read whole first, so loading one takes
-  the float model's memory for a moment (`asearcher plan` counts it)."""
+  norms'), then quantized one by one. A checkpoint is read whole first, so a load holds the
+  float model and the new int8 one beside the served weights for a moment (`asearcher plan`
+  counts both)."""
   target = flat_state(template)
   quantized = {k: v for k, v in target.items() if quant.is_quant(v)}
   if quantized:
@@ -81,9 +82,10 @@ def load_weights(template, source: Any, cfg: QwenConfig, *, step: int | None = N
     if tuple(np.shape(flat[k])) != t.shape:
       raise CheckpointError(f"weights: {k} has shape {list(np.shape(flat[k]))}, the served model "
                             f"has {list(t.shape)}")
-  placed = {}
+  placed, flat = {}, dict(flat)  # entries leave `flat` as they are placed, so ours free
   for k, t in target.items():
-    x = flat[k] if isinstance(flat[k], jax.Array) else np.asarray(flat[k])
+    x = flat.pop(k)
+    x = x if isinstance(x, jax.Array) else np.asarray(x)
     placed[k] = jax.device_put(x, t.sharding).astype(t.dtype)
     if k in quantized:
       placed[k] = quant.quantize_placed(placed[k], QUANTIZED_AXES[k], quantized[k])
