@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from asearcher_jax.models import paged_kv, quant
 from asearcher_jax.models.attention import RESIDUALS, Segments, attention, make_mask
+from asearcher_jax.models.chunking import accumulation_dtype
 from asearcher_jax.models.config import AttentionImpl, QwenConfig, RematPolicy
 from asearcher_jax.models.paged_kv import KVPages, PagedKernel
 from asearcher_jax.models.rope import apply_rope, rope_tables
@@ -70,8 +71,9 @@ QUANTIZED_AXES = {
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  """HF-exact RMSNorm: normalise in float32, cast back, then scale."""
-  x32 = x.astype(jnp.float32)
+  """HF-exact RMSNorm: normalise in float32 (float64 for float64 x, which tests compare in),
+  cast back, then scale."""
+  x32 = x.astype(accumulation_dtype(x.dtype))
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
   return scale.astype(x.dtype) * y.astype(x.dtype)
 
