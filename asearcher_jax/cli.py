@@ -110,14 +110,16 @@ def cmd_generate(args) -> int:
     text = tok.apply_chat_template([{"role": "user", "content": text}])
   ids = tok.encode(text)
   stop = tuple(i for i in (tok.eos_id,) if i is not None)
-  engine = Engine(model, slots=1, max_len=len(ids) + args.max_new_tokens + 1)
+  engine = Engine(model, slots=1, max_len=len(ids) + args.max_new_tokens + 1,
+                  quantization=args.quantization)
   start = time.time()
   with Driver(engine, tokenizer=tok) as driver:
     out = driver.generate(ids, SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens,
                                               stop_token_ids=stop)).output_ids
   elapsed = time.time() - start
   print(f"prompt ({len(ids)} tokens): {text!r}")
-  print(f"completion ({len(out)} tokens, {len(out) / elapsed:.1f} tok/s incl. compile): "
+  weights = f"{args.dtype}" + (", int8 matmul weights" if args.quantization == "int8" else "")
+  print(f"completion ({len(out)} tokens, {weights}, {len(out) / elapsed:.1f} tok/s incl. compile): "
         f"{tok.decode(out)!r} ids={out}")
   return 0
 
@@ -340,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
   p.add_argument("--max-new-tokens", type=int, default=32)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--quantization", default="none", choices=["none", "int8"],
+                 help="int8: weight-only int8 matmul weights, as serve.quantization")
   p.set_defaults(fn=cmd_generate)
 
   p = sub.add_parser("eval", help=cmd_eval.__doc__)

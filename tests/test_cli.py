@@ -42,8 +42,10 @@ def test_init_convert_round_trip_and_generate(tmp_path):
     np.testing.assert_array_equal(np.asarray(value), np.asarray(original[name]), err_msg=name)
   assert tok.eos_id == 258
 
-  gen = asearcher("generate", str(back), "--chat", "--prompt", "hello", "--max-new-tokens", "4")
-  n = int(re.search(r"completion \((\d+) tokens", gen.stdout).group(1))
+  gen = asearcher("generate", str(back), "--chat", "--prompt", "hello", "--max-new-tokens", "4",
+                  "--quantization", "int8")
+  n = int(re.search(r"completion \((\d+) tokens, float32, int8 matmul weights",
+                    gen.stdout).group(1))
   assert 1 <= n <= 4  # a random model may emit <|im_end|> early
 
 
