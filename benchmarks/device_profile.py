@@ -7,7 +7,7 @@ thunks alike) and files each op under a category read from the program's optimiz
   `jax.named_scope("attention")` (models/qwen.py: attention with its KV cache reads and
   writes) or `jax.named_scope("sampling")` (inference/sampling.py);
 - matmul: otherwise, the op is or contains a dot, a convolution or a GEMM custom call;
-- other: the rest (norms, RoPE, casts, cache writes, optimizer updates, copies).
+- other: the rest (norms, RoPE, casts, weight slices, optimizer updates, copies).
 """
 
 from __future__ import annotations
