@@ -42,7 +42,6 @@ class QuantArray:
   scale: jax.Array
 
   shape = property(lambda self: self.quant.shape)
-  ndim = property(lambda self: self.quant.ndim)
 
   @property
   def T(self) -> QuantArray:  # noqa: N802 -- as jax.Array.T: the tied LM head is embed.T
@@ -110,8 +109,7 @@ def quantize_placed(w: jax.Array, contracted: Sequence[int],
   return jax.jit(quantize, static_argnums=1, out_shardings=out)(w, contracted)
 
 
-def quantize_flat(flat: dict, axes: dict[str, tuple[int, ...]], like: dict | None = None) -> dict:
+def quantize_flat(flat: dict, axes: dict[str, tuple[int, ...]]) -> dict:
   """{"a/b": weight} with the weights `axes` names quantized over their contracted axes (the
-  rest as they are), each laid out as `like`'s when given."""
-  return {k: quantize_placed(v, axes[k], None if like is None else like[k]) if k in axes else v
-          for k, v in flat.items()}
+  rest as they are)."""
+  return {k: quantize_placed(v, axes[k]) if k in axes else v for k, v in flat.items()}
