@@ -103,14 +103,15 @@ def _parse(hlo_text: str) -> tuple[dict[str, str], dict[str, set[str]]]:
   out = {}
   for comp, insts in comps.items():
     for name, op, op_name, calls, target in insts:
+      if op in _CONTROL:  # what a loop's own event holds is its ops' time, filed under them
+        inside[name] = set().union(*(names(c, set()) for c in calls))
+        out[name] = "other"
+        continue
       scopes, matmul = _own(op, op_name, target)
       for c in calls:
         cs, cm = contents(c)
         scopes |= cs
         matmul |= cm
-      if op in _CONTROL:
-        inside[name] = set().union(*(names(c, set()) for c in calls))
-        scopes, matmul = set(), False  # what a loop's own event holds is its ops' time
       out[name] = next((s for s in SCOPES if s in scopes), "matmul" if matmul else "other")
   return out, inside
 
