@@ -83,6 +83,27 @@ def test_the_pallas_kernels_are_planned_like_blockwise_attention():
   assert acts["pallas"] == acts["splash"] == acts["blockwise"] < acts["xla"]
 
 
+def test_auto_attention_takes_each_platforms_kernel_and_tpu_rows_hold_no_scores():
+  """`auto`: cuDNN on GPUs (bf16), splash on TPUs, blockwise on CPUs; so the TPU configs'
+  learner plans 16k-token rows with no [T, T] scores, a fifth of XLA's activations."""
+  from asearcher_jax.models.attention import resolve_impl_for
+  assert resolve_impl_for("auto", "gpu", "bfloat16", 128) == "cudnn"
+  assert resolve_impl_for("auto", "gpu", "float32", 128) == "xla"
+  assert resolve_impl_for("auto", "tpu", "bfloat16", 128) == "splash"
+  assert resolve_impl_for("auto", "tpu", "bfloat16", 64) == "splash"
+  assert resolve_impl_for("auto", "cpu", "float32", 32) == "blockwise"
+  assert resolve_impl_for("xla", "tpu", "bfloat16", 128) == "xla"
+  path = os.path.join(ROOT, "configs", "qwen2.5-14b-v5p.yaml")
+  acts = {}
+  for impl in ("auto", "xla"):
+    learner = plan(load_config(path, [f"model.attention={impl}", "model.remat=full"]),
+                   platform="tpu").groups[0]
+    acts[impl] = next((i.name, i.bytes) for i in learner.items
+                      if i.name.startswith("activations"))
+  assert "attention splash" in acts["auto"][0] and "attention xla" in acts["xla"][0]
+  assert acts["auto"][1] < acts["xla"][1] / 5
+
+
 @pytest.mark.parametrize("remat,attention,dtype", [
     ("none", "xla", "float32"), ("full", "xla", "float32"), ("none", "blockwise", "float32"),
     ("full", "blockwise", "bfloat16"), ("attention", "blockwise", "float32"),

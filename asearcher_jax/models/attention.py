@@ -50,11 +50,14 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
 
 def resolve_impl(impl: AttentionImpl, q: jax.Array) -> AttentionImpl:
   """`auto`: cuDNN's fused kernel on GPUs where it applies (bf16/fp16, head_dim a multiple of 8
-  up to 128), blockwise attention on CPUs, else XLA. jax's own default is XLA everywhere,
-  which on an H200 trains the 1.5B shape at 24% MFU against cuDNN's 37%
-  (benchmarks/results/train_step_*H200*); on 2 CPU cores blockwise trains the debug model
+  up to 128), splash attention on TPUs, blockwise attention on CPUs, else XLA. jax's own
+  default is XLA everywhere, which on an H200 trains the 1.5B shape at 24% MFU against cuDNN's
+  37% (benchmarks/results/train_step_*H200*); on 2 CPU cores blockwise trains the debug model
   1.3x as fast as XLA at 4 x 640 tokens and 2x at one 3,450-token row
-  (benchmarks/results/train_step_cpu_debug_*)."""
+  (benchmarks/results/train_step_cpu_debug_*). On TPUs splash is MaxText's choice too
+  (`attention: autoselected`); XLA's [T, T] scores would hold a v5p's memory for one
+  16k-token row (`asearcher plan`: 44 of 79 GiB of activations for the 14B config, 8.7 with
+  splash)."""
   return resolve_impl_for(impl, jax.default_backend(), jnp.dtype(q.dtype).name, q.shape[-1])
 
 
@@ -66,6 +69,8 @@ def resolve_impl_for(impl: AttentionImpl, platform: str, dtype: str, head_dim: i
   if platform == "gpu" and dtype in ("bfloat16", "float16") and head_dim % 8 == 0 \
       and head_dim <= 128:
     return "cudnn"
+  if platform == "tpu":
+    return "splash"
   if platform == "cpu":
     return "blockwise"
   return "xla"
