@@ -279,7 +279,10 @@ def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
   per_token = 2 * arch.num_layers * d["K"] * arch.head_dim * cb  # keys and values, all layers
   T = s.max_len
   pages = s.pool_pages() + 1  # and the sink
+  # A prefill attends through its KV cache's mask, which the training kernels leave to XLA
+  # (models/attention.py).
   impl = resolve_impl_for(m.attention, platform, m.dtype, arch.head_dim)
+  impl = "xla" if impl in KEPT_KERNELS else impl
   scores = d["N"] * T * T * (8 + cb) if impl != "cudnn" else d["N"] * T * 4
   return Group("decode server", mesh, [
       Item(f"parameters ({held})", weights,

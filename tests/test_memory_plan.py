@@ -94,14 +94,17 @@ def test_auto_attention_takes_each_platforms_kernel_and_tpu_rows_hold_no_scores(
   assert resolve_impl_for("auto", "cpu", "float32", 32) == "blockwise"
   assert resolve_impl_for("xla", "tpu", "bfloat16", 128) == "xla"
   path = os.path.join(ROOT, "configs", "qwen2.5-14b-v5p.yaml")
-  acts = {}
+  acts, prefill = {}, {}
   for impl in ("auto", "xla"):
-    learner = plan(load_config(path, [f"model.attention={impl}", "model.remat=full"]),
-                   platform="tpu").groups[0]
+    learner, server = plan(load_config(path, [f"model.attention={impl}", "model.remat=full"]),
+                           platform="tpu").groups
     acts[impl] = next((i.name, i.bytes) for i in learner.items
                       if i.name.startswith("activations"))
+    prefill[impl] = next((i.name, i.bytes) for i in server.items if "prefill" in i.name)
   assert "attention splash" in acts["auto"][0] and "attention xla" in acts["xla"][0]
   assert acts["auto"][1] < acts["xla"][1] / 5
+  # a prefill attends through its KV cache's mask: XLA either way
+  assert prefill["auto"] == prefill["xla"] and "attention xla" in prefill["auto"][0]
 
 
 @pytest.mark.parametrize("remat,attention,dtype", [
