@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from asearcher_jax.errors import ConfigError
+from asearcher_jax.inference.engine import padded_rows, prefill_buckets
 from asearcher_jax.models.attention import KEPT_KERNELS, resolve_impl_for
 from asearcher_jax.models.config import REMAT_BY_MEMORY
 from asearcher_jax.models.lm_head import chunk_length
@@ -283,7 +284,26 @@ def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
   # (models/attention.py).
   impl = resolve_impl_for(m.attention, platform, m.dtype, arch.head_dim)
   impl = "xla" if impl in KEPT_KERNELS else impl
-  scores = d["N"] * T * T * (8 + cb) if impl != "cudnn" else d["N"] * T * 4
+  # The largest prefill call (inference/driver.py): rows of at most a chunk's bucket each,
+  # padded to a power of two and bounded by serve.prefill_tokens (a row alone always runs).
+  # Fresh prompts attend to their own tokens and leave a cache of their own for `insert`;
+  # session turns attend to their whole page table (max_len positions), every row's gathered a
+  # layer at a time.
+  q = next(b for b in prefill_buckets(min(s.min_prefill_bucket, T), T)
+           if b >= min(s.prefill_chunk or T, T))
+  tokens = padded_rows(s.slots) * q
+  if s.prefill_tokens is not None:
+    tokens = min(tokens, max(s.prefill_tokens, q))
+
+  def prefill(keys: int) -> int:
+    """One layer's live tensors and its float32 logits (with their softmax, its copy in the
+    compute dtype where that is narrower, and the mask; cuDNN keeps only float32 statistics)
+    over `keys` positions."""
+    scores = tokens * d["N"] * (keys * (8 + cb % 4) if impl != "cudnn" else 4)
+    return tokens * (_layer_live(d, cb) + keys) + scores
+
+  fresh = prefill(q) + tokens * per_token
+  turns = prefill(T) + padded_rows(s.slots) * T * 2 * d["K"] * arch.head_dim * cb
   return Group("decode server", mesh, [
       Item(f"parameters ({held})", weights,
            "serve in bfloat16 (placement.decode_param_dtype) or int8 (serve.quantization), "
@@ -299,8 +319,9 @@ def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
            f"{s.device_sessions} device sessions)", pages * s.page_size * per_token,
            "fewer serve.kv_pages (or serve.slots, serve.device_sessions), a shorter "
            "serve.max_len, or split kv heads (decode mesh tensor)"),
-      Item(f"one {T}-token prefill (attention {impl})",
-           T * _layer_live(d, cb) + scores + T * T, "a shorter serve.max_len"),
+      Item(f"largest prefill ({tokens} tokens, session turns over {T} positions; attention "
+           f"{impl})", max(fresh, turns),
+           "a smaller serve.prefill_tokens, or a shorter serve.max_len"),
   ], None)
 
 

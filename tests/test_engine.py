@@ -212,6 +212,50 @@ def test_session_turns_admitted_together_continue_in_one_call(model, monkeypatch
       np.testing.assert_allclose(done[name].logprobs, ref.logprobs, atol=1e-5)
 
 
+def test_bursts_are_prefilled_in_calls_of_at_most_prefill_tokens(model, monkeypatch):
+  """Six fresh prompts queued at once, then six sessions' next turns, with prefill_tokens 32
+  (two rows of one 16-token bucket): every batched prefill computes at most 32 padded tokens,
+  in three calls of two rows each, and every request decodes what it decodes unbounded (one
+  call of six, padded to 8 x 16 = 128 tokens)."""
+  greedy = SamplingParams(temperature=0.0, max_new_tokens=4)
+  fresh_prompts = [prompt(10 + i) for i in range(6)]
+  tails = [prompt(3 + i % 3) for i in range(6)]
+  results = {}
+  for bound in (32, None):
+    engine = Engine(model, slots=8, max_len=64, mesh=MESH)
+    calls = {"fresh": [], "continuing": []}
+    batch, into = engine.prefill_batch, engine.prefill_into_batch
+
+    def record(kind, token_lists):
+      calls[kind].append(engine.prefill_size(len(token_lists), max(map(len, token_lists))))
+
+    monkeypatch.setattr(engine, "prefill_batch",
+                        lambda *a, **k: (record("fresh", a[1]), batch(*a, **k))[1])
+    monkeypatch.setattr(engine, "prefill_into_batch",
+                        lambda *a, **k: (record("continuing", a[3]), into(*a, **k))[1])
+    with Driver(engine, device_sessions=8, prefill_tokens=bound) as d:
+      d.pause()
+      reqs = [d.submit(Request(p, greedy, session_id=f"s{i}"))
+              for i, p in enumerate(fresh_prompts)]
+      d.resume()
+      first = [r.wait(60) for r in reqs]
+      d.pause()
+      nxt = [p + r.output_ids + t for p, r, t in zip(fresh_prompts, first, tails)]
+      reqs = [d.submit(Request(c, greedy, session_id=f"s{i}")) for i, c in enumerate(nxt)]
+      d.resume()
+      second = [r.wait(60) for r in reqs]
+    assert all(r.cached_tokens > 0 for r in second)
+    results[bound] = ([r.output_ids for r in first], [r.output_ids for r in second],
+                      [r.logprobs for r in first + second])
+    if bound is not None:
+      assert calls == {"fresh": [32, 32, 32], "continuing": [32, 32, 32]}
+    else:
+      assert calls == {"fresh": [128], "continuing": [128]}
+  assert results[32][:2] == results[None][:2]
+  for a, b in zip(results[32][2], results[None][2]):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 @pytest.mark.parametrize("decode_steps", [1, 4])
 def test_interruption_switches_version_at_the_boundary(model, forward_logits, decode_steps):
   new_model = make_model(seed=1)

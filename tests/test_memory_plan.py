@@ -137,6 +137,36 @@ def test_learner_estimate_tracks_xla_buffer_assignment(remat, attention, dtype):
   assert 0.8 * xla < est < 1.4 * xla, (est / 2**20, xla / 2**20)
 
 
+@pytest.mark.parametrize("max_len,prefill_tokens", [(128, 64), (256, 128), (2048, 256)])
+def test_prefill_estimate_tracks_xla_buffer_assignment(max_len, prefill_tokens):
+  """The decode server's largest prefill against what XLA allocates for the driver's two
+  batched prefills at serve.prefill_tokens: fresh prompts (temporaries and the cache they
+  hand to `insert`) and session turns over the whole page table (temporaries)."""
+  from asearcher_jax.inference import Engine
+  arch = dict(SMALL, num_layers=4, hidden_size=128, intermediate_size=256, num_heads=4,
+              num_kv_heads=2, vocab_size=512)
+  cfg = load_config(None, [f"model.arch={json.dumps(arch)}", "model.dtype=float32",
+                           "serve.slots=4", f"serve.max_len={max_len}", "serve.prefill_chunk=64",
+                           f"serve.prefill_tokens={prefill_tokens}", "serve.device_sessions=0",
+                           "placement.decode_mesh={data: 1, fsdp: 1, tensor: 1}"])
+  est = next(i for i in plan(cfg, devices=2, decode_devices=1, device_memory_gib=1,
+                             platform="cpu").groups[1].items if "prefill" in i.name)
+  assert est.name.startswith(f"largest prefill ({prefill_tokens} tokens")
+  engine = Engine(create_model(cfg.model.arch, single_device_mesh(), dtype="float32"),
+                  slots=4, max_len=max_len, mesh=single_device_mesh())
+  rows, programs = prefill_tokens // 64, engine._programs
+  sds = jax.ShapeDtypeStruct
+  tokens, ints = sds((rows, 64), np.int32), sds((rows,), np.int32)
+  sampling = (sds((rows,), np.float32), ints, sds((rows,), np.float32), sds((rows, 2), np.uint32))
+  fresh = type(programs).prefill_fresh.lower(programs, engine.params, tokens, ints, *sampling) \
+      .compile().memory_analysis()
+  turns = type(programs).prefill_into.lower(
+      programs, engine.params, engine.init_decode_state(), ints, tokens, ints, ints,
+      sds((rows, engine.max_pages), np.int32), *sampling).compile().memory_analysis()
+  xla = max(fresh.temp_size_in_bytes + fresh.output_size_in_bytes, turns.temp_size_in_bytes)
+  assert 0.8 * xla < est.bytes < 1.4 * xla, (est.bytes, xla)
+
+
 def test_a_config_that_does_not_fit_is_refused_naming_its_biggest_item(capsys):
   cfg = small("rl.row_tokens=4096", "rl.micro_batch_rows=8", "model.attention=xla")
   p = plan(cfg, devices=1, device_memory_gib=1, platform="cpu")

@@ -31,6 +31,12 @@ class ServeSection(Section):
   # time, between decode steps, so the slots already decoding never wait for a whole long
   # prefill; null: in one piece.
   prefill_chunk: int | None = Field(512, gt=0)
+  # The most tokens one batched prefill computes (rows padded to a power of two, times the
+  # longest row's bucket), like vLLM's max_num_batched_tokens: fresh prompts or session turns
+  # past it wait for the next loop, so a burst of requests (every slot at a rollout's start,
+  # every episode's tool output at once) cannot take the device's memory in one call; a request
+  # alone always runs. `asearcher plan` counts this batch. null: no bound.
+  prefill_tokens: int | None = Field(8192, gt=0)
   page_size: int = Field(16, gt=0)
   kv_pages: int | None = Field(None, gt=0)
   # Decode attention over the pages: "xla" gathers every slot's first positions up to the

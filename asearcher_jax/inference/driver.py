@@ -103,7 +103,8 @@ class Driver:
 
   def __init__(self, engine: Engine, *, version: int = 0, tokenizer=None, max_pending: int = 1024,
                device_sessions: int = 16, host_sessions: int = 256, update_mode: str = "abort",
-               metrics=None, prefill_chunk: int | None = 512):
+               metrics=None, prefill_chunk: int | None = 512,
+               prefill_tokens: int | None = 8192):
     if update_mode not in UPDATE_MODES:
       raise ValueError(f"update_mode must be one of {UPDATE_MODES}, got {update_mode!r}")
     self.engine = engine
@@ -122,6 +123,9 @@ class Driver:
     if prefill_chunk is not None and prefill_chunk < 1:
       raise ValueError(f"prefill_chunk must be >= 1 (or None: no chunking), got {prefill_chunk}")
     self.prefill_chunk = prefill_chunk
+    if prefill_tokens is not None and prefill_tokens < 1:
+      raise ValueError(f"prefill_tokens must be >= 1 (or None: no bound), got {prefill_tokens}")
+    self.prefill_tokens = prefill_tokens
     # Reserved slots whose request is still being prefilled: slot -> (request, tokens in pages)
     self._prefilling: dict[int, tuple[Request, int]] = {}
     self._sessions = SessionCache(
@@ -377,19 +381,29 @@ class Driver:
   def _admit(self) -> None:
     """Fills free slots: session turns (their pages set up one by one, then prefilled in one
     call) and fresh requests (in one batched prefill; long ones reserve a slot for chunks).
-    A request waits while the pool lacks its pages plus one for each running slot."""
+    A request waits while the pool lacks its pages plus one for each running slot, or while
+    the batch it would join holds `prefill_tokens` (rows padded to a power of two, times the
+    longest row's bucket): a burst of requests cannot take the device's memory in one call."""
     free = [s for s in range(self.engine.slots)
             if self._slots[s] is None and s not in self._prefilling]
     fresh: list[tuple[int, Request]] = []
     continuing: dict[int, tuple[Request, int]] = {}  # slot: (session turn, tokens its pages hold)
     reserved: list[tuple[int, Request]] = []  # slots reserved for chunked prefills
     spare = self.engine.slots - len(free)  # a page each running slot may need next
+    batches = {"fresh": (0, 0), "continuing": (0, 0)}  # rows, longest row
     try:
       while free:
         with self._wake:
           if not self._pending:
             break
           r = self._pending[0]  # only this thread takes requests off the queue
+        joins = self._batch_for(r)
+        if joins is not None:
+          kind, tokens = joins
+          rows, longest = batches[kind]
+          if rows and self.prefill_tokens is not None and self.engine.prefill_size(
+              rows + 1, max(longest, tokens)) > self.prefill_tokens:
+            break  # its batch is full: it waits for the next loop
         need = self._pages_for(len(r.prompt) + len(r.output_ids))
         # Room for its first block too (which may start a page), or the next dispatch would
         # preempt it again at once.
@@ -404,6 +418,8 @@ class Driver:
           self._pending.popleft()
         slot = free.pop(0)
         spare += 1
+        if joins is not None:
+          batches[kind] = (rows + 1, max(longest, tokens))
         if r.session_id and r.session_id in self._sessions:
           self._guarded_prefill([(slot, r)], lambda b: self._prefill_session(b, continuing))
         else:
@@ -429,6 +445,18 @@ class Driver:
                             lambda b: self._prefill_continuations(b, continuing))
     if fresh:
       self._guarded_prefill(fresh, self._prefill_fresh)
+
+  def _batch_for(self, r: Request) -> tuple[str, int] | None:
+    """The batched prefill `r` joins, "fresh" or "continuing" (a session turn whose pages hold
+    a common prefix), and the tokens it prefills there; None where it is prefilled alone (in
+    chunks, or a session turn with nothing in common)."""
+    context = r.prompt + r.output_ids
+    if r.session_id and r.session_id in self._sessions:
+      reused = self._sessions.common(r.session_id, context)
+      if not reused or self._chunked(len(context) - reused):
+        return None
+      return "continuing", len(context) - reused
+    return None if self._chunked(len(context)) else ("fresh", len(context))
 
   def _guarded_prefill(self, batch: list[tuple[int, Request]], fn) -> None:
     """Runs a prefill; if a batch fails, retries its rows alone so only the bad one fails."""

@@ -161,7 +161,7 @@ class Engine:
   def set_pages(self, state: DecodeState, slots: list[int], pages: list[list[int]]
                 ) -> DecodeState:
     """Rewrites the page-table rows of `slots` (an empty list: the slot holds no page)."""
-    rows = np.full((_rows(len(slots)), self.max_pages), SINK, np.int32)
+    rows = np.full((padded_rows(len(slots)), self.max_pages), SINK, np.int32)
     rows[:len(slots)] = self.page_rows(pages)
     index = np.full((rows.shape[0],), self.slots, np.int32)
     index[:len(slots)] = slots
@@ -172,6 +172,11 @@ class Engine:
       if b >= n:
         return b
     raise ValueError(f"{n} tokens exceed the maximum length {self.max_len}")
+
+  def prefill_size(self, rows: int, longest: int) -> int:
+    """Tokens a batched prefill of `rows` rows computes, the longest `longest` tokens: rows
+    padded to a power of two, tokens to the longest row's bucket."""
+    return padded_rows(rows) * self.bucket(min(longest, self.max_len))
 
   def prefill(self, params, tokens: np.ndarray, *, temperature: float = 0.0, top_k: int = 0,
               top_p: float = 1.0, key: np.ndarray | jax.Array | None = None,
@@ -258,7 +263,7 @@ class Engine:
     if any(len(t) < 1 for t in token_lists):
       raise ValueError("prefill needs at least one token")
     lengths = [len(t) for t in token_lists]
-    tokens = np.zeros((_rows(len(lengths)), self.bucket(max(lengths))), np.int32)
+    tokens = np.zeros((padded_rows(len(lengths)), self.bucket(max(lengths))), np.int32)
     for i, t in enumerate(token_lists):
       tokens[i, :len(t)] = t
     return jnp.asarray(tokens), _pad(lengths, len(tokens), np.int32, 1)
@@ -513,6 +518,6 @@ def _pad(values: list, rows: int, dtype, fill) -> jax.Array:
   return jnp.asarray(out)
 
 
-def _rows(n: int) -> int:
+def padded_rows(n: int) -> int:
   """Rows a batch of n is padded to (a power of two), so shapes compile once per size."""
   return 1 << (n - 1).bit_length()

@@ -120,7 +120,7 @@ def build_server(cfg: Config, *, progress: bool = True) -> DecodeServer:
     n = engine.warmup()
     log.info("compiled %d decode programs in %.1fs", n, time.perf_counter() - t0)
   driver = Driver(engine, tokenizer=tokenizer, max_pending=s.max_pending,
-                  prefill_chunk=s.prefill_chunk,
+                  prefill_chunk=s.prefill_chunk, prefill_tokens=s.prefill_tokens,
                   device_sessions=s.device_sessions, host_sessions=s.host_sessions,
                   update_mode=s.update_mode, metrics=DecodeMetrics())
   return DecodeServer(driver, tokenizer, host=s.host, grpc_port=s.grpc_port,

@@ -67,16 +67,24 @@ class SessionCache:
     s = self._sessions.values()
     return sum(x.pages is not None for x in s), sum(x.host is not None for x in s)
 
-  def take(self, session_id: str, context: list[int]) -> Held | None:
-    """What `context` can reuse (None: nothing). The entry leaves the cache: the request owns
-    those pages now, less the ones past the common prefix, which go back to the pool."""
-    s = self._sessions.pop(session_id, None)
+  def common(self, session_id: str, context: list[int]) -> int:
+    """Tokens of `context` that `take` would reuse, the entry left in place."""
+    s = self._sessions.get(session_id)
     if s is None:
-      return None
+      return 0
     n = 0
     limit = min(len(s.tokens), len(context) - 1)  # at least one token must be prefilled
     while n < limit and s.tokens[n] == context[n]:
       n += 1
+    return n
+
+  def take(self, session_id: str, context: list[int]) -> Held | None:
+    """What `context` can reuse (None: nothing). The entry leaves the cache: the request owns
+    those pages now, less the ones past the common prefix, which go back to the pool."""
+    n = self.common(session_id, context)
+    s = self._sessions.pop(session_id, None)
+    if s is None:
+      return None
     if s.pages is None:
       return Held(n, host=s.host) if n else None
     keep = pages_for(n, self.page_size)
