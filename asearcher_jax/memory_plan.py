@@ -5,7 +5,8 @@ applied), the float32 gradient accumulator beside one micro-batch's gradients, t
 weights in the compute dtype (cast once a step), the activations of one micro-batch under the
 remat policy, and one chunk of its logits. A decode server
 device holds its parameters, a second copy while a new version loads, the KV cache of
-serve.slots x serve.max_len, the sessions kept on device, and one full-length prefill.
+serve.slots x serve.max_len, the sessions kept on device, and the largest batched prefill its
+driver runs (serve.prefill_tokens).
 
 Shapes come from the model config and shardings from the one rules table
 (asearcher_jax.sharding.LOGICAL_RULES), so a mesh that does not divide a tensor is refused
@@ -30,8 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from asearcher_jax.errors import ConfigError
-from asearcher_jax.inference.engine import padded_rows, prefill_buckets
-from asearcher_jax.models.attention import KEPT_KERNELS, resolve_impl_for
+from asearcher_jax.models.attention import KEPT_KERNELS, KERNELS, resolve_impl_for
 from asearcher_jax.models.config import REMAT_BY_MEMORY
 from asearcher_jax.models.lm_head import chunk_length
 from asearcher_jax.sharding import LOGICAL_RULES, check_divisible, mesh_shape, mesh_size
@@ -222,8 +222,10 @@ def learner_group(cfg: Config, arch, devices: int, platform: str) -> tuple[Group
   live = tok * _layer_live(d, cb) + (rows * d["N"] * T * 4 if fused else scores * (12 + cb))
   # what a flash kernel's backward reads, which every policy but `full` keeps (attention.py)
   kept = tok * _attention_residuals(d, cb, impl) if impl in KEPT_KERNELS else 0
-  if m.remat == "none":  # every layer's intermediates stay for the backward pass
-    saved = tok * _layer_live(d, cb) + (rows * d["N"] * T * 4 if fused else scores * (4 + cb))
+  if m.remat == "none":  # every layer's intermediates stay for the backward pass, and the
+    # Pallas kernels' own copies of their inputs (kv heads repeated, rows padded)
+    saved = tok * _layer_live(d, cb) + (rows * d["N"] * T * 4 if fused else scores * (4 + cb)) \
+        + (kept if impl in KERNELS else 0)
   elif m.remat == "full":  # each layer's input only
     saved = tok * cb * d["E"]
   elif m.remat == "attention":  # each layer's input and the attention kernel's residuals
@@ -267,6 +269,7 @@ def learner_group(cfg: Config, arch, devices: int, platform: str) -> tuple[Group
 
 
 def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
+  from asearcher_jax.inference.engine import padded_rows, prefill_buckets
   from asearcher_jax.placement import role_config, serving_param_dtype
   dcfg = role_config(cfg, "decode")
   m, s = dcfg.model, dcfg.serve
@@ -321,7 +324,8 @@ def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
            "serve.max_len, or split kv heads (decode mesh tensor)"),
       Item(f"largest prefill ({tokens} tokens, session turns over {T} positions; attention "
            f"{impl})", max(fresh, turns),
-           "a smaller serve.prefill_tokens, or a shorter serve.max_len"),
+           "a smaller serve.prefill_tokens (or serve.prefill_chunk), or a shorter "
+           "serve.max_len"),
   ], None)
 
 

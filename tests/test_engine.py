@@ -215,13 +215,14 @@ def test_session_turns_admitted_together_continue_in_one_call(model, monkeypatch
 def test_bursts_are_prefilled_in_calls_of_at_most_prefill_tokens(model, monkeypatch):
   """Six fresh prompts queued at once, then six sessions' next turns, with prefill_tokens 32
   (two rows of one 16-token bucket): every batched prefill computes at most 32 padded tokens,
-  in three calls of two rows each, and every request decodes what it decodes unbounded (one
-  call of six, padded to 8 x 16 = 128 tokens)."""
+  in three calls of two rows each; with 8, below one row's bucket, each request runs alone;
+  and every request decodes what it decodes unbounded (one call of six, padded to 8 x 16 =
+  128 tokens)."""
   greedy = SamplingParams(temperature=0.0, max_new_tokens=4)
   fresh_prompts = [prompt(10 + i) for i in range(6)]
   tails = [prompt(3 + i % 3) for i in range(6)]
   results = {}
-  for bound in (32, None):
+  for bound in (32, 8, None):
     engine = Engine(model, slots=8, max_len=64, mesh=MESH)
     calls = {"fresh": [], "continuing": []}
     batch, into = engine.prefill_batch, engine.prefill_into_batch
@@ -247,13 +248,12 @@ def test_bursts_are_prefilled_in_calls_of_at_most_prefill_tokens(model, monkeypa
     assert all(r.cached_tokens > 0 for r in second)
     results[bound] = ([r.output_ids for r in first], [r.output_ids for r in second],
                       [r.logprobs for r in first + second])
-    if bound is not None:
-      assert calls == {"fresh": [32, 32, 32], "continuing": [32, 32, 32]}
-    else:
-      assert calls == {"fresh": [128], "continuing": [128]}
-  assert results[32][:2] == results[None][:2]
-  for a, b in zip(results[32][2], results[None][2]):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+    expect = {32: [32] * 3, 8: [16] * 6, None: [128]}[bound]
+    assert calls == {"fresh": expect, "continuing": expect}
+  for bound in (32, 8):
+    assert results[bound][:2] == results[None][:2]
+    for a, b in zip(results[bound][2], results[None][2]):
+      np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize("decode_steps", [1, 4])
@@ -513,17 +513,23 @@ def test_engines_of_one_configuration_share_their_compiled_programs(forward_logi
   assert "generate" in compiled
 
 
-@pytest.mark.parametrize("decode_steps", [1, 4])
-def test_warmup_compiles_everything_serving_meets(model, decode_steps):
+@pytest.mark.parametrize("decode_steps,chunk,bound", [(1, None, None), (4, None, None),
+                                                       (1, 32, 32)])
+def test_warmup_compiles_everything_serving_meets(model, decode_steps, chunk, bound):
+  """Every shape a driver meets is compiled by warmup; with the driver's prefill_chunk and
+  prefill_tokens, warmup skips the prefills it never runs (buckets past the chunk's, several
+  rows past the bound): here 1 or 2 rows of 16 tokens and 1 row of 32, not 1/2/4 x 16/32/64."""
   # A pool of 9 pages of 16 tokens: three slots cannot all reach max_len 64 at once.
   engine = Engine(model, slots=3, max_len=64, mesh=MESH, min_prefill_bucket=16,
                   decode_steps=decode_steps, num_pages=9)
   blocks = 3 if decode_steps > 1 else 0  # a block program per window
-  # page-table rewrites + (rows x buckets) x (fresh, sessions) + windows + blocks + host
-  # offload and back
-  assert engine.warmup() == 3 + 3 * 3 * 2 + 3 + blocks + 2
+  prefills = 3 * 3 if chunk is None else 2 + 1  # rows x buckets
+  # page-table rewrites + prefills x (fresh, sessions) + windows + blocks + host offload and
+  # back
+  assert engine.warmup(chunk, bound) == 3 + prefills * 2 + 3 + blocks + 2
   with compiled_programs() as compiled:
-    with Driver(engine, device_sessions=1, host_sessions=1) as d:
+    with Driver(engine, device_sessions=1, host_sessions=1, prefill_chunk=chunk,
+                prefill_tokens=bound) as d:
       reqs = [d.submit(Request(prompt(n), SamplingParams(max_new_tokens=m, seed=n),
                                session_id=f"s{n % 2}"))
               for n, m in ((3, 40), (20, 5), (40, 20), (9, 2), (50, 13))]

@@ -74,13 +74,22 @@ def test_activations_by_hand_for_full_remat_and_xla_attention():
   assert learner["LM head"] == 3 * rows * T * 64 * 4
 
 
-def test_the_pallas_kernels_are_planned_like_blockwise_attention():
-  """Neither holds a [T, T] mask or scores, only each layer's output and its lse."""
-  acts = {impl: items(plan(small("rl.row_tokens=512", "model.remat=none",
+@pytest.mark.parametrize("remat", ["none", "attention"])
+def test_the_pallas_kernels_are_planned_like_blockwise_attention(remat):
+  """None holds a [T, T] mask or scores, only each layer's output and its lse; with nothing
+  recomputed the Pallas kernels also keep their own inputs (kv heads repeated to the query
+  heads, rows padded to whole tiles: SMALL's 1 kv head for 2 query heads), which blockwise
+  attention reads where the layer left them."""
+  acts = {impl: items(plan(small("rl.row_tokens=512", f"model.remat={remat}",
                                  f"model.attention={impl}"), devices=1, device_memory_gib=1,
                            platform="gpu").groups[0])["activations"]
           for impl in ("blockwise", "pallas", "splash", "xla")}
-  assert acts["pallas"] == acts["splash"] == acts["blockwise"] < acts["xla"]
+  assert acts["pallas"] == acts["splash"] < acts["xla"]
+  assert acts["blockwise"] < acts["pallas"]
+  if remat == "none":  # per token and layer: q, the output, and k and v repeated to N heads
+    # (bfloat16), the float32 lse of each head, and the positions and segment ids (int32)
+    rows, T, N, D, L = 4, 512, 2, 16, 2
+    assert acts["pallas"] - acts["blockwise"] == L * rows * T * (2 * 2 * (N + N) * D + 4 * N + 8)
 
 
 def test_auto_attention_takes_each_platforms_kernel_and_tpu_rows_hold_no_scores():

@@ -397,13 +397,6 @@ class Driver:
           if not self._pending:
             break
           r = self._pending[0]  # only this thread takes requests off the queue
-        joins = self._batch_for(r)
-        if joins is not None:
-          kind, tokens = joins
-          rows, longest = batches[kind]
-          if rows and self.prefill_tokens is not None and self.engine.prefill_size(
-              rows + 1, max(longest, tokens)) > self.prefill_tokens:
-            break  # its batch is full: it waits for the next loop
         need = self._pages_for(len(r.prompt) + len(r.output_ids))
         # Room for its first block too (which may start a page), or the next dispatch would
         # preempt it again at once.
@@ -414,12 +407,19 @@ class Driver:
           pass
         if self._pool.free < room + spare:
           break
+        # Which batch it joins is read after the evictions, which may have dropped its session.
+        joins = self._batch_for(r) if self.prefill_tokens is not None else None
+        if joins is not None:
+          kind, tokens = joins
+          rows, longest = batches[kind]
+          if rows and self.engine.prefill_size(rows + 1, max(longest, tokens)) \
+              > self.prefill_tokens:
+            break  # its batch is full: it waits for the next loop
+          batches[kind] = (rows + 1, max(longest, tokens))
         with self._wake:
           self._pending.popleft()
         slot = free.pop(0)
         spare += 1
-        if joins is not None:
-          batches[kind] = (rows + 1, max(longest, tokens))
         if r.session_id and r.session_id in self._sessions:
           self._guarded_prefill([(slot, r)], lambda b: self._prefill_session(b, continuing))
         else:

@@ -310,12 +310,15 @@ class Engine:
     return self._programs.generate_block(params, state, window,
                                          MAX_TOP_LOGPROBS if top_logprobs else 0, steps)
 
-  def warmup(self) -> int:
+  def warmup(self, prefill_chunk: int | None = None, prefill_tokens: int | None = None) -> int:
     """Compiles every shape serving can meet, so no request ever waits for XLA.
 
     That is: page-table rewrites, and fresh prefill and insert and session prefill into the
     pool for each batch of rows (powers of two up to the slot count) and length bucket, a
-    session's trip to host memory and back, and generate for each attention window.
+    session's trip to host memory and back, and generate for each attention window. A
+    driver's `prefill_chunk` and `prefill_tokens` bound the prefills it runs: buckets up to
+    the chunk's, and several rows only within the token bound (a row alone always runs), so
+    warmup runs no prefill larger than serving would, which `asearcher plan` counts.
     Returns how many shapes it ran. Worth it for a server; tests and short runs skip it.
     """
     shapes = 0
@@ -328,9 +331,12 @@ class Engine:
     for n in rows:  # page-table rewrites of 1, 2, 4, ... slots
       state = self.set_pages(state, list(range(min(n, self.slots))), [[]] * min(n, self.slots))
       shapes += 1
-    for bucket in self.buckets:
+    longest = self.bucket(min(prefill_chunk or self.max_len, self.max_len))
+    for bucket in (b for b in self.buckets if b <= longest):
       pages = list(range(1, pages_for(bucket, self.page_size) + 1))  # rows may share them
       for n in rows:
+        if n > 1 and prefill_tokens is not None and n * bucket > prefill_tokens:
+          break
         prefix = self.prefill_batch(self.params, [np.zeros(bucket, np.int32)] * n, [0.0] * n,
                                     [0] * n, [1.0] * n, [zeros_key] * n)
         m = min(n, self.slots)

@@ -56,8 +56,8 @@ def resolve_impl(impl: AttentionImpl, q: jax.Array) -> AttentionImpl:
   1.3x as fast as XLA at 4 x 640 tokens and 2x at one 3,450-token row
   (benchmarks/results/train_step_cpu_debug_*). On TPUs splash is MaxText's choice too
   (`attention: autoselected`); XLA's [T, T] scores would hold a v5p's memory for one
-  16k-token row (`asearcher plan`: 44 of 79 GiB of activations for the 14B config, 8.7 with
-  splash)."""
+  16k-token row (`asearcher plan`, 14B config at full remat: 44 of 79 GiB of activations,
+  8.7 with splash)."""
   return resolve_impl_for(impl, jax.default_backend(), jnp.dtype(q.dtype).name, q.shape[-1])
 
 
