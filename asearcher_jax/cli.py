@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--device-memory", type=float, metavar="GIB",
                  help="memory per device in GiB (placement.device_memory_gib; else detected)")
   p.add_argument("--platform", choices=["cpu", "gpu", "tpu"],
-                 help="what `attention: auto` resolves for (default: this machine's)")
+                 help="what `auto` attention and remat resolve for (default: "
+                      "placement.platform, else this machine's)")
   p.set_defaults(fn=cmd_plan)
 
   p = sub.add_parser("init-model", help=cmd_init_model.__doc__)

@@ -91,8 +91,9 @@ class PlacementSection(Section):
   disaggregated: separate devices (a split of this host's, given as device ids, or other hosts
   and slices, given as addresses). Rollout workers and decode servers on other hosts are found
   through `replay_address` and `decode_addresses`; anything off loopback needs a token
-  (serve.token or $ASEARCHER_TOKEN). `num_devices`, `decode_num_devices` and
-  `device_memory_gib` let `asearcher plan` check a config before anything is launched.
+  (serve.token or $ASEARCHER_TOKEN). `num_devices`, `decode_num_devices`,
+  `device_memory_gib` and `platform` let `asearcher plan` check a config before anything is
+  launched.
   """
 
   mode: Literal["colocated", "disaggregated"] = "colocated"
@@ -112,6 +113,9 @@ class PlacementSection(Section):
   num_devices: int | None = Field(None, ge=1)  # learner devices over all hosts (null: detect)
   decode_num_devices: int | None = Field(None, ge=1)  # devices of one decode server
   device_memory_gib: float | None = Field(None, gt=0)  # per device (null: detect)
+  # The accelerator the config is written for, which `asearcher plan` resolves `auto`
+  # attention and remat for wherever it runs (null: the machine it runs on).
+  platform: Literal["cpu", "gpu", "tpu"] | None = None
 
   @model_validator(mode="after")
   def _check(self):

@@ -88,11 +88,12 @@ class Plan:
   warnings: list[str]
   remat: str  # the learner's remat policy (`auto` resolved)
   remat_note: str = ""  # why `auto` chose it
+  platform: str = ""  # what `auto` attention and remat were resolved for
 
   def report(self) -> str:
     lines = []
     memory = "unknown" if self.device_memory is None else _gib(self.device_memory)
-    lines.append(f"placement {self.mode}; device memory {memory}")
+    lines.append(f"placement {self.mode}; platform {self.platform}; device memory {memory}")
     if self.remat_note:
       lines.append(f"model.remat auto: {self.remat} ({self.remat_note})")
     for g in self.groups:
@@ -353,6 +354,7 @@ def plan(cfg: Config, *, devices: int | None = None, decode_devices: int | None 
   from asearcher_jax.placement import memory_fraction, role_devices
   p = cfg.placement
   arch = architecture(cfg)
+  platform = platform or p.platform
   detected = None
   if platform is None or (devices or p.num_devices) is None:
     platform = platform or jax.default_backend()
@@ -386,7 +388,7 @@ def plan(cfg: Config, *, devices: int | None = None, decode_devices: int | None 
             else "even the least memory does not fit")
   decode = decode_group(cfg, arch, n_decode, platform)
   decode.budget, decode.budget_note = budgets.get("decode", (None, ""))
-  return Plan([learner, decode], p.mode, memory, warnings, remat, note)
+  return Plan([learner, decode], p.mode, memory, warnings, remat, note, platform)
 
 
 def with_remat(cfg: Config, remat: str) -> Config:
@@ -402,7 +404,8 @@ def resolve_remat(cfg: Config, echo=None, **plan_args) -> Config:
   memory on a small one."""
   if cfg.model.remat != "auto":
     return cfg
-  p = plan(cfg, **plan_args)
+  # The run's own platform, not the one its config was written for (placement.platform).
+  p = plan(cfg, **{"platform": jax.default_backend(), **plan_args})
   if echo is not None:
     echo(f"model.remat auto: {p.remat} ({p.remat_note})")
   return with_remat(cfg, p.remat)

@@ -104,9 +104,9 @@ def test_auto_attention_takes_each_platforms_kernel_and_tpu_rows_hold_no_scores(
   assert resolve_impl_for("xla", "tpu", "bfloat16", 128) == "xla"
   path = os.path.join(ROOT, "configs", "qwen2.5-14b-v5p.yaml")
   acts, prefill = {}, {}
-  for impl in ("auto", "xla"):
-    learner, server = plan(load_config(path, [f"model.attention={impl}", "model.remat=full"]),
-                           platform="tpu").groups
+  for impl in ("auto", "xla"):  # the config's placement.platform: tpu, on this CPU too
+    learner, server = plan(load_config(path, [f"model.attention={impl}",
+                                              "model.remat=full"])).groups
     acts[impl] = next((i.name, i.bytes) for i in learner.items
                       if i.name.startswith("activations"))
     prefill[impl] = next((i.name, i.bytes) for i in server.items if "prefill" in i.name)
@@ -114,6 +114,24 @@ def test_auto_attention_takes_each_platforms_kernel_and_tpu_rows_hold_no_scores(
   assert acts["auto"][1] < acts["xla"][1] / 5
   # a prefill attends through its KV cache's mask: XLA either way
   assert prefill["auto"] == prefill["xla"] and "attention xla" in prefill["auto"][0]
+
+
+def test_plan_takes_the_configs_platform_and_a_run_its_own():
+  """`asearcher plan` resolves `auto` for placement.platform wherever it runs; a run resolving
+  its remat (resolve_remat) plans for the machine it runs on. Here the device is sized so
+  that remat none fits with this CPU's blockwise attention but not with a TPU's splash, which
+  keeps its own copies of q, k and v (4 query heads over 1 kv head)."""
+  from asearcher_jax.memory_plan import resolve_remat
+  arch = dict(SMALL, num_heads=4)
+  cfg = load_config(None, [f"model.arch={json.dumps(arch)}", "rl.row_tokens=1024",
+                           "placement.platform=tpu", "placement.num_devices=1",
+                           "placement.device_memory_gib=0.037"])
+  written_for = plan(cfg)
+  assert written_for.platform == "tpu" and written_for.remat != "none"
+  if jax.default_backend() != "cpu":
+    pytest.skip("sized for this CPU's blockwise attention")
+  assert plan(cfg, platform="cpu").remat == "none"
+  assert resolve_remat(cfg).model.remat == "none"
 
 
 @pytest.mark.parametrize("remat,attention,dtype", [
@@ -221,9 +239,10 @@ def test_qwen25_7b_has_its_published_parameter_count():
     p for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
     if load_config(p).placement.num_devices is not None))
 def test_realistic_configs_fit_the_hardware_they_name(path):
+  """Each names its platform, which the plan resolves `auto` for wherever it runs."""
   cfg = load_config(path)
-  platform = "tpu" if "v5p" in os.path.basename(path) else "gpu"
-  p = plan(cfg, platform=platform)
+  assert cfg.placement.platform == ("tpu" if "v5p" in os.path.basename(path) else "gpu")
+  p = plan(cfg)
   p.check()
   assert p.device_memory is not None and all(g.budget for g in p.groups)
   assert not p.warnings, p.warnings
