@@ -270,7 +270,7 @@ def learner_group(cfg: Config, arch, devices: int, platform: str) -> tuple[Group
 
 
 def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
-  from asearcher_jax.inference.engine import padded_rows, prefill_buckets
+  from asearcher_jax.inference.engine import first_bucket, padded_rows, prefill_buckets
   from asearcher_jax.placement import role_config, serving_param_dtype
   dcfg = role_config(cfg, "decode")
   m, s = dcfg.model, dcfg.serve
@@ -293,8 +293,7 @@ def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
   # Fresh prompts attend to their own tokens and leave a cache of their own for `insert`;
   # session turns attend to their whole page table (max_len positions), every row's gathered a
   # layer at a time.
-  q = next(b for b in prefill_buckets(min(s.min_prefill_bucket, T), T)
-           if b >= min(s.prefill_chunk or T, T))
+  q = first_bucket(prefill_buckets(min(s.min_prefill_bucket, T), T), min(s.prefill_chunk or T, T))
   tokens = padded_rows(s.slots) * q
   if s.prefill_tokens is not None:
     tokens = min(tokens, max(s.prefill_tokens, q))

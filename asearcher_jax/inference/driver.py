@@ -411,11 +411,10 @@ class Driver:
         joins = self._batch_for(r) if self.prefill_tokens is not None else None
         if joins is not None:
           kind, tokens = joins
-          rows, longest = batches[kind]
-          if rows and self.engine.prefill_size(rows + 1, max(longest, tokens)) \
-              > self.prefill_tokens:
+          rows, longest = batches[kind][0] + 1, max(batches[kind][1], tokens)
+          if not self.engine.prefill_fits(rows, longest, self.prefill_tokens):
             break  # its batch is full: it waits for the next loop
-          batches[kind] = (rows + 1, max(longest, tokens))
+          batches[kind] = (rows, longest)
         with self._wake:
           self._pending.popleft()
         slot = free.pop(0)

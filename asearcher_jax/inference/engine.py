@@ -95,6 +95,14 @@ def prefill_buckets(min_bucket: int, max_len: int) -> tuple[int, ...]:
   return tuple(buckets) + (max_len,)
 
 
+def first_bucket(buckets: tuple[int, ...], n: int) -> int:
+  """The smallest of `buckets` (ascending, the last the maximum length) that holds n tokens."""
+  for b in buckets:
+    if b >= n:
+      return b
+  raise ValueError(f"{n} tokens exceed the maximum length {buckets[-1]}")
+
+
 class Engine:
   """Decode engine over a fixed number of slots, optionally sharded over a mesh."""
 
@@ -168,15 +176,17 @@ class Engine:
     return self._programs.set_pages(state, jnp.asarray(index), jnp.asarray(rows))
 
   def bucket(self, n: int) -> int:
-    for b in self.buckets:
-      if b >= n:
-        return b
-    raise ValueError(f"{n} tokens exceed the maximum length {self.max_len}")
+    return first_bucket(self.buckets, n)
 
   def prefill_size(self, rows: int, longest: int) -> int:
     """Tokens a batched prefill of `rows` rows computes, the longest `longest` tokens: rows
     padded to a power of two, tokens to the longest row's bucket."""
     return padded_rows(rows) * self.bucket(min(longest, self.max_len))
+
+  def prefill_fits(self, rows: int, longest: int, bound: int | None) -> bool:
+    """Whether such a prefill stays within `bound` tokens (None: no bound). A row alone always
+    fits: a bound never starves a request."""
+    return rows == 1 or bound is None or self.prefill_size(rows, longest) <= bound
 
   def prefill(self, params, tokens: np.ndarray, *, temperature: float = 0.0, top_k: int = 0,
               top_p: float = 1.0, key: np.ndarray | jax.Array | None = None,
@@ -335,7 +345,7 @@ class Engine:
     for bucket in (b for b in self.buckets if b <= longest):
       pages = list(range(1, pages_for(bucket, self.page_size) + 1))  # rows may share them
       for n in rows:
-        if n > 1 and prefill_tokens is not None and n * bucket > prefill_tokens:
+        if not self.prefill_fits(n, bucket, prefill_tokens):
           break
         prefix = self.prefill_batch(self.params, [np.zeros(bucket, np.int32)] * n, [0.0] * n,
                                     [0] * n, [1.0] * n, [zeros_key] * n)

@@ -72,8 +72,12 @@ class SessionCache:
     s = self._sessions.get(session_id)
     if s is None:
       return 0
-    n = 0
     limit = min(len(s.tokens), len(context) - 1)  # at least one token must be prefilled
+    # The usual turn extends its session: one list comparison (the driver asks before it
+    # admits a turn and again as it takes the pages), rather than a Python loop per token.
+    if s.tokens[:limit] == context[:limit]:
+      return limit
+    n = 0
     while n < limit and s.tokens[n] == context[n]:
       n += 1
     return n
