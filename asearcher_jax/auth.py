@@ -1,4 +1,5 @@
-"""The one rule for every server of the project: loopback is open, anything else needs a token.
+"""The one rule for every server of the project: loopback is open, anything else needs a token;
+and how a server names and binds its address (IPv6 literals included).
 
 Clients send `Authorization: Bearer <token>` (gRPC metadata `authorization`).
 """
@@ -19,6 +20,23 @@ def is_loopback(host: str) -> bool:
     return ipaddress.ip_address(host).is_loopback
   except ValueError:
     return False
+
+
+def host_port(host: str, port: int) -> str:
+  """`host:port`, an IPv6 literal in brackets (`[::1]:port`), as gRPC targets and URLs want."""
+  return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def bind_grpc(server, host: str, port: int) -> int:
+  """Binds a gRPC server's insecure port and returns it; an OSError naming the address when it
+  cannot (grpc returns 0 or raises RuntimeError, by version)."""
+  try:
+    bound = server.add_insecure_port(host_port(host, port))
+  except RuntimeError:
+    bound = 0
+  if bound == 0:
+    raise OSError(f"cannot bind gRPC to {host_port(host, port)}")
+  return bound
 
 
 def require_token(host: str, token: str | None, what: str = "a token") -> None:

@@ -4,9 +4,11 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.error
 import urllib.request
 
@@ -145,6 +147,111 @@ def test_non_loopback_bind_needs_a_token(monkeypatch):
     require_token("0.0.0.0", None)
   assert require_token("127.0.0.1", None) is None
   assert require_token("0.0.0.0", "t") == "t"
+
+
+def _ipv6_loopback() -> bool:
+  try:
+    with socket.socket(socket.AF_INET6) as sock:
+      sock.bind(("::1", 0))
+    return True
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_the_ipv6_loopback_is_served_and_its_addresses_reach_it(tokenizer):
+  """"::1" is loopback (no token needed): both fronts bind it, and the addresses the server
+  hands out ("[::1]:port") are ones gRPC and HTTP clients can dial."""
+  model = create_model(CFG, MESH, seed=0, dtype="float32")
+  srv = DecodeServer(Driver(Engine(model, slots=2, max_len=64, mesh=MESH), version=1),
+                     tokenizer, host="::1", model_name="tiny").start_in_thread()
+  try:
+    assert srv.grpc_address.startswith("[::1]:")
+
+    async def go():
+      async with DecodeClient(srv.grpc_address, timeout=60) as c:
+        return await c.generate(prompt(4), GREEDY)
+    assert len(run(go()).output_ids) == 6
+    with urllib.request.urlopen(srv.http_address + "/health", timeout=60) as r:
+      assert r.status == 200
+  finally:
+    srv.stop_thread()
+
+
+def test_a_server_of_token_ids_alone_streams_as_it_answers_whole():
+  """No tokenizer (a library user's `DecodeServer(driver)`): token-id prompts, empty text, the
+  log-probs of every token, streamed or not."""
+  model = create_model(CFG, MESH, seed=0, dtype="float32")
+  srv = DecodeServer(Driver(Engine(model, slots=2, max_len=64, mesh=MESH), version=1),
+                     model_name="tiny").start_in_thread()
+  try:
+    oa = openai.OpenAI(base_url=srv.http_address + "/v1", api_key="none", max_retries=0)
+    args = dict(model="tiny", prompt=[1, 2, 3], max_tokens=4, temperature=0, logprobs=1)
+    whole = oa.completions.create(**args).choices[0]
+    chunks = [c.choices[0] for c in oa.completions.create(**args, stream=True) if c.choices]
+    assert whole.text == "" and len(whole.logprobs.token_logprobs) == 4
+    assert "".join(c.text for c in chunks) == ""
+    np.testing.assert_allclose([v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs],
+                               whole.logprobs.token_logprobs, atol=1e-6)
+    assert chunks[-1].finish_reason == whole.finish_reason == "length"
+  finally:
+    srv.stop_thread()
+
+
+JETSTREAM_DECODE_STATUS = textwrap.dedent("""
+    import json, sys, grpc
+    from jetstream.core.proto import jetstream_pb2, jetstream_pb2_grpc
+    stub = jetstream_pb2_grpc.OrchestratorStub(grpc.insecure_channel(sys.argv[1]))
+    req = jetstream_pb2.DecodeRequest(
+        token_content=jetstream_pb2.DecodeRequest.TokenContent(token_ids=json.loads(sys.argv[2])),
+        max_tokens=4)
+    try:
+      print(json.dumps([len(r.stream_content.samples) for r in stub.Decode(req)]))
+    except grpc.RpcError as e:
+      print(json.dumps(e.code().name))
+""")
+
+
+def test_a_request_the_decode_loop_fails_fails_on_every_front(tokenizer, monkeypatch):
+  """A request whose prefill fails (a device fault) before its first token: a 500 on the
+  OpenAI front, streamed or not, and INTERNAL from gRPC's Generate and GenerateStream and from
+  JetStream's Decode; never a stream that ends as if the request had finished."""
+  model = create_model(CFG, MESH, seed=0, dtype="float32")
+  engine = Engine(model, slots=2, max_len=64, mesh=MESH)
+  real = engine.prefill_batch
+
+  def poisoned(params, token_lists, *args, **kwargs):
+    if any(t[0] == 127 for t in token_lists):
+      raise RuntimeError("device fault")
+    return real(params, token_lists, *args, **kwargs)
+
+  monkeypatch.setattr(engine, "prefill_batch", poisoned)
+  srv = DecodeServer(Driver(engine, version=1), tokenizer, model_name="tiny").start_in_thread()
+  bad = [127, 1, 2]
+  try:
+    async def go():
+      async with DecodeClient(srv.grpc_address, timeout=60) as c:
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+          await c.generate(bad, GREEDY)
+        with pytest.raises(grpc.aio.AioRpcError) as streamed:
+          _ = [r async for r in c.stream(bad, GREEDY)]
+        return unary.value, streamed.value, await c.generate([5, 1, 2], GREEDY)
+    unary, streamed, fine = run(go())
+    assert unary.code() == streamed.code() == grpc.StatusCode.INTERNAL
+    assert "device fault" in unary.details() and "device fault" in streamed.details()
+    assert fine.finish_reason == "length"  # the server serves on
+    oa = openai.OpenAI(base_url=srv.http_address + "/v1", api_key="none", max_retries=0)
+    for stream in (False, True):
+      with pytest.raises(openai.InternalServerError, match="device fault"):
+        out = oa.completions.create(model="tiny", prompt=bad, max_tokens=4, stream=stream)
+        _ = list(out) if stream else out
+    proc = subprocess.run([sys.executable, "-c", JETSTREAM_DECODE_STATUS, srv.grpc_address,
+                           json.dumps(bad)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=""), cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == "INTERNAL"
+  finally:
+    srv.stop_thread()
 
 
 def test_update_weights_from_orbax_and_refusal_of_a_wrong_model(server, tmp_path):
@@ -371,6 +478,43 @@ def test_openai_logprobs_and_top_logprobs(server, tokenizer):
       chat.message.content
 
 
+@pytest.mark.parametrize("stop", [None, "mid", "start", "absent"])
+def test_openai_streamed_logprobs_are_the_whole_answers(server, stop):
+  """Log-probs streamed with the text they belong to: the same tokens and text offsets as the
+  whole answer, a stop string's tokens in neither (its text held back, then dropped), and no
+  token at all for a text that a stop string empties."""
+  oa = _oa(server)
+  args = dict(model="tiny", prompt="Once upon", max_tokens=12, temperature=0)
+  free = oa.completions.create(**args).choices[0].text
+  stops = {None: None, "mid": [free[4:7]], "start": [free[:2]], "absent": ["\u2603\u2603"]}[stop]
+  whole = oa.completions.create(**args, stop=stops, logprobs=1).choices[0]
+  tokens, offsets, text = [], [], ""
+  for chunk in oa.completions.create(**args, stop=stops, logprobs=1, stream=True):
+    c = chunk.choices[0]
+    text += c.text
+    if c.logprobs:
+      tokens += c.logprobs.tokens
+      offsets += c.logprobs.text_offset
+  assert text == whole.text
+  assert tokens == whole.logprobs.tokens and offsets == whole.logprobs.text_offset
+  assert offsets == list(np.cumsum([0] + [len(t) for t in tokens[:-1]])) if tokens else True
+  if stop == "start":
+    assert whole.text == "" and whole.logprobs.tokens == []
+
+  chat = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+              temperature=0)
+  content = oa.chat.completions.create(**chat).choices[0].message.content
+  chat_stop = {None: None, "mid": [content[2:4]], "start": [content[:1]],
+               "absent": ["\u2603\u2603"]}[stop]
+  whole = oa.chat.completions.create(**chat, stop=chat_stop, logprobs=True).choices[0]
+  streamed = [e.token for chunk in oa.chat.completions.create(
+      **chat, stop=chat_stop, logprobs=True, stream=True)
+      for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+  assert streamed == [e.token for e in whole.logprobs.content or []]
+  if stop == "start":
+    assert whole.message.content == "" and not whole.logprobs.content
+
+
 def test_openai_unknown_model_is_404_and_unsupported_fields_are_400(server):
   oa = _oa(server)
   with pytest.raises(openai.NotFoundError, match="does not exist"):
@@ -378,6 +522,17 @@ def test_openai_unknown_model_is_404_and_unsupported_fields_are_400(server):
   with pytest.raises(openai.NotFoundError):
     oa.models.retrieve("gpt-4o")
   assert oa.models.retrieve("tiny").id == "tiny"
+  # curl's raw paths: a model id with a slash reaches the model route; no such route or method
+  # is an OpenAI-shaped error too.
+  for method, path, status, code in (("GET", "/v1/models/Qwen/Qwen3-0.6B", 404, "model_not_found"),
+                                     ("GET", "/v1/embeddings", 404, 404),
+                                     ("GET", "/v1/completions", 405, 405)):
+    req = urllib.request.Request(server.http_address + path, method=method,
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+      urllib.request.urlopen(req)
+    assert e.value.code == status and json.loads(e.value.read())["error"]["code"] == code
+    assert status != 405 or e.value.headers["Allow"] == "POST"
   for extra, needle in ((dict(logit_bias={"5": 10}), "'logit_bias' is not supported"),
                         (dict(presence_penalty=0.5), "'presence_penalty' is not supported"),
                         (dict(echo=True), "'echo' is not supported"),
@@ -448,17 +603,42 @@ def test_a_body_over_the_limit_is_400_and_read_no_further(server):
   assert e.value.code == 400 and "exceeds" in json.loads(e.value.read())["error"]["message"]
 
 
-def test_prometheus_metrics(server):
+def _metrics(server) -> str:
   req = urllib.request.Request(server.http_address + "/metrics",
                                headers={"Authorization": f"Bearer {TOKEN}"})
-  text = urllib.request.urlopen(req).read().decode()
+  return urllib.request.urlopen(req).read().decode()
+
+
+def _generated(text: str) -> float:
+  return next(float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("asearcher_decode_generated_tokens_total"))
+
+
+def _idle(server) -> None:
+  """Waits until no request is running or queued (an earlier test's cancelled one included)."""
+  deadline = time.monotonic() + 60
+  while (s := server.driver.stats()).slots_in_use or s.queue_depth:
+    assert time.monotonic() < deadline, "the server never went idle"
+    time.sleep(0.05)
+
+
+def test_prometheus_metrics(server):
+  _idle(server)
+  text = _metrics(server)
   for name in ("asearcher_decode_slots_in_use", "asearcher_decode_queue_depth",
                "asearcher_decode_tokens_per_second", "asearcher_decode_prefill_seconds_bucket",
                "asearcher_decode_step_seconds_count", "asearcher_decode_generated_tokens_total"):
     assert name in text
-  generated = [float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith("asearcher_decode_generated_tokens_total")]
-  assert generated and generated[0] > 0
+  before = _generated(text)
+
+  async def go():  # requests that end at different steps: the step after a request's last
+    async with client(server) as c:  # token samples its slot too, and that token is dropped
+      return await asyncio.gather(*(
+          c.generate(prompt(6, seed=i), SamplingParams(temperature=0.0, max_new_tokens=n))
+          for i, n in enumerate((1, 2, 5, 9))))
+  results = run(go())
+  _idle(server)
+  assert _generated(_metrics(server)) - before == sum(len(r.output_ids) for r in results)
 
 
 def test_update_weights_from_an_hf_directory(server, tmp_path):

@@ -114,6 +114,14 @@ def test_top_logprobs_are_the_most_likely_tokens_of_the_sampled_distribution(
     ref = reference_logprobs(logits[i], 0.7, 0, 1.0)
     assert [t for t, _ in top] == np.argsort(-ref)[:5].tolist()
     np.testing.assert_allclose([lp for _, lp in top], np.sort(ref)[::-1][:5], atol=1e-4)
+  # Under top_k = 3 the distribution has three tokens: only they are alternatives.
+  cut = driver.generate(p, SamplingParams(temperature=0.7, seed=5, max_new_tokens=3, top_k=3,
+                                          top_logprobs=5))
+  logits = forward_logits(model, p + cut.output_ids[:-1])[len(p) - 1:]
+  for i, top in enumerate(cut.top_logprobs):
+    ref = reference_logprobs(logits[i], 0.7, 3, 1.0)
+    assert [t for t, _ in top] == np.argsort(-ref)[:3].tolist()
+    np.testing.assert_allclose([lp for _, lp in top], np.sort(ref)[::-1][:3], atol=1e-4)
   with pytest.raises(ValueError, match="top_logprobs"):
     driver.generate(p, SamplingParams(top_logprobs=21))
 
@@ -386,6 +394,50 @@ def test_one_failing_row_of_a_batched_prefill_fails_alone(model, monkeypatch):
     d.resume()
     reasons = [r.wait(60).finish_reason for r in reqs]
   assert reasons == ["length", "error", "length"] and "device fault" in reqs[1].error
+
+
+def test_stop_finishes_every_request_even_one_mid_prefill_past_its_timeout(model, monkeypatch):
+  """stop() cancels what is left; a prefill that outlasts its join (a long compile) has its
+  request cancelled by the engine thread as it leaves, never left hanging. A stopped driver
+  takes no request and does not start again (its pages' bookkeeping went with its requests)."""
+  engine = Engine(model, slots=2, max_len=48, mesh=MESH)
+  d = Driver(engine).start()
+  d.generate(prompt(3), SamplingParams(temperature=0.0, max_new_tokens=2))  # compiled
+  real, entered = engine.prefill_batch, threading.Event()
+
+  def slow(*args, **kwargs):
+    entered.set()
+    time.sleep(1.5)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(engine, "prefill_batch", slow)
+  r = d.submit(Request(prompt(4), SamplingParams(temperature=0.0, max_new_tokens=8)))
+  queued = d.submit(Request(prompt(5), SamplingParams(temperature=0.0, max_new_tokens=8)))
+  assert entered.wait(30)
+  d.stop(timeout=0.1)
+  assert r.wait(30).finish_reason == "cancelled" and queued.wait(30).finish_reason == "cancelled"
+  with pytest.raises(RuntimeError, match="not running"):
+    d.submit(Request(prompt(3), SamplingParams(max_new_tokens=1)))
+  with pytest.raises(RuntimeError, match="runs once"):
+    d.start()
+
+
+def test_a_submit_that_races_stop_is_refused_not_lost(model):
+  """stop() landing between submit's first check and its enqueue: the request is refused
+  (RuntimeError) rather than queued on a driver nobody serves."""
+  d = Driver(Engine(model, slots=2, max_len=48, mesh=MESH)).start()
+
+  class StopsTheDriver:  # request ids are drawn between the two: stop from another thread there
+    def __next__(self):
+      t = threading.Thread(target=d.stop)
+      t.start()
+      t.join()
+      return 99
+
+  d._ids = StopsTheDriver()
+  with pytest.raises(RuntimeError, match="not running"):
+    d.submit(Request(prompt(3), SamplingParams(temperature=0.0, max_new_tokens=2)))
+  assert not d._pending
 
 
 def test_a_failed_session_save_still_finishes_the_request(model, monkeypatch):

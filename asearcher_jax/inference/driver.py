@@ -54,6 +54,7 @@ from asearcher_jax.inference.protocol import (
   Stats,
   check_version,
 )
+from asearcher_jax.inference.sampling import NEG_INF
 from asearcher_jax.inference.sessions import SessionCache
 from asearcher_jax.models.paged_kv import pages_for
 
@@ -150,16 +151,28 @@ class Driver:
   # -- lifecycle -------------------------------------------------------------------
 
   def start(self) -> "Driver":
+    """Starts the engine thread. A driver runs once: a stopped one has cancelled its requests
+    and dropped their KV pages' bookkeeping, so serving again takes a new Driver."""
+    if self._thread is not None:
+      raise RuntimeError("a decode driver runs once; build a new Driver to serve again")
     self._running = True
     self._thread = threading.Thread(target=self._loop, name="decode-driver", daemon=True)
     self._thread.start()
     return self
 
-  def stop(self) -> None:
-    self._running = False
-    self._notify()
-    if self._thread:
-      self._thread.join(timeout=30)
+  def stop(self, timeout: float = 30.0) -> None:
+    """Stops the engine thread; every request not finished is cancelled and every pending
+    control call fails, by the engine thread as it leaves its loop (so a step or compile that
+    outlasts `timeout` still finishes them), or here once it is gone."""
+    with self._wake:  # submit and _call enqueue under this lock only while running
+      self._running = False
+      self._wake.notify()
+    if self._thread is not None:
+      self._thread.join(timeout=timeout)
+    if self._thread is None or not self._thread.is_alive():
+      self._shut_down()
+
+  def _shut_down(self) -> None:
     while True:  # callers blocked in _call would otherwise wait forever
       try:
         _, fut = self._control.get_nowait()
@@ -221,6 +234,8 @@ class Driver:
     request.request_id = request.request_id or f"req-{next(self._ids)}"
     request.submitted_at = time.monotonic()
     with self._wake:
+      if not self._running:  # stop() began after the check above: nobody would serve it
+        raise RuntimeError("the decode driver is not running")
       if len(self._pending) >= self.max_pending:
         raise QueueFullError(f"{len(self._pending)} requests are waiting (limit "
                              f"{self.max_pending}); retry later")
@@ -282,14 +297,26 @@ class Driver:
 
   def _call(self, fn: Callable[[], Any]) -> Any:
     """Runs fn on the engine thread between steps and returns its result."""
-    if threading.current_thread() is self._thread or not self.live:
+    if threading.current_thread() is self._thread:
       return fn()
     fut: Future = Future()
-    self._control.put((fn, fut))
-    self._notify()
-    return fut.result()
+    with self._wake:
+      queued = self._running
+      if queued:
+        self._control.put((fn, fut))
+        self._wake.notify()
+      elif self._thread is not None and self._thread.is_alive():
+        raise RuntimeError("the decode driver is stopping")
+    # Not started, or gone: nothing else touches the state.
+    return fut.result() if queued else fn()
 
   def _loop(self) -> None:
+    try:
+      self._serve()
+    finally:
+      self._shut_down()
+
+  def _serve(self) -> None:
     while self._running:
       try:
         if not self._control.empty():
@@ -573,7 +600,7 @@ class Driver:
       r.prefilled_tokens += n
       self._counters["prefill"] += n
     if self.metrics:
-      self.metrics.observe_prefill(time.perf_counter() - t0, sum(prefilled), len(batch))
+      self.metrics.observe_prefill(time.perf_counter() - t0, sum(prefilled))
 
   def _after_prefill(self, batch, tokens, logprobs, top) -> None:
     """Starts each row decoding from its first token ([n] arrays on device; `top`: the most
@@ -590,6 +617,7 @@ class Driver:
   def _emit_firsts(self) -> None:
     """Records the first token of every prefill since the last call."""
     firsts, self._firsts = self._firsts, []
+    emitted = 0
     for batch, arrays in firsts:
       tokens, logprobs, top_ids, top_logprobs = (np.asarray(a) for a in arrays)
       for i, (slot, r) in enumerate(batch):
@@ -599,6 +627,11 @@ class Driver:
           r.first_token_at = time.monotonic()
         self._emit(slot, r, int(tokens[i]), float(logprobs[i]),
                    top=(top_ids[i], top_logprobs[i]))
+        emitted += 1
+    if emitted:
+      self._recent.append((time.monotonic(), emitted))
+      if self.metrics:
+        self.metrics.observe_tokens(emitted)
 
   def _ahead(self) -> int:
     """Tokens each running slot has on the device beyond those recorded: the block in flight,
@@ -719,16 +752,20 @@ class Driver:
     step_s, self._last_done = (now - self._last_done) / steps, now
     self._step_s.append(step_s)
     self._counters["steps"] += steps
-    self._recent.append((time.monotonic(), len(snapshot) * steps))
     if self.metrics:
       for _ in range(steps):
-        self.metrics.observe_step(step_s, len(snapshot))
+        self.metrics.observe_step(step_s)
+    emitted = 0
     for slot, r in snapshot:
       for j in range(steps):
         if self._slots[slot] is not r:  # it finished (or was cancelled) since the dispatch
           break
         self._emit(slot, r, int(tokens[j, slot]), float(logprobs[j, slot]), version,
                    top=(top_ids[j, slot], top_logprobs[j, slot]))
+        emitted += 1
+    self._recent.append((time.monotonic(), emitted))
+    if self.metrics:
+      self.metrics.observe_tokens(emitted)
 
   def _emit(self, slot: int, r: Request, token: int, logprob: float,
             version: int | None = None, top: tuple[np.ndarray, np.ndarray] | None = None) -> None:
@@ -738,7 +775,9 @@ class Driver:
     r.logprobs.append(logprob)
     if r.sampling.top_logprobs and top is not None and len(top[0]):
       n = r.sampling.top_logprobs
-      r.top_logprobs.append(list(zip(top[0][:n].tolist(), top[1][:n].tolist())))
+      ids, lps = top[0][:n], top[1][:n]
+      live = lps > NEG_INF / 2  # top_k / top_p left the others out: probability 0, no choice
+      r.top_logprobs.append(list(zip(ids[live].tolist(), lps[live].tolist())))
     r.versions.append(self.version if version is None else version)
     self._counters["generated"] += 1
     if r.on_tokens:

@@ -12,9 +12,9 @@ import time
 
 import grpc
 
-from asearcher_jax.auth import bearer_ok
+from asearcher_jax.auth import bearer_ok, bind_grpc
 from asearcher_jax.errors import AsearcherError
-from asearcher_jax.inference.protocol import QueueFullError, SamplingParams
+from asearcher_jax.inference.protocol import GenerationFailed, QueueFullError, SamplingParams
 from asearcher_jax.inference.protos import (
   decode_pb2,
   decode_pb2_grpc,
@@ -34,6 +34,7 @@ def _guarded(stream: bool = False):
 
     async def fail(context, e):
       code = (grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(e, QueueFullError)
+              else grpc.StatusCode.INTERNAL if isinstance(e, GenerationFailed)
               else grpc.StatusCode.INVALID_ARGUMENT)
       await context.abort(code, str(e))
 
@@ -44,7 +45,7 @@ def _guarded(stream: bool = False):
         try:
           async for item in fn(self, request, context):
             yield item
-        except (ValueError, QueueFullError, AsearcherError) as e:
+        except (ValueError, QueueFullError, GenerationFailed, AsearcherError) as e:
           await fail(context, e)
       return gen
 
@@ -53,7 +54,7 @@ def _guarded(stream: bool = False):
       await check(self, request, context)
       try:
         return await fn(self, request, context)
-      except (ValueError, QueueFullError, AsearcherError) as e:
+      except (ValueError, QueueFullError, GenerationFailed, AsearcherError) as e:
         await fail(context, e)
     return unary
 
@@ -86,7 +87,7 @@ class RLDecodeServicer(decode_pb2_grpc.DecodeServicer):
     r = await self.service.generate(list(request.prompt_ids), sampling_from_proto(request.sampling),
                                     session_id=request.session_id, request_id=request.request_id)
     if r.finish_reason == "error":
-      await context.abort(grpc.StatusCode.INTERNAL, r.error or "generation failed")
+      raise GenerationFailed(r.error or "generation failed")
     return response_from_request(r)
 
   @_guarded(stream=True)
@@ -190,7 +191,4 @@ def build_grpc_server(service: DecodeService, host: str, port: int,
   decode_pb2_grpc.add_DecodeServicer_to_server(RLDecodeServicer(service, token), server)
   jetstream_pb2_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(service, token),
                                                         server)
-  bound = server.add_insecure_port(f"{host}:{port}")
-  if bound == 0:
-    raise OSError(f"cannot bind gRPC to {host}:{port}")
-  return server, bound
+  return server, bind_grpc(server, host, port)

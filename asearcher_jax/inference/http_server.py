@@ -8,12 +8,14 @@ likely alternatives, and each token's exact `bytes` (part of a character include
 follow OpenAI: the text ends before the stop string (a stream holds back only what could still
 begin one). What this server cannot honour (`logit_bias`, penalties, `echo`, `suffix`, tools,
 JSON mode) is refused with a 400 naming the field, never silently ignored. Errors are
-OpenAI-shaped JSON: 400 (bad request), 401 (token), 404 (unknown model), 503 (queue full).
+OpenAI-shaped JSON: 400 (bad request), 401 (token), 404 (unknown model or route), 405 (method),
+503 (queue full).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import json
@@ -25,7 +27,12 @@ from aiohttp import web
 
 from asearcher_jax.auth import bearer_ok
 from asearcher_jax.errors import AsearcherError
-from asearcher_jax.inference.protocol import MAX_TOP_LOGPROBS, QueueFullError, SamplingParams
+from asearcher_jax.inference.protocol import (
+    MAX_TOP_LOGPROBS,
+    GenerationFailed,
+    QueueFullError,
+    SamplingParams,
+)
 from asearcher_jax.inference.service import (
     DecodeService,
     IncrementalDetokenizer,
@@ -112,6 +119,33 @@ class StopScanner:
     return out, False
 
 
+class TokenText:
+  """A choice's text, decoded token by token, with where each token's text starts: a token's
+  log-probs go out with the first of its text that does, so a stop string's tokens never
+  report one, and a streamed choice reports the tokens its whole answer would."""
+
+  def __init__(self, tokenizer):
+    self.detok = IncrementalDetokenizer(tokenizer)
+    self.starts: list[int] = []
+    self.length = 0
+
+  def add(self, ids: list[int]) -> str:
+    pieces = []
+    for t in ids:
+      self.starts.append(self.length)
+      pieces.append(self.detok.add([t]))
+      self.length += len(pieces[-1])
+    return "".join(pieces)
+
+  def flush(self) -> str:
+    return self.detok.flush()
+
+  def covering(self, chars: int) -> int:
+    """How many tokens have text within the first `chars` characters: OpenAI's rule for the
+    text before a stop string, the tokens up to the one that completes it (none for "")."""
+    return bisect.bisect_left(self.starts, chars)
+
+
 class OpenAIServer:
   def __init__(self, service: DecodeService, token: str | None, metrics=None,
                max_body_bytes: int = MAX_BODY):
@@ -123,7 +157,7 @@ class OpenAIServer:
     app.router.add_post("/v1/completions", self.completions)
     app.router.add_post("/v1/chat/completions", self.chat_completions)
     app.router.add_get("/v1/models", self.models)
-    app.router.add_get("/v1/models/{model}", self.model)
+    app.router.add_get("/v1/models/{model:.+}", self.model)  # "Qwen/Qwen3-0.6B" unencoded too
     app.router.add_get("/health", self.health)
     app.router.add_get("/metrics", self.metrics_text)
     return app
@@ -135,12 +169,19 @@ class OpenAIServer:
       return _error(401, "missing or wrong bearer token", "authentication_error")
     try:
       return await handler(request)
-    except web.HTTPException:
-      raise
+    except web.HTTPException as e:  # aiohttp's own (no such route, method) answer in JSON too
+      if e.status < 400 or e.content_type == "application/json":
+        raise
+      response = _error(e.status, f"{request.method} {request.path}: {e.reason}")
+      if "Allow" in e.headers:  # a 405 names the methods the route takes
+        response.headers["Allow"] = e.headers["Allow"]
+      return response
     except UnknownModel as e:
       return _error(404, str(e), code="model_not_found")
     except QueueFullError as e:
       return _error(503, str(e), "server_overloaded")
+    except GenerationFailed as e:
+      return _error(500, str(e), "server_error")
     except (BadRequest, ValueError, AsearcherError) as e:
       return _error(400, str(e))
 
@@ -221,7 +262,8 @@ class OpenAIServer:
 
   def _completion_logprobs(self, ids, logprobs, tops, offset: int) -> dict:
     """The legacy shape: tokens, token_logprobs, top_logprobs (the n best plus the sampled
-    token, as OpenAI returns up to logprobs + 1), text_offset."""
+    token, as OpenAI returns up to logprobs + 1), text_offset (each token's text counted from
+    `offset`, the length of the tokens before it)."""
     tokens = [self.service.decode([t]) for t in ids]
     offsets, pos = [], offset
     for t in tokens:
@@ -264,10 +306,7 @@ class OpenAIServer:
       raise
     failed = [r for r in results if r.finish_reason == "error"]
     if failed:
-      raise web.HTTPInternalServerError(
-          text=json.dumps({"error": {"message": failed[0].error or "generation failed",
-                                     "type": "server_error", "code": 500}}),
-          content_type="application/json")
+      raise GenerationFailed(failed[0].error or "generation failed")
     return results
 
   def _choice_text(self, r, sampling: SamplingParams) -> tuple[str, str, int]:
@@ -277,12 +316,10 @@ class OpenAIServer:
       ids = ids[:-1]  # the end-of-turn token is not part of the text
     text, hit = truncate_at_stop(self.service.decode(ids), sampling.stop)
     covered = len(ids)
-    if hit:  # the tokens up to the one that completes the text before the stop string
-      detok, length = IncrementalDetokenizer(self.service.tokenizer), 0
-      for covered, t in enumerate(ids, 1):
-        length += len(detok.add([t]))
-        if length >= len(text):
-          break
+    if hit:
+      tokens = TokenText(self.service.tokenizer)
+      tokens.add(ids)
+      covered = tokens.covering(len(text))
     reason = "stop" if hit or r.finish_reason == "stop" else "length"
     return text, reason, covered
 
@@ -385,32 +422,49 @@ class OpenAIServer:
     stop_ids = set(ask.sampling.stop_token_ids)
 
     async def one(i: int) -> None:
-      detok = IncrementalDetokenizer(self.service.tokenizer)
-      scan, offset, request_ = StopScanner(ask.sampling.stop), 0, None
+      tokens = TokenText(self.service.tokenizer)
+      scan, sent, request_ = StopScanner(ask.sampling.stop), 0, None
+      # Log-probs wait with the text the scanner holds back: (ids, logprobs, tops) of the
+      # tokens not reported yet, and the text_offset the next one starts at.
+      held: tuple[list, list, list] = ([], [], [])
+      reported, offset = 0, 0
+
+      def due(upto: int):
+        nonlocal reported, offset
+        n, reported = upto - reported, upto
+        if ask.logprobs is None or n <= 0:
+          return None
+        ids, lp, top = (x[:n] for x in held)
+        for x in held:
+          del x[:n]
+        if chat:
+          return self._chat_logprobs(ids, lp, top)
+        out = self._completion_logprobs(ids, lp, top, offset)
+        offset += sum(len(t) for t in out["tokens"])
+        return out
+
       try:
         async with contextlib.aclosing(self.service.stream(
             prompt, self._seeded(ask.sampling, i))) as stream:
           async for request_, chunk in stream:
             keep = [j for j, t in enumerate(chunk.ids) if t not in stop_ids]
             ids = [chunk.ids[j] for j in keep]
-            text, hit = scan.feed(detok.add(ids) if ids else "")
-            lps = None
-            if ask.logprobs is not None and ids:
-              lp = [chunk.logprobs[j] for j in keep]
-              top = [chunk.top[j] for j in keep] if chunk.top else [[] for _ in keep]
-              lps = (self._chat_logprobs(ids, lp, top) if chat
-                     else self._completion_logprobs(ids, lp, top, offset))
-            offset += len(text)
+            text, hit = scan.feed(tokens.add(ids))
+            sent += len(text)
+            if ask.logprobs is not None:
+              held[0].extend(ids)
+              held[1].extend(chunk.logprobs[j] for j in keep)
+              held[2].extend(chunk.top[j] if chunk.top else [] for j in keep)
+            lps = due(tokens.covering(sent))
             if text or lps:
               await events.put((i, text, lps, None))
             if hit:
               await events.put((i, "", None, "stop"))
               return
-        if request_ is not None and request_.finish_reason == "error":
-          raise RuntimeError(request_.error or "generation failed")
-        text, hit = scan.feed(detok.flush(), final=True)
-        if text:
-          await events.put((i, text, None, None))
+        text, hit = scan.feed(tokens.flush(), final=True)
+        lps = due(tokens.covering(sent + len(text)) if hit else len(tokens.starts))
+        if text or lps:
+          await events.put((i, text, lps, None))
         reason = "stop" if hit or (request_ and request_.finish_reason == "stop") else "length"
         await events.put((i, "", None, reason))
       except Exception as e:  # noqa: BLE001 -- handed to the writer, which answers it

@@ -32,14 +32,17 @@ class DecodeMetrics:
     self.ttft_s = Histogram("asearcher_decode_time_to_first_token_seconds",
                             "submission to first token", buckets=_LATENCY, registry=r)
 
-  def observe_prefill(self, seconds: float, tokens: int, requests: int) -> None:
+  def observe_prefill(self, seconds: float, tokens: int) -> None:
     self.prefill_s.observe(seconds)
     self.prefilled.inc(tokens)
-    self.generated.inc(requests)  # prefill samples each request's first token
 
-  def observe_step(self, seconds: float, active: int) -> None:
+  def observe_step(self, seconds: float) -> None:
     self.step_s.observe(seconds)
-    self.generated.inc(active)
+
+  def observe_tokens(self, n: int) -> None:
+    """Tokens handed to requests: a dispatch also samples for slots whose request finished
+    earlier in its block, or was preempted, and those are dropped, not counted."""
+    self.generated.inc(n)
 
   def observe_finish(self, request) -> None:
     self.requests.labels(finish_reason=request.finish_reason).inc()

@@ -27,6 +27,11 @@ class QueueFullError(Exception):
   """The server is at capacity; retry later."""
 
 
+class GenerationFailed(RuntimeError):
+  """The decode loop failed this request (a device or prefill error): a stream raises it rather
+  than end as if the request had finished."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   """What a request asks for. temperature 0 is greedy; top_k 0 and top_p 1 disable truncation."""

@@ -66,7 +66,7 @@ class DecodeServer(BackgroundServer):
       await site.start()
       self.http_port = self._runner.addresses[0][1]
     log.info("decode server: grpc %s:%d, http %s", self.host, self.grpc_port,
-             f"{self.host}:{self.http_port}" if self.http_port is not None else "off")
+             auth.host_port(self.host, self.http_port) if self.http_port is not None else "off")
 
   async def stop(self) -> None:
     if self._runner is not None:
@@ -85,11 +85,11 @@ class DecodeServer(BackgroundServer):
 
   @property
   def grpc_address(self) -> str:
-    return f"{self.host}:{self.grpc_port}"
+    return auth.host_port(self.host, self.grpc_port)
 
   @property
   def http_address(self) -> str:
-    return f"http://{self.host}:{self.http_port}"
+    return f"http://{auth.host_port(self.host, self.http_port)}"
 
 
 def build_server(cfg: Config, *, progress: bool = True) -> DecodeServer:

@@ -15,7 +15,7 @@ from typing import AsyncIterator
 
 from asearcher_jax.errors import AsearcherError, CheckpointError
 from asearcher_jax.inference.driver import Driver, Request
-from asearcher_jax.inference.protocol import SamplingParams, check_version
+from asearcher_jax.inference.protocol import GenerationFailed, SamplingParams, check_version
 from asearcher_jax.inference.weights import load_weights
 
 
@@ -60,10 +60,13 @@ class DecodeService:
   async def stream(self, prompt: list[int], sampling: SamplingParams, *,
                    session_id: str | None = None, request_id: str = ""
                    ) -> AsyncIterator[tuple[Request, Chunk]]:
-    """Yields (request, chunk of new tokens) as sampled; the request is done after the last."""
+    """Yields (request, chunk of new tokens) as sampled; the request is done after the last.
+    Raises GenerationFailed, after whatever it sampled, if the request failed."""
     request, events = self._submit(prompt, sampling, session_id, request_id)
     async for chunk in self._drain(request, events):
       yield request, chunk
+    if request.finish_reason == "error":
+      raise GenerationFailed(request.error or "generation failed")
 
   def _submit(self, prompt, sampling, session_id, request_id) -> tuple[Request, asyncio.Queue]:
     loop = asyncio.get_running_loop()
@@ -155,6 +158,8 @@ class IncrementalDetokenizer:
 
   def add(self, ids: list[int], final: bool = False) -> str:
     self.ids.extend(ids)
+    if self.tokenizer is None:  # a server of token ids alone: no text, as `decode` gives
+      return ""
     done = self.tokenizer.decode(self.ids[self._prefix:self._read])
     full = self.tokenizer.decode(self.ids[self._prefix:])
     if not final and (full.endswith("\ufffd") or len(full) <= len(done)):

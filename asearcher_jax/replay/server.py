@@ -139,10 +139,7 @@ class ReplayServer(BackgroundServer):
     server = grpc.aio.server(options=CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)])
     replay_pb2_grpc.add_ReplayServicer_to_server(
         ReplayServicer(self.queue, self.token, vocab_size=self.vocab_size), server)
-    bound = server.add_insecure_port(f"{self.host}:{self.port}")
-    if bound == 0:
-      raise OSError(f"cannot bind gRPC to {self.host}:{self.port}")
-    self.port = bound
+    self.port = auth.bind_grpc(server, self.host, self.port)
     await server.start()
     self._grpc = server
     log.info("replay queue: grpc %s", self.address)
@@ -154,7 +151,7 @@ class ReplayServer(BackgroundServer):
 
   @property
   def address(self) -> str:
-    return f"{self.host}:{self.port}"
+    return auth.host_port(self.host, self.port)
 
 
 async def _serve(server: ReplayServer) -> None:

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from asearcher_jax.auth import bearer_ok, require_token
+from asearcher_jax.auth import bearer_ok, host_port, require_token
 from asearcher_jax.errors import RetrievalError
 from asearcher_jax.tools.config import RetrievalSection
 from asearcher_jax.tools.index import SearchIndex
@@ -228,7 +228,7 @@ def run_server(index_path: str, host: str = "127.0.0.1", port: int = 8010,
   check_bind(host, token)
   index = SearchIndex(index_path, dense_encoder=dense_encoder)
   print(f"serving {index.num_docs} passages, {index.num_pages} pages ({', '.join(index.modes)})"
-        f" from {index_path} on http://{host}:{port}", flush=True)
+        f" from {index_path} on http://{host_port(host, port)}", flush=True)
   web.run_app(create_app(index, cfg, token), host=host, port=port, print=None)
 
 
@@ -261,7 +261,7 @@ class ServerThread:
 
   @property
   def url(self) -> str:
-    return f"http://{self.host}:{self.port}"
+    return f"http://{host_port(self.host, self.port)}"
 
   def start(self, timeout_s: float = 30.0, token: str | None = None) -> ServerThread:
     """Start serving; raises if the bind needs a token it lacks, if the server fails to
