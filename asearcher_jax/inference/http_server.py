@@ -124,12 +124,15 @@ class TokenText:
   log-probs go out with the first of its text that does, so a stop string's tokens never
   report one, and a streamed choice reports the tokens its whole answer would."""
 
-  def __init__(self, tokenizer):
+  def __init__(self, tokenizer, per_token: bool = True):
     self.detok = IncrementalDetokenizer(tokenizer)
+    self.per_token = per_token  # off: the text alone, decoded a chunk at a time
     self.starts: list[int] = []
     self.length = 0
 
   def add(self, ids: list[int]) -> str:
+    if not self.per_token:
+      return self.detok.add(ids) if ids else ""
     pieces = []
     for t in ids:
       self.starts.append(self.length)
@@ -422,7 +425,7 @@ class OpenAIServer:
     stop_ids = set(ask.sampling.stop_token_ids)
 
     async def one(i: int) -> None:
-      tokens = TokenText(self.service.tokenizer)
+      tokens = TokenText(self.service.tokenizer, per_token=ask.logprobs is not None)
       scan, sent, request_ = StopScanner(ask.sampling.stop), 0, None
       # Log-probs wait with the text the scanner holds back: (ids, logprobs, tops) of the
       # tokens not reported yet, and the text_offset the next one starts at.
