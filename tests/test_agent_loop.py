@@ -12,7 +12,14 @@ import time
 import numpy as np
 import pytest
 
-from asearcher_jax.agent import Agent, AgentSection, Completion, ContextTooLong, PolicyUnavailable
+from asearcher_jax.agent import (
+  Agent,
+  AgentSection,
+  Completion,
+  ContextTooLong,
+  PolicyUnavailable,
+  reasoning,
+)
 from asearcher_jax.agent.episode import ACT_STOPS, turn_seed
 from asearcher_jax.agent.prompts import ANSWER_INSTRUCTION
 from asearcher_jax.data.qa import DataError, QAItem
@@ -391,6 +398,28 @@ def test_reasoning_ignores_calls_inside_hidden_reasoning():
   traj, _, tools = run_agent(steps, variant="reasoning")
   assert tools.calls == [("search", ["right idea"], None)]
   assert traj.turns[0].argument == "right idea"
+
+
+@pytest.mark.parametrize("opened_by", ["reply", "prompt"])
+def test_reasoning_acts_on_nothing_a_reply_cut_inside_its_reasoning_says(opened_by, monkeypatch):
+  """A reply cut by max_new_tokens before </think> said nothing yet: the calls its reasoning
+  weighs are not run, whether the reply opened <think> or the prompt's template did (QwQ)."""
+  cut = ("Maybe the answer is <answer> Bob </answer>? I should check with <search> Bob Xyz "
+         "</search> before I")
+  think = "<think>" if opened_by == "reply" else ""  # what the reply itself opens
+  steps = [Step(think + cut, finish="length"),
+           Step(think + "ok</think><thought>Search.</thought><search> Xyz founder </search>"),
+           Step(think + "done</think><answer> Ann Lee </answer>")]
+  if opened_by == "prompt":  # the chat template's generation prompt ends in "<think>\n"
+    original = reasoning._prompt
+    monkeypatch.setattr(reasoning, "_prompt", lambda agent, text: dataclasses.replace(
+        original(agent, text), text=original(agent, text).text + "<think>\n"))
+  traj, _, tools = run_agent(steps, variant="reasoning")
+  assert traj.turns[0].action == "none" and traj.prediction == "Ann Lee"
+  assert tools.calls == [("search", ["Xyz founder"], None)]
+  # Its turns are separate messages: the format gate reads each alone (a cut one is not glued
+  # onto the next, which would read as two <think> blocks and zero a right answer's reward).
+  assert len(traj.generations()) == 3 and not any(t.continues for t in traj.turns)
 
 
 def test_reasoning_early_answer_is_ignored_until_enough_acts():

@@ -49,6 +49,11 @@ PARSE_TABLE = [
      True, 0),
     ("<access> \"https://ex.org/a\" please </access>", "access", "https://ex.org/a", True, 0),
     ("<access>'https://ex.org/a'</access>", "access", "https://ex.org/a", True, 0),
+    # a title's qualifier keeps its bracket; a bracket around the URL goes
+    ("<access> https://en.wikipedia.org/wiki/Mercury_(planet) </access>", "access",
+     "https://en.wikipedia.org/wiki/Mercury_(planet)", True, 0),
+    ("<access> (https://ex.org/w/A_(b)) </access>", "access", "https://ex.org/w/A_(b)", True, 0),
+    ("<access> [https://ex.org/a] </access>", "access", "https://ex.org/a", True, 0),
     ("<answer> Paris </answer>", "answer", "Paris", True, 0),
     ("I am sure now. <answer> Paris, France", "answer", "Paris, France", False, 0),
     ("<answer>   ", "invalid", "", False, 0),  # an open answer with nothing in it
@@ -421,6 +426,30 @@ def test_openai_completions_restore_the_cut_stop():
   assert body == {"model": "m-1", "temperature": 0.7, "top_p": 0.9, "max_tokens": 64,
                   "stop": list(ACT_STOPS), "seed": 5, "prompt": "PROMPT TEXT"}
   assert [r[0] for r in server.requests].count("/v1/models") == 1  # asked once
+
+
+def test_a_search_split_by_max_new_tokens_runs_on_a_server_that_cuts_the_stop():
+  """The second half of a call cut by max_new_tokens ends with the stop string cut off, as
+  OpenAI and vLLM do: its closing tag is restored from the whole message, so the search runs
+  (it read as a message that ended by itself, and the episode ended unanswered)."""
+  from test_agent_loop import ITEM, FakeTools
+
+  from asearcher_jax.agent import Agent, AgentSection
+  server = FakeOpenAI([_text("<think>look up</think>\n<search> Xyz Corp", "length"),
+                       _text(" founder"), _text("<answer> Ann Lee")])
+
+  async def go():
+    async with server.serve() as url:
+      policy, tools = OpenAIPolicy(url, "m"), FakeTools()
+      try:
+        return await Agent(AgentSection(max_new_tokens=8), policy, tools).run(ITEM, seed=1), tools
+      finally:
+        await policy.close()
+  traj, tools = asyncio.run(go())
+  assert traj.status == "answered" and traj.prediction == "Ann Lee"
+  assert tools.calls == [("search", ["Xyz Corp founder"], None)]
+  assert [t.continues for t in traj.turns] == [False, True, False]
+  assert traj.generations()[0] == "<think>look up</think>\n<search> Xyz Corp founder</search>"
 
 
 def test_openai_chat_sends_messages():

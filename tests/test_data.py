@@ -190,6 +190,27 @@ def test_csv_unquoting_only_touches_fully_wrapped_questions():
   assert _unquote_csv(kept) == kept
 
 
+def test_datasets_that_share_a_file_name_are_named_by_their_folder(tmp_path):
+  """FlashRAG ships nq/test.jsonl and triviaqa/test.jsonl with the same ids ("test_0"): two
+  datasets of two questions each, not one "test" whose questions shadow each other."""
+  from asearcher_jax.data import load_datasets
+  paths = []
+  for ds in ("nq", "triviaqa"):
+    (tmp_path / ds).mkdir()
+    paths.append(str(tmp_path / ds / "test.jsonl"))
+    with open(paths[-1], "w") as f:
+      for i in range(2):
+        f.write(json.dumps({"id": f"test_{i}", "question": f"{ds} {i}?",
+                            "golden_answers": ["x"]}) + "\n")
+  items, _, _ = load_datasets(paths)
+  assert [(ds, it.qid) for ds, it in items] == [
+      ("nq", "test_0"), ("nq", "test_1"), ("triviaqa", "test_0"), ("triviaqa", "test_1")]
+  items, _, _ = load_datasets(paths[:1])  # alone, a file is named as it always was
+  assert {ds for ds, _ in items} == {"test"}
+  with pytest.raises(DataError, match="named twice"):  # the same file twice
+    load_datasets([paths[0], paths[0]])
+
+
 def test_item_json_roundtrip():
   item = load_qa(fx("asearcher.jsonl")).items[2]
   assert QAItem.from_json(item.to_json()) == item

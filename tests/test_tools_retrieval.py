@@ -344,6 +344,18 @@ def test_corpus_title_from_wiki18_contents(tmp_path):
                  "contents": '"Apollo 11"\nThe first crewed landing.'}
 
 
+@pytest.mark.parametrize("title,contents,indexed", [
+    ("Apollo 11", '"Apollo 11"\nThe landing.', '"Apollo 11"\nThe landing.'),
+    ("Paris", "Paris is a city.", "Paris is a city."),
+    ("Apple", "Apples are a fruit.", "Apple\nApples are a fruit."),  # "Apple" is not "Apples"
+    ("Paris", "Parisian cuisine.", "Paris\nParisian cuisine."),
+    ("", "No title here.", "No title here."),
+])
+def test_a_passage_is_indexed_with_its_whole_title(title, contents, indexed):
+  from asearcher_jax.tools.index import passage_text
+  assert passage_text({"title": title, "contents": contents}) == indexed
+
+
 def test_cli_index_build_and_world_build(tmp_path):
   p = argparse.ArgumentParser()
   sub = p.add_subparsers(dest="cmd", required=True)

@@ -126,7 +126,8 @@ class Agent:
                  session_id: str | None, deadline: float | None,
                  prompt_tokens: int) -> Completion | None:
     """One LLM call, recorded as a turn (its sampled tokens appended to the record). None when
-    the call ended the episode (timeout, context_full, aborted): the status is set."""
+    the call ended the episode (timeout, context_full, aborted): the status is set. A prompt
+    with `said` continues a message cut by max_new_tokens."""
     t0 = time.monotonic()
     try:
       coro = self.policy.complete(prompt, sampling, session_id)
@@ -146,7 +147,8 @@ class Agent:
     if c.ids is not None and prompt.ids is not None:
       span = traj.record_call(prompt.ids, c.ids, c.logprobs, c.versions)
     traj.turns.append(Turn(kind, *span, prompt_tokens=prompt_tokens,
-                           finish_reason=c.finish_reason, llm_s=time.monotonic() - t0))
+                           finish_reason=c.finish_reason, llm_s=time.monotonic() - t0,
+                           continues=bool(prompt.said)))
     return c
 
   # -- the base agent --------------------------------------------------------------------------
@@ -201,7 +203,10 @@ class Agent:
         return self.finish(traj, "context_full")
       stops = ACT_STOPS + ("</think>",) if kind == "read" and cfg.template == "plain" else ACT_STOPS
       sampling = self.sampling(seed, len(traj.turns), budget, stops)
-      c = await self.call(traj, kind, ctx.prompt(), sampling, session, deadline, ctx.num_tokens)
+      prompt = ctx.prompt()
+      if continued:  # what the message holds so far: a server that cuts the stop string off
+        prompt = dataclasses.replace(prompt, said=said)  # restores it from the whole message
+      c = await self.call(traj, kind, prompt, sampling, session, deadline, ctx.num_tokens)
       if c is None:
         return traj
       turn = traj.turns[-1]

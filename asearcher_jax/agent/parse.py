@@ -58,8 +58,16 @@ def _complete_calls(text: str) -> list[tuple[str, int, int, int]]:
 
 
 def clean_url(arg: str) -> str:
+  """The first word, without the quotes or brackets a model wraps it in; a closing bracket the
+  URL opened itself stays (".../wiki/Mercury_(planet)")."""
   word = arg.split()[0] if arg.split() else ""
-  return word.strip("<>\"'()[]")
+  word = word.lstrip("<\"'([")
+  while word and word[-1] in ">\"')]":
+    opener = {")": "(", "]": "["}.get(word[-1])
+    if opener and word.count(opener) >= word.count(word[-1]):
+      break
+    word = word[:-1]
+  return word
 
 
 def parse_action(text: str) -> Action:

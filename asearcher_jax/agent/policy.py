@@ -35,6 +35,7 @@ class Prompt:
   ids: list[int] | None  # token backends
   text: str  # completion backends
   messages: list[dict[str, str]] | None = None  # chat backends
+  said: str = ""  # the message so far, when this call continues one cut by max_new_tokens
 
 
 @dataclasses.dataclass
@@ -196,8 +197,9 @@ class OpenAIPolicy:
     except (KeyError, IndexError, TypeError, AttributeError):
       raise PolicyUnavailable(f"{self.base_url}{path}: malformed reply {str(out)[:200]}") from None
     reason = choice.get("finish_reason") or "stop"
-    text = restore_stop(text, tuple(sampling.stop)) if reason == "stop" else text
-    hit_stop = any(text.endswith(s) for s in sampling.stop)
+    if reason == "stop":  # the call's opening tag may lie in the part of the message said before
+      text = restore_stop(prompt.said + text, tuple(sampling.stop))[len(prompt.said):]
+    hit_stop = any((prompt.said + text).endswith(s) for s in sampling.stop)
     usage = out.get("usage") or {}
     return Completion(text, None, None, None, "length" if reason == "length" else "stop",
                       reason == "stop" and not hit_stop, usage.get("prompt_tokens"))

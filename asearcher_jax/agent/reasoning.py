@@ -25,6 +25,14 @@ def _prompt(agent, text: str) -> Prompt:
   return Prompt(tok.encode(rendered) if tok else None, rendered, messages)
 
 
+def visible(text: str, thinking: bool) -> str:
+  """What a reply says outside its hidden reasoning: after the last </think>, up to a <think>
+  it leaves open. `thinking`: the prompt opened one (QwQ's template ends in "<think>\n"). A
+  reply cut off while it still thinks says nothing, whatever tags its reasoning holds."""
+  text = ("<think>" if thinking else "") + text
+  return text.rsplit("</think>", 1)[-1].split("<think>", 1)[0]
+
+
 def _short(content: str) -> str:
   lines = [ln[:SEARCH_NOTE_CHARS] + ("..." if len(ln) > SEARCH_NOTE_CHARS else "")
            for ln in content.splitlines()]
@@ -73,9 +81,9 @@ async def run_reasoning(agent, item: QAItem, *, sample: int, group_id: str, seed
       return agent.finish(traj, "aborted", "the generation was cancelled")
     if c.finish_reason == "max_len":
       return agent.finish(traj, "context_full")
-    visible = c.text.rsplit("</think>", 1)[-1]
+    thinking = prompt.text.rstrip().endswith("<think>")  # the template opened the reasoning
     thought = extract_thought(c.text)
-    action = parse_action(visible)
+    action = parse_action(visible(c.text, thinking))
     if kind == "read":
       history.append(f"[read {url} part {part}/{parts}] {thought or '(no note)'}")
       if action.kind in ("search", "access", "invalid"):

@@ -46,6 +46,7 @@ class Turn:
   action: str = "none"
   argument: str = ""
   tool_ok: bool | None = None  # None: no tool was called
+  continues: bool = False  # it goes on with the previous call's message, cut by max_new_tokens
   tool_error: str | None = None
   llm_s: float = 0.0
   tool_s: float = 0.0
@@ -98,12 +99,12 @@ class Trajectory:
   def generations(self) -> list[str]:
     """The text of each generation, as the format gate reads it: one per LLM call, except that
     a call cut by max_new_tokens and the calls that continue it are one generation (the agent
-    parses their action from the joined text, so the gate reads it the same way)."""
+    parses their action from the joined text, so the gate reads it the same way). Only a call
+    the agent continued joins (`Turn.continues`): the reasoning agent's turns never do."""
     out: list[str] = []
     texts = [m["text"] for m in self.transcript if m["role"] == "policy"]
     for i, text in enumerate(texts):
-      prev = self.turns[i - 1] if 0 < i <= len(self.turns) else None
-      if prev is not None and prev.finish_reason == "length" and prev.action == "none":
+      if out and i < len(self.turns) and self.turns[i].continues:
         out[-1] += text
       else:
         out.append(text)

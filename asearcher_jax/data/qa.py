@@ -178,9 +178,9 @@ def _require_answers(v: Any) -> tuple[str, ...]:
   return answers
 
 
-def _source_from_path(path: str) -> str:
+def source_from_path(path: str) -> str:
   """`r1-searcher/hotpotqa_500.jsonl` -> `hotpotqa`: the file name is the only hint it has."""
-  stem = os.path.basename(path).split(".")[0]
+  stem = os.path.basename(os.path.normpath(path)).split(".")[0]
   return re.sub(r"_\d+$", "", stem) or stem
 
 
@@ -312,11 +312,12 @@ def _normalise_format(fmt: str) -> str:
 
 
 def load_qa(path: str | os.PathLike, format: str = "auto", source: str | None = None,
-            limit: int | None = None) -> LoadReport:
+            limit: int | None = None, default_source: str | None = None) -> LoadReport:
   """Read a QA file into `QAItem`s; bad rows land in `report.skipped`, never in an exception.
 
   `source` overrides the per-row dataset name (default: the row's `source`/`data_source`, else
-  the file name without a trailing `_<count>`). `limit` caps the number of items kept.
+  `default_source`, else the file name without a trailing `_<count>`). `limit` caps the
+  number of items kept.
   """
   path = os.fspath(path)
   fmt = _normalise_format(format)
@@ -347,7 +348,7 @@ def load_qa(path: str | os.PathLike, format: str = "auto", source: str | None = 
     rows = _chain(buffered, rows)
 
   parse = _PARSERS[fmt]
-  default_source = _source_from_path(path)
+  default_source = default_source or source_from_path(path)
   seen_ids: Counter = Counter()
   seen_hashes: Counter = Counter()
   dup_ids = repeated = 0

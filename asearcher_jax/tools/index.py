@@ -31,9 +31,13 @@ Mode = Literal["bm25", "dense", "hybrid"]
 def passage_text(row: dict) -> str:
   """What gets indexed: the contents, with the title in front unless contents already start
   with it (wiki-18 rows do)."""
-  c = row["contents"]
-  return c if not row["title"] or c.startswith(('"' + row["title"], row["title"])) \
-      else f"{row['title']}\n{c}"
+  c, title = row["contents"], row["title"]
+  if not title:
+    return c
+  for head in ('"' + title, title):  # the whole title: "Apples are..." does not hold "Apple"
+    if c.startswith(head) and not c[len(head):len(head) + 1].isalnum():
+      return c
+  return f"{title}\n{c}"
 
 
 def build_index(corpus: str, out: str, pages: str | None = None,
