@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -41,6 +42,22 @@ class Checkpointer:
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, read_only=read_only,
         create=not read_only)
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
+    if not read_only:
+      self._drop_damaged()
+
+  def _drop_damaged(self) -> None:
+    """Removes the steps that cannot be restored: they would block a save of the same step
+    (orbax: StepAlreadyExistsError, at every restart of a learner that reaches it again) and
+    take places `max_to_keep` keeps for whole ones."""
+    from asearcher_jax import distributed
+    damaged = [s for s in self._mngr.all_steps() if not self._whole(s)]
+    if not damaged:
+      return
+    if distributed.is_primary():
+      for s in damaged:
+        shutil.rmtree(os.path.join(self.directory, str(s)), ignore_errors=True)
+    distributed.barrier(f"checkpoint-drop-{damaged[-1]}")
+    self._mngr.reload()
 
   def __enter__(self) -> "Checkpointer":
     return self

@@ -11,7 +11,9 @@ YAML values (`mesh.fsdp=-1`, `model.path=null`, `optimizer.betas=[0.9,0.95]`).
 
 from __future__ import annotations
 
+import difflib
 import os
+import typing
 from typing import Any, Literal, Sequence
 
 import yaml
@@ -45,7 +47,7 @@ class MeshSection(Section):
 class CheckpointSection(Section):
   directory: str | None = None  # defaults to <run.output_dir>/checkpoints
   every_steps: int = Field(50, gt=0)
-  max_to_keep: int | None = 3
+  max_to_keep: int | None = Field(3, ge=1)  # null: keep every step
   async_save: bool = True
 
 
@@ -236,10 +238,25 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
 def _describe(err: dict) -> str:
   loc = ".".join(str(x) for x in err["loc"])
   if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-    return f"unknown key '{loc}'"
+    close = difflib.get_close_matches(str(err["loc"][-1]), _keys_under(err["loc"][:-1]), n=3)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return f"unknown key '{loc}'{hint}"
   if err["type"] == "missing":
     return f"missing required key '{loc}'"
   return f"'{loc}': {err['msg']}" if loc else err["msg"]
+
+
+def _keys_under(loc) -> list[str]:
+  """The keys of the section at `loc` (a validation error's path), for suggestions."""
+  fields: dict = Config.model_fields
+  for part in loc:  # sections are models, model.arch a pydantic dataclass: both list fields
+    field = fields.get(str(part))
+    if field is None:
+      return []
+    options = typing.get_args(field.annotation) or (field.annotation,)
+    fields = next((a.__pydantic_fields__ for a in options
+                   if isinstance(getattr(a, "__pydantic_fields__", None), dict)), {})
+  return list(fields)
 
 
 def dump_config(cfg: Config) -> str:

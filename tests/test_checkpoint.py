@@ -100,6 +100,14 @@ def test_a_half_deleted_step_is_not_listed_and_the_one_before_restores(tmp_path,
     restored = ckpt.restore(params_target=params_t)
   assert restored["version"] == 1
   assert_trees_equal(restored["params"], params)
+  # A run resuming from step 1 reaches step 2 again: the damaged one is removed when the
+  # directory is opened for writing, so the save succeeds (orbax refused it: the learner died
+  # there at every restart) and max_to_keep counts whole steps only.
+  with Checkpointer(str(tmp_path), max_to_keep=2, async_save=False) as ckpt:
+    assert sorted(int(d) for d in os.listdir(tmp_path) if d.isdigit()) == [1]
+    for step in (2, 3):
+      ckpt.save(step, params=params, version=step)
+    assert ckpt.all_steps() == [2, 3]
 
 
 def test_missing_step_and_missing_directory_are_clear(tmp_path):

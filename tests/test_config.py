@@ -44,7 +44,8 @@ def test_unknown_key_names_key_and_file(tmp_path):
 
 def test_unknown_key_inside_model_architecture(tmp_path):
   path = write(tmp_path, ARCH.replace("num_layers: 2", "num_layers: 2, num_layer: 3"))
-  with pytest.raises(ConfigError, match=r"unknown key 'model.arch.num_layer'"):
+  with pytest.raises(ConfigError, match=r"unknown key 'model.arch.num_layer' \(did you mean "
+                                       r"'num_layers'"):
     load_config(path)
 
 
@@ -71,10 +72,27 @@ def test_bad_overrides_are_refused(tmp_path):
   path = write(tmp_path, ARCH)
   with pytest.raises(ConfigError, match="expected dotted.key=value"):
     load_config(path, ["mesh.tensor"])
-  with pytest.raises(ConfigError, match=r"overrides: unknown key 'mesh.tensr'"):
+  with pytest.raises(ConfigError, match=r"overrides: unknown key 'mesh.tensr' \(did you mean "
+                                       r"'tensor'\?\)"):
     load_config(path, ["mesh.tensr=2"])
   with pytest.raises(ConfigError, match="'model.arch' is not a section"):
     apply_overrides({"model": {"arch": 3}}, ["model.arch.num_layers=2"])
+
+
+def test_yaml_yes_and_no_are_refused_where_a_number_is_wanted(tmp_path):
+  """YAML 1.1 reads on/off/yes/no as booleans, which pydantic took as 1/0: `http_port: off`
+  bound a random port and `max_to_keep: no` kept no checkpoint at all."""
+  path = write(tmp_path, ARCH)
+  for override in ("serve.http_port=off", "checkpoint.max_to_keep=no", "mesh.fsdp=on",
+                   "rl.max_token_staleness=off"):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"'{key}': Value error, takes no yes/no"):
+      load_config(path, [override])
+  cfg = load_config(path, ["serve.warmup=yes", "serve.http_port=null",
+                           "checkpoint.max_to_keep=null"])
+  assert cfg.serve.warmup is True and cfg.serve.http_port is None
+  with pytest.raises(ConfigError, match="'checkpoint.max_to_keep': Input should be greater"):
+    load_config(path, ["checkpoint.max_to_keep=0"])  # orbax then pruned every step
 
 
 def test_base_file_is_overridden_key_by_key(tmp_path):

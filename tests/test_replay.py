@@ -474,6 +474,12 @@ def _poison(kind: str) -> Group:
     raw = json.dumps({**record, "version": [-1, 500_000, 1]}).encode()
   elif kind == "empty":
     raw = b""
+  elif kind == "seq-starts":  # a float slice bound: every step leasing it failed (TypeError)
+    raw = json.dumps({**record, "seq_starts": [0.0]}).encode()
+  elif kind == "reward":
+    raw = json.dumps({**record, "reward": "1.0"}).encode()
+  elif kind == "metrics":  # the step's episode metrics failed on it, after the update
+    raw = json.dumps({**record, "metrics": None}).encode()
   elif kind == "binary-truncated":
     raw = t.to_record()[:-5]
   elif kind == "binary-schema":
@@ -490,6 +496,8 @@ def _poison(kind: str) -> Group:
     ("lengths", "differ in length"), ("vocab", "outside the vocabulary [0, 300)"),
     ("nan", "finite"), ("future", "sampled by version 500000"),
     ("empty", "not a JSON trajectory record"),
+    ("seq-starts", "seq_starts must be a list of integers"), ("reward", "reward must be a number"),
+    ("metrics", "metrics must map names to numbers"),
     ("binary-truncated", "trajectory 1: binary trajectory record truncated or corrupt"),
     ("binary-schema", "trajectory 1: binary trajectory record of unknown schema version 9"),
     ("binary-lengths", "trajectory 1: tokens, loss_mask, behav_logp and version differ")])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import struct
 from typing import Any, Iterator, Literal
 
@@ -233,6 +234,16 @@ class Trajectory:
     n = len(self.tokens)
     if not (len(self.loss_mask) == len(self.behav_logp) == len(self.version) == n):
       raise ValueError("tokens, loss_mask, behav_logp and version differ in length")
+    # The header's fields a learner reads (a record off the wire is any JSON): typed here, so
+    # a bad one is dropped with its reason rather than failing every step that leases it.
+    if not isinstance(self.seq_starts, list) or not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in self.seq_starts):
+      raise ValueError(f"seq_starts must be a list of integers, got {self.seq_starts!r:.80}")
+    if not isinstance(self.reward, numbers.Real):
+      raise ValueError(f"reward must be a number, got {self.reward!r:.80}")
+    if not isinstance(self.metrics, dict) or not all(
+        isinstance(k, str) and isinstance(v, numbers.Real) for k, v in self.metrics.items()):
+      raise ValueError(f"metrics must map names to numbers, got {self.metrics!r:.80}")
     if n and (not self.seq_starts or self.seq_starts[0] != 0
               or sorted(set(self.seq_starts)) != self.seq_starts or self.seq_starts[-1] >= n):
       raise ValueError(f"bad seq_starts {self.seq_starts} for {n} tokens")

@@ -68,9 +68,10 @@ class DecodeClient:
   async def close(self) -> None:
     await self._channel.close()
 
-  async def _call(self, method, request):
+  async def _call(self, method, request, wait_for_ready: bool = False):
     try:
-      return await method(request, metadata=self._metadata, timeout=self._timeout)
+      return await method(request, metadata=self._metadata, timeout=self._timeout,
+                          wait_for_ready=wait_for_ready)
     except grpc.aio.AioRpcError as e:
       raise _translate(e) from None
 
@@ -117,5 +118,6 @@ class DecodeClient:
         session_id=session_id))
     return resp.existed
 
-  async def stats(self) -> decode_pb2.StatsResponse:
-    return await self._call(self._stub.Stats, decode_pb2.StatsRequest())
+  async def stats(self, wait_for_ready: bool = False) -> decode_pb2.StatsResponse:
+    """`wait_for_ready`: a server still starting is waited for (up to the timeout)."""
+    return await self._call(self._stub.Stats, decode_pb2.StatsRequest(), wait_for_ready)

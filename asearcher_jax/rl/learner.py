@@ -83,8 +83,7 @@ class Learner:
     # The servers may already have served later versions (published after this checkpoint):
     # the restored weights take a version above all of them, so versions stay monotone and
     # each names one set of weights.
-    served = int(self.replay.state("").version)
-    self.version = max(self.version, served) + 1  # a fresh tag, newer than anything served
+    self.version = max(self.version, self._served()) + 1  # a fresh tag, newer than any served
     self.saved_step = self.step
     self.echo(f"resumed from step {self.step} (publishing it as version {self.version}); "
               f"{len(self.skip)} groups of its last leases will be skipped if they come back")
@@ -123,6 +122,16 @@ class Learner:
             raise
     except Exception:  # noqa: BLE001 -- given up: the caller skips the lease's groups
       return False
+
+  def _served(self) -> int:
+    """The newest version served: the queue's clock, or above it a version the servers
+    committed just before a learner died, its clock not yet moved. The queue is moved up to it,
+    so rollouts of the next publication are admitted (a token may be one version ahead)."""
+    queue = int(self.replay.state("").version)
+    servers = int(self.publisher.served())
+    if servers > queue:
+      self.replay.set_version(servers)
+    return max(queue, servers)
 
   # -- the loop --------------------------------------------------------------------------------
   def publish(self) -> None:
@@ -164,7 +173,7 @@ class Learner:
     if self.version == 0:
       # Restarted before its first checkpoint: the initial weights take a fresh tag above
       # everything served, as restore() gives restored ones (versions only move forward).
-      served = int(self.replay.state("").version)
+      served = self._served()
       if served > 0:
         self.version = served + 1
     if self.version > 0:  # resumed: the servers must serve what the learner holds

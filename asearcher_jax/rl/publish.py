@@ -35,6 +35,11 @@ from asearcher_jax.models.pretrained import save_policy
 class Publisher(Protocol):
   def publish(self, version: int, params) -> dict: ...
 
+  def served(self) -> int:
+    """The newest version any decode server holds: a learner that died between the servers'
+    commit and the queue's version starts above it, never reusing a tag."""
+    ...
+
   def close(self) -> None: ...
 
 
@@ -53,6 +58,9 @@ class DriverPublisher:
       new = load_weights(d.engine.params, copy, d.engine.cfg)
       out[f"driver{i}"] = d.update_weights(version, new)
     return out
+
+  def served(self) -> int:
+    return max((d.version for d in self.drivers), default=0)
 
   def close(self) -> None:
     pass
@@ -97,6 +105,18 @@ class CheckpointPublisher:
                          "load_s": r.load_s, "commit_s": r.commit_s}
 
     return dict(await asyncio.gather(*(one(a) for a in self.addresses)))
+
+  def served(self) -> int:
+    return distributed.on_primary(lambda: asyncio.run(self._served()))
+
+  async def _served(self) -> int:
+    from asearcher_jax.inference.client import DecodeClient
+
+    async def one(address):
+      async with DecodeClient(address, token=self.token, timeout=self.timeout_s) as c:
+        return int((await c.stats(wait_for_ready=True)).version)  # servers may be starting
+
+    return max(await asyncio.gather(*(one(a) for a in self.addresses)), default=0)
 
   def _drop_from(self, version: int) -> None:
     if os.path.isdir(self.directory):
