@@ -641,6 +641,29 @@ def test_prometheus_metrics(server):
   assert _generated(_metrics(server)) - before == sum(len(r.output_ids) for r in results)
 
 
+def _cancelled(server) -> float:
+  line = 'asearcher_decode_requests_total{finish_reason="cancelled"}'
+  return next((float(x.split()[-1]) for x in _metrics(server).splitlines()
+               if x.startswith(line)), 0.0)
+
+
+def test_a_client_that_stops_reading_a_stream_cancels_its_request(server):
+  """Closing DecodeClient.stream after the first chunk cancels the request on the server (its
+  slot freed at once); it ran to max_new_tokens before."""
+  _idle(server)
+  before = _cancelled(server)
+
+  async def go():  # the channel stays open throughout: closing it would cancel the call too
+    async with client(server) as c:
+      stream = c.stream(prompt(4), SamplingParams(temperature=0.0, max_new_tokens=80))
+      async for _ in stream:
+        break
+      await stream.aclose()
+      await asyncio.get_running_loop().run_in_executor(None, _idle, server)
+      return _cancelled(server)
+  assert run(go()) == before + 1
+
+
 def test_update_weights_from_an_hf_directory(server, tmp_path):
   from asearcher_jax.models import save_pretrained
   new_model = create_model(CFG, MESH, seed=2, dtype="float32")

@@ -29,6 +29,7 @@ class Fake:
     self.fail: list = []
     self.requests: list[dict] = []
     self.delay = 0.0
+    self.positions: list | None = None  # Serper's "position" of each hit (default 1, 2, ...)
     self.active = self.peak = 0
 
   async def _maybe_fail(self):
@@ -60,7 +61,8 @@ class Fake:
       return web.json_response({
           "searchParameters": {"q": body["q"], "num": n, "type": "search"},
           "organic": [{"title": f"{body['q']} result {i}", "link": f"https://ex.com/{i}",
-                       "snippet": f"snippet {i} about {body['q']}", "position": i + 1}
+                       "snippet": f"snippet {i} about {body['q']}",
+                       "position": self.positions[i] if self.positions else i + 1}
                       for i in range(n)]})
 
     async def jina(request):
@@ -111,6 +113,7 @@ def fake(provider, monkeypatch):
   f.fail.clear()
   f.requests.clear()
   f.delay = 0.0
+  f.positions = None
   monkeypatch.setenv("SERPER_API_KEY", SERPER_KEY)
   monkeypatch.setenv("JINA_API_KEY", JINA_KEY)
   return f, srv
@@ -138,6 +141,21 @@ def test_serper_search_request_and_response_shape(fake):
   req = f.requests[0]
   assert req["body"] == {"q": "who founded kestrel", "num": 3}
   assert req["headers"]["X-API-KEY"] == SERPER_KEY
+
+
+def test_hits_rank_by_position_and_an_odd_position_gives_no_score(fake):
+  """A hit scores 1 / its 1-based position; a position of 0 or text (a proxy's own numbering)
+  leaves it unscored instead of failing the whole search."""
+  f, srv = fake
+  f.positions = [1, 0, "x", 4]
+  s = SerperSearch(section(srv))
+
+  async def go():
+    try:
+      return await s.search("q", 4)
+    finally:
+      await s.close()
+  assert [h.score for h in asyncio.run(go())] == [1.0, None, None, 0.25]
 
 
 def test_rate_limit_and_5xx_are_retried(fake):

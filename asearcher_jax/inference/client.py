@@ -88,12 +88,14 @@ class DecodeClient:
     req = decode_pb2.GenerateRequest(request_id=request_id, prompt_ids=prompt_ids,
                                      session_id=session_id,
                                      sampling=sampling_to_proto(sampling or SamplingParams()))
+    call = self._stub.GenerateStream(req, metadata=self._metadata, timeout=self._timeout)
     try:
-      async for p in self._stub.GenerateStream(req, metadata=self._metadata,
-                                               timeout=self._timeout):
+      async for p in call:
         yield GenerateResult.from_proto(p)
     except grpc.aio.AioRpcError as e:
       raise _translate(e) from None
+    finally:  # a caller that stops reading frees the server's slot at once, not at GC
+      call.cancel()
 
   async def update_weights(self, version: int, *, orbax_dir: str | None = None,
                            hf_dir: str | None = None, step: int | None = None,

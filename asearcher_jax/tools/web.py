@@ -170,12 +170,14 @@ class SerperSearch(_HttpAdapter):
         raise WebError("bad_response", "search reply lacks an 'organic' list")
       await self._store(key, data)
     hits = []
-    for i, item in enumerate(data.get("organic", [])[:topk]):
+    for item in data.get("organic", [])[:topk]:
       if not isinstance(item, dict) or "link" not in item:
         continue
+      rank = item.get("position")  # 1-based; anything else (0, text) gives no score
+      score = 1.0 / rank if isinstance(rank, (int, float)) and rank >= 1 else None
       hits.append(SearchHit(id=str(item["link"]), title=str(item.get("title", "")),
                             contents=str(item.get("snippet", "")), url=str(item["link"]),
-                            score=None if "position" not in item else 1.0 / item["position"]))
+                            score=score))
     return hits
 
 
