@@ -157,9 +157,18 @@ def cmd_serve(args) -> int:
 def cmd_eval(args) -> int:
   """run the agent on QA datasets k times per question; Avg@k / Pass@k, traces, report"""
   import asyncio
+  import json
 
   from asearcher_jax.config import load_config
+  from asearcher_jax.errors import DataError
   from asearcher_jax.eval import evaluate
+  base = None
+  if args.baseline:  # read before the evaluation, which may take hours
+    try:
+      with open(args.baseline) as f:
+        base = json.load(f)
+    except (OSError, ValueError) as e:
+      raise DataError(f"--baseline {args.baseline}: {type(e).__name__}: {e}") from None
   overrides = list(args.overrides)
   if args.data:
     overrides.append("eval.data=" + json_list(args.data))
@@ -186,13 +195,9 @@ def cmd_eval(args) -> int:
       server.stop_thread()
     if retrieval is not None:
       retrieval.stop()
-  if args.baseline:
-    import json
-
+  if base is not None:
     from asearcher_jax.eval.harness import latest_traces
     from asearcher_jax.eval.report import format_comparison, incomparable, paired_intervals
-    with open(args.baseline) as f:
-      base = json.load(f)
     k = report["k"]
     why = incomparable(base, report)
     if why:
@@ -289,8 +294,20 @@ def cmd_sft(args) -> int:
   cfg = resolve_remat(cfg.model_copy(update={"rl": rl}), echo=print)
   sft_command(cfg, args.data, args.out, epochs=args.epochs, batch_rows=args.batch_rows,
               loss_on=args.loss_on, eval_paths=args.eval_data or (),
-              eval_every=args.eval_every, progress=not args.no_progress)
+              eval_every=args.eval_every, progress=not args.no_progress,
+              overwrite=args.overwrite)
   return 0
+
+
+def _positive(text: str) -> int:
+  """An argparse type: an integer >= 1 (a clear usage error otherwise, not a traceback)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -379,8 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
   _config_args(p)
   p.add_argument("--data", nargs="+", required=True, help="trajectory JSONL files")
   p.add_argument("--out", required=True, help="output HF directory (usable as model.path)")
-  p.add_argument("--epochs", type=int, default=3)
-  p.add_argument("--batch-rows", type=int, default=4, help="rows of rl.row_tokens per step")
+  p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+  p.add_argument("--epochs", type=_positive, default=3)
+  p.add_argument("--batch-rows", type=_positive, default=4, help="rows of rl.row_tokens per step")
   p.add_argument("--loss-on", choices=["agent", "all"], default="agent",
                  help="the agent's own tokens (default), or every token: language-model data "
                       "for a policy that was never pretrained")
@@ -412,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--worker", type=int, default=0)
   p.add_argument("--workers", type=int, default=1)
   p.add_argument("--replay", help="default: placement.replay_address")
-  p.add_argument("--decode", help="default: placement.decode_addresses[worker % count]")
+  p.add_argument("--decode", help="default: placement.decode_addresses[worker %% count]")
   p.add_argument("--max-groups", type=int, help="stop after this many groups (default: never)")
   p.set_defaults(fn=cmd_rollout)
 

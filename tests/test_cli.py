@@ -134,6 +134,37 @@ def test_eval_with_no_decode_server_reports_aborted_episodes(tmp_path):
   assert re.search(r"2 episodes aborted \(rerun to retry them\): decode server", out.stdout)
   report = json.loads((tmp_path / "eval" / "report.json").read_text())
   assert report["datasets"]["qa"]["status"] == {"aborted": 2} and report["skipped_rows"] == 1
+  # A baseline to compare with is read first: a typo fails at once, not after the evaluation.
+  typo = asearcher("eval", "--config", "configs/debug.yaml", "--data", str(data), "--out",
+                   str(tmp_path / "eval2"), "--baseline", str(tmp_path / "nope.json"),
+                   check=False)
+  assert typo.returncode == 2 and "--baseline" in typo.stderr and "nope.json" in typo.stderr
+  assert not (tmp_path / "eval2").exists()
+
+
+def test_every_command_prints_its_help():
+  """`asearcher X --help` for every command and subcommand (a stray % in one help text made
+  argparse raise instead)."""
+  import argparse
+  import contextlib
+  import io
+
+  from asearcher_jax.cli import build_parser
+
+  def commands(parser, path=()):
+    for action in parser._actions:
+      if isinstance(action, argparse._SubParsersAction):
+        for name, sub in action.choices.items():
+          yield path + (name,)
+          yield from commands(sub, path + (name,))
+
+  seen = list(commands(build_parser()))
+  assert ("rollout",) in seen and len(seen) > 15
+  for path in seen:
+    with contextlib.redirect_stdout(io.StringIO()) as out, \
+        contextlib.suppress(SystemExit):
+      build_parser().parse_args([*path, "--help"])
+    assert "usage: asearcher" in out.getvalue(), path
 
 
 def test_data_build_makes_a_tfds_dataset(tmp_path):

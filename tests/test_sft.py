@@ -1,6 +1,7 @@
 """`asearcher sft`: fine-tuning on trajectory files, the loss on the agent's tokens only."""
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from conftest import child_env, single_device_mesh
 
 from asearcher_jax.agent import Trajectory, write_jsonl
 from asearcher_jax.models import from_pretrained
+from asearcher_jax.train.sft import sft_rows
 
 ARCH = {"family": "qwen3", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
         "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
@@ -33,6 +35,22 @@ def test_count_turns_counts_runs_of_agent_tokens_and_whole_greedy_matches():
   # row 0: turns [1,3) whole, [5,8) missed at 6; row 1: [0,2) and [3,4) whole, [7,8) missed
   assert count_turns(weight, hit) == (5, 3)
   assert count_turns(np.zeros((2, 8), bool), hit) == (0, 0)
+
+
+def test_sequences_longer_than_a_row_are_cut_and_the_loss_tokens_lost_are_reported(
+    tmp_path, caplog):
+  rng = np.random.default_rng(0)
+  data = tmp_path / "long.jsonl"
+  write_jsonl(str(data), [record(rng.integers(0, 256, 40).tolist(), [5] * 10, rng),
+                          record([1, 2, 3], [4, 5], rng)])
+  with caplog.at_level(logging.WARNING):
+    rows, n = sft_rows([str(data)], 64)
+  # Each record is one sequence (its second call extends the first): the long one's
+  # 40 + 10 + 7 + 10 = 67 tokens lose their last 3, answer tokens; of 2 x 10 + 2 x 2 = 24 loss
+  # tokens 21 are kept.
+  assert n == 2 and int(rows["loss_mask"].sum()) == 21
+  assert "1 sequences are longer than a row of 64 tokens" in caplog.text
+  assert "their last 3 of all 24 loss tokens are not trained" in caplog.text
 
 
 def test_sft_learns_the_agent_tokens_and_writes_a_loadable_policy(tmp_path):
@@ -82,4 +100,13 @@ def test_sft_learns_the_agent_tokens_and_writes_a_loadable_policy(tmp_path):
   assert bad.returncode == 2 and "no trainable tokens" in bad.stderr
   missing = sft("--data", str(tmp_path / "typo.jsonl"), "--out", str(tmp_path / "x"))
   assert missing.returncode == 2 and "typo.jsonl: no such trajectory file" in missing.stderr
+  # An --out that holds something is refused before any training (it was replaced, whatever
+  # it held); a file there, and no epochs, are usage errors rather than tracebacks.
+  again = sft("--data", str(data), "--out", str(tmp_path / "policy"))
+  assert again.returncode == 2 and "exists and is not empty (use --overwrite" in again.stderr
+  assert (tmp_path / "policy" / "config.json").exists()
+  a_file = sft("--data", str(data), "--out", str(data))
+  assert a_file.returncode == 2 and "is a file, not a directory" in a_file.stderr
+  none = sft("--data", str(data), "--out", str(tmp_path / "y"), "--epochs", "0")
+  assert none.returncode == 2 and "must be at least 1, got 0" in none.stderr
   assert json.loads((tmp_path / "policy" / "config.json").read_text())["num_hidden_layers"] == 2

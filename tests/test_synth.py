@@ -517,6 +517,13 @@ def test_world_uniqueness_is_exact(world_dir, world, llm, tmp_path):
                    (f.name, "born_in"), (o.name, "founder"))
   v = _verify(verifier, forward)
   assert v["uniqueness"]["world"] == {"readings": [city], "finished": True} and v["hard"]
+  # The answer as the reward reads it (case, article, punctuation): the same entity.
+  v = _verify(verifier, forward.evolve(answers=(f"the {city.lower()}.",)))
+  assert v["uniqueness"]["world"]["readings"] == [city]
+  # An answer that is in the facts but is none of their entities or values (a word of a
+  # sentence) has no reading: not unique.
+  r = _rejected(verifier, forward.evolve(answers=("founded",)))
+  assert r.reason == "uniqueness:unanchored"
   # Backward: "a person who worked for O" fits every employee of O.
   p, emp = _person_with_two_coworkers_born_apart(world)
   backward = _state(world, f"Where was a person who worked for {emp.name} born?",
@@ -524,6 +531,9 @@ def test_world_uniqueness_is_exact(world_dir, world, llm, tmp_path):
                     (p.name, "employer"))
   r = _rejected(verifier, backward)
   assert r.reason == "uniqueness:ambiguous"
+  # Spelt otherwise, the answer is still found among the readings, and still ambiguous.
+  assert _rejected(verifier, backward.evolve(answers=(backward.answer.upper() + ".",))).reason == \
+      "uniqueness:ambiguous"
   truth = {world.entities[q.rels["born_in"]].name for q in know.subjects("employer", emp.eid)}
   assert len(truth) > 1 and set(r.verdict["uniqueness"]["world"]["readings"]) <= truth
   # Backward but unique: every city has its own mayor.
@@ -781,6 +791,28 @@ def test_resume_skips_finished_seeds_and_retries_aborted_ones(world_dir, world, 
   llm.requests = []
   third = run(cfg)
   assert llm.requests == [] and qa_rows(out) == rows and third["items"] == second["items"]
+
+  # The seed file edited (a seed's question changed, its id kept): that seed runs again, and
+  # what the old one gave leaves qa.jsonl; the others stay done.
+  other = one_hop_seeds(world, tmp_path / "other.jsonl", 4)[3]
+  edited = [{**other, "qid": seeds[0]["qid"]}, *seeds[1:]]
+  with open(tmp_path / "qa.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in edited)
+  llm.requests = []
+  run(cfg)
+  asked = " ".join(p for _, p in llm.requests)
+  assert other["question"] in asked and seeds[1]["question"] not in asked
+  assert seeds[0]["question"] not in {r["seed"]["question"] for r in qa_rows(out)}
+  assert journal(out)[-1]["seed"]["question"] == other["question"]
+
+
+def test_an_output_path_that_is_a_file_is_a_clear_error(world_dir, world, llm, tmp_path):
+  from asearcher_jax.errors import ConfigError
+  one_hop_seeds(world, tmp_path / "qa.jsonl", 1)
+  (tmp_path / "afile").write_text("x")
+  with pytest.raises(ConfigError, match="is a file, not a directory"):
+    run(make_cfg(world_dir, tmp_path / "afile", llm.url, seeds=[str(tmp_path / "qa.jsonl")],
+                 verifier="world"))
 
 
 def test_output_round_trips_through_the_loaders_and_tfds(world_dir, world, llm, tmp_path):

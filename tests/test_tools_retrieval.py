@@ -366,6 +366,10 @@ def test_cli_index_build_and_world_build(tmp_path):
                        "--questions-per-hop", "20", "--num-people", "40", "--num-cities", "10",
                        "--num-orgs", "10", "--num-works", "10", "--num-countries", "3"])
   assert args.fn(args) == 0
+  from asearcher_jax.errors import ConfigError
+  a_file = p.parse_args(["world", "build", "--out", os.path.join(out, "corpus.jsonl")])
+  with pytest.raises(ConfigError, match="is a file, not a directory"):
+    a_file.fn(a_file)
   idx = str(tmp_path / "idx")
   args = p.parse_args(["index", "build", "--corpus", os.path.join(out, "corpus.jsonl"),
                        "--pages", os.path.join(out, "pages.jsonl"), "--out", idx])

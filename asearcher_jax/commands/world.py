@@ -28,6 +28,8 @@ def cmd_world_build(args) -> int:
       cfg = preset(args.preset, **flags)
   except ValidationError as e:
     raise ConfigError(f"world build: {e}") from None
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    raise ConfigError(f"--out {args.out} is a file, not a directory")
   if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
     raise SystemExit(f"{args.out} exists and is not empty (use --overwrite)")
   world = generate_world(cfg)

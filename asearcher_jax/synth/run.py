@@ -77,13 +77,23 @@ async def synthesize(cfg: Config, *, progress: bool = True, echo=print) -> dict[
     if not seeds and not dropped:
       raise DataError("synth: no seeds; set synth.seeds (QA files), synth.seed_pages or "
                       "synth.random_pages")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+      raise ConfigError(f"synth.out_dir {out_dir} is a file, not a directory")
     os.makedirs(out_dir, exist_ok=True)
     journal = os.path.join(out_dir, "seeds.jsonl")
     latest = {r["seed_id"]: r for r in read_lines(journal)}
-    work = [sd for sd in seeds if latest.get(sd.seed_id, {}).get("status") != "done"]
-    if len(work) < len(seeds):
+
+    def done(sd: Seed) -> bool:  # and by this very seed: an edited seed file reuses its ids
+      r = latest.get(sd.seed_id, {})
+      return r.get("status") == "done" and r.get("seed") == json.loads(_dumps(sd.to_dict()))
+
+    work = [sd for sd in seeds if not done(sd)]
+    changed = sum(sd.seed_id in latest and latest[sd.seed_id].get("status") == "done"
+                  for sd in work)
+    if len(work) < len(seeds) or changed:
       echo(f"resuming: {len(seeds) - len(work)} seeds already done in {journal}, "
-           f"{len(work)} to run")
+           f"{len(work)} to run" + (f" ({changed} changed since they were done)"
+                                    if changed else ""))
     for reason, n in dropped.items():
       echo(f"warning: {n} seeds dropped ({reason})")
     llm = SynthLLM(s)

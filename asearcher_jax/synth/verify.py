@@ -114,9 +114,13 @@ class Verifier:
     if not finished:
       raise Rejected("uniqueness:undecided", "constraint search ran out of steps",
                      {"world": result})
-    if len(found) > 1 or (found and found[0] != state.answer):
-      raise Rejected("uniqueness:ambiguous", f"also {[a for a in found if a != state.answer]}",
-                     {"world": result})
+    if not found:  # unique means exactly one reading: none is not a question of this world
+      raise Rejected("uniqueness:unanchored", "the answer is none of the supporting facts' "
+                     "entities or values", {"world": result})
+    wanted = normalize_answer(state.answer)
+    others = [a for a in found if normalize_answer(a) != wanted]
+    if others:
+      raise Rejected("uniqueness:ambiguous", f"also {others}", {"world": result})
     return result
 
   async def verify(self, state: QAState) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from asearcher_jax.reward.qa_metrics import normalize_answer
 from asearcher_jax.synth.state import Fact, mentions, sentences
 from asearcher_jax.world.generator import World, fact_sentence
 
@@ -75,12 +76,14 @@ class WorldFacts:
   def readings(self, question: str, answer: str, facts: tuple[Fact, ...], limit: int = 2,
                budget: int = 200_000) -> tuple[list[str], bool]:
     """(distinct answers of the question's readings, up to `limit`; whether the search finished
-    within `budget` steps). Unique iff it finished and found exactly one answer."""
+    within `budget` steps). Unique iff it finished and found exactly one answer. The answer is
+    the facts' entity or value that it names as the reward reads names (`normalize_answer`:
+    "the Cornesburg." is Cornesburg); none found gives no reading."""
     triples = [t for f in facts for t in (self.triples(f) or ())]
-    answer_node = None
+    answer_node, wanted = None, normalize_answer(answer)
     for t in triples:
       for node in (("e", t.subject), t.obj):
-        if self.surface(node) == answer:
+        if normalize_answer(self.surface(node)) == wanted:
           answer_node = node
     if answer_node is None:
       return [], True

@@ -4,6 +4,7 @@ sampled in. Warm-starts RL from expert trajectories; works the same on real chec
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Callable
 
@@ -27,6 +28,9 @@ if TYPE_CHECKING:  # annotations only: config.py assembles every section, above 
   from asearcher_jax.config import Config
 
 
+log = logging.getLogger(__name__)
+
+
 def sft_rows(paths: list[str], row_tokens: int, loss_on: str = "agent"
              ) -> tuple[dict[str, np.ndarray], int]:
   """Every sequence of every record in `paths`, packed into rows; (rows, records read).
@@ -37,17 +41,27 @@ def sft_rows(paths: list[str], row_tokens: int, loss_on: str = "agent"
   over the one the search result shows (debug seeds 4 / 0, 120 held-out questions: EM Avg@4
   22.3 / 32.3, against 52.3 / 54.0 on its own tokens with the same steps)."""
   seqs, n = [], 0
+  cut, lost, total = 0, 0, 0  # sequences longer than a row; their loss tokens past it
   for path in paths:
     if not os.path.isfile(path):
       raise DataError(f"{path}: no such trajectory file")
     for t in read_jsonl(path):
       n += 1
       for s in t.sequences():
-        tokens, mask = t.tokens[s][:row_tokens], t.loss_mask[s][:row_tokens]
+        tokens, mask = t.tokens[s], t.loss_mask[s]
         if loss_on == "all":
           mask = np.ones_like(mask)
+        total += int(mask.sum())
+        if len(tokens) > row_tokens:
+          cut, lost = cut + 1, lost + int(mask[row_tokens:].sum())
+          tokens, mask = tokens[:row_tokens], mask[:row_tokens]
         if mask[1:].any():
           seqs.append({"tokens": tokens, "loss_mask": mask})
+  if cut:
+    log.warning("sft: %d sequences are longer than a row of %d tokens (rl.row_tokens): their "
+                "last %d of all %d loss tokens are not trained (a final answer among them); "
+                "raise rl.row_tokens or lower agent.max_context_tokens", cut, row_tokens,
+                lost, total)
   if not seqs:
     raise DataError(f"no trainable tokens in {paths}: records need token ids and a loss mask "
                     "(text-only records from an OpenAI endpoint cannot be trained on)")
@@ -109,6 +123,8 @@ def run_sft(model, paths: list[str], *, optimizer_cfg, row_tokens: int, batch_ro
   from tqdm.auto import tqdm
   if eval_every < 0:
     raise ConfigError(f"eval_every={eval_every}: a number of steps, or 0 for each epoch")
+  if epochs < 1 or batch_rows < 1:
+    raise ConfigError(f"epochs={epochs}, batch_rows={batch_rows}: both must be at least 1")
   rows, records = sft_rows(paths, row_tokens, loss_on)
   r = len(rows["tokens"])
   batch_rows = min(batch_rows, r)
@@ -158,10 +174,15 @@ def run_sft(model, paths: list[str], *, optimizer_cfg, row_tokens: int, batch_ro
 
 def sft_command(cfg: Config, paths: list[str], out: str, *, epochs: int, batch_rows: int,
                 loss_on: str = "agent", eval_paths: list[str] = (), eval_every: int = 0,
-                progress: bool = True) -> str:
-  """Loads the config's policy, fine-tunes it, writes an HF directory to `out`."""
+                progress: bool = True, overwrite: bool = False) -> str:
+  """Loads the config's policy, fine-tunes it, writes an HF directory to `out` (refused before
+  any training if `out` is a file, or a non-empty directory and not `overwrite`)."""
   from asearcher_jax.models.pretrained import load_policy, save_pretrained
   from asearcher_jax.sharding import make_mesh
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ConfigError(f"--out {out} is a file, not a directory")
+  if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    raise ConfigError(f"--out {out} exists and is not empty (use --overwrite to replace it)")
   m = cfg.model
   model, tokenizer, _ = load_policy(m, make_mesh(cfg.mesh.shape()), progress=progress)
   losses, _ = run_sft(model, paths, optimizer_cfg=cfg.optimizer, row_tokens=cfg.rl.row_tokens,
