@@ -91,8 +91,8 @@ def wait_ready(check: Callable[[], bool], child: Child, what: str, timeout_s: fl
                stopping: Callable[[], bool] = lambda: False, retries: int = 1,
                echo: Callable[[str], None] = print) -> None:
   """Waits until `check()` is true for a started `child`. A child that exits first is started
-  again, `retries` times at most (a start can fail for reasons of the moment: a port taken in
-  between, a loaded machine), then reported with its log."""
+  again with the same arguments, `retries` times at most (a start can fail for reasons of the
+  moment, such as a loaded machine), then reported with its log."""
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
     if stopping():

@@ -157,7 +157,13 @@ def test_asearcher_train_runs_and_resumes(tmp_path):
                               *TRAIN_OVERRIDES, f"run.output_dir={run}", *extra),
                           cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
 
-  out = train("rl.total_steps=3")
+  # A run stopped before its learner's first checkpoint (its folder holds an empty checkpoints/
+  # and nothing was published) is resumed like any other; --resume waited 900 s for a
+  # publication that such a learner never makes.
+  (run / "checkpoints").mkdir(parents=True)
+  refused = train("rl.total_steps=3")
+  assert refused.returncode == 2 and "pass --resume" in refused.stderr
+  out = train("rl.total_steps=3", "--resume")
   assert out.returncode == 0, out.stdout + out.stderr
   assert "step 3/3 v3" in out.stdout
   lines = read_metrics(run / "metrics.jsonl")

@@ -231,3 +231,45 @@ def test_a_stopped_worker_ends_its_episodes_sessions_before_it_returns(caplog):
   asyncio.run(main())
   assert agent.started > 0 and agent.ended == agent.started
   assert w.stats.failed == 0 and "failed" not in caplog.text
+
+
+class DeadDecodeAgent:
+  """Every episode aborts at once, as with a decode server that is down."""
+
+  async def run(self, item, *, sample, group_id, seed, submit_version):
+    await asyncio.sleep(0)
+    return Trajectory(qid=item.qid, question=item.question, answers=list(item.answers),
+                      group_id=group_id, sample=sample, status="aborted",
+                      error="decode server 127.0.0.1:1: UNAVAILABLE",
+                      submit_version=submit_version)
+
+
+def test_groups_that_keep_aborting_back_off_and_then_stop_the_worker(monkeypatch, caplog):
+  """A worker whose every episode aborts started its next group at once: thousands a second,
+  a warning each, its data shard run through many times, and no exit anyone would see. The
+  pause after each aborted group doubles, and after rollout.GIVE_UP_S of nothing but aborts
+  the worker stops with an error."""
+  from asearcher_jax.rl import rollout
+  items = [QAItem(qid=f"q{i}", question="?", answers=("a",)) for i in range(500)]
+
+  def worker():
+    return RolloutWorker(worker=0, workers=1, rl=RLSection(group_size=2, batch_groups=2),
+                         agent=DeadDecodeAgent(), scorer=Scorer(), replay=Replay(),
+                         prompts=PromptStream(items), poll_s=0.01)
+
+  async def for_a_while(w, seconds):
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(seconds, stop.set)
+    await w.run(stop=stop)
+
+  w = worker()
+  with caplog.at_level(logging.WARNING):
+    asyncio.run(for_a_while(w, 1.2))
+  # The first groups admitted together, then one after pauses of 0.5 s (and 1 s): a handful.
+  assert 0 < w.stats.failed == w.stats.started < 20 and w.prompts.cursor < 20
+  assert len(caplog.records) <= 5 and "groups in a row" in caplog.text
+
+  monkeypatch.setattr(rollout, "BACKOFF_S", (0.01, 0.02))
+  monkeypatch.setattr(rollout, "GIVE_UP_S", 0.3)
+  with pytest.raises(rollout.RolloutStalled, match="every group aborted for 0 s .*UNAVAILABLE"):
+    asyncio.run(for_a_while(worker(), 30))

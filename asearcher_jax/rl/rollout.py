@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from asearcher_jax.agent import Agent, Trajectory, score
 from asearcher_jax.agent.episode import derive_seed
 from asearcher_jax.data.qa import QAItem
+from asearcher_jax.errors import AsearcherError
 from asearcher_jax.jsonl import append_lines
 from asearcher_jax.retry import retrying
 from asearcher_jax.reward.scorer import Scorer
@@ -25,6 +26,17 @@ from asearcher_jax.rl.admission import AdmissionController
 from asearcher_jax.rl.training_log import STARVED_ADVICE, episode_metrics, starved_after
 
 log = logging.getLogger(__name__)
+
+# Groups that abort one after another (a decode or search server down, a token refused): the
+# next starts after a pause that doubles from the first to the longest, so a worker does not
+# spin through its data logging a warning per prompt; and when every group has aborted for
+# GIVE_UP_S the worker stops with an error, which its supervisor (or `wait -n`) sees.
+BACKOFF_S = (0.5, 30.0)
+GIVE_UP_S = 600.0
+
+
+class RolloutStalled(AsearcherError):
+  """Every group aborted for GIVE_UP_S: the worker cannot make progress."""
 
 
 class PromptStream:
@@ -83,6 +95,19 @@ class RolloutWorker:
     # all score alike feeds the learner nothing, which its log says at each doubling from here.
     self._alike: list[float] = []
     self._warn_at = starved_after(rl)
+    self._aborts, self._aborting_since, self._last_abort = 0, 0.0, 0.0  # in a row
+
+  def _paused(self) -> bool:
+    """Whether aborted groups hold the next start back (their pause not over yet); raises
+    RolloutStalled when every group has aborted for GIVE_UP_S."""
+    if not self._aborts:
+      return False
+    now = time.monotonic()
+    if now - self._aborting_since >= GIVE_UP_S:
+      raise RolloutStalled(f"worker {self.worker}: every group aborted for {GIVE_UP_S:.0f} s "
+                           f"({self._aborts} in a row); the last: {self._abort_error}")
+    first, longest = BACKOFF_S
+    return now < self._last_abort + min(first * 2 ** (self._aborts - 1), longest)
 
   async def recover(self) -> None:
     """Accepted count and data cursor as the queue recorded them (a restart continues)."""
@@ -101,27 +126,30 @@ class RolloutWorker:
     def want_more() -> bool:
       return max_groups is None or self.stats.accepted + len(running) < max_groups
 
-    while not stop.is_set() and (want_more() or running):
-      if time.monotonic() - last_poll >= self.poll_s:
-        self.version = int((await self.replay.state(self.worker)).version)
-        last_poll = time.monotonic()
-      while want_more() and self.admission.try_start(self.version):
-        cursor, item = self.prompts.next()
-        self.stats.started += 1
-        running.add(asyncio.create_task(self._group(item, cursor, self.version)))
-      if running:
-        done, running = await asyncio.wait(running, timeout=self.poll_s,
-                                           return_when=asyncio.FIRST_COMPLETED)
-        for t in done:
-          t.result()  # _group handles its own failures; anything else is a bug worth seeing
-      else:
-        await asyncio.sleep(self.poll_s)
-    for t in running:
-      t.cancel()
-    # Wait for the cancelled groups to unwind: their episodes free their decode sessions on
-    # the way out, which needs the clients the caller closes once this returns (before, each
-    # in-flight group then failed on a closed channel and logged a traceback at every stop).
-    await asyncio.gather(*running, return_exceptions=True)
+    try:
+      while not stop.is_set() and (want_more() or running):
+        if time.monotonic() - last_poll >= self.poll_s:
+          self.version = int((await self.replay.state(self.worker)).version)
+          last_poll = time.monotonic()
+        while want_more() and not self._paused() and self.admission.try_start(self.version):
+          cursor, item = self.prompts.next()
+          self.stats.started += 1
+          running.add(asyncio.create_task(self._group(item, cursor, self.version)))
+        if running:
+          done, running = await asyncio.wait(running, timeout=self.poll_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+          for t in done:
+            t.result()  # _group handles its own failures; anything else is a bug worth seeing
+        else:
+          await asyncio.sleep(self.poll_s)
+    finally:
+      for t in running:
+        t.cancel()
+      # Wait for the cancelled groups to unwind: their episodes free their decode sessions on
+      # the way out, which needs the clients the caller closes once this returns (before,
+      # each in-flight group then failed on a closed channel and logged a traceback at every
+      # stop).
+      await asyncio.gather(*running, return_exceptions=True)
 
   async def _group(self, item: QAItem, cursor: int, version: int) -> None:
     group_id = f"{self.worker}-{cursor}"
@@ -141,9 +169,15 @@ class RolloutWorker:
       if any(t.status == "aborted" for t in trajs):
         self.stats.failed += 1
         self.admission.finish_rejected()
-        log.warning("group %s dropped: an episode aborted (%s)", group_id,
-                    next(t.error for t in trajs if t.status == "aborted"))
+        self._abort_error = next(t.error for t in trajs if t.status == "aborted")
+        now = time.monotonic()
+        self._aborts, self._last_abort = self._aborts + 1, now
+        self._aborting_since = self._aborting_since if self._aborts > 1 else now
+        if self._aborts & (self._aborts - 1) == 0:  # the 1st, 2nd, 4th, 8th... in a row
+          log.warning("group %s dropped: an episode aborted (%s); %d groups in a row", group_id,
+                      self._abort_error, self._aborts)
         return
+      self._aborts = 0
       filtered = self.rl.filter_equal_rewards and len({t.reward for t in trajs}) == 1
       if self.log_path:
         append_lines(self.log_path, [{"group": group_id, "version": version,

@@ -12,6 +12,7 @@ each process's log in <run>/logs/.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -31,10 +32,26 @@ PLOT_EVERY_S = 20.0  # the learning curve is redrawn at most this often while tr
 STARVED_CHECK_S = 10.0  # once no step has come for this long, the scored groups are read this often
 
 
+def free_ports(n: int) -> list[int]:
+  """`n` distinct free loopback ports: every socket stays bound until all are picked (one at a
+  time, the kernel may hand out a port it just freed again)."""
+  with contextlib.ExitStack() as stack:
+    socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+    for s in socks:
+      s.bind(("127.0.0.1", 0))
+    return [s.getsockname()[1] for s in socks]
+
+
 def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  return free_ports(1)[0]
+
+
+def _has_checkpoint(directory: str) -> bool:
+  from asearcher_jax.checkpoint import Checkpointer
+  if not os.path.isdir(directory):
+    return False
+  with Checkpointer(directory, read_only=True) as ckpt:
+    return ckpt.latest_step() is not None
 
 
 def _grpc_ready(address: str, kind: str) -> Callable[[], bool]:
@@ -84,8 +101,8 @@ def train(cfg: Config, *, config_path: str | None, overrides: list[str], resume:
                          "choose another run.output_dir")
   py = [sys.executable, "-m", "asearcher_jax.cli"]
   base = (["--config", config_path] if config_path else []) + list(overrides)
-  ports = {"replay": free_port(), "retrieval": free_port()}
-  decode_ports = [free_port() for _ in range(cfg.rl.decode_servers)]
+  replay_port, retrieval_port, *decode_ports = free_ports(2 + cfg.rl.decode_servers)
+  ports = {"replay": replay_port, "retrieval": retrieval_port}
   replay_addr = f"127.0.0.1:{ports['replay']}"
   decode_addrs = [f"127.0.0.1:{p}" for p in decode_ports]
   retrieval_url = f"http://127.0.0.1:{ports['retrieval']}"
@@ -142,7 +159,10 @@ def train(cfg: Config, *, config_path: str | None, overrides: list[str], resume:
          + (f"; retrieval {retrieval_url}" if "retrieval" in children else ""))
     served_before = _replay_version(replay_addr)
     learner.start()
-    if resume:  # rollouts wait until the servers hold the learner's restored weights
+    # Rollouts wait until the servers hold the learner's restored weights. A run stopped
+    # before its first checkpoint and publication has none: its learner starts afresh at
+    # version 0, which the servers already hold, and publishes nothing to wait for.
+    if resume and (served_before > 0 or _has_checkpoint(ckpt_dir)):
       wait_ready(lambda: _replay_version(replay_addr) > served_before, learner,
                  "the learner to publish its restored weights", 900, is_stopping, retries=0)
     for w in workers:
