@@ -182,6 +182,18 @@ def test_asearcher_train_runs_and_resumes(tmp_path):
   assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+def test_a_rollout_worker_that_keeps_failing_fails_the_run(tmp_path):
+  """A worker that dies at every start (its data is missing) is restarted, then reported, and
+  the run exits 1: a failure, not the 130 of an interrupted run that scripts take for Ctrl-C."""
+  out = subprocess.run(cli("train", "--config", "configs/debug.yaml", "--no-progress",
+                           *TRAIN_OVERRIDES, f"rl.data=[{tmp_path / 'missing.jsonl'}]",
+                           f"run.output_dir={tmp_path / 'run'}"),
+                       cwd=ROOT, env=child_env(ASEARCHER_CACHE=str(tmp_path / "cache")),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 1, out.stdout + out.stderr
+  assert "rollout0 keeps failing" in out.stdout and "missing.jsonl: no such file" in out.stdout
+
+
 def test_a_rollout_worker_killed_mid_episode_leaves_only_complete_groups(tmp_path):
   from conftest import single_device_mesh
 

@@ -218,12 +218,14 @@ def train(cfg: Config, *, config_path: str | None, overrides: list[str], resume:
         echo(f"{c.name} exited with status {c.proc.returncode}; its log ({c.log_path}):\n"
              f"{c.tail()}")
         break
+      failing = next((w for w in workers if not w.alive() and w.restarts >= RESTARTS), None)
+      if failing is not None:  # a failure (status 1), not an interruption (130)
+        echo(f"{failing.name} keeps failing; its log ({failing.log_path}):\n{failing.tail()}\n"
+             "stopping: asking the learner to checkpoint")
+        learner.stop(signal.SIGTERM, wait_s=300)
+        break
       for w in workers:
         if not w.alive():
-          if w.restarts >= RESTARTS:
-            echo(f"{w.name} keeps failing; its log ({w.log_path}):\n{w.tail()}")
-            stopping["flag"] = True
-            break
           w.restarts += 1
           echo(f"{w.name} exited ({w.proc.returncode}); restarting it ({w.restarts}/{RESTARTS})")
           w.start()
