@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # annotations only: config.py assembles every section, above 
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--config", help="YAML file under configs/ (defaults apply where absent)")
+  p.add_argument("--config", help="YAML file under configs/ (defaults apply where absent; "
+                                  "without one, give model.path or model.arch as overrides)")
   p.add_argument("overrides", nargs="*", metavar="key=value",
                  help="dotted overrides, e.g. model.arch.num_layers=4 mesh.tensor=2")
 
