@@ -73,6 +73,38 @@ def test_greedy_rows_take_the_first_maximum_and_draw_nothing():
   assert not np.array_equal(np.asarray(d.keys), np.asarray(keys))
 
 
+def test_low_temperatures_report_exact_logprobs_and_tiny_ones_sample_greedily():
+  """At T = 0.01 the tempered logits are large and close to their log-normaliser: each
+  log-prob is computed from the max before the normaliser, within 1e-5 of float64's over the
+  same tempered logits (their difference had kept only ~1e-4). A temperature below
+  GREEDY_BELOW samples greedily: tempering by 1e-30 sank kept logits below truncation's
+  NEG_INF and drew a token top-k had dropped."""
+  from asearcher_jax.inference.sampling import GREEDY_BELOW
+  rng = np.random.default_rng(3)
+  n = 64
+  logits = (20 + rng.normal(0, 0.02, (n, 50))).astype(np.float32)  # close, large logits
+  keys = jax.vmap(lambda i: jax.random.key_data(jax.random.key(i)))(jnp.arange(n))
+  d = sample(jnp.asarray(logits), keys.astype(jnp.uint32), jnp.full((n,), 0.01),
+             jnp.zeros((n,), jnp.int32), jnp.ones((n,)), top_n=3)
+  # The tempered logits as the sampler holds them (float32 at ~2000: ~1e-4 apart from the exact
+  # quotient, and from numpy's), then their log-softmax in float64.
+  x = np.asarray(processed_logits(jnp.asarray(logits), jnp.full((n,), 0.01),
+                                  jnp.zeros((n,), jnp.int32), jnp.ones((n,)))).astype(np.float64)
+  ref = x - x.max(-1, keepdims=True)
+  ref -= np.log(np.exp(ref).sum(-1, keepdims=True))
+  tokens = np.asarray(d.tokens)
+  np.testing.assert_allclose(np.asarray(d.logprobs), ref[np.arange(n), tokens], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(d.top_logprobs), -np.sort(-ref, -1)[:, :3], atol=1e-5)
+
+  row = jnp.asarray([[-3.0, -2.0, -5.0, -2.5, -4.0, -3.0, -2.0]])
+  for t in (1e-30, 1e-38, GREEDY_BELOW / 2):
+    d = sample(row, keys[:1].astype(jnp.uint32), jnp.asarray([t]), jnp.asarray([2]),
+               jnp.asarray([1.0]))
+    assert int(d.tokens[0]) == 1  # the first maximum, as at temperature 0
+    np.testing.assert_allclose(float(d.logprobs[0]),
+                               float(jax.nn.log_softmax(row[0])[1]), rtol=1e-6)
+
+
 def _kept_by_definition(logits, temperature, top_k, top_p):
   """The tokens top-k then top-p keep, in float64 from the definition: the top_k most likely
   (all if 0), then the smallest most-likely-first prefix of them whose probability (normalised

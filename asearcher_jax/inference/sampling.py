@@ -16,6 +16,9 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30
+# A temperature below this samples as greedy (vLLM's _SAMPLING_EPS): logits tempered by less
+# can overflow float32 or sink below NEG_INF, where truncated tokens would outrank kept ones.
+GREEDY_BELOW = 1e-5
 
 
 # Top-k / top-p read the most likely tokens first: XLA's top_k of this many costs a hundredth of
@@ -30,7 +33,7 @@ def processed_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array
 
   Top-p keeps the smallest set of most likely tokens (among the top-k) whose mass reaches p."""
   logits = logits.astype(jnp.float32)
-  greedy = temperature <= 0.0
+  greedy = temperature < GREEDY_BELOW
   scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
   truncating = ((top_k > 0) | (top_p < 1.0)) & ~greedy
   vocab = scaled.shape[-1]
@@ -119,11 +122,11 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
   x = processed_logits(logits, temperature, top_k, top_p)
   split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
   next_keys, draw_keys = split[:, 0], split[:, 1]
-  greedy = temperature <= 0.0
+  greedy = temperature < GREEDY_BELOW
   top = jnp.max(x, axis=-1)
   weights = jnp.exp(x - top[:, None])  # truncated entries (NEG_INF) weigh exactly 0
   total = jnp.sum(weights, axis=-1)
-  log_z = top + jnp.log(total)
+  log_total = jnp.log(total)  # log_z = top + log_total
   # argmax as the first index holding the max: a min-reduction, ~4x cheaper than XLA's
   # variadic argmax on CPU (a NaN row, which has no max, gets the last index)
   iota = jnp.arange(x.shape[-1], dtype=jnp.int32)[None, :]
@@ -136,10 +139,12 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
 
   drawn = jax.lax.cond(jnp.all(greedy), lambda _: best, draw, None)
   tokens = jnp.where(greedy, best, drawn).astype(jnp.int32)
-  logprobs = jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0] - log_z
+  # x - top first, then log_total: at a low temperature x and log_z are large and close, and
+  # x - log_z would keep only the digits they do not share.
+  logprobs = (jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0] - top) - log_total
   if top_n:
     top_x, top_ids = jax.lax.top_k(x, top_n)
-    top_logprobs = top_x - log_z[:, None]
+    top_logprobs = (top_x - top[:, None]) - log_total[:, None]
   else:
     top_logprobs = jnp.zeros((x.shape[0], 0), jnp.float32)
     top_ids = jnp.zeros((x.shape[0], 0), jnp.int32)
