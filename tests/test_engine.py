@@ -565,9 +565,9 @@ def test_engines_of_one_configuration_share_their_compiled_programs(forward_logi
   assert "generate" in compiled
 
 
-@pytest.mark.parametrize("decode_steps,chunk,bound", [(1, None, None), (4, None, None),
-                                                       (1, 32, 32)])
-def test_warmup_compiles_everything_serving_meets(model, decode_steps, chunk, bound):
+@pytest.mark.parametrize("decode_steps,chunk,bound,top", [
+    (1, None, None, False), (4, None, None, False), (1, 32, 32, False), (4, 32, 32, True)])
+def test_warmup_compiles_everything_serving_meets(model, decode_steps, chunk, bound, top):
   """Every shape a driver meets is compiled by warmup; with the driver's prefill_chunk and
   prefill_tokens, warmup skips the prefills it never runs (buckets past the chunk's, several
   rows past the bound): here 1 or 2 rows of 16 tokens and 1 row of 32, not 1/2/4 x 16/32/64."""
@@ -577,12 +577,14 @@ def test_warmup_compiles_everything_serving_meets(model, decode_steps, chunk, bo
   blocks = 3 if decode_steps > 1 else 0  # a block program per window
   prefills = 3 * 3 if chunk is None else 2 + 1  # rows x buckets
   # page-table rewrites + prefills x (fresh, sessions) + windows + blocks + host offload and
-  # back
-  assert engine.warmup(chunk, bound) == 3 + prefills * 2 + 3 + blocks + 2
+  # back; with `top`, the prefills, windows and blocks again for requests asking top_logprobs
+  variants = 2 if top else 1
+  assert engine.warmup(chunk, bound, top) == 3 + variants * (prefills * 2 + 3 + blocks) + 2
   with compiled_programs() as compiled:
     with Driver(engine, device_sessions=1, host_sessions=1, prefill_chunk=chunk,
                 prefill_tokens=bound) as d:
-      reqs = [d.submit(Request(prompt(n), SamplingParams(max_new_tokens=m, seed=n),
+      reqs = [d.submit(Request(prompt(n), SamplingParams(max_new_tokens=m, seed=n,
+                                                         top_logprobs=2 * top * (n % 3 == 0)),
                                session_id=f"s{n % 2}"))
               for n, m in ((3, 40), (20, 5), (40, 20), (9, 2), (50, 13))]
       for r in reqs:

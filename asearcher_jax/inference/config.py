@@ -59,6 +59,9 @@ class ServeSection(Section):
   host_sessions: int = Field(256, ge=0)
   update_mode: Literal["abort", "keep_kv"] = "abort"
   warmup: bool = False  # compile every prefill bucket and attention window before serving
+  # Also the programs of requests that ask for the most likely tokens (OpenAI logprobs=N,
+  # top_logprobs): twice the compiles, for a server that answers such requests.
+  warmup_top_logprobs: bool = False
   # Folders UpdateWeights may load from (symlinks resolved); anything else is refused without
   # saying whether it exists. Empty: the run's published weights (placement.weights_dir, else
   # <run.output_dir>/weights).

@@ -320,8 +320,11 @@ class Engine:
     return self._programs.generate_block(params, state, window,
                                          MAX_TOP_LOGPROBS if top_logprobs else 0, steps)
 
-  def warmup(self, prefill_chunk: int | None = None, prefill_tokens: int | None = None) -> int:
-    """Compiles every shape serving can meet, so no request ever waits for XLA.
+  def warmup(self, prefill_chunk: int | None = None, prefill_tokens: int | None = None,
+             top_logprobs: bool = False) -> int:
+    """Compiles every shape serving can meet, so no request ever waits for XLA (with
+    `top_logprobs`, one that asks for the most likely tokens included: their programs are
+    others, and twice the compiles; the engine thread compiles, so every slot would wait).
 
     That is: page-table rewrites, and fresh prefill and insert and session prefill into the
     pool for each batch of rows (powers of two up to the slot count) and length bucket, a
@@ -342,26 +345,30 @@ class Engine:
       state = self.set_pages(state, list(range(min(n, self.slots))), [[]] * min(n, self.slots))
       shapes += 1
     longest = self.bucket(min(prefill_chunk or self.max_len, self.max_len))
-    for bucket in (b for b in self.buckets if b <= longest):
-      pages = list(range(1, pages_for(bucket, self.page_size) + 1))  # rows may share them
-      for n in rows:
-        if not self.prefill_fits(n, bucket, prefill_tokens):
-          break
-        prefix = self.prefill_batch(self.params, [np.zeros(bucket, np.int32)] * n, [0.0] * n,
-                                    [0] * n, [1.0] * n, [zeros_key] * n)
-        m = min(n, self.slots)
-        state = self.insert(prefix, state, list(range(m)), [pages] * m)
-        # m sessions continuing after one held token each, with new tokens in this bucket
-        state, _ = self.prefill_into_batch(
-            self.params, state, list(range(m)), [np.zeros(max(bucket - 1, 1), np.int32)] * m,
-            [1] * m, [pages] * m, [0.0] * m, [0] * m, [1.0] * m, [zeros_key] * m)
-        shapes += 2
-    for window in self.buckets:
-      state, _ = self.generate(self.params, state, window)
-      shapes += 1
-      if self.decode_steps > 1:
-        state, _ = self.generate_block(self.params, state, window, self.decode_steps)
+    for top in (False, True) if top_logprobs else (False,):
+      for bucket in (b for b in self.buckets if b <= longest):
+        pages = list(range(1, pages_for(bucket, self.page_size) + 1))  # rows may share them
+        for n in rows:
+          if not self.prefill_fits(n, bucket, prefill_tokens):
+            break
+          prefix = self.prefill_batch(self.params, [np.zeros(bucket, np.int32)] * n,
+                                      [0.0] * n, [0] * n, [1.0] * n, [zeros_key] * n,
+                                      top_logprobs=top)
+          m = min(n, self.slots)
+          state = self.insert(prefix, state, list(range(m)), [pages] * m)
+          # m sessions continuing after one held token each, with new tokens in this bucket
+          state, _ = self.prefill_into_batch(
+              self.params, state, list(range(m)), [np.zeros(max(bucket - 1, 1), np.int32)] * m,
+              [1] * m, [pages] * m, [0.0] * m, [0] * m, [1.0] * m, [zeros_key] * m,
+              top_logprobs=top)
+          shapes += 2
+      for window in self.buckets:
+        state, _ = self.generate(self.params, state, window, top_logprobs=top)
         shapes += 1
+        if self.decode_steps > 1:
+          state, _ = self.generate_block(self.params, state, window, self.decode_steps,
+                                         top_logprobs=top)
+          shapes += 1
     # A session leaving the pool for host memory, and coming back.
     k, v = self.read_pages(state, [1], 1)
     jax.block_until_ready(self.write_pages(state, [1], k, v))

@@ -117,7 +117,7 @@ def build_server(cfg: Config, *, progress: bool = True) -> DecodeServer:
                   quantization=s.quantization)
   if s.warmup:
     t0 = time.perf_counter()
-    n = engine.warmup(s.prefill_chunk, s.prefill_tokens)
+    n = engine.warmup(s.prefill_chunk, s.prefill_tokens, top_logprobs=s.warmup_top_logprobs)
     log.info("compiled %d decode programs in %.1fs", n, time.perf_counter() - t0)
   driver = Driver(engine, tokenizer=tokenizer, max_pending=s.max_pending,
                   prefill_chunk=s.prefill_chunk, prefill_tokens=s.prefill_tokens,
