@@ -630,8 +630,6 @@ class Driver:
         emitted += 1
     if emitted:
       self._recent.append((time.monotonic(), emitted))
-      if self.metrics:
-        self.metrics.observe_tokens(emitted)
 
   def _ahead(self) -> int:
     """Tokens each running slot has on the device beyond those recorded: the block in flight,
@@ -764,8 +762,6 @@ class Driver:
                    top=(top_ids[j, slot], top_logprobs[j, slot]))
         emitted += 1
     self._recent.append((time.monotonic(), emitted))
-    if self.metrics:
-      self.metrics.observe_tokens(emitted)
 
   def _emit(self, slot: int, r: Request, token: int, logprob: float,
             version: int | None = None, top: tuple[np.ndarray, np.ndarray] | None = None) -> None:
@@ -780,6 +776,8 @@ class Driver:
       r.top_logprobs.append(list(zip(ids[live].tolist(), lps[live].tolist())))
     r.versions.append(self.version if version is None else version)
     self._counters["generated"] += 1
+    if self.metrics:  # counted before the token can finish its request and wake its client
+      self.metrics.observe_tokens(1)
     if r.on_tokens:
       _callback(r.on_tokens, r, [token])
     s = r.sampling
