@@ -60,6 +60,19 @@ def child_env(xla_flags: str = "", **extra: str) -> dict[str, str]:
           "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **extra}
 
 
+def fail_prefills_of(engine, monkeypatch, first_token: int = 127) -> None:
+  """The engine's fresh prefill raises (a device fault) for any batch holding a prompt that
+  starts with `first_token`."""
+  real = engine.prefill_batch
+
+  def poisoned(params, token_lists, *args, **kwargs):
+    if any(t[0] == first_token for t in token_lists):
+      raise RuntimeError("device fault")
+    return real(params, token_lists, *args, **kwargs)
+
+  monkeypatch.setattr(engine, "prefill_batch", poisoned)
+
+
 def single_device_mesh():
   """Tests that are not about sharding run on one device: faster on two cores."""
   from asearcher_jax.sharding import make_mesh

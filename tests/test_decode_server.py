@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import openai
 import pytest
-from conftest import single_device_mesh, tiny_config
+from conftest import fail_prefills_of, single_device_mesh, tiny_config
 from flax import nnx
 
 from asearcher_jax.errors import ConfigError
@@ -218,14 +218,7 @@ def test_a_request_the_decode_loop_fails_fails_on_every_front(tokenizer, monkeyp
   JetStream's Decode; never a stream that ends as if the request had finished."""
   model = create_model(CFG, MESH, seed=0, dtype="float32")
   engine = Engine(model, slots=2, max_len=64, mesh=MESH)
-  real = engine.prefill_batch
-
-  def poisoned(params, token_lists, *args, **kwargs):
-    if any(t[0] == 127 for t in token_lists):
-      raise RuntimeError("device fault")
-    return real(params, token_lists, *args, **kwargs)
-
-  monkeypatch.setattr(engine, "prefill_batch", poisoned)
+  fail_prefills_of(engine, monkeypatch)
   srv = DecodeServer(Driver(engine, version=1), tokenizer, model_name="tiny").start_in_thread()
   bad = [127, 1, 2]
   try:

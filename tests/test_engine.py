@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import single_device_mesh, tiny_config
+from conftest import fail_prefills_of, single_device_mesh, tiny_config
 from flax import nnx
 
 from asearcher_jax.errors import CheckpointError
@@ -379,14 +379,7 @@ def test_a_raising_callback_does_not_stop_the_driver(model):
 
 def test_one_failing_row_of_a_batched_prefill_fails_alone(model, monkeypatch):
   engine = Engine(model, slots=4, max_len=64, mesh=MESH)
-  real = engine.prefill_batch
-
-  def poisoned(params, token_lists, *args, **kwargs):
-    if any(t[0] == 127 for t in token_lists):
-      raise RuntimeError("device fault")
-    return real(params, token_lists, *args, **kwargs)
-
-  monkeypatch.setattr(engine, "prefill_batch", poisoned)
+  fail_prefills_of(engine, monkeypatch)
   with Driver(engine) as d:
     d.pause()  # queue everything first so that the rows share one batched prefill
     reqs = [d.submit(Request([127, 1, 2] if i == 1 else prompt(4), SamplingParams(
