@@ -301,11 +301,12 @@ class Driver:
       return fn()
     fut: Future = Future()
     with self._wake:
-      queued = self._running
+      alive = self._thread is not None and self._thread.is_alive()
+      queued = self._running and alive
       if queued:
         self._control.put((fn, fut))
         self._wake.notify()
-      elif self._thread is not None and self._thread.is_alive():
+      elif alive:
         raise RuntimeError("the decode driver is stopping")
     # Not started, or gone: nothing else touches the state.
     return fut.result() if queued else fn()
