@@ -9,7 +9,7 @@ follow OpenAI: the text ends before the stop string (a stream holds back only wh
 begin one). What this server cannot honour (`logit_bias`, penalties, `echo`, `suffix`, tools,
 JSON mode) is refused with a 400 naming the field, never silently ignored. Errors are
 OpenAI-shaped JSON: 400 (bad request), 401 (token), 404 (unknown model or route), 405 (method),
-503 (queue full).
+500 (the decode loop failed the request), 503 (queue full).
 """
 
 from __future__ import annotations
