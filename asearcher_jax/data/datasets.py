@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import Counter
 
 from asearcher_jax.data.qa import QAItem, load_qa, source_from_path
 from asearcher_jax.errors import DataError
@@ -43,10 +44,7 @@ def load_datasets(paths, split: str = "test", limit: int | None = None,
       rows, skipped = report.items, skipped + len(report.skipped)
       notes.append(report.summary())
     items.extend((it.source or name, it) for it in rows)
-  seen: dict[tuple[str, str], int] = {}
-  for ds, it in items:
-    seen[ds, it.qid] = seen.get((ds, it.qid), 0) + 1
-  clashes = [key for key, n in seen.items() if n > 1]
+  clashes = [key for key, n in Counter((ds, it.qid) for ds, it in items).items() if n > 1]
   if clashes:
     ds, qid = clashes[0]
     raise DataError(f"{len(clashes)} questions are named twice, e.g. qid {qid!r} of dataset "

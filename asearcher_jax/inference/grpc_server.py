@@ -86,8 +86,6 @@ class RLDecodeServicer(decode_pb2_grpc.DecodeServicer):
   async def Generate(self, request, context):
     r = await self.service.generate(list(request.prompt_ids), sampling_from_proto(request.sampling),
                                     session_id=request.session_id, request_id=request.request_id)
-    if r.finish_reason == "error":
-      raise GenerationFailed(r.error or "generation failed")
     return response_from_request(r)
 
   @_guarded(stream=True)

@@ -301,16 +301,12 @@ class OpenAIServer:
     tasks = [asyncio.ensure_future(self.service.generate(prompt, self._seeded(ask.sampling, i)))
              for i in range(ask.n)]
     try:
-      results = await asyncio.gather(*tasks)
+      return await asyncio.gather(*tasks)  # GenerationFailed of a failed one, a 500
     except BaseException:
       for t in tasks:
         t.cancel()
       await asyncio.gather(*tasks, return_exceptions=True)
       raise
-    failed = [r for r in results if r.finish_reason == "error"]
-    if failed:
-      raise GenerationFailed(failed[0].error or "generation failed")
-    return results
 
   def _choice_text(self, r, sampling: SamplingParams) -> tuple[str, str, int]:
     """(text, finish_reason, how many output tokens the text covers)."""

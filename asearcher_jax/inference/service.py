@@ -51,10 +51,12 @@ class DecodeService:
 
   async def generate(self, prompt: list[int], sampling: SamplingParams, *,
                      session_id: str | None = None, request_id: str = "") -> Request:
-    """Runs one request to completion (ValueError / QueueFullError on bad input / overload)."""
+    """Runs one request to completion (ValueError / QueueFullError on bad input / overload,
+    GenerationFailed if the decode loop failed it)."""
     request, events = self._submit(prompt, sampling, session_id, request_id)
     async for _ in self._drain(request, events):
       pass
+    _raise_if_failed(request)
     return request
 
   async def stream(self, prompt: list[int], sampling: SamplingParams, *,
@@ -65,8 +67,7 @@ class DecodeService:
     request, events = self._submit(prompt, sampling, session_id, request_id)
     async for chunk in self._drain(request, events):
       yield request, chunk
-    if request.finish_reason == "error":
-      raise GenerationFailed(request.error or "generation failed")
+    _raise_if_failed(request)
 
   def _submit(self, prompt, sampling, session_id, request_id) -> tuple[Request, asyncio.Queue]:
     loop = asyncio.get_running_loop()
@@ -141,6 +142,11 @@ class DecodeService:
 
   def decode(self, ids: list[int]) -> str:
     return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+
+def _raise_if_failed(request: Request) -> None:
+  if request.finish_reason == "error":
+    raise GenerationFailed(request.error or "generation failed")
 
 
 class IncrementalDetokenizer:

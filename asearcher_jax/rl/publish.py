@@ -95,28 +95,32 @@ class CheckpointPublisher:
       self._prune(version)
     return out
 
-  async def _commit(self, version: int) -> dict:
+  async def _each_server(self, call) -> dict:
+    """{address: await call(client)} over every decode server at once."""
     from asearcher_jax.inference.client import DecodeClient
 
     async def one(address):
       async with DecodeClient(address, token=self.token, timeout=self.timeout_s) as c:
-        r = await c.update_weights(version, orbax_dir=self.directory, step=version)
-        return address, {"version": r.version, "interrupted": r.interrupted,
-                         "load_s": r.load_s, "commit_s": r.commit_s}
+        return address, await call(c)
 
     return dict(await asyncio.gather(*(one(a) for a in self.addresses)))
+
+  async def _commit(self, version: int) -> dict:
+    async def commit(c):
+      r = await c.update_weights(version, orbax_dir=self.directory, step=version)
+      return {"version": r.version, "interrupted": r.interrupted, "load_s": r.load_s,
+              "commit_s": r.commit_s}
+
+    return await self._each_server(commit)
 
   def served(self) -> int:
     return distributed.on_primary(lambda: asyncio.run(self._served()))
 
   async def _served(self) -> int:
-    from asearcher_jax.inference.client import DecodeClient
+    async def version(c):
+      return int((await c.stats(wait_for_ready=True)).version)  # servers may be starting
 
-    async def one(address):
-      async with DecodeClient(address, token=self.token, timeout=self.timeout_s) as c:
-        return int((await c.stats(wait_for_ready=True)).version)  # servers may be starting
-
-    return max(await asyncio.gather(*(one(a) for a in self.addresses)), default=0)
+    return max((await self._each_server(version)).values(), default=0)
 
   def _drop_from(self, version: int) -> None:
     if os.path.isdir(self.directory):

@@ -95,7 +95,8 @@ class RolloutWorker:
     # all score alike feeds the learner nothing, which its log says at each doubling from here.
     self._alike: list[float] = []
     self._warn_at = starved_after(rl)
-    self._aborts, self._aborting_since, self._last_abort = 0, 0.0, 0.0  # in a row
+    # Aborted groups in a row: how many, since when, the last one's time and error.
+    self._aborts, self._aborting_since, self._last_abort, self._abort_error = 0, 0.0, 0.0, ""
 
   def _paused(self) -> bool:
     """Whether aborted groups hold the next start back (their pause not over yet); raises

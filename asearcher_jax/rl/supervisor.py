@@ -102,22 +102,21 @@ def train(cfg: Config, *, config_path: str | None, overrides: list[str], resume:
   py = [sys.executable, "-m", "asearcher_jax.cli"]
   base = (["--config", config_path] if config_path else []) + list(overrides)
   replay_port, retrieval_port, *decode_ports = free_ports(2 + cfg.rl.decode_servers)
-  ports = {"replay": replay_port, "retrieval": retrieval_port}
-  replay_addr = f"127.0.0.1:{ports['replay']}"
+  replay_addr = f"127.0.0.1:{replay_port}"
   decode_addrs = [f"127.0.0.1:{p}" for p in decode_ports]
-  retrieval_url = f"http://127.0.0.1:{ports['retrieval']}"
+  retrieval_url = f"http://127.0.0.1:{retrieval_port}"
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   cpu_env = dict(env, JAX_PLATFORMS="cpu")  # helpers must not claim the accelerator
   common = base + [f"search.url={retrieval_url}", f"run.output_dir={out_dir}"]
   children: dict[str, Child] = {}
   children["replay"] = Child("replay", [sys.executable, "-m", "asearcher_jax.replay.server",
                                         "--journal", os.path.join(out_dir, "replay"),
-                                        "--port", str(ports["replay"]),
+                                        "--port", str(replay_port),
                                         "--vocab-size", str(architecture(cfg).vocab_size)],
                             log_dir, cpu_env)
   if cfg.search.backend == "local":
     children["retrieval"] = Child("retrieval", py + ["retrieval", "serve", *base, "--port",
-                                                     str(ports["retrieval"])], log_dir, cpu_env)
+                                                     str(retrieval_port)], log_dir, cpu_env)
   for i, p in enumerate(decode_ports):
     children[f"decode{i}"] = Child(f"decode{i}", py + [  # replica i: its share of the devices
         "serve", *common, f"serve.grpc_port={p}", "serve.http_port=null",
