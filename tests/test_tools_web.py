@@ -119,6 +119,16 @@ def fake(provider, monkeypatch):
   return f, srv
 
 
+def search_once(s: SerperSearch, query: str, topk: int):
+  """s.search(query, topk) in an event loop of its own, the adapter's session closed after."""
+  async def go():
+    try:
+      return await s.search(query, topk)
+    finally:
+      await s.close()
+  return asyncio.run(go())
+
+
 def section(srv, **kw) -> WebSection:
   base = {"search_url": srv.url, "reader_url": srv.url + "/r", "timeout_s": 1.0,
           "max_retries": 2, "backoff_s": 0.01, "max_backoff_s": 0.05}
@@ -129,13 +139,7 @@ def section(srv, **kw) -> WebSection:
 def test_serper_search_request_and_response_shape(fake):
   f, srv = fake
   s = SerperSearch(section(srv))
-
-  async def go():
-    try:
-      return await s.search("who founded kestrel", 3)
-    finally:
-      await s.close()
-  hits = asyncio.run(go())
+  hits = search_once(s, "who founded kestrel", 3)
   assert [h.url for h in hits] == ["https://ex.com/0", "https://ex.com/1", "https://ex.com/2"]
   assert hits[0].title == "who founded kestrel result 0" and "snippet 0" in hits[0].contents
   req = f.requests[0]
@@ -149,26 +153,14 @@ def test_hits_rank_by_position_and_an_odd_position_gives_no_score(fake):
   f, srv = fake
   f.positions = [1, 0, "x", 4]
   s = SerperSearch(section(srv))
-
-  async def go():
-    try:
-      return await s.search("q", 4)
-    finally:
-      await s.close()
-  assert [h.score for h in asyncio.run(go())] == [1.0, None, None, 0.25]
+  assert [h.score for h in search_once(s, "q", 4)] == [1.0, None, None, 0.25]
 
 
 def test_rate_limit_and_5xx_are_retried(fake):
   f, srv = fake
   f.fail[:] = [429, 503]
   s = SerperSearch(section(srv))
-
-  async def go():
-    try:
-      return await s.search("q", 2)
-    finally:
-      await s.close()
-  assert len(asyncio.run(go())) == 2
+  assert len(search_once(s, "q", 2)) == 2
   assert s.attempts == 3 and not f.fail
 
 
@@ -176,18 +168,12 @@ def test_retries_exhausted_gives_web_error(fake):
   f, srv = fake
   f.fail[:] = [500, 502, 500, 500]
   s = SerperSearch(section(srv, max_retries=2))
-
-  async def go():
-    try:
-      await s.search("q", 2)
-    finally:
-      await s.close()
   with pytest.raises(WebError) as e:
-    asyncio.run(go())
+    search_once(s, "q", 2)
   assert e.value.kind == "http" and e.value.status == 500 and "after 3 attempts" in str(e.value)
   f.fail[:] = [429] * 5
   with pytest.raises(WebError) as e:
-    asyncio.run(go())
+    search_once(s, "q", 2)
   assert e.value.kind == "rate_limited" and e.value.status == 429
 
 
@@ -195,23 +181,11 @@ def test_timeout_then_success_and_timeout_exhausted(fake):
   f, srv = fake
   f.fail[:] = ["slow"]
   s = SerperSearch(section(srv, timeout_s=0.3))
-
-  async def go():
-    try:
-      return await s.search("q", 1)
-    finally:
-      await s.close()
-  assert len(asyncio.run(go())) == 1 and s.attempts == 2
+  assert len(search_once(s, "q", 1)) == 1 and s.attempts == 2
   f.fail[:] = ["slow", "slow"]
   s2 = SerperSearch(section(srv, timeout_s=0.3, max_retries=1))
-
-  async def go2():
-    try:
-      return await s2.search("q", 1)
-    finally:
-      await s2.close()
   with pytest.raises(WebError) as e:
-    asyncio.run(go2())
+    search_once(s2, "q", 1)
   assert e.value.kind == "timeout"
 
 
@@ -219,18 +193,12 @@ def test_client_errors_are_not_retried_and_missing_key(fake, monkeypatch):
   _, srv = fake
   monkeypatch.setenv("SERPER_API_KEY", "wrong")
   s = SerperSearch(section(srv))
-
-  async def go():
-    try:
-      await s.search("q", 1)
-    finally:
-      await s.close()
   with pytest.raises(WebError) as e:
-    asyncio.run(go())
+    search_once(s, "q", 1)
   assert e.value.status == 403 and s.attempts == 1
   monkeypatch.delenv("SERPER_API_KEY")
   with pytest.raises(WebError, match=r"\$SERPER_API_KEY"):
-    asyncio.run(go())
+    search_once(s, "q", 1)
 
 
 def test_jina_reader_json(fake):
@@ -328,7 +296,6 @@ def test_concurrency_limit_respected(fake):
   f, srv = fake
   f.delay, f.peak = 0.1, 0
   s = SerperSearch(section(srv, concurrency=2))
-
   async def go():
     try:
       return await asyncio.gather(*(s.search(f"q{i}", 1) for i in range(8)))
