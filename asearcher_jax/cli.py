@@ -211,8 +211,9 @@ def cmd_eval(args) -> int:
     print(f"against {args.baseline}" + (" (change [95% paired bootstrap interval over "
                                         "questions]):" if intervals else ":"))
     print(format_comparison(base["datasets"], report["datasets"], k, intervals=intervals))
-  aborted = sum(d["status"].get("aborted", 0) for d in report["datasets"].values())
-  return 1 if aborted or not report["datasets"] else 0  # a rerun retries aborted episodes
+  from asearcher_jax.agent.trajectory import INFRA_STATUSES
+  failed = sum(d["status"].get(s, 0) for d in report["datasets"].values() for s in INFRA_STATUSES)
+  return 1 if failed or not report["datasets"] else 0  # a rerun retries those episodes
 
 
 def json_list(items) -> str:

@@ -92,6 +92,8 @@ class FakeTools:
 
   async def access(self, url):
     self.calls.append(("access", url))
+    if url in self.failing:
+      return ToolResult.failure("access", url, "timeout", "no reply within 30s")
     if url != URL:
       return ToolResult.failure("access", url, "not_found", f"no page for {url}", 404)
     return ToolResult("access", url, page=PAGE)
@@ -299,17 +301,33 @@ def test_timeout_cuts_a_slow_policy():
   traj.check()
 
 
-def test_tool_error_after_consecutive_failures():
+def test_env_error_after_consecutive_server_failures():
   steps = [Step("<search> bad </search>"), Step("<search> good </search>"),
            Step("<search> bad </search>"), Step("<search> bad </search>")]
   traj, policy, _ = run_agent(steps, tools=FakeTools(failing={"bad"}), max_tool_errors=2)
-  # bad, good (the count starts over), bad, bad: the second failure in a row ends it.
-  assert traj.status == "tool_error" and traj.num_turns == 4
+  # bad, good (the count starts over), bad, bad: the second failure in a row ends it, and
+  # a server that timed out is the environment's failure, not the policy's.
+  assert traj.status == "env_error" and traj.num_turns == 4
   assert traj.error == "Tool error (timeout): no reply within 30s"
   assert [t.tool_ok for t in traj.turns] == [False, True, False, False]
   assert "<information>\nTool error (timeout): no reply within 30s\n</information>" in (
       policy.prompts[1].text)
   assert_record(traj, policy)
+
+
+@pytest.mark.parametrize("urls, status", [
+    (["https://a.org", "https://b.org"], "tool_error"),  # the policy's own bad calls
+    (["https://a.org", "TIMEOUT"], "env_error"),  # a server failure among them
+    (["TIMEOUT", "https://a.org"], "env_error"),
+    (["TIMEOUT", URL, "https://a.org", "https://b.org"], "tool_error"),  # a success resets
+])
+def test_a_run_of_failures_ends_as_the_environments_when_a_server_failed_in_it(urls, status):
+  steps = [Step(f"<access> {u} </access>") for u in urls]
+  traj, _, _ = run_agent(steps, tools=FakeTools(failing={"TIMEOUT"}), max_tool_errors=2)
+  assert traj.status == status and traj.num_turns == len(urls)
+  traj, _, _ = run_agent(steps, tools=FakeTools(failing={"TIMEOUT"}), max_tool_errors=2,
+                         variant="reasoning")
+  assert traj.status == status and traj.num_turns == len(urls)
 
 
 def test_failed_access_is_a_tool_error_observation():
@@ -484,7 +502,7 @@ def test_reasoning_max_turns_and_tool_errors():
   assert traj.status == "max_turns" and traj.num_turns == 4
   traj, _, _ = run_agent(itertools.repeat(Step("<search> bad </search>")), variant="reasoning",
                          tools=FakeTools(failing={"bad"}), max_tool_errors=3)
-  assert traj.status == "tool_error" and traj.num_turns == 3
+  assert traj.status == "env_error" and traj.num_turns == 3
 
 
 def test_reasoning_timeout_cuts_a_slow_policy():
@@ -519,18 +537,18 @@ class AnsweringPolicy:
     pass
 
 
-def _eval(tmp_path, policy, k=2, **eval_cfg):
+def _eval(tmp_path, policy, k=2, tools=None, agent=None, **eval_cfg):
   from asearcher_jax.config import Config
   from asearcher_jax.eval import evaluate
   data = tmp_path / "qa.jsonl"
   if not data.exists():
     data.write_text("".join(json.dumps({"qid": q, "question": f"Who founded {q}?",
                                         "answer": ["Ann Lee"]}) + "\n" for q in ("A", "B")))
-  cfg = Config(model={"path": str(tmp_path)},  # unused: the policy is given
+  cfg = Config(model={"path": str(tmp_path)}, agent=agent or {},  # the policy is given
                eval={"data": [str(data)], "k": k, "out_dir": str(tmp_path / "out"),
                      "concurrency": 2, **eval_cfg})
   out = []
-  report = asyncio.run(evaluate(cfg, policy=policy, tools=FakeTools(), progress=False,
+  report = asyncio.run(evaluate(cfg, policy=policy, tools=tools or FakeTools(), progress=False,
                                 echo=out.append))
   return report, out
 
@@ -559,6 +577,36 @@ def test_eval_rerun_of_an_aborted_episode_counts_it_once(tmp_path):
   assert ds["metrics"]["em"] == {"avg@2": 1.0, "pass@2": 1.0, "questions": 2}
   assert ds["samples"] == 4 and ds["status"] == {"answered": 4}
   assert not any("aborted" in p for p in report["problems"])
+
+
+class SearchingPolicy(AnsweringPolicy):
+  """Searches for the question once, then answers."""
+
+  async def complete(self, prompt, sampling, session_id=None):
+    if "</information>" in prompt.text.rsplit("Who founded", 1)[1]:  # a search came back
+      return await super().complete(prompt, sampling, session_id)
+    self.calls += 1
+    question = re.search(r"Who founded .\?", prompt.text)[0]
+    text = f"<search> {question} </search>"
+    ids = self.tokenizer.encode(text)
+    return Completion(text, ids, [-0.5] * len(ids), [1] * len(ids), "stop", False)
+
+
+def test_eval_leaves_out_and_reruns_episodes_a_tool_server_ended(tmp_path):
+  """Episodes that a retrieval server's failures ended are not the policy's wrong answers."""
+  policy = SearchingPolicy()
+  report, out = _eval(tmp_path, policy, tools=FakeTools(failing={"Who founded B?"}),
+                      agent={"max_tool_errors": 1})
+  assert policy.calls == 6  # A: search, answer; B: a failed search
+  ds = report["datasets"]["qa"]
+  assert ds["status"] == {"answered": 2, "env_error": 2}
+  assert ds["metrics"]["em"] == {"avg@2": 1.0, "pass@2": 1.0, "questions": 1}
+  assert any(p.startswith("2 episodes ended on a tool server's errors (rerun to retry them)")
+             for p in report["problems"])
+  policy = SearchingPolicy()
+  report, _ = _eval(tmp_path, policy, agent={"max_tool_errors": 1})
+  assert policy.calls == 4  # only B's episodes ran again
+  assert report["datasets"]["qa"]["status"] == {"answered": 4}
 
 
 def test_eval_rerun_after_a_torn_trace_line(tmp_path):

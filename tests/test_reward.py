@@ -285,6 +285,22 @@ def test_scorer_judge_failure():
   assert r.reward == 1.0 and "judge" not in r.metrics and r.verdict.correct is None
 
 
+def test_an_episode_whose_judged_reward_failed_is_the_environments():
+  """A judge that is down leaves a reward of 0 that the policy did not earn: the episode is
+  `env_error`, which rollouts drop and evaluations rerun. Where the judge only reports, the
+  reward stands and the episode keeps its status."""
+  from asearcher_jax.agent import Trajectory
+  from asearcher_jax.agent.episode import score as score_episode
+  down = JudgeVerdict(None, "", "HTTP 500 (after 4 attempts)", 4)
+  for metric, status in (("judge", "env_error"), ("em", "answered")):
+    t = Trajectory(qid="q", question="Where?", answers=["Paris"], status="answered",
+                   prediction="Paris")
+    asyncio.run(score_episode(t, Scorer(RewardSection(metric=metric), judge=StubJudge(down)),
+                              with_judge=True))
+    assert t.status == status and t.error == "judge: HTTP 500 (after 4 attempts)"
+    assert t.reward == (0.0 if metric == "judge" else 1.0)
+
+
 def test_scorer_with_judge_for_reporting():
   judge = StubJudge(JudgeVerdict(True, "ok", None, 1))
   s = Scorer(RewardSection(metric="em"), judge=judge)

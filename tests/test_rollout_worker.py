@@ -273,3 +273,38 @@ def test_groups_that_keep_aborting_back_off_and_then_stop_the_worker(monkeypatch
   monkeypatch.setattr(rollout, "GIVE_UP_S", 0.3)
   with pytest.raises(rollout.RolloutStalled, match="every group aborted for 0 s .*UNAVAILABLE"):
     asyncio.run(for_a_while(worker(), 30))
+
+
+class FlakyToolsAgent(Agent):
+  """Episode 1 of each `q-mixed` group ends on a retrieval server's failures (`env_error`)."""
+
+  async def run(self, item, *, sample, group_id, seed, submit_version):
+    t = await super().run(item, sample=sample, group_id=group_id, seed=seed,
+                          submit_version=submit_version)
+    if item.qid == "q-mixed" and sample == 1:
+      t.status, t.error, t.prediction = "env_error", "Tool error (timeout): no reply", None
+    return t
+
+
+def test_a_group_with_an_episode_the_tool_servers_ended_is_dropped_unscored():
+  """Its reward of 0 would be the server's failure, taught to the policy as its own."""
+  scored = []
+
+  class CountingScorer(Scorer):
+    async def score(self, *, prediction, answers, **kw):
+      scored.append(prediction)
+      return await super().score(prediction=prediction, answers=answers, **kw)
+  items = [QAItem(qid="q-mixed", question="?", answers=("Ada",))]
+  replay = Replay()
+  w = RolloutWorker(worker=0, workers=1, rl=RLSection(group_size=4, batch_groups=2),
+                    agent=FlakyToolsAgent(), scorer=CountingScorer(), replay=replay,
+                    prompts=PromptStream(items), poll_s=0.01)
+
+  async def for_a_while():
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.3, stop.set)
+    await w.run(stop=stop)
+  asyncio.run(for_a_while())
+  assert replay.groups == [] and w.stats.failed == w.stats.started > 0
+  assert w.stats.status["env_error"] == w.stats.started
+  assert None not in scored  # the env_error episodes were never scored

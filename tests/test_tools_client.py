@@ -67,6 +67,8 @@ def test_unknown_url_and_empty_inputs_are_tool_errors(world_server):
   assert missing.error.kind == "not_found" and missing.error.status == 404
   assert "Nobody" in missing.render()
   assert empty.error.kind == "bad_request" and q0.error.kind == "bad_request" and q1.ok
+  # The calls' own faults: an episode they end is the policy's (`tool_error`).
+  assert not any(r.environment_failed for r in (missing, empty, q0))
 
 
 def _free_port():
@@ -80,6 +82,7 @@ def test_unreachable_server_is_a_tool_error():
   res = run(lambda c: c.search(["a", "b"]), cfg)
   assert [r.error.kind for r in res] == ["connection", "connection"]
   assert res[0].render().startswith("Tool error (connection)")
+  assert res[0].environment_failed  # an episode it ends is the infrastructure's (`env_error`)
 
 
 def test_slow_garbage_and_error_servers_are_tool_errors():
@@ -113,6 +116,7 @@ def test_slow_garbage_and_error_servers_are_tool_errors():
     assert r.error.kind == "bad_response" and "contents" in r.error.message
     [r] = run(lambda c: c.search(["q"]), SearchClientSection(url=srv.url + "/boom"))
     assert r.error.kind == "http" and r.error.status == 500 and "kaput" in r.error.message
+    assert r.environment_failed
 
 
 def test_plain_search_r1_server_reply_is_parsed():

@@ -12,7 +12,8 @@ Turn rules (the `base` variant; `reasoning` is in reasoning.py):
     counts (the action is parsed from all the model wrote since the last observation);
   * the context budget `max_context_tokens` bounds prompt + generation (`context_full`); the
     wall clock `max_wall_s` bounds the episode (`timeout`); `max_tool_errors` failed tool calls
-    in a row end it (`tool_error`); a policy endpoint that disappears ends it (`aborted`).
+    in a row end it (`tool_error`, or `env_error` when a tool server failed among them); a
+    policy endpoint that disappears ends it (`aborted`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,27 @@ class Observation:
   stub: str | None = None  # set for a page chunk: what replaces it once read
   ok: bool = True
   error: str | None = None
+  env: bool = False  # the failure was the environment's (`ToolError.environment`)
+
+
+class ToolFailures:
+  """The run of failed tool calls that ends an episode at `max_tool_errors`. The end is the
+  environment's (`env_error`) when any failure of the run was: the policy alone would not
+  have ended there, and training on it would teach the policy that searching fails."""
+
+  def __init__(self, limit: int):
+    self.limit, self.run, self.env = limit, 0, False
+
+  def end(self, observations: list[Observation]) -> str | None:
+    """The status that ends the episode after this call's `observations`, or None."""
+    failed = [o for o in observations if not o.ok]
+    if not failed:
+      self.run, self.env = 0, False
+      return None
+    self.run, self.env = self.run + 1, self.env or any(o.env for o in failed)
+    if self.run < self.limit:
+      return None
+    return "env_error" if self.env else "tool_error"
 
 
 def derive_seed(*parts) -> int:
@@ -95,11 +117,13 @@ class Agent:
       return [Observation(msg, ok=False, error=msg)]
     if action.kind == "search":
       [result] = await self.tools.search([action.argument], self.cfg.topk)
-      return [Observation(result.render(), ok=result.ok,
-                          error=None if result.ok else result.error.render())]
-    result = await self.tools.access(action.argument)
+    else:
+      result = await self.tools.access(action.argument)
     if not result.ok:
-      return [Observation(result.render(), ok=False, error=result.error.render())]
+      return [Observation(result.render(), ok=False, error=result.error.render(),
+                          env=result.environment_failed)]
+    if action.kind == "search":
+      return [Observation(result.render())]
     parts = chunks(self.tools, result)
     if not self.cfg.read_pages or len(parts) == 0:
       return [Observation(result.render(chunk_chars=self.tools.cfg.chunk_chars,
@@ -113,6 +137,17 @@ class Agent:
       stub = f"{head}{marker}\n{body[:self.cfg.stub_chars].rstrip()} ... (read)"
       out.append(Observation(head + text, stub=stub))
     return out
+
+  async def use_tool(self, turn: Turn, action: Action,
+                     failures: ToolFailures) -> tuple[list[Observation], str | None]:
+    """Runs the turn's tool call and records it on the turn: its observations, and the
+    status that ends the episode (a run of failures), or None."""
+    t0 = time.monotonic()
+    observations = await self.call_tool(action)
+    turn.tool_s = time.monotonic() - t0
+    turn.tool_ok = all(o.ok for o in observations)
+    turn.tool_error = next((o.error for o in observations if o.error), None)
+    return observations, failures.end(observations)
 
   def finish(self, traj: Trajectory, status: str, error: str | None = None) -> Trajectory:
     traj.status, traj.error = status, error
@@ -182,7 +217,7 @@ class Agent:
     traj.transcript.append({"role": "prompt", "text": ctx.pieces[0].text})
     deadline = None if cfg.max_wall_s is None else time.monotonic() + cfg.max_wall_s
     pending: collections.deque[Observation] = collections.deque()
-    tool_errors, said, continued = 0, "", False
+    failures, said, continued = ToolFailures(cfg.max_tool_errors), "", False
     reading = None  # (index, stub) of the chunk being read, until its note is finished
     while True:
       if deadline is not None and time.monotonic() > deadline:
@@ -232,19 +267,15 @@ class Agent:
           return self.finish(traj, "no_answer")
         continue
       pending.clear()  # a call made while reading a page ends that page
-      t0 = time.monotonic()
-      observations = await self.call_tool(action)
-      turn.tool_s = time.monotonic() - t0
-      turn.tool_ok = all(o.ok for o in observations)
-      turn.tool_error = next((o.error for o in observations if o.error), None)
-      tool_errors = 0 if turn.tool_ok else tool_errors + 1
-      if tool_errors >= cfg.max_tool_errors:
-        return self.finish(traj, "tool_error", turn.tool_error)
+      observations, end = await self.use_tool(turn, action, failures)
+      if end:
+        return self.finish(traj, end, turn.tool_error)
       pending.extend(observations)
 
 
 async def score(traj: Trajectory, scorer: Scorer, *, with_judge: bool | None = None) -> Trajectory:
-  """Sets the record's reward, metrics and format flag."""
+  """Sets the record's reward, metrics and format flag. A judge that failed where the reward
+  is its verdict ends the episode as `env_error`: the 0 it leaves is not the policy's."""
   s = await scorer.score(question=traj.question, prediction=traj.prediction,
                          answers=traj.answers, aug_answers=traj.aug_answers,
                          generations=traj.generations(),
@@ -253,4 +284,6 @@ async def score(traj: Trajectory, scorer: Scorer, *, with_judge: bool | None = N
   if s.verdict is not None and s.verdict.error:
     traj.metrics.pop("judge", None)
     traj.error = traj.error or f"judge: {s.verdict.error}"
+    if scorer.cfg.metric == "judge":
+      traj.status = "env_error"
   return traj

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import time
 
+from asearcher_jax.agent.episode import ToolFailures
 from asearcher_jax.agent.parse import extract_thought, parse_action
 from asearcher_jax.agent.policy import Prompt
 from asearcher_jax.agent.prompts import ANSWER_INSTRUCTION, render
@@ -46,7 +47,7 @@ async def run_reasoning(agent, item: QAItem, *, sample: int, group_id: str, seed
                               valid_instruction=valid_instruction, submit_version=submit_version)
   history: list[str] = []
   reading: list[tuple[str, int, int, str]] = []  # (url, part, parts, content)
-  acts, tool_errors = 0, 0
+  acts, failures = 0, ToolFailures(cfg.max_tool_errors)
   deadline = None if cfg.max_wall_s is None else time.monotonic() + cfg.max_wall_s
   today = datetime.date.today().isoformat()
   prompt_name = "reasoning_act" if cfg.prompt in ("asearcher", "reasoning") else cfg.prompt
@@ -103,16 +104,11 @@ async def run_reasoning(agent, item: QAItem, *, sample: int, group_id: str, seed
       history.append(f"<thought>{thought}</thought>")
       continue
     acts += 1
-    t0 = time.monotonic()
-    observations = await agent.call_tool(action)
-    turn.tool_s = time.monotonic() - t0
-    turn.tool_ok = all(o.ok for o in observations)
-    turn.tool_error = next((o.error for o in observations if o.error), None)
+    observations, end = await agent.use_tool(turn, action, failures)
     history.append(f"<thought>{thought}</thought>\n<{action.tool}> {action.argument} "
                    f"</{action.tool}>")
-    tool_errors = 0 if turn.tool_ok else tool_errors + 1
-    if tool_errors >= cfg.max_tool_errors:
-      return agent.finish(traj, "tool_error", turn.tool_error)
+    if end:
+      return agent.finish(traj, end, turn.tool_error)
     if action.kind == "access" and turn.tool_ok and observations[0].stub is not None:
       reading = [(action.argument, i + 1, len(observations), o.content)
                  for i, o in enumerate(observations)]

@@ -24,8 +24,14 @@ import numpy as np
 from asearcher_jax.jsonl import append_lines, read_lines
 
 Status = Literal["answered", "no_answer", "max_turns", "context_full", "timeout", "tool_error",
-                 "aborted"]
+                 "env_error", "aborted"]
 STATUSES: tuple[str, ...] = Status.__args__
+# Ends the infrastructure caused, not the policy: `aborted` (the policy endpoint went away) and
+# `env_error` (tool calls failed in a row because a tool server was down or broken, or the
+# judge whose verdict is the reward failed). Such an
+# episode says nothing of the policy: it is not scored, trained on or counted in a metric, and
+# a rerun of an evaluation retries it.
+INFRA_STATUSES = frozenset({"aborted", "env_error"})
 
 # The binary record (`Trajectory.to_record`): how trajectories cross the replay queue.
 RECORD_MAGIC = b"\x00TRJ"  # a NUL never starts a JSON text: old JSON records stay readable

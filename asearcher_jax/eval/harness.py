@@ -4,8 +4,9 @@ Outputs in `eval.out_dir`: `traces.jsonl` (one readable line per episode: questi
 prediction, status, metrics and the transcript), `report.json` and the printed table;
 `trajectories.jsonl` with the full token records when `eval.save_trajectories`. Each finished
 episode is appended and fsynced at once, so an interrupted run loses at most the episodes in
-flight, and a rerun with the same out_dir skips what is done. Episodes `aborted` by the
-infrastructure (a decode server that went away) are not done: a rerun retries them.
+flight, and a rerun with the same out_dir skips what is done. Episodes the infrastructure
+ended (`aborted`: a decode server went away; `env_error`: a tool server failed) are not done:
+a rerun retries them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from asearcher_jax.agent import Agent, DecodePolicy, OpenAIPolicy, Trajectory, score, write_jsonl
 from asearcher_jax.agent.episode import derive_seed
+from asearcher_jax.agent.trajectory import INFRA_STATUSES
 from asearcher_jax.data.datasets import load_datasets
 from asearcher_jax.data.qa import DataError, QAItem
 from asearcher_jax.eval.report import aggregate, format_table, scoring_line
@@ -94,7 +96,7 @@ async def evaluate(cfg: Config, *, policy=None, tools=None, progress: bool = Tru
   agent_cfg = (cfg.agent if e.temperature is None
                else cfg.agent.model_copy(update={"temperature": e.temperature}))
   done = {key: t for key, t in latest_traces(traces_path, e.k).items()
-          if t["status"] != "aborted"}
+          if t["status"] not in INFRA_STATUSES}
   other = {json.dumps(t.get("sampling")) for t in done.values()} - {
       json.dumps(sampling_of(agent_cfg)), "null"}
   if other:  # a resumed run must not mix episodes sampled differently into one score
@@ -118,7 +120,7 @@ async def evaluate(cfg: Config, *, policy=None, tools=None, progress: bool = Tru
       try:
         traj = await agent.run(item, sample=sample, group_id=item.qid,
                                seed=derive_seed(e.seed, item.qid, sample), valid_instruction=True)
-        if traj.status != "aborted":
+        if traj.status not in INFRA_STATUSES:
           await score(traj, scorer, with_judge=True if e.judge else None)
       except Exception as exc:  # noqa: BLE001 -- one episode's failure is reported, not fatal
         traj = Trajectory(qid=item.qid, question=item.question, answers=list(item.answers),
@@ -165,9 +167,10 @@ async def evaluate(cfg: Config, *, policy=None, tools=None, progress: bool = Tru
 def problems(samples: list[dict[str, Any]]) -> list[str]:
   """What went wrong with the infrastructure, counted, with the first message of each kind."""
   out = []
-  aborted = [s for s in samples if s["status"] == "aborted"]
-  if aborted:
-    out.append(f"{len(aborted)} episodes aborted (rerun to retry them): {aborted[0]['error']}")
+  for status, what in (("aborted", "aborted"), ("env_error", "ended on a tool server's errors")):
+    ended = [s for s in samples if s["status"] == status]
+    if ended:
+      out.append(f"{len(ended)} episodes {what} (rerun to retry them): {ended[0]['error']}")
   tool = [s for s in samples if s["status"] == "tool_error"]
   if tool:
     out.append(f"{len(tool)} episodes ended on repeated tool errors: {tool[0]['error']}")

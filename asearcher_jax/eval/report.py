@@ -8,14 +8,17 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from asearcher_jax.agent.trajectory import INFRA_STATUSES
+
 
 def aggregate(samples: Iterable[Mapping], k: int) -> dict[str, dict]:
   """`samples`: dicts with dataset, qid, sample, status, metrics, turns, tool_calls.
 
   Avg@k is the mean over questions of the mean over their samples; Pass@k the mean over
   questions of the best sample (for F1, the best F1). A question counts with the samples it
-  has (at most k). Samples `aborted` by the infrastructure are left out of the metrics and
-  counted apart; every other status (a wrong answer, running out of turns) scores what it got.
+  has (at most k). Samples the infrastructure ended (`INFRA_STATUSES`) are left out of the
+  metrics and counted apart; every other status (a wrong answer, running out of turns)
+  scores what it got.
   """
   out = {}
   for ds, (questions, scored) in sorted(_by_question(samples, k).items()):
@@ -40,7 +43,7 @@ def aggregate(samples: Iterable[Mapping], k: int) -> dict[str, dict]:
 
 
 def _by_question(samples: Iterable[Mapping], k: int) -> dict[str, tuple[dict, dict]]:
-  """{dataset: ({qid: every sample}, {qid: its first k samples that were not aborted})},
+  """{dataset: ({qid: every sample}, {qid: its first k samples the infrastructure did not end})},
   questions with no such sample left out of the second."""
   by_ds: dict[str, dict[str, list[Mapping]]] = collections.defaultdict(
       lambda: collections.defaultdict(list))
@@ -48,7 +51,8 @@ def _by_question(samples: Iterable[Mapping], k: int) -> dict[str, tuple[dict, di
     by_ds[s["dataset"]][s["qid"]].append(s)
   out = {}
   for ds, questions in by_ds.items():
-    scored = {q: [s for s in qs if s["status"] != "aborted"][:k] for q, qs in questions.items()}
+    scored = {q: [s for s in qs if s["status"] not in INFRA_STATUSES][:k]
+              for q, qs in questions.items()}
     out[ds] = questions, {q: qs for q, qs in scored.items() if qs}
   return out
 
@@ -116,8 +120,8 @@ def format_table(report: Mapping[str, dict], k: int) -> str:
       v = r["metrics"].get(m)
       cells.append("-" if v is None
                    else f"{100 * v[f'avg@{k}']:5.1f} / {100 * v[f'pass@{k}']:5.1f}")
-    # Of the samples that ran (aborted ones are the infrastructure's, as in the metrics).
-    ran = r["samples"] - r["status"].get("aborted", 0)
+    # Of the samples that ran (as in the metrics, not those the infrastructure ended).
+    ran = r["samples"] - sum(r["status"].get(s, 0) for s in INFRA_STATUSES)
     answered = r["status"].get("answered", 0) / max(1, ran)
     cells += [f"{r['mean_turns']:.1f}", f"{r['mean_tool_calls']:.1f}", f"{100 * answered:.0f}%",
               f"{100 * r.get('format_ok', 1.0):.0f}%"]

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from asearcher_jax.agent import Agent, Trajectory, score
 from asearcher_jax.agent.episode import derive_seed
+from asearcher_jax.agent.trajectory import INFRA_STATUSES
 from asearcher_jax.data.qa import QAItem
 from asearcher_jax.errors import AsearcherError
 from asearcher_jax.jsonl import append_lines
@@ -167,10 +168,11 @@ class RolloutWorker:
       for t in trajs:
         self.stats.status[t.status] = self.stats.status.get(t.status, 0) + 1
       self.stats.episodes += len(trajs)
-      if any(t.status == "aborted" for t in trajs):
+      if any(t.status in INFRA_STATUSES for t in trajs):  # the infrastructure failed it
         self.stats.failed += 1
         self.admission.finish_rejected()
-        self._abort_error = next(t.error for t in trajs if t.status == "aborted")
+        self._abort_error = next(f"{t.status}: {t.error}" for t in trajs
+                                 if t.status in INFRA_STATUSES)
         now = time.monotonic()
         self._aborts, self._last_abort = self._aborts + 1, now
         self._aborting_since = self._aborting_since if self._aborts > 1 else now
@@ -224,7 +226,7 @@ class RolloutWorker:
   async def _episode(self, item: QAItem, group_id: str, i: int, version: int) -> Trajectory:
     seed = derive_seed(self.seed, group_id, i)
     t = await self.agent.run(item, sample=i, group_id=group_id, seed=seed, submit_version=version)
-    if t.status != "aborted":
+    if t.status not in INFRA_STATUSES:
       await score(t, self.scorer)
     return t
 

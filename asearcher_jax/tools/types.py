@@ -88,6 +88,19 @@ class ToolResult:
   def ok(self) -> bool:
     return self.error is None
 
+  @property
+  def environment_failed(self) -> bool:
+    """Whether it failed by the environment's fault (a server down, slow, broken, out of
+    quota or refusing our key) rather than the call's (an empty query; a page that is not
+    there or that refuses to be read): episodes the environment ended are not the policy's
+    doing, so they are neither scored nor trained on. A search query cannot earn a 4xx beyond
+    a bad request; a URL can."""
+    e = self.error
+    if e is None or e.kind in ("not_found", "bad_request"):
+      return False
+    return not (self.tool == "access" and e.kind == "http" and e.status is not None
+                and e.status < 500)
+
   def render(self, chunk: int | None = None, chunk_chars: int = 10_000,
              max_chunks: int = 10) -> str:
     """The observation text the agent reads (inside <information>...</information>)."""
