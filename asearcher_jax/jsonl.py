@@ -1,9 +1,11 @@
 """Append-only JSON-lines files that survive crashes: every append is fsynced, a torn last line
-(a crash mid-write) is ignored on reading and cut off before the next append. Traces,
-trajectory files and journals all go through here."""
+(a crash mid-write) is ignored on reading and cut off before the next append; a last line that
+is whole but lacks its newline is read, and kept by the next append. Traces, trajectory files
+and journals all go through here."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from typing import Any, Iterable, Iterator
@@ -44,7 +46,8 @@ def _decoded(path: str, n: int, raw: bytes, decode) -> Any:
   """Line `n` of `path`, decoded, or a DataError that names it."""
   try:
     return decode(raw.decode("utf-8"))
-  except (ValueError, TypeError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+  # UnicodeDecodeError is a ValueError; OverflowError: a number too big for its array
+  except (ValueError, TypeError, RecursionError, OverflowError) as e:
     raise DataError(f"{path}:{n}: unreadable line ({e})") from None
 
 
@@ -73,7 +76,8 @@ class Follower:
 
 
 def drop_torn_tail(path: str) -> None:
-  """Truncates a file that does not end with a newline to just after its last one."""
+  """Ends a file that does not end with a newline: a last line that is whole JSON (which
+  `read_lines` returns) gets its newline, a torn one is cut off."""
   if not os.path.exists(path):
     return
   with open(path, "rb+") as f:
@@ -83,15 +87,22 @@ def drop_torn_tail(path: str) -> None:
     f.seek(end - 1)
     if f.read(1) == b"\n":
       return
+    tail = 0
     while pos > 0:
       start = max(0, pos - (1 << 16))
       f.seek(start)
       i = f.read(pos - start).rfind(b"\n")
       if i >= 0:
-        f.truncate(start + i + 1)
-        return
+        tail = start + i + 1
+        break
       pos = start
-    f.truncate(0)
+    f.seek(tail)
+    try:
+      json.loads(f.read().decode("utf-8"))
+    except (ValueError, RecursionError):
+      f.truncate(tail)
+    else:
+      f.write(b"\n")
 
 
 def iter_rows(path: str) -> Iterator[tuple[int, dict | None, str | None]]:
@@ -100,6 +111,8 @@ def iter_rows(path: str) -> Iterator[tuple[int, dict | None, str | None]]:
   reported (QA data) or fatal (a corpus)."""
   with open(path, "rb") as f:
     for n, raw in enumerate(f, 1):
+      if n == 1 and raw.startswith(codecs.BOM_UTF8):  # Windows tools write one
+        raw = raw[len(codecs.BOM_UTF8):]
       if not raw.strip():
         continue
       try:

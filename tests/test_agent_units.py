@@ -212,6 +212,31 @@ def test_json_round_trip_is_exact():
     Trajectory.from_dict({**t.to_dict(), "bogus": 1})
 
 
+def test_jsonl_a_whole_last_line_without_its_newline_is_kept_by_the_next_append(tmp_path):
+  """`read_lines` returns such a line (a file another tool wrote, or a crash just before the
+  newline), so the next append must not cut it off: an evaluation counted that episode done
+  and then lost it for good."""
+  from asearcher_jax.jsonl import append_lines, read_lines
+  path = tmp_path / "t.jsonl"
+  path.write_text('{"n": 0}\n{"n": 1}')
+  assert read_lines(str(path)) == [{"n": 0}, {"n": 1}]
+  append_lines(str(path), [{"n": 2}])
+  assert read_lines(str(path)) == [{"n": 0}, {"n": 1}, {"n": 2}]
+  path.write_text('{"n": 0}\n{"n": 1')  # torn: cut off
+  append_lines(str(path), [{"n": 2}])
+  assert path.read_text() == '{"n": 0}\n{"n": 2}\n'
+
+
+def test_jsonl_a_number_too_big_for_its_array_names_the_line(tmp_path):
+  path = str(tmp_path / "traj.jsonl")
+  d = _valid_traj().to_dict()
+  d["tokens"][0] = 2 ** 40
+  with open(path, "w") as f:
+    f.write(json.dumps(d) + "\n" + json.dumps(d) + "\n")
+  with pytest.raises(ValueError, match=r"traj.jsonl:1: unreadable line .*int32"):
+    read_jsonl(path)
+
+
 def test_jsonl_torn_last_line_ignored_bad_middle_line_raises(tmp_path):
   path = str(tmp_path / "sub" / "traj.jsonl")
   a, b = _valid_traj(), _valid_traj()

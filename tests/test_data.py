@@ -181,6 +181,51 @@ def test_repeated_questions_kept_with_unique_qids(tmp_path):
   assert "1 duplicate ids" in r.summary() and "1 repeated questions" in r.summary()
 
 
+def test_answer_forms_of_real_datasets(tmp_path):
+  """verl's {"target": "Paris"} was split into letters (so "P" scored right); StrategyQA's
+  true/false were refused or spelt "False"; a year read from a column with gaps is 1990.0."""
+  p = tmp_path / "forms.jsonl"
+  rows = [{"question": "a?", "answer": {"target": "Paris"}},
+          {"question": "b?", "answer": {"target": 1990}},
+          {"question": "c?", "answer": True}, {"question": "d?", "answer": [False, "nope"]},
+          {"question": "e?", "answer": 1990.0}, {"question": "f?", "answer": 2.5}]
+  p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  r = load_qa(p)
+  assert [i.answers for i in r.items] == [("Paris",), ("1990",), ("yes",), ("no", "nope"),
+                                          ("1990",), ("2.5",)]
+
+
+def test_a_lone_surrogate_or_a_byte_order_mark(tmp_path):
+  """A lone surrogate ("\\ud83d", valid JSON, cut from an emoji) crashed the whole load, and
+  a dataset built from it failed naming no row; a BOM cost the first row."""
+  p = tmp_path / "odd.jsonl"
+  p.write_bytes(b'\xef\xbb\xbf{"question": "q1?", "answer": "a"}\n'
+                b'{"question": "bad \\ud83d?", "answer": "a"}\n'
+                b'{"qid": "x", "question": "q3?", "answer": "a\\udc00"}\n'
+                b'{"question": "q4?", "answer": "b"}\n')
+  r = load_qa(p)
+  assert [i.question for i in r.items] == ["q1?", "q4?"]
+  assert [s.line for s in r.skipped] == [2, 3] and "surrogate" in r.skipped[0].reason
+
+
+def test_auto_detection_looks_past_a_bad_first_row(tmp_path):
+  p = tmp_path / "first_bad.jsonl"
+  p.write_text('{"question": "no answer here?"}\n{"question": "q?", "answer": "a"}\n')
+  r = load_qa(p)
+  assert r.format == "asearcher" and [i.question for i in r.items] == ["q?"]
+  assert [(s.line, s.reason) for s in r.skipped] == [(1, "missing or empty answer")]
+
+
+def test_a_renamed_duplicate_never_takes_another_rows_id(tmp_path):
+  p = tmp_path / "ids.jsonl"
+  rows = [{"qid": "x", "question": "Q1", "answer": "a"}, {"qid": "x", "question": "Q2",
+                                                          "answer": "b"},
+          {"qid": "x#2", "question": "Q3", "answer": "c"}]
+  p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  qids = [i.qid for i in load_qa(p).items]
+  assert len(set(qids)) == 3 and qids[:2] == ["x", "x#2"]
+
+
 def test_csv_unquoting_only_touches_fully_wrapped_questions():
   from asearcher_jax.data.qa import _unquote_csv
 
@@ -342,6 +387,31 @@ def test_tfds_rebuild_requires_overwrite(built):
                        progress=False, overwrite=True)
   from asearcher_jax.data import open_qa_dataset
   assert [i.qid for i in open_qa_dataset(p, "train")] == ["r1_searcher_1", "r1_searcher_2"]
+
+
+def test_tfds_build_names_flashrag_files_by_folder_and_a_failed_rebuild_keeps_the_old(
+    tmp_path, monkeypatch):
+  from asearcher_jax.data import build_qa_dataset, load_datasets, open_qa_dataset, tfds_builder
+  paths = []
+  for ds in ("nq", "triviaqa"):
+    (tmp_path / ds).mkdir()
+    paths.append(str(tmp_path / ds / "test.jsonl"))
+    with open(paths[-1], "w") as f:
+      f.write(json.dumps({"id": "test_0", "question": f"{ds}?", "golden_answers": ["x"]}) + "\n")
+  path = build_qa_dataset({"test": paths}, str(tmp_path / "out"), progress=False)
+  assert [i.source for i in open_qa_dataset(path, "test")] == ["nq", "triviaqa"]
+  items, _, _ = load_datasets([path])
+  assert [(ds, it.qid) for ds, it in items] == [("nq", "test_0"), ("triviaqa", "test_0")]
+
+  def broken(self, items):
+    raise OSError("disk full")
+    yield
+  monkeypatch.setattr(tfds_builder._QABuilder, "_generate_examples", broken)
+  with pytest.raises(Exception, match="disk full"):
+    build_qa_dataset({"test": paths[:1]}, str(tmp_path / "out"), progress=False,
+                     overwrite=True)
+  assert len(open_qa_dataset(path, "test")) == 2  # as it was
+  assert os.listdir(tmp_path / "out") == ["qa"]  # and the failed build left nothing
 
 
 def test_tfds_reading_does_not_import_tensorflow(built, tmp_path):

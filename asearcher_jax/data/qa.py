@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,7 +132,14 @@ def _text(v: Any) -> str:
     v = v.decode("utf-8")
   if isinstance(v, (list, tuple, dict)):
     raise _Skip(f"expected text, got {type(v).__name__}")
-  return str(v).strip()
+  if isinstance(v, bool):  # StrategyQA's true/false: the reply a reader gives is yes/no
+    return "yes" if v else "no"
+  if isinstance(v, float) and v.is_integer():  # 1990.0 from a column with gaps in it
+    v = int(v)
+  s = str(v).strip()
+  if any("\ud800" <= c <= "\udfff" for c in s):  # valid JSON ("\ud83d" cut from an emoji)
+    raise _Skip("text holds a lone UTF-16 surrogate, which no UTF-8 file can")
+  return s
 
 
 def _unquote_csv(q: str) -> str:
@@ -155,13 +162,13 @@ def _question(v: Any) -> str:
 
 def _answer_list(v: Any, what: str = "answer") -> tuple[str, ...]:
   """str | list -> non-empty aliases. Empty aliases are dropped: one would reward an empty reply."""
+  if isinstance(v, Mapping) and "target" in v:  # Search-R1 verl rows: {"target": [...]}
+    v = v["target"]
   if v is None:
     return ()
-  if isinstance(v, (str, bytes, int, float)) and not isinstance(v, bool):
+  if isinstance(v, (str, bytes, int, float)):  # bool is an int
     v = [v]
-  elif isinstance(v, Mapping) and "target" in v:  # Search-R1 verl rows: {"target": [...]}
-    v = v["target"]
-  if isinstance(v, bool) or not hasattr(v, "__iter__") or isinstance(v, Mapping):
+  if not hasattr(v, "__iter__") or isinstance(v, Mapping):
     raise _Skip(f"{what} has unsupported type {type(v).__name__}")
   out = []
   for a in v:
@@ -332,25 +339,27 @@ def load_qa(path: str | os.PathLike, format: str = "auto", source: str | None = 
 
   items: list[QAItem] = []
   skipped: list[SkippedRow] = []
-  if fmt == "auto":  # buffer up to the first JSON object, whose keys decide the format
-    buffered = []
+  if fmt == "auto":  # buffer up to the first JSON object whose keys name a format
+    buffered, first = [], None
     for rec in rows:
       buffered.append(rec)
       if rec[1] is not None:
-        fmt = detect_format(rec[1]) or ""
-        if not fmt:
-          raise DataError(f"{path}: cannot tell the QA format from line {rec[0]} with keys "
-                          f"{sorted(rec[1])}; pass format= one of {', '.join(FORMATS)}")
-        break
+        first = first or rec
+        detected = detect_format(rec[1])
+        if detected:
+          fmt = detected
+          break
+    if fmt == "auto" and first is not None:
+      raise DataError(f"{path}: cannot tell the QA format from any line (line {first[0]} has "
+                      f"keys {sorted(first[1])}); pass format= one of {', '.join(FORMATS)}")
     if fmt == "auto":
       raise DataError(f"{path}: no JSON object to detect the format from "
                       f"({len(buffered)} malformed lines); pass format= explicitly")
-    rows = _chain(buffered, rows)
+    rows = _chain(buffered, rows)  # rows before that one are parsed (and skipped) as it says
 
   parse = _PARSERS[fmt]
   default_source = default_source or source_from_path(path)
-  seen_ids: Counter = Counter()
-  seen_hashes: Counter = Counter()
+  issued: set[str] = set()
   dup_ids = repeated = 0
   for n, row, err in rows:
     if limit is not None and len(items) >= limit:
@@ -366,17 +375,12 @@ def load_qa(path: str | os.PathLike, format: str = "auto", source: str | None = 
     except (TypeError, ValueError, AttributeError, KeyError) as e:  # odd field types: still a row
       skipped.append(SkippedRow(path, n, f"unreadable row: {type(e).__name__}: {e}"))
       continue
-    if qid is None:
-      qid = _hash_qid(fields["source"], fields["question"])
-      seen_hashes[qid] += 1
-      if seen_hashes[qid] > 1:
-        repeated += 1
-        qid = f"{qid}#{seen_hashes[qid]}"
-    else:
-      seen_ids[qid] += 1
-      if seen_ids[qid] > 1:  # kept, but as its own question: evaluation and rollout key on qid
-        dup_ids += 1
-        qid = f"{qid}#{seen_ids[qid]}"
+    hashed = qid is None
+    qid = _hash_qid(fields["source"], fields["question"]) if hashed else qid
+    if qid in issued:  # kept, but as its own question: evaluation and rollout key on qid
+      repeated, dup_ids = repeated + hashed, dup_ids + (not hashed)
+      qid = next(f"{qid}#{i}" for i in itertools.count(2) if f"{qid}#{i}" not in issued)
+    issued.add(qid)
     items.append(QAItem(qid=qid, **fields))
   return LoadReport(items=items, skipped=skipped, format=fmt, path=path, duplicate_ids=dup_ids,
                     repeated_questions=repeated)

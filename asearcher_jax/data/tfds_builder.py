@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import tensorflow_datasets as tfds
 
+from asearcher_jax.data.datasets import dataset_names
 from asearcher_jax.data.qa import DataError, LoadReport, QAItem, load_qa
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,9 @@ def build_qa_dataset(sources: Mapping[str, Sequence[str] | str] | Sequence[str],
   concatenated in the given order. Bad rows are skipped; each file's `LoadReport` summary is
   logged and kept in the dataset's `metadata.json` (see `QADataSource.metadata`). An existing
   dataset at that path is an error unless `overwrite`: tfds would silently reuse stale data.
-  Returns the dataset directory, which `QADataSource` opens.
+  The new dataset is built beside the old one and swapped in once complete, so a build that
+  fails leaves the old one as it was. Returns the dataset directory, which `QADataSource`
+  opens.
   """
   if isinstance(sources, (str, os.PathLike)):
     sources = [sources]
@@ -118,8 +121,8 @@ def build_qa_dataset(sources: Mapping[str, Sequence[str] | str] | Sequence[str],
     files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     items: list[QAItem] = []
     reports = []
-    for f in files:
-      r = load_qa(f)
+    for f, default_source in zip(files, dataset_names(files)):
+      r = load_qa(f, default_source=default_source)
       log.info("%s: %s", split, r.summary())
       items.extend(r.items)
       reports.append(_report_dict(r))
@@ -129,21 +132,26 @@ def build_qa_dataset(sources: Mapping[str, Sequence[str] | str] | Sequence[str],
     metadata["splits"][split] = reports
 
   builder_dir = os.path.join(os.fspath(out_dir), name, str(tfds.core.Version(version)))
-  if os.path.exists(builder_dir):
-    if not overwrite:
-      raise DataError(f"{builder_dir} already exists; pass overwrite=True to rebuild it")
-    shutil.rmtree(builder_dir)
+  if os.path.exists(builder_dir) and not overwrite:
+    raise DataError(f"{builder_dir} already exists; pass overwrite=True to rebuild it")
 
+  os.makedirs(os.fspath(out_dir), exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".{name}.build-", dir=os.fspath(out_dir))
   was_active = getattr(tfds.core.utils.tqdm_utils, "_active", True)
   tfds.display_progress_bar(progress)
   try:
     builder = _QABuilder(name=name, version=version, splits=splits, metadata=metadata,
-                         data_dir=os.fspath(out_dir), progress=progress)
+                         data_dir=staging, progress=progress)
     with tempfile.TemporaryDirectory(prefix="qa_tfds_dl_") as dl:  # nothing is downloaded
       builder.download_and_prepare(download_dir=dl)
+    os.makedirs(os.path.dirname(builder_dir), exist_ok=True)
+    if os.path.exists(builder_dir):  # moved aside, not deleted, until the new one is in place
+      os.rename(builder_dir, os.path.join(staging, "replaced"))
+    os.rename(os.fspath(builder.data_dir), builder_dir)
   finally:
     tfds.display_progress_bar(was_active)
-  return os.fspath(builder.data_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+  return builder_dir
 
 
 def _resolve_dir(path: str) -> str:
