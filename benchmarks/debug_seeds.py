@@ -40,6 +40,7 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
+from asearcher_jax.agent.trajectory import INFRA_STATUSES  # noqa: E402
 from asearcher_jax.eval.harness import latest_traces  # noqa: E402
 from asearcher_jax.eval.report import aggregate, paired_intervals  # noqa: E402
 from asearcher_jax.jsonl import append_lines, read_lines  # noqa: E402
@@ -131,7 +132,7 @@ def compare(sft_eval: str, rl_eval: str) -> dict:
   for stage, folder in (("sft", sft_eval), ("rl", rl_eval)):
     traces[stage] = list(latest_traces(os.path.join(folder, "traces.jsonl"), k).values())
     [ds] = aggregate(traces[stage], k).values()
-    ran = ds["samples"] - ds["status"].get("aborted", 0)
+    ran = ds["samples"] - sum(ds["status"].get(s, 0) for s in INFRA_STATUSES)
     em = ds["metrics"]["em"]
     res[stage] = {"em_avg": em[f"avg@{k}"], "em_pass": em[f"pass@{k}"],
                   "format_ok": ds["format_ok"], "answered": ds["status"].get("answered", 0) / ran,

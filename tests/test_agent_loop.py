@@ -537,7 +537,7 @@ class AnsweringPolicy:
     pass
 
 
-def _eval(tmp_path, policy, k=2, tools=None, agent=None, **eval_cfg):
+def _eval(tmp_path, policy, k=2, tools=None, agent=None, reward=None, **eval_cfg):
   from asearcher_jax.config import Config
   from asearcher_jax.eval import evaluate
   data = tmp_path / "qa.jsonl"
@@ -545,8 +545,9 @@ def _eval(tmp_path, policy, k=2, tools=None, agent=None, **eval_cfg):
     data.write_text("".join(json.dumps({"qid": q, "question": f"Who founded {q}?",
                                         "answer": ["Ann Lee"]}) + "\n" for q in ("A", "B")))
   cfg = Config(model={"path": str(tmp_path)}, agent=agent or {},  # the policy is given
+               reward=reward or {},
                eval={"data": [str(data)], "k": k, "out_dir": str(tmp_path / "out"),
-                     "concurrency": 2, **eval_cfg})
+                     "concurrency": 2} | eval_cfg)
   out = []
   report = asyncio.run(evaluate(cfg, policy=policy, tools=tools or FakeTools(), progress=False,
                                 echo=out.append))
@@ -607,6 +608,62 @@ def test_eval_leaves_out_and_reruns_episodes_a_tool_server_ended(tmp_path):
   report, _ = _eval(tmp_path, policy, agent={"max_tool_errors": 1})
   assert policy.calls == 4  # only B's episodes ran again
   assert report["datasets"]["qa"]["status"] == {"answered": 4}
+
+
+def test_eval_resume_never_mixes_scorings_and_rescores_changed_golds(tmp_path):
+  """A resumed run reused finished episodes' scores whatever the scoring now asked, and
+  scored against golds the data file no longer has."""
+  report, _ = _eval(tmp_path, AnsweringPolicy(down={"Who founded B?"}))
+  with pytest.raises(DataError, match="scored with"):
+    _eval(tmp_path, AnsweringPolicy(), reward={"f1_variant": "bag"})
+  data = tmp_path / "qa.jsonl"
+  data.write_text(data.read_text().replace('"qid": "A", "question": "Who founded A?", '
+                                           '"answer": ["Ann Lee"]',
+                                           '"qid": "A", "question": "Who founded A?", '
+                                           '"answer": ["Bob Stone"]'))
+  policy = AnsweringPolicy()
+  report, _ = _eval(tmp_path, policy)
+  assert policy.calls == 4  # B (aborted before) and A (its gold changed)
+  assert report["datasets"]["qa"]["metrics"]["em"]["avg@2"] == 0.5  # A's "Ann Lee" is wrong now
+
+
+def test_eval_rerun_asks_the_judge_again_where_it_failed(tmp_path, monkeypatch):
+  from asearcher_jax.reward.judge import Judge, JudgeVerdict
+  up = [False]
+
+  async def judge(self, question, prediction, golds):
+    return (JudgeVerdict(True, "same", None, 1) if up[0]
+            else JudgeVerdict(None, "", "HTTP 500 (after 4 attempts)", 4))
+  monkeypatch.setattr(Judge, "judge", judge)
+  report, _ = _eval(tmp_path, AnsweringPolicy(), judge=True)
+  assert "judge" not in report["datasets"]["qa"]["metrics"]
+  assert any("could not be judged" in p for p in report["problems"])
+  up[0] = True
+  policy = AnsweringPolicy()
+  report, _ = _eval(tmp_path, policy, judge=True)
+  assert policy.calls == 4 and not report["problems"]
+  assert report["datasets"]["qa"]["metrics"]["judge"] == {"avg@2": 1.0, "pass@2": 1.0,
+                                                          "questions": 2}
+
+
+def test_eval_saved_trajectories_survive_a_crash_between_the_two_files(tmp_path, monkeypatch):
+  """The trace line marks an episode done, so the token record must be down before it: a
+  crash between the two appends lost the record for good."""
+  from asearcher_jax.eval import harness
+  real, crash = harness.append_lines, [True]
+
+  def append_lines(path, records, **kw):
+    real(path, records, **kw)
+    if crash[0] and path.endswith("traces.jsonl"):
+      crash[0] = False
+      raise SystemError("killed")  # the process dies once the first trace line is down
+  monkeypatch.setattr(harness, "append_lines", append_lines)
+  with pytest.raises(SystemError, match="killed"):
+    _eval(tmp_path, AnsweringPolicy(), k=1, save_trajectories=True, concurrency=1)
+  _eval(tmp_path, AnsweringPolicy(), k=1, save_trajectories=True, concurrency=1)
+  saved = [json.loads(line)["qid"] for line in
+           (tmp_path / "out" / "trajectories.jsonl").read_text().splitlines()]
+  assert set(saved) == {"A", "B"}
 
 
 def test_eval_rerun_after_a_torn_trace_line(tmp_path):

@@ -623,6 +623,25 @@ def test_paired_interval_brackets_a_uniform_gain_and_straddles_zero_for_a_swap()
   assert "[" not in format_comparison(before, after, 4).splitlines()[2]
 
 
+def test_a_comparison_over_different_questions_says_so_and_pairs_its_change():
+  """A baseline over 10 questions (the first 5 right) against a run over those 5: the
+  averages differ by 50 points, but over the questions both scored nothing changed. The
+  change printed beside the paired interval was the unpaired one, outside its own interval."""
+  before = [_s("d", f"q{i}", 0, "answered", em=float(i < 5)) for i in range(10)]
+  after = [_s("d", f"q{i}", 0, "answered", em=1.0) for i in range(5)]
+  iv = paired_intervals(before, after, k=1)
+  assert iv["d", "em"]["change"] == {"avg@1": 0.0, "pass@1": 0.0}
+  assert iv["d", "em"]["questions"] == 5
+  text = format_comparison(aggregate(before, 1), aggregate(after, 1), 1, intervals=iv)
+  assert "+0.0 [+0.0, +0.0]" in text.splitlines()[2]
+  assert text.splitlines()[-1] == ("note: d em: the change is over the 5 questions both runs "
+                                   "scored (baseline 10, this run 5)")
+  text = format_comparison(aggregate(before, 1), aggregate(after, 1), 1)
+  assert "+50.0" in text.splitlines()[2]
+  assert text.splitlines()[-1] == ("warning: d em: baseline scored 10 questions, this run 5: "
+                                   "the change compares different questions")
+
+
 def test_reports_compare_only_at_the_same_k_and_sampling():
   at = lambda t, k=4: {"k": k, "sampling": {"temperature": t, "top_p": 1.0, "top_k": 0}}
   assert incomparable(at(0.6), at(0.6)) is None

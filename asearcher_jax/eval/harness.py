@@ -4,9 +4,11 @@ Outputs in `eval.out_dir`: `traces.jsonl` (one readable line per episode: questi
 prediction, status, metrics and the transcript), `report.json` and the printed table;
 `trajectories.jsonl` with the full token records when `eval.save_trajectories`. Each finished
 episode is appended and fsynced at once, so an interrupted run loses at most the episodes in
-flight, and a rerun with the same out_dir skips what is done. Episodes the infrastructure
-ended (`aborted`: a decode server went away; `env_error`: a tool server failed) are not done:
-a rerun retries them.
+flight, and a rerun with the same out_dir skips what is done. Not done, so run again: episodes
+the infrastructure ended (`aborted`: a decode server went away; `env_error`: a tool server
+failed), episodes whose question's golds have changed since, and, with `eval.judge`, episodes
+the judge has not scored. A rerun that would score otherwise (another normalisation or F1) or
+sample otherwise than the episodes it keeps is refused: one score never mixes the two.
 """
 
 from __future__ import annotations
@@ -37,10 +39,17 @@ def sampling_of(agent_cfg) -> dict[str, Any]:
   return {k: getattr(agent_cfg, k) for k in _SAMPLING}
 
 
-def trace_line(dataset: str, t: Trajectory) -> dict[str, Any]:
+def scoring_of(reward_cfg) -> dict[str, str]:
+  """How answers were scored: a resumed run must not mix episodes scored otherwise."""
+  return {"normalization": reward_cfg.normalization, "f1_variant": reward_cfg.f1_variant}
+
+
+def trace_line(dataset: str, t: Trajectory, scoring: dict[str, str] | None = None
+               ) -> dict[str, Any]:
   return {
       "dataset": dataset, "qid": t.qid, "sample": t.sample,
       "sampling": {k: t.sampling[k] for k in _SAMPLING} if t.sampling else None,
+      "scoring": scoring,
       "question": t.question,
       "answers": t.answers, "prediction": t.prediction, "status": t.status, "error": t.error,
       "metrics": t.metrics, "reward": t.reward, "format_ok": t.format_ok,
@@ -95,13 +104,20 @@ async def evaluate(cfg: Config, *, policy=None, tools=None, progress: bool = Tru
     echo(n)
   agent_cfg = (cfg.agent if e.temperature is None
                else cfg.agent.model_copy(update={"temperature": e.temperature}))
+  scoring = scoring_of(cfg.reward)
+  golds = {(ds, it.qid): list(it.answers) for ds, it in items}
+  # Done: not ended by the infrastructure, scored against the golds the data has now, and
+  # judged when this run asks for the judge (a judge that failed, or was off, is asked again
+  # by rerunning the episode).
   done = {key: t for key, t in latest_traces(traces_path, e.k).items()
-          if t["status"] not in INFRA_STATUSES}
-  other = {json.dumps(t.get("sampling")) for t in done.values()} - {
-      json.dumps(sampling_of(agent_cfg)), "null"}
-  if other:  # a resumed run must not mix episodes sampled differently into one score
-    raise DataError(f"{traces_path} holds episodes sampled with {sorted(other)[0]}, this run "
-                    f"asks {json.dumps(sampling_of(agent_cfg))}: use another eval.out_dir")
+          if t["status"] not in INFRA_STATUSES and t["answers"] == golds.get(key[:2])
+          and (not e.judge or "judge" in t["metrics"])}
+  for key, asked, what in (("sampling", sampling_of(agent_cfg), "sampled"),
+                           ("scoring", scoring, "scored")):
+    other = {json.dumps(t.get(key)) for t in done.values()} - {json.dumps(asked), "null"}
+    if other:  # a resumed run must not mix episodes sampled or scored otherwise into one score
+      raise DataError(f"{traces_path} holds episodes {what} with {sorted(other)[0]}, this run "
+                      f"asks {json.dumps(asked)}: use another eval.out_dir")
   work = [(ds, it, i) for ds, it in items for i in range(e.k) if (ds, it.qid, i) not in done]
   if done:
     echo(f"resuming: {len(done)} episodes already in {traces_path}, {len(work)} to run")
@@ -125,11 +141,11 @@ async def evaluate(cfg: Config, *, policy=None, tools=None, progress: bool = Tru
       except Exception as exc:  # noqa: BLE001 -- one episode's failure is reported, not fatal
         traj = Trajectory(qid=item.qid, question=item.question, answers=list(item.answers),
                           sample=sample, status="aborted", error=f"{type(exc).__name__}: {exc}")
-    async with lock:
-      append_lines(traces_path, [trace_line(ds, traj)],
-                   encode=lambda r: json.dumps(r, ensure_ascii=False))
+    async with lock:  # the record first: once its trace line is down, the episode is done
       if e.save_trajectories:
         write_jsonl(os.path.join(out_dir, "trajectories.jsonl"), [traj])
+      append_lines(traces_path, [trace_line(ds, traj, scoring)],
+                   encode=lambda r: json.dumps(r, ensure_ascii=False))
       answered += traj.status == "answered"
       bar.update(1)
       bar.set_postfix(answered=f"{answered}/{bar.n}", refresh=False)
@@ -146,7 +162,6 @@ async def evaluate(cfg: Config, *, policy=None, tools=None, progress: bool = Tru
 
   wanted = {(ds, it.qid) for ds, it in items}
   samples = [t for key, t in latest_traces(traces_path, e.k).items() if key[:2] in wanted]
-  scoring = {"normalization": cfg.reward.normalization, "f1_variant": cfg.reward.f1_variant}
   report = {"k": e.k, "sampling": sampling_of(agent_cfg), "scoring": scoring,
             "datasets": aggregate(samples, e.k), "skipped_rows": skipped,
             "traces": traces_path, "problems": problems(samples)}

@@ -71,8 +71,9 @@ def _metric_scores(scored: Mapping[str, list[Mapping]]) -> dict[str, dict[str, l
 def paired_intervals(before: Iterable[Mapping], after: Iterable[Mapping], k: int, *,
                      level: float = 0.95, resamples: int = 10000, seed: int = 0
                      ) -> dict[tuple[str, str], dict[str, tuple[float, float]]]:
-  """{(dataset, metric): {"avg@k"/"pass@k": (low, high)}}: a percentile bootstrap interval of
-  the change after − before, resampling the questions both runs scored (paired: a question's
+  """{(dataset, metric): {"avg@k"/"pass@k": (low, high), "change": {"avg@k"/"pass@k": the
+  mean change}, "questions": n}}: a percentile bootstrap interval of the change after − before,
+  and the change itself, over the n questions both runs scored (paired: a question's
   difficulty cancels out, so the interval is far narrower than two separate ones).
 
   Why: on a few dozen questions a gain of several points can be noise; this says whether the
@@ -88,11 +89,11 @@ def paired_intervals(before: Iterable[Mapping], after: Iterable[Mapping], k: int
         continue
       picks = rng.integers(len(qids), size=(resamples, len(qids)))
       tail = 100 * (1 - level) / 2
-      cells = {}
+      cells = {"change": {}, "questions": len(qids)}
       for stat, f in ((f"avg@{k}", np.mean), (f"pass@{k}", np.max)):
         diff = np.array([f(a[m][q]) - f(b[m][q]) for q in qids])
         lo, hi = np.percentile(diff[picks].mean(axis=1), [tail, 100 - tail])
-        cells[stat] = (float(lo), float(hi))
+        cells[stat], cells["change"][stat] = (float(lo), float(hi)), float(diff.mean())
       out[ds, m] = cells
   return out
 
@@ -154,23 +155,32 @@ def format_comparison(before: Mapping[str, dict], after: Mapping[str, dict], k: 
                       names: tuple[str, str] = ("baseline", "this run"),
                       intervals: Mapping[tuple[str, str], dict] | None = None) -> str:
   """Avg@k and Pass@k of two reports side by side, with the change in points, for every
-  dataset and metric both have; with `intervals` (`paired_intervals`), each change's 95%
-  interval in brackets."""
+  dataset and metric both have; with `intervals` (`paired_intervals`), the change over the
+  questions both runs scored, with its 95% interval in brackets. Where the two runs scored
+  different questions, a note under the table says which change is over which."""
   head = ["dataset", "metric", f"{names[0]} avg@{k}", f"{names[1]} avg@{k}", "change",
           f"{names[0]} pass@{k}", f"{names[1]} pass@{k}", "change"]
-  rows = []
+  rows, notes = [], []
   for ds in sorted(set(before) & set(after)):
     b, a = before[ds]["metrics"], after[ds]["metrics"]
     for m in sorted(set(b) & set(a)):
-      cells = [ds, m]
+      cells, paired = [ds, m], (intervals or {}).get((ds, m))
       for stat in (f"avg@{k}", f"pass@{k}"):
         x, y = 100 * b[m][stat], 100 * a[m][stat]
-        change = f"{y - x:+.1f}"
-        if intervals and (ds, m) in intervals:
-          lo, hi = intervals[ds, m][stat]
-          change += f" [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        if paired:
+          lo, hi = paired[stat]
+          change = f"{100 * paired['change'][stat]:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        else:
+          change = f"{y - x:+.1f}"
         cells += [f"{x:.1f}", f"{y:.1f}", change]
       rows.append(cells)
+      nb, na = b[m]["questions"], a[m]["questions"]
+      if paired and not nb == na == paired["questions"]:
+        notes.append(f"note: {ds} {m}: the change is over the {paired['questions']} questions "
+                     f"both runs scored ({names[0]} {nb}, {names[1]} {na})")
+      elif not paired and nb != na:
+        notes.append(f"warning: {ds} {m}: {names[0]} scored {nb} questions, {names[1]} {na}: "
+                     "the change compares different questions")
   if not rows:
     return "no dataset and metric in common with the baseline"
-  return _render(head, rows)
+  return "\n".join([_render(head, rows)] + notes)
