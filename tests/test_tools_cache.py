@@ -21,6 +21,14 @@ def test_roundtrip_and_persistence(tmp_path):
   assert again.get("zz") is None
 
 
+def test_a_lone_surrogate_round_trips(tmp_path):
+  """Valid JSON from a provider that cut an emoji in half: sqlite refused the text, and the
+  search that had been paid for failed."""
+  c = DiskCache(str(tmp_path / "c.sqlite"))
+  c.put("k", {"snippet": "cut \ud83d here"})
+  assert c.get("k") == {"snippet": "cut \ud83d here"}
+
+
 def test_ttl_expires_entries(tmp_path):
   c = DiskCache(str(tmp_path / "c.sqlite"), ttl_s=0.2)
   c.put("k", 1)

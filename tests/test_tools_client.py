@@ -209,6 +209,38 @@ def test_long_query_and_big_batch_do_not_fail_the_batch(world_server):
   assert res[1].query == "mayor " * 50  # the result names the query as asked
 
 
+def test_batches_keep_within_the_servers_hit_and_topk_limits(world_server):
+  """The server refuses a request whose queries x topk pass its `max_hits`, or whose topk
+  passes `max_topk`, whole; the client published both limits but kept to neither."""
+  from asearcher_jax.tools.config import RetrievalSection
+  from asearcher_jax.tools.retrieval_server import INDEX_KEY
+  _, srv = world_server
+  cfg = RetrievalSection(max_hits=40, max_topk=3)
+  with ServerThread(create_app(srv.app[INDEX_KEY], cfg)) as small:
+    res = run(lambda c: c.search(["mayor"] * 30, topk=5), SearchClientSection(url=small.url))
+  assert all(r.ok for r in res) and {len(r.hits) for r in res} == {3}
+
+
+def test_limits_guessed_while_the_server_was_down_are_asked_again(world_server):
+  from asearcher_jax.tools.config import RetrievalSection
+  from asearcher_jax.tools.retrieval_server import INDEX_KEY
+  _, srv = world_server
+  port = _free_port()
+
+  async def go():
+    c = LocalSearchClient(SearchClientSection(url=f"http://127.0.0.1:{port}", timeout_s=2))
+    try:
+      [down] = await c.search(["mayor"])
+      app = create_app(srv.app[INDEX_KEY], RetrievalSection(max_query_chars=100))
+      with ServerThread(app, port=port):
+        return down, await c.search(["mayor " * 30, "born in"])
+    finally:
+      await c.close()
+  down, up = asyncio.run(go())
+  assert down.error.kind == "connection"
+  assert [r.ok for r in up] == [True, True]  # the long query trimmed to the server's 100
+
+
 def test_empty_token_env_means_no_token(world_server, monkeypatch):
   _, srv = world_server
   monkeypatch.setenv("ASEARCHER_RETRIEVAL_TOKEN", "")

@@ -7,6 +7,9 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
+import textwrap
 import urllib.error
 import urllib.request
 
@@ -22,6 +25,8 @@ from asearcher_jax.tools.corpus import read_corpus, read_pages
 from asearcher_jax.tools.index import SearchIndex, build_index
 from asearcher_jax.tools.retrieval_server import ServerThread, check_bind, create_app, run_server
 from asearcher_jax.world import WorldConfig, generate_world, write_world
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -414,14 +419,12 @@ def test_default_world_index_built_once(tmp_path, monkeypatch):
 
 
 def _serve_cmd(index_dir, port):
-  import sys
   return [sys.executable, "-m", "asearcher_jax.cli", "retrieval", "serve", "--index",
           index_dir, "--port", str(port)]
 
 
 def test_serve_process_starts_and_fails_clearly(world_dir, tmp_path):
   import socket
-  import subprocess
   import time
   env = dict(os.environ, PYTHONPATH=os.getcwd())
   bad = str(tmp_path / "bad")
@@ -509,6 +512,29 @@ def test_index_close_releases_maps_and_build_failure_does_not_leak(world_dir, tm
   with pytest.raises(RuntimeError, match="disk full"):
     build_index(os.path.join(world_dir, "corpus.jsonl"), str(tmp_path / "i"), log=lambda *_: 0)
   assert closed == [True]
+
+
+def test_an_index_rebuilt_in_place_leaves_a_live_server_its_old_files(tmp_path):
+  """`index build --overwrite` into the directory a server serves rewrote its memory-mapped
+  files in place: the server died of SIGBUS (or read zeros as a 500). Each part now moves in
+  by a rename; the old maps keep their files. A lone surrogate in the corpus (valid JSON)
+  is kept, escaped, where it crashed the build."""
+  corpus, out = tmp_path / "corpus.jsonl", str(tmp_path / "index")
+  corpus.write_text("".join(json.dumps({"id": f"d{i}", "contents": f"old passage {i} " * 40})
+                            + "\n" for i in range(300)))
+  build_index(str(corpus), out, log=lambda *_: 0)
+  corpus.write_text(json.dumps({"id": "n0", "contents": "new \ud83d passage"}) + "\n")
+  script = textwrap.dedent(f"""
+      from asearcher_jax.tools.index import SearchIndex, build_index
+      idx = SearchIndex({out!r})
+      build_index({str(corpus)!r}, {out!r}, overwrite=True, log=lambda *_: 0)
+      print(idx.doc(299)["id"], SearchIndex({out!r}).doc(0)["contents"].encode("unicode_escape"))
+  """)
+  r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                     timeout=300, cwd=REPO)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.split(maxsplit=1) == ["d299", r"b'new \\ud83d passage'" + "\n"]
+  assert sorted(os.listdir(out)) == ["bm25", "docs.jsonl", "docs.offsets.npy", "manifest.json"]
 
 
 def test_server_thread_start_fails_loudly(index):

@@ -370,6 +370,36 @@ def test_unknown_charset_falls_back_and_cut_off_body_is_retried():
   assert c.contents == "whole page" and calls["n"] == 2
 
 
+def test_fetch_reads_links_after_redirects_and_the_charset_a_meta_declares():
+  """Links resolved against the address before a redirect pointed nowhere; a windows-1252
+  page that declares its charset only in a <meta> read as U+FFFD."""
+  app = web.Application()
+
+  async def go(request):
+    raise web.HTTPFound("/docs/guide/intro.html")
+
+  async def intro(request):
+    return web.Response(body='<html><body><a href="next.html">next</a></body></html>'.encode(),
+                        headers={"Content-Type": "text/html"})
+
+  async def cp1252(request):
+    html = '<html><head><meta charset="windows-1252"></head><body><p>Crème brûlée</p>'
+    return web.Response(body=html.encode("cp1252"), headers={"Content-Type": "text/html"})
+  app.router.add_get("/go", go)
+  app.router.add_get("/docs/guide/intro.html", intro)
+  app.router.add_get("/fr", cp1252)
+  with ServerThread(app) as srv:
+    async def read(*urls):
+      f = HttpFetcher(WebSection(max_retries=0))
+      try:
+        return [await f.read(u) for u in urls]
+      finally:
+        await f.close()
+    moved, fr = asyncio.run(read(srv.url + "/go", srv.url + "/fr"))
+  assert moved.links == (srv.url + "/docs/guide/next.html",)
+  assert fr.contents == "Crème brûlée"
+
+
 @pytest.mark.parametrize("html,title,text", [
     # </head> omitted (legal): the body must not be skipped.
     ("<html><head><title>T</title><meta charset=utf-8><body><p>Body text</p></body></html>",

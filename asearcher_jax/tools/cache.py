@@ -57,7 +57,7 @@ class DiskCache:
     self._conn().execute(
         "INSERT INTO cache (key, value, created) VALUES (?, ?, ?) "
         "ON CONFLICT(key) DO UPDATE SET value = excluded.value, created = excluded.created",
-        (key, json.dumps(value, ensure_ascii=False), time.time()))
+        (key, json.dumps(value), time.time()))  # ASCII: a lone surrogate (valid JSON) survives
 
   def delete(self, key: str) -> None:
     self._conn().execute("DELETE FROM cache WHERE key = ?", (key,))

@@ -69,8 +69,10 @@ class LocalSearchClient:
     token = token if token is not None else os.environ.get(self.cfg.token_env)
     self.token = token or None  # "" (an empty env var) means no token, as on the server
     self.mode = mode
-    # None: learn from the server's /health on first search (defaults if it cannot say).
-    self.max_queries, self.max_query_chars = max_queries, max_query_chars
+    # Set here, they override what the server's /health says (see `_limits`).
+    self._given = {k: v for k, v in (("max_queries", max_queries),
+                                     ("max_query_chars", max_query_chars)) if v is not None}
+    self._learned: dict[str, int] | None = None
     self._session: aiohttp.ClientSession | None = None
     self._loop = None
 
@@ -125,39 +127,50 @@ class LocalSearchClient:
         results[i] = ToolResult.failure("search", str(q), "bad_request", "empty search query")
       else:
         send.append(i)
-    # Batches beyond the server's per-request limit are split client-side, and over-long
-    # queries trimmed (BM25/dense see only the first few thousand characters anyway): the
-    # server rejects a bad request whole, so this keeps one query from failing the others.
-    if send:
-      await self._learn_limits()
-    for start in range(0, len(send), self.max_queries):
-      await self._search_batch(queries, send[start:start + self.max_queries], topk, results)
+    # Batches beyond the server's per-request limits are split client-side, over-long
+    # queries trimmed (BM25/dense see only the first few thousand characters anyway) and
+    # topk held to the server's most: the server rejects a bad request whole, so this keeps
+    # one query, or one big batch, from failing the others.
+    if not send:
+      return results  # type: ignore[return-value]
+    limits = await self._limits()
+    topk = min(topk, limits["max_topk"])
+    per_request = max(1, min(limits["max_queries"], limits["max_hits"] // topk))
+    for start in range(0, len(send), per_request):
+      await self._search_batch(queries, send[start:start + per_request], topk, results,
+                               limits["max_query_chars"])
     return results  # type: ignore[return-value]
 
-  async def _learn_limits(self) -> None:
-    if self.max_queries is not None and self.max_query_chars is not None:
-      return
-    limits = {}
+  async def _limits(self) -> dict[str, int]:
+    """The server's per-request limits from its /health, kept once it has answered (a plain
+    Search-R1 server answers 404: the defaults); the defaults meanwhile, asking again on the
+    next search, so limits guessed while the server was down do not outlive its start."""
+    if self._learned is not None:
+      return self._learned
+    limits, answered = {}, False
     try:
       timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_s)
       async with self._ensure().get(self.cfg.url.rstrip("/") + "/health", timeout=timeout) as r:
+        answered = r.status < 500
         data = await r.json(content_type=None) if r.status == 200 else None
       limits = data.get("limits") if isinstance(data, dict) else None
       limits = limits if isinstance(limits, dict) else {}
-    except Exception:  # noqa: BLE001 - an old or plain Search-R1 server: use the defaults
+    except Exception:  # noqa: BLE001 - down, or a reply that is not JSON: the defaults
       limits = {}
 
-    def pick(name: str, default: int) -> int:
+    def pick(name: str) -> int:
       v = limits.get(name)
-      return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else default
-    if self.max_queries is None:
-      self.max_queries = pick("max_queries", _SERVER.max_queries)
-    if self.max_query_chars is None:
-      self.max_query_chars = pick("max_query_chars", _SERVER.max_query_chars)
+      return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else getattr(
+          _SERVER, name)
+    out = {name: pick(name) for name in ("max_queries", "max_query_chars", "max_hits",
+                                         "max_topk")} | self._given
+    if answered:
+      self._learned = out
+    return out
 
   async def _search_batch(self, queries: list[str], send: list[int], topk: int,
-                          results: list) -> None:
-    body = {"queries": [queries[i][:self.max_query_chars] for i in send], "topk": topk,
+                          results: list, max_query_chars: int) -> None:
+    body = {"queries": [queries[i][:max_query_chars] for i in send], "topk": topk,
             "return_scores": True}
     if self.mode:
       body["mode"] = self.mode

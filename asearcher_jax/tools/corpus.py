@@ -83,7 +83,10 @@ def build_store(rows, out_prefix: str) -> int:
   offsets = [0]
   with open(out_prefix + ".jsonl", "wb") as f:
     for row in rows:
-      line = json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n"
+      try:
+        line = json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n"
+      except UnicodeEncodeError:  # a lone surrogate ("\ud83d" cut from an emoji): escaped
+        line = json.dumps(row).encode("ascii") + b"\n"  # reads back as the same string
       f.write(line)
       offsets.append(offsets[-1] + len(line))
   np.save(out_prefix + ".offsets.npy", np.asarray(offsets, np.int64))

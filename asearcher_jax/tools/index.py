@@ -6,15 +6,21 @@
   DIR/bm25/                bm25s arrays, memory-mapped
   DIR/dense/embeddings.npy passage vectors (when built with a dense encoder)
 
-The manifest is written last, so a build that dies half way leaves a directory that
-`SearchIndex.load` refuses with a clear message instead of one that serves wrong results.
-Every file's presence and size is checked at load against the manifest.
+A build writes every part into a staging directory inside DIR, then moves each into place by
+a rename, and writes the manifest last: a build that dies half way leaves a directory that
+`SearchIndex.load` refuses with a clear message instead of one that serves wrong results,
+and a server still serving the old index keeps reading its files (a rename or an unlink
+never truncates a memory-mapped file; rewriting one in place killed such a server with
+SIGBUS). Every file's presence and size is checked at load against the manifest.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
+import tempfile
 import time
 from typing import Literal, Self
 
@@ -25,6 +31,8 @@ from asearcher_jax.tools.bm25_index import BM25Index
 from asearcher_jax.tools.corpus import RowStore, build_store, read_corpus, read_pages
 
 FORMAT = "asearcher-index/1"
+_PARTS = ("docs.jsonl", "docs.offsets.npy", "bm25", "pages.jsonl", "pages.offsets.npy",
+          "page_urls.json", "dense")
 Mode = Literal["bm25", "dense", "hybrid"]
 
 
@@ -44,25 +52,41 @@ def build_index(corpus: str, out: str, pages: str | None = None,
                 dense_encoder: str | None = None, encoder_config=None,
                 overwrite: bool = False, log=print) -> dict:
   """Validate the corpus (and pages), build BM25 (and dense vectors), write the manifest."""
-  if os.path.exists(os.path.join(out, "manifest.json")) and not overwrite:
+  manifest_path = os.path.join(out, "manifest.json")
+  if os.path.exists(manifest_path) and not overwrite:
     raise RetrievalError(f"{out} already holds an index (use --overwrite)")
   os.makedirs(out, exist_ok=True)
-  if os.path.exists(os.path.join(out, "manifest.json")):
-    os.remove(os.path.join(out, "manifest.json"))
-  t0 = time.time()
-  n_docs = build_store(read_corpus(corpus), os.path.join(out, "docs"))
-  if n_docs == 0:
-    raise RetrievalError(f"{corpus}: no passages")
-  docs = RowStore(os.path.join(out, "docs"))
-  try:  # the memory map is released even when a later step fails
-    manifest = _build_parts(docs, corpus, out, pages, dense_encoder, encoder_config, log, t0)
+  for stale in glob.glob(os.path.join(out, ".build-*")):  # a build killed before its swap
+    shutil.rmtree(stale, ignore_errors=True)
+  staging = tempfile.mkdtemp(prefix=".build-", dir=out)
+  try:
+    t0 = time.time()
+    n_docs = build_store(read_corpus(corpus), os.path.join(staging, "docs"))
+    if n_docs == 0:
+      raise RetrievalError(f"{corpus}: no passages")
+    docs = RowStore(os.path.join(staging, "docs"))
+    try:  # the memory map is released even when a later step fails
+      manifest = _build_parts(docs, corpus, staging, pages, dense_encoder, encoder_config, log,
+                              t0)
+    finally:
+      docs.close()
+    manifest["build_seconds"] = round(time.time() - t0, 2)
+    if os.path.exists(manifest_path):  # no manifest while old and new parts are mixed
+      os.remove(manifest_path)
+    for part in _PARTS:
+      new, old = os.path.join(staging, part), os.path.join(out, part)
+      if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old)
+      elif os.path.lexists(old) and not os.path.exists(new):
+        os.remove(old)
+      if os.path.exists(new):
+        os.replace(new, old)
+    tmp = os.path.join(out, "manifest.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump(manifest, f, indent=2)
+    os.replace(tmp, manifest_path)
   finally:
-    docs.close()
-  manifest["build_seconds"] = round(time.time() - t0, 2)
-  tmp = os.path.join(out, "manifest.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=2)
-  os.replace(tmp, os.path.join(out, "manifest.json"))
+    shutil.rmtree(staging, ignore_errors=True)
   return manifest
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import logging
 import os
 import random
 import re
+import sqlite3
 from html.parser import HTMLParser
 from urllib.parse import urljoin
 
@@ -26,6 +28,8 @@ from asearcher_jax.retry import retry_after, retrying
 from asearcher_jax.tools.cache import DiskCache
 from asearcher_jax.tools.config import WebSection
 from asearcher_jax.tools.types import Page, SearchHit
+
+log = logging.getLogger(__name__)
 
 
 class WebError(Exception):
@@ -108,7 +112,9 @@ class _HttpAdapter:
                 buf += chunk
                 if len(buf) >= limit:
                   break
-              return r.headers.get("Content-Type", ""), bytes(buf[:limit]), r.charset
+              # The address after redirects: relative links resolve against it.
+              return (r.headers.get("Content-Type", ""), bytes(buf[:limit]), r.charset,
+                      str(r.url))
     except _Retryable as e:
       err = e
     except asyncio.TimeoutError:
@@ -118,12 +124,23 @@ class _HttpAdapter:
     raise WebError(err.kind, f"{err} (after {n} attempts)", err.status)
 
   async def _cached(self, key: str):
-    """sqlite may wait on another writer (busy timeout): off the event loop."""
-    return None if self.cache is None else await asyncio.to_thread(self.cache.get, key)
+    """sqlite may wait on another writer (busy timeout): off the event loop. A cache that
+    fails (a full disk, a locked or damaged file) is a miss, never a failed call."""
+    if self.cache is None:
+      return None
+    try:
+      return await asyncio.to_thread(self.cache.get, key)
+    except (sqlite3.Error, ValueError) as e:
+      log.warning("web cache %s: read failed (%s); asking the provider", self.cache.path, e)
+      return None
 
   async def _store(self, key: str, value) -> None:
-    if self.cache is not None:
+    if self.cache is None:
+      return
+    try:
       await asyncio.to_thread(self.cache.put, key, value)
+    except (sqlite3.Error, ValueError) as e:  # the result still goes back to the agent
+      log.warning("web cache %s: write failed (%s)", self.cache.path, e)
 
 
 class _Limiter:
@@ -142,9 +159,15 @@ class _Limiter:
     return self._sem
 
 
+_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
+
+
 def _decode(raw: bytes, charset: str | None) -> str:
-  """Body bytes as text; an unknown or bogus charset falls back to UTF-8 instead of
-  failing the page."""
+  """Body bytes as text, in the header's charset, else the one a `<meta>` in the page's
+  first kilobytes declares (pages in windows-1252 or GBK often say so only there), else
+  UTF-8; an unknown or bogus charset falls back to UTF-8 instead of failing the page."""
+  if not charset and (m := _META_CHARSET.search(raw[:4096])):
+    charset = m.group(1).decode("ascii")
   try:
     codecs.lookup(charset or "utf-8")
   except LookupError:
@@ -212,11 +235,11 @@ class HttpFetcher(_HttpAdapter):
     if data is None:
       if not url.startswith(("http://", "https://")):
         raise WebError("bad_request", f"not an http(s) URL: {url!r}")
-      ctype, raw, charset = await self._request("GET", url, want="text",
-                                                headers={"User-Agent": "asearcher-jax/0.1"})
+      ctype, raw, charset, final = await self._request(
+          "GET", url, want="text", headers={"User-Agent": "asearcher-jax/0.1"})
       body = _decode(raw, charset)
       if "html" in ctype or body.lstrip()[:15].lower().startswith(("<!doctype", "<html")):
-        title, text, links = html_to_text(body, base_url=url)
+        title, text, links = html_to_text(body, base_url=final)
       elif ctype.startswith("text/") or not ctype:
         title, text, links = "", body, []
       else:
