@@ -184,7 +184,8 @@ def cmd_eval(args) -> int:
     if served.search.backend == "local":
       from asearcher_jax.tools.retrieval_server import serve_index
       from asearcher_jax.world.io import default_world_index
-      retrieval = serve_index(served.retrieval.index or default_world_index(), served.retrieval)
+      retrieval = serve_index(served.retrieval.index or default_world_index(served.world),
+                              served.retrieval)
       overrides.append(f"search.url={retrieval.url}")
     server = build_server(served, progress=not args.no_progress).start_in_thread()
     overrides.append(f"eval.decode_address=127.0.0.1:{server.grpc_port}")

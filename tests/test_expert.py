@@ -15,6 +15,7 @@ from asearcher_jax.data.qa import load_qa
 from asearcher_jax.errors import DataError
 from asearcher_jax.expert.policy import find_fact, parse_question
 from asearcher_jax.expert.trajectories import solve_command, solve_items, summary, world_index
+from asearcher_jax.jsonl import read_lines
 from asearcher_jax.tools.client import LocalSearchClient
 from asearcher_jax.tools.index import SearchIndex
 from asearcher_jax.tools.retrieval_server import ServerThread, create_app
@@ -206,3 +207,17 @@ def test_solve_refuses_a_rest_that_the_sample_leaves_empty(world, tmp_path):
     solve_command(_cfg(), world_dir=world[1], split="train", out=str(tmp_path / "expert.jsonl"),
                   limit=None, keep="solved", concurrency=1, rest=str(rest))
   assert not rest.exists() and not (tmp_path / "expert.jsonl").exists()
+
+
+def test_solve_writes_rest_into_a_new_directory_and_refuses_no_concurrency(world, tmp_path,
+                                                                          capsys):
+  from asearcher_jax.cli import main
+  from asearcher_jax.expert.trajectories import _write_rest
+  qa = os.path.join(world[1], "qa_train.jsonl")
+  out = tmp_path / "new" / "rest.jsonl"
+  assert _write_rest(qa, set(), str(out)) == len(read_lines(qa)) == len(read_lines(str(out)))
+  # A semaphore of 0 never let an episode start: the command hung for good.
+  for flags in (["--concurrency", "0"], ["--limit", "-1"]):
+    assert main(["world", "solve", "--world", world[1], "--out", str(tmp_path / "x.jsonl"),
+                 *flags]) == 2
+    assert "--concurrency and --limit must be at least 1" in capsys.readouterr().err

@@ -265,3 +265,53 @@ def test_ensure_world_race_keeps_the_winner(tmp_path, monkeypatch):
   before = io.config_digest(cfg)
   monkeypatch.setattr(io, "GENERATOR_VERSION", io.GENERATOR_VERSION + 1)
   assert io.config_digest(cfg) != before
+
+
+def test_overwrite_replaces_a_world_and_nothing_else(world, tmp_path, monkeypatch):
+  """`world build --out . --overwrite` emptied the directory it ran in, then failed; a build
+  that failed after the old world's removal left none."""
+  from asearcher_jax.world import io
+  home = tmp_path / "project"
+  home.mkdir()
+  (home / "notes.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match="no world"):
+    write_world(world, str(home), overwrite=True)
+  assert os.listdir(home) == ["notes.txt"]
+  path = write_world(world, str(tmp_path / "w"))
+  monkeypatch.chdir(path)
+  with pytest.raises(FileExistsError, match="this runs in"):
+    write_world(world, ".", overwrite=True)
+  monkeypatch.chdir(tmp_path)
+
+  def disk_full(world, path):
+    raise OSError("disk full")
+  monkeypatch.setattr(io, "_write_files", disk_full)
+  with pytest.raises(OSError, match="disk full"):
+    write_world(world, path, overwrite=True)
+  assert load_world(path).config == world.config  # the old world, as it was
+  assert sorted(os.listdir(tmp_path)) == ["project", "w"]  # and no staging left behind
+  monkeypatch.undo()
+  os.symlink(path, tmp_path / "link")
+  assert write_world(world, str(tmp_path / "link"), overwrite=True) == str(tmp_path / "link")
+  assert os.path.islink(tmp_path / "link") and load_world(path).config == world.config
+
+
+def test_a_loaded_world_keeps_its_fact_passages(world, tmp_path):
+  loaded = load_world(write_world(world, str(tmp_path / "w")))
+  assert loaded.fact_passage == world.fact_passage and loaded.fact_passage
+
+
+def test_one_question_a_hop_still_holds_one_out():
+  w = generate_world(WorldConfig(questions_per_hop=1, max_hops=4))
+  assert w.qa_test and w.qa_train
+
+
+def test_the_default_rl_data_is_the_configs_world(tmp_path, monkeypatch):
+  """With no rl.data, RL trained on the debug world's questions whatever `world:` said."""
+  from asearcher_jax.config import Config
+  from asearcher_jax.rl.launch import rl_items
+  monkeypatch.setenv("ASEARCHER_CACHE", str(tmp_path))
+  cfg = Config(model={"path": str(tmp_path)}, world=WorldConfig(seed=5, **SMALL))
+  items, _ = rl_items(cfg, 0, 1)
+  assert [it.question for it in items] == [
+      q["question"] for q in generate_world(cfg.world).qa_train]

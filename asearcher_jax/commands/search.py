@@ -61,7 +61,11 @@ def cmd_retrieval_serve(args) -> int:
   from asearcher_jax.world.io import default_world_index
   cfg = serve_section(args)
   token = args.token or os.environ.get(cfg.token_env) or None  # "" means none
-  run_server(cfg.index or default_world_index(), cfg.host, cfg.port, token, cfg,
+  world = None
+  if cfg.index is None and (args.config or args.overrides):  # the config's world
+    from asearcher_jax.config import load_config
+    world = load_config(args.config, args.overrides).world
+  run_server(cfg.index or default_world_index(world), cfg.host, cfg.port, token, cfg,
              dense_encoder=args.dense_encoder)
   return 0
 

@@ -33,7 +33,10 @@ def cmd_world_build(args) -> int:
   if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
     raise SystemExit(f"{args.out} exists and is not empty (use --overwrite)")
   world = generate_world(cfg)
-  write_world(world, args.out, overwrite=args.overwrite)
+  try:
+    write_world(world, args.out, overwrite=args.overwrite)
+  except FileExistsError as e:
+    raise ConfigError(f"world build: {e}") from None
   print(f"world {args.out}: {len(world.entities)} entities, {len(world.passages)} passages, "
         f"{len(world.pages)} pages, {len(world.qa_train)} train / {len(world.qa_test)} test "
         f"questions ({cfg.min_hops}-{cfg.max_hops} hops)")
@@ -46,8 +49,12 @@ def cmd_world_solve(args) -> int:
   from asearcher_jax.config import load_config
   from asearcher_jax.expert.trajectories import solve_command
   from asearcher_jax.world import ensure_world
+  if args.concurrency < 1 or (args.limit is not None and args.limit < 1):
+    from asearcher_jax.errors import ConfigError
+    raise ConfigError("world solve: --concurrency and --limit must be at least 1")
   cfg = load_config(args.config, args.overrides)
-  solve_command(cfg, world_dir=args.world or ensure_world(), split=args.split, out=args.out,
+  solve_command(cfg, world_dir=args.world or ensure_world(cfg.world), split=args.split,
+                out=args.out,
                 limit=args.limit, keep=args.keep, concurrency=args.concurrency, seed=args.seed,
                 progress=not args.no_progress, rest=args.rest)
   return 0
@@ -78,8 +85,8 @@ def register(subparsers) -> None:
   v.add_argument("--config", help="YAML config (agent, search, reward; the tokenizer of "
                                   "model.path)")
   v.add_argument("overrides", nargs="*", metavar="key=value")
-  v.add_argument("--world", help="world directory (default: the debug world, built on first "
-                                 "use)")
+  v.add_argument("--world", help="world directory (default: the config's `world:` world, "
+                                 "the debug one unless set, built on first use)")
   v.add_argument("--split", default="train", choices=["train", "test"])
   v.add_argument("--out", required=True, help="trajectory JSONL to write")
   v.add_argument("--limit", type=int, help="a seeded random sample of N questions of the split "

@@ -100,6 +100,7 @@ def _write_rest(qa_path: str, chosen: set[str], out: str) -> int:
   rows = [r for r in read_lines(qa_path) if r["qid"] not in chosen]
   if not rows:
     raise DataError(f"--rest {out}: the sample takes every question of {qa_path}")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   tmp = f"{out}.tmp-{os.getpid()}"
   with open(tmp, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)

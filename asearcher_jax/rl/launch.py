@@ -29,7 +29,7 @@ def rl_items(cfg: Config, worker: int, workers: int):
   paths = list(cfg.rl.data)
   if not paths:
     from asearcher_jax.world import ensure_world
-    paths = [os.path.join(ensure_world(), "qa_train.jsonl")]
+    paths = [os.path.join(ensure_world(cfg.world), "qa_train.jsonl")]
   items, notes, _ = load_datasets(paths, cfg.rl.split)
   return [it for _, it in items][worker::workers], notes
 

@@ -20,6 +20,7 @@ import random
 from collections import Counter
 from typing import Any
 
+from asearcher_jax.errors import ConfigError
 from asearcher_jax.world.config import WorldConfig
 
 _SYLLABLES = ("al", "ben", "cor", "da", "el", "fen", "gar", "hal", "is", "jor", "kel", "lin",
@@ -141,7 +142,7 @@ class _Names:
       if name not in self.used:
         self.used.add(name)
         return name
-    raise RuntimeError("name space exhausted: lower the world sizes")
+    raise ConfigError("world: the name space is exhausted: lower the world sizes")
 
 
 def generate_world(config: WorldConfig | None = None) -> World:
@@ -365,6 +366,8 @@ def _questions(rng: random.Random, cfg: WorldConfig, ents: dict[str, Entity],
       _hold_out(group, round(len(group) * cfg.test_fraction) if len(group) > 1 else 0, held)
     if len(items) > 1 and not any(_fact(q["chain"][-1]) in held for q in items):
       held.add(_fact(items[0]["chain"][-1]))  # a small world's hop still holds out a fact
+  if not held and sum(map(len, by_hop)) > 1:  # one question a hop: the last hop's is held out
+    held.add(_fact(next(items for items in reversed(by_hop) if items)[0]["chain"][-1]))
   train: list[dict] = []
   test: list[dict] = []
   for items in by_hop:

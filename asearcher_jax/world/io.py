@@ -7,6 +7,7 @@ Files (all JSONL, UTF-8):
   qa_test.jsonl   the same, held-out questions
   entities.jsonl  the graph itself, so `verify` works on a world loaded from disk
   world.json      the WorldConfig that produced it
+  fact_passages.json  which passage states each fact ("eid/relation" -> passage id)
 
 `ensure_world` generates the default debug world into a cache directory at first use
 (about a second) instead of shipping data files; a directory is written under a temporary
@@ -28,8 +29,8 @@ from asearcher_jax.world.generator import Entity, World, generate_world
 # Bump whenever the generator's output changes for the same config (names, passages, QA or
 # the split): cached worlds are keyed by config *and* this, so a code change never serves a
 # stale world from the cache. 2: held-out split by final fact; unique org short aliases.
-# 3: the held-out facts drawn per final relation.
-GENERATOR_VERSION = 3
+# 3: the held-out facts drawn per final relation. 4: fact_passages.json written.
+GENERATOR_VERSION = 4
 
 FILES = ("corpus.jsonl", "pages.jsonl", "qa_train.jsonl", "qa_test.jsonl", "entities.jsonl",
          "world.json")
@@ -53,35 +54,64 @@ def write_world(world: World, out_dir: str, overwrite: bool = False,
                 keep_existing: bool = False) -> str:
   """Write under a temporary name, then rename into place. With `keep_existing` (the cache),
   a complete world that appeared at `out_dir` meanwhile -- another process won the race --
-  is kept and our copy discarded, instead of deleting the winner's files under its readers."""
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise FileExistsError(f"{out_dir} exists and is not empty (use overwrite)")
-  parent = os.path.dirname(os.path.abspath(out_dir))
+  is kept and our copy discarded, instead of deleting the winner's files under its readers.
+
+  `overwrite` replaces a world (a directory holding world.json) or an empty directory,
+  never anything else: `--out . --overwrite` once emptied the directory it was run in. The
+  old world is moved aside, the new one renamed in, and only then the old one deleted."""
+  given, out_dir = out_dir, os.path.realpath(out_dir)  # a symlink's target gets replaced
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    if not overwrite:
+      raise FileExistsError(f"{out_dir} exists and is not empty (use overwrite)")
+    if not os.path.exists(os.path.join(out_dir, "world.json")):
+      raise FileExistsError(f"{out_dir} holds files but no world (no world.json): not "
+                            "overwritten; give a new or empty directory")
+    cwd = os.getcwd()
+    if cwd == out_dir or cwd.startswith(out_dir + os.sep):
+      raise FileExistsError(f"{out_dir} is the directory this runs in (or holds it): not "
+                            "overwritten")
+  parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
   os.makedirs(tmp)
-  _write_jsonl(os.path.join(tmp, "corpus.jsonl"), world.passages)
-  _write_jsonl(os.path.join(tmp, "pages.jsonl"), world.pages)
-  _write_jsonl(os.path.join(tmp, "qa_train.jsonl"), world.qa_train)
-  _write_jsonl(os.path.join(tmp, "qa_test.jsonl"), world.qa_test)
-  _write_jsonl(os.path.join(tmp, "entities.jsonl"), (
+  try:
+    _write_files(world, tmp)
+    if keep_existing and _complete(out_dir):
+      shutil.rmtree(tmp)
+      return given
+    old = None
+    if os.path.exists(out_dir):
+      old = f"{tmp}.old"
+      os.rename(out_dir, old)
+    try:
+      os.rename(tmp, out_dir)
+    except OSError:
+      if old is not None:
+        os.rename(old, out_dir)
+      elif keep_existing and _complete(out_dir):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return given
+      raise
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return given
+
+
+def _write_files(world: World, path: str) -> None:
+  _write_jsonl(os.path.join(path, "corpus.jsonl"), world.passages)
+  _write_jsonl(os.path.join(path, "pages.jsonl"), world.pages)
+  _write_jsonl(os.path.join(path, "qa_train.jsonl"), world.qa_train)
+  _write_jsonl(os.path.join(path, "qa_test.jsonl"), world.qa_test)
+  _write_jsonl(os.path.join(path, "entities.jsonl"), (
       {"eid": e.eid, "kind": e.kind, "name": e.name, "url": e.url, "attrs": e.attrs,
        "rels": e.rels} for e in world.entities.values()))
-  with open(os.path.join(tmp, "world.json"), "w") as f:
+  with open(os.path.join(path, "fact_passages.json"), "w") as f:
+    json.dump(world.fact_passage, f)
+  with open(os.path.join(path, "world.json"), "w") as f:
     json.dump(world.config.model_dump(), f, indent=2)
-  if keep_existing and _complete(out_dir):
-    shutil.rmtree(tmp)
-    return out_dir
-  if os.path.exists(out_dir):
-    shutil.rmtree(out_dir)
-  try:
-    os.rename(tmp, out_dir)
-  except OSError:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if keep_existing and _complete(out_dir):
-      return out_dir
-    raise
-  return out_dir
 
 
 def load_world(path: str) -> World:
@@ -93,9 +123,14 @@ def load_world(path: str) -> World:
   ents = {r["eid"]: Entity(r["eid"], r["kind"], r["name"], r["attrs"], r["rels"], r["url"])
           for r in _read_jsonl(os.path.join(path, "entities.jsonl"))}
   passages = _read_jsonl(os.path.join(path, "corpus.jsonl"))
+  facts = os.path.join(path, "fact_passages.json")
+  fact_passage = {}
+  if os.path.exists(facts):  # worlds written before it have none
+    with open(facts) as f:
+      fact_passage = json.load(f)
   return World(cfg, ents, passages, _read_jsonl(os.path.join(path, "pages.jsonl")),
                _read_jsonl(os.path.join(path, "qa_train.jsonl")),
-               _read_jsonl(os.path.join(path, "qa_test.jsonl")), fact_passage={})
+               _read_jsonl(os.path.join(path, "qa_test.jsonl")), fact_passage=fact_passage)
 
 
 def config_digest(cfg: WorldConfig) -> str:
@@ -130,6 +165,7 @@ def world_index(world_dir: str, log=print) -> str:
   return out
 
 
-def default_world_index(cache_dir: str | None = None) -> str:
-  """The debug world's index directory, generating world and index on first use."""
-  return world_index(ensure_world(cache_dir=cache_dir))
+def default_world_index(config: WorldConfig | None = None, cache_dir: str | None = None) -> str:
+  """The index directory of the world `config` (a config's `world:` section; the debug
+  world by default), generating world and index on first use."""
+  return world_index(ensure_world(config, cache_dir=cache_dir))
