@@ -83,9 +83,10 @@ def cmd_convert(args) -> int:
   from asearcher_jax.models import flat_params, from_pretrained, save_pretrained
   from asearcher_jax.models.pretrained import save_policy
   from asearcher_jax.models.tokenizer import is_hf_dir, tokenizer_dir
+  from asearcher_jax.outdir import HF_MARKERS, POLICY_MARKERS, check_out_dir
   to = args.to or ("orbax" if is_hf_dir(args.src) else "hf")
-  if to == "orbax" and os.path.exists(args.dst) and os.listdir(args.dst) and not args.overwrite:
-    raise SystemExit(f"{args.dst} exists and is not empty (use --overwrite)")
+  check_out_dir(args.dst, overwrite=args.overwrite, what=f"{to} checkpoint", flag="dst",
+                markers=POLICY_MARKERS if to == "orbax" else HF_MARKERS)
   start = time.time()
   model, _, cfg = from_pretrained(args.src, tokenizer=False, step=args.step,
                                   param_dtype=args.param_dtype)
@@ -110,7 +111,7 @@ def cmd_generate(args) -> int:
   if args.chat:
     text = tok.apply_chat_template([{"role": "user", "content": text}])
   ids = tok.encode(text)
-  stop = tuple(i for i in (tok.eos_id,) if i is not None)
+  stop = tok.eos_ids
   engine = Engine(model, slots=1, max_len=len(ids) + args.max_new_tokens + 1,
                   quantization=args.quantization)
   start = time.time()

@@ -157,5 +157,16 @@ def test_export_refuses_to_overwrite_unless_asked(ckpt, tmp_path):
   with pytest.raises(CheckpointError, match="already exists"):
     save_pretrained(model, str(out), progress=False)
   assert (out / "keep.txt").read_text() == "mine"
+  # overwrite replaces an HF checkpoint, never a directory of something else
+  with pytest.raises(ConfigError, match="holds files but no HF checkpoint"):
+    save_pretrained(model, str(out), overwrite=True, progress=False)
+  assert (out / "keep.txt").read_text() == "mine"
+  (out / "keep.txt").unlink()
+  save_pretrained(model, str(out), overwrite=True, progress=False)  # an empty directory
+  (out / "stale.txt").write_text("from the last export")
   save_pretrained(model, str(out), overwrite=True, progress=False)
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  with pytest.raises(ConfigError, match="is a file"):  # it failed after a whole export
+    save_pretrained(model, str(a_file), overwrite=True, progress=False)

@@ -174,3 +174,14 @@ def test_data_build_makes_a_tfds_dataset(tmp_path):
   path = out.stdout.strip().splitlines()[-1].removeprefix("dataset: ")
   from asearcher_jax.data import open_qa_dataset
   assert [it.question for it in open_qa_dataset(path, "test")] == ["q1", "q2"]
+
+
+def test_convert_overwrites_only_a_checkpoint(tmp_path, capsys):
+  """`convert --to orbax --overwrite` removed whatever directory it was given."""
+  from asearcher_jax.cli import main
+  dst = tmp_path / "notes"
+  dst.mkdir()
+  (dst / "mine.txt").write_text("keep")
+  assert main(["convert", str(tmp_path / "src"), str(dst), "--to", "orbax", "--overwrite"]) == 2
+  assert "holds files but no orbax checkpoint" in capsys.readouterr().err
+  assert (dst / "mine.txt").read_text() == "keep"

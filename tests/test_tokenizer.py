@@ -157,3 +157,38 @@ def test_policy_tokenizer_is_the_policys_or_says_why_not(tmp_path):
   arch = QwenConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=1,
                     num_heads=2, num_kv_heads=1, head_dim=16)
   assert policy_tokenizer(ModelSection(arch=arch)).vocab_size == build_tokenizer().vocab_size
+
+
+def test_a_read_tokenizer_saves_its_generation_config_and_ends_on_its_eos_ids(tmp_path):
+  """`asearcher sft` exports through `Tokenizer.save`: the source's generation_config.json
+  (Qwen2.5 Instruct: eos [<|im_end|>, <|endoftext|>], its sampling defaults) was dropped, and
+  serving stopped on the tokenizer's one EOS only."""
+  from transformers import GenerationConfig
+  src, out = tmp_path / "src", tmp_path / "out"
+  build_tokenizer().save(str(src))
+  tok = Tokenizer.from_dir(str(src))
+  im_end, eot = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
+  assert tok.eos_ids == (im_end,)
+  (src / "generation_config.json").write_text(json.dumps(
+      {"eos_token_id": [im_end, eot], "temperature": 0.7}))
+  tok = Tokenizer.from_dir(str(src))
+  assert tok.eos_ids == (im_end, eot)
+  tok.save(str(out))
+  gen = GenerationConfig.from_pretrained(str(out))
+  assert gen.eos_token_id == [im_end, eot] and gen.temperature == 0.7
+
+
+def test_named_chat_templates_render_as_transformers_does(tmp_path):
+  tok = build_tokenizer()
+  tok.save(str(tmp_path))
+  cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+  cfg["chat_template"] = [{"name": "default", "template": cfg["chat_template"]},
+                          {"name": "tool_use", "template": "TOOLS {{ tools | length }}"}]
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+  ours = Tokenizer.from_dir(str(tmp_path))
+  hf = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+  assert ours.apply_chat_template(MESSAGES) == hf.apply_chat_template(
+      MESSAGES, add_generation_prompt=True, tokenize=False)
+  tools = [{"type": "function", "function": {"name": "search", "parameters": {}}}]
+  assert ours.apply_chat_template(MESSAGES, tools=tools) == "TOOLS 1" == hf.apply_chat_template(
+      MESSAGES, tools=tools, add_generation_prompt=True, tokenize=False)

@@ -9,6 +9,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
+from asearcher_jax.errors import ConfigError
 from asearcher_jax.world import (
   WorldConfig,
   ensure_world,
@@ -137,7 +138,7 @@ def test_roundtrip_and_verify_from_disk(world, tmp_path):
   loaded = load_world(path)
   assert loaded.config == world.config
   assert all(verify(loaded, q) for q in loaded.qa_test)
-  with pytest.raises(FileExistsError):
+  with pytest.raises(ConfigError, match="not empty"):
     write_world(world, path)
 
 
@@ -274,12 +275,12 @@ def test_overwrite_replaces_a_world_and_nothing_else(world, tmp_path, monkeypatc
   home = tmp_path / "project"
   home.mkdir()
   (home / "notes.txt").write_text("mine")
-  with pytest.raises(FileExistsError, match="no world"):
+  with pytest.raises(ConfigError, match="holds files but no world"):
     write_world(world, str(home), overwrite=True)
   assert os.listdir(home) == ["notes.txt"]
   path = write_world(world, str(tmp_path / "w"))
   monkeypatch.chdir(path)
-  with pytest.raises(FileExistsError, match="this runs in"):
+  with pytest.raises(ConfigError, match="this runs in"):
     write_world(world, ".", overwrite=True)
   monkeypatch.chdir(tmp_path)
 

@@ -60,15 +60,14 @@ class Policy(Protocol):
 
 
 class DecodePolicy:
-  """Our decode server over gRPC. `eos_ids` end a message (the tokenizer's EOS by default)."""
+  """Our decode server over gRPC. `eos_ids` end a message (the tokenizer's by default)."""
 
   chat = False
 
   def __init__(self, client: DecodeClient, tokenizer: Tokenizer,
                eos_ids: tuple[int, ...] | None = None, queue_retries: int = 6):
     self.client, self.tokenizer, self.queue_retries = client, tokenizer, queue_retries
-    self.eos_ids = eos_ids if eos_ids is not None else (
-        (tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
+    self.eos_ids = eos_ids if eos_ids is not None else tokenizer.eos_ids
 
   async def complete(self, prompt: Prompt, sampling: SamplingParams,
                      session_id: str | None = None) -> Completion:

@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import os
-
 _WORLD_FLAGS = ("seed", "min_hops", "max_hops", "questions_per_hop", "num_people", "num_cities",
                 "num_countries", "num_orgs", "num_works", "max_facts_per_passage")
 
@@ -17,6 +15,7 @@ def cmd_world_build(args) -> int:
   from pydantic import ValidationError
 
   from asearcher_jax.errors import ConfigError
+  from asearcher_jax.outdir import WORLD_MARKERS, check_out_dir
   from asearcher_jax.world import generate_world, write_world
   from asearcher_jax.world.config import load_world_config, preset
   from asearcher_jax.world.io import world_index
@@ -28,15 +27,9 @@ def cmd_world_build(args) -> int:
       cfg = preset(args.preset, **flags)
   except ValidationError as e:
     raise ConfigError(f"world build: {e}") from None
-  if os.path.exists(args.out) and not os.path.isdir(args.out):
-    raise ConfigError(f"--out {args.out} is a file, not a directory")
-  if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-    raise SystemExit(f"{args.out} exists and is not empty (use --overwrite)")
+  check_out_dir(args.out, overwrite=args.overwrite, markers=WORLD_MARKERS, what="world")
   world = generate_world(cfg)
-  try:
-    write_world(world, args.out, overwrite=args.overwrite)
-  except FileExistsError as e:
-    raise ConfigError(f"world build: {e}") from None
+  write_world(world, args.out, overwrite=args.overwrite)
   print(f"world {args.out}: {len(world.entities)} entities, {len(world.passages)} passages, "
         f"{len(world.pages)} pages, {len(world.qa_train)} train / {len(world.qa_test)} test "
         f"questions ({cfg.min_hops}-{cfg.max_hops} hops)")

@@ -105,9 +105,7 @@ def build_server(cfg: Config, *, progress: bool = True) -> DecodeServer:
   served = cfg.model.model_copy(update={
       "remat": "none", "param_dtype": serving_param_dtype(cfg, jax.default_backend())})
   model, tokenizer, arch = load_policy(served, mesh, progress=progress)
-  stop_ids = set()
-  if tokenizer is not None and tokenizer.eos_id is not None:
-    stop_ids.add(tokenizer.eos_id)
+  stop_ids = set(tokenizer.eos_ids if tokenizer is not None else ())
   eos = arch.eos_token_id
   stop_ids.update(eos if isinstance(eos, tuple) else (() if eos is None else (eos,)))
   engine = Engine(model, slots=s.slots, max_len=s.max_len, mesh=mesh,

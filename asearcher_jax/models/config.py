@@ -79,6 +79,13 @@ class QwenConfig:
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
     if self.qkv_bias is None:
       object.__setattr__(self, "qkv_bias", self.family == "qwen2")
+    # Only shapes an HF architecture has: a model that could never be exported is refused
+    # here, not after an SFT run at its export (or at the first RL publish).
+    if self.family == "qwen2" and (not self.qkv_bias or self.o_bias):
+      raise ConfigError("qwen2 checkpoints always have q/k/v bias and no o_proj bias")
+    if self.family == "qwen3" and self.qkv_bias != self.o_bias:
+      raise ConfigError("qwen3 attention_bias covers q/k/v and o_proj together: set qkv_bias "
+                        "and o_bias alike")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(f"num_heads {self.num_heads} is not a multiple of "
                         f"num_kv_heads {self.num_kv_heads}")
@@ -171,10 +178,6 @@ class QwenConfig:
       raise ConfigError(f"{source}: {_first_error(e)}") from None
 
   def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
-    if self.family == "qwen2" and (not self.qkv_bias or self.o_bias):
-      raise ConfigError("qwen2 checkpoints always have q/k/v bias and no o_proj bias")
-    if self.family == "qwen3" and self.qkv_bias != self.o_bias:
-      raise ConfigError("qwen3 attention_bias covers q/k/v and o_proj together")
     hf = {
         "architectures": [_FAMILY_ARCH[self.family]],
         "model_type": self.family,
@@ -203,6 +206,8 @@ class QwenConfig:
     if self.rope_scaling is not None:
       s = {k: v for k, v in dataclasses.asdict(self.rope_scaling).items() if v is not None}
       s["rope_type"] = s.pop("type")
+      if s["rope_type"] == "linear":  # YaRN's fields are not linear scaling's (HF warns)
+        s = {"rope_type": "linear", "factor": s["factor"]}
       hf["rope_scaling"] = s
     return hf
 

@@ -26,12 +26,10 @@ from tqdm.auto import tqdm
 from asearcher_jax.errors import CheckpointError
 from asearcher_jax.models.config import QwenConfig, read_json
 from asearcher_jax.models.qwen import fuse_qkv, split_qkv
+from asearcher_jax.outdir import HF_MARKERS, check_out_dir
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt",
-                   "generation_config.json")
 # Tensors that HF checkpoints may carry but that the architecture recomputes or ties.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _IGNORED_WHEN_TIED = ("lm_head.weight",)
@@ -134,7 +132,8 @@ class SafetensorsReader:
     self.path = path
     self._handles: dict[str, object] = {}
     index = os.path.join(path, INDEX_FILE)
-    if os.path.exists(index):
+    self.indexed = os.path.exists(index)
+    if self.indexed:
       weight_map = read_json(index).get("weight_map")
       if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: no 'weight_map' object")
@@ -160,10 +159,21 @@ class SafetensorsReader:
     return self._handles[f]
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._open(self.files[name]).get_slice(name).get_shape())
+    return tuple(self._read(name, lambda h: h.get_slice(name).get_shape()))
 
   def get(self, name: str) -> np.ndarray:
-    return self._open(self.files[name]).get_tensor(name)
+    return self._read(name, lambda h: h.get_tensor(name))
+
+  def _read(self, name: str, read):
+    f = self.files[name]
+    try:
+      return read(self._open(f))
+    except CheckpointError:
+      raise
+    except Exception as e:  # safetensors' own errors name neither the file nor the index
+      why = f" ({INDEX_FILE} says so)" if self.indexed else ""
+      raise CheckpointError(f"{self.path}: {name} should be in {os.path.basename(f)}{why}, "
+                            f"which cannot give it: {e}") from None
 
   def validate(self, cfg: QwenConfig) -> None:
     """Checks every tensor the config needs is present with the shape it implies, and no other."""
@@ -261,6 +271,8 @@ def save_hf_checkpoint(params: dict[str, jax.Array], cfg: QwenConfig, out_dir: s
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and not overwrite:
     raise CheckpointError(f"{out_dir} already exists (pass overwrite=True / --overwrite)")
+  check_out_dir(out_dir, overwrite=overwrite, markers=HF_MARKERS, what="HF checkpoint",
+                flag="out_dir")
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   writer = jax.process_index() == 0
@@ -328,12 +340,6 @@ def _finish_stage(stage, staged, cfg, np_dtype, params):
                 {"metadata": {"total_size": total_size}, "weight_map": weight_map})
   saved_dtype = np_dtype or np.dtype(params["embed"].dtype)
   _write_json(os.path.join(stage, "config.json"), cfg.to_hf_dict(torch_dtype=saved_dtype.name))
-
-
-def copy_tokenizer_files(src: str, dst: str) -> None:
-  for f in TOKENIZER_FILES:
-    if os.path.isfile(os.path.join(src, f)):
-      shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
 
 
 def _write_json(path: str, obj) -> None:

@@ -19,17 +19,14 @@ from jax.sharding import Mesh
 from asearcher_jax.checkpoint import Checkpointer, abstract_like
 from asearcher_jax.errors import CheckpointError
 from asearcher_jax.models.config import ModelSection, QwenConfig
-from asearcher_jax.models.hf_checkpoint import (
-  copy_tokenizer_files,
-  load_hf_params,
-  save_hf_checkpoint,
-)
+from asearcher_jax.models.hf_checkpoint import load_hf_params, save_hf_checkpoint
 from asearcher_jax.models.params import flat_params, param_shardings, with_params
 from asearcher_jax.models.qwen import Qwen
 from asearcher_jax.models.tokenizer import (
   TOKENIZER_SUBDIR,
   Tokenizer,
   build_tokenizer,
+  copy_tokenizer_files,
   is_hf_dir,
   tokenizer_dir,
 )

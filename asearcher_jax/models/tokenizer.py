@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 from datetime import datetime
 from typing import Any, Iterable, Sequence
 
@@ -36,17 +37,44 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+# What travels with a tokenizer between HF directories (generation_config.json carries the
+# eos ids and sampling defaults a model is served with).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt",
+                   "generation_config.json")
+
+
+def copy_tokenizer_files(src: str, dst: str) -> None:
+  for f in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(src, f)):
+      shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+
+
 class Tokenizer:
-  """Encode/decode with exact ids, plus the checkpoint's chat template."""
+  """Encode/decode with exact ids, plus the checkpoint's chat template. One read from a
+  directory (`source_dir`) saves that directory's other tokenizer files with its own."""
 
   def __init__(self, tokenizer: HFTokenizer, config: dict[str, Any] | None = None,
                chat_template: str | None = None):
     self.hf = tokenizer
     self.config = dict(config or {})
-    self.chat_template = chat_template or self.config.get("chat_template")
+    template = chat_template or self.config.get("chat_template")
+    # Named templates, as transformers saves several: "default", and "tool_use" for requests
+    # with tools where there is one.
+    self.chat_templates: dict[str, str] = {}
+    if isinstance(template, list):
+      self.chat_templates = {t["name"]: t["template"] for t in template
+                             if isinstance(t, dict) and {"name", "template"} <= t.keys()}
+      if "default" not in self.chat_templates:
+        raise ConfigError(f"named chat templates {sorted(self.chat_templates)} have no "
+                          "'default'")
+      template = self.chat_templates["default"]
+    self.chat_template = template
     self.eos_token = _token_str(self.config.get("eos_token"))
     self.pad_token = _token_str(self.config.get("pad_token"))
     self.bos_token = _token_str(self.config.get("bos_token"))
+    self.source_dir: str | None = None
+    self.generation_eos: tuple[int, ...] = ()  # generation_config.json's eos_token_id
 
   @classmethod
   def from_dir(cls, path: str) -> "Tokenizer":
@@ -64,13 +92,23 @@ class Tokenizer:
     if os.path.isfile(jinja_path):
       with open(jinja_path) as f:
         template = f.read()
-    return cls(tok, config, template)
+    out = cls(tok, config, template)
+    out.source_dir = path
+    gen_path = os.path.join(path, "generation_config.json")
+    eos = read_json(gen_path).get("eos_token_id") if os.path.isfile(gen_path) else None
+    eos = eos if isinstance(eos, list) else [eos]
+    out.generation_eos = tuple(i for i in eos if isinstance(i, int) and not isinstance(i, bool))
+    return out
 
   def save(self, path: str) -> None:
     os.makedirs(path, exist_ok=True)
+    if self.source_dir and os.path.realpath(self.source_dir) != os.path.realpath(path):
+      copy_tokenizer_files(self.source_dir, path)  # then its own two files over them
     self.hf.save(os.path.join(path, "tokenizer.json"))
     config = dict(self.config)
-    if self.chat_template:
+    if self.chat_templates:
+      config["chat_template"] = [{"name": k, "template": v} for k, v in self.chat_templates.items()]
+    elif self.chat_template:
       config["chat_template"] = self.chat_template
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
       json.dump(config, f, indent=2)
@@ -85,6 +123,13 @@ class Tokenizer:
   @property
   def eos_id(self) -> int | None:
     return None if self.eos_token is None else self.token_to_id(self.eos_token)
+
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    """Every id that ends a message: the tokenizer's EOS and generation_config.json's (Qwen2.5
+    Instruct ends on <|im_end|> and on <|endoftext|>, as HF `generate` does)."""
+    own = () if self.eos_id is None else (self.eos_id,)
+    return tuple(dict.fromkeys(own + self.generation_eos))
 
   @property
   def pad_id(self) -> int | None:
@@ -131,7 +176,8 @@ class Tokenizer:
     if not self.chat_template:
       raise ConfigError("this tokenizer has no chat template (tokenizer_config.json "
                         "'chat_template' or chat_template.jinja)")
-    return _compile(self.chat_template).render(
+    template = self.chat_templates.get("tool_use") if tools else None
+    return _compile(template or self.chat_template).render(
         messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
         bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
 

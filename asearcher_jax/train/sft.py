@@ -15,6 +15,7 @@ from flax import nnx
 
 from asearcher_jax.agent.trajectory import read_jsonl
 from asearcher_jax.errors import ConfigError, DataError
+from asearcher_jax.outdir import HF_MARKERS, check_out_dir
 from asearcher_jax.train.lm import (
   PackedBatch,
   loss_positions,
@@ -179,10 +180,7 @@ def sft_command(cfg: Config, paths: list[str], out: str, *, epochs: int, batch_r
   any training if `out` is a file, or a non-empty directory and not `overwrite`)."""
   from asearcher_jax.models.pretrained import load_policy, save_pretrained
   from asearcher_jax.sharding import make_mesh
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ConfigError(f"--out {out} is a file, not a directory")
-  if os.path.isdir(out) and os.listdir(out) and not overwrite:
-    raise ConfigError(f"--out {out} exists and is not empty (use --overwrite to replace it)")
+  check_out_dir(out, overwrite=overwrite, markers=HF_MARKERS, what="HF checkpoint")
   m = cfg.model
   model, tokenizer, _ = load_policy(m, make_mesh(cfg.mesh.shape()), progress=progress)
   losses, _ = run_sft(model, paths, optimizer_cfg=cfg.optimizer, row_tokens=cfg.rl.row_tokens,

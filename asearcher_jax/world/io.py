@@ -23,6 +23,7 @@ import shutil
 import uuid
 
 from asearcher_jax.errors import RetrievalError
+from asearcher_jax.outdir import WORLD_MARKERS, check_out_dir
 from asearcher_jax.world.config import WorldConfig
 from asearcher_jax.world.generator import Entity, World, generate_world
 
@@ -56,20 +57,11 @@ def write_world(world: World, out_dir: str, overwrite: bool = False,
   a complete world that appeared at `out_dir` meanwhile -- another process won the race --
   is kept and our copy discarded, instead of deleting the winner's files under its readers.
 
-  `overwrite` replaces a world (a directory holding world.json) or an empty directory,
-  never anything else: `--out . --overwrite` once emptied the directory it was run in. The
-  old world is moved aside, the new one renamed in, and only then the old one deleted."""
+  `overwrite` replaces a world, never anything else (`outdir.check_out_dir`). The old world
+  is moved aside, the new one renamed in, and only then the old one deleted."""
+  check_out_dir(out_dir, overwrite=overwrite, markers=WORLD_MARKERS, what="world",
+                flag="out_dir")
   given, out_dir = out_dir, os.path.realpath(out_dir)  # a symlink's target gets replaced
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
-    if not overwrite:
-      raise FileExistsError(f"{out_dir} exists and is not empty (use overwrite)")
-    if not os.path.exists(os.path.join(out_dir, "world.json")):
-      raise FileExistsError(f"{out_dir} holds files but no world (no world.json): not "
-                            "overwritten; give a new or empty directory")
-    cwd = os.getcwd()
-    if cwd == out_dir or cwd.startswith(out_dir + os.sep):
-      raise FileExistsError(f"{out_dir} is the directory this runs in (or holds it): not "
-                            "overwritten")
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
