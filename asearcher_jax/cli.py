@@ -287,11 +287,16 @@ def cmd_rollout(args) -> int:
 
 def cmd_sft(args) -> int:
   """supervised fine-tuning on trajectory files (loss on the agent's tokens); writes HF weights"""
-  from asearcher_jax import distributed
+  from asearcher_jax import distributed, placement
   from asearcher_jax.config import load_config
   from asearcher_jax.memory_plan import resolve_remat
   from asearcher_jax.train.sft import sft_command
   cfg = load_config(args.config, args.overrides)
+  # SFT runs alone on its devices: a whole device's share (placement.memory_fraction), taken
+  # before JAX starts, and the remat plan budgets that share, not a colocated learner's.
+  alone = cfg.placement.model_copy(update={"mode": "disaggregated", "learner_devices": None,
+                                           "decode_devices": None})
+  cfg = placement.apply(cfg.model_copy(update={"placement": alone}), "learner")
   distributed.initialize(cfg.distributed)  # several hosts: one mesh over all their devices
   # a step holds --batch-rows rows of rl.row_tokens, as a learner micro-batch of that many does
   rl = cfg.rl.model_copy(update={"micro_batch_rows": args.batch_rows})

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import types
 from typing import TYPE_CHECKING
 
@@ -34,6 +33,7 @@ from asearcher_jax.errors import ConfigError
 from asearcher_jax.models.attention import KEPT_KERNELS, KERNELS, resolve_impl_for
 from asearcher_jax.models.config import REMAT_BY_MEMORY
 from asearcher_jax.models.lm_head import chunk_length
+from asearcher_jax.placement import memory_fraction, operator_mem_fraction, role_devices
 from asearcher_jax.sharding import LOGICAL_RULES, check_divisible, mesh_shape, mesh_size
 
 if TYPE_CHECKING:  # annotations only: config.py assembles every section, above this module
@@ -331,7 +331,7 @@ def decode_group(cfg: Config, arch, devices: int, platform: str) -> Group:
 
 def detect_device_memory() -> int | None:
   """The first local device's memory (None on CPUs). On GPUs JAX reports its pool, a fraction
-  of the device (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set): that is undone here, since
+  of the device (XLA_CLIENT_MEM_FRACTION, 0.75 unless set): that is undone here, since
   the budget applies `placement.memory_fraction` itself."""
   device = jax.local_devices()[0]
   try:
@@ -342,7 +342,7 @@ def detect_device_memory() -> int | None:
     return None
   limit = int(stats["bytes_limit"])
   if device.platform == "gpu":
-    limit = int(limit / float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")))
+    limit = int(limit / float(operator_mem_fraction() or "0.75"))
   return limit
 
 
@@ -350,7 +350,6 @@ def plan(cfg: Config, *, devices: int | None = None, decode_devices: int | None 
          device_memory_gib: float | None = None, platform: str | None = None) -> Plan:
   """The per-device plan of `cfg`. Arguments override the config's placement numbers; what
   neither gives is detected on this machine."""
-  from asearcher_jax.placement import memory_fraction, role_devices
   p = cfg.placement
   arch = architecture(cfg)
   platform = platform or p.platform
@@ -358,7 +357,9 @@ def plan(cfg: Config, *, devices: int | None = None, decode_devices: int | None 
   if platform is None or (devices or p.num_devices) is None:
     platform = platform or jax.default_backend()
     detected = jax.device_count()
-  n_learn = devices or p.num_devices or detected
+  n_learn = devices or p.num_devices or (
+      len(p.learner_devices) * (cfg.distributed.num_processes or 1) if p.learner_devices
+      else None) or detected
   hosts = cfg.distributed.num_processes or 1
   local = role_devices(cfg, "decode")
   n_decode = decode_devices or p.decode_num_devices or (len(local) if local else None) or (

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Literal, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Literal, Mapping, MutableMapping, Sequence
 
 from asearcher_jax import auth
 from asearcher_jax.errors import ConfigError
@@ -27,6 +27,16 @@ log = logging.getLogger(__name__)
 
 Role = Literal["learner", "decode"]
 ROLES = ("learner", "decode")
+
+
+# jaxlib reads the share of a GPU it preallocates from either name (the second is the older,
+# deprecated one) and refuses both at once.
+MEM_FRACTION_VARS = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+
+
+def operator_mem_fraction(environ: Mapping[str, str] = os.environ) -> str | None:
+  """The memory fraction already in the environment, under either name: the operator's."""
+  return next((environ[k] for k in MEM_FRACTION_VARS if environ.get(k)), None)
 
 
 def memory_fraction(cfg: Config, role: Role) -> float:
@@ -82,14 +92,15 @@ def apply(cfg: Config, role: Role, environ: MutableMapping[str, str] = os.enviro
   """Restricts this process to its role's devices and memory share and returns `role_config`.
 
   Must run before JAX initialises a backend; a memory fraction already in the environment
-  (XLA_PYTHON_CLIENT_MEM_FRACTION) is the operator's and wins.
+  (`operator_mem_fraction`) is the operator's and wins.
   """
   if role not in ROLES:
     raise ValueError(f"role must be one of {ROLES}, got {role!r}")
   import jax
   if _backends_started():
     raise ConfigError(f"placement for the {role} must be applied before JAX starts")
-  environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{memory_fraction(cfg, role):.3f}")
+  if operator_mem_fraction(environ) is None:  # the older name: every jaxlib since 0.4 reads it
+    environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{memory_fraction(cfg, role):.3f}"
   ids = role_devices(cfg, role)
   if ids is not None:
     try:

@@ -19,7 +19,7 @@ fi
 overrides=("$@")
 if [ -z "${PYTHON:-}" ]; then
   bash launch/setup.sh
-  PYTHON=.venv/bin/python
+  PYTHON="${ASEARCHER_VENV:-.venv}/bin/python"
 fi
 cli=("$PYTHON" -m asearcher_jax.cli)
 
@@ -36,6 +36,14 @@ c = load_config(sys.argv[1], sys.argv[2:])
 p = c.placement
 if not p.replay_address or not p.decode_addresses:
   sys.exit("launch/multi_gpu.sh needs placement.replay_address and placement.decode_addresses")
+# One decode server starts per address; the memory split and the devices assume as many.
+servers = c.rl.decode_servers
+if p.mode == "disaggregated" and p.decode_devices:
+  servers = len(p.decode_devices) // (p.decode_num_devices or len(p.decode_devices))
+if len(p.decode_addresses) != servers:
+  sys.exit(f"launch/multi_gpu.sh: {len(p.decode_addresses)} placement.decode_addresses, but "
+           f"{servers} decode servers (" + ("rl.decode_servers, which splits the GPUs' memory"
+           if servers == c.rl.decode_servers else "shares of placement.decode_devices") + ")")
 print(f"out={shlex.quote(c.run.output_dir)}")
 print(f"replay={shlex.quote(p.replay_address)}")
 print("decode=(" + " ".join(shlex.quote(a) for a in p.decode_addresses) + ")")

@@ -159,13 +159,23 @@ def test_placement_is_applied_before_jax_starts():
           "['placement.decode_replica=1']), 'decode'); "
           "print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'], "
           "jax.config.read('jax_cuda_visible_devices'), c.model.param_dtype)")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_MEM_FRACTION"}
+  env = {k: v for k, v in os.environ.items() if k not in placement.MEM_FRACTION_VARS}
   env.update(JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
   done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                         env=env, timeout=120)
   assert done.returncode == 0, done.stderr
   assert done.stdout.split() == ["0.900", "5", "bfloat16"]
+  # The operator's fraction under jaxlib's current name wins too: setting the older name
+  # beside it made the GPU client refuse to start.
+  code = ("import os; from asearcher_jax import placement; "
+          "from asearcher_jax.config import load_config; "
+          "placement.apply(load_config('configs/debug.yaml'), 'learner'); "
+          "print(os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION'))")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                        env=dict(env, XLA_CLIENT_MEM_FRACTION="0.5"), timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.split() == ["None"]
 
 
 def test_remote_services_need_a_token_and_addresses_are_checked(monkeypatch):
@@ -183,3 +193,19 @@ def test_remote_services_need_a_token_and_addresses_are_checked(monkeypatch):
   with pytest.raises(ConfigError, match="expected host:port, got 'somewhere'"):
     placement.replay_address(cfg, "somewhere")
   assert placement.replay_address(cfg, "10.0.0.9:50100") == "10.0.0.9:50100"
+
+
+def test_multi_gpu_script_starts_as_many_decode_servers_as_the_memory_split_assumes(tmp_path):
+  """Colocated with two addresses and rl.decode_servers=1, each GPU was promised to the
+  learner (0.54) and two decode servers (0.36 each): 1.26 of it."""
+  env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+  done = subprocess.run(
+      ["bash", os.path.join(ROOT, "launch", "multi_gpu.sh"), "configs/debug.yaml",
+       f"run.output_dir={tmp_path}", "placement.replay_address=127.0.0.1:1",
+       "placement.decode_addresses=[127.0.0.1:2, 127.0.0.1:3]"],
+      capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+  assert done.returncode != 0
+  assert ("2 placement.decode_addresses, but 1 decode servers (rl.decode_servers"
+          in done.stderr)
+  assert not (tmp_path / "logs").exists()  # nothing started

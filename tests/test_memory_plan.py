@@ -304,3 +304,13 @@ def test_a_policy_loaded_for_training_needs_remat_resolved():
   from asearcher_jax.models.pretrained import load_policy
   with pytest.raises(ValueError, match="model.remat auto: resolve it"):
     load_policy(small().model)
+
+
+def test_the_learner_is_planned_over_its_own_devices():
+  """With no placement.num_devices, the learner was planned over every device of the host,
+  though placement.learner_devices gives it four of eight."""
+  cfg = load_config(os.path.join(ROOT, "configs", "qwen2.5-7b-8xh100.yaml"),
+                    ["placement.num_devices=null", "mesh.fsdp=-1"])
+  [learner] = [g for g in plan(cfg).groups if g.role == "learner"]
+  assert learner.devices == 4
+

@@ -110,3 +110,26 @@ def test_sft_learns_the_agent_tokens_and_writes_a_loadable_policy(tmp_path):
   none = sft("--data", str(data), "--out", str(tmp_path / "y"), "--epochs", "0")
   assert none.returncode == 2 and "must be at least 1, got 0" in none.stderr
   assert json.loads((tmp_path / "policy" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_sft_plans_remat_for_a_process_alone_on_its_devices(tmp_path):
+  """SFT runs alone, but chose its remat with the colocated learner's share of a device
+  (0.9 x 0.6), recomputing activations it had room to keep."""
+  from asearcher_jax.config import load_config
+  from asearcher_jax.memory_plan import GiB, plan, with_remat
+  overrides = [f"model.arch={json.dumps(ARCH)}", "model.dtype=float32", "model.remat=auto",
+               "rl.row_tokens=64", "rl.micro_batch_rows=2", "placement.mode=disaggregated"]
+  need = plan(with_remat(load_config(None, overrides), "none"), platform="cpu",
+              devices=1).groups[0].total
+  gib = need / 0.9 / GiB * 1.05  # fits 0.9 of the device, not the colocated 0.54 of it
+  rng = np.random.default_rng(0)
+  data = tmp_path / "expert.jsonl"
+  write_jsonl(str(data), [record(rng.integers(0, 256, 12).tolist(),
+                                 rng.integers(0, 256, 6).tolist(), rng)])
+  out = subprocess.run(
+      [sys.executable, "-m", "asearcher_jax.cli", "sft", "--no-progress", "--data", str(data),
+       "--out", str(tmp_path / "policy"), "--epochs", "1", "--batch-rows", "2",
+       *overrides[:-1], "placement.num_devices=1", f"placement.device_memory_gib={gib}"],
+      env=child_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert "model.remat auto: none" in out.stdout
