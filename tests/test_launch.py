@@ -6,6 +6,7 @@ import glob
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -200,12 +201,19 @@ def test_multi_gpu_script_starts_as_many_decode_servers_as_the_memory_split_assu
   learner (0.54) and two decode servers (0.36 each): 1.26 of it."""
   env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-  done = subprocess.run(
+  proc = subprocess.Popen(
       ["bash", os.path.join(ROOT, "launch", "multi_gpu.sh"), "configs/debug.yaml",
        f"run.output_dir={tmp_path}", "placement.replay_address=127.0.0.1:1",
        "placement.decode_addresses=[127.0.0.1:2, 127.0.0.1:3]"],
-      capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-  assert done.returncode != 0
-  assert ("2 placement.decode_addresses, but 1 decode servers (rl.decode_servers"
-          in done.stderr)
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+      start_new_session=True)
+  try:
+    _, err = proc.communicate(timeout=120)
+  finally:  # had the check failed, the script would have started servers: stop them all
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  assert proc.returncode != 0
+  assert "2 placement.decode_addresses, but 1 decode servers (rl.decode_servers" in err
   assert not (tmp_path / "logs").exists()  # nothing started

@@ -219,7 +219,7 @@ def test_jina_reader_json(fake):
 
 def test_plain_fetch_html_to_text(fake):
   _, srv = fake
-  fetcher = HttpFetcher(section(srv))
+  fetcher = HttpFetcher(section(srv, fetch_private=True))  # the fake site is on loopback
 
   async def go():
     try:
@@ -331,7 +331,7 @@ def test_fetch_reads_a_slowly_streamed_body_whole():
 
   with _serve_routes(p=page) as srv:
     async def go():
-      f = HttpFetcher(WebSection(max_retries=0))
+      f = HttpFetcher(WebSection(max_retries=0, fetch_private=True))
       try:
         return await f.read(srv.url + "/p")
       finally:
@@ -360,7 +360,7 @@ def test_unknown_charset_falls_back_and_cut_off_body_is_retried():
 
   with _serve_routes(b=bogus, c=cut) as srv:
     async def go():
-      f = HttpFetcher(WebSection(max_retries=2, backoff_s=0.0))
+      f = HttpFetcher(WebSection(max_retries=2, backoff_s=0.0, fetch_private=True))
       try:
         return await f.read(srv.url + "/b"), await f.read(srv.url + "/c")
       finally:
@@ -390,7 +390,7 @@ def test_fetch_reads_links_after_redirects_and_the_charset_a_meta_declares():
   app.router.add_get("/fr", cp1252)
   with ServerThread(app) as srv:
     async def read(*urls):
-      f = HttpFetcher(WebSection(max_retries=0))
+      f = HttpFetcher(WebSection(max_retries=0, fetch_private=True))
       try:
         return [await f.read(u) for u in urls]
       finally:
@@ -398,6 +398,35 @@ def test_fetch_reads_links_after_redirects_and_the_charset_a_meta_declares():
     moved, fr = asyncio.run(read(srv.url + "/go", srv.url + "/fr"))
   assert moved.links == (srv.url + "/docs/guide/next.html",)
   assert fr.contents == "Crème brûlée"
+
+
+def test_plain_fetch_opens_only_public_addresses_unless_allowed():
+  """The policy writes the URLs plain fetch opens: loopback (the replay queue, a decode
+  server), private networks and the cloud metadata address were all readable to it."""
+  hits = []
+
+  async def page(request):
+    hits.append(request.path)
+    return web.Response(text="internal")
+  with _serve_routes(p=page) as srv:
+    port = srv.port
+
+    async def read(cfg, url):
+      f = HttpFetcher(cfg)
+      try:
+        return await f.read(url)
+      except WebError as e:
+        return e, f.attempts
+      finally:
+        await f.close()
+    for url in (f"http://127.0.0.1:{port}/p", f"http://localhost:{port}/p",
+                "http://169.254.169.254/latest/meta-data/", "http://10.1.2.3/", "http://[::1]/"):
+      err, attempts = asyncio.run(read(WebSection(max_retries=3, timeout_s=5), url))
+      assert err.kind == "bad_request" and "not a public address" in str(err), url
+      assert attempts == 1  # the call's fault: not retried, and an episode it ends is the policy's
+    assert hits == []
+    ok = asyncio.run(read(WebSection(fetch_private=True), f"http://127.0.0.1:{port}/p"))
+    assert ok.contents == "internal" and hits == ["/p"]
 
 
 @pytest.mark.parametrize("html,title,text", [

@@ -48,6 +48,10 @@ class WebSection(Section):
   cache_path: str | None = None  # sqlite file; None: no cache
   cache_ttl_s: float | None = None  # None: entries never expire
   max_page_chars: int = Field(250_000, ge=1)
+  # Plain fetch opens the URLs the policy writes: unless this is set, it refuses any that
+  # resolve to a loopback, private, link-local or otherwise non-public address (a policy could
+  # otherwise read cloud metadata, the replay queue or other internal services).
+  fetch_private: bool = False
 
 
 class SearchClientSection(Section):

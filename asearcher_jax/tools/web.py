@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import ipaddress
 import logging
 import os
 import random
 import re
+import socket
 import sqlite3
 from html.parser import HTMLParser
 from urllib.parse import urljoin
@@ -45,6 +47,40 @@ class _Retryable(Exception):
     self.kind, self.status, self.retry_after = kind, status, retry_after
 
 
+class _NotPublic(Exception):
+  """The address a fetch would connect to is not a public one (not an OSError, which aiohttp
+  would take for a connection failure, and retry)."""
+
+
+def _check_public(host: str, ip: str) -> None:
+  addr = ipaddress.ip_address(ip)
+  if not addr.is_global or addr.is_multicast:
+    raise _NotPublic(f"{host} is {addr}, not a public address (web.fetch_private allows it)")
+
+
+class _PublicResolver(aiohttp.ThreadedResolver):
+  """Resolves as aiohttp does, then refuses non-public addresses: checked on the address
+  actually connected to, so a name whose DNS answer changes cannot slip through."""
+
+  async def resolve(self, host: str, port: int = 0, family=socket.AF_INET):
+    infos = await super().resolve(host, port, family)
+    for info in infos:
+      _check_public(host, info["host"])
+    return infos
+
+
+async def _public_literals(request, handler):
+  """Client middleware, run for every hop of a request, redirects included: an address
+  written as an IP, which aiohttp connects to without resolving, must be public too."""
+  host = request.url.host or ""
+  try:
+    ipaddress.ip_address(host)
+  except ValueError:
+    return await handler(request)  # a name: `_PublicResolver` checks what it resolves to
+  _check_public(host, host)
+  return await handler(request)
+
+
 class _HttpAdapter:
   """Shared session, concurrency limit, retries and cache of the web adapters."""
 
@@ -66,8 +102,11 @@ class _HttpAdapter:
     # A session belongs to its event loop: a new loop (another asyncio.run) gets a new one.
     loop = asyncio.get_running_loop()
     if self._session is None or self._session.closed or self._session_loop is not loop:
-      self._session, self._session_loop = aiohttp.ClientSession(), loop
+      self._session, self._session_loop = aiohttp.ClientSession(**self._session_args()), loop
     return self._session
+
+  def _session_args(self) -> dict:
+    return {}
 
   async def close(self) -> None:
     if self._session is not None and self._session_loop is asyncio.get_running_loop():
@@ -89,7 +128,11 @@ class _HttpAdapter:
         with attempt:
           async with self.limiter.get():
             self.attempts += 1
-            async with session.request(method, url, timeout=timeout, **kw) as r:
+            try:
+              response = await session.request(method, url, timeout=timeout, **kw)
+            except _NotPublic as e:  # the call's fault: never retried
+              raise WebError("bad_request", str(e)) from None
+            async with response as r:
               if r.status == 429:
                 raise _Retryable("rate_limited", f"{url}: HTTP 429 rate limited", 429,
                                  retry_after(r.headers.get("Retry-After")))
@@ -227,7 +270,14 @@ class JinaReader(_HttpAdapter):
 
 
 class HttpFetcher(_HttpAdapter):
-  """Plain HTTP GET with HTML -> text, when no reader service is available."""
+  """Plain HTTP GET with HTML -> text, when no reader service is available; public addresses
+  only unless `web.fetch_private`."""
+
+  def _session_args(self) -> dict:
+    if self.cfg.fetch_private:
+      return {}
+    return {"connector": aiohttp.TCPConnector(resolver=_PublicResolver()),
+            "middlewares": (_public_literals,)}
 
   async def read(self, url: str) -> Page:
     key = f"page:fetch:{url}"
