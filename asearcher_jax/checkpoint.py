@@ -81,7 +81,10 @@ class Checkpointer:
       with open(os.path.join(d, "_CHECKPOINT_METADATA")) as f:
         items = json.load(f)["item_handlers"]
     except (OSError, ValueError, KeyError, TypeError):
-      return not os.path.isdir(d)  # not a layout this knows: trust orbax's listing
+      # A local step without readable metadata is damaged (every orbax this project pins
+      # writes it; a deletion killed half-way may remove it first). A step that is not a local
+      # directory (a bucket) is orbax's to judge.
+      return not os.path.isdir(d)
     return bool(items) and all(os.path.isdir(os.path.join(d, k)) and os.listdir(
         os.path.join(d, k)) for k in items) and os.path.exists(os.path.join(d, "params",
                                                                             "_METADATA"))

@@ -642,6 +642,15 @@ def test_a_comparison_over_different_questions_says_so_and_pairs_its_change():
                                    "the change compares different questions")
 
 
+def test_a_cells_interval_does_not_move_when_another_dataset_joins():
+  def run(ds, shift):
+    return [_s(ds, f"q{i}", j, "answered", em=float((i + j + shift) % 3 == 0))
+            for i in range(30) for j in range(4)]
+  alone = paired_intervals(run("d", 0), run("d", 1), k=4)
+  joined = paired_intervals(run("a", 0) + run("d", 0), run("a", 2) + run("d", 1), k=4)
+  assert joined["d", "em"] == alone["d", "em"]
+
+
 def test_reports_compare_only_at_the_same_k_and_sampling():
   at = lambda t, k=4: {"k": k, "sampling": {"temperature": t, "top_p": 1.0, "top_k": 0}}
   assert incomparable(at(0.6), at(0.6)) is None

@@ -31,6 +31,7 @@ class Fake:
     self.delay = 0.0
     self.positions: list | None = None  # Serper's "position" of each hit (default 1, 2, ...)
     self.active = self.peak = 0
+    self.blank = 0  # reads of .../blank that come back empty
 
   async def _maybe_fail(self):
     if self.fail:
@@ -76,6 +77,9 @@ class Fake:
       if target.endswith("/missing"):
         return web.json_response({"code": 422, "message": "cannot fetch"}, status=422)
       content = f"Markdown Content:\n# Page\n\nText of {target}. " + "word " * 3000
+      if target.endswith("/blank") and self.blank:  # Jina's 200 for a page that did not load
+        self.blank -= 1
+        content = ""
       if request.headers.get("Accept") == "application/json":
         return web.json_response({"code": 200, "status": 20000, "data": {
             "title": "Page", "url": target, "content": content, "usage": {"tokens": 3000}}})
@@ -162,6 +166,26 @@ def test_rate_limit_and_5xx_are_retried(fake):
   s = SerperSearch(section(srv))
   assert len(search_once(s, "q", 2)) == 2
   assert s.attempts == 3 and not f.fail
+
+
+def test_408_is_retried_and_an_empty_read_is_not_cached(fake, tmp_path):
+  """A 408 (the server timed the request out) failed at once; an empty read (Jina answers 200
+  for a page that did not load) was cached and served for good."""
+  f, srv = fake
+  f.fail[:] = [408]
+  s = SerperSearch(section(srv))
+  assert len(search_once(s, "q", 2)) == 2 and s.attempts == 2
+  f.blank = 1
+  cache = DiskCache(str(tmp_path / "c.sqlite"))
+
+  async def read_twice():
+    r = JinaReader(section(srv), cache=cache)
+    try:
+      return [(await r.read("https://ex.com/blank")).contents for _ in range(2)]
+    finally:
+      await r.close()
+  first, second = asyncio.run(read_twice())
+  assert first == "" and "Text of https://ex.com/blank" in second
 
 
 def test_retries_exhausted_gives_web_error(fake):

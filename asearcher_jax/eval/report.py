@@ -4,6 +4,7 @@ change against a baseline with a paired bootstrap interval over questions."""
 from __future__ import annotations
 
 import collections
+import zlib
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -79,7 +80,6 @@ def paired_intervals(before: Iterable[Mapping], after: Iterable[Mapping], k: int
   Why: on a few dozen questions a gain of several points can be noise; this says whether the
   questions support it. It covers the evaluation's sampling only, not the training run's."""
   k_before, k_after = _by_question(before, k), _by_question(after, k)
-  rng = np.random.default_rng(seed)
   out = {}
   for ds in sorted(set(k_before) & set(k_after)):
     b, a = _metric_scores(k_before[ds][1]), _metric_scores(k_after[ds][1])
@@ -87,6 +87,9 @@ def paired_intervals(before: Iterable[Mapping], after: Iterable[Mapping], k: int
       qids = sorted(set(b[m]) & set(a[m]))
       if not qids:
         continue
+      # Each cell draws its own resamples: its interval does not move when another dataset
+      # or metric joins the report.
+      rng = np.random.default_rng([seed, zlib.crc32(f"{ds}\0{m}".encode())])
       picks = rng.integers(len(qids), size=(resamples, len(qids)))
       tail = 100 * (1 - level) / 2
       cells = {"change": {}, "questions": len(qids)}

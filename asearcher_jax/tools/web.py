@@ -136,8 +136,9 @@ class _HttpAdapter:
               if r.status == 429:
                 raise _Retryable("rate_limited", f"{url}: HTTP 429 rate limited", 429,
                                  retry_after(r.headers.get("Retry-After")))
-              if r.status >= 500:
-                raise _Retryable("http", f"{url}: HTTP {r.status}", r.status,
+              if r.status >= 500 or r.status == 408:  # 408: the server timed the request out
+                raise _Retryable("http" if r.status != 408 else "timeout",
+                                 f"{url}: HTTP {r.status}", r.status,
                                  retry_after(r.headers.get("Retry-After")))
               if r.status >= 400:
                 detail = (await r.text(errors="replace"))[:200]
@@ -265,7 +266,8 @@ class JinaReader(_HttpAdapter):
         raise WebError("bad_response", f"reader reply for {url} lacks data.content")
       data = {"url": page.get("url") or url, "title": page.get("title") or "",
               "contents": page["content"][:self.cfg.max_page_chars], "links": []}
-      await self._store(key, data)
+      if data["contents"].strip():  # an empty read (a page that failed to load) is not kept
+        await self._store(key, data)
     return Page(data["url"], data["title"], data["contents"], tuple(data["links"]))
 
 
