@@ -159,3 +159,12 @@ def test_rl_schedule_spans_every_update():
   assert float(lr(10)) > 0.8  # a quarter of the way: still near the peak
   assert float(lr(20)) == pytest.approx(0.5)  # half way down the cosine
   assert float(lr(40)) == pytest.approx(0.0)
+
+
+def test_a_group_of_one_with_the_equal_reward_filter_is_refused():
+  """Every group of one scores alike: the filter dropped them all and the learner waited."""
+  with pytest.raises(ConfigError, match="group_size 1 with rl.filter_equal_rewards"):
+    load_config(os.path.join(ROOT, "configs", "debug.yaml"), ["rl.group_size=1"])
+  cfg = load_config(os.path.join(ROOT, "configs", "debug.yaml"),
+                    ["rl.group_size=1", "rl.filter_equal_rewards=false"])
+  assert cfg.rl.group_size == 1

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from asearcher_jax.section import Section
 
 
 class RLSection(Section):
 
-  # data: QA files (any loader format) or TFDS directories; empty = the debug world's train split
+  # data: QA files (any loader format) or TFDS directories; empty = the train split of the
+  # config's `world:` (the debug world unless set)
   data: tuple[str, ...] = ()
   split: str = "train"  # for TFDS directories
   seed: int = 0  # data order and sampling seeds
@@ -53,3 +54,10 @@ class RLSection(Section):
   def total_updates(self) -> int:
     """The run's optimizer updates, what learning-rate schedules count (n a step)."""
     return self.total_steps * self.ppo_n_minibatches
+
+  @model_validator(mode="after")
+  def _check(self):
+    if self.group_size == 1 and self.filter_equal_rewards:  # one reward is always all equal
+      raise ValueError("rl.group_size 1 with rl.filter_equal_rewards drops every group: the "
+                       "learner would wait for ever; set group_size >= 2 or turn the filter off")
+    return self
