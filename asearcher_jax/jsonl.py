@@ -13,10 +13,12 @@ from typing import Any, Iterable, Iterator
 from asearcher_jax.errors import DataError
 
 
-def append_lines(path: str, records: Iterable[Any], encode=json.dumps) -> None:
-  """Appends one line per record (`encode(record)`), then flushes and fsyncs."""
+def append_lines(path: str, records: Iterable[Any], encode=json.dumps,
+                 keep_whole: bool = True) -> None:
+  """Appends one line per record (`encode(record)`), then flushes and fsyncs; an unfinished
+  last line is first ended or cut off (`drop_torn_tail`)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  drop_torn_tail(path)
+  drop_torn_tail(path, keep_whole)
   with open(path, "a", encoding="utf-8") as f:
     for r in records:
       f.write(encode(r) + "\n")
@@ -75,9 +77,11 @@ class Follower:
     return out
 
 
-def drop_torn_tail(path: str) -> None:
+def drop_torn_tail(path: str, keep_whole: bool = True) -> None:
   """Ends a file that does not end with a newline: a last line that is whole JSON (which
-  `read_lines` returns) gets its newline, a torn one is cut off."""
+  `read_lines` returns) gets its newline, a torn one is cut off. A journal whose records count
+  only once fsynced with their newline passes `keep_whole=False`: it drops the line either
+  way."""
   if not os.path.exists(path):
     return
   with open(path, "rb+") as f:
@@ -98,6 +102,8 @@ def drop_torn_tail(path: str) -> None:
       pos = start
     f.seek(tail)
     try:
+      if not keep_whole:
+        raise ValueError("not kept")
       json.loads(f.read().decode("utf-8"))
     except (ValueError, RecursionError):
       f.truncate(tail)

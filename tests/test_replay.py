@@ -280,6 +280,31 @@ def test_grpc_consumer_dies_before_ack_then_after_ack(server):
   asyncio.run(go())
 
 
+def test_a_lease_larger_than_one_message_is_read_a_message_at_a_time(server, monkeypatch):
+  """A lease of long trajectories passes gRPC's message limit (a 14B run's 128 groups of 16
+  episodes of 16k tokens: 532 MiB against 256): the reply failed to send, its groups stayed
+  leased to nobody until the lease expired, and the learner died on every lease. Here the
+  limit is scaled down to a few groups' size; a lease's groups come in order, whole."""
+  from asearcher_jax.replay import server as server_mod
+  one = server_mod.group_to_proto(group("x", size=3)).ByteSize()
+  monkeypatch.setattr(server_mod, "REPLY_BYTES", int(2.5 * one))  # two groups a message
+  with SyncReplayClient(server.address, timeout=10) as c:
+    for i in range(7):
+      c.put(group(f"g{i}", v=i, size=3))
+    lease = c.lease(7, 5)
+    assert ids(lease) == [f"g{i}" for i in range(7)]
+    assert all(len(g.trajectories) == 3 for g in lease.groups)
+    assert c.ack(lease.lease_id) and c.state().consumed == 7
+
+  async def go():
+    async with ReplayClient(server.address, timeout=10) as worker:
+      for i in range(7, 10):
+        await worker.put(group(f"g{i}", v=7, size=3))
+      lease = await worker.lease(3, 5)
+      assert ids(lease) == ["g7", "g8", "g9"] and await worker.ack(lease.lease_id)
+  asyncio.run(go())
+
+
 def test_sync_client_and_unavailable(server):
   with SyncReplayClient(server.address, timeout=10) as c:
     c.put(group("s", v=3))

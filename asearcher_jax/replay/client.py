@@ -58,6 +58,14 @@ def _lease(p: replay_pb2.LeaseResponse) -> Lease | None:
                time.monotonic() + p.expires_in_s)
 
 
+def _extend(lease: Lease, more: replay_pb2.LeaseResponse) -> None:
+  """Adds a ReadLease reply's groups: a lease reply carries only as many as fit in one
+  message, and the reader asks for the rest until it has the lease's `count`."""
+  if not more.lease_id or not more.groups:
+    raise ReplayUnavailable(f"lease {lease.lease_id} expired while its groups were read")
+  lease.groups.extend(group_from_proto(g) for g in more.groups)
+
+
 def _state(p: replay_pb2.StateResponse) -> ReplayState:
   return ReplayState(
       version=p.version, accepted=p.accepted, cursor=p.cursor, queued=p.queued, leased=p.leased,
@@ -116,7 +124,12 @@ class ReplayClient(_Base):
 
   async def lease(self, count: int, timeout_s: float, wait_s: float = 0.0) -> Lease | None:
     req = replay_pb2.LeaseRequest(count=count, timeout_s=timeout_s, wait_s=wait_s)
-    return _lease(await self._call(self._stub.Lease, req, self._lease_timeout(wait_s)))
+    reply = await self._call(self._stub.Lease, req, self._lease_timeout(wait_s))
+    lease = _lease(reply)
+    while lease is not None and len(lease.groups) < reply.count:
+      _extend(lease, await self._call(self._stub.ReadLease, replay_pb2.ReadLeaseRequest(
+          lease_id=lease.lease_id, start=len(lease.groups))))
+    return lease
 
   async def renew(self, lease_id: str, timeout_s: float) -> bool:
     req = replay_pb2.RenewRequest(lease_id=lease_id, timeout_s=timeout_s)
@@ -165,7 +178,12 @@ class SyncReplayClient(_Base):
 
   def lease(self, count: int, timeout_s: float, wait_s: float = 0.0) -> Lease | None:
     req = replay_pb2.LeaseRequest(count=count, timeout_s=timeout_s, wait_s=wait_s)
-    return _lease(self._call(self._stub.Lease, req, self._lease_timeout(wait_s)))
+    reply = self._call(self._stub.Lease, req, self._lease_timeout(wait_s))
+    lease = _lease(reply)
+    while lease is not None and len(lease.groups) < reply.count:
+      _extend(lease, self._call(self._stub.ReadLease, replay_pb2.ReadLeaseRequest(
+          lease_id=lease.lease_id, start=len(lease.groups))))
+    return lease
 
   def renew(self, lease_id: str, timeout_s: float) -> bool:
     req = replay_pb2.RenewRequest(lease_id=lease_id, timeout_s=timeout_s)

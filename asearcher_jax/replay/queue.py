@@ -131,7 +131,7 @@ class ReplayQueue:
       os.remove(tmp)
     # A last line without its newline was never fsynced to completion, so its caller never
     # heard back: drop it now, as the next append would, even if it happens to parse.
-    drop_torn_tail(self._path)
+    drop_torn_tail(self._path, keep_whole=False)
     for n, r in enumerate(read_lines(self._path), 1):
       try:
         self._apply(r)
@@ -164,7 +164,7 @@ class ReplayQueue:
 
   def _append(self, record: dict[str, Any]) -> None:
     if self._path:
-      append_lines(self._path, [record])
+      append_lines(self._path, [record], keep_whole=False)  # unfinished: never answered
 
   def compact(self) -> None:
     """Rewrites the journal as the current state: version, consumed ids, unconsumed groups in
@@ -302,6 +302,12 @@ class ReplayQueue:
     if compact:
       self.compact()
     return True
+
+  def leased(self, lease_id: str) -> Lease | None:
+    """A live lease (its groups, for a reader that takes them a message at a time)."""
+    with self._lock:
+      self._expire()
+      return self._leases.get(lease_id)
 
   def release(self, lease_id: str) -> bool:
     """Returns a live lease's groups to the queue at their old places."""

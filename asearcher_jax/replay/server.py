@@ -20,12 +20,18 @@ from asearcher_jax import auth
 from asearcher_jax.background import BackgroundServer
 from asearcher_jax.errors import AsearcherError
 from asearcher_jax.procs import follow_supervisor
-from asearcher_jax.replay.client import CHANNEL_OPTIONS, group_from_proto, group_to_proto
+from asearcher_jax.replay.client import (
+  CHANNEL_OPTIONS,
+  MAX_MESSAGE,
+  group_from_proto,
+  group_to_proto,
+)
 from asearcher_jax.replay.protos import replay_pb2, replay_pb2_grpc
 from asearcher_jax.replay.queue import ReplayQueue
 from asearcher_jax.replay.validate import check_group
 
 log = logging.getLogger(__name__)
+REPLY_BYTES = MAX_MESSAGE - (1 << 20)  # a lease reply's groups, with room for the rest
 
 
 def _guarded(fn):
@@ -70,13 +76,40 @@ class ReplayServicer(replay_pb2_grpc.ReplayServicer):
     while True:
       lease = await self._lease_once(request.count, request.timeout_s)
       if lease is not None:
-        return replay_pb2.LeaseResponse(
-            lease_id=lease.lease_id, groups=[group_to_proto(g) for g in lease.groups],
-            expires_in_s=max(0.0, lease.expires - self.queue.clock()))
+        return self._reply(lease, 0)
       left = deadline - loop.time()
       if left <= 0:
         return replay_pb2.LeaseResponse()
       await asyncio.sleep(min(self.poll_s, left))
+
+  @_guarded
+  async def ReadLease(self, request, context):
+    if request.start < 0:
+      raise ValueError(f"ReadLease start must be >= 0, got {request.start}")
+    lease = self.queue.leased(request.lease_id)
+    if lease is None:
+      return replay_pb2.LeaseResponse()
+    if request.start >= len(lease.groups):
+      raise ValueError(f"lease {request.lease_id} holds {len(lease.groups)} groups; "
+                       f"start {request.start} is past them")
+    return self._reply(lease, request.start)
+
+  def _reply(self, lease, start: int) -> replay_pb2.LeaseResponse:
+    """The lease's groups from `start` that fit in one message (at least one: a group is at
+    most `max_group_bytes`, well under it). Whole leases of long trajectories pass gRPC's
+    limit (a 14B run's 128 groups of 16 episodes of 16k tokens: 532 MiB), and a reply
+    that failed to send left its groups leased to nobody until the lease expired, and then
+    failed again."""
+    reply = replay_pb2.LeaseResponse(lease_id=lease.lease_id, count=len(lease.groups),
+                                     expires_in_s=max(0.0, lease.expires - self.queue.clock()))
+    size = reply.ByteSize()
+    for g in lease.groups[start:]:
+      p = group_to_proto(g)
+      size += p.ByteSize() + 8  # the field's tag and length
+      if reply.groups and size > REPLY_BYTES:
+        break
+      reply.groups.append(p)
+    return reply
 
   async def _lease_once(self, count: int, timeout_s: float):
     fut = asyncio.get_running_loop().run_in_executor(None, self.queue.lease, count, timeout_s)

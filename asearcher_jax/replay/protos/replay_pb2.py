@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(asearcher_jax/replay/protos/replay.proto\x12\x10\x61searcher.replay\"\x85\x01\n\x05Group\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0b\n\x03qid\x18\x02 \x01(\t\x12\x16\n\x0esubmit_version\x18\x03 \x01(\x03\x12\x0e\n\x06worker\x18\x04 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x05 \x01(\x03\x12\x14\n\x0ctrajectories\x18\x06 \x03(\x0c\x12\x0f\n\x07\x63reated\x18\x07 \x01(\x01\"4\n\nPutRequest\x12&\n\x05group\x18\x01 \x01(\x0b\x32\x17.asearcher.replay.Group\"\x1d\n\x0bPutResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\"@\n\x0cLeaseRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\"`\n\rLeaseResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\'\n\x06groups\x18\x02 \x03(\x0b\x32\x17.asearcher.replay.Group\x12\x14\n\x0c\x65xpires_in_s\x18\x03 \x01(\x01\"3\n\x0cRenewRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"\x1b\n\rRenewResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"\x1e\n\nAckRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x19\n\x0b\x41\x63kResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x1d\n\x0fReleaseResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"!\n\x0eVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\"\n\x0fVersionResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x1e\n\x0cStateRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\"\x8f\x03\n\rStateResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x03\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x03\x12\x0e\n\x06queued\x18\x04 \x01(\x03\x12\x0e\n\x06leased\x18\x05 \x01(\x03\x12\x0e\n\x06leases\x18\x06 \x01(\x03\x12\x10\n\x08\x63onsumed\x18\x07 \x01(\x03\x12\x16\n\x0e\x61\x63\x63\x65pted_total\x18\x08 \x01(\x03\x12\x12\n\nduplicates\x18\t \x01(\x03\x12\x16\n\x0e\x65xpired_leases\x18\n \x01(\x03\x12O\n\x11queued_by_version\x18\x0b \x03(\x0b\x32\x34.asearcher.replay.StateResponse.QueuedByVersionEntry\x12\"\n\x15oldest_queued_version\x18\x0c \x01(\x03H\x00\x88\x01\x01\x1a\x36\n\x14QueuedByVersionEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x42\x18\n\x16_oldest_queued_version2\xa2\x04\n\x06Replay\x12\x44\n\x03Put\x12\x1c.asearcher.replay.PutRequest\x1a\x1d.asearcher.replay.PutResponse\"\x00\x12J\n\x05Lease\x12\x1e.asearcher.replay.LeaseRequest\x1a\x1f.asearcher.replay.LeaseResponse\"\x00\x12J\n\x05Renew\x12\x1e.asearcher.replay.RenewRequest\x1a\x1f.asearcher.replay.RenewResponse\"\x00\x12\x44\n\x03\x41\x63k\x12\x1c.asearcher.replay.AckRequest\x1a\x1d.asearcher.replay.AckResponse\"\x00\x12P\n\x07Release\x12 .asearcher.replay.ReleaseRequest\x1a!.asearcher.replay.ReleaseResponse\"\x00\x12S\n\nSetVersion\x12 .asearcher.replay.VersionRequest\x1a!.asearcher.replay.VersionResponse\"\x00\x12M\n\x08GetState\x12\x1e.asearcher.replay.StateRequest\x1a\x1f.asearcher.replay.StateResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(asearcher_jax/replay/protos/replay.proto\x12\x10\x61searcher.replay\"\x85\x01\n\x05Group\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0b\n\x03qid\x18\x02 \x01(\t\x12\x16\n\x0esubmit_version\x18\x03 \x01(\x03\x12\x0e\n\x06worker\x18\x04 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x05 \x01(\x03\x12\x14\n\x0ctrajectories\x18\x06 \x03(\x0c\x12\x0f\n\x07\x63reated\x18\x07 \x01(\x01\"4\n\nPutRequest\x12&\n\x05group\x18\x01 \x01(\x0b\x32\x17.asearcher.replay.Group\"\x1d\n\x0bPutResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\"@\n\x0cLeaseRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\"o\n\rLeaseResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\'\n\x06groups\x18\x02 \x03(\x0b\x32\x17.asearcher.replay.Group\x12\x14\n\x0c\x65xpires_in_s\x18\x03 \x01(\x01\x12\r\n\x05\x63ount\x18\x04 \x01(\x05\"3\n\x10ReadLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\"3\n\x0cRenewRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"\x1b\n\rRenewResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"\x1e\n\nAckRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x19\n\x0b\x41\x63kResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x1d\n\x0fReleaseResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"!\n\x0eVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\"\n\x0fVersionResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x1e\n\x0cStateRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\"\x8f\x03\n\rStateResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x03\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x03\x12\x0e\n\x06queued\x18\x04 \x01(\x03\x12\x0e\n\x06leased\x18\x05 \x01(\x03\x12\x0e\n\x06leases\x18\x06 \x01(\x03\x12\x10\n\x08\x63onsumed\x18\x07 \x01(\x03\x12\x16\n\x0e\x61\x63\x63\x65pted_total\x18\x08 \x01(\x03\x12\x12\n\nduplicates\x18\t \x01(\x03\x12\x16\n\x0e\x65xpired_leases\x18\n \x01(\x03\x12O\n\x11queued_by_version\x18\x0b \x03(\x0b\x32\x34.asearcher.replay.StateResponse.QueuedByVersionEntry\x12\"\n\x15oldest_queued_version\x18\x0c \x01(\x03H\x00\x88\x01\x01\x1a\x36\n\x14QueuedByVersionEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x42\x18\n\x16_oldest_queued_version2\xf6\x04\n\x06Replay\x12\x44\n\x03Put\x12\x1c.asearcher.replay.PutRequest\x1a\x1d.asearcher.replay.PutResponse\"\x00\x12J\n\x05Lease\x12\x1e.asearcher.replay.LeaseRequest\x1a\x1f.asearcher.replay.LeaseResponse\"\x00\x12R\n\tReadLease\x12\".asearcher.replay.ReadLeaseRequest\x1a\x1f.asearcher.replay.LeaseResponse\"\x00\x12J\n\x05Renew\x12\x1e.asearcher.replay.RenewRequest\x1a\x1f.asearcher.replay.RenewResponse\"\x00\x12\x44\n\x03\x41\x63k\x12\x1c.asearcher.replay.AckRequest\x1a\x1d.asearcher.replay.AckResponse\"\x00\x12P\n\x07Release\x12 .asearcher.replay.ReleaseRequest\x1a!.asearcher.replay.ReleaseResponse\"\x00\x12S\n\nSetVersion\x12 .asearcher.replay.VersionRequest\x1a!.asearcher.replay.VersionResponse\"\x00\x12M\n\x08GetState\x12\x1e.asearcher.replay.StateRequest\x1a\x1f.asearcher.replay.StateResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,29 +42,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEASEREQUEST']._serialized_start=283
   _globals['_LEASEREQUEST']._serialized_end=347
   _globals['_LEASERESPONSE']._serialized_start=349
-  _globals['_LEASERESPONSE']._serialized_end=445
-  _globals['_RENEWREQUEST']._serialized_start=447
-  _globals['_RENEWREQUEST']._serialized_end=498
-  _globals['_RENEWRESPONSE']._serialized_start=500
-  _globals['_RENEWRESPONSE']._serialized_end=527
-  _globals['_ACKREQUEST']._serialized_start=529
-  _globals['_ACKREQUEST']._serialized_end=559
-  _globals['_ACKRESPONSE']._serialized_start=561
-  _globals['_ACKRESPONSE']._serialized_end=586
-  _globals['_RELEASEREQUEST']._serialized_start=588
-  _globals['_RELEASEREQUEST']._serialized_end=622
-  _globals['_RELEASERESPONSE']._serialized_start=624
-  _globals['_RELEASERESPONSE']._serialized_end=653
-  _globals['_VERSIONREQUEST']._serialized_start=655
-  _globals['_VERSIONREQUEST']._serialized_end=688
-  _globals['_VERSIONRESPONSE']._serialized_start=690
-  _globals['_VERSIONRESPONSE']._serialized_end=724
-  _globals['_STATEREQUEST']._serialized_start=726
-  _globals['_STATEREQUEST']._serialized_end=756
-  _globals['_STATERESPONSE']._serialized_start=759
-  _globals['_STATERESPONSE']._serialized_end=1158
-  _globals['_STATERESPONSE_QUEUEDBYVERSIONENTRY']._serialized_start=1078
-  _globals['_STATERESPONSE_QUEUEDBYVERSIONENTRY']._serialized_end=1132
-  _globals['_REPLAY']._serialized_start=1161
-  _globals['_REPLAY']._serialized_end=1707
+  _globals['_LEASERESPONSE']._serialized_end=460
+  _globals['_READLEASEREQUEST']._serialized_start=462
+  _globals['_READLEASEREQUEST']._serialized_end=513
+  _globals['_RENEWREQUEST']._serialized_start=515
+  _globals['_RENEWREQUEST']._serialized_end=566
+  _globals['_RENEWRESPONSE']._serialized_start=568
+  _globals['_RENEWRESPONSE']._serialized_end=595
+  _globals['_ACKREQUEST']._serialized_start=597
+  _globals['_ACKREQUEST']._serialized_end=627
+  _globals['_ACKRESPONSE']._serialized_start=629
+  _globals['_ACKRESPONSE']._serialized_end=654
+  _globals['_RELEASEREQUEST']._serialized_start=656
+  _globals['_RELEASEREQUEST']._serialized_end=690
+  _globals['_RELEASERESPONSE']._serialized_start=692
+  _globals['_RELEASERESPONSE']._serialized_end=721
+  _globals['_VERSIONREQUEST']._serialized_start=723
+  _globals['_VERSIONREQUEST']._serialized_end=756
+  _globals['_VERSIONRESPONSE']._serialized_start=758
+  _globals['_VERSIONRESPONSE']._serialized_end=792
+  _globals['_STATEREQUEST']._serialized_start=794
+  _globals['_STATEREQUEST']._serialized_end=824
+  _globals['_STATERESPONSE']._serialized_start=827
+  _globals['_STATERESPONSE']._serialized_end=1226
+  _globals['_STATERESPONSE_QUEUEDBYVERSIONENTRY']._serialized_start=1146
+  _globals['_STATERESPONSE_QUEUEDBYVERSIONENTRY']._serialized_end=1200
+  _globals['_REPLAY']._serialized_start=1229
+  _globals['_REPLAY']._serialized_end=1859
 # @@protoc_insertion_point(module_scope)

@@ -47,14 +47,24 @@ class LeaseRequest(_message.Message):
     def __init__(self, count: _Optional[int] = ..., timeout_s: _Optional[float] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class LeaseResponse(_message.Message):
-    __slots__ = ("lease_id", "groups", "expires_in_s")
+    __slots__ = ("lease_id", "groups", "expires_in_s", "count")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     groups: _containers.RepeatedCompositeFieldContainer[Group]
     expires_in_s: float
-    def __init__(self, lease_id: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
+    count: int
+    def __init__(self, lease_id: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ..., expires_in_s: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
+
+class ReadLeaseRequest(_message.Message):
+    __slots__ = ("lease_id", "start")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    start: int
+    def __init__(self, lease_id: _Optional[str] = ..., start: _Optional[int] = ...) -> None: ...
 
 class RenewRequest(_message.Message):
     __slots__ = ("lease_id", "timeout_s")

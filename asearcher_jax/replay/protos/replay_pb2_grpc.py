@@ -44,6 +44,11 @@ class ReplayStub:
                 request_serializer=asearcher__jax_dot_replay_dot_protos_dot_replay__pb2.LeaseRequest.SerializeToString,
                 response_deserializer=asearcher__jax_dot_replay_dot_protos_dot_replay__pb2.LeaseResponse.FromString,
                 _registered_method=True)
+        self.ReadLease = channel.unary_unary(
+                '/asearcher.replay.Replay/ReadLease',
+                request_serializer=asearcher__jax_dot_replay_dot_protos_dot_replay__pb2.ReadLeaseRequest.SerializeToString,
+                response_deserializer=asearcher__jax_dot_replay_dot_protos_dot_replay__pb2.LeaseResponse.FromString,
+                _registered_method=True)
         self.Renew = channel.unary_unary(
                 '/asearcher.replay.Replay/Renew',
                 request_serializer=asearcher__jax_dot_replay_dot_protos_dot_replay__pb2.RenewRequest.SerializeToString,
@@ -81,7 +86,16 @@ class ReplayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Lease(self, request, context):
-        """Exactly `count` whole groups or none (empty lease_id), waiting up to wait_s for them.
+        """Exactly `count` whole groups or none (empty lease_id), waiting up to wait_s for them. A
+        reply carries as many of them as fit in one message (`count` says how many the lease
+        holds); ReadLease gives the rest, so a lease of long trajectories may pass any size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadLease(self, request, context):
+        """A live lease's groups from `start` on, as many as fit in one message (at least one).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +142,11 @@ def add_ReplayServicer_to_server(servicer, server):
             'Lease': grpc.unary_unary_rpc_method_handler(
                     servicer.Lease,
                     request_deserializer=asearcher__jax_dot_replay_dot_protos_dot_replay__pb2.LeaseRequest.FromString,
+                    response_serializer=asearcher__jax_dot_replay_dot_protos_dot_replay__pb2.LeaseResponse.SerializeToString,
+            ),
+            'ReadLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadLease,
+                    request_deserializer=asearcher__jax_dot_replay_dot_protos_dot_replay__pb2.ReadLeaseRequest.FromString,
                     response_serializer=asearcher__jax_dot_replay_dot_protos_dot_replay__pb2.LeaseResponse.SerializeToString,
             ),
             'Renew': grpc.unary_unary_rpc_method_handler(
@@ -209,6 +228,33 @@ class Replay:
             target,
             '/asearcher.replay.Replay/Lease',
             asearcher__jax_dot_replay_dot_protos_dot_replay__pb2.LeaseRequest.SerializeToString,
+            asearcher__jax_dot_replay_dot_protos_dot_replay__pb2.LeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asearcher.replay.Replay/ReadLease',
+            asearcher__jax_dot_replay_dot_protos_dot_replay__pb2.ReadLeaseRequest.SerializeToString,
             asearcher__jax_dot_replay_dot_protos_dot_replay__pb2.LeaseResponse.FromString,
             options,
             channel_credentials,
