@@ -505,6 +505,12 @@ def _poison(kind: str) -> Group:
     raw = json.dumps({**record, "reward": "1.0"}).encode()
   elif kind == "metrics":  # the step's episode metrics failed on it, after the update
     raw = json.dumps({**record, "metrics": None}).encode()
+  elif kind == "huge-metric":  # valid JSON, accepted, then OverflowError in the step's metrics
+    raw = json.dumps({**record, "metrics": {"em": 10**400}}).encode()
+  elif kind == "huge-int-reward":  # TypeError outside the checks: UNKNOWN, retried 4 times
+    raw = json.dumps({**record, "reward": 10**400}).encode()
+  elif kind == "huge-reward":  # finite in float64, inf in the float32 advantages: NaN for all
+    raw = json.dumps({**record, "reward": 1e300}).encode()
   elif kind == "binary-truncated":
     raw = t.to_record()[:-5]
   elif kind == "binary-schema":
@@ -521,8 +527,12 @@ def _poison(kind: str) -> Group:
     ("lengths", "differ in length"), ("vocab", "outside the vocabulary [0, 300)"),
     ("nan", "finite"), ("future", "sampled by version 500000"),
     ("empty", "not a JSON trajectory record"),
-    ("seq-starts", "seq_starts must be a list of integers"), ("reward", "reward must be a number"),
-    ("metrics", "metrics must map names to numbers"),
+    ("seq-starts", "seq_starts must be a list of integers"),
+    ("reward", "reward must be a finite number"),
+    ("huge-int-reward", "reward must be a finite number"),
+    ("huge-reward", "reward must be a finite number within ±1e+06"),
+    ("metrics", "metrics must map names to finite numbers"),
+    ("huge-metric", "metrics must map names to finite numbers"),
     ("binary-truncated", "trajectory 1: binary trajectory record truncated or corrupt"),
     ("binary-schema", "trajectory 1: binary trajectory record of unknown schema version 9"),
     ("binary-lengths", "trajectory 1: tokens, loss_mask, behav_logp and version differ")])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import struct
 from typing import Any, Iterator, Literal
@@ -32,6 +33,17 @@ STATUSES: tuple[str, ...] = Status.__args__
 # episode says nothing of the policy: it is not scored, trained on or counted in a metric, and
 # a rerun of an evaluation retries it.
 INFRA_STATUSES = frozenset({"aborted", "env_error"})
+# A reward past this is a scorer's bug; the learner's advantages square rewards in float32,
+# where 1e300 became inf and the batch's normalisation spread NaN to every group.
+MAX_REWARD = 1e6
+
+
+def _finite(x) -> bool:
+  """A real number that is finite as a float (10**400, valid JSON, is an int that is not)."""
+  try:
+    return isinstance(x, numbers.Real) and math.isfinite(float(x))
+  except OverflowError:
+    return False
 
 # The binary record (`Trajectory.to_record`): how trajectories cross the replay queue.
 RECORD_MAGIC = b"\x00TRJ"  # a NUL never starts a JSON text: old JSON records stay readable
@@ -245,11 +257,12 @@ class Trajectory:
     if not isinstance(self.seq_starts, list) or not all(
         isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in self.seq_starts):
       raise ValueError(f"seq_starts must be a list of integers, got {self.seq_starts!r:.80}")
-    if not isinstance(self.reward, numbers.Real):
-      raise ValueError(f"reward must be a number, got {self.reward!r:.80}")
+    if not _finite(self.reward) or abs(self.reward) > MAX_REWARD:
+      raise ValueError(f"reward must be a finite number within ±{MAX_REWARD:g}, got "
+                       f"{self.reward!r:.80}")
     if not isinstance(self.metrics, dict) or not all(
-        isinstance(k, str) and isinstance(v, numbers.Real) for k, v in self.metrics.items()):
-      raise ValueError(f"metrics must map names to numbers, got {self.metrics!r:.80}")
+        isinstance(k, str) and _finite(v) for k, v in self.metrics.items()):
+      raise ValueError(f"metrics must map names to finite numbers, got {self.metrics!r:.80}")
     if n and (not self.seq_starts or self.seq_starts[0] != 0
               or sorted(set(self.seq_starts)) != self.seq_starts or self.seq_starts[-1] >= n):
       raise ValueError(f"bad seq_starts {self.seq_starts} for {n} tokens")

@@ -55,6 +55,4 @@ def decode_trajectory(raw: bytes, where: str, *, vocab_size: int | None = None,
   if max_version is not None and (t.version[t.loss_mask] > max_version).any():
     raise ValueError(f"{where}: a token was sampled by version "
                      f"{int(t.version[t.loss_mask].max())}, beyond the newest {max_version}")
-  if not np.isfinite(t.reward):
-    raise ValueError(f"{where}: reward {t.reward} is not finite")
   return t
