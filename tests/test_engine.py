@@ -191,6 +191,33 @@ def test_session_eviction_to_host_and_drop(model):
       assert (r.cached_tokens > 0) == (name != "a")
 
 
+def test_ending_a_session_while_its_turn_runs_keeps_it_ended(model):
+  """An episode that times out cancels its turn and ends its session at once. When the end
+  reached the engine before the cancelled turn was dropped, the turn's release saved the
+  session again: nobody would ever end it, and its pages stayed out of the pool."""
+  engine = Engine(model, slots=2, max_len=64, mesh=MESH, page_size=4)
+  with Driver(engine, device_sessions=4, host_sessions=4) as d:
+    ended, asked = [], threading.Event()
+
+    def on_tokens(r, ids):  # the engine thread, mid-step: the client's cancel and end arrive
+      if len(r.output_ids) >= 3 and not asked.is_set():
+        asked.set()
+        d.cancel(r)
+        t = threading.Thread(target=lambda: ended.append(d.end_session("s")))
+        t.start()
+        time.sleep(0.3)  # the end is queued while this step is still recorded
+    r = d.submit(Request(prompt(10), SamplingParams(temperature=0.0, max_new_tokens=40),
+                         session_id="s", on_tokens=on_tokens))
+    r.wait(60)
+    deadline = time.monotonic() + 10
+    while not ended and time.monotonic() < deadline:
+      time.sleep(0.01)
+    st = d.stats()
+    assert r.finish_reason == "cancelled" and ended == [True]
+    assert st.sessions_device == st.sessions_host == 0
+    assert d._pool.free == d._pool.total  # every page back in the pool
+
+
 def test_session_turns_admitted_together_continue_in_one_call(model, monkeypatch):
   """Three sessions' next turns, queued while the driver is paused, continue in one batched
   prefill into their pages (one call, not three) and decode what a fresh prefill of the same

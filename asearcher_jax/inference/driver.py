@@ -254,7 +254,18 @@ class Driver:
     self._notify()
 
   def end_session(self, session_id: str) -> bool:
-    return self._call(lambda: self._sessions.end(session_id))
+    """Frees a session's KV, and keeps a turn of it still queued or running from saving it
+    again when it ends: an episode's timeout cancels its turn and ends its session at once,
+    and the cancelled turn, dropped a moment later, brought the session back for good."""
+    def end() -> bool:
+      ended = self._sessions.end(session_id)
+      running = [r for r in self._slots if r is not None] + [
+          r for r, _ in self._prefilling.values()] + list(self._pending)
+      for r in running:
+        if r.session_id == session_id:
+          r.session_id, ended = None, True
+      return ended
+    return self._call(end)
 
   def pause(self) -> None:
     self._call(lambda: setattr(self, "_paused", True))
