@@ -118,6 +118,9 @@ def test_put_is_idempotent_by_group_id():
   s = q.stats()
   assert (s["duplicates"], s["accepted_total"], s["queued"], s["consumed"]) == (3, 1, 0, 1)
   assert q.worker_state("w0") == (1, 1) and q.worker_state("nobody") == (0, 0)
+  q.put(group("b", cursor=5))
+  q.put(group("c", cursor=3))  # a put retried after a later one: the cursor stays at 5
+  assert q.worker_state("w0") == (3, 5)
   with pytest.raises(ValueError):
     q.put(group(""))
 

@@ -308,3 +308,24 @@ def test_a_group_with_an_episode_the_tool_servers_ended_is_dropped_unscored():
   assert replay.groups == [] and w.stats.failed == w.stats.started > 0
   assert w.stats.status["env_error"] == w.stats.started
   assert None not in scored  # the env_error episodes were never scored
+
+
+class SlowFirstAgent(Agent):
+  """The question "slow?" takes a while: its group finishes after the next one's."""
+
+  async def run(self, item, **kw):
+    await asyncio.sleep(0.5 if item.question == "slow?" else 0.0)
+    return await super().run(item, **kw)
+
+
+def test_a_group_that_finishes_early_does_not_move_the_resume_point_past_one_in_flight():
+  """A restarted worker resumes at the cursor the queue holds. Each group recorded its own
+  `cursor + 1`, so a fast group put while an earlier prompt was still in flight moved it past
+  that prompt (skipped after a crash), and the slow one then moved it back."""
+  items = [QAItem(qid="q-mixed", question=q, answers=("Ada",)) for q in ("slow?", "fast?")]
+  replay = Replay()
+  w = RolloutWorker(worker=0, workers=1, rl=RLSection(group_size=2, batch_groups=2),
+                    agent=SlowFirstAgent(), scorer=Scorer(), replay=replay,
+                    prompts=PromptStream(items), poll_s=0.01)
+  asyncio.run(w.run(max_groups=2))
+  assert [(g.group_id, g.cursor) for g in replay.groups] == [("w0-1", 0), ("w0-0", 2)]

@@ -45,7 +45,7 @@ class Group:
   qid: str
   submit_version: int
   worker: str
-  cursor: int  # the worker's data cursor after this group: where a restarted worker resumes
+  cursor: int  # where the worker resumes after a restart: its first prompt not yet finished
   trajectories: list[bytes]  # Trajectory.to_record(); the queue never parses them
   created: float = dataclasses.field(default_factory=time.time)
 
@@ -201,7 +201,7 @@ class ReplayQueue:
       heapq.heappush(self._heap, (g.submit_version, e.seq, g.group_id))
     state = self._workers.setdefault(g.worker, [0, 0])
     state[0] += 1
-    state[1] = g.cursor
+    state[1] = max(state[1], g.cursor)  # puts retried after a later one must not move it back
 
   def _consume(self, group_ids, lease_id: str | None) -> None:
     for gid in group_ids:
@@ -341,7 +341,7 @@ class ReplayQueue:
     return self._version
 
   def worker_state(self, worker: str) -> tuple[int, int]:
-    """(groups of `worker` ever accepted, its cursor from the last one); (0, 0) if none."""
+    """(groups of `worker` ever accepted, its highest cursor); (0, 0) if none."""
     with self._lock:
       a, c = self._workers.get(worker, (0, 0))
       return a, c

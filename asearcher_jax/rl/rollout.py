@@ -91,6 +91,7 @@ class RolloutWorker:
     self.log_path = log_path
     self.admission = AdmissionController.for_worker(rl, worker, workers)
     self.stats = WorkerStats()
+    self._in_flight: set[int] = set()  # cursors of the groups still running
     self.version = 0
     # Mean rewards of the groups filtered out since the last one kept: a worker whose groups
     # all score alike feeds the learner nothing, which its log says at each doubling from here.
@@ -136,6 +137,7 @@ class RolloutWorker:
         while want_more() and not self._paused() and self.admission.try_start(self.version):
           cursor, item = self.prompts.next()
           self.stats.started += 1
+          self._in_flight.add(cursor)
           running.add(asyncio.create_task(self._group(item, cursor, self.version)))
         if running:
           done, running = await asyncio.wait(running, timeout=self.poll_s,
@@ -198,7 +200,10 @@ class RolloutWorker:
           self._warn_at *= 2
         return
       self._alike, self._warn_at = [], starved_after(self.rl)
-      record = group_record(group_id, item, version, self.worker, cursor + 1, trajs)
+      # Where a restart resumes: the first prompt not yet finished. Groups finish out of
+      # order, so this group's own `cursor + 1` would skip the prompts still in flight.
+      resume = min(self._in_flight - {cursor}, default=self.prompts.cursor)
+      record = group_record(group_id, item, version, self.worker, resume, trajs)
       # Puts are idempotent by group id: a retry never doubles. A refusal (ValueError,
       # INVALID_ARGUMENT) is not retried: the same group would be refused again.
       async for attempt in retrying(
@@ -222,6 +227,8 @@ class RolloutWorker:
       log.exception("group %s failed", group_id)
       self.stats.failed += 1
       self.admission.finish_rejected()
+    finally:
+      self._in_flight.discard(cursor)
 
   async def _episode(self, item: QAItem, group_id: str, i: int, version: int) -> Trajectory:
     seed = derive_seed(self.seed, group_id, i)
