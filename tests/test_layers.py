@@ -17,7 +17,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "asearcher_jax")
 # and the decoder's wire types are leaves that every layer may read.
 LAYERS = [
     ("infrastructure", ["errors", "jsonl", "manifest", "auth", "background", "procs", "lazy",
-                        "section", "retry"]),
+                        "section", "retry", "outdir"]),
     ("sections and wire types", [
         "agent.config", "eval.config", "inference.config", "models.config", "reward.config",
         "rl.config", "synth.config", "tools.config", "train.config", "world.config",
