@@ -24,6 +24,17 @@ SUPERVISOR_ENV = "ASEARCHER_SUPERVISOR_PID"
 PR_SET_PDEATHSIG = 1
 
 
+def pid_alive(pid: int) -> bool:
+  """Whether process `pid` exists (a staging folder named for its writer is still in use)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
 def follow_supervisor() -> None:
   """In a child started by `Child`: receive SIGTERM when the supervisor dies, even by SIGKILL,
   so no server is left holding ports or an accelerator (Linux; elsewhere nothing happens)."""

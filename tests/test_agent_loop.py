@@ -602,7 +602,7 @@ def test_eval_leaves_out_and_reruns_episodes_a_tool_server_ended(tmp_path):
   ds = report["datasets"]["qa"]
   assert ds["status"] == {"answered": 2, "env_error": 2}
   assert ds["metrics"]["em"] == {"avg@2": 1.0, "pass@2": 1.0, "questions": 1}
-  assert any(p.startswith("2 episodes ended on a tool server's errors (rerun to retry them)")
+  assert any(p.startswith("2 episodes ended by a failing tool server or judge (rerun to retry")
              for p in report["problems"])
   policy = SearchingPolicy()
   report, _ = _eval(tmp_path, policy, agent={"max_tool_errors": 1})

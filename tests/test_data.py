@@ -412,6 +412,21 @@ def test_tfds_build_names_flashrag_files_by_folder_and_a_failed_rebuild_keeps_th
                      overwrite=True)
   assert len(open_qa_dataset(path, "test")) == 2  # as it was
   assert os.listdir(tmp_path / "out") == ["qa"]  # and the failed build left nothing
+  monkeypatch.undo()
+  # A rename into place that fails after the old one was moved aside puts the old one back.
+  real = os.rename
+
+  def rename(src, dst):
+    if os.path.abspath(dst) == os.path.abspath(path) and ".qa.build-" in str(src) and (
+        not str(src).endswith("replaced")):
+      raise OSError("rename failed")
+    return real(src, dst)
+  monkeypatch.setattr(os, "rename", rename)
+  with pytest.raises(OSError, match="rename failed"):
+    build_qa_dataset({"test": paths[:1]}, str(tmp_path / "out"), progress=False,
+                     overwrite=True)
+  monkeypatch.undo()
+  assert len(open_qa_dataset(path, "test")) == 2
 
 
 def test_tfds_reading_does_not_import_tensorflow(built, tmp_path):

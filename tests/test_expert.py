@@ -221,3 +221,24 @@ def test_solve_writes_rest_into_a_new_directory_and_refuses_no_concurrency(world
     assert main(["world", "solve", "--world", world[1], "--out", str(tmp_path / "x.jsonl"),
                  *flags]) == 2
     assert "--concurrency and --limit must be at least 1" in capsys.readouterr().err
+
+
+def test_episodes_a_failing_server_ended_are_neither_scored_nor_kept(world, tokenizer):
+  """`world solve --keep all` wrote them for SFT, which then learned a failing server's
+  transcript as the expert's."""
+  class Down:
+    def __init__(self, tools):
+      self.tools, self.cfg = tools, tools.cfg
+
+    async def search(self, queries, topk=None):
+      return [ToolResult.failure("search", q, "timeout", "no reply") for q in queries]
+
+    async def access(self, url):
+      return ToolResult.failure("access", url, "timeout", "no reply")
+
+    async def close(self):
+      await self.tools.close()
+  items = load_qa(os.path.join(world[1], "qa_test.jsonl")).items[:2]
+  trajs = _solve(world, tokenizer, items, wrap=Down, max_tool_errors=1)
+  assert {t.status for t in trajs} == {"env_error"}
+  assert all(t.metrics == {} for t in trajs)  # never scored

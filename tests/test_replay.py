@@ -308,6 +308,33 @@ def test_a_lease_larger_than_one_message_is_read_a_message_at_a_time(server, mon
   asyncio.run(go())
 
 
+def test_a_lease_read_in_part_is_never_consumed(server, monkeypatch):
+  """A client that read only a lease's first message (one older than ReadLease) would ack
+  groups it never trained on; a client whose read failed half-way left the lease held by
+  nobody until it expired."""
+  from asearcher_jax.replay import client as client_mod
+  from asearcher_jax.replay import server as server_mod
+  from asearcher_jax.replay.protos import replay_pb2, replay_pb2_grpc
+  one = server_mod.group_to_proto(group("x")).ByteSize()
+  monkeypatch.setattr(server_mod, "REPLY_BYTES", int(1.5 * one))  # one group a message
+  with SyncReplayClient(server.address, timeout=10) as c:
+    for i in range(3):
+      c.put(group(f"g{i}", v=i))
+    old = replay_pb2_grpc.ReplayStub(c._channel)
+    first = old.Lease(replay_pb2.LeaseRequest(count=3, timeout_s=30))
+    assert (first.count, len(first.groups)) == (3, 1)
+    with pytest.raises(ValueError, match="from 1 on were never read"):
+      c.ack(first.lease_id)
+    assert c.release(first.lease_id) and c.state().queued == 3
+
+    def broken(lease, more):
+      raise ReplayUnavailable("the queue went away mid-read")
+    monkeypatch.setattr(client_mod, "_extend", broken)
+    with pytest.raises(ReplayUnavailable):
+      c.lease(3, 30)
+    assert c.state().leased == 0 and c.state().queued == 3  # given back at once
+
+
 def test_sync_client_and_unavailable(server):
   with SyncReplayClient(server.address, timeout=10) as c:
     c.put(group("s", v=3))

@@ -192,3 +192,17 @@ def test_named_chat_templates_render_as_transformers_does(tmp_path):
   tools = [{"type": "function", "function": {"name": "search", "parameters": {}}}]
   assert ours.apply_chat_template(MESSAGES, tools=tools) == "TOOLS 1" == hf.apply_chat_template(
       MESSAGES, tools=tools, add_generation_prompt=True, tokenize=False)
+
+
+def test_named_chat_templates_without_a_default_load_and_fail_only_when_rendering(tmp_path):
+  """transformers loads such a tokenizer and refuses only apply_chat_template; encoding (SFT,
+  RL) never renders a template."""
+  tok = build_tokenizer()
+  tok.save(str(tmp_path))
+  cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+  cfg["chat_template"] = [{"name": "tool_use", "template": "TOOLS"}]
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+  ours = Tokenizer.from_dir(str(tmp_path))
+  assert ours.decode(ours.encode("hello")) == "hello"
+  with pytest.raises(ConfigError, match="have no 'default'"):
+    ours.apply_chat_template(MESSAGES)

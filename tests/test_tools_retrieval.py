@@ -537,6 +537,18 @@ def test_an_index_rebuilt_in_place_leaves_a_live_server_its_old_files(tmp_path):
   assert sorted(os.listdir(out)) == ["bm25", "docs.jsonl", "docs.offsets.npy", "manifest.json"]
 
 
+def test_a_build_keeps_another_running_builds_staging(tmp_path):
+  """Two processes building one index on a fresh cache (retrieval serve and eval --serve)
+  each removed the other's staging folder."""
+  corpus, out = tmp_path / "corpus.jsonl", tmp_path / "index"
+  corpus.write_text(json.dumps({"id": "d0", "contents": "one passage"}) + "\n")
+  live, dead = out / f".build-{os.getppid()}-abc", out / ".build-999999999-abc"
+  live.mkdir(parents=True)
+  dead.mkdir()
+  build_index(str(corpus), str(out), log=lambda *_: 0)
+  assert live.exists() and not dead.exists()
+
+
 def test_server_thread_start_fails_loudly(index):
   import time
 

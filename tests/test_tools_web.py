@@ -133,6 +133,13 @@ def search_once(s: SerperSearch, query: str, topk: int):
   return asyncio.run(go())
 
 
+def _free_port() -> int:
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
 def section(srv, **kw) -> WebSection:
   base = {"search_url": srv.url, "reader_url": srv.url + "/r", "timeout_s": 1.0,
           "max_retries": 2, "backoff_s": 0.01, "max_backoff_s": 0.05}
@@ -314,6 +321,40 @@ def test_web_client_turns_failures_into_tool_errors(fake):
   assert slow.error.kind == "timeout"
   assert missing.error.kind == "http" and missing.error.status == 422
   assert ok.ok and len(ok.hits) == 2
+  # Whose fault: the search API's 5xx and the reader's timeout are ours (an episode they end
+  # is `env_error`); a page the reader cannot fetch is the URL's, and the policy's.
+  assert err5xx.environment_failed and slow.environment_failed
+  assert not missing.environment_failed and not empty.environment_failed
+
+
+def test_a_page_plain_fetch_cannot_read_is_the_policys_and_a_refused_reader_key_ours(
+    fake, monkeypatch):
+  """Plain fetch opens the URL the policy wrote: a PDF, a site that is down or a malformed URL
+  ended the episode as the environment's, so the policy was never taught to avoid them."""
+  _, srv = fake
+
+  async def go():
+    fetch = WebSearchClient(SearchClientSection(backend="web"),
+                            section(srv, reader="fetch", max_retries=0, fetch_private=True))
+    try:
+      return [await fetch.access(u) for u in (
+          srv.url + "/img.png", f"http://127.0.0.1:{_free_port()}/", "http://[bad/")]
+    finally:
+      await fetch.close()
+  pdf, down, malformed = asyncio.run(go())
+  assert pdf.error.kind == "bad_response" and down.error.kind == "connection"
+  assert malformed.error is not None
+  assert not any(r.environment_failed for r in (pdf, down, malformed))
+  monkeypatch.setenv("JINA_API_KEY", "wrong")
+
+  async def refused():
+    jina = WebSearchClient(SearchClientSection(backend="web"), section(srv, max_retries=0))
+    try:
+      return await jina.access("https://ex.com/a")
+    finally:
+      await jina.close()
+  r = asyncio.run(refused())
+  assert r.error.status == 401 and r.environment_failed
 
 
 def test_concurrency_limit_respected(fake):

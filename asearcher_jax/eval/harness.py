@@ -5,10 +5,11 @@ prediction, status, metrics and the transcript), `report.json` and the printed t
 `trajectories.jsonl` with the full token records when `eval.save_trajectories`. Each finished
 episode is appended and fsynced at once, so an interrupted run loses at most the episodes in
 flight, and a rerun with the same out_dir skips what is done. Not done, so run again: episodes
-the infrastructure ended (`aborted`: a decode server went away; `env_error`: a tool server
-failed), episodes whose question's golds have changed since, and, with `eval.judge`, episodes
-the judge has not scored. A rerun that would score otherwise (another normalisation or F1) or
-sample otherwise than the episodes it keeps is refused: one score never mixes the two.
+the infrastructure ended (`aborted`: a decode server went away; `env_error`: a tool server,
+or the judge that is the reward, failed), episodes whose question's golds have changed since,
+and, with `eval.judge`, episodes the judge has not scored. A rerun that would score otherwise
+(another normalisation or F1) or sample otherwise than the episodes it keeps is refused: one
+score never mixes the two.
 """
 
 from __future__ import annotations
@@ -182,7 +183,8 @@ async def evaluate(cfg: Config, *, policy=None, tools=None, progress: bool = Tru
 def problems(samples: list[dict[str, Any]]) -> list[str]:
   """What went wrong with the infrastructure, counted, with the first message of each kind."""
   out = []
-  for status, what in (("aborted", "aborted"), ("env_error", "ended on a tool server's errors")):
+  for status, what in (("aborted", "aborted"),
+                       ("env_error", "ended by a failing tool server or judge")):
     ended = [s for s in samples if s["status"] == status]
     if ended:
       out.append(f"{len(ended)} episodes {what} (rerun to retry them): {ended[0]['error']}")

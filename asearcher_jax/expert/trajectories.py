@@ -11,6 +11,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from asearcher_jax.agent import Agent, score, write_jsonl
+from asearcher_jax.agent.trajectory import INFRA_STATUSES
 from asearcher_jax.data.qa import load_qa
 from asearcher_jax.errors import DataError
 from asearcher_jax.expert.policy import WorldSolver
@@ -34,7 +35,9 @@ async def solve_items(cfg: Config, items, tokenizer, tools, *, concurrency: int 
 
   async def one(i, item):
     async with sem:
-      traj = await score(await agent.run(item, group_id=item.qid, seed=i), scorer)
+      traj = await agent.run(item, group_id=item.qid, seed=i)
+      if traj.status not in INFRA_STATUSES:  # a server's failure is not the expert's answer
+        await score(traj, scorer)
       bar.update(1)
       return traj
 
@@ -81,7 +84,9 @@ def solve_command(cfg: Config, *, world_dir: str, split: str, out: str, limit: i
                                            concurrency=concurrency, progress=progress))
   finally:
     server.stop()
-  kept = [t for t in trajectories if keep == "all" or t.reward >= 1.0]
+  # Never an episode the infrastructure ended: SFT would learn a failing server's transcript.
+  kept = [t for t in trajectories if t.status not in INFRA_STATUSES
+          and (keep == "all" or t.reward >= 1.0)]
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   tmp = f"{out}.tmp-{os.getpid()}"
   write_jsonl(tmp, kept)

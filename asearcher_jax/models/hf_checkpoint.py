@@ -27,6 +27,7 @@ from asearcher_jax.errors import CheckpointError
 from asearcher_jax.models.config import QwenConfig, read_json
 from asearcher_jax.models.qwen import fuse_qkv, split_qkv
 from asearcher_jax.outdir import HF_MARKERS, check_out_dir
+from asearcher_jax.procs import pid_alive
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -241,21 +242,11 @@ def remove_stale_staging(out_dir: str) -> list[str]:
     if not entry.startswith(prefix):
       continue
     pid = entry[len(prefix):].split("-", 1)[0]
-    if pid.isdigit() and "-" in entry[len(prefix):] and _alive(int(pid)):
+    if pid.isdigit() and "-" in entry[len(prefix):] and pid_alive(int(pid)):
       continue  # an export still running
     shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
     gone.append(entry)
   return gone
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
 
 
 def save_hf_checkpoint(params: dict[str, jax.Array], cfg: QwenConfig, out_dir: str, *,

@@ -65,10 +65,7 @@ class Tokenizer:
     if isinstance(template, list):
       self.chat_templates = {t["name"]: t["template"] for t in template
                              if isinstance(t, dict) and {"name", "template"} <= t.keys()}
-      if "default" not in self.chat_templates:
-        raise ConfigError(f"named chat templates {sorted(self.chat_templates)} have no "
-                          "'default'")
-      template = self.chat_templates["default"]
+      template = self.chat_templates.get("default")  # none: an error only when rendering
     self.chat_template = template
     self.eos_token = _token_str(self.config.get("eos_token"))
     self.pad_token = _token_str(self.config.get("pad_token"))
@@ -174,8 +171,10 @@ class Tokenizer:
                           add_generation_prompt: bool = True, tools: list | None = None,
                           **kwargs) -> str:
     if not self.chat_template:
+      named = f" (its named templates {sorted(self.chat_templates)} have no 'default')" if (
+          self.chat_templates) else ""
       raise ConfigError("this tokenizer has no chat template (tokenizer_config.json "
-                        "'chat_template' or chat_template.jinja)")
+                        f"'chat_template' or chat_template.jinja){named}")
     template = self.chat_templates.get("tool_use") if tools else None
     return _compile(template or self.chat_template).render(
         messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,

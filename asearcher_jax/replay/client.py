@@ -4,6 +4,7 @@ and `ack` (by lease id) are idempotent, so both may simply be retried after it."
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -126,9 +127,14 @@ class ReplayClient(_Base):
     req = replay_pb2.LeaseRequest(count=count, timeout_s=timeout_s, wait_s=wait_s)
     reply = await self._call(self._stub.Lease, req, self._lease_timeout(wait_s))
     lease = _lease(reply)
-    while lease is not None and len(lease.groups) < reply.count:
-      _extend(lease, await self._call(self._stub.ReadLease, replay_pb2.ReadLeaseRequest(
-          lease_id=lease.lease_id, start=len(lease.groups))))
+    try:
+      while lease is not None and len(lease.groups) < reply.count:
+        _extend(lease, await self._call(self._stub.ReadLease, replay_pb2.ReadLeaseRequest(
+            lease_id=lease.lease_id, start=len(lease.groups))))
+    except BaseException:  # its groups back to the queue now, not when the lease expires
+      with contextlib.suppress(Exception):
+        await self.release(lease.lease_id)
+      raise
     return lease
 
   async def renew(self, lease_id: str, timeout_s: float) -> bool:
@@ -180,9 +186,14 @@ class SyncReplayClient(_Base):
     req = replay_pb2.LeaseRequest(count=count, timeout_s=timeout_s, wait_s=wait_s)
     reply = self._call(self._stub.Lease, req, self._lease_timeout(wait_s))
     lease = _lease(reply)
-    while lease is not None and len(lease.groups) < reply.count:
-      _extend(lease, self._call(self._stub.ReadLease, replay_pb2.ReadLeaseRequest(
-          lease_id=lease.lease_id, start=len(lease.groups))))
+    try:
+      while lease is not None and len(lease.groups) < reply.count:
+        _extend(lease, self._call(self._stub.ReadLease, replay_pb2.ReadLeaseRequest(
+            lease_id=lease.lease_id, start=len(lease.groups))))
+    except BaseException:  # its groups back to the queue now, not when the lease expires
+      with contextlib.suppress(Exception):
+        self.release(lease.lease_id)
+      raise
     return lease
 
   def renew(self, lease_id: str, timeout_s: float) -> bool:

@@ -55,6 +55,7 @@ class ReplayServicer(replay_pb2_grpc.ReplayServicer):
   def __init__(self, queue: ReplayQueue, token: str | None, poll_s: float = 0.02,
                vocab_size: int | None = None):
     self.queue, self.token, self.poll_s, self.vocab_size = queue, token, poll_s, vocab_size
+    self._unread: dict[str, int] = {}  # lease -> its first group no reply has carried yet
 
   @_guarded
   async def Put(self, request, context):
@@ -109,6 +110,11 @@ class ReplayServicer(replay_pb2_grpc.ReplayServicer):
       if reply.groups and size > REPLY_BYTES:
         break
       reply.groups.append(p)
+    end = start + len(reply.groups)
+    if end < len(lease.groups):
+      self._unread[lease.lease_id] = max(end, self._unread.get(lease.lease_id, 0))
+    else:
+      self._unread.pop(lease.lease_id, None)
     return reply
 
   async def _lease_once(self, count: int, timeout_s: float):
@@ -129,10 +135,16 @@ class ReplayServicer(replay_pb2_grpc.ReplayServicer):
 
   @_guarded
   async def Ack(self, request, context):
+    unread = self._unread.get(request.lease_id)
+    if unread is not None and self.queue.leased(request.lease_id) is not None:
+      raise ValueError(f"lease {request.lease_id}: groups from {unread} on were never read "
+                       "(ReadLease); acknowledging it would consume them untrained")
+    self._unread.pop(request.lease_id, None)
     return replay_pb2.AckResponse(ok=await asyncio.to_thread(self.queue.ack, request.lease_id))
 
   @_guarded
   async def Release(self, request, context):
+    self._unread.pop(request.lease_id, None)
     ok = await asyncio.to_thread(self.queue.release, request.lease_id)
     return replay_pb2.ReleaseResponse(ok=ok)
 

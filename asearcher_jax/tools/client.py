@@ -240,7 +240,7 @@ class WebSearchClient:
     try:
       return ToolResult("search", q, hits=tuple(await self.searcher.search(q, topk)))
     except WebError as e:
-      return ToolResult.failure("search", q, e.kind, str(e), e.status)
+      return ToolResult.failure("search", q, e.kind, str(e), e.status, e.cause)
     except Exception as e:  # noqa: BLE001 - never crash the agent loop
       return ToolResult.failure("search", q, "bad_response", f"{type(e).__name__}: {e}")
 
@@ -254,7 +254,7 @@ class WebSearchClient:
     try:
       return ToolResult("access", url, page=await self.reader.read(url.strip()))
     except WebError as e:
-      return ToolResult.failure("access", url, e.kind, str(e), e.status)
+      return ToolResult.failure("access", url, e.kind, str(e), e.status, e.cause)
     except Exception as e:  # noqa: BLE001
       return ToolResult.failure("access", url, "bad_response", f"{type(e).__name__}: {e}")
 

@@ -27,6 +27,7 @@ from typing import Literal, Self
 import numpy as np
 
 from asearcher_jax.errors import RetrievalError
+from asearcher_jax.procs import pid_alive
 from asearcher_jax.tools.bm25_index import BM25Index
 from asearcher_jax.tools.corpus import RowStore, build_store, read_corpus, read_pages
 
@@ -56,9 +57,11 @@ def build_index(corpus: str, out: str, pages: str | None = None,
   if os.path.exists(manifest_path) and not overwrite:
     raise RetrievalError(f"{out} already holds an index (use --overwrite)")
   os.makedirs(out, exist_ok=True)
-  for stale in glob.glob(os.path.join(out, ".build-*")):  # a build killed before its swap
-    shutil.rmtree(stale, ignore_errors=True)
-  staging = tempfile.mkdtemp(prefix=".build-", dir=out)
+  for stale in glob.glob(os.path.join(out, ".build-*-*")):  # builds killed before their swap
+    pid = os.path.basename(stale).split("-")[1]
+    if not (pid.isdigit() and pid_alive(int(pid))):  # not another build still running
+      shutil.rmtree(stale, ignore_errors=True)
+  staging = tempfile.mkdtemp(prefix=f".build-{os.getpid()}-", dir=out)
   try:
     t0 = time.time()
     n_docs = build_store(read_corpus(corpus), os.path.join(staging, "docs"))

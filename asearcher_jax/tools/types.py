@@ -69,6 +69,9 @@ class ToolError:
   kind: ErrorKind
   message: str
   status: int | None = None
+  # Whose fault, where the adapter knows better than the kind tells: a page that plain fetch
+  # could not reach or read is the URL's (the policy wrote it), whatever the kind.
+  cause: Literal["call", "environment"] | None = None
 
   def render(self) -> str:
     return f"Tool error ({self.kind}): {self.message}"
@@ -90,13 +93,17 @@ class ToolResult:
 
   @property
   def environment_failed(self) -> bool:
-    """Whether it failed by the environment's fault (a server down, slow, broken, out of
-    quota or refusing our key) rather than the call's (an empty query; a page that is not
-    there or that refuses to be read): episodes the environment ended are not the policy's
-    doing, so they are neither scored nor trained on. A search query cannot earn a 4xx beyond
-    a bad request; a URL can."""
+    """Whether it failed by the environment's fault (one of our services down, slow, broken,
+    out of quota or refusing our key) rather than the call's (an empty query; a page that is
+    not there, will not load or refuses to be read): episodes the environment ended are not
+    the policy's doing, so they are neither scored nor trained on. A search query cannot earn
+    a 4xx beyond a bad request; a URL can."""
     e = self.error
-    if e is None or e.kind in ("not_found", "bad_request"):
+    if e is None:
+      return False
+    if e.cause is not None:
+      return e.cause == "environment"
+    if e.kind in ("not_found", "bad_request"):
       return False
     return not (self.tool == "access" and e.kind == "http" and e.status is not None
                 and e.status < 500)
@@ -123,5 +130,5 @@ class ToolResult:
 
   @classmethod
   def failure(cls, tool, query: str, kind: ErrorKind, message: str,
-              status: int | None = None) -> ToolResult:
-    return cls(tool, query, error=ToolError(kind, message, status))
+              status: int | None = None, cause=None) -> ToolResult:
+    return cls(tool, query, error=ToolError(kind, message, status, cause))

@@ -35,9 +35,10 @@ log = logging.getLogger(__name__)
 
 
 class WebError(Exception):
-  def __init__(self, kind: str, message: str, status: int | None = None):
+  def __init__(self, kind: str, message: str, status: int | None = None,
+               cause: str | None = None):
     super().__init__(message)
-    self.kind, self.status = kind, status
+    self.kind, self.status, self.cause = kind, status, cause  # cause: see ToolError
 
 
 class _Retryable(Exception):
@@ -259,8 +260,15 @@ class JinaReader(_HttpAdapter):
       api_key = os.environ.get(self.cfg.reader_key_env)
       if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-      reply = await self._request("GET", f"{self.cfg.reader_url.rstrip('/')}/{url}",
-                                  headers=headers)
+      try:
+        reply = await self._request("GET", f"{self.cfg.reader_url.rstrip('/')}/{url}",
+                                    headers=headers)
+      except WebError as e:
+        if e.status in (401, 403, 407):  # the reader refuses our key, not the page
+          raise WebError(e.kind, str(e), e.status, cause="environment") from None
+        raise
+      except aiohttp.InvalidURL as e:  # the URL the policy wrote
+        raise WebError("bad_request", f"{url}: not a URL ({e})", cause="call") from None
       page = reply.get("data") if isinstance(reply, dict) else None
       if not isinstance(page, dict) or not isinstance(page.get("content"), str):
         raise WebError("bad_response", f"reader reply for {url} lacks data.content")
@@ -287,15 +295,24 @@ class HttpFetcher(_HttpAdapter):
     if data is None:
       if not url.startswith(("http://", "https://")):
         raise WebError("bad_request", f"not an http(s) URL: {url!r}")
-      ctype, raw, charset, final = await self._request(
-          "GET", url, want="text", headers={"User-Agent": "asearcher-jax/0.1"})
+      # Whatever goes wrong here is the page's, which the policy chose: a site that is down,
+      # will not resolve, redirects for ever or serves a PDF (a machine that lost its network
+      # looks the same; a reader service, `web.reader: jina`, tells the two apart).
+      try:
+        ctype, raw, charset, final = await self._request(
+            "GET", url, want="text", headers={"User-Agent": "asearcher-jax/0.1"})
+      except WebError as e:
+        raise WebError(e.kind, str(e), e.status, cause="call") from None
+      except (aiohttp.ClientError, ValueError) as e:  # InvalidURL, TooManyRedirects, ...
+        raise WebError("bad_request", f"{url}: {type(e).__name__}: {e}", cause="call") from None
       body = _decode(raw, charset)
       if "html" in ctype or body.lstrip()[:15].lower().startswith(("<!doctype", "<html")):
         title, text, links = html_to_text(body, base_url=final)
       elif ctype.startswith("text/") or not ctype:
         title, text, links = "", body, []
       else:
-        raise WebError("bad_response", f"{url}: unsupported content type {ctype!r}")
+        raise WebError("bad_response", f"{url}: unsupported content type {ctype!r}",
+                       cause="call")
       data = {"url": url, "title": title, "contents": text[:self.cfg.max_page_chars],
               "links": links}
       await self._store(key, data)
