@@ -163,10 +163,14 @@ def _xla_decode_attention(q, k_pool, v_pool, layer, table, lengths, length):
   k = read_window(k_pool, layer, table, length)
   v = read_window(v_pool, layer, table, length)
   acc = jnp.promote_types(q.dtype, jnp.float32)
-  qg = q[:, 0].reshape(b, kv, n // kv, d).astype(acc) / jnp.sqrt(jnp.asarray(d, acc))
-  logits = jnp.einsum("bkgd,kbsd->bkgs", qg, k.astype(acc))
+  # kv heads and rows lead, as in the window [K, B, length, D]: batched matmuls whose batch
+  # dims lead need no transpose of the window (on CPU 0.16 against 0.25 ms a layer at batch
+  # 64, window 128), only of the small query and output.
+  qg = q[:, 0].reshape(b, kv, n // kv, d).transpose(1, 0, 2, 3)
+  qg = qg.astype(acc) / jnp.sqrt(jnp.asarray(d, acc))
+  logits = jnp.einsum("kbgd,kbsd->kbgs", qg, k.astype(acc))
   held = jnp.arange(length)[None, :] < lengths[:, None]  # [B, length]
-  logits = jnp.where(held[:, None, None], logits, jnp.finfo(acc).min)
+  logits = jnp.where(held[None, :, None], logits, jnp.finfo(acc).min)
   probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bkgs,kbsd->bkgd", probs, v.astype(acc))
-  return out.reshape(b, 1, n, d).astype(q.dtype)
+  out = jnp.einsum("kbgs,kbsd->kbgd", probs, v.astype(acc))
+  return out.transpose(1, 0, 2, 3).reshape(b, 1, n, d).astype(q.dtype)
