@@ -335,6 +335,23 @@ def test_a_lease_read_in_part_is_never_consumed(server, monkeypatch):
     assert c.state().leased == 0 and c.state().queued == 3  # given back at once
 
 
+def test_one_process_at_a_time_serves_a_journal(tmp_path):
+  """Two queue processes on one journal handed out and acknowledged the same groups, and one's
+  compaction erased what the other had appended. Queues of one process share the journal (a
+  restart in a test); another process is refused until it is released."""
+  q = ReplayQueue(str(tmp_path))
+  q.put(group("a"))
+  assert ReplayQueue(str(tmp_path)).stats()["queued"] == 1  # this process: shared
+  other = [sys.executable, "-c", "import sys; from asearcher_jax.replay.queue import "
+           "ReplayQueue; print(ReplayQueue(sys.argv[1]).stats()['queued'])", str(tmp_path)]
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run(other, capture_output=True, text=True, timeout=60, env=env)
+  assert proc.returncode != 0 and f"in use by another process (pid {os.getpid()})" in proc.stderr
+  q.close()
+  proc = subprocess.run(other, capture_output=True, text=True, timeout=60, env=env)
+  assert proc.returncode == 0 and proc.stdout.strip() == "1"
+
+
 def test_sync_client_and_unavailable(server):
   with SyncReplayClient(server.address, timeout=10) as c:
     c.put(group("s", v=3))
@@ -613,6 +630,7 @@ def test_a_damaged_journal_is_refused_in_one_line_naming_the_record(tmp_path, da
     f.write(damage)
   with pytest.raises(DataError, match=re.escape(needle)):
     ReplayQueue(str(tmp_path))
+  q.close()  # the journal is one process's at a time
   proc = subprocess.run([sys.executable, "-m", "asearcher_jax.replay.server", "--journal",
                          str(tmp_path), "--port", "0"], capture_output=True, text=True,
                         timeout=60, env=dict(os.environ, PYTHONPATH=REPO))

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import fcntl
 import heapq
 import json
 import os
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Callable, Literal
 
 from asearcher_jax.errors import DataError
@@ -90,6 +92,40 @@ def _check_timeout(what: str, timeout_s: float) -> None:
     raise ValueError(f"{what} timeout_s must be in (0, {MAX_LEASE_S:.0f}], got {timeout_s}")
 
 
+# One journal, one process: a second queue process on it handed out and acknowledged the same
+# groups, and one's compaction erased what the other had appended. Queues of one process (a
+# test reopening a journal, as a restart would) share its lock, held while any is open.
+_JOURNAL_LOCKS: dict[str, list[int]] = {}  # lock file -> [fd, open queues]
+
+
+def _lock_journal(journal_dir: str) -> str:
+  path = os.path.realpath(os.path.join(journal_dir, "journal.lock"))
+  if path in _JOURNAL_LOCKS:
+    _JOURNAL_LOCKS[path][1] += 1
+    return path
+  fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    os.close(fd)
+    raise DataError(f"{journal_dir}: the replay journal is in use by another process (pid "
+                    f"{holder}): one queue serves a journal") from None
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, str(os.getpid()).encode(), 0)
+  _JOURNAL_LOCKS[path] = [fd, 1]
+  return path
+
+
+def _unlock_journal(path: str) -> None:
+  held = _JOURNAL_LOCKS.get(path)
+  if held is not None:
+    held[1] -= 1
+    if held[1] == 0:
+      del _JOURNAL_LOCKS[path]
+      os.close(held[0])  # releases the flock
+
+
 class ReplayQueue:
   """Thread-safe; every public call first returns the groups of expired leases to the queue.
 
@@ -118,11 +154,23 @@ class ReplayQueue:
     self._dead_bytes = 0  # payload of consumed groups still in the journal
     self.compactions = 0
     self._path = os.path.join(journal_dir, JOURNAL) if journal_dir else None
+    self._release = None
     if self._path:
       os.makedirs(journal_dir, exist_ok=True)
-      self._replay()
+      lock = _lock_journal(journal_dir)
+      self._release = weakref.finalize(self, _unlock_journal, lock)  # also when collected
+      try:
+        self._replay()
+      except BaseException:
+        self.close()
+        raise
       if self._dead_bytes > self.compact_bytes:
         self.compact()
+
+  def close(self) -> None:
+    """Releases the journal to another process (also done when the queue is collected)."""
+    if self._release is not None:
+      self._release()
 
   # -- journal -------------------------------------------------------------------------------
   def _replay(self) -> None:
