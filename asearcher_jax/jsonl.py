@@ -101,14 +101,18 @@ def drop_torn_tail(path: str, keep_whole: bool = True) -> None:
         break
       pos = start
     f.seek(tail)
-    try:
-      if not keep_whole:
-        raise ValueError("not kept")
-      json.loads(f.read().decode("utf-8"))
-    except (ValueError, RecursionError):
-      f.truncate(tail)
+    if keep_whole and _is_json(f.read()):
+      f.write(b"\n")  # read() left the position at the end
     else:
-      f.write(b"\n")
+      f.truncate(tail)
+
+
+def _is_json(raw: bytes) -> bool:
+  try:
+    json.loads(raw.decode("utf-8"))
+  except (ValueError, RecursionError):
+    return False
+  return True
 
 
 def iter_rows(path: str) -> Iterator[tuple[int, dict | None, str | None]]:

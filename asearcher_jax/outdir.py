@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 
 from asearcher_jax.errors import ConfigError
 
@@ -33,3 +34,21 @@ def check_out_dir(path: str, *, overwrite: bool, markers: tuple[str, ...], what:
   if cwd == real or cwd.startswith(real + os.sep):
     raise ConfigError(f"{flag} {path} is the directory this runs in, or holds it: not "
                       "overwritten")
+
+
+def replace_dir(new: str, out: str) -> None:
+  """Moves the finished directory `new` (a sibling of `out`) to `out`. What `out` held is
+  moved aside first, put back if the move fails, and deleted only once the new one is in
+  place: at no moment is there neither."""
+  old = None
+  if os.path.lexists(out):
+    old = f"{new}.old"
+    os.rename(out, old)
+  try:
+    os.rename(new, out)
+  except OSError:
+    if old is not None:
+      os.rename(old, out)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)

@@ -12,8 +12,10 @@ vfork() and exec, which runs no fork handlers; the child then ties itself to the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from typing import Callable
@@ -22,6 +24,20 @@ from asearcher_jax.errors import AsearcherError
 
 SUPERVISOR_ENV = "ASEARCHER_SUPERVISOR_PID"
 PR_SET_PDEATHSIG = 1
+
+
+def free_ports(n: int) -> list[int]:
+  """`n` distinct free loopback ports: every socket stays bound until all are picked (one at a
+  time, the kernel may hand out a port it just freed again)."""
+  with contextlib.ExitStack() as stack:
+    socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+    for s in socks:
+      s.bind(("127.0.0.1", 0))
+    return [s.getsockname()[1] for s in socks]
+
+
+def free_port() -> int:
+  return free_ports(1)[0]
 
 
 def pid_alive(pid: int) -> bool:

@@ -95,15 +95,10 @@ def test_missing_checkpoint_directory(tmp_path):
 
 def test_serve_answers_openai_requests_and_stops_on_sigterm(tmp_path):
   import signal
-  import socket
   import urllib.request
 
-  def free_port():
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      return s.getsockname()[1]
-
-  grpc_port, http_port = free_port(), free_port()
+  from asearcher_jax.procs import free_ports
+  grpc_port, http_port = free_ports(2)
   env = child_env()
   proc = subprocess.Popen(
       [sys.executable, "-m", "asearcher_jax.cli", "serve", "--config", "configs/debug.yaml", *TINY,

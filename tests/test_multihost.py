@@ -29,10 +29,10 @@ from asearcher_jax.inference.weights import load_weights
 from asearcher_jax.models import build_tokenizer, create_model
 from asearcher_jax.models.params import flat_state
 from asearcher_jax.models.pretrained import save_policy
+from asearcher_jax.procs import free_port
 from asearcher_jax.replay import Group, ReplayQueue, ReplayServer
 from asearcher_jax.rl.batch import build_batch, shard_batch
 from asearcher_jax.rl.step import make_ppo_step
-from asearcher_jax.rl.supervisor import free_port
 from asearcher_jax.sharding import make_mesh
 from asearcher_jax.train.optimizer import make_optimizer
 

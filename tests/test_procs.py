@@ -13,9 +13,9 @@ import time
 import pytest
 from conftest import child_env
 
-from asearcher_jax.procs import Child, ChildExited, wait_ready
+from asearcher_jax.procs import Child, ChildExited, free_port, wait_ready
 from asearcher_jax.replay import ReplayQueue, ReplayServer, SyncReplayClient
-from asearcher_jax.rl.supervisor import _grpc_ready, free_port
+from asearcher_jax.rl.supervisor import _grpc_ready
 
 ENV = child_env()
 

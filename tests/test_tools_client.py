@@ -2,11 +2,11 @@
 
 import asyncio
 import os
-import socket
 
 import pytest
 from aiohttp import web
 
+from asearcher_jax.procs import free_port
 from asearcher_jax.tools.client import LocalSearchClient, WebSearchClient, chunks, make_client
 from asearcher_jax.tools.config import SearchClientSection
 from asearcher_jax.tools.index import SearchIndex, build_index
@@ -71,14 +71,8 @@ def test_unknown_url_and_empty_inputs_are_tool_errors(world_server):
   assert not any(r.environment_failed for r in (missing, empty, q0))
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_unreachable_server_is_a_tool_error():
-  cfg = SearchClientSection(url=f"http://127.0.0.1:{_free_port()}", timeout_s=2)
+  cfg = SearchClientSection(url=f"http://127.0.0.1:{free_port()}", timeout_s=2)
   res = run(lambda c: c.search(["a", "b"]), cfg)
   assert [r.error.kind for r in res] == ["connection", "connection"]
   assert res[0].render().startswith("Tool error (connection)")
@@ -225,7 +219,7 @@ def test_limits_guessed_while_the_server_was_down_are_asked_again(world_server):
   from asearcher_jax.tools.config import RetrievalSection
   from asearcher_jax.tools.retrieval_server import INDEX_KEY
   _, srv = world_server
-  port = _free_port()
+  port = free_port()
 
   async def go():
     c = LocalSearchClient(SearchClientSection(url=f"http://127.0.0.1:{port}", timeout_s=2))

@@ -6,6 +6,7 @@ import asyncio
 import pytest
 from aiohttp import web
 
+from asearcher_jax.procs import free_port
 from asearcher_jax.tools.cache import DiskCache
 from asearcher_jax.tools.client import WebSearchClient
 from asearcher_jax.tools.config import SearchClientSection, WebSection
@@ -131,13 +132,6 @@ def search_once(s: SerperSearch, query: str, topk: int):
     finally:
       await s.close()
   return asyncio.run(go())
-
-
-def _free_port() -> int:
-  import socket
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    return sock.getsockname()[1]
 
 
 def section(srv, **kw) -> WebSection:
@@ -338,7 +332,7 @@ def test_a_page_plain_fetch_cannot_read_is_the_policys_and_a_refused_reader_key_
                             section(srv, reader="fetch", max_retries=0, fetch_private=True))
     try:
       return [await fetch.access(u) for u in (
-          srv.url + "/img.png", f"http://127.0.0.1:{_free_port()}/", "http://[bad/")]
+          srv.url + "/img.png", f"http://127.0.0.1:{free_port()}/", "http://[bad/")]
     finally:
       await fetch.close()
   pdf, down, malformed = asyncio.run(go())

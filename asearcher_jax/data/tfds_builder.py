@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 
 from asearcher_jax.data.datasets import dataset_names
 from asearcher_jax.data.qa import DataError, LoadReport, QAItem, load_qa
+from asearcher_jax.outdir import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -145,15 +146,7 @@ def build_qa_dataset(sources: Mapping[str, Sequence[str] | str] | Sequence[str],
     with tempfile.TemporaryDirectory(prefix="qa_tfds_dl_") as dl:  # nothing is downloaded
       builder.download_and_prepare(download_dir=dl)
     os.makedirs(os.path.dirname(builder_dir), exist_ok=True)
-    old = os.path.join(staging, "replaced")
-    if os.path.exists(builder_dir):  # moved aside, not deleted, until the new one is in place
-      os.rename(builder_dir, old)
-    try:
-      os.rename(os.fspath(builder.data_dir), builder_dir)
-    except OSError:
-      if os.path.exists(old):
-        os.rename(old, builder_dir)
-      raise
+    replace_dir(os.fspath(builder.data_dir), builder_dir)
   finally:
     tfds.display_progress_bar(was_active)
     shutil.rmtree(staging, ignore_errors=True)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from asearcher_jax.errors import CheckpointError
 from asearcher_jax.models.config import QwenConfig, read_json
 from asearcher_jax.models.qwen import fuse_qkv, split_qkv
-from asearcher_jax.outdir import HF_MARKERS, check_out_dir
+from asearcher_jax.outdir import HF_MARKERS, check_out_dir, replace_dir
 from asearcher_jax.procs import pid_alive
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -305,13 +305,7 @@ def save_hf_checkpoint(params: dict[str, jax.Array], cfg: QwenConfig, out_dir: s
       _finish_stage(stage, staged, cfg, np_dtype, params)
       if write_extra:
         write_extra(stage)
-      if os.path.exists(out_dir):
-        trash = stage + ".old"
-        os.rename(out_dir, trash)
-        os.rename(stage, out_dir)
-        shutil.rmtree(trash)
-      else:
-        os.rename(stage, out_dir)
+      replace_dir(stage, out_dir)
   finally:
     if writer and os.path.exists(stage):
       shutil.rmtree(stage, ignore_errors=True)

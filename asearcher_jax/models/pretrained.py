@@ -30,6 +30,7 @@ from asearcher_jax.models.tokenizer import (
   is_hf_dir,
   tokenizer_dir,
 )
+from asearcher_jax.outdir import replace_dir
 from asearcher_jax.sharding import make_mesh, state_shardings
 
 
@@ -141,8 +142,7 @@ def save_policy(directory: str, step: int, params: dict[str, jax.Array], cfg: Qw
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     copy_tokenizer_files(tokenizer_dir, staging)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.rename(staging, dst)
+    replace_dir(staging, dst)
   with Checkpointer(directory, async_save=async_save) as ckpt:
     ckpt.save(step, params=params, version=version, metadata=meta, manifest=manifest)
 

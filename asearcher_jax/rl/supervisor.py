@@ -12,10 +12,8 @@ each process's log in <run>/logs/.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from typing import Callable
@@ -23,27 +21,13 @@ from typing import Callable
 from asearcher_jax.config import Config
 from asearcher_jax.errors import AsearcherError
 from asearcher_jax.jsonl import Follower
-from asearcher_jax.procs import Child, wait_ready
+from asearcher_jax.procs import Child, free_ports, wait_ready
 from asearcher_jax.rl.plot import plot_metrics
 from asearcher_jax.rl.training_log import RolloutLogs, starved, starved_after
 
 RESTARTS = 5  # per rollout worker
 PLOT_EVERY_S = 20.0  # the learning curve is redrawn at most this often while training
 STARVED_CHECK_S = 10.0  # once no step has come for this long, the scored groups are read this often
-
-
-def free_ports(n: int) -> list[int]:
-  """`n` distinct free loopback ports: every socket stays bound until all are picked (one at a
-  time, the kernel may hand out a port it just freed again)."""
-  with contextlib.ExitStack() as stack:
-    socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-    for s in socks:
-      s.bind(("127.0.0.1", 0))
-    return [s.getsockname()[1] for s in socks]
-
-
-def free_port() -> int:
-  return free_ports(1)[0]
 
 
 def _has_checkpoint(directory: str) -> bool:

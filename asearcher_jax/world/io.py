@@ -23,7 +23,7 @@ import shutil
 import uuid
 
 from asearcher_jax.errors import RetrievalError
-from asearcher_jax.outdir import WORLD_MARKERS, check_out_dir
+from asearcher_jax.outdir import WORLD_MARKERS, check_out_dir, replace_dir
 from asearcher_jax.world.config import WorldConfig
 from asearcher_jax.world.generator import Entity, World, generate_world
 
@@ -57,8 +57,8 @@ def write_world(world: World, out_dir: str, overwrite: bool = False,
   a complete world that appeared at `out_dir` meanwhile -- another process won the race --
   is kept and our copy discarded, instead of deleting the winner's files under its readers.
 
-  `overwrite` replaces a world, never anything else (`outdir.check_out_dir`). The old world
-  is moved aside, the new one renamed in, and only then the old one deleted."""
+  `overwrite` replaces a world, never anything else (`outdir.check_out_dir`), by
+  `outdir.replace_dir`."""
   check_out_dir(out_dir, overwrite=overwrite, markers=WORLD_MARKERS, what="world",
                 flag="out_dir")
   given, out_dir = out_dir, os.path.realpath(out_dir)  # a symlink's target gets replaced
@@ -71,21 +71,13 @@ def write_world(world: World, out_dir: str, overwrite: bool = False,
     if keep_existing and _complete(out_dir):
       shutil.rmtree(tmp)
       return given
-    old = None
-    if os.path.exists(out_dir):
-      old = f"{tmp}.old"
-      os.rename(out_dir, old)
     try:
-      os.rename(tmp, out_dir)
+      replace_dir(tmp, out_dir)
     except OSError:
-      if old is not None:
-        os.rename(old, out_dir)
-      elif keep_existing and _complete(out_dir):
+      if keep_existing and _complete(out_dir):  # another process's world appeared meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
         return given
       raise
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
