@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 
 import grpc
 import numpy as np
@@ -210,26 +211,85 @@ def test_compaction_keeps_semantics(tmp_path):
   q.set_version(4)
   size_before = os.path.getsize(path)
   held = q.lease(2, 60)  # leased at compaction time: must survive it
-  for _ in range(5):
+  for _ in range(6):  # 12 of 20 consumed: more payload dead than live
     q.ack(q.lease(2, 60).lease_id)
+  q.wait_compaction()
   assert q.compactions >= 1
   assert os.path.getsize(path) < size_before
   assert not os.path.exists(path + ".tmp")
   ops = collections.Counter(json.loads(line)["op"] for line in open(path))
   assert ops["consumed"] == 1 and ops["worker"] == 1 and ops["version"] == 1
   q.put(group("after", v=9, cursor=99))
+  q.close()  # as the process would, restarting
   q2 = ReplayQueue(d, compact_bytes=5000)
   s = q2.stats()
-  assert (s["version"], s["queued"], s["consumed"], s["accepted_total"]) == (4, 11, 10, 21)
+  assert (s["version"], s["queued"], s["consumed"], s["accepted_total"]) == (4, 9, 12, 21)
   assert q2.worker_state("w0") == (21, 99)
   assert all(q2.put(group(f"g{i:02d}")) == "duplicate" for i in range(20))
   assert q2.ack(q.lease(1, 60).lease_id) is False  # leases of the old process are gone
-  rest = q2.lease(11, 60)
+  rest = q2.lease(9, 60)
   assert ids(held)[0] in ids(rest) and ids(rest)[-1] == "after"
   assert [g.submit_version for g in rest.groups] == sorted(g.submit_version for g in rest.groups)
   q2.ack(rest.lease_id)
+  q2.close()
   q3 = ReplayQueue(d, compact_bytes=5000)  # compacted on startup or at the last ack
   assert q3.stats()["queued"] == 0 and q3.stats()["consumed"] == 21
+
+
+def test_compaction_waits_until_it_reclaims_what_it_rewrites(tmp_path):
+  """A rewrite copies every live group: it waits until more payload is dead than live, so a
+  queue holding gigabytes is not rewritten for every threshold's worth of acks."""
+  d = str(tmp_path)
+  q = ReplayQueue(d, compact_bytes=500)
+  for i in range(10):
+    q.put(group(f"g{i}"))
+  assert group("g0").nbytes > 500  # one consumed group crosses the threshold
+  for _ in range(4):  # 4 dead, 6 live: past the threshold, not past the live payload
+    q.ack(q.lease(1, 60).lease_id)
+  q.wait_compaction()
+  assert q.compactions == 0
+  q.ack(q.lease(2, 60).lease_id)  # 6 dead, 4 live
+  q.wait_compaction()
+  assert q.compactions == 1
+  q.close()
+  assert ReplayQueue(d).stats()["queued"] == 4
+
+
+def test_compaction_lets_the_queue_work_and_keeps_what_it_did_meanwhile(tmp_path, monkeypatch):
+  d = str(tmp_path)
+  q = ReplayQueue(d, compact_bytes=500)
+  for i in range(4):
+    q.put(group(f"g{i}", cursor=i))
+  writing, go_on = threading.Event(), threading.Event()
+  to_record = Group.to_record
+
+  def slow_to_record(self):  # the rewrite of the live groups takes its time
+    if threading.current_thread().name == "replay-compaction":
+      writing.set()
+      go_on.wait(30)
+    return to_record(self)
+
+  monkeypatch.setattr(Group, "to_record", slow_to_record)
+  q.ack(q.lease(3, 60).lease_id)  # 3 dead, 1 live: the ack starts a rewrite and returns
+  assert writing.wait(30)
+  # Meanwhile the queue serves every call, and what they change is kept.
+  assert q.put(group("new", cursor=9)) == "accepted"
+  lease = q.lease(1, 60)
+  assert ids(lease) == ["g3"] and q.ack(lease.lease_id)
+  q.set_version(5)
+  assert q.compactions == 0
+  go_on.set()
+  q.wait_compaction()
+  assert q.compactions == 1 and not os.path.exists(os.path.join(d, JOURNAL + ".tmp"))
+  q.close()
+  with open(os.path.join(d, JOURNAL)) as f:
+    assert json.loads(f.readline())["op"] == "version"  # rewritten
+  q2 = ReplayQueue(d)
+  s = q2.stats()
+  assert (s["version"], s["queued"], s["consumed"], s["accepted_total"]) == (5, 1, 4, 5)
+  assert q2.worker_state("w0") == (5, 9)
+  assert q2.put(group("g1")) == "duplicate"
+  assert ids(q2.lease(1, 60)) == ["new"]
 
 
 # -- over gRPC --------------------------------------------------------------------------------

@@ -14,7 +14,11 @@ A state change is journaled before it is applied and before the caller hears of 
 not journaled: after a restart their groups are simply queued again, which is safe because
 nothing was acknowledged. Compaction rewrites the journal (temp file, fsync, rename) without
 the payloads of consumed groups, keeping their ids so that a late retried put is still a
-duplicate.
+duplicate. It runs once the consumed payload exceeds both `compact_bytes` and the live payload,
+so it never rewrites more bytes than it reclaims (at the 14B config's sizes a live queue holds
+gigabytes), and it runs beside the queue: a snapshot is taken under the lock, written without
+it while puts, leases and acks go on, and the records appended meanwhile are copied over
+under the lock before the rename.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import dataclasses
 import fcntl
 import heapq
 import json
+import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -33,6 +39,8 @@ from typing import Any, Callable, Literal
 
 from asearcher_jax.errors import DataError
 from asearcher_jax.jsonl import append_lines, drop_torn_tail, read_lines
+
+log = logging.getLogger(__name__)
 
 JOURNAL = "journal.jsonl"
 MAX_LEASE_S = 86_400.0  # a lease that outlives a day is a stuck consumer, not a slow one
@@ -131,7 +139,8 @@ class ReplayQueue:
 
   `clock` (monotonic seconds) times leases and can be faked in tests; `lease(wait_s=...)`
   waits in real time. `compact_bytes`: rewrite the journal once the payload of consumed groups
-  still in it exceeds this.
+  still in it exceeds this and the payload of the groups not yet consumed; an ack that crosses
+  it starts the rewrite in the background (`wait_compaction` waits for it).
   """
 
   def __init__(self, journal_dir: str | None = None, *, compact_bytes: int = 256 << 20,
@@ -152,6 +161,9 @@ class ReplayQueue:
     self._duplicates = 0
     self._expired = 0
     self._dead_bytes = 0  # payload of consumed groups still in the journal
+    self._live_bytes = 0  # payload of the groups not yet consumed
+    self._compacting = threading.Lock()  # one rewrite at a time
+    self._compactor: threading.Thread | None = None
     self.compactions = 0
     self._path = os.path.join(journal_dir, JOURNAL) if journal_dir else None
     self._release = None
@@ -164,13 +176,21 @@ class ReplayQueue:
       except BaseException:
         self.close()
         raise
-      if self._dead_bytes > self.compact_bytes:
+      if self._worth_compacting():
         self.compact()
 
   def close(self) -> None:
-    """Releases the journal to another process (also done when the queue is collected)."""
+    """Waits for a running compaction, then releases the journal to another process (also done
+    when the queue is collected)."""
+    self.wait_compaction()
     if self._release is not None:
       self._release()
+
+  def wait_compaction(self) -> None:
+    """Returns once no compaction started by an ack is running."""
+    worker = self._compactor
+    if worker is not None:
+      worker.join()
 
   # -- journal -------------------------------------------------------------------------------
   def _replay(self) -> None:
@@ -214,37 +234,79 @@ class ReplayQueue:
     if self._path:
       append_lines(self._path, [record], keep_whole=False)  # unfinished: never answered
 
+  def _worth_compacting(self) -> bool:
+    """Under the lock: the consumed payload exceeds the threshold and the live payload, which a
+    rewrite copies, so the bytes compaction writes never exceed those puts appended."""
+    return (self._path is not None
+            and self._dead_bytes > max(self.compact_bytes, self._live_bytes))
+
   def compact(self) -> None:
     """Rewrites the journal as the current state: version, consumed ids, unconsumed groups in
-    arrival order (leased ones too: their leases are not durable), then worker totals."""
+    arrival order (leased ones too: their leases are not durable), then worker totals, then what
+    was appended while it wrote. The lock is held only to take the snapshot and to copy those
+    last records and rename."""
     if not self._path:
       return
-    with self._lock:
-      live = sorted(self._groups.values(), key=lambda e: e.seq)
+    with self._compacting:
       tmp = self._path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        for r in ([{"op": "version", "v": self._version},
-                   {"op": "consumed", "groups": sorted(self._consumed),
-                    "leases": sorted(self._acked_leases)}]
-                  + [e.group.to_record() for e in live]
-                  + [{"op": "worker", "worker": w, "accepted": a, "cursor": c}
-                     for w, (a, c) in sorted(self._workers.items())]):
-          f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, self._path)
-      fd = os.open(os.path.dirname(self._path), os.O_RDONLY)
+      with self._lock:
+        drop_torn_tail(self._path, keep_whole=False)  # the snapshot ends at a whole line
+        covered = os.path.getsize(self._path) if os.path.exists(self._path) else 0
+        dead = self._dead_bytes
+        head = [{"op": "version", "v": self._version},
+                {"op": "consumed", "groups": sorted(self._consumed),
+                 "leases": sorted(self._acked_leases)}]
+        live = [e.group for e in sorted(self._groups.values(), key=lambda e: e.seq)]
+        workers = [{"op": "worker", "worker": w, "accepted": a, "cursor": c}
+                   for w, (a, c) in sorted(self._workers.items())]
       try:
-        os.fsync(fd)  # the rename itself
-      finally:
-        os.close(fd)
-      self._dead_bytes = 0
-      self.compactions += 1
+        with open(tmp, "w", encoding="utf-8") as f:
+          for r in head:
+            f.write(json.dumps(r) + "\n")
+          for g in live:
+            f.write(json.dumps(g.to_record()) + "\n")
+          for r in workers:
+            f.write(json.dumps(r) + "\n")
+          f.flush()
+          os.fsync(f.fileno())
+        with self._lock:
+          with open(tmp, "ab") as f, open(self._path, "rb") as journal:
+            journal.seek(covered)  # the records appended since the snapshot, in order
+            shutil.copyfileobj(journal, f)
+            f.flush()
+            os.fsync(f.fileno())
+          os.replace(tmp, self._path)
+          fd = os.open(os.path.dirname(self._path), os.O_RDONLY)
+          try:
+            os.fsync(fd)  # the rename itself
+          finally:
+            os.close(fd)
+          self._dead_bytes -= dead
+          self.compactions += 1
+      except BaseException:
+        if os.path.exists(tmp):
+          os.remove(tmp)
+        raise
+
+  def _compact_in_background(self) -> None:
+    with self._lock:
+      if self._compactor is not None and self._compactor.is_alive():
+        return  # it will not see the latest ack's bytes; the next ack starts another
+      self._compactor = threading.Thread(target=self._compact_logged, name="replay-compaction",
+                                         daemon=True)
+      self._compactor.start()
+
+  def _compact_logged(self) -> None:
+    try:
+      self.compact()
+    except Exception:  # noqa: BLE001 -- the journal is whole; the next ack tries again
+      log.exception("replay journal compaction failed; the journal is kept as it was")
 
   # -- state changes, under the lock ---------------------------------------------------------
   def _add(self, g: Group, push: bool = True) -> None:
     self._seq += 1
     self._groups[g.group_id] = e = _Entry(g, self._seq)
+    self._live_bytes += g.nbytes
     if push:
       heapq.heappush(self._heap, (g.submit_version, e.seq, g.group_id))
     state = self._workers.setdefault(g.worker, [0, 0])
@@ -256,6 +318,7 @@ class ReplayQueue:
       e = self._groups.pop(gid, None)
       if e is not None:
         self._dead_bytes += e.group.nbytes
+        self._live_bytes -= e.group.nbytes
       self._consumed.add(gid)
     if lease_id:
       self._acked_leases.add(lease_id)
@@ -346,9 +409,9 @@ class ReplayQueue:
       self._append({"op": "ack", "lease": lease_id, "groups": ids})
       del self._leases[lease_id]
       self._consume(ids, lease_id)
-      compact = self._path is not None and self._dead_bytes > self.compact_bytes
+      compact = self._worth_compacting()
     if compact:
-      self.compact()
+      self._compact_in_background()
     return True
 
   def leased(self, lease_id: str) -> Lease | None:

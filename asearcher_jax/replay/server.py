@@ -218,7 +218,10 @@ def serve(journal_dir: str | None, host: str = "127.0.0.1", port: int = 0,
   """Runs a replay queue service until SIGTERM or SIGINT."""
   queue = ReplayQueue(journal_dir, compact_bytes=compact_bytes, max_group_bytes=max_group_bytes)
   server = ReplayServer(queue, host, port, token, vocab_size)
-  asyncio.run(_serve(server))
+  try:
+    asyncio.run(_serve(server))
+  finally:
+    queue.close()  # a compaction under way finishes first
 
 
 def main(argv: list[str] | None = None) -> int:
