@@ -99,12 +99,14 @@ def build_batch(groups: list[list[Trajectory]], cfg: RLSection, *,
   With stale_policy "drop" a group with any stale loss token is dropped whole; with "mask"
   its stale tokens leave the loss mask. A sequence longer than `row_tokens` keeps its first
   `row_tokens` tokens (the tail is cut: its loss tokens are lost, counted and logged),
-  rather than failing the step. Sequences left with no loss token are not packed.
+  rather than failing the step. Sequences left with no loss token are not packed. `info["used"]`
+  lists the indices of the groups not dropped.
   """
   limit = learner_version - staleness_limit(cfg)
   info: dict[str, Any] = collections.Counter()
   seqs: list[dict[str, np.ndarray]] = []
-  for group in groups:
+  used: list[int] = []  # indices of the groups not dropped: what the step trains on
+  for i, group in enumerate(groups):
     for t in group:
       _check(t)
     stale = [np.asarray(t.loss_mask, bool) & (t.version < limit) for t in group]
@@ -113,6 +115,7 @@ def build_batch(groups: list[list[Trajectory]], cfg: RLSection, *,
       info["tokens_dropped_stale"] += int(sum(t.loss_mask.sum() for t in group))
       continue
     info["groups_used"] += 1
+    used.append(i)
     adv = group_advantages([t.reward for t in group], cfg.adv_std_norm)
     for t, a, s in zip(group, adv, stale):
       info["trajectories"] += 1
@@ -172,7 +175,7 @@ def build_batch(groups: list[list[Trajectory]], cfg: RLSection, *,
       minibatches=cfg.ppo_n_minibatches,
       fill=float((arrays["segment_ids"] > 0).mean()),
       staleness_hist={int(v): int(c) for v, c in zip(values, counts)},
-      staleness_max=int(lag.max()) if lag.size else 0)
+      staleness_max=int(lag.max()) if lag.size else 0, used=used)
   for k in ("groups_used", "groups_dropped_stale", "tokens_dropped_stale", "trajectories",
             "tokens_masked_stale", "sequences_truncated", "tokens_truncated",
             "tokens_unpredictable"):

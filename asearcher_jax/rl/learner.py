@@ -71,7 +71,10 @@ class Learner:
     return params_t, opt_t
 
   def restore(self) -> bool:
+    """Resumes from the latest checkpoint (False: none, a start from step 0). Metrics lines of
+    the steps after it are dropped: those steps are trained again, on other groups."""
     if self.ckpt.latest_step() is None:
+      self.metrics.rewind(0)
       return False
     params_t, opt_t = self._targets()
     out = self.ckpt.restore(params_target=params_t, opt_state_target=opt_t)
@@ -85,6 +88,7 @@ class Learner:
     # each names one set of weights.
     self.version = max(self.version, self._served()) + 1  # a fresh tag, newer than any served
     self.saved_step = self.step
+    self.metrics.rewind(self.step)
     self.echo(f"resumed from step {self.step} (publishing it as version {self.version}); "
               f"{len(self.skip)} groups of its last leases will be skipped if they come back")
     return True
@@ -213,39 +217,47 @@ class Learner:
           groups.append(trajs)
           ids.append(g.group_id)
         self.lease_groups[lease.lease_id] = [g.group_id for g in lease.groups]
-        if not groups:
+        batch, info = build_batch(groups, rl, learner_version=self.version) if groups else \
+            (None, {"num_tokens": 0})
+        if not info["num_tokens"]:
+          # Nothing to train on (every group poison, trained already or dropped stale): no
+          # step and no new version, which would make the servers swap to the same weights.
+          # The lease is acknowledged with the next checkpoint.
+          if groups:
+            log.warning("lease of groups %s: no loss token to train on (%d dropped stale)",
+                        ids, info.get("groups_dropped_stale", 0))
+          self.dropped_groups += len(groups)
           self.pending.append(lease.lease_id)
           self.pending_groups.extend(self.lease_groups[lease.lease_id])
           continue
-        batch, info = build_batch(groups, rl, learner_version=self.version)
         t1 = time.perf_counter()
-        if info["num_tokens"]:
-          batch = shard_batch(batch, self.mesh)
-          self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state, batch)
-          m = {k: float(v) for k, v in jax.device_get(m).items() if np.ndim(v) == 0}
-          if not m.get("fresh_tokens"):  # no token of this version: the gap is not measured
-            m.pop("logp_gap_mean", None), m.pop("logp_gap_max", None)
-          if m.get("nonfinite_updates"):
-            log.error("step %d: %d update(s) skipped, their loss or gradient not finite "
-                      "(groups %s)", self.step + 1, int(m["nonfinite_updates"]), ids)
-        else:
-          m = {}
+        batch = shard_batch(batch, self.mesh)
+        self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state, batch)
+        m = {k: float(v) for k, v in jax.device_get(m).items() if np.ndim(v) == 0}
+        if not m.get("fresh_tokens"):  # no token of this version: the gap is not measured
+          m.pop("logp_gap_mean", None), m.pop("logp_gap_max", None)
+        if m.get("nonfinite_updates"):
+          log.error("step %d: %d update(s) skipped, their loss or gradient not finite "
+                    "(groups %s)", self.step + 1, int(m["nonfinite_updates"]), ids)
         train_s = time.perf_counter() - t1
         self.pending.append(lease.lease_id)  # trained: acknowledged with the next checkpoint
         self.pending_groups.extend(g.group_id for g in lease.groups)
         self.step += 1
         self.version += 1
         self.publish()
-        if self.step % every == 0 or self.step >= total:
-          self.checkpoint()
-        trajs = [t for grp in groups for t in grp]
-        last = {"version": self.version, **episode_metrics(trajs), **m,
+        trained = info["used"]  # the groups build_batch kept: not those dropped stale
+        last = {"version": self.version,
+                **episode_metrics([t for i in trained for t in groups[i]]), **m,
                 "dropped_groups": self.dropped_groups,
                 **_batch_info(info), "wait_s": wait_s, "train_s": train_s,
                 "publish_s": self.publish_s, "served_version": self.served_version,
                 "tokens_per_s": m.get("num_tokens", 0.0) / max(train_s, 1e-9),
-                "step_s": time.perf_counter() - t0, "groups": ids}
+                "step_s": time.perf_counter() - t0, "groups": [ids[i] for i in trained]}
+        # Before the checkpoint: a kill between the two leaves a line that the restore drops
+        # (and trains again), never a checkpointed step without its line.
         self.metrics.write(self.step, last)
+        if self.step % every == 0 or self.step >= total:
+          self.checkpoint()
         self.echo(console_line(self.step, total, last))
       clean = True
     finally:

@@ -75,7 +75,8 @@ def decoupled_ppo_loss(logp: jax.Array, prox_logp: jax.Array, behav_logp: jax.Ar
       "ratio_sum": f32(jnp.where(mask, sg_ratio, 0.0)),
       "ratio_max": jnp.max(jnp.where(mask, sg_ratio, -jnp.inf)),
       "ratio_min": jnp.min(jnp.where(mask, sg_ratio, jnp.inf)),
-      "clipped": f32(valid & (jax.lax.stop_gradient(pg_clipped) > jax.lax.stop_gradient(pg))),
+      # over every loss token, capped ones too, as AReaL's clip_mask & loss_mask
+      "clipped": f32(mask & (jax.lax.stop_gradient(pg_clipped) > jax.lax.stop_gradient(pg))),
       "behav_weight_sum": f32(jnp.where(mask, w, 0.0)),
       "behav_weight_max": jnp.max(jnp.where(mask, w, -jnp.inf)),
       "capped": f32(capped),

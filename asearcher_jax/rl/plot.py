@@ -6,6 +6,7 @@ reloads the file while training never sees half an image."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterable, Sequence
 
@@ -40,10 +41,15 @@ def by_version(rollouts: Iterable[dict], key: str) -> tuple[list[int], list[floa
   """Mean of `key` over the groups started under each policy version (groups are equal-sized)."""
   sums: dict[int, list[float]] = {}
   for r in rollouts:
-    if isinstance(r.get(key), (int, float)) and "version" in r:
+    if _finite(r.get(key)) and "version" in r:
       sums.setdefault(int(r["version"]), []).append(r[key])
   versions = sorted(sums)
   return versions, [sum(sums[v]) / len(sums[v]) for v in versions]
+
+
+def _finite(v) -> bool:
+  """A point to plot: one NaN would blank a smoothed curve from there on."""
+  return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -77,7 +83,7 @@ def plot_metrics(rows: list[dict], out_png: str, *, title: str,
   fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
   for ax, (name, series, ylabel) in zip(axes.flat, PANELS):
     for key, label in series:
-      pts = [(s, r[key]) for s, r in zip(steps, rows) if isinstance(r.get(key), (int, float))]
+      pts = [(s, r[key]) for s, r in zip(steps, rows) if _finite(r.get(key))]
       if not pts:
         continue
       xs, ys = zip(*pts)

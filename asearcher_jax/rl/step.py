@@ -184,6 +184,8 @@ def make_ppo_step(model: Qwen, optimizer: optax.GradientTransformation, cfg: RLS
     finite = jnp.isfinite(loss) & jnp.isfinite(norm)
     params, opt_state = jax.lax.cond((count > 0) & finite, apply, lambda p, o: (p, o), params,
                                      opt_state)
+    # Its stats go with it: the step's figures describe the updates applied, never a NaN.
+    stats = jax.tree.map(lambda s, n: jnp.where(finite, s, n), stats, neutral_stats(stats))
     return (params, opt_state), (jnp.where(finite, loss * count, 0.0),
                                  jnp.where(finite, norm, 0.0), stats, (count > 0) & ~finite)
 
@@ -205,7 +207,8 @@ def make_ppo_step(model: Qwen, optimizer: optax.GradientTransformation, cfg: RLS
     metrics = {"loss": jnp.sum(losses) / jnp.maximum(jnp.sum(jnp.where(used, counts, 0.0)), 1.0),
                "grad_norm": jnp.sum(jnp.where(used, norms, 0.0)) / jnp.maximum(jnp.sum(used), 1),
                "nonfinite_updates": jnp.sum(nonfinite, dtype=jnp.int32),
-               "num_tokens": batch.num_tokens, **finalize_stats(reduce_stats(stats))}
+               "num_tokens": jnp.sum(jnp.where(used, counts, 0.0)),  # the tokens trained on
+               **finalize_stats(reduce_stats(stats))}
     return params, opt_state, metrics
 
   return params, opt_state, step

@@ -4,13 +4,14 @@ compact console line."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 from typing import Any, Mapping
 
 import numpy as np
 
 from asearcher_jax.agent.trajectory import Trajectory
-from asearcher_jax.jsonl import Follower, append_lines
+from asearcher_jax.jsonl import Follower, append_lines, read_lines
 
 
 def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
@@ -88,13 +89,35 @@ class MetricsWriter:
   def __init__(self, out_dir: str, tensorboard: bool = True):
     os.makedirs(out_dir, exist_ok=True)
     self.path = os.path.join(out_dir, "metrics.jsonl")
-    self._tb = None
-    if tensorboard:
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-      except ImportError:  # metrics.jsonl still has everything
-        self._tb = None
+    self._tb_dir = os.path.join(out_dir, "tensorboard") if tensorboard else None
+    self._tb = self._open_tb()
+
+  def _open_tb(self, purge_step: int | None = None):
+    if self._tb_dir is None:
+      return None
+    try:
+      from tensorboardX import SummaryWriter
+    except ImportError:  # metrics.jsonl still has everything
+      return None
+    return SummaryWriter(self._tb_dir, purge_step=purge_step)
+
+  def rewind(self, step: int) -> None:
+    """Drops what was written for steps after `step` (a resume from its checkpoint trains them
+    again): metrics.jsonl is rewritten without their lines, and TensorBoard hides their
+    events (`purge_step`)."""
+    if os.path.exists(self.path):
+      rows = read_lines(self.path)
+      kept = [r for r in rows if not (isinstance(r, dict) and r.get("step", 0) > step)]
+      if len(kept) != len(rows):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+          f.writelines(json.dumps(r) + "\n" for r in kept)
+          f.flush()
+          os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = self._open_tb(purge_step=step + 1)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     append_lines(self.path, [{"step": step, **metrics}])
@@ -113,6 +136,9 @@ class NoMetrics:
   """The metrics of a learner process other than process 0: written once, by process 0."""
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    pass
+
+  def rewind(self, step: int) -> None:
     pass
 
   def close(self) -> None:
