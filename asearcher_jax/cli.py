@@ -226,17 +226,19 @@ def json_list(items) -> str:
 def cmd_synth(args) -> int:
   """QA synthesis agent: seed QA or pages made hard by injection and fuzzing, verified; resumable"""
   import asyncio
+  import json
 
   from asearcher_jax.config import load_config
   from asearcher_jax.synth import synthesize
   overrides = list(args.overrides)
   if args.seeds:
     overrides.append("synth.seeds=" + json_list(args.seeds))
+  # JSON-encoded, so a path reads as the string it is (not `2024` the number, `null` None).
   for flag, key in (("seed_pages", "seed_pages"), ("random_pages", "random_pages"),
                     ("out", "out_dir"), ("limit", "limit"), ("k", "variants_per_seed"),
                     ("concurrency", "concurrency"), ("verifier", "verifier")):
     if getattr(args, flag) is not None:
-      overrides.append(f"synth.{key}={getattr(args, flag)}")
+      overrides.append(f"synth.{key}={json.dumps(getattr(args, flag))}")
   cfg = load_config(args.config, overrides)
   report = asyncio.run(synthesize(cfg, progress=not args.no_progress))
   return 1 if report["seeds"]["aborted"] else 0  # a rerun retries aborted seeds

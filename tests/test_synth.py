@@ -23,7 +23,7 @@ from aiohttp import web
 from asearcher_jax.config import load_config
 from asearcher_jax.errors import ConfigError
 from asearcher_jax.synth import synthesize
-from asearcher_jax.synth.llm import SynthLLM, load_prompts
+from asearcher_jax.synth.llm import SynthLLM, direct_answer, load_prompts
 from asearcher_jax.synth.pages import PageSource
 from asearcher_jax.synth.seeds import load_seeds, resolve_support
 from asearcher_jax.synth.state import Fact, LLMUnavailable, QAState, Rejected
@@ -369,6 +369,39 @@ def test_seeds_resolve_from_world_qa_hotpot_rows_pages_and_an_index(world_dir, w
     via_index.close()
 
 
+def _world_pages(world_dir):
+  return PageSource(os.path.join(world_dir, "pages.jsonl"),
+                    os.path.join(world_dir, "corpus.jsonl"))
+
+
+def test_seed_ids_stay_unique_when_a_suffixed_id_is_taken(world_dir, world, tmp_path):
+  """Bug: a repeated id got `#N` by count alone, so file A's second "a" and file B's "a" were
+  both "a#2": duplicate qids in qa.jsonl, one seed's items lost, resume never settled."""
+  rows = [{**r, "qid": "a"} for r in one_hop_seeds(world, tmp_path / "all.jsonl", 3)]
+  for name, part in (("A.jsonl", rows[:2]), ("B.jsonl", rows[2:])):
+    with open(tmp_path / name, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in part)
+  cfg = make_cfg(world_dir, tmp_path / "o", "http://127.0.0.1:1/v1",
+                 seeds=[str(tmp_path / "A.jsonl"), str(tmp_path / "B.jsonl")]).synth
+  seeds, _ = load_seeds(cfg, _world_pages(world_dir), echo=lambda s: None)
+  assert [s.seed_id for s in seeds] == ["a", "a#2", "a#3"]
+  assert [s.question for s in seeds] == [r["question"] for r in rows]
+
+
+def test_limit_counts_only_the_seeds_and_drops_before_it(world_dir, world, tmp_path):
+  """Bug: drops were counted over the whole file and the limit cut after, so `--limit 1` on
+  2 good and 5 bad rows reported 6 seeds, 5 dropped."""
+  good = one_hop_seeds(world, tmp_path / "good.jsonl", 2)
+  bad = [{"question": f"q{i}?", "answer": "a", "supporting_facts": ["nope"]} for i in range(3)]
+  with open(tmp_path / "qa.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in [bad[0], good[0], good[1], *bad[1:]])
+  for limit, n, drops in ((1, 1, 1), (2, 2, 1), (None, 2, 3)):
+    cfg = make_cfg(world_dir, tmp_path / "o", "http://127.0.0.1:1/v1",
+                   seeds=[str(tmp_path / "qa.jsonl")], limit=limit).synth
+    seeds, dropped = load_seeds(cfg, _world_pages(world_dir), echo=lambda s: None)
+    assert len(seeds) == n and dropped == Counter({"seed:no_supporting_page": drops}), limit
+
+
 # -------------------------------------------------------------------------------- verification
 
 def _state(world, question, answer, *facts):
@@ -461,24 +494,82 @@ def test_quality_checks_accept_and_reject(world_dir, world, llm, tmp_path):
   assert r.reason == "quality:judge_unclear" and r.verdict["quality"]["checks"]
 
 
+def _org_and_founder(world):
+  o = next(e for e in world.entities.values() if e.kind == "org")
+  founder = world.entities[o.rels["founder"]].name
+  assert len(founder.split()) == 2  # a first name alone is half the gold
+  return o, founder
+
+
 def test_difficulty_hard_only_when_no_sample_is_right(world_dir, world, llm, tmp_path):
-  p, _ = _person_with_two_coworkers_born_apart(world)
-  city = world.entities[p.rels["born_in"]].name
-  seed = _state(world, f"Where was {p.name} born?", city, (p.name, "born_in"))
+  o, founder = _org_and_founder(world)
+  seed = _state(world, f"Who founded {o.name}?", founder, (o.name, "founder"))
   assert _verify(_verifier(world_dir, world, llm, tmp_path), seed)["hard"] is False
-  q = "Where was the person in question born?"
-  llm.solve_answers[q] = f"{city} city"  # set-F1 2/3 against the gold
+  q = "Who founded the organisation in question?"
+  first = founder.split()[0]
+  llm.solve_answers[q] = first  # set-F1 2/3 against the gold, which it does not hold
   state = seed.evolve(question=q)
   for check, threshold, hard in (("em", 0.8, True), ("f1", 0.8, True), ("f1", 0.6, False),
-                                 ("judge", 0.8, False)):
+                                 ("judge", 0.8, True)):
     v = _verify(_verifier(world_dir, world, llm, tmp_path, answer_check=check,
                           f1_threshold=threshold, difficulty_samples=3), state)
     assert v["hard"] is hard, check
-    assert v["difficulty"]["answers"] == [f"{city} city"] * 3
+    assert v["difficulty"]["answers"] == [first] * 3
   assert llm.tasks()["judge"] == 1  # three equal answers, judged once
-  aliased = state.evolve(aug_answers=(f"{city} city",))
+  aliased = state.evolve(aug_answers=(first,))
   assert _verify(_verifier(world_dir, world, llm, tmp_path, answer_check="em"), aliased)[
       "hard"] is False
+
+
+def test_difficulty_counts_a_wordy_right_answer_right(world_dir, world, llm, tmp_path):
+  """Bug: a right answer said in a sentence had set-F1 < 0.8, so it counted as wrong and an
+  easy question was kept as hard."""
+  o, founder = _org_and_founder(world)
+  q = "Who founded the organisation in question?"
+  state = _state(world, q, founder, (o.name, "founder"))
+  llm.solve_answers[q] = f"It was founded by {founder}, as far as I can recall."
+  for check in ("f1", "judge"):
+    v = _verify(_verifier(world_dir, world, llm, tmp_path, answer_check=check), state)
+    assert v["difficulty"]["correct"] == [True, True] and v["hard"] is False, check
+
+
+def test_a_solver_that_gives_no_answer_is_no_sample(world_dir, world, llm, tmp_path):
+  """Bug: an empty or null reply counted as a wrong answer (the last line of a fenced
+  {"answer": null}, "```", was taken for one): a silent solver made every question hard, and
+  left no wrong answer for the uniqueness check."""
+  assert direct_answer("") is None and direct_answer('```json\n{"answer": null}\n```') is None
+  assert direct_answer('```json\n{"answer": "Lordorvale"}\n```') == "Lordorvale"
+  assert direct_answer("I do not know") == "I do not know"  # a real answer, and wrong
+  o, founder = _org_and_founder(world)
+  state = _state(world, "Who founded the organisation in question?", founder,
+                 (o.name, "founder"))
+  llm.tamper = {"solve": lambda r, p: {"answer": None}}
+  r = _rejected(_verifier(world_dir, world, llm, tmp_path), state)
+  assert r.reason == "difficulty:no_answer" and "hard" not in r.verdict
+  assert r.verdict["difficulty"]["answers"] == [] and llm.tasks()["alternative"] == 0
+
+
+def test_answer_checks_read_punctuation_as_a_word_break(world_dir, world, tmp_path):
+  """Bug: SQuAD normalisation deletes punctuation, so "Lordorvale's" hid Lordorvale from the
+  answer-hidden check, and a "Paris-based" fact did not hold the answer Paris."""
+  c = next(e for e in world.entities.values() if e.kind == "country")
+  capital = world.entities[c.rels["capital"]].name
+  cfg = make_cfg(world_dir, tmp_path / "o", "http://127.0.0.1:1/v1").synth
+  verifier = Verifier(cfg, None, PageSource(os.path.join(world_dir, "pages.jsonl")))
+  good = _state(world, f"Which city is the capital of {c.name}?", capital, (c.name, "capital"))
+  assert verifier.basic(good)["answer_hidden"]
+  for q in (f"Which city is the capital of {c.name} ({capital}'s country)?",
+            f"Which {capital}-born city is the capital of {c.name}?"):
+    with pytest.raises(Rejected, match="quality:answer_in_question"):
+      verifier.basic(good.evolve(question=q))
+  text = "Acme is a Paris-based company founded in 1950."
+  with open(tmp_path / "pages.jsonl", "w") as f:
+    f.write(json.dumps({"url": "https://x/wiki/Acme", "title": "Acme", "contents": text,
+                        "links": []}) + "\n")
+  acme = Verifier(cfg, None, PageSource(str(tmp_path / "pages.jsonl")))
+  state = QAState("In which city is Acme based?", ("Paris",), (),
+                  (Fact("https://x/wiki/Acme", "Acme", text),))
+  assert acme.basic(state)["answer_in_facts"]
 
 
 def test_llm_uniqueness_checks_each_distinct_wrong_answer(world_dir, world, llm, tmp_path):
@@ -559,6 +650,21 @@ def test_world_uniqueness_is_exact(world_dir, world, llm, tmp_path):
     assert finished and set(found) == creators if len(creators) < 3 else len(found) == 2
 
 
+def test_world_uniqueness_of_a_blurred_answer_value_is_ambiguous(world_dir, world, llm,
+                                                                  tmp_path):
+  """Bug: with the one value that tied the answer to the question blurred ("born in 1989" ->
+  "born in the 1980s"), the search never bound the answer: KeyError, and the seed aborted on
+  every rerun. Nothing pins the answer then: every person is a reading."""
+  p = next(e for e in world.entities.values() if e.kind == "person")
+  decade = p.attrs["birth_year"] // 10 * 10
+  state = _state(world, f"Which person was born in the {decade}s?", p.name,
+                 (p.name, "birth_year"))
+  verifier = _verifier(world_dir, world, llm, tmp_path, exact=True, quality_judge=False)
+  r = _rejected(verifier, state)
+  assert r.reason == "uniqueness:ambiguous"
+  assert len(r.verdict["uniqueness"]["world"]["readings"]) == 2
+
+
 # ------------------------------------------------------------------------------------- actions
 
 def test_actions_hold_the_llm_to_its_claims(world_dir, world, llm, tmp_path):
@@ -629,6 +735,40 @@ def test_actions_hold_the_llm_to_its_claims(world_dir, world, llm, tmp_path):
   llm.fail_on = ()
   new, action = act("fuzz")  # the scripted fuzz blurs the named organisation
   assert action["original"] == o.name and o.name not in new.question
+
+
+def test_a_name_kept_in_another_case_is_still_named(world_dir, world, llm, tmp_path):
+  """Bug: `mentions` was case-sensitive, so a fuzz or a composition that wrote the detail it
+  was to remove as "marval works" passed."""
+  import random
+
+  from asearcher_jax.synth.actions import fuzz, inject
+  o = next(e for e in world.entities.values() if e.kind == "org")
+  hq = world.entities[o.rels["headquarters"]]
+  state = _state(world, f"In which city is {o.name} headquartered?", hq.name,
+                 (o.name, "headquarters"))
+  cfg = make_cfg(world_dir, tmp_path / "o", llm.url, neighbour_tries=99).synth
+  pages = PageSource(os.path.join(world_dir, "pages.jsonl"))
+
+  def act(kind, tamper):
+    llm.tamper, client = tamper, SynthLLM(cfg)
+
+    async def go():
+      try:
+        if kind == "fuzz":
+          return await fuzz(state, client)
+        return await inject(state, o.name, o.url, client, pages, random.Random(0), cfg)
+      finally:
+        await client.close()
+    return asyncio.run(go())
+
+  for case in (str.lower, str.upper):
+    with pytest.raises(Rejected, match="fuzz:detail_kept"):
+      act("fuzz", {"fuzz": lambda r, p: {**r, "question": state.question.replace(
+          o.name, case(o.name))}})
+    with pytest.raises(Rejected, match="compose:entity_still_named"):
+      act("inject", {"compose": lambda r, p: {
+          "question": r["question"].rstrip("?") + f", {case(o.name)}?"}})
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -806,6 +946,43 @@ def test_resume_skips_finished_seeds_and_retries_aborted_ones(world_dir, world, 
   assert journal(out)[-1]["seed"]["question"] == other["question"]
 
 
+def test_a_rerun_with_fewer_seeds_keeps_earlier_items(world_dir, world, llm, tmp_path):
+  """Bug: qa.jsonl was rebuilt from this run's seeds only, so a rerun with `--limit 1` (or
+  another seed file) silently wiped what earlier runs had kept."""
+  one_hop_seeds(world, tmp_path / "qa.jsonl", 4)
+  out = tmp_path / "out"
+  cfg = make_cfg(world_dir, out, llm.url, seeds=[str(tmp_path / "qa.jsonl")], verifier="world",
+                 max_actions=3)
+  run(cfg)
+  before = qa_rows(out)
+  assert len({r["seed"]["seed_id"] for r in before}) >= 2
+  llm.requests = []
+  report = run(make_cfg(world_dir, out, llm.url, seeds=[str(tmp_path / "qa.jsonl")],
+                        verifier="world", max_actions=3, limit=1))
+  assert llm.requests == [] and report["seeds"]["total"] == 1
+  by_qid = lambda rows: sorted(rows, key=lambda r: r["qid"])  # noqa: E731
+  assert by_qid(qa_rows(out)) == by_qid(before) and report["qa_items"] == len(before)
+
+
+def test_resume_does_not_depend_on_how_the_seed_file_is_named(world_dir, world, llm, tmp_path,
+                                                              monkeypatch):
+  """Bug: the seed's origin (its file path as given) was part of "is this seed done?", so
+  `qa.jsonl`, `./qa.jsonl` and its absolute path each ran every seed again."""
+  one_hop_seeds(world, tmp_path / "qa.jsonl", 2)
+  monkeypatch.chdir(tmp_path)
+  out = tmp_path / "out"
+
+  def cfg(path):
+    return make_cfg(world_dir, out, llm.url, seeds=[path], verifier="world", max_actions=2)
+
+  run(cfg("qa.jsonl"))
+  rows = qa_rows(out)
+  for path in ("./qa.jsonl", str(tmp_path / "qa.jsonl")):
+    llm.requests = []
+    run(cfg(path))
+    assert llm.requests == [] and qa_rows(out) == rows, path
+
+
 def test_an_output_path_that_is_a_file_is_a_clear_error(world_dir, world, llm, tmp_path):
   from asearcher_jax.errors import ConfigError
   one_hop_seeds(world, tmp_path / "qa.jsonl", 1)
@@ -862,3 +1039,31 @@ def test_cli_synth_runs_and_bad_input_exits_2(world_dir, world, llm, tmp_path):
   assert typo.returncode == 2 and "synth.max_action" in typo.stderr
   empty = synth("--out", str(tmp_path / "o4"), *common)
   assert empty.returncode == 2 and "no seeds" in empty.stderr
+
+
+def test_cli_synth_paths_stay_strings_and_a_foreign_journal_is_a_clear_error(
+    world_dir, world, llm, tmp_path, monkeypatch):
+  """Bug: `--out 2024` failed (YAML read the path as a number), `--out null` wrote to the
+  default directory, and an out_dir whose seeds.jsonl has no seed_id gave a KeyError."""
+  import asearcher_jax.synth as synth_pkg
+  from asearcher_jax.cli import build_parser
+  from asearcher_jax.errors import DataError
+  seen = []
+
+  async def fake(cfg, progress=True):
+    seen.append(cfg.synth)
+    return {"seeds": {"aborted": 0}}
+
+  monkeypatch.setattr(synth_pkg, "synthesize", fake)
+  for out in ("2024", "null", "yes"):
+    args = build_parser().parse_args(["synth", "--config", SYNTH_YAML, "--out", out,
+                                      "--seed-pages", "1e3"])
+    assert args.fn(args) == 0 and (seen[-1].out_dir, seen[-1].seed_pages) == (out, "1e3")
+
+  one_hop_seeds(world, tmp_path / "qa.jsonl", 1)
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "seeds.jsonl").write_text(json.dumps({"qid": "x", "question": "q?"})
+                                                + "\n")
+  with pytest.raises(DataError, match="not a synth seed record"):
+    run(make_cfg(world_dir, tmp_path / "out", llm.url, seeds=[str(tmp_path / "qa.jsonl")],
+                 verifier="world"))

@@ -379,11 +379,19 @@ def load_qa(path: str | os.PathLike, format: str = "auto", source: str | None = 
     qid = _hash_qid(fields["source"], fields["question"]) if hashed else qid
     if qid in issued:  # kept, but as its own question: evaluation and rollout key on qid
       repeated, dup_ids = repeated + hashed, dup_ids + (not hashed)
-      qid = next(f"{qid}#{i}" for i in itertools.count(2) if f"{qid}#{i}" not in issued)
+      qid = free_id(qid, issued)
     issued.add(qid)
     items.append(QAItem(qid=qid, **fields))
   return LoadReport(items=items, skipped=skipped, format=fmt, path=path, duplicate_ids=dup_ids,
                     repeated_questions=repeated)
+
+
+def free_id(qid: str, issued: set[str]) -> str:
+  """`qid`, or the first `#N` suffix (N >= 2) not issued yet: a repeated id is kept as its own
+  question (evaluation, rollouts and synthesis key on it)."""
+  if qid not in issued:
+    return qid
+  return next(f"{qid}#{i}" for i in itertools.count(2) if f"{qid}#{i}" not in issued)
 
 
 def _chain(first, rest):

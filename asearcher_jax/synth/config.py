@@ -39,7 +39,7 @@ class SynthSection(Section):
   seeds: tuple[str, ...] = ()  # QA files (any loader format) whose supporting pages resolve
   seed_pages: str | None = None  # JSONL rows {url or title, fact?}
   random_pages: int = Field(0, ge=0)  # seeds drawn at random from the pages
-  limit: int | None = Field(None, ge=1)  # seeds at most, in order
+  limit: int | None = Field(None, ge=1)  # seeds at most, in order (drops before it count)
 
   # The loop.
   max_actions: int = Field(8, ge=1)  # rounds per seed (each proposes one action)
@@ -52,7 +52,9 @@ class SynthSection(Section):
   verifier: Literal["llm", "world"] = "llm"  # world: exact groundedness and uniqueness
   quality_judge: bool = True  # also ask the LLM whether the question is clear and valid
   difficulty_samples: int = Field(8, ge=1)  # tool-free answers; hard when none is right
-  answer_check: Literal["em", "f1", "judge"] = "f1"  # judge: reward.judge's endpoint
+  # em: exact match; f1: set-F1 >= f1_threshold or the gold inside the answer (cover EM);
+  # judge: reward.judge's endpoint.
+  answer_check: Literal["em", "f1", "judge"] = "f1"
   f1_threshold: float = Field(0.8, gt=0.0, le=1.0)
 
   concurrency: int = Field(16, ge=1)  # seeds in flight

@@ -30,18 +30,30 @@ PROMPTS: dict[str, tuple[str, ...]] = {
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 
 
+def _answer_value(value) -> str | None:
+  if isinstance(value, (list, tuple)):  # ["X", "Y"]: several names for one answer
+    value = ", ".join(str(v) for v in value if isinstance(v, (str, int, float)))
+  if not isinstance(value, (str, int, float)):
+    return None
+  return str(value).strip() or None
+
+
 def direct_answer(text: str | None) -> str | None:
-  """A tool-free answer: the JSON "answer", else an <answer> tag, else the last line. Small
-  models drift from the format; their answer still counts for difficulty."""
+  """A tool-free answer: the JSON "answer", else an <answer> tag, else the last line of text.
+  Small models drift from the format; their answer still counts for difficulty. None when the
+  reply holds no answer (empty, a JSON object whose answer is null or missing, only a code
+  fence): that is no sample, not a wrong one."""
   if not text or not text.strip():
     return None
-  obj = parse_json_reply(text, lambda o: isinstance(o.get("answer"), (str, int, float)))
+  obj = parse_json_reply(text, lambda o: "answer" in o) or parse_json_reply(text)
   if obj is not None:
-    return str(obj["answer"]).strip()
+    return _answer_value(obj.get("answer"))
   tags = _ANSWER_TAG.findall(text)
   if tags:
-    return tags[-1].strip()
-  return text.strip().splitlines()[-1].strip()[:200]
+    return tags[-1].strip() or None
+  lines = [line.strip() for line in text.splitlines()
+           if line.strip() and not line.strip().startswith("```")]
+  return lines[-1][:200] if lines else None
 
 
 # A request the endpoint refuses for what it is (too long a prompt, a parameter it rejects)
@@ -112,12 +124,13 @@ class SynthLLM:
     _raise(name, reply)
 
   async def solve(self, question: str) -> str:
-    """One tool-free answer from the solver (`direct_answer` of its reply)."""
+    """One tool-free answer from the solver (`direct_answer` of its reply); a reply that holds
+    none, asked again, is `Rejected` ("solve:unparseable")."""
     reply = await self.solver.ask(self.render("solve", question=question), direct_answer,
                                   temperature=self.cfg.solver_temperature, what="solve reply")
-    if reply.value is None and reply.unavailable:
+    if reply.value is None:
       _raise("solve", reply)
-    return reply.value or ""
+    return reply.value
 
   async def close(self) -> None:
     await self.chat.close()

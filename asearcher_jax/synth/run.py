@@ -7,8 +7,14 @@ Outputs in `synth.out_dir`:
                stopped answering is journaled `aborted` and retried by the next run.
   qa.jsonl     the kept variants in ASearcher JSONL (question, answer, aug_answer, source,
                qid) with their provenance (seed, actions, supporting facts, verdicts), rebuilt
-               from the journal at the end of each run, as is
-  report.json  the statistics (also printed).
+               at the end of each run from every seed done in the journal (this run's seeds
+               first, in order; then those of earlier runs), so a rerun with fewer or other
+               seeds loses nothing; a seed rerun after an edit replaces what it gave before.
+  report.json  the statistics of this run's seeds (also printed), and `qa_items`, the rows
+               of qa.jsonl.
+
+A seed is done when the journal's latest record for its id is done and holds the same seed
+content (question, answers, facts, pages), wherever its file is.
 """
 
 from __future__ import annotations
@@ -56,6 +62,18 @@ def _dumps(row: Any) -> str:
   return json.dumps(row, ensure_ascii=False)
 
 
+def _latest(journal: str) -> dict[str, dict]:
+  """Seed id -> its latest journal record; a row that is no seed record is a clear error (an
+  out_dir holding another tool's seeds.jsonl), not a KeyError."""
+  latest = {}
+  for n, r in enumerate(read_lines(journal), 1):
+    if not isinstance(r, dict) or not isinstance(r.get("seed_id"), str) or "status" not in r:
+      raise DataError(f"{journal}: record {n} is not a synth seed record (no seed_id or "
+                      "status); is synth.out_dir another tool's output directory?")
+    latest[r["seed_id"]] = r
+  return latest
+
+
 async def synthesize(cfg: Config, *, progress: bool = True, echo=print) -> dict[str, Any]:
   """Runs what `cfg.synth` asks; returns the report (also in report.json)."""
   from tqdm.auto import tqdm
@@ -81,11 +99,13 @@ async def synthesize(cfg: Config, *, progress: bool = True, echo=print) -> dict[
       raise ConfigError(f"synth.out_dir {out_dir} is a file, not a directory")
     os.makedirs(out_dir, exist_ok=True)
     journal = os.path.join(out_dir, "seeds.jsonl")
-    latest = {r["seed_id"]: r for r in read_lines(journal)}
+    latest = _latest(journal)
 
     def done(sd: Seed) -> bool:  # and by this very seed: an edited seed file reuses its ids
       r = latest.get(sd.seed_id, {})
-      return r.get("status") == "done" and r.get("seed") == json.loads(_dumps(sd.to_dict()))
+      seed = dict(r.get("seed") or {})
+      seed.pop("origin", None)
+      return r.get("status") == "done" and seed == sd.content()
 
     work = [sd for sd in seeds if not done(sd)]
     changed = sum(sd.seed_id in latest and latest[sd.seed_id].get("status") == "done"
@@ -131,16 +151,19 @@ async def synthesize(cfg: Config, *, progress: bool = True, echo=print) -> dict[
         await judge.close()
 
     records = [latest[sd.seed_id] for sd in seeds if sd.seed_id in latest]
-    rows = [qa_row(r, i, v, s.source_name) for r in records if r["status"] == "done"
+    ours = {sd.seed_id for sd in seeds}
+    journaled = records + [r for i, r in latest.items() if i not in ours]
+    rows = [qa_row(r, i, v, s.source_name) for r in journaled if r["status"] == "done"
             for i, v in enumerate(r["variants"])]
     qa_path = os.path.join(out_dir, "qa.jsonl")
     _write_atomic(qa_path, "".join(_dumps(row) + "\n" for row in rows))
     report = summarize(records, dropped)
-    report.update(llm_requests=llm.requests, wall_s=round(time.monotonic() - t0, 2),
-                  qa=qa_path, journal=journal)
+    report.update(qa_items=len(rows), llm_requests=llm.requests,
+                  wall_s=round(time.monotonic() - t0, 2), qa=qa_path, journal=journal)
     _write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
     echo(format_table(report))
-    echo(f"qa: {qa_path}; journal: {journal}; report: {os.path.join(out_dir, 'report.json')}")
+    echo(f"qa: {qa_path} ({len(rows)} items); journal: {journal}; report: "
+         f"{os.path.join(out_dir, 'report.json')}")
     return report
   finally:
     pages.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import random
 from collections import Counter
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from asearcher_jax.data.qa import QAItem, load_qa
+from asearcher_jax.data.qa import QAItem, free_id, load_qa
 from asearcher_jax.errors import DataError
 from asearcher_jax.jsonl import iter_rows
 from asearcher_jax.synth.pages import PageSource
@@ -39,6 +40,11 @@ class Seed:
   facts: tuple[Fact, ...]
   pages: tuple[str, ...]
   origin: dict
+
+  def content(self) -> dict[str, Any]:
+    """What the seed is, as JSON would give it back: a finished seed is done iff its content is
+    unchanged. Not where it came from: a seed file named by another path is the same seed."""
+    return json.loads(json.dumps({k: v for k, v in self.to_dict().items() if k != "origin"}))
 
   def to_dict(self) -> dict[str, Any]:
     return {"seed_id": self.seed_id, "kind": self.kind, "question": self.question,
@@ -125,23 +131,40 @@ def page_seed(page: dict, fact: str = "", origin: dict | None = None) -> Seed:
 
 
 def load_seeds(synth, pages: PageSource, echo=print) -> tuple[list[Seed], Counter]:
-  """The section's seeds in order (QA files, then seed pages, then random pages) and the count
-  of seeds dropped, by reason."""
+  """The section's seeds in order (QA files, then seed pages, then random pages), at most
+  `synth.limit` of them, and the count of seeds dropped, by reason, before the limit was
+  reached. Ids are unique: a repeated one (the same qid in two files, a page drawn twice) gets
+  the first free `#N` suffix."""
   seeds: list[Seed] = []
   dropped: Counter = Counter()
+  issued: set[str] = set()
+
+  def full() -> bool:
+    return synth.limit is not None and len(seeds) >= synth.limit
+
+  def add(seed: Seed) -> None:
+    seed_id = free_id(seed.seed_id, issued)
+    issued.add(seed_id)
+    seeds.append(dataclasses.replace(seed, seed_id=seed_id))
+
   for path in synth.seeds:
+    if full():
+      break
     report = load_qa(path)
     echo(report.summary())
     for item in report.items:
+      if full():
+        break
       facts, bare = resolve_support(item, pages)
       if not facts and not bare:
         dropped["seed:no_supporting_page"] += 1
         continue
-      seeds.append(Seed(item.qid, "qa", item.question, item.answers, item.aug_answers,
-                        tuple(facts), tuple(bare),
-                        {"file": path, "qid": item.qid, "source": item.source}))
-  if synth.seed_pages:
+      add(Seed(item.qid, "qa", item.question, item.answers, item.aug_answers, tuple(facts),
+               tuple(bare), {"file": path, "qid": item.qid, "source": item.source}))
+  if synth.seed_pages and not full():
     for n, row, error in iter_rows(_existing(synth.seed_pages)):
+      if full():
+        break
       if error is not None:
         raise DataError(f"{synth.seed_pages}:{n}: {error}")
       key = row.get("url") or row.get("title")
@@ -152,22 +175,15 @@ def load_seeds(synth, pages: PageSource, echo=print) -> tuple[list[Seed], Counte
       elif fact and not on_page(fact, page["contents"]):
         dropped["seed:fact_not_on_page"] += 1
       else:
-        seeds.append(page_seed(page, fact, {"file": synth.seed_pages, "line": n,
-                                            "url": page["url"]}))
-  if synth.random_pages:
+        add(page_seed(page, fact, {"file": synth.seed_pages, "line": n, "url": page["url"]}))
+  if synth.random_pages and not full():
     urls = sorted(pages.urls())
     rng = random.Random(f"{synth.seed}/random_pages")
     for url in rng.sample(urls, min(synth.random_pages, len(urls))):
-      seeds.append(page_seed(pages.page(url), origin={"random": True, "url": url}))
-  seen: Counter = Counter()
-  unique = []
-  for s in seeds:  # the same qid in two files, or a page drawn twice: distinct seeds
-    seen[s.seed_id] += 1
-    unique.append(s if seen[s.seed_id] == 1
-                  else dataclasses.replace(s, seed_id=f"{s.seed_id}#{seen[s.seed_id]}"))
-  if synth.limit is not None:
-    unique = unique[:synth.limit]
-  return unique, dropped
+      if full():
+        break
+      add(page_seed(pages.page(url), origin={"random": True, "url": url}))
+  return seeds, dropped
 
 
 def _existing(path: str) -> str:

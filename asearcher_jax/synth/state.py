@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asearcher_jax.errors import AsearcherError
+from asearcher_jax.reward.qa_metrics import cover_exact_match
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,21 @@ def on_page(text: str, contents: str) -> bool:
 
 
 def mentions(text: str, name: str) -> bool:
-  """`name` occurs in `text` as whole words ("Alen Varro" is not in "Alen Varrow's")."""
-  return bool(name) and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) is not None
+  """`name` occurs in `text` as whole words, in any case ("Alen Varro" is not in "Alen
+  Varrow's"; "marval works" names Marval Works): a name in another case is still given away."""
+  return bool(name) and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text,
+                                  re.IGNORECASE) is not None
+
+
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def holds_answer(text: str, golds: list[str]) -> bool:
+  """A gold answer occurs in `text` (the reward's cover exact match), also when punctuation
+  joins it to other words: SQuAD's normalisation deletes punctuation, so "Lordorvale's" and
+  "Paris-based" would hide Lordorvale and Paris; here punctuation is also read as a space."""
+  return bool(cover_exact_match(text, golds) or cover_exact_match(
+      _PUNCT.sub(" ", text), [_PUNCT.sub(" ", g) for g in golds]))
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")

@@ -5,7 +5,9 @@
    program); then, with `quality_judge`, the LLM's view of clarity, groundedness and
    uniqueness. In the world, facts must also be true statements of the world.
 2. Difficulty: the solver answers `difficulty_samples` times without tools; the question is
-   hard when no answer is right (EM, F1 >= threshold, or the reward's LLM judge).
+   hard when no answer is right (EM; F1 >= threshold or the gold inside the answer; or the
+   reward's LLM judge). A reply that holds no answer is no sample: fewer answers than asked
+   for reject the round, as hard must not rest on silence.
 3. Uniqueness: each distinct wrong answer is put to the LLM: is it also a valid answer? One
    yes rejects. In the world the check is exact instead (`world_check`) and runs before any
    LLM call, since it is free.
@@ -21,7 +23,14 @@ from typing import Any
 from asearcher_jax.reward.qa_metrics import cover_exact_match, exact_match, f1, normalize_answer
 from asearcher_jax.synth.llm import SynthLLM
 from asearcher_jax.synth.pages import PageSource
-from asearcher_jax.synth.state import LLMUnavailable, QAState, Rejected, on_page, render_facts
+from asearcher_jax.synth.state import (
+    LLMUnavailable,
+    QAState,
+    Rejected,
+    holds_answer,
+    on_page,
+    render_facts,
+)
 from asearcher_jax.synth.world_check import WorldFacts
 
 
@@ -39,7 +48,7 @@ class Verifier:
       raise Rejected("quality:not_a_question", q[-80:])
     if q.count("?") > 1:
       raise Rejected("quality:several_questions", q)
-    if cover_exact_match(q, state.golds):
+    if holds_answer(q, state.golds):
       raise Rejected("quality:answer_in_question", state.answer)
     if not state.facts:
       raise Rejected("quality:no_facts")
@@ -47,7 +56,7 @@ class Verifier:
       page = self.pages.page(fact.url)
       if page is None or not on_page(fact.text, page["contents"]):
         raise Rejected("quality:fact_not_on_page", f"{fact.text!r} not on {fact.url}")
-    if not any(cover_exact_match(f.text, state.golds) for f in state.facts):
+    if not any(holds_answer(f.text, state.golds) for f in state.facts):
       raise Rejected("quality:answer_not_in_facts", state.answer)
     checks = {"one_question": True, "answer_hidden": True, "facts_on_pages": len(state.facts),
               "answer_in_facts": True}
@@ -73,24 +82,37 @@ class Verifier:
   async def _correct(self, state: QAState, answer: str) -> bool:
     if self.cfg.answer_check == "em":
       return exact_match(answer, state.golds) == 1.0
-    if self.cfg.answer_check == "f1":
-      return f1(answer, state.golds, variant="set") >= self.cfg.f1_threshold
+    if self.cfg.answer_check == "f1":  # "The capital is X." is right too, whatever its F1
+      return (f1(answer, state.golds, variant="set") >= self.cfg.f1_threshold
+              or cover_exact_match(answer, state.golds) == 1.0)
     verdict = await self.judge.judge(state.question, answer, state.golds)
     if verdict.correct is None:
       raise LLMUnavailable(f"judge: {verdict.error}")
     return verdict.correct
 
+  async def _answers(self, question: str) -> list[str]:
+    """The solver's answers; `Rejected` unless every sample gave one (a solver that stays
+    silent or breaks format would otherwise make every question look hard)."""
+    n = self.cfg.difficulty_samples
+    replies = await asyncio.gather(*[self.llm.solve(question) for _ in range(n)],
+                                   return_exceptions=True)
+    for r in replies:
+      if isinstance(r, BaseException) and not isinstance(r, Rejected):
+        raise r
+    answers = [r for r in replies if isinstance(r, str) and r.strip()]
+    if len(answers) < n:
+      errors = [r.detail or r.reason for r in replies if isinstance(r, Rejected)]
+      raise Rejected("difficulty:no_answer", f"{n - len(answers)} of {n} solver replies held "
+                     f"no answer" + (f" ({errors[0]})" if errors else ""), {"answers": answers})
+    return answers
+
   async def difficulty(self, state: QAState) -> dict[str, Any]:
-    answers = await asyncio.gather(*[self.llm.solve(state.question)
-                                     for _ in range(self.cfg.difficulty_samples)])
+    answers = await self._answers(state.question)
     first: dict[str, str] = {}  # each distinct normalized answer is checked once, as first seen
     for a in answers:
       first.setdefault(normalize_answer(a), a)
-
-    async def check(a: str) -> bool:
-      return bool(a.strip()) and await self._correct(state, a)
-
-    by_norm = dict(zip(first, await asyncio.gather(*[check(a) for a in first.values()])))
+    checks = await asyncio.gather(*[self._correct(state, a) for a in first.values()])
+    by_norm = dict(zip(first, checks))
     correct = [by_norm[normalize_answer(a)] for a in answers]
     return {"answers": answers, "correct": correct, "hard": not any(correct)}
 

@@ -12,7 +12,8 @@ unique iff all readings give the same answer. So "the city where someone born in
 born" is ambiguous when two people were born in 1950, and "the birthplace of the founder of
 Marval Works" is not: relations are functional forwards, not backwards. A value no question
 mentions other than the answer only says "has some such attribute", which every entity of
-its kind has, so such triples add no constraint. Details the question blurs (a year made a
+its kind has, so such triples add no constraint (one about the answer is kept: it ranges the
+answer over the entities of that kind). Details the question blurs (a year made a
 decade, a name made a description) are not modelled: a blurred entity is simply unknown, so
 this check is strict about fuzzing.
 """
@@ -93,9 +94,12 @@ class WorldFacts:
         if node != answer_node and mentions(question, self.surface(node)):
           fixed.add(node)
     # A hidden non-answer value constrains nothing: its subject surely has some such value.
-    # Deduplicated in order (a set's order would change with the process's string hashing).
-    triples = [t for t in dict.fromkeys(triples)
-               if t.obj[0] == "e" or t.obj in fixed or t.obj == answer_node]
+    # But a triple of the answer stays, as the answer's only tie to the question when the
+    # value that pinned it was blurred ("born in the 1980s"): then every entity with such a
+    # value is a reading. Deduplicated in order (a set's order would change with the
+    # process's string hashing).
+    triples = [t for t in dict.fromkeys(triples) if t.obj[0] == "e" or t.obj in fixed
+               or answer_node in (t.obj, ("e", t.subject))]
     unknown = sorted({n for t in triples for n in (("e", t.subject), t.obj)} - fixed)
     found: list[str] = []
     steps = 0
