@@ -627,6 +627,23 @@ def test_eval_resume_never_mixes_scorings_and_rescores_changed_golds(tmp_path):
   assert report["datasets"]["qa"]["metrics"]["em"]["avg@2"] == 0.5  # A's "Ann Lee" is wrong now
 
 
+def test_eval_resume_never_mixes_episodes_run_with_other_agent_settings(tmp_path):
+  """A resumed run with another turn limit or prompt kept the episodes run before and put
+  them in one score with its own."""
+  _eval(tmp_path, AnsweringPolicy(down={"Who founded B?"}), agent={"max_turns": 4})
+  with pytest.raises(DataError, match=r'run with \{"max_turns": 4\}, this run asks '
+                                      r'\{"max_turns": 3\}'):
+    _eval(tmp_path, AnsweringPolicy(), agent={"max_turns": 3})
+  traces = tmp_path / "out" / "traces.jsonl"
+  lines = [json.loads(line) for line in traces.read_text().splitlines()]
+  assert all(t["agent"]["max_turns"] == 4 for t in lines)
+  # Lines of a run that did not record its settings are taken at their word.
+  traces.write_text("".join(json.dumps({**t, "agent": None}) + "\n" for t in lines))
+  policy = AnsweringPolicy()
+  report, _ = _eval(tmp_path, policy, agent={"max_turns": 3})
+  assert policy.calls == 2 and report["agent"]["max_turns"] == 3  # B's aborted episodes
+
+
 def test_eval_rerun_asks_the_judge_again_where_it_failed(tmp_path, monkeypatch):
   from asearcher_jax.reward.judge import Judge, JudgeVerdict
   up = [False]

@@ -8,8 +8,8 @@ flight, and a rerun with the same out_dir skips what is done. Not done, so run a
 the infrastructure ended (`aborted`: a decode server went away; `env_error`: a tool server,
 or the judge that is the reward, failed), episodes whose question's golds have changed since,
 and, with `eval.judge`, episodes the judge has not scored. A rerun that would score otherwise
-(another normalisation or F1) or sample otherwise than the episodes it keeps is refused: one
-score never mixes the two.
+(another normalisation or F1), sample otherwise, or run the agent otherwise (turn and token
+limits, prompt, tools) than the episodes it keeps is refused: one score never mixes the two.
 """
 
 from __future__ import annotations
@@ -40,17 +40,23 @@ def sampling_of(agent_cfg) -> dict[str, Any]:
   return {k: getattr(agent_cfg, k) for k in _SAMPLING}
 
 
+def agent_settings_of(agent_cfg) -> dict[str, Any]:
+  """The agent's other settings an episode's outcome depends on (its turn, token and time
+  limits, prompt, tools): a resumed run must not mix episodes run otherwise."""
+  return agent_cfg.model_dump(mode="json", exclude={*_SAMPLING, "valid_instruction_ratio"})
+
+
 def scoring_of(reward_cfg) -> dict[str, str]:
   """How answers were scored: a resumed run must not mix episodes scored otherwise."""
   return {"normalization": reward_cfg.normalization, "f1_variant": reward_cfg.f1_variant}
 
 
-def trace_line(dataset: str, t: Trajectory, scoring: dict[str, str] | None = None
-               ) -> dict[str, Any]:
+def trace_line(dataset: str, t: Trajectory, scoring: dict[str, str] | None = None,
+               agent: dict[str, Any] | None = None) -> dict[str, Any]:
   return {
       "dataset": dataset, "qid": t.qid, "sample": t.sample,
       "sampling": {k: t.sampling[k] for k in _SAMPLING} if t.sampling else None,
-      "scoring": scoring,
+      "scoring": scoring, "agent": agent,
       "question": t.question,
       "answers": t.answers, "prediction": t.prediction, "status": t.status, "error": t.error,
       "metrics": t.metrics, "reward": t.reward, "format_ok": t.format_ok,
@@ -105,7 +111,7 @@ async def evaluate(cfg: Config, *, policy=None, tools=None, progress: bool = Tru
     echo(n)
   agent_cfg = (cfg.agent if e.temperature is None
                else cfg.agent.model_copy(update={"temperature": e.temperature}))
-  scoring = scoring_of(cfg.reward)
+  scoring, settings = scoring_of(cfg.reward), agent_settings_of(agent_cfg)
   golds = {(ds, it.qid): list(it.answers) for ds, it in items}
   # Done: not ended by the infrastructure, scored against the golds the data has now, and
   # judged when this run asks for the judge (a judge that failed, or was off, is asked again
@@ -114,10 +120,16 @@ async def evaluate(cfg: Config, *, policy=None, tools=None, progress: bool = Tru
           if t["status"] not in INFRA_STATUSES and t["answers"] == golds.get(key[:2])
           and (not e.judge or "judge" in t["metrics"])}
   for key, asked, what in (("sampling", sampling_of(agent_cfg), "sampled"),
-                           ("scoring", scoring, "scored")):
-    other = {json.dumps(t.get(key)) for t in done.values()} - {json.dumps(asked), "null"}
+                           ("scoring", scoring, "scored"), ("agent", settings, "run")):
+    other = {json.dumps(t.get(key), sort_keys=True) for t in done.values()} - \
+        {json.dumps(asked, sort_keys=True), "null"}
     if other:  # a resumed run must not mix episodes sampled or scored otherwise into one score
-      raise DataError(f"{traces_path} holds episodes {what} with {sorted(other)[0]}, this run "
+      was = json.loads(sorted(other)[0])
+      if key == "agent":  # a long section: name what differs
+        diff = sorted(k for k in set(was) | set(asked) if was.get(k) != asked.get(k))
+        was = {k: was.get(k) for k in diff}
+        asked = {k: asked.get(k) for k in diff}
+      raise DataError(f"{traces_path} holds episodes {what} with {json.dumps(was)}, this run "
                       f"asks {json.dumps(asked)}: use another eval.out_dir")
   work = [(ds, it, i) for ds, it in items for i in range(e.k) if (ds, it.qid, i) not in done]
   if done:
@@ -145,7 +157,7 @@ async def evaluate(cfg: Config, *, policy=None, tools=None, progress: bool = Tru
     async with lock:  # the record first: once its trace line is down, the episode is done
       if e.save_trajectories:
         write_jsonl(os.path.join(out_dir, "trajectories.jsonl"), [traj])
-      append_lines(traces_path, [trace_line(ds, traj, scoring)],
+      append_lines(traces_path, [trace_line(ds, traj, scoring, settings)],
                    encode=lambda r: json.dumps(r, ensure_ascii=False))
       answered += traj.status == "answered"
       bar.update(1)
@@ -163,7 +175,7 @@ async def evaluate(cfg: Config, *, policy=None, tools=None, progress: bool = Tru
 
   wanted = {(ds, it.qid) for ds, it in items}
   samples = [t for key, t in latest_traces(traces_path, e.k).items() if key[:2] in wanted]
-  report = {"k": e.k, "sampling": sampling_of(agent_cfg), "scoring": scoring,
+  report = {"k": e.k, "sampling": sampling_of(agent_cfg), "scoring": scoring, "agent": settings,
             "datasets": aggregate(samples, e.k), "skipped_rows": skipped,
             "traces": traces_path, "problems": problems(samples)}
   tmp = os.path.join(out_dir, ".report.json.tmp")
