@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +25,12 @@ from asearcher_jax.errors import ConfigError
 from asearcher_jax.inference import Driver, Engine, SamplingParams
 from asearcher_jax.inference.client import DecodeClient
 from asearcher_jax.inference.prometheus import DecodeMetrics
+from asearcher_jax.inference.protos import (
+  decode_pb2,
+  decode_pb2_grpc,
+  jetstream_pb2,
+  jetstream_pb2_grpc,
+)
 from asearcher_jax.inference.server import DecodeServer, require_token
 from asearcher_jax.models import build_tokenizer, create_model
 from asearcher_jax.models.params import flat_state
@@ -139,6 +146,35 @@ def test_token_is_required(server):
   with pytest.raises(urllib.error.HTTPError) as e:
     urllib.request.urlopen(req)
   assert e.value.code == 401
+
+
+def test_a_wrong_token_is_refused_before_the_request_is_read(server):
+  """gRPC refuses a wrong token from the call's metadata, before reading the request: a message
+  over the server's 64 MiB limit is UNAUTHENTICATED, not RESOURCE_EXHAUSTED as one it read
+  first, on unary and streaming methods alike; JetStream's HealthCheck needs no token."""
+  big = "x" * (65 << 20)
+  wrong = (("authorization", "Bearer wrong"),)
+
+  async def code(call):
+    try:
+      out = call()
+      _ = [r async for r in out] if hasattr(out, "__aiter__") else await out
+    except grpc.aio.AioRpcError as e:
+      return e.code()
+
+  async def go():
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+      rl, js = decode_pb2_grpc.DecodeStub(channel), jetstream_pb2_grpc.OrchestratorStub(channel)
+      codes = [await code(lambda: rl.Generate(decode_pb2.GenerateRequest(request_id=big),
+                                              metadata=wrong)),
+               await code(lambda: rl.GenerateStream(decode_pb2.GenerateRequest(request_id=big),
+                                                    metadata=wrong)),
+               await code(lambda: js.Decode(jetstream_pb2.DecodeRequest(
+                   text_content=jetstream_pb2.DecodeRequest.TextContent(text=big)),
+                   metadata=wrong))]
+      return codes, await js.HealthCheck(jetstream_pb2.HealthCheckRequest())
+  codes, health = run(go())
+  assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 3 and health.is_live
 
 
 def test_non_loopback_bind_needs_a_token(monkeypatch):
@@ -320,12 +356,13 @@ JETSTREAM_CLIENT = textwrap.dedent("""
     live = stub.HealthCheck(jetstream_pb2.HealthCheckRequest()).is_live
     req = jetstream_pb2.DecodeRequest(
         token_content=jetstream_pb2.DecodeRequest.TokenContent(token_ids=ids), max_tokens=6)
-    out = [t for r in stub.Decode(req, metadata=md) for s in r.stream_content.samples
-           for t in s.token_ids]
+    samples = [s for r in stub.Decode(req, metadata=md) for s in r.stream_content.samples]
+    out = [t for s in samples for t in s.token_ids]
+    texts = [s.text for s in samples]
     req = jetstream_pb2.DecodeRequest(
         text_content=jetstream_pb2.DecodeRequest.TextContent(text="hello"), max_tokens=5)
     text = "".join(s.text for r in stub.Decode(req, metadata=md) for s in r.stream_content.samples)
-    print(json.dumps({"live": live, "ids": out, "text": text}))
+    print(json.dumps({"live": live, "ids": out, "texts": texts, "text": text}))
 """)
 
 
@@ -349,9 +386,10 @@ def test_jetstream_generated_client_streams_from_our_server(server, tokenizer):
   assert got["text"] == tokenizer.decode(hello_ids)
 
 
-def test_jetstream_client_never_receives_the_stop_token(tokenizer):
-  """JetStream's orchestrator ends a stream at a stop token without sending it, as id or as
-  text (token_utils.process_result_tokens); its clients rely on that."""
+def test_jetstream_client_receives_the_stop_id_but_not_its_text(tokenizer):
+  """JetStream's orchestrator ends a stream at a stop token, sending its id last but no text
+  for it (token_utils.process_result_tokens, since JetStream's PR #108): its benchmark counts
+  output tokens as len(token_ids)."""
   model = create_model(CFG, MESH, seed=0, dtype="float32")
   fwd, seq = jax.jit(lambda m, t: m(t)[0]), prompt(7)
   for _ in range(6):  # the greedy answer
@@ -368,7 +406,58 @@ def test_jetstream_client_never_receives_the_stop_token(tokenizer):
   finally:
     srv.stop_thread()
   assert proc.returncode == 0, proc.stderr
-  assert json.loads(proc.stdout)["ids"] == ref[:ref.index(stop)]
+  got = json.loads(proc.stdout)
+  assert got["ids"] == ref[:ref.index(stop) + 1]
+  assert "".join(got["texts"]) == tokenizer.decode(ref[:ref.index(stop)])
+
+
+def test_a_long_jetstream_text_prompt_leaves_the_other_fronts_serving(server, tokenizer):
+  """A JetStream Decode of a text of megabytes is tokenized off the event loop the fronts share:
+  /health answers throughout, and the prompt is then refused as too long."""
+  text = "hello world " * (350_000)  # 4.2 MB: seconds to tokenize here
+  outcome = {}
+
+  def decode():
+    stub = jetstream_pb2_grpc.OrchestratorStub(grpc.insecure_channel(server.grpc_address))
+    t0 = time.monotonic()
+    try:
+      list(stub.Decode(jetstream_pb2.DecodeRequest(
+          text_content=jetstream_pb2.DecodeRequest.TextContent(text=text), max_tokens=4),
+          metadata=(("authorization", f"Bearer {TOKEN}"),)))
+    except grpc.RpcError as e:
+      outcome["error"] = (e.code(), e.details())
+    outcome["s"] = time.monotonic() - t0
+
+  thread = threading.Thread(target=decode)
+  answered = [time.monotonic()]  # when each /health answer came, from the decode's start
+  thread.start()
+  while thread.is_alive():
+    with urllib.request.urlopen(server.http_address + "/health", timeout=120) as r:
+      assert r.status == 200
+    answered.append(time.monotonic())
+    time.sleep(0.02)
+  thread.join()
+  code, details = outcome["error"]
+  assert code == grpc.StatusCode.INVALID_ARGUMENT and "the maximum is 95" in details
+  gap = max(b - a for a, b in zip(answered, answered[1:]))
+  assert gap < outcome["s"] / 4, (gap, outcome["s"])
+
+
+def _jetstream_decode(server, ids, max_tokens):
+  """The token ids of a JetStream Decode, through its generated stubs."""
+  stub = jetstream_pb2_grpc.OrchestratorStub(grpc.insecure_channel(server.grpc_address))
+  req = jetstream_pb2.DecodeRequest(
+      token_content=jetstream_pb2.DecodeRequest.TokenContent(token_ids=ids),
+      max_tokens=max_tokens)
+  return [t for r in stub.Decode(req, metadata=(("authorization", f"Bearer {TOKEN}"),))
+          for s in r.stream_content.samples for t in s.token_ids]
+
+
+def test_jetstream_max_tokens_0_answers_no_token(server):
+  """JetStream's default max_tokens (0, proto3's) ends each sample before its first token
+  (token_utils.process_result_tokens: complete |= slot_lengths > slot_max_length)."""
+  assert _jetstream_decode(server, prompt(7), 0) == []
+  assert len(_jetstream_decode(server, prompt(7), 3)) == 3
 
 
 def test_openai_client_gets_completions_and_logprobs(server, tokenizer):
@@ -427,6 +516,27 @@ def test_openai_streams_what_it_answers_whole(server):
       whole.choices[0].message.content
   assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
   assert all(c.usage is None for c in chunks)  # no usage chunk unless asked
+
+
+def test_openai_n_choices_take_any_seed(server):
+  """n choices of the largest seed: choice i samples with (seed + i) mod 2**64, so the request
+  is served, choice 0 is the seed's own sample and the choices differ."""
+  oa = _oa(server)
+  args = dict(model="tiny", prompt=prompt(5), max_tokens=8, temperature=1.0, logprobs=0)
+  both = oa.completions.create(**args, n=2, seed=2**64 - 1).choices
+  alone = oa.completions.create(**args, seed=2**64 - 1).choices[0]
+  lps = [c.logprobs.token_logprobs for c in both]
+  assert lps[0] == alone.logprobs.token_logprobs and lps[0] != lps[1]
+
+
+def test_openai_completions_default_to_16_tokens(server):
+  """/v1/completions without max_tokens stops at 16 tokens, as OpenAI's and vLLM's do."""
+  oa = _oa(server)
+  args = dict(model="tiny", prompt=prompt(6), temperature=0)
+  longer = oa.completions.create(**args, max_tokens=17)
+  assert longer.usage.completion_tokens == 17  # this prompt does not stop earlier
+  default = oa.completions.create(**args)
+  assert default.usage.completion_tokens == 16 and default.choices[0].finish_reason == "length"
 
 
 def test_openai_stop_strings_end_the_text_streamed_or_not(server):
@@ -637,6 +747,30 @@ def test_prometheus_metrics(server):
   results = run(go())
   _idle(server)
   assert _generated(_metrics(server)) - before == sum(len(r.output_ids) for r in results)
+
+
+def _step_seconds(server) -> tuple[float, float]:
+  """asearcher_decode_step_seconds' (sum, count), as /metrics reports them."""
+  lines = _metrics(server).splitlines()
+  return tuple(next(float(line.split()[-1]) for line in lines
+                    if line.startswith(f"asearcher_decode_step_seconds_{k} "))
+               for k in ("sum", "count"))
+
+
+def test_step_time_leaves_out_idle_time(server):
+  """A request after an idle second adds its steps' time to the step histogram, not the idle
+  second's."""
+  async def one():
+    async with client(server) as c:
+      return await c.generate(prompt(6), SamplingParams(temperature=0.0, max_new_tokens=4))
+  run(one())  # compiled
+  _idle(server)
+  time.sleep(1.0)
+  before = _step_seconds(server)
+  run(one())
+  _idle(server)
+  after = _step_seconds(server)
+  assert after[1] > before[1] and after[0] - before[0] < 0.5, (before, after)
 
 
 def test_a_client_that_stops_reading_a_stream_cancels_its_request():

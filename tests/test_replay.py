@@ -441,6 +441,20 @@ def test_auth(tmp_path, monkeypatch):
     srv.stop_thread()
 
 
+def test_a_wrong_token_is_refused_before_the_request_is_read():
+  """The token is checked from the call's metadata, before gRPC reads the request: bytes that
+  are no request at all, with a wrong token, are UNAUTHENTICATED rather than a parse failure."""
+  srv = ReplayServer(ReplayQueue(), token="s3cret").start_in_thread()
+  try:
+    with grpc.insecure_channel(srv.address) as channel:
+      put = channel.unary_unary("/asearcher.replay.Replay/Put")  # raw bytes in and out
+      with pytest.raises(grpc.RpcError) as e:
+        put(b"\xff" * 64, metadata=(("authorization", "Bearer wrong"),), timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+  finally:
+    srv.stop_thread()
+
+
 # -- the queue process killed and restarted ---------------------------------------------------
 
 def start_queue(journal: str) -> tuple[subprocess.Popen, str]:

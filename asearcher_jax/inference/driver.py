@@ -140,11 +140,15 @@ class Driver:
     self._counters = collections.Counter()
     self._step_s: collections.deque[float] = collections.deque(maxlen=64)  # recent steps' s
     self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
-    self._inflight = None  # (result, [(slot, request)], version, steps): the block not recorded
+    # (result, [(slot, request)], version, steps, start): the block not recorded, and when the
+    # device began it (perf_counter)
+    self._inflight = None
     # Prefills' first draws, not yet read: ([(slot, request)], (tokens, logprobs, top ids,
     # top logprobs) on device), read once the next block is dispatched.
     self._firsts: list[tuple[list[tuple[int, Request]], tuple]] = []
-    self._last_done = time.perf_counter()
+    # An output of the last prefill dispatched since the last block: the next block starts on
+    # the device once it is done, so prefill time is not step time.
+    self._prefilled = None
     self._published: dict[str, Any] = {}  # engine-thread counts that stats() reads
     self._publish()
 
@@ -354,7 +358,7 @@ class Driver:
             self._wake.wait(timeout=0.5)
       except Exception:  # never let one bad step kill the server; fail the live requests
         log.exception("decode loop error; failing in-flight requests")
-        self._inflight = None
+        self._inflight = self._prefilled = None
         self._firsts.clear()
         failed = [r for r in self._slots if r is not None] + [
             r for r, _ in self._prefilling.values()]
@@ -529,7 +533,7 @@ class Driver:
         top_logprobs=any(s.top_logprobs for s in ss))
     self._state = self.engine.insert(prefix, self._state, [slot for slot, _ in batch],
                                      [self._held[slot] for slot, _ in batch])
-    self._count_prefill(batch, [len(c) for c in contexts], t0)
+    self._count_prefill(batch, [len(c) for c in contexts], t0, prefix.token)
     self._after_prefill(batch, prefix.token, prefix.logprob, (prefix.top_ids, prefix.top_logprobs))
 
   def _prefill_session(self, batch: list[tuple[int, Request]],
@@ -575,7 +579,7 @@ class Driver:
         [self._held[slot] for slot, _ in batch], [s.temperature for s in ss],
         [s.top_k for s in ss], [s.top_p for s in ss], [r._key for _, r in batch],
         top_logprobs=any(s.top_logprobs for s in ss))
-    self._count_prefill(batch, [len(x) for x in rest], t0)
+    self._count_prefill(batch, [len(x) for x in rest], t0, first.tokens)
     self._after_prefill(batch, first.tokens, first.logprobs, (first.top_ids, first.top_logprobs))
 
   def _chunked(self, tokens: int) -> bool:
@@ -593,7 +597,7 @@ class Driver:
         self.engine.params, self._state, slot, np.asarray(context[start:end], np.int32), start,
         self._held[slot], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, key=r._key,
         top_logprobs=bool(s.top_logprobs))
-    self._count_prefill([(slot, r)], [end - start], t0)
+    self._count_prefill([(slot, r)], [end - start], t0, first.tokens)
     self._prefilling.pop(slot, None)
     if end < len(context):
       self._prefilling[slot] = (r, end)  # to the back: several long prompts take turns
@@ -607,7 +611,9 @@ class Driver:
     slot, (r, start) = next(iter(self._prefilling.items()))
     self._guarded_prefill([(slot, r)], lambda b: self._prefill_from(slot, r, start))
 
-  def _count_prefill(self, batch, prefilled: list[int], t0: float) -> None:
+  def _count_prefill(self, batch, prefilled: list[int], t0: float, out) -> None:
+    """`out`: an array the prefill computes, done when it is."""
+    self._prefilled = out
     for (_, r), n in zip(batch, prefilled):
       r.prefilled_tokens += n
       self._counters["prefill"] += n
@@ -737,11 +743,21 @@ class Driver:
     else:
       self._state, result = self.engine.generate_block(self.engine.params, self._state, window,
                                                        steps, top_logprobs=top)
-    previous = self._inflight
-    self._inflight = (result, [(s, self._slots[s]) for s in active], self.version, steps)
+    # The device begins this block once what was queued before it is done (the block before,
+    # prefills since): its steps are timed from then, or from its dispatch if later, so neither
+    # an idle or paused gap nor a prefill between blocks counts as step time.
+    start = time.perf_counter()
+    previous, done = self._inflight, None
+    if previous is not None:
+      done = _ready(previous[0].tokens)
+      start = max(start, done)
+    if self._prefilled is not None:
+      start = max(start, _ready(self._prefilled))
+      self._prefilled = None
+    self._inflight = (result, [(s, self._slots[s]) for s in active], self.version, steps, start)
     self._emit_firsts()  # before the new block's tokens, which follow them
     if previous is not None:
-      self._process(previous)
+      self._process(previous, done)
 
   def _drain(self) -> None:
     """Records the first tokens and the block in flight, if any (before control changes what
@@ -751,15 +767,15 @@ class Driver:
       previous, self._inflight = self._inflight, None
       self._process(previous)
 
-  def _process(self, inflight) -> None:
-    result, snapshot, version, steps = inflight
+  def _process(self, inflight, done: float | None = None) -> None:
+    """Records a block; `done`: when the host saw it finish (else when its tokens are read)."""
+    result, snapshot, version, steps, start = inflight
     slots = self.engine.slots
     tokens = np.asarray(result.tokens).reshape(steps, slots)
     logprobs = np.asarray(result.logprobs).reshape(steps, slots)
     top_ids = np.asarray(result.top_ids).reshape(steps, slots, -1)
     top_logprobs = np.asarray(result.top_logprobs).reshape(steps, slots, -1)
-    now = time.perf_counter()
-    step_s, self._last_done = (now - self._last_done) / steps, now
+    step_s = ((time.perf_counter() if done is None else done) - start) / steps
     self._step_s.append(step_s)
     self._counters["steps"] += steps
     if self.metrics:
@@ -880,6 +896,12 @@ def _callback(fn, *args) -> None:
     fn(*args)
   except Exception:
     log.exception("request callback %s failed", getattr(fn, "__name__", fn))
+
+
+def _ready(x) -> float:
+  """Waits for device work `x` to finish; when the host saw it done (perf_counter)."""
+  jax.block_until_ready(x)
+  return time.perf_counter()
 
 
 def _initial_key(r: Request) -> np.ndarray:

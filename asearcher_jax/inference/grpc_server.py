@@ -2,17 +2,19 @@
 
 Bad input is INVALID_ARGUMENT with a message that says what is wrong, a full
 queue is RESOURCE_EXHAUSTED, and neither disturbs the other requests. When a
-token is configured every call must carry `authorization: Bearer <token>`.
+token is configured every call but JetStream's HealthCheck must carry
+`authorization: Bearer <token>`, checked before the request is read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
 import grpc
 
-from asearcher_jax.auth import bearer_ok, bind_grpc
+from asearcher_jax.auth import bind_grpc, grpc_auth_interceptor
 from asearcher_jax.errors import AsearcherError
 from asearcher_jax.inference.protocol import GenerationFailed, QueueFullError, SamplingParams
 from asearcher_jax.inference.protos import (
@@ -25,13 +27,9 @@ from asearcher_jax.inference.service import DecodeService, IncrementalDetokenize
 
 
 def _guarded(stream: bool = False):
-  """Checks the token and maps our errors onto gRPC status codes."""
+  """Maps our errors onto gRPC status codes (the token is checked before: build_grpc_server)."""
 
   def wrap(fn):
-    async def check(self, request, context):
-      if not bearer_ok(dict(context.invocation_metadata()).get("authorization"), self.token):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
     async def fail(context, e):
       code = (grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(e, QueueFullError)
               else grpc.StatusCode.INTERNAL if isinstance(e, GenerationFailed)
@@ -41,7 +39,6 @@ def _guarded(stream: bool = False):
     if stream:
       @functools.wraps(fn)
       async def gen(self, request, context):
-        await check(self, request, context)
         try:
           async for item in fn(self, request, context):
             yield item
@@ -51,7 +48,6 @@ def _guarded(stream: bool = False):
 
     @functools.wraps(fn)
     async def unary(self, request, context):
-      await check(self, request, context)
       try:
         return await fn(self, request, context)
       except (ValueError, QueueFullError, GenerationFailed, AsearcherError) as e:
@@ -79,8 +75,8 @@ def response_from_request(r) -> decode_pb2.GenerateResponse:
 
 
 class RLDecodeServicer(decode_pb2_grpc.DecodeServicer):
-  def __init__(self, service: DecodeService, token: str | None):
-    self.service, self.token = service, token
+  def __init__(self, service: DecodeService):
+    self.service = service
 
   @_guarded()
   async def Generate(self, request, context):
@@ -142,30 +138,36 @@ class RLDecodeServicer(decode_pb2_grpc.DecodeServicer):
 class OrchestratorServicer(jetstream_pb2_grpc.OrchestratorServicer):
   """JetStream's wire protocol: text or token ids in, streamed samples out (greedy by default)."""
 
-  def __init__(self, service: DecodeService, token: str | None):
-    self.service, self.token = service, token
+  def __init__(self, service: DecodeService):
+    self.service = service
 
   @_guarded(stream=True)
   async def Decode(self, request, context):
     which = request.WhichOneof("content")
     if which == "text_content":
-      prompt = self.service.encode(request.text_content.text)
+      prompt = await self.service.tokenize(request.text_content.text)
     elif which == "token_content":
       prompt = list(request.token_content.token_ids)
     else:
       raise ValueError("DecodeRequest needs text_content or token_content")
-    sampling = SamplingParams(temperature=0.0, max_new_tokens=request.max_tokens or None,
-                              stop_token_ids=self.service.default_stop_ids)
+    sampling = SamplingParams(temperature=0.0, stop_token_ids=self.service.default_stop_ids)
+    if request.max_tokens <= 0:
+      # JetStream ends a sample whose length exceeds max_tokens before sending its token
+      # (token_utils.process_result_tokens: complete |= slot_lengths > slot_max_length), so
+      # max_tokens 0, proto3's default, answers no token. The prompt is still checked.
+      self.service.driver.validate(prompt, sampling, request.session_cache or None)
+      return
+    sampling = dataclasses.replace(sampling, max_new_tokens=request.max_tokens)
     detok = IncrementalDetokenizer(self.service.tokenizer) if self.service.tokenizer else None
     stops = set(sampling.stop_token_ids)
     async for _, chunk in self.service.stream(prompt, sampling,
                                               session_id=request.session_cache or None):
-      # JetStream's orchestrator never sends a stop token, as id or as text
-      # (token_utils.process_result_tokens ends the stream on it): its clients rely on that.
-      ids = [t for t in chunk.ids if t not in stops]
+      # JetStream sends the stop token's id as the sample's last, with no text (since its
+      # PR #108, "return the actual eos token"): clients count output tokens by token_ids.
+      ids = chunk.ids
       if not ids:
         continue
-      text = detok.add(ids) if detok else ""
+      text = detok.add([t for t in ids if t not in stops]) if detok else ""
       sample = jetstream_pb2.DecodeResponse.StreamContent.Sample(text=text, token_ids=ids)
       yield jetstream_pb2.DecodeResponse(
           stream_content=jetstream_pb2.DecodeResponse.StreamContent(samples=[sample]))
@@ -182,11 +184,14 @@ class OrchestratorServicer(jetstream_pb2_grpc.OrchestratorServicer):
 def build_grpc_server(service: DecodeService, host: str, port: int,
                       token: str | None) -> tuple[grpc.aio.Server, int]:
   """An aio server with both services; returns it (not started) and the bound port."""
+  # HealthCheck answers anyone, as JetStream's does: load balancers probe it without a token.
+  health = "/{}/HealthCheck".format(
+      jetstream_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name)
   # so_reuseport off: a port another server holds is an error, not silently shared traffic.
-  server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20),
+  server = grpc.aio.server(interceptors=[grpc_auth_interceptor(token, (health,))],
+                           options=[("grpc.max_send_message_length", 64 << 20),
                                     ("grpc.max_receive_message_length", 64 << 20),
                                     ("grpc.so_reuseport", 0)])
-  decode_pb2_grpc.add_DecodeServicer_to_server(RLDecodeServicer(service, token), server)
-  jetstream_pb2_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(service, token),
-                                                        server)
+  decode_pb2_grpc.add_DecodeServicer_to_server(RLDecodeServicer(service), server)
+  jetstream_pb2_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(service), server)
   return server, bind_grpc(server, host, port)

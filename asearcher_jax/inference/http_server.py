@@ -2,7 +2,8 @@
 
 The `openai` client, chat UIs and eval harnesses work against it unchanged, streaming or not:
 `stream: true` answers Server-Sent Events (`data: {chunk}` ... `data: [DONE]`, with a usage
-chunk under `stream_options.include_usage`), `n` samples run concurrently (seed + i each),
+chunk under `stream_options.include_usage`), `n` samples run concurrently (seed + i each, modulo
+2**64), `max_tokens` defaults to 16 on /v1/completions (OpenAI's legacy default; chat's is none),
 `logprobs` / `top_logprobs` report the sampling-time log-probs the RL side uses with the most
 likely alternatives, and each token's exact `bytes` (part of a character included). Stop strings
 follow OpenAI: the text ends before the stop string (a stream holds back only what could still
@@ -42,6 +43,7 @@ from asearcher_jax.inference.service import (
 MAX_BODY = 16 << 20
 MAX_N = 16
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
+COMPLETION_MAX_TOKENS = 16  # the legacy completions API's default max_tokens
 
 # Fields a client may send that this server cannot honour: refused when they ask for anything
 # but the default, so a client never gets a result computed differently from what it asked.
@@ -222,6 +224,9 @@ class OpenAIServer:
                           "a positive integer")
     if max_tokens is None:
       max_tokens = _field(body, "max_tokens", int, None, lambda v: v >= 1, "a positive integer")
+    if max_tokens is None and not chat:
+      # OpenAI's legacy completions (and vLLM's) stop at 16 tokens unless told otherwise.
+      max_tokens = min(COMPLETION_MAX_TOKENS, self.service.driver.engine.max_len)
     stop = body.get("stop")
     stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
     if (not isinstance(stop, (tuple, list)) or len(stop) > 8
@@ -259,7 +264,12 @@ class OpenAIServer:
     return Ask(sampling, n, bool(stream), bool(options.get("include_usage")), logprobs)
 
   def _seeded(self, sampling: SamplingParams, i: int) -> SamplingParams:
-    return dataclasses.replace(sampling, seed=None if sampling.seed is None else sampling.seed + i)
+    """Choice i's sampling: seed + i, wrapped into [0, 2**64) so that every seed a request may
+    carry serves n choices (n distinct seeds); an out-of-range one is left to be refused."""
+    seed = sampling.seed
+    if seed is not None and 0 <= seed < 2**64:
+      seed = (seed + i) % 2**64
+    return dataclasses.replace(sampling, seed=seed)
 
   # -- log-probs ----------------------------------------------------------------------
 
@@ -297,7 +307,7 @@ class OpenAIServer:
   # -- whole responses ----------------------------------------------------------------
 
   async def _run(self, prompt: list[int], ask: Ask):
-    """n samples run concurrently (seed + i each); one failure cancels the others."""
+    """n samples run concurrently (`_seeded`); one failure cancels the others."""
     tasks = [asyncio.ensure_future(self.service.generate(prompt, self._seeded(ask.sampling, i)))
              for i in range(ask.n)]
     try:
@@ -322,13 +332,6 @@ class OpenAIServer:
     reason = "stop" if hit or r.finish_reason == "stop" else "length"
     return text, reason, covered
 
-  async def _encode(self, text: str) -> list[int]:
-    """Long texts are tokenized off the event loop (tokenizers releases the GIL), so a 10 MB
-    prompt does not stall /health and the other requests while it is read."""
-    if len(text) < 1 << 16:
-      return self.service.encode(text)
-    return await asyncio.get_running_loop().run_in_executor(None, self.service.encode, text)
-
   async def _prompt_ids(self, body: dict) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -336,7 +339,7 @@ class OpenAIServer:
     if isinstance(prompt, str):
       if not prompt:
         raise BadRequest("'prompt' is empty")
-      return await self._encode(prompt)
+      return await self.service.tokenize(prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
                                                    for t in prompt):
       return prompt
@@ -357,7 +360,7 @@ class OpenAIServer:
       raise
     except Exception as e:  # noqa: BLE001 -- the template's raise_exception or a render error
       raise BadRequest(f"the chat template refused the messages: {e}") from None
-    return await self._encode(text)
+    return await self.service.tokenize(text)
 
   async def completions(self, request: web.Request) -> web.StreamResponse:
     body = await self._json(request)

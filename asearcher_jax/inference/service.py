@@ -133,10 +133,24 @@ class DecodeService:
   # -- text -----------------------------------------------------------------------
 
   def encode(self, text: str) -> list[int]:
+    return self._encode(text, off_loop=False)
+
+  async def tokenize(self, text: str) -> list[int]:
+    """`encode` for the fronts: a long text is tokenized off the event loop, so a 10 MB prompt
+    does not stall /health and every other request while it is read. There is no refusing a
+    text as too long before: a normalizer or an unknown-token piece can map any number of
+    characters to one token, so no character count bounds the token count."""
+    if len(text) < 1 << 16:
+      return self.encode(text)
+    return await asyncio.get_running_loop().run_in_executor(None, self._encode, text, True)
+
+  def _encode(self, text: str, off_loop: bool) -> list[int]:
     if self.tokenizer is None:
       raise ValueError("this server has no tokenizer; send token ids")
     try:
-      return self.tokenizer.encode(text)
+      # tokenizers' encode_batch lets go of the GIL while it works, its encode does not: off
+      # the loop, encode would still hold the GIL, and so the loop, for the whole text.
+      return self.tokenizer.encode_batch([text])[0] if off_loop else self.tokenizer.encode(text)
     except (TypeError, ValueError, UnicodeError) as e:  # e.g. a lone surrogate ("\ud800")
       raise ValueError(f"the text cannot be tokenized (not valid Unicode?): {e}") from None
 

@@ -35,12 +35,11 @@ REPLY_BYTES = MAX_MESSAGE - (1 << 20)  # a lease reply's groups, with room for t
 
 
 def _guarded(fn):
-  """Checks the token and maps bad requests onto INVALID_ARGUMENT."""
+  """Maps bad requests onto INVALID_ARGUMENT (the token is checked before the request is read:
+  ReplayServer.start)."""
 
   @functools.wraps(fn)
   async def unary(self, request, context):
-    if not auth.bearer_ok(dict(context.invocation_metadata()).get("authorization"), self.token):
-      await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
     try:
       return await fn(self, request, context)
     except (ValueError, AsearcherError) as e:
@@ -52,9 +51,8 @@ def _guarded(fn):
 
 
 class ReplayServicer(replay_pb2_grpc.ReplayServicer):
-  def __init__(self, queue: ReplayQueue, token: str | None, poll_s: float = 0.02,
-               vocab_size: int | None = None):
-    self.queue, self.token, self.poll_s, self.vocab_size = queue, token, poll_s, vocab_size
+  def __init__(self, queue: ReplayQueue, poll_s: float = 0.02, vocab_size: int | None = None):
+    self.queue, self.poll_s, self.vocab_size = queue, poll_s, vocab_size
     self._unread: dict[str, int] = {}  # lease -> its first group no reply has carried yet
 
   @_guarded
@@ -181,9 +179,10 @@ class ReplayServer(BackgroundServer):
 
   async def start(self) -> None:
     # so_reuseport off: a port another server holds is an error, not silently shared traffic.
-    server = grpc.aio.server(options=CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(interceptors=[auth.grpc_auth_interceptor(self.token)],
+                             options=CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)])
     replay_pb2_grpc.add_ReplayServicer_to_server(
-        ReplayServicer(self.queue, self.token, vocab_size=self.vocab_size), server)
+        ReplayServicer(self.queue, vocab_size=self.vocab_size), server)
     self.port = auth.bind_grpc(server, self.host, self.port)
     await server.start()
     self._grpc = server
