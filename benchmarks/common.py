@@ -12,16 +12,31 @@ from importlib import metadata
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def run_info(packages: tuple[str, ...] = ("jax", "jaxlib", "flax")) -> dict:
+def run_info(packages: tuple[str, ...] = ("jax", "jaxlib", "flax"), device: bool = True) -> dict:
+  """`device`: also the JAX device kind and backend the figures came from (it initialises JAX's
+  backend, so benchmarks that never run JAX pass False)."""
   info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "python": platform.python_version(), "platform": platform.platform(),
           "cpu_cores": os.cpu_count(), "commit": _commit(), "versions": {}}
+  if device:
+    info.update(_device())
   for name in packages:
     try:
       info["versions"][name] = metadata.version(name)
     except metadata.PackageNotFoundError:
       pass
   return info
+
+
+def _device() -> dict:
+  """JAX's first device's kind and the backend; None each where no backend starts (the figures
+  are still worth writing)."""
+  import jax  # lazily: the benchmarks that pass device=False never load it
+
+  try:
+    return {"device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend()}
+  except RuntimeError:
+    return {"device_kind": None, "backend": None}
 
 
 def _commit() -> str | None:

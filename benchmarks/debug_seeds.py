@@ -1,6 +1,5 @@
 #!/usr/bin/env python
-"""The README's main command over several seeds: how much the debug run learns, and how much
-that varies.
+"""The README's main command over several seeds: how much the debug run learns, and its spread.
 
   python benchmarks/debug_seeds.py [--seeds 0 1 2 3 4] [--work runs/debug_seeds] [key=value ...]
 
@@ -197,7 +196,7 @@ def spread(values: list[float]) -> dict:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
   p.add_argument("--work", default="runs/debug_seeds")
   p.add_argument("--results", help="JSON output (default: benchmarks/results/debug_seeds_cpu.json)")

@@ -36,8 +36,10 @@ sys.path.insert(0, ROOT)
 from benchmarks.common import run_info, write_result  # noqa: E402
 
 
-def noise_scale(grads: np.ndarray) -> dict[str, float]:
-  """B_noise and its parts from per-group gradients [n, d] (n >= 2), in float64."""
+def noise_scale(grads: np.ndarray) -> dict:
+  """B_noise and its parts from per-group gradients [n, d] (n >= 2), in float64. Where the
+  estimated signal |G|^2 is not positive (noise swamps it at this n) B_noise is None, not inf
+  (JSON has no infinity), and `signal_nonpositive` says so."""
   g = np.asarray(grads, np.float64)
   n = len(g)
   if n < 2:
@@ -47,7 +49,7 @@ def noise_scale(grads: np.ndarray) -> dict[str, float]:
   signal = float((gram.sum() - np.trace(gram)) / (n * (n - 1)))
   noise = sq - signal
   return {"groups": n, "mean_sq_norm": sq, "signal_sq_norm": signal, "noise_trace": noise,
-          "b_noise": noise / signal if signal > 0 else float("inf")}
+          "b_noise": noise / signal if signal > 0 else None, "signal_nonpositive": signal <= 0}
 
 
 def group_gradients(run: str, config: str, policy: str, max_version: int) -> np.ndarray:
@@ -88,7 +90,7 @@ def group_gradients(run: str, config: str, policy: str, max_version: int) -> np.
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("runs", nargs="+", help="run directories (launch/debug.sh's OUT_DIR)")
   p.add_argument("--config", default=os.path.join(ROOT, "configs", "debug.yaml"),
                  help="the config the runs trained with (its rl section sets the loss)")
@@ -102,6 +104,11 @@ def main() -> None:
   for run in args.runs:
     rows[run] = noise_scale(group_gradients(run, args.config, args.policy, args.max_version))
     r = rows[run]
+    if r["signal_nonpositive"]:
+      print(f"{run}: {r['groups']} groups, estimated signal |G|^2 {r['signal_sq_norm']:.3g} <= 0: "
+            "the noise swamps it at this many groups, B_noise unbounded (recorded as null)",
+            flush=True)
+      continue
     cos = lambda b: b / (b + r["b_noise"])  # noqa: E731
     print(f"{run}: {r['groups']} groups, B_noise {r['b_noise']:.0f} groups; cosine of two "
           f"independent updates of 1 / 4 / 32 groups: {cos(1):.3f} / {cos(4):.3f} / "

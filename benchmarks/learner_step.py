@@ -1,17 +1,17 @@
 #!/usr/bin/env python
-"""The RL learner's step on a finished run's own trajectories: the LM head on the loss positions
-alone (`TrainBatch.select`, as the learner runs it) against the head on every position.
+"""The RL learner's step on a run's own trajectories: the LM head on loss positions or on all.
 
   python benchmarks/learner_step.py RUN_DIR [--config C] [--policy sft] [--batches 8]
 
-RUN_DIR is a `launch/debug.sh` output directory (or any run with a replay journal). Its groups
-with differing rewards, in the order the rollouts put them, are cut into batches of
-`rl.batch_groups` as the learner leases them and built by the learner's `build_batch`; the
-learner's step (config's rl and optimizer sections, weights of RUN_DIR/<policy>) runs each batch
-both ways, alternately, after one untimed pass that compiles every shape. In an agent's
-trajectories most tokens are prompt and tool output, which carry no loss: the head, a large
-share of a step wherever the vocabulary is large against the model, then runs on a fraction
-of each row. Prints a table and writes JSON under benchmarks/results/.
+The step runs with the LM head on the loss positions alone (`TrainBatch.select`, as the learner
+runs it) against the head on every position. RUN_DIR is a `launch/debug.sh` output directory (or
+any run with a replay journal). Its groups with differing rewards, in the order the rollouts put
+them, are cut into batches of `rl.batch_groups` as the learner leases them and built by the
+learner's `build_batch`; the learner's step (config's rl and optimizer sections, weights of
+RUN_DIR/<policy>) runs each batch both ways, alternately, after one untimed pass that compiles
+every shape. In an agent's trajectories most tokens are prompt and tool output, which carry no
+loss: the head, a large share of a step wherever the vocabulary is large against the model, then
+runs on a fraction of each row. Prints a table and writes JSON under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -61,14 +61,15 @@ def leased_batches(run: str, cfg, batches: int):
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("run", help="a run directory (launch/debug.sh's OUT_DIR)")
   p.add_argument("--config", default=os.path.join(ROOT, "configs", "debug.yaml"),
                  help="the config the run trained with (its rl and optimizer sections)")
   p.add_argument("--policy", default="sft", help="the weights, under the run, to step from")
   p.add_argument("--batches", type=int, default=8, help="learner batches to time")
   p.add_argument("--repeats", type=int, default=2, help="timed passes over the batches")
-  p.add_argument("--results", help="JSON output (default: benchmarks/results/...)")
+  p.add_argument("--results", help="JSON output (default: "
+                 "benchmarks/results/learner_step_<platform>_<config's name>.json)")
   p.add_argument("overrides", nargs="*", help="dotted config overrides")
   args = p.parse_args()
 
@@ -129,11 +130,12 @@ def main() -> None:
   loss_share = sum(r["loss_tokens"] for r in rows) / sum(r["tokens"] for r in rows)
   print(f"{len(rows)} batches, loss on {loss_share:.0%} of the tokens: "
         f"{total['loss_positions']:.2f} s against {total['whole_rows']:.2f} s ({ratio:.2f}x)")
+  config_name = os.path.splitext(os.path.basename(args.config))[0]  # as train_step.py names it
   write_result({"benchmark": "learner_step", **run_info(), "args": vars(args),
                 "model": cfg.model.path, "loss_share": round(loss_share, 4),
                 "total_s": {k: round(v, 4) for k, v in total.items()},
                 "loss_positions_vs_whole_rows": round(ratio, 4), "batches": rows},
-               args.results, f"learner_step_{jax.devices()[0].platform}_debug")
+               args.results, f"learner_step_{jax.devices()[0].platform}_{config_name}")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 
   python benchmarks/replay_kills.py [--groups 400] [--queue-kills 50] [--consumer-deaths 50]
 
-A producer puts sound groups (as rollout workers do, retrying after an outage) while a consumer
-leases and acknowledges them; the queue process is SIGKILLed and restarted at random points
-(with a tiny compaction threshold, so kills also land in compactions), and the consumer "dies"
-at random points holding a lease (it never acknowledges, so the lease expires or dies with the
-queue). At the end every group put must have been acknowledged exactly once. Prints the figures
-and writes JSON under benchmarks/results/.
+A producer puts sound groups (some twice, as a worker whose reply was lost) while a consumer
+leases and acknowledges them; the queue process is SIGKILLed between calls at random points
+(with a tiny compaction threshold, so kills also land in background compactions) and the call
+after each kill meets it down: it raises ReplayUnavailable, the queue is restarted on the same
+journal (on a new port, so the client is replaced) and the call is retried (`client_retries`).
+--queue-kills is capped at the steps during which groups arrive (2 x --groups - 1). The consumer
+"dies" at random points holding a lease (it never acknowledges, so the lease expires or dies
+with the queue). At the end every group put must have been acknowledged exactly once. Prints
+the figures and writes JSON under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import collections
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +53,8 @@ def start(journal: str) -> tuple[subprocess.Popen, str]:
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
   line = proc.stdout.readline()
   if not line.startswith("replay queue listening on "):
+    proc.kill()
+    proc.wait()
     raise SystemExit(f"the queue did not start: {line!r}")
   return proc, line.split()[-1]
 
@@ -62,8 +68,30 @@ def main() -> None:
   p.add_argument("--results", help="JSON output (default: benchmarks/results/replay_kills.json)")
   args = p.parse_args()
   rng = random.Random(args.seed)
+  # kills land on distinct steps while groups arrive (about 2 steps a group): no more than that
+  steps = range(1, 2 * args.groups)
+  planned = min(args.queue_kills, len(steps))
+  if planned < args.queue_kills:
+    print(f"--queue-kills {args.queue_kills} capped at {planned}: kills land on distinct steps "
+          f"among the {len(steps)} while {args.groups} groups arrive")
+  kill_at = set(rng.sample(steps, planned))
   journal = tempfile.mkdtemp(prefix="replay_kills.")
-  kill_at = set(rng.sample(range(1, 2 * args.groups), args.queue_kills))  # while groups arrive
+  try:
+    result = run(args, rng, kill_at, journal)
+  finally:
+    shutil.rmtree(journal, ignore_errors=True)
+  result = {"queue_kills_planned": planned, **result}
+  print(f"{result['groups']} groups, {result['queue_kills']} queue SIGKILLs "
+        f"({result['client_retries']} calls met the queue down and were retried), "
+        f"{result['consumer_deaths']} consumer deaths holding a lease: {result['lost']} lost, "
+        f"{result['acknowledged_twice']} acknowledged twice ({result['wall_s']} s)")
+  write_result({"benchmark": "replay_kills", **run_info(("grpcio",), device=False),
+                "args": vars(args), **result}, args.results, "replay_kills")
+  if result["lost"] or result["acknowledged_twice"]:
+    raise SystemExit(1)
+
+
+def run(args, rng: random.Random, kill_at: set[int], journal: str) -> dict:
   proc, addr = start(journal)
   client = SyncReplayClient(addr, timeout=10)
   put, acked = [], collections.Counter()
@@ -71,55 +99,55 @@ def main() -> None:
   t0, step = time.time(), 0
 
   def call(fn, *a):
-    nonlocal client, retries
+    """`fn(client)`; a call that meets the queue down restarts it and is retried."""
+    nonlocal proc, client, retries
     while True:
       try:
         return fn(client, *a)
       except ReplayUnavailable:
         retries += 1
-        time.sleep(0.05)
+        if proc.poll() is not None:  # killed: restart on the same journal (on a new port, so
+          proc, addr = start(journal)  # the client is replaced, as a worker told the new address)
+          client.close()
+          client = SyncReplayClient(addr, timeout=10)
+        else:
+          time.sleep(0.05)
 
-  while len(put) < args.groups or call(lambda c: c.state().queued + c.state().leased):
-    step += 1
-    if step in kill_at:  # SIGKILL at a random point, then restart on the same journal
-      proc.send_signal(signal.SIGKILL)
-      proc.wait()
-      kills += 1
-      proc, addr = start(journal)
-      client.close()
-      client = SyncReplayClient(addr, timeout=10)
-    if len(put) < args.groups and rng.random() < 0.5:
-      gid = f"g{len(put):05d}"
-      status = call(lambda c: c.put(sound_group(gid, len(put) + 1)))
-      if status != "accepted":
-        raise SystemExit(f"{gid}: first put answered {status}")
-      put.append(gid)
-      if rng.random() < 0.1:  # a worker retrying after a lost reply
-        assert call(lambda c: c.put(sound_group(gid, len(put)))) == "duplicate"
-      continue
-    lease = call(lambda c: c.lease(rng.randint(1, 3), 0.3, 0.0))
-    if lease is None:
-      time.sleep(0.01)
-      continue
-    if deaths < args.consumer_deaths and rng.random() < 0.15:
-      deaths += 1  # the consumer dies holding the lease: it expires
-      continue
-    if call(lambda c: c.ack(lease.lease_id)):
-      acked.update(g.group_id for g in lease.groups)
-  proc.send_signal(signal.SIGTERM)
-  proc.wait()
+  try:
+    while len(put) < args.groups or call(lambda c: c.state().queued + c.state().leased):
+      step += 1
+      if step in kill_at:  # SIGKILL at a random point; the next call finds the queue down
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+      if len(put) < args.groups and rng.random() < 0.5:
+        gid = f"g{len(put):05d}"
+        status = call(lambda c: c.put(sound_group(gid, len(put) + 1)))
+        if status != "accepted":
+          raise SystemExit(f"{gid}: first put answered {status}")
+        put.append(gid)
+        if rng.random() < 0.1:  # a worker retrying after a lost reply
+          assert call(lambda c: c.put(sound_group(gid, len(put)))) == "duplicate"
+        continue
+      lease = call(lambda c: c.lease(rng.randint(1, 3), 0.3, 0.0))
+      if lease is None:
+        time.sleep(0.01)
+        continue
+      if deaths < args.consumer_deaths and rng.random() < 0.15:
+        deaths += 1  # the consumer dies holding the lease: it expires
+        continue
+      if call(lambda c: c.ack(lease.lease_id)):
+        acked.update(g.group_id for g in lease.groups)
+  finally:
+    client.close()
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGTERM)
+    proc.wait()
   lost = sorted(set(put) - set(acked))
   twice = sorted(g for g, n in acked.items() if n > 1)
-  result = {"groups": len(put), "queue_kills": kills, "consumer_deaths": deaths,
-            "client_retries": retries, "lost": len(lost), "acknowledged_twice": len(twice),
-            "wall_s": round(time.time() - t0, 1)}
-  print(f"{len(put)} groups, {kills} queue SIGKILLs, {deaths} consumer deaths holding a lease: "
-        f"{len(lost)} lost, {len(twice)} acknowledged twice ({result['wall_s']} s)")
-  write_result({"benchmark": "replay_kills", **run_info(("grpcio",)), "args": vars(args),
-                **result}, args.results, "replay_kills")
-  if lost or twice:
-    raise SystemExit(1)
-
+  return {"groups": len(put), "queue_kills": kills, "consumer_deaths": deaths,
+          "client_retries": retries, "lost": len(lost), "acknowledged_twice": len(twice),
+          "wall_s": round(time.time() - t0, 1)}
 
 if __name__ == "__main__":
   main()

@@ -41,7 +41,7 @@ def median_ms(fn, args, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--shapes", nargs="+", default=["64x151936", "16x4096"],
                  help="ROWSxVOCAB: 64 slots of Qwen2.5's vocabulary, the debug server's 16 of 4096")
   p.add_argument("--repeats", type=int, default=20)

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from asearcher_jax.config import load_config  # noqa: E402
 from asearcher_jax.memory_plan import resolve_remat  # noqa: E402
 from asearcher_jax.models import create_model  # noqa: E402
+from asearcher_jax.models.attention import resolve_impl_for  # noqa: E402
 from asearcher_jax.models.config import QwenConfig  # noqa: E402
 from asearcher_jax.sharding import describe, make_mesh  # noqa: E402
 from asearcher_jax.train.lm import PackedBatch, loss_positions, make_sft_step  # noqa: E402
@@ -91,9 +92,14 @@ def main(argv=None) -> int:
   mesh = make_mesh(cfg.mesh.shape())
   devices = jax.devices()
   kind = devices[0].device_kind
+  # the kernel `auto` picks here (the model resolves it the same way, from its compute dtype)
+  attention_impl = resolve_impl_for(cfg.model.attention, jax.default_backend(), cfg.model.dtype,
+                                    arch.head_dim)
   print(f"device: {len(devices)} x {kind} ({jax.default_backend()}); mesh {describe(mesh)}")
   print(f"model: {arch.family} {arch.num_params() / 1e6:,.1f}M params, dtype {cfg.model.dtype}, "
-        f"params {cfg.model.param_dtype}, remat {cfg.model.remat}, attention {cfg.model.attention}")
+        f"params {cfg.model.param_dtype}, remat {cfg.model.remat}, attention "
+        f"{cfg.model.attention}" + ("" if attention_impl == cfg.model.attention
+                                    else f" ({attention_impl})"))
 
   with jax.set_mesh(mesh):
     model = create_model(arch, mesh, seed=cfg.model.seed, param_dtype=cfg.model.param_dtype,
@@ -191,6 +197,7 @@ def main(argv=None) -> int:
       "backend": jax.default_backend(), "mesh": dict(mesh.shape),
       "params": arch.num_params(), "batch": args.batch, "seq_len": args.seq_len,
       "dtype": cfg.model.dtype, "remat": cfg.model.remat, "attention": cfg.model.attention,
+      "attention_impl": attention_impl,
       "warmup_s": round(compile_s, 3), "step_s_median": round(step_s, 5),
       "step_s_all": [round(t, 5) for t in times], "tokens_per_s": round(tok_s, 1),
       "tokens_per_s_per_device": round(tok_s / len(devices), 1),

@@ -102,7 +102,7 @@ def plot(results: dict, path: str) -> None:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--limits", type=int, nargs="+", default=[10, 64])
   p.add_argument("--max-hops", type=int, default=12)
   p.add_argument("--questions-per-hop", type=int, default=150)
