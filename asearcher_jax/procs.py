@@ -52,8 +52,9 @@ def pid_alive(pid: int) -> bool:
 
 
 def follow_supervisor() -> None:
-  """In a child started by `Child`: receive SIGTERM when the supervisor dies, even by SIGKILL,
-  so no server is left holding ports or an accelerator (Linux; elsewhere nothing happens)."""
+  """In a child started by `Child` (or launch/multi_gpu.sh): receive SIGTERM when the supervisor
+  dies, even by SIGKILL, so no server is left holding ports or an accelerator (Linux; elsewhere
+  nothing happens)."""
   pid = os.environ.pop(SUPERVISOR_ENV, None)  # our own children answer to us, not to it
   if not pid:
     return

@@ -7,7 +7,7 @@
 #   launch/tpu_pod.sh copy     # this repository to every host of both, then its environment
 #   launch/tpu_pod.sh start    # every process on every host (plan first; token generated once)
 #   launch/tpu_pod.sh status   # the last lines of every host's logs
-#   launch/tpu_pod.sh stop     # the processes `start` started, by their ids
+#   launch/tpu_pod.sh stop     # the processes `start` started, by their ids: the learner first
 #   launch/tpu_pod.sh delete   # both slices
 # Settings (environment): NAME (asearcher), ZONE (us-east5-a), PROJECT (gcloud's default),
 # CONFIG (configs/qwen2.5-14b-v5p.yaml), LEARNER_TYPE (v5p-64), DECODE_TYPE (v5p-32),
@@ -52,11 +52,20 @@ token() {  # one token per pod, kept outside the repository (so `copy` never shi
   cat "$f"
 }
 
-# A remote process: started under nohup, its id appended to /tmp/asearcher.pids for `stop`;
-# and a wait until a server's port accepts connections.
+# A remote process: started under nohup, its name and id appended to /tmp/asearcher.pids for
+# `stop`; and a wait until a server's port accepts connections.
 launch_fn='launch() { local name="$1"; shift; nohup "$@" >"/tmp/asearcher-$name.log" 2>&1 &
-  echo $! >>/tmp/asearcher.pids; };
+  echo "$name $!" >>/tmp/asearcher.pids; };
   wait_port() { until (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; do sleep 5; done; }'
+# `stop SECONDS PATTERN...` on a host: SIGTERM to the processes `launch` started under a name
+# matching a pattern, then SIGKILL to those still running after SECONDS.
+stop_fn='stop() { local wait_s="$1" n p pat t; shift; local pids=();
+  while read -r n p; do for pat in "$@"; do if [[ -n $p && $n == $pat ]]; then pids+=("$p");
+  fi; done; done < <(cat /tmp/asearcher.pids 2>/dev/null);
+  [ ${#pids[@]} -gt 0 ] || return 0; kill -TERM "${pids[@]}" 2>/dev/null;
+  for ((t = 0; t < wait_s; t++)); do kill -0 "${pids[@]}" 2>/dev/null || return 0; sleep 1;
+  done; echo "$(hostname): still running after ${wait_s}s, killed: ${pids[*]}";
+  kill -KILL "${pids[@]}" 2>/dev/null; return 0; }'
 
 case "$cmd" in
   create)
@@ -115,11 +124,13 @@ case "$cmd" in
     done
     ;;
   stop)
-    for s in "${slices[@]}"; do
-      on_all "$s" 'if [ -f /tmp/asearcher.pids ]; then while read -r p; do
-        kill -TERM "$p" 2>/dev/null || true; done </tmp/asearcher.pids; rm -f /tmp/asearcher.pids;
-        fi'
-    done
+    # asearcher train's order: every learner process first (it finishes its step and takes its
+    # last checkpoint, which needs the decode servers and the queue), then the rollout workers,
+    # then the servers, the replay queue last.
+    on_all "$NAME-learner" "$stop_fn; stop 300 learner"
+    on_all "$NAME-decode" "$stop_fn; stop 30 'rollout*'; stop 30 decode retrieval; \
+      rm -f /tmp/asearcher.pids"
+    on_all "$NAME-learner" "$stop_fn; stop 30 replay; rm -f /tmp/asearcher.pids"
     ;;
   delete)
     for s in "${slices[@]}"; do

@@ -180,3 +180,23 @@ def test_convert_overwrites_only_a_checkpoint(tmp_path, capsys):
   assert main(["convert", str(tmp_path / "src"), str(dst), "--to", "orbax", "--overwrite"]) == 2
   assert "holds files but no orbax checkpoint" in capsys.readouterr().err
   assert (dst / "mine.txt").read_text() == "keep"
+
+
+def test_ctrl_c_while_train_starts_exits_130(tmp_path):
+  """An interruption, not a usage error (2): a wrapper script tells the two apart."""
+  import signal
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "asearcher_jax.cli", "train", "--config", "configs/debug.yaml",
+       f"run.output_dir={tmp_path / 'run'}", "--no-progress"],
+      cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    line = proc.stdout.readline()
+    assert line.startswith("run folder"), line + proc.stderr.read()
+    proc.send_signal(signal.SIGINT)  # while it waits for its first server
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 130, out + err
+  assert "interrupted while waiting for" in out + err

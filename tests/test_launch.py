@@ -3,16 +3,19 @@ GKE JobSet manifest parses, and every asearcher command in it is a valid config 
 whose addresses name pods the JobSet creates and whose mesh fills the slice it requests."""
 
 import glob
+import json
 import os
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
 import yaml
+from conftest import child_env
 
 from asearcher_jax import placement
 from asearcher_jax.config import load_config
@@ -217,3 +220,85 @@ def test_multi_gpu_script_starts_as_many_decode_servers_as_the_memory_split_assu
   assert proc.returncode != 0
   assert "2 placement.decode_addresses, but 1 decode servers (rl.decode_servers" in err
   assert not (tmp_path / "logs").exists()  # nothing started
+
+
+def _stop_leftovers(marker: str) -> None:
+  """Kills, by id, every process whose command line names `marker` (a test's run folder)."""
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        if marker.encode() in f.read() and int(pid) != os.getpid():
+          os.kill(int(pid), signal.SIGKILL)
+    except OSError:  # gone meanwhile
+      pass
+
+
+def _multi_gpu_until(tmp_path, name: str, args: list[str], until, timeout_s: float = 240):
+  """launch/multi_gpu.sh on CPU (configs/debug.yaml) in its own session until `until()`, then
+  Ctrl-C as a terminal sends it (SIGINT to the script's process group); returns its output."""
+  out = tmp_path / f"{name}.out"
+  with open(out, "w") as f:
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "multi_gpu.sh"),
+                             "configs/debug.yaml", *args], stdout=f, stderr=subprocess.STDOUT,
+                            cwd=ROOT, env=child_env(PYTHON=sys.executable),
+                            start_new_session=True)
+  try:
+    deadline = time.monotonic() + timeout_s
+    while not until():
+      assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+      time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+  finally:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+    _stop_leftovers(str(tmp_path))
+  return out.read_text()
+
+
+def test_multi_gpu_script_stops_the_learner_first_and_resumes_on_the_restored_weights(tmp_path):
+  """Stopped, the learner finishes its step and checkpoints (it publishes to the decode servers
+  and acknowledges to the queue: they used to get the signal at the same moment, and every step
+  since the last checkpoint was lost). Resumed, the rollout workers start once the servers
+  hold the restored weights (they used to start on a fresh server's initial weights)."""
+  from asearcher_jax.procs import free_ports
+  from asearcher_jax.rl.supervisor import replay_version
+  run = tmp_path / "run"
+  replay, decode, search = free_ports(3)
+  args = [f"run.output_dir={run}", f"placement.replay_address=127.0.0.1:{replay}",
+          f"placement.decode_addresses=[127.0.0.1:{decode}]",
+          f"search.url=http://127.0.0.1:{search}", "rl.group_size=2", "rl.batch_groups=1",
+          "rl.filter_equal_rewards=false", "rl.total_steps=1000", "rl.rollout_workers=1",
+          "agent.max_turns=2", "rl.max_head_offpolicyness=100", "model.arch.num_layers=1",
+          "serve.slots=4",  # less to compile
+          "checkpoint.every_steps=1000"]  # the final checkpoint only
+  metrics, logs = run / "metrics.jsonl", run / "logs"
+  _multi_gpu_until(tmp_path, "first", args,
+                   lambda: metrics.exists() and metrics.read_text().count("\n") >= 1)
+  assert "learner finished" in (logs / "learner.log").read_text()
+  rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+  trained = len(rows)
+  assert max(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit()) == trained
+  journal = [json.loads(line) for line in (run / "replay" / "journal.jsonl").read_text()
+             .splitlines()]
+  acked = {g for r in journal if r["op"] == "ack" for g in r["groups"]}
+  assert {g for r in rows for g in r["groups"]} <= acked  # not to be trained again
+  served = max(r["v"] for r in journal if r["op"] == "version")
+
+  seen = {}
+
+  def rollouts_started():  # the worker's start line, then the queue's version at that moment
+    log = logs / "rollout0.log"
+    if (log.read_text() if log.exists() else "").count("[multi_gpu] rollout0:") < 2:
+      return False
+    seen["version"] = replay_version(f"127.0.0.1:{replay}")
+    return True
+
+  _multi_gpu_until(tmp_path, "resumed", ["--resume", *args], rollouts_started)
+  assert seen["version"] > served, "rollouts began before the restored weights were served"
+  restored = re.search(r"resumed from step (\d+) \(publishing it as version (\d+)\)",
+                       (logs / "learner.log").read_text())
+  assert restored and int(restored.group(1)) == trained
+  assert seen["version"] >= int(restored.group(2))

@@ -5,10 +5,14 @@ the checkpoints restore (across process counts and meshes); the weights it publi
 decode server in another process (this one) intact, checked against per-chunk hashes. Also:
 the hash manifest across layouts and its refusals, and how a process decides to join a run."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -66,8 +70,10 @@ def groups(n: int) -> list[Group]:
   return out
 
 
-def learners(n: int, config: str, replay: str, decode: str, *args: str, timeout: float = 300):
-  """`asearcher learn` as n processes of one jax.distributed run, 2 CPU devices each."""
+def learners(n: int, config: str, replay: str, decode: str, *args: str, timeout: float = 300,
+             during: Callable[[list[subprocess.Popen]], None] | None = None):
+  """`asearcher learn` as n processes of one jax.distributed run, 2 CPU devices each;
+  `during(procs)` runs while they do."""
   port = free_port()
   env = child_env("--xla_force_host_platform_device_count=2")
   procs = []
@@ -79,6 +85,8 @@ def learners(n: int, config: str, replay: str, decode: str, *args: str, timeout:
               "--replay", replay, "--decode", decode]
       procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True))
+    if during is not None:
+      during(procs)
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
   finally:
     for p in procs:
@@ -88,6 +96,48 @@ def learners(n: int, config: str, replay: str, decode: str, *args: str, timeout:
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f"process {i} of {n} failed:\n{out[-4000:]}"
   return outs
+
+
+def tiny_run(tmp_path, **sections):
+  """The initial policy, as an orbax policy checkpoint every learner process restores its
+  shards of, and a learner config for it (`sections` update its sections); returns the
+  config's path and the initial model (for the single-process reference)."""
+  arch = load_config(None, [f"model.arch={json.dumps(ARCH)}"]).model.arch
+  initial = create_model(arch, single_device_mesh(), seed=0, dtype="float32",
+                         attention_impl="xla")
+  build_tokenizer().save(str(tmp_path / "tokenizer"))
+  save_policy(str(tmp_path / "init"), 0, flat_state(nnx.state(initial, nnx.Param)), arch,
+              tokenizer_dir=str(tmp_path / "tokenizer"))
+  config = {
+      "model": {"path": str(tmp_path / "init"), "dtype": "float32", "attention": "xla"},
+      "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+      "optimizer": {"learning_rate": 1e-2, "weight_decay": 0.0},
+      "checkpoint": {"every_steps": 1, "async_save": False, "max_to_keep": None},
+      "rl": {"group_size": 2, "batch_groups": 1, "row_tokens": 32, "micro_batch_rows": 12,
+             "max_head_offpolicyness": 100, "adv_batch_norm": False, "total_steps": 1,
+             "lease_timeout_s": 60},
+      "run": {"output_dir": str(tmp_path / "run")}}
+  for name, values in sections.items():
+    config[name].update(values)
+  (tmp_path / "mh.yaml").write_text(yaml.safe_dump(config))
+  return str(tmp_path / "mh.yaml"), initial
+
+
+@contextlib.contextmanager
+def services(queue: ReplayQueue):
+  """A replay server over `queue` and a decode server in this process (serving a model that
+  is not the learner's); yields the decode driver and both servers."""
+  arch = load_config(None, [f"model.arch={json.dumps(ARCH)}"]).model.arch
+  mesh = single_device_mesh()
+  served = create_model(arch, mesh, seed=99, dtype="float32")
+  driver = Driver(Engine(served, slots=2, max_len=32, mesh=mesh), version=0)
+  decode = DecodeServer(driver, grpc_port=0, http_port=None).start_in_thread()
+  replay = ReplayServer(queue).start_in_thread()
+  try:
+    yield driver, replay, decode
+  finally:
+    replay.stop_thread()
+    decode.stop_thread()
 
 
 def reference(cfg, model, lineage):
@@ -137,44 +187,20 @@ def process_bytes(step_dir: str) -> dict[str, int]:
 
 def test_two_then_three_process_learner_trains_checkpoints_and_publishes(tmp_path):
   run = tmp_path / "run"
-  # the initial policy, as an orbax policy checkpoint every learner process restores its
-  # shards of (and this process keeps, for the single-process reference)
-  arch = load_config(None, [f"model.arch={json.dumps(ARCH)}"]).model.arch
-  mesh = single_device_mesh()
-  initial = create_model(arch, mesh, seed=0, dtype="float32", attention_impl="xla")
-  build_tokenizer().save(str(tmp_path / "tokenizer"))
-  save_policy(str(tmp_path / "init"), 0, flat_state(nnx.state(initial, nnx.Param)), arch,
-              tokenizer_dir=str(tmp_path / "tokenizer"))
-  config = tmp_path / "mh.yaml"
-  config.write_text(yaml.safe_dump({
-      "model": {"path": str(tmp_path / "init"), "dtype": "float32", "attention": "xla"},
-      "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
-      "optimizer": {"learning_rate": 1e-2, "weight_decay": 0.0},
-      "checkpoint": {"every_steps": 1, "async_save": False, "max_to_keep": None},
-      "rl": {"group_size": 2, "batch_groups": 1, "row_tokens": 32, "micro_batch_rows": 12,
-             "max_head_offpolicyness": 100, "adv_batch_norm": False, "total_steps": 1,
-             "lease_timeout_s": 60},
-      "run": {"output_dir": str(run)}}))
-  cfg = load_config(str(config))
+  config, initial = tiny_run(tmp_path)
+  cfg = load_config(config)
   queue = ReplayQueue()
   gs = groups(STEPS)
   for g in gs:
     assert queue.put(g) == "accepted"
-  served = create_model(arch, mesh, seed=99, dtype="float32")  # not the learner's
-  driver = Driver(Engine(served, slots=2, max_len=32, mesh=mesh), version=0)
-  decode = DecodeServer(driver, grpc_port=0, http_port=None).start_in_thread()
-  replay = ReplayServer(queue).start_in_thread()
-  try:
-    outs2 = learners(2, str(config), replay.address, decode.grpc_address)
+  with services(queue) as (driver, replay, decode):
+    outs2 = learners(2, config, replay.address, decode.grpc_address)
     served_1 = {k: np.asarray(v) for k, v in flat_state(driver.engine.params).items()}
     version_1 = driver.version
-    outs3 = learners(3, str(config), replay.address, decode.grpc_address,
+    outs3 = learners(3, config, replay.address, decode.grpc_address,
                      f"rl.total_steps={STEPS}", "--resume")
     served_2 = {k: np.asarray(v) for k, v in flat_state(driver.engine.params).items()}
     version_2 = driver.version
-  finally:
-    replay.stop_thread()
-    decode.stop_thread()
 
   # The same two steps in one process, at the learner's versions: 0, then 2 (the resumed
   # learner republishes its restored version 1 as 2 before training).
@@ -218,6 +244,39 @@ def test_two_then_three_process_learner_trains_checkpoints_and_publishes(tmp_pat
   assert weight_manifest.verify(served_2, man) == sum(
       len(t["chunks"]) for t in man["tensors"].values())
   assert sorted(process_bytes(str(weights / "3"))) == [f"ocdbt.process_{i}" for i in range(3)]
+
+
+def test_sigterm_to_process_0_stops_every_process_after_one_final_checkpoint(tmp_path):
+  """`launch/tpu_pod.sh stop` and scancel send SIGTERM to every learner process, and only
+  process 0 acts on it. It used to leave its loop before its next lease's broadcast (the
+  others waited in it for ever) and save its final checkpoint, a collective, alone."""
+  run = tmp_path / "run"
+  config, _ = tiny_run(tmp_path, checkpoint={"every_steps": 1000},  # the final save only
+                       rl={"total_steps": 1000})
+  queue = ReplayQueue()
+  for g in groups(40):
+    assert queue.put(g) == "accepted"
+
+  def stop_after_the_first_step(procs):
+    deadline = time.monotonic() + 240
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+      time.sleep(0.1)
+    for p in procs:  # as tpu_pod.sh stop does
+      p.send_signal(signal.SIGTERM)
+
+  with services(queue) as (_, replay, decode):
+    outs = learners(2, config, replay.address, decode.grpc_address, timeout=60,
+                    during=stop_after_the_first_step)
+  assert "checkpoints and stops" in outs[0] and "learner finished" in outs[0]
+  with open(run / "metrics.jsonl") as f:
+    trained = len(f.readlines())
+  assert 1 <= trained < 40
+  # every process saved its shards of the last step trained, and its leases were acknowledged
+  assert sorted(process_bytes(str(run / "checkpoints" / str(trained)))) == [
+      "ocdbt.process_0", "ocdbt.process_1"]
+  stats = queue.stats()
+  assert (stats["consumed"], stats["leases"], stats["queued"]) == (trained, 0, 40 - trained)
 
 
 def test_manifest_chunks_follow_the_writer_and_verify_under_any_layout():

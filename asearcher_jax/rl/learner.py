@@ -148,13 +148,17 @@ class Learner:
 
   def _lease(self):
     rl = self.cfg.rl
-    while not self._stop:
+    while not self._stop_requested():
       lease = self.replay.lease(rl.batch_groups, rl.lease_timeout_s, 1.0)
       if lease is not None:
         with self._lock:
           self._held.append(lease.lease_id)
         return lease
     return None
+
+  def _stop_requested(self) -> bool:
+    """Whether to give up waiting for a lease and stop."""
+    return self._stop
 
   def _heartbeat(self) -> None:
     """Renews every lease the learner holds (training, or waiting for a checkpoint) well

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import time
 
 from asearcher_jax import distributed
@@ -80,6 +81,8 @@ class ReplicatedReplay:
 class MultiHostLearner(Learner):
   """`Learner` over a mesh that spans processes: process 0 decides, everyone trains."""
 
+  _term = False  # process 0 was asked to stop (SIGTERM, SIGINT): acted on at its next lease
+
   def _lease(self):
     """Process 0 leases (or gives up, stopping); everyone gets the same answer."""
     mine = super()._lease() if distributed.is_primary() else None
@@ -88,8 +91,14 @@ class MultiHostLearner(Learner):
       self._stop = True  # process 0 is stopping: so is everyone, at the same step
     return lease
 
+  def _stop_requested(self) -> bool:
+    return self._term
+
   def _on_term(self, signum, frame):
-    # A stop is process 0's decision, taken at its next lease and broadcast from there: a
-    # process stopping on its own would leave the others waiting in a collective.
+    # Only noted: process 0 must still enter its next lease's broadcast, whose empty answer
+    # stops every process at the same step, so all take the final checkpoint (a collective
+    # save) together. Leaving its loop at once left the others waiting there for ever.
     if distributed.is_primary():
-      super()._on_term(signum, frame)
+      self.echo(f"learner: {signal.Signals(signum).name}, finishing the step; every process "
+                "checkpoints and stops")
+      self._term = True

@@ -21,7 +21,7 @@ from typing import Callable
 from asearcher_jax.config import Config
 from asearcher_jax.errors import AsearcherError
 from asearcher_jax.jsonl import Follower
-from asearcher_jax.procs import Child, free_ports, wait_ready
+from asearcher_jax.procs import Child, Interrupted, free_ports, wait_ready
 from asearcher_jax.rl.plot import plot_metrics
 from asearcher_jax.rl.training_log import RolloutLogs, starved, starved_after
 
@@ -140,13 +140,10 @@ def train(cfg: Config, *, config_path: str | None, overrides: list[str], resume:
                  is_stopping, echo=echo)
     echo(f"replay {replay_addr}; decode {', '.join(decode_addrs)}"
          + (f"; retrieval {retrieval_url}" if "retrieval" in children else ""))
-    served_before = _replay_version(replay_addr)
+    served_before = restored_to_wait_above(replay_addr, ckpt_dir) if resume else None
     learner.start()
-    # Rollouts wait until the servers hold the learner's restored weights. A run stopped
-    # before its first checkpoint and publication has none: its learner starts afresh at
-    # version 0, which the servers already hold, and publishes nothing to wait for.
-    if resume and (served_before > 0 or _has_checkpoint(ckpt_dir)):
-      wait_ready(lambda: _replay_version(replay_addr) > served_before, learner,
+    if served_before is not None:  # rollouts wait until the servers hold the restored weights
+      wait_ready(lambda: replay_version(replay_addr) > served_before, learner,
                  "the learner to publish its restored weights", 900, is_stopping, retries=0)
     for w in workers:
       w.start()
@@ -212,6 +209,9 @@ def train(cfg: Config, *, config_path: str | None, overrides: list[str], resume:
           w.restarts += 1
           echo(f"{w.name} exited ({w.proc.returncode}); restarting it ({w.restarts}/{RESTARTS})")
           w.start()
+  except Interrupted as e:  # Ctrl-C while starting: an interruption, as once under way
+    echo(f"{e}; stopping")
+    status = 130
   finally:
     if bar is not None:
       bar.close()
@@ -231,10 +231,22 @@ def train(cfg: Config, *, config_path: str | None, overrides: list[str], resume:
   return status
 
 
-def _replay_version(address: str) -> int:
+def replay_version(address: str, token: str | None = None) -> int:
+  """The replay queue's version: the newest the decode servers are known to hold."""
   from asearcher_jax.replay import SyncReplayClient
-  c = SyncReplayClient(address)
+  c = SyncReplayClient(address, token=token)
   try:
     return int(c.state("").version)
   finally:
     c.close()
+
+
+def restored_to_wait_above(replay_address: str, ckpt_dir: str,
+                           token: str | None = None) -> int | None:
+  """On --resume, before the learner starts: the queue's version, which rises once the decode
+  servers hold the learner's restored weights (rollout workers start only then, or a fresh
+  server's initial weights would write the first groups). None: nothing to wait for -- a run
+  stopped before its first checkpoint and publication restarts at version 0, which the
+  servers already hold, and publishes nothing. Used by launch/multi_gpu.sh too."""
+  before = replay_version(replay_address, token)
+  return before if before > 0 or _has_checkpoint(ckpt_dir) else None
