@@ -129,7 +129,11 @@ stop_all() {
   stop 30 $(named retrieval)
   stop 30 $(named replay)
 }
-trap stop_all EXIT INT TERM HUP
+# A signal stops everything and then the script (bash would otherwise go on where it was).
+trap stop_all EXIT
+trap 'stop_all; exit 130' INT
+trap 'stop_all; exit 143' TERM
+trap 'stop_all; exit 129' HUP
 
 wait_decode() {  # wait_decode NAME ADDRESS: blocks until that decode server answers Stats
   "$PYTHON" - "$1" "$2" "$(named "$1")" <<'EOF' &

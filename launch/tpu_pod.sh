@@ -58,9 +58,11 @@ launch_fn='launch() { local name="$1"; shift; nohup "$@" >"/tmp/asearcher-$name.
   echo "$name $!" >>/tmp/asearcher.pids; };
   wait_port() { until (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; do sleep 5; done; }'
 # `stop SECONDS PATTERN...` on a host: SIGTERM to the processes `launch` started under a name
-# matching a pattern, then SIGKILL to those still running after SECONDS.
+# matching a pattern, then SIGKILL to those still running after SECONDS. A bare id (the pids
+# file of an older `start`) goes with the first call.
 stop_fn='stop() { local wait_s="$1" n p pat t; shift; local pids=();
-  while read -r n p; do for pat in "$@"; do if [[ -n $p && $n == $pat ]]; then pids+=("$p");
+  while read -r n p; do [[ -z $p && $n =~ ^[0-9]+$ ]] && { pids+=("$n"); continue; };
+  for pat in "$@"; do if [[ -n $p && $n == $pat ]]; then pids+=("$p");
   fi; done; done < <(cat /tmp/asearcher.pids 2>/dev/null);
   [ ${#pids[@]} -gt 0 ] || return 0; kill -TERM "${pids[@]}" 2>/dev/null;
   for ((t = 0; t < wait_s; t++)); do kill -0 "${pids[@]}" 2>/dev/null || return 0; sleep 1;

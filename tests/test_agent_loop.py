@@ -642,6 +642,7 @@ def test_eval_resume_never_mixes_episodes_run_with_other_agent_settings(tmp_path
   policy = AnsweringPolicy()
   report, _ = _eval(tmp_path, policy, agent={"max_turns": 3})
   assert policy.calls == 2 and report["agent"]["max_turns"] == 3  # B's aborted episodes
+  assert report["agent"]["topk"] == 5  # unset: the search client's, as the agent uses it
 
 
 def test_eval_rerun_asks_the_judge_again_where_it_failed(tmp_path, monkeypatch):

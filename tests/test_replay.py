@@ -292,6 +292,40 @@ def test_compaction_lets_the_queue_work_and_keeps_what_it_did_meanwhile(tmp_path
   assert ids(q2.lease(1, 60)) == ["new"]
 
 
+def test_a_queue_reopened_in_process_waits_for_a_compaction_under_way(tmp_path, monkeypatch):
+  """Queues of one process share the journal (a restart in a test): one opened while the
+  other's compaction was writing removed its temp file, and the compaction then renamed an
+  empty journal into place, losing every group and consumed id."""
+  d = str(tmp_path)
+  q = ReplayQueue(d, compact_bytes=500)
+  for i in range(4):
+    q.put(group(f"g{i}"))
+  writing, go_on = threading.Event(), threading.Event()
+  to_record = Group.to_record
+
+  def slow_to_record(self):
+    if threading.current_thread().name == "replay-compaction":
+      writing.set()
+      go_on.wait(30)
+    return to_record(self)
+
+  monkeypatch.setattr(Group, "to_record", slow_to_record)
+  q.ack(q.lease(3, 60).lease_id)
+  assert writing.wait(30)
+  opened = []
+  reopen = threading.Thread(target=lambda: opened.append(ReplayQueue(d)))
+  reopen.start()
+  reopen.join(0.5)
+  assert reopen.is_alive()  # it waits for the compaction
+  go_on.set()
+  reopen.join(30)
+  q.close()
+  s = opened[0].stats()
+  assert (s["queued"], s["consumed"], s["accepted_total"]) == (1, 3, 4)
+  assert opened[0].put(group("g0")) == "duplicate"
+  opened[0].close()
+
+
 # -- over gRPC --------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -112,6 +112,7 @@ async def evaluate(cfg: Config, *, policy=None, tools=None, progress: bool = Tru
   agent_cfg = (cfg.agent if e.temperature is None
                else cfg.agent.model_copy(update={"temperature": e.temperature}))
   scoring, settings = scoring_of(cfg.reward), agent_settings_of(agent_cfg)
+  settings["topk"] = agent_cfg.topk or cfg.search.topk  # unset: the search client's
   golds = {(ds, it.qid): list(it.answers) for ds, it in items}
   # Done: not ended by the infrastructure, scored against the golds the data has now, and
   # judged when this run asks for the judge (a judge that failed, or was off, is asked again

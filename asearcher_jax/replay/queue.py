@@ -102,8 +102,10 @@ def _check_timeout(what: str, timeout_s: float) -> None:
 
 # One journal, one process: a second queue process on it handed out and acknowledged the same
 # groups, and one's compaction erased what the other had appended. Queues of one process (a
-# test reopening a journal, as a restart would) share its lock, held while any is open.
-_JOURNAL_LOCKS: dict[str, list[int]] = {}  # lock file -> [fd, open queues]
+# test reopening a journal, as a restart would) share its lock, held while any is open, and
+# one compaction lock: a queue opened while another's compaction writes waits for it, rather
+# than reading a journal about to be replaced and removing the compaction's temp file.
+_JOURNAL_LOCKS: dict[str, list] = {}  # lock file -> [fd, open queues, compaction lock]
 
 
 def _lock_journal(journal_dir: str) -> str:
@@ -121,7 +123,7 @@ def _lock_journal(journal_dir: str) -> str:
                     f"{holder}): one queue serves a journal") from None
   os.ftruncate(fd, 0)
   os.pwrite(fd, str(os.getpid()).encode(), 0)
-  _JOURNAL_LOCKS[path] = [fd, 1]
+  _JOURNAL_LOCKS[path] = [fd, 1, threading.Lock()]
   return path
 
 
@@ -162,8 +164,9 @@ class ReplayQueue:
     self._expired = 0
     self._dead_bytes = 0  # payload of consumed groups still in the journal
     self._live_bytes = 0  # payload of the groups not yet consumed
-    self._compacting = threading.Lock()  # one rewrite at a time
+    self._compacting = threading.Lock()  # one rewrite of the journal at a time
     self._compactor: threading.Thread | None = None
+    self._closed = False
     self.compactions = 0
     self._path = os.path.join(journal_dir, JOURNAL) if journal_dir else None
     self._release = None
@@ -171,8 +174,10 @@ class ReplayQueue:
       os.makedirs(journal_dir, exist_ok=True)
       lock = _lock_journal(journal_dir)
       self._release = weakref.finalize(self, _unlock_journal, lock)  # also when collected
+      self._compacting = _JOURNAL_LOCKS[lock][2]
       try:
-        self._replay()
+        with self._compacting:
+          self._replay()
       except BaseException:
         self.close()
         raise
@@ -182,6 +187,8 @@ class ReplayQueue:
   def close(self) -> None:
     """Waits for a running compaction, then releases the journal to another process (also done
     when the queue is collected)."""
+    with self._lock:
+      self._closed = True  # no ack starts another compaction
     self.wait_compaction()
     if self._release is not None:
       self._release()
@@ -290,7 +297,7 @@ class ReplayQueue:
 
   def _compact_in_background(self) -> None:
     with self._lock:
-      if self._compactor is not None and self._compactor.is_alive():
+      if self._closed or (self._compactor is not None and self._compactor.is_alive()):
         return  # it will not see the latest ack's bytes; the next ack starts another
       self._compactor = threading.Thread(target=self._compact_logged, name="replay-compaction",
                                          daemon=True)

@@ -42,7 +42,7 @@ class Learner:
     self.cfg, self.replay, self.publisher, self.echo = cfg, replay, publisher, echo
     self.model = model
     self.vocab_size = model.cfg.vocab_size
-    self.dropped_groups = 0  # leased groups no step could use (logged, acknowledged)
+    self.dropped_groups = 0  # leased groups no step used: poison, stale (logged, acknowledged)
     self.mesh = next(iter(jax.tree.leaves(nnx.state(model)))).sharding.mesh
     self.params, self.opt_state, self.step_fn = make_ppo_step(
         model, make_optimizer(cfg.optimizer, cfg.rl.total_updates), cfg.rl)
@@ -250,10 +250,11 @@ class Learner:
         self.version += 1
         self.publish()
         trained = info["used"]  # the groups build_batch kept: not those dropped stale
+        self.dropped_groups += info["groups_dropped_stale"]
         last = {"version": self.version,
-                **episode_metrics([t for i in trained for t in groups[i]]), **m,
-                "dropped_groups": self.dropped_groups,
-                **_batch_info(info), "wait_s": wait_s, "train_s": train_s,
+                **episode_metrics([t for i in trained for t in groups[i]]),
+                **_batch_info(info), **m,  # the step's num_tokens: those of applied updates
+                "dropped_groups": self.dropped_groups, "wait_s": wait_s, "train_s": train_s,
                 "publish_s": self.publish_s, "served_version": self.served_version,
                 "tokens_per_s": m.get("num_tokens", 0.0) / max(train_s, 1e-9),
                 "step_s": time.perf_counter() - t0, "groups": [ids[i] for i in trained]}
