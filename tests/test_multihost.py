@@ -71,9 +71,11 @@ def groups(n: int) -> list[Group]:
 
 
 def learners(n: int, config: str, replay: str, decode: str, *args: str, timeout: float = 300,
-             during: Callable[[list[subprocess.Popen]], None] | None = None):
+             during: Callable[[list[subprocess.Popen]], None] | None = None,
+             succeed: bool = True):
   """`asearcher learn` as n processes of one jax.distributed run, 2 CPU devices each;
-  `during(procs)` runs while they do."""
+  `during(procs)` runs while they do. Their outputs; with `succeed=False`, (exit status,
+  output) of each, whatever they are."""
   port = free_port()
   env = child_env("--xla_force_host_platform_device_count=2")
   procs = []
@@ -93,6 +95,8 @@ def learners(n: int, config: str, replay: str, decode: str, *args: str, timeout:
       if p.poll() is None:
         p.kill()
         p.wait()
+  if not succeed:
+    return [(p.returncode, out) for p, out in zip(procs, outs)]
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f"process {i} of {n} failed:\n{out[-4000:]}"
   return outs
@@ -277,6 +281,32 @@ def test_sigterm_to_process_0_stops_every_process_after_one_final_checkpoint(tmp
       "ocdbt.process_0", "ocdbt.process_1"]
   stats = queue.stats()
   assert (stats["consumed"], stats["leases"], stats["queued"]) == (trained, 0, 40 - trained)
+
+
+def test_a_failure_of_process_0_stops_every_process(tmp_path):
+  """Process 0 alone talks to the replay queue. When a call of its failed (the queue gone), it
+  raised while the others waited in the next broadcast, for ever; now every process stops,
+  with process 0's error, and none saves a checkpoint alone."""
+  run = tmp_path / "run"
+  config, _ = tiny_run(tmp_path, checkpoint={"every_steps": 1000}, rl={"total_steps": 1000})
+  queue = ReplayQueue()
+  for g in groups(40):
+    assert queue.put(g) == "accepted"
+
+  with services(queue) as (_, replay, decode):
+    def drop_the_queue_after_the_first_step(procs):
+      deadline = time.monotonic() + 240
+      while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.1)
+      replay.stop_thread()
+
+    ended = learners(2, config, replay.address, decode.grpc_address, timeout=90,
+                     during=drop_the_queue_after_the_first_step, succeed=False)
+  (status_0, out_0), (status_1, out_1) = ended
+  assert status_0 != 0 and "replay queue at" in out_0 and "unavailable" in out_0, out_0[-3000:]
+  assert status_1 != 0 and "process 0 failed" in out_1, out_1[-3000:]
+  assert not (run / "checkpoints").exists() or not os.listdir(run / "checkpoints")
 
 
 def test_manifest_chunks_follow_the_writer_and_verify_under_any_layout():

@@ -66,7 +66,9 @@ class ReplicatedReplay:
     return bool(distributed.on_primary(lambda: self.client.ack(lease_id)))
 
   def set_version(self, version: int) -> int:
-    return self.client.set_version(version) if distributed.is_primary() else version
+    # through process 0 for all, as ack: its failure must stop every process, not process 0
+    # alone while the others wait in the next collective
+    return distributed.on_primary(lambda: self.client.set_version(version))
 
   def state(self, worker: str = "") -> ReplayState:
     return distributed.on_primary(lambda: self.client.state(worker),
@@ -84,9 +86,9 @@ class MultiHostLearner(Learner):
   _term = False  # process 0 was asked to stop (SIGTERM, SIGINT): acted on at its next lease
 
   def _lease(self):
-    """Process 0 leases (or gives up, stopping); everyone gets the same answer."""
-    mine = super()._lease() if distributed.is_primary() else None
-    lease = decode_lease(distributed.broadcast_bytes(encode_lease(mine)))
+    """Process 0 leases (or gives up, stopping); everyone gets the same answer, or raises
+    process 0's error (the others waited in the broadcast for ever when it raised)."""
+    lease = distributed.on_primary(super()._lease, encode=encode_lease, decode=decode_lease)
     if lease is None:
       self._stop = True  # process 0 is stopping: so is everyone, at the same step
     return lease
