@@ -233,6 +233,13 @@ def _stop_leftovers(marker: str) -> None:
       pass
 
 
+def _default_sigint() -> None:
+  """A script started from a terminal takes Ctrl-C; one started by a shell without job control
+  in the background (as a CI runner may start the tests) inherits SIGINT ignored, which bash
+  then cannot trap, so the test gives the script the terminal's default back."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _multi_gpu_until(tmp_path, name: str, args: list[str], until, timeout_s: float = 240):
   """launch/multi_gpu.sh on CPU (configs/debug.yaml) in its own session until `until()`, then
   Ctrl-C as a terminal sends it (SIGINT to the script's process group); returns its output."""
@@ -241,7 +248,7 @@ def _multi_gpu_until(tmp_path, name: str, args: list[str], until, timeout_s: flo
     proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "multi_gpu.sh"),
                              "configs/debug.yaml", *args], stdout=f, stderr=subprocess.STDOUT,
                             cwd=ROOT, env=child_env(PYTHON=sys.executable),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
   try:
     deadline = time.monotonic() + timeout_s
     while not until():
