@@ -233,11 +233,13 @@ def _stop_leftovers(marker: str) -> None:
       pass
 
 
-def _default_sigint() -> None:
-  """A script started from a terminal takes Ctrl-C; one started by a shell without job control
-  in the background (as a CI runner may start the tests) inherits SIGINT ignored, which bash
-  then cannot trap, so the test gives the script the terminal's default back."""
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
+# A script started from a terminal takes Ctrl-C; one started by a shell without job control in
+# the background (as a CI runner may start the tests) inherits SIGINT ignored, which bash then
+# cannot trap: the script is started with the terminal's default back (set, then exec'd into,
+# so no fork of this multithreaded process runs Python code).
+WITH_DEFAULT_SIGINT = [sys.executable, "-c", "import os, signal, sys; "
+                       "signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                       "os.execvp(sys.argv[1], sys.argv[1:])"]
 
 
 def _multi_gpu_until(tmp_path, name: str, args: list[str], until, timeout_s: float = 240):
@@ -245,10 +247,10 @@ def _multi_gpu_until(tmp_path, name: str, args: list[str], until, timeout_s: flo
   Ctrl-C as a terminal sends it (SIGINT to the script's process group); returns its output."""
   out = tmp_path / f"{name}.out"
   with open(out, "w") as f:
-    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "multi_gpu.sh"),
-                             "configs/debug.yaml", *args], stdout=f, stderr=subprocess.STDOUT,
-                            cwd=ROOT, env=child_env(PYTHON=sys.executable),
-                            start_new_session=True, preexec_fn=_default_sigint)
+    proc = subprocess.Popen([*WITH_DEFAULT_SIGINT, "bash",
+                             os.path.join(ROOT, "launch", "multi_gpu.sh"), "configs/debug.yaml",
+                             *args], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env=child_env(PYTHON=sys.executable), start_new_session=True)
   try:
     deadline = time.monotonic() + timeout_s
     while not until():
