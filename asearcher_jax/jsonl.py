@@ -1,7 +1,7 @@
 """Append-only JSON-lines files that survive crashes: every append is fsynced, a torn last line
 (a crash mid-write) is ignored on reading and cut off before the next append; a last line that
 is whole but lacks its newline is read, and kept by the next append. Traces, trajectory files
-and journals all go through here."""
+and journals all go through here; a file rewritten whole goes through `write_atomic`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,18 @@ def append_lines(path: str, records: Iterable[Any], encode=json.dumps,
       f.write(encode(r) + "\n")
     f.flush()
     os.fsync(f.fileno())
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Replaces `path` with `text`, whole or not at all (a temp file beside it, fsync, rename): a
+  reader, or a crash, never meets half of it."""
+  tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                     f".{os.path.basename(path)}.tmp-{os.getpid()}")
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
 
 
 def read_lines(path: str, decode=json.loads) -> list[Any]:

@@ -25,7 +25,7 @@ from asearcher_jax.agent.trajectory import INFRA_STATUSES
 from asearcher_jax.data.datasets import load_datasets
 from asearcher_jax.data.qa import DataError, QAItem
 from asearcher_jax.eval.report import aggregate, format_table, scoring_line
-from asearcher_jax.jsonl import append_lines, read_lines
+from asearcher_jax.jsonl import append_lines, read_lines, write_atomic
 from asearcher_jax.models.tokenizer import policy_tokenizer
 from asearcher_jax.reward.scorer import Scorer
 
@@ -179,10 +179,7 @@ async def evaluate(cfg: Config, *, policy=None, tools=None, progress: bool = Tru
   report = {"k": e.k, "sampling": sampling_of(agent_cfg), "scoring": scoring, "agent": settings,
             "datasets": aggregate(samples, e.k), "skipped_rows": skipped,
             "traces": traces_path, "problems": problems(samples)}
-  tmp = os.path.join(out_dir, ".report.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=2)
-  os.replace(tmp, os.path.join(out_dir, "report.json"))
+  write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2))
   echo(f"scoring: {scoring_line(scoring)}")
   echo(format_table(report["datasets"], e.k))
   for p in report["problems"]:

@@ -15,7 +15,7 @@ from asearcher_jax.agent.trajectory import INFRA_STATUSES
 from asearcher_jax.data.qa import load_qa
 from asearcher_jax.errors import DataError
 from asearcher_jax.expert.policy import WorldSolver
-from asearcher_jax.jsonl import read_lines
+from asearcher_jax.jsonl import read_lines, write_atomic
 from asearcher_jax.reward import Scorer
 from asearcher_jax.world.io import world_index
 
@@ -106,8 +106,5 @@ def _write_rest(qa_path: str, chosen: set[str], out: str) -> int:
   if not rows:
     raise DataError(f"--rest {out}: the sample takes every question of {qa_path}")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  tmp = f"{out}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  os.replace(tmp, out)
+  write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
   return len(rows)

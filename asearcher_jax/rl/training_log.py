@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from asearcher_jax.agent.trajectory import Trajectory
-from asearcher_jax.jsonl import Follower, append_lines, read_lines
+from asearcher_jax.jsonl import Follower, append_lines, read_lines, write_atomic
 
 
 def episode_metrics(trajs: list[Trajectory]) -> dict[str, float]:
@@ -109,12 +109,7 @@ class MetricsWriter:
       rows = read_lines(self.path)
       kept = [r for r in rows if not (isinstance(r, dict) and r.get("step", 0) > step)]
       if len(kept) != len(rows):
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-          f.writelines(json.dumps(r) + "\n" for r in kept)
-          f.flush()
-          os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
     if self._tb is not None:
       self._tb.close()
       self._tb = self._open_tb(purge_step=step + 1)

@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from asearcher_jax.errors import ConfigError, DataError
-from asearcher_jax.jsonl import append_lines, read_lines
+from asearcher_jax.jsonl import append_lines, read_lines, write_atomic
 from asearcher_jax.synth.agent import SeedAgent
 from asearcher_jax.synth.llm import SynthLLM
 from asearcher_jax.synth.pages import PageSource
@@ -47,15 +47,6 @@ def qa_row(record: dict, i: int, v: dict, source: str) -> dict[str, Any]:
           "injections": v["injections"], "fuzzes": v["fuzzes"],
           "supporting_facts": v["facts"], "actions": v["actions"], "verification": v["verdict"],
           "seed": {k: seed[k] for k in ("seed_id", "kind", "question", "answers", "origin")}}
-
-
-def _write_atomic(path: str, text: str) -> None:
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _dumps(row: Any) -> str:
@@ -156,11 +147,11 @@ async def synthesize(cfg: Config, *, progress: bool = True, echo=print) -> dict[
     rows = [qa_row(r, i, v, s.source_name) for r in journaled if r["status"] == "done"
             for i, v in enumerate(r["variants"])]
     qa_path = os.path.join(out_dir, "qa.jsonl")
-    _write_atomic(qa_path, "".join(_dumps(row) + "\n" for row in rows))
+    write_atomic(qa_path, "".join(_dumps(row) + "\n" for row in rows))
     report = summarize(records, dropped)
     report.update(qa_items=len(rows), llm_requests=llm.requests,
                   wall_s=round(time.monotonic() - t0, 2), qa=qa_path, journal=journal)
-    _write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
+    write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
     echo(format_table(report))
     echo(f"qa: {qa_path} ({len(rows)} items); journal: {journal}; report: "
          f"{os.path.join(out_dir, 'report.json')}")
